@@ -1,0 +1,66 @@
+# The front door: `make run` and `make test` set everything up themselves and are idempotent.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(abspath $(VENV))/bin
+STAMP := $(VENV)/.installed-stamp
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+# Stages call `python -m chestct.stages.*`: put the project's environment first on PATH.
+export PATH := $(BIN):$(PATH)
+export MLFLOW_DISABLE_TELEMETRY := true
+export DO_NOT_TRACK := true
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+export TF_CPP_MIN_LOG_LEVEL := 2
+
+.PHONY: venv run test serve lint format ui clean help
+
+help:
+	@echo "make run    - set up .venv and run the whole pipeline (dvc repro)"
+	@echo "make test   - set up .venv and run the test suite"
+	@echo "make serve  - serve model/ with gunicorn on http://$(HOST):$(PORT)"
+	@echo "make ui     - open the MLflow UI on the local sqlite store"
+	@echo "make lint   - ruff"
+
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else \
+		"chestct needs Python 3.11; set PYTHON=/path/to/python3.11")'
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements-dev.txt
+	$(BIN)/python -m pip install --quiet --no-deps -e .
+	touch $@
+
+venv: $(STAMP)
+
+run: venv
+	dvc repro
+	@echo
+	@echo "Pipeline done. Promotion decision:"
+	@python -c 'import json; d=json.load(open("artifacts/promote/decision.json")); print("  " + d["reason"])'
+	@echo "Next:"
+	@echo "  make serve                                   # serve model/ on http://$(HOST):$(PORT)"
+	@echo "  curl -F file=@<slice.png> http://$(HOST):$(PORT)/predict"
+	@echo "  $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db   # compare runs"
+
+test: venv
+	python -m pytest $(PYTEST_ARGS)
+
+serve: venv
+	@test -f model/model.json || { echo "no model in model/: run 'make run' first"; exit 1; }
+	CHESTCT_BIND=$(HOST):$(PORT) gunicorn -c config/gunicorn.conf.py app:app
+
+ui: venv
+	mlflow ui --backend-store-uri sqlite:///mlflow.db
+
+lint: venv
+	ruff check .
+	ruff format --check .
+
+format: venv
+	ruff format .
+	ruff check --fix .
+
+clean:
+	rm -rf artifacts model mlflow.db mlruns mlartifacts

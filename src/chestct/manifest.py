@@ -1,0 +1,53 @@
+"""Manifests: the CSV tables that hand the dataset from stage to stage."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pandas as pd
+
+from chestct.fsutil import atomic_write_text
+
+SPLITS: tuple[str, ...] = ("train", "valid", "test")
+
+# One row per file found at ingest.
+INGEST_COLUMNS: tuple[str, ...] = (
+    "split",  # train | valid | test, or "" when the source has no split folders
+    "label",
+    "path",  # the ingested copy, relative to the project root
+    "source_path",  # where it came from
+    "sha256",
+    "width",
+    "height",
+    "mode",
+    "format",
+    "bytes",
+)
+
+
+# One row per distinct content, written by resize.
+INDEX_COLUMNS: tuple[str, ...] = ("sha256", "resized", "ok", "error", "mean", "std")
+
+# One row per image of a split, written by validate: what train and evaluate read.
+DATASET_COLUMNS: tuple[str, ...] = ("path", "label", "sha256", "source_path")
+
+
+class ManifestError(ValueError):
+    """A manifest is missing or lacks columns."""
+
+
+def write_manifest(path: Path, frame: pd.DataFrame) -> None:
+    buf = io.StringIO()
+    frame.to_csv(buf, index=False)
+    atomic_write_text(path, buf.getvalue())
+
+
+def read_manifest(path: Path, required: tuple[str, ...] = ()) -> pd.DataFrame:
+    if not path.is_file():
+        raise ManifestError(f"{path}: manifest not found")
+    frame = pd.read_csv(path, dtype={"split": "string", "sha256": "string"}, keep_default_na=False)
+    missing = [c for c in required if c not in frame.columns]
+    if missing:
+        raise ManifestError(f"{path}: missing column(s) {', '.join(missing)}")
+    return frame

@@ -1,0 +1,211 @@
+"""What every stage's main() shares: settings, a clean output folder, logging, the MLflow run
+and the pointer. A stage's real work lives in its run_<stage>() function, which knows none of this.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from chestct.fsutil import reset_dir
+from chestct.manifest import ManifestError
+from chestct.pointers import (
+    Pointer,
+    PointerError,
+    TrackingRef,
+    git_state,
+    make_input,
+    make_output,
+    now_utc,
+    write_pointer,
+)
+from chestct.settings import Settings, SettingsError, load_settings
+from chestct.tracking import (
+    TrackingError,
+    check_store,
+    environment_report,
+    flatten,
+    quiet_environment,
+    run_tags,
+)
+
+log = logging.getLogger("chestct")
+
+# Which params groups each stage reads; dvc.yaml lists the same groups.
+STAGE_PARAMS: dict[str, tuple[str, ...]] = {
+    "ingest": ("base", "ingest"),
+    "split": ("base", "split"),
+    "resize": ("base", "resize"),
+    "validate": ("base", "validate"),
+    "base-model": ("base", "base_model"),
+    "train": ("base", "train"),
+    "evaluate": ("base", "evaluate"),
+    "promote": ("base", "promote", "evaluate"),
+}
+
+
+class StageFailed(RuntimeError):
+    """A stage stopped for a reason the user can fix; the message says which and how."""
+
+
+def configure_logging(log_file: Path) -> None:
+    """Console and a per-stage log file; done once per process, in main()."""
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(fmt)
+    file_handler = logging.FileHandler(log_file, encoding="utf-8")
+    file_handler.setFormatter(fmt)
+    root.addHandler(console)
+    root.addHandler(file_handler)
+    for noisy in ("mlflow", "alembic", "urllib3", "git", "h5py", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@dataclass
+class StageSession:
+    """The open run of one stage; `finish()` records results and writes the pointer."""
+
+    stage: str
+    settings: Settings
+    out_dir: Path
+    run_id: str | None
+    started: float = field(default_factory=time.monotonic)
+    finished: bool = False
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return {g: self.settings.params.group(g) for g in STAGE_PARAMS[self.stage]}
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        import mlflow
+
+        numeric = {k: float(v) for k, v in flatten(metrics).items() if _is_number(v)}
+        if numeric:
+            mlflow.log_metrics(numeric, step=step)
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        import mlflow
+
+        mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+    def finish(
+        self,
+        inputs: Sequence[str],
+        outputs: dict[str, Path],
+        metrics: dict[str, Any],
+        details: dict[str, Any] | None = None,
+    ) -> Pointer:
+        """Log metrics, write the pointer atomically, attach both to the MLflow run."""
+        paths = self.settings.paths
+        git = git_state(paths.root)
+        pointer = Pointer(
+            stage=self.stage,
+            created_at=now_utc(),
+            git=git,
+            params=self.params,
+            inputs=[make_input(paths, s) for s in inputs],
+            outputs={name: make_output(p, paths.root) for name, p in outputs.items()},
+            metrics=metrics,
+            mlflow=TrackingRef(
+                tracking_uri=self.settings.tracking_uri,
+                experiment=self.settings.config.tracking.experiment,
+                run_id=self.run_id,
+            ),
+            details=details or {},
+        )
+        self.log_metrics(metrics)
+        write_pointer(paths.pointer(self.stage), pointer)
+        self.log_artifact(paths.pointer(self.stage))
+        self.finished = True
+        log.info("%s done in %.1f s", self.stage, time.monotonic() - self.started)
+        return pointer
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+@contextmanager
+def stage_session(
+    stage: str, root: Path | None = None, keep: Sequence[str] = ()
+) -> Iterator[StageSession]:
+    """Open a stage: settings, an emptied artifacts/<stage>/, logging, a tagged MLflow run.
+
+    Args:
+        stage: the stage name as in dvc.yaml.
+        root: project root (default: found from the working directory).
+        keep: names inside the output folder to keep when emptying it (incremental stages).
+    """
+    quiet_environment()
+    settings = load_settings(root)
+    out_dir = settings.paths.stage_dir(stage)
+    if keep and out_dir.exists():
+        for child in out_dir.iterdir():
+            if child.name not in keep:
+                _remove(child)
+    else:
+        reset_dir(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    configure_logging(settings.paths.stage_log(stage))
+    uri = settings.tracking_uri
+    check_store(uri, settings.config.tracking.connect_timeout_s)
+
+    import mlflow  # imported late: telemetry and retry settings must be in place first
+
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(settings.config.tracking.experiment)
+    git = git_state(settings.paths.root)
+    with mlflow.start_run(tags=run_tags(stage, git.sha, git.dirty)) as run:
+        session = StageSession(
+            stage=stage, settings=settings, out_dir=out_dir, run_id=run.info.run_id
+        )
+        mlflow.log_params(_params_for_mlflow(session.params))
+        env = environment_report(settings.params.base.seed)
+        log.info("stage %s, environment: %s", stage, json.dumps(env, sort_keys=True))
+        mlflow.log_dict(env, "environment.json")
+        try:
+            yield session
+        finally:
+            for handler in logging.getLogger().handlers:
+                handler.flush()
+            log_file = settings.paths.stage_log(stage)
+            if log_file.exists():
+                mlflow.log_artifact(str(log_file))
+
+
+def _params_for_mlflow(params: dict[str, Any]) -> dict[str, str]:
+    # MLflow params are strings of at most 6000 chars; lists and dicts are logged as JSON.
+    return {
+        k: json.dumps(v) if isinstance(v, list | dict) else str(v)
+        for k, v in flatten(params).items()
+    }
+
+
+def _remove(path: Path) -> None:
+    import shutil
+
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+def run_main(stage: str, body: Any) -> None:
+    """Run a stage's main body and turn expected failures into one clear line and exit code 1."""
+    try:
+        body()
+    except (SettingsError, TrackingError, StageFailed, PointerError, ManifestError) as exc:
+        logging.getLogger("chestct").error("%s failed: %s", stage, exc)
+        print(f"chestct {stage}: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None

@@ -1,0 +1,340 @@
+"""Typed, validated settings: params.yaml (what changes results) and config/config.yaml (where).
+
+Every path the project uses is built here, once, from the project root. Stages receive these
+frozen dataclasses; nothing else reads the YAML files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+STAGES: tuple[str, ...] = (
+    "ingest",
+    "split",
+    "resize",
+    "validate",
+    "base-model",
+    "train",
+    "evaluate",
+    "promote",
+)
+
+
+class SettingsError(ValueError):
+    """A settings file is missing, malformed, or has a wrong key or value."""
+
+
+# --------------------------------------------------------------------------- params.yaml
+
+
+@dataclass(frozen=True)
+class BaseParams:
+    seed: int = 42
+    image_size: int = 128
+
+
+@dataclass(frozen=True)
+class IngestParams:
+    source: str = "synthetic"
+    synthetic_per_class: dict[str, int] = field(
+        default_factory=lambda: {"train": 120, "valid": 20, "test": 30}
+    )
+    class_map: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SplitParams:
+    valid_fraction: float = 0.15
+    test_fraction: float = 0.15
+
+
+@dataclass(frozen=True)
+class ResizeParams:
+    interpolation: Literal["area", "linear", "cubic"] = "area"
+
+
+@dataclass(frozen=True)
+class ValidateParams:
+    fail_on: Literal["error", "warning", "never"] = "error"
+    min_class_count: int = 2
+
+
+@dataclass(frozen=True)
+class BaseModelParams:
+    architecture: Literal["small_cnn"] = "small_cnn"
+    weights: Literal["none"] = "none"
+    filters: list[int] = field(default_factory=lambda: [16, 32, 64, 128])
+    dropout: float = 0.3
+
+
+@dataclass(frozen=True)
+class AugmentParams:
+    flip: bool = True
+    rotation: float = 0.05
+    zoom: float = 0.1
+    contrast: float = 0.1
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    epochs: int = 20
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    patience: int = 5
+    class_weights: Literal["balanced", "none"] = "balanced"
+    augment: AugmentParams = field(default_factory=AugmentParams)
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    batch_size: int = 64
+
+
+@dataclass(frozen=True)
+class PromoteParams:
+    metric: Literal["accuracy", "balanced_accuracy", "macro_f1"] = "macro_f1"
+    minimum: float = 0.5
+    margin: float = 0.0
+    registered_model: str = "chestct"
+
+
+@dataclass(frozen=True)
+class Params:
+    base: BaseParams = field(default_factory=BaseParams)
+    ingest: IngestParams = field(default_factory=IngestParams)
+    split: SplitParams = field(default_factory=SplitParams)
+    resize: ResizeParams = field(default_factory=ResizeParams)
+    validate: ValidateParams = field(default_factory=ValidateParams)
+    base_model: BaseModelParams = field(default_factory=BaseModelParams)
+    train: TrainParams = field(default_factory=TrainParams)
+    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    promote: PromoteParams = field(default_factory=PromoteParams)
+
+    def group(self, name: str) -> dict[str, Any]:
+        """One params group as a plain dict (for pointers and MLflow)."""
+        return dataclasses.asdict(getattr(self, name))
+
+
+# --------------------------------------------------------------------------- config.yaml
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    uri: str = "sqlite:///mlflow.db"
+    experiment: str = "chestct"
+    connect_timeout_s: float = 8.0
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    max_upload_mb: float = 10.0
+
+
+@dataclass(frozen=True)
+class Config:
+    artifacts_dir: str = "artifacts"
+    model_dir: str = "model"
+    params_file: str = "params.yaml"
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    serving: ServingConfig = field(default_factory=ServingConfig)
+
+
+# --------------------------------------------------------------------------- paths
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Every location the project reads or writes, derived from one root."""
+
+    root: Path
+    artifacts: Path
+    model: Path
+    params_file: Path
+
+    def stage_dir(self, stage: str) -> Path:
+        """Output folder of a stage: artifacts/<stage>/ (the stage's only writable place)."""
+        if stage not in STAGES:
+            raise SettingsError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
+        return self.artifacts / stage
+
+    def pointer(self, stage: str) -> Path:
+        return self.stage_dir(stage) / "pointer.json"
+
+    def stage_log(self, stage: str) -> Path:
+        return self.stage_dir(stage) / "stage.log"
+
+
+@dataclass(frozen=True)
+class Settings:
+    params: Params
+    config: Config
+    paths: Paths
+
+    @property
+    def tracking_uri(self) -> str:
+        """MLFLOW_TRACKING_URI wins over config.yaml so that CI and users can redirect runs."""
+        return os.environ.get("MLFLOW_TRACKING_URI") or self.config.tracking.uri
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check `value` against type `tp`; return it converted (ints accepted as floats)."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise SettingsError(f"{where}: expected a mapping, got {value!r}")
+        return build(tp, value, where)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise SettingsError(
+                f"{where}: {value!r} is not allowed; use one of {', '.join(map(repr, allowed))}"
+            )
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, where)
+            except SettingsError:
+                continue
+        raise SettingsError(f"{where}: {value!r} is not {_describe(tp)}")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise SettingsError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        key_tp, val_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise SettingsError(f"{where}: expected a mapping, got {value!r}")
+        return {
+            _coerce(k, key_tp, f"{where} key"): _coerce(v, val_tp, f"{where}.{k}")
+            for k, v in value.items()
+        }
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise SettingsError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise SettingsError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise SettingsError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise SettingsError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported settings type {tp!r} at {where}")
+
+
+def build(cls: type, data: dict[str, Any] | None, where: str) -> Any:
+    """Build dataclass `cls` from a mapping, naming any unknown key and the known ones."""
+    data = data or {}
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in known]
+    if unknown:
+        raise SettingsError(
+            f"{where or 'top level'}: unknown key {unknown[0]!r}; "
+            f"allowed keys are {', '.join(known)}"
+        )
+    values = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+    return cls(**values)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise SettingsError(
+            f"{path}: file not found (run from the project root, or set CHESTCT_ROOT)"
+        )
+    try:
+        with path.open(encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+    except yaml.YAMLError as exc:
+        raise SettingsError(f"{path}: not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise SettingsError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def _check_params(params: Params) -> None:
+    """Cross-field checks that a type alone cannot express."""
+    if params.base.image_size < 16:
+        raise SettingsError("base.image_size: must be at least 16 pixels")
+    fractions = params.split.valid_fraction + params.split.test_fraction
+    if not 0 < fractions < 1 or min(params.split.valid_fraction, params.split.test_fraction) <= 0:
+        raise SettingsError(
+            "split.valid_fraction and split.test_fraction: each must be > 0 and together < 1"
+        )
+    bad = set(params.ingest.synthetic_per_class) - {"train", "valid", "test"}
+    if bad:
+        raise SettingsError(
+            f"ingest.synthetic_per_class: unknown split {sorted(bad)[0]!r}; use train, valid, test"
+        )
+    for name in ("epochs", "batch_size", "patience"):
+        if getattr(params.train, name) < 1:
+            raise SettingsError(f"train.{name}: must be at least 1")
+    if params.train.learning_rate <= 0:
+        raise SettingsError("train.learning_rate: must be > 0")
+    if not 0 <= params.base_model.dropout < 1:
+        raise SettingsError("base_model.dropout: must be in [0, 1)")
+
+
+def find_root(start: Path | None = None) -> Path:
+    """The project root: CHESTCT_ROOT, else the nearest folder upwards holding dvc.yaml."""
+    if env := os.environ.get("CHESTCT_ROOT"):
+        return Path(env).resolve()
+    here = (start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / "dvc.yaml").is_file() and (folder / "config").is_dir():
+            return folder
+    return here
+
+
+def load_settings(root: Path | None = None) -> Settings:
+    """Read config/config.yaml and params.yaml under `root` into validated settings."""
+    root = (root or find_root()).resolve()
+    config_path = root / "config" / "config.yaml"
+    try:
+        config = build(Config, _read_yaml(config_path), "")
+    except SettingsError as exc:
+        raise SettingsError(f"{config_path}: {exc}") from None
+    params_path = root / config.params_file
+    try:
+        params = build(Params, _read_yaml(params_path), "")
+        _check_params(params)
+    except SettingsError as exc:
+        if str(exc).startswith(str(params_path)):
+            raise
+        raise SettingsError(f"{params_path.name}: {exc}") from None
+    paths = Paths(
+        root=root,
+        artifacts=root / config.artifacts_dir,
+        model=root / config.model_dir,
+        params_file=params_path,
+    )
+    return Settings(params=params, config=config, paths=paths)

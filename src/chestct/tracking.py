@@ -1,0 +1,136 @@
+"""MLflow wiring: a reachable store, one experiment, one tagged run per stage execution.
+
+MLflow is only a record. DVC decides what reruns; nothing here caches or skips work.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import sqlite3
+import sys
+import urllib.error
+import urllib.request
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+log = logging.getLogger(__name__)
+
+KEY_PACKAGES = (
+    "tensorflow-cpu",
+    "tensorflow",
+    "keras",
+    "mlflow",
+    "dvc",
+    "numpy",
+    "opencv-python-headless",
+    "scikit-learn",
+    "pandas",
+)
+
+
+class TrackingError(RuntimeError):
+    """The MLflow tracking store cannot be used."""
+
+
+def quiet_environment() -> None:
+    """Telemetry off and no endless HTTP retries; must run before mlflow is imported."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("DO_NOT_TRACK", "true")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # MLflow probes git through GitPython, which warns loudly where git is absent (containers).
+    os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+
+
+def check_store(uri: str, timeout_s: float) -> None:
+    """Fail fast, with the fix, when the tracking store cannot be reached or written.
+
+    MLflow's own client retries an unreachable server for minutes; a stage should not hang.
+    """
+    parsed = urlparse(uri)
+    if parsed.scheme in ("http", "https"):
+        url = uri.rstrip("/") + "/health"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout_s) as resp:
+                if resp.status >= 500:
+                    raise TrackingError(f"MLflow server at {uri} answered {resp.status}")
+        except (urllib.error.URLError, TimeoutError, OSError) as exc:
+            raise TrackingError(
+                f"MLflow tracking server {uri} is unreachable ({exc}). Start it "
+                "(e.g. `mlflow server --backend-store-uri sqlite:///mlflow.db --port 5000`) or "
+                "unset MLFLOW_TRACKING_URI to use the local sqlite store."
+            ) from exc
+    elif parsed.scheme == "sqlite":
+        db = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+        if db is None:
+            raise TrackingError(f"cannot read sqlite URI {uri!r}; use sqlite:///path/to/file.db")
+        if not db.parent.resolve().is_dir():
+            raise TrackingError(
+                f"tracking store {uri}: folder {db.parent} does not exist; create it or "
+                "point MLFLOW_TRACKING_URI elsewhere"
+            )
+        try:
+            with sqlite3.connect(db, timeout=timeout_s) as conn:
+                conn.execute("PRAGMA schema_version").fetchone()
+        except sqlite3.Error as exc:
+            raise TrackingError(
+                f"tracking store {uri} is not a usable sqlite database ({exc}); move it aside "
+                "or point MLFLOW_TRACKING_URI elsewhere"
+            ) from exc
+    elif parsed.scheme in ("", "file"):
+        raise TrackingError(
+            f"tracking URI {uri!r} is a file store, which MLflow 3 no longer uses by default; "
+            "use sqlite:///mlflow.db or an http(s) server"
+        )
+
+
+def environment_report(seed: int) -> dict[str, Any]:
+    """The facts that shape a stage's results, logged once when the stage starts."""
+    versions = {}
+    for pkg in KEY_PACKAGES:
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            continue
+    report: dict[str, Any] = {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "seed": seed,
+        "packages": versions,
+    }
+    if "tensorflow" in sys.modules:  # only stages that use TF pay for importing it
+        tf = sys.modules["tensorflow"]
+        report["devices"] = [d.name for d in tf.config.list_physical_devices()]
+    return report
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"train": {"augment": {"flip": True}}} -> {"train.augment.flip": True}."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def run_tags(stage: str, git_sha: str | None, git_dirty: bool | None) -> dict[str, str]:
+    tags = {"chestct.stage": stage, "mlflow.runName": stage}
+    if git_sha:
+        tags["git.sha"] = git_sha
+        tags["mlflow.source.git.commit"] = git_sha
+    if git_dirty is not None:
+        tags["git.dirty"] = str(git_dirty).lower()
+    if exp := os.environ.get("DVC_EXP_NAME"):
+        tags["dvc.exp_name"] = exp
+    if base := os.environ.get("DVC_EXP_BASELINE_REV"):
+        tags["dvc.baseline_rev"] = base
+    return tags

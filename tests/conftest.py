@@ -1,0 +1,41 @@
+"""Shared fixtures: a tiny promoted model folder for serving tests."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Keep TF and MLflow quiet and offline in every test process.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DO_NOT_TRACK", "true")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """model/ as promote writes it, with an untrained 32x32 model (enough to test serving)."""
+    from chestct.labels import CLASSES, DISPLAY_NAMES
+    from chestct.modeling import build_model
+    from chestct.settings import BaseModelParams
+
+    folder = tmp_path_factory.mktemp("model")
+    model = build_model(BaseModelParams(filters=[4, 8]), image_size=32, seed=0)
+    model.save(folder / "model.keras")
+    card = {
+        "name": "chestct",
+        "version": "1",
+        "classes": list(CLASSES),
+        "display_names": DISPLAY_NAMES,
+        "image_size": 32,
+        "preprocessing": {"resize": "stretch", "interpolation": "area"},
+        "model_file": "model.keras",
+        "metrics": {"macro_f1": 0.5},
+        "mlflow_run_ids": {"train": "0" * 32},
+    }
+    (folder / "model.json").write_text(json.dumps(card), encoding="utf-8")
+    return folder

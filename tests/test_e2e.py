@@ -1,0 +1,149 @@
+"""The whole pipeline: `dvc repro` in a temporary copy of the repo with tiny params, then
+/predict on the promoted model through the Flask test client."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import yaml
+
+from chestct.labels import CLASSES
+from chestct.settings import STAGES
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+TINY = {
+    "base": {"image_size": 32},
+    "ingest": {"synthetic_per_class": {"train": 8, "valid": 3, "test": 3}},
+    "base_model": {"filters": [4, 8]},
+    "train": {"epochs": 2, "batch_size": 8},
+    "promote": {"minimum": 0.0},
+}
+
+pytestmark = pytest.mark.e2e
+
+
+def _merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = _merge(base[key], value) if isinstance(value, dict) and value else value
+    return out
+
+
+def _run(cmd: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    """A git + DVC copy of the repo (code, dvc.yaml, config) with tiny params, reproduced."""
+    root = tmp_path_factory.mktemp("project")
+    for name in ("src", "config"):
+        shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("dvc.yaml", "app.py", ".gitignore", ".dvcignore"):
+        shutil.copy2(REPO / name, root / name)
+    (root / ".dvc").mkdir()
+    shutil.copy2(REPO / ".dvc" / "config", root / ".dvc" / "config")
+    params = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
+    (root / "params.yaml").write_text(yaml.safe_dump(_merge(params, TINY)), encoding="utf-8")
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env |= {
+        "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+        "PYTHONPATH": str(root / "src"),  # the copy's code, not the installed one
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
+    _run(["git", "init", "-q"], root, env)
+    _run(["git", "add", "-A"], root, env)
+    _run(["git", "commit", "-qm", "copy"], root, env)
+    _run([str(BIN / "dvc"), "repro"], root, env)
+    return root, env
+
+
+def test_every_stage_left_a_valid_pointer_and_mlflow_run(project) -> None:
+    from chestct.pointers import read_pointer
+    from chestct.settings import load_settings
+
+    root, _ = project
+    settings = load_settings(root)
+    run_ids = set()
+    for stage in STAGES:
+        pointer = read_pointer(settings.paths, stage)  # validates schema and output digests
+        assert pointer.git.sha and pointer.git.dirty is not None
+        assert pointer.mlflow.run_id
+        run_ids.add(pointer.mlflow.run_id)
+        assert (settings.paths.stage_dir(stage) / "stage.log").stat().st_size > 0
+    assert len(run_ids) == len(STAGES)
+    train = read_pointer(settings.paths, "train")
+    assert {i.stage for i in train.inputs} == {"validate", "base-model"}
+
+    import mlflow
+    from mlflow import MlflowClient
+
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    client = MlflowClient()
+    exp = client.get_experiment_by_name("chestct")
+    runs = client.search_runs([exp.experiment_id])
+    assert {r.data.tags["chestct.stage"] for r in runs} == set(STAGES)
+    assert all(r.data.tags.get("git.sha") for r in runs)
+    train_run = next(r for r in runs if r.data.tags["chestct.stage"] == "train")
+    assert train_run.data.params["train.epochs"] == "2"
+    assert len(client.get_metric_history(train_run.info.run_id, "val_loss")) == 2
+    assert "stage.log" in {a.path for a in client.list_artifacts(train_run.info.run_id)}
+    version = client.get_model_version_by_alias("chestct", "champion")
+    assert str(version.version) == "1"
+
+
+def test_model_folder_holds_the_promoted_model_and_card(project) -> None:
+    import json
+
+    root, _ = project
+    card = json.loads((root / "model" / "model.json").read_text(encoding="utf-8"))
+    assert card["classes"] == list(CLASSES)
+    assert card["image_size"] == 32
+    assert card["version"] == "1"
+    assert {"accuracy", "balanced_accuracy", "macro_f1"} <= set(card["metrics"])
+    assert len(card["data_digest"]) == 64 and card["git_sha"]
+    assert (root / "model" / card["model_file"]).is_file()
+    metrics = json.loads((root / "artifacts/evaluate/metrics.json").read_text(encoding="utf-8"))
+    assert set(metrics["recall"]) == set(CLASSES)
+
+
+def test_repro_again_is_a_no_op_and_status_clean(project) -> None:
+    root, env = project
+    out = _run([str(BIN / "dvc"), "repro"], root, env).stdout
+    assert "didn't change" in out or "up to date" in out
+    assert "Running stage" not in out
+    status = _run([str(BIN / "dvc"), "status"], root, env).stdout
+    assert "up to date" in status
+
+
+def test_predict_on_the_promoted_model(project) -> None:
+    from chestct.serving import create_app
+
+    root, _ = project
+    app = create_app({"MODEL_DIR": str(root / "model")})
+    image = np.random.default_rng(1).integers(0, 255, (70, 90), dtype=np.uint8)
+    ok, buf = cv2.imencode(".png", image)
+    assert ok
+    resp = app.test_client().post(
+        "/predict",
+        data={"file": (io.BytesIO(buf.tobytes()), "x.png")},
+        content_type="multipart/form-data",
+    )
+    assert resp.status_code == 200
+    assert resp.get_json()["label"] in CLASSES

@@ -23,7 +23,8 @@ def build_model(params: BaseModelParams, image_size: int, seed: int) -> keras.Mo
     """The small CNN baseline: conv blocks, global average pooling, dropout, dense head.
 
     Input is a grey slice as float32 in [0, 255], shape (size, size, 1); output is the softmax
-    over CLASSES. The logits layer is named so that calibration and Grad-CAM can reach it.
+    over CLASSES. Layer names are a contract: "features" (last 4-D feature map), "gap",
+    "dropout", "logits" (dense), "probabilities" (softmax), for calibration and Grad-CAM.
     """
     set_seed(seed)
     inputs = keras.Input((image_size, image_size, 1), name="image")
@@ -31,8 +32,10 @@ def build_model(params: BaseModelParams, image_size: int, seed: int) -> keras.Mo
     for i, filters in enumerate(params.filters):
         x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"conv{i}")(x)
         x = keras.layers.BatchNormalization(name=f"bn{i}")(x)
-        x = keras.layers.Activation("relu", name=f"relu{i}")(x)
-        if i < len(params.filters) - 1:
+        last = i == len(params.filters) - 1
+        # The last feature map is named "features" in every architecture: Grad-CAM reads it.
+        x = keras.layers.Activation("relu", name="features" if last else f"relu{i}")(x)
+        if not last:
             x = keras.layers.MaxPooling2D(name=f"pool{i}")(x)
     x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
     x = keras.layers.Dropout(params.dropout, name="dropout")(x)

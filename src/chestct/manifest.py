@@ -30,7 +30,8 @@ INGEST_COLUMNS: tuple[str, ...] = (
 INDEX_COLUMNS: tuple[str, ...] = ("sha256", "resized", "ok", "error", "mean", "std")
 
 # One row per image of a split, written by validate: what train and evaluate read.
-DATASET_COLUMNS: tuple[str, ...] = ("path", "label", "sha256", "source_path")
+# `original` is the ingested file, for re-preparing at another size (promote's re-scoring).
+DATASET_COLUMNS: tuple[str, ...] = ("path", "label", "sha256", "source_path", "original")
 
 
 class ManifestError(ValueError):

@@ -69,8 +69,11 @@ class ValidateParams:
 
 @dataclass(frozen=True)
 class BaseModelParams:
-    architecture: Literal["small_cnn"] = "small_cnn"
-    weights: Literal["none"] = "none"
+    architecture: Literal[
+        "small_cnn", "mobilenet_v3_small", "efficientnet_b0", "resnet50", "vgg16"
+    ] = "small_cnn"
+    weights: str = "none"  # none | imagenet | path to a .h5/.weights.h5/.keras file
+    freeze: Literal["auto", "backbone", "none"] = "auto"
     filters: list[int] = field(default_factory=lambda: [16, 32, 64, 128])
     dropout: float = 0.3
 
@@ -84,12 +87,35 @@ class AugmentParams:
 
 
 @dataclass(frozen=True)
+class ReduceLrParams:
+    factor: float = 0.5
+    patience: int = 3
+    min_learning_rate: float = 1e-6
+
+
+@dataclass(frozen=True)
+class FineTuneParams:
+    unfreeze_top: int = 0  # 0: no second phase
+    epochs: int = 10
+    learning_rate: float = 1e-5
+
+
+@dataclass(frozen=True)
 class TrainParams:
     epochs: int = 20
     batch_size: int = 32
     learning_rate: float = 1e-3
+    optimizer: Literal["adam", "adamw"] = "adam"
+    weight_decay: float = 1e-4
+    label_smoothing: float = 0.0
+    monitor: Literal["val_loss", "val_accuracy", "val_macro_f1"] = "val_loss"
     patience: int = 5
     class_weights: Literal["balanced", "none"] = "balanced"
+    reduce_lr: ReduceLrParams = field(default_factory=ReduceLrParams)
+    fine_tune: FineTuneParams = field(default_factory=FineTuneParams)
+    deterministic: bool = True
+    strategy: Literal["default", "mirrored", "multi_worker"] = "default"
+    mixed_precision: bool = False
     augment: AugmentParams = field(default_factory=AugmentParams)
 
 
@@ -298,10 +324,59 @@ def _check_params(params: Params) -> None:
     for name in ("epochs", "batch_size", "patience"):
         if getattr(params.train, name) < 1:
             raise SettingsError(f"train.{name}: must be at least 1")
+    if params.base.seed < 0:
+        raise SettingsError("base.seed: must be >= 0")
+    if any(n < 0 for n in params.ingest.synthetic_per_class.values()):
+        raise SettingsError("ingest.synthetic_per_class: counts must be >= 0")
+    if params.evaluate.batch_size < 1:
+        raise SettingsError("evaluate.batch_size: must be at least 1")
+    if not params.base_model.filters or min(params.base_model.filters) < 1:
+        raise SettingsError("base_model.filters: must be a non-empty list of positive integers")
     if params.train.learning_rate <= 0:
         raise SettingsError("train.learning_rate: must be > 0")
     if not 0 <= params.base_model.dropout < 1:
         raise SettingsError("base_model.dropout: must be in [0, 1)")
+    _check_model_and_training(params.base_model, params.train)
+
+
+def _check_model_and_training(model: BaseModelParams, train: TrainParams) -> None:
+    """base_model and train values that no stage can run with."""
+    weights = model.weights
+    if weights not in ("none", "imagenet") and not weights.endswith((".h5", ".keras")):
+        raise SettingsError(
+            f"base_model.weights: {weights!r} is not allowed; use none, imagenet or a path to "
+            "a .h5/.weights.h5/.keras file"
+        )
+    if model.architecture == "small_cnn" and weights == "imagenet":
+        raise SettingsError(
+            "base_model.weights: small_cnn has no imagenet weights; use none, a path to a "
+            ".weights.h5/.keras file, or a pretrained architecture"
+        )
+    if model.freeze == "backbone" and weights == "none":
+        raise SettingsError(
+            "base_model.freeze: backbone would keep randomly initialised weights fixed "
+            "(base_model.weights is none); use auto or none, or give pretrained weights"
+        )
+    if train.weight_decay < 0:
+        raise SettingsError("train.weight_decay: must be >= 0")
+    if not 0 <= train.label_smoothing < 1:
+        raise SettingsError("train.label_smoothing: must be in [0, 1)")
+    if not 0 < train.reduce_lr.factor < 1:
+        raise SettingsError("train.reduce_lr.factor: must be in (0, 1)")
+    if train.reduce_lr.patience < 1:
+        raise SettingsError("train.reduce_lr.patience: must be at least 1")
+    if train.reduce_lr.min_learning_rate < 0:
+        raise SettingsError("train.reduce_lr.min_learning_rate: must be >= 0")
+    if train.fine_tune.unfreeze_top < 0:
+        raise SettingsError("train.fine_tune.unfreeze_top: must be >= 0 (0: no second phase)")
+    if train.fine_tune.epochs < 1:
+        raise SettingsError("train.fine_tune.epochs: must be at least 1")
+    if train.fine_tune.learning_rate <= 0:
+        raise SettingsError("train.fine_tune.learning_rate: must be > 0")
+    augment = train.augment
+    for name in ("rotation", "zoom", "contrast"):
+        if not 0 <= getattr(augment, name) < 1:
+            raise SettingsError(f"train.augment.{name}: must be in [0, 1) (0 turns it off)")
 
 
 def find_root(start: Path | None = None) -> Path:
@@ -322,6 +397,8 @@ def load_settings(root: Path | None = None) -> Settings:
     try:
         config = build(Config, _read_yaml(config_path), "")
     except SettingsError as exc:
+        if str(exc).startswith(str(config_path)):
+            raise
         raise SettingsError(f"{config_path}: {exc}") from None
     params_path = root / config.params_file
     try:

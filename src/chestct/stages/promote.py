@@ -49,8 +49,11 @@ def read_card(model_dir: Path) -> dict[str, Any] | None:
         return None
     try:
         data = json.loads(card.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, UnicodeDecodeError):
         log.warning("%s is not valid JSON; treating the champion as absent", card)
+        return None
+    if not isinstance(data, dict):
+        log.warning("%s is not a JSON object; treating the champion as absent", card)
         return None
     if not (model_dir / data.get("model_file", MODEL_FILE)).is_file():
         log.warning("%s names a model file that is missing; champion absent", card)
@@ -87,16 +90,32 @@ def decide(
 def rescore_champion(
     model_dir: Path, card: dict[str, Any], test: pd.DataFrame, root: Path, batch_size: int
 ) -> dict[str, Any]:
-    """The champion's metrics on the current test split."""
+    """The champion's metrics on the current test split, prepared as the champion expects.
+
+    The champion may take another image size or interpolation than the current params, so the
+    test images are prepared again from the ingested originals with the card's settings.
+    """
+    import tempfile
+
+    from chestct.imaging import encode_png, prepare
     from chestct.settings import EvaluateParams
     from chestct.stages.evaluate import run_evaluate
 
-    metrics, _ = run_evaluate(
-        model_dir / card.get("model_file", MODEL_FILE),
-        test,
-        EvaluateParams(batch_size=batch_size),
-        root,
-    )
+    size = int(card["image_size"])
+    interpolation = card.get("preprocessing", {}).get("interpolation", "area")
+    sources = test["original"] if "original" in test.columns else test["path"]
+    with tempfile.TemporaryDirectory(prefix="chestct-rescore-") as tmp:
+        prepared = []
+        for i, rel in enumerate(sources):
+            target = Path(tmp) / f"{i}.png"
+            target.write_bytes(encode_png(prepare((root / rel).read_bytes(), size, interpolation)))
+            prepared.append(str(target))
+        metrics, _ = run_evaluate(
+            model_dir / card.get("model_file", MODEL_FILE),
+            test.assign(path=prepared),
+            EvaluateParams(batch_size=batch_size),
+            root,
+        )
     return metrics
 
 

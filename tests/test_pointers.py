@@ -1,0 +1,237 @@
+"""Pointers: written only when valid, read back only when valid and matching their files."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from chestct.fsutil import sha256_file
+from chestct.pointers import (
+    GitState,
+    Output,
+    Pointer,
+    PointerError,
+    TrackingRef,
+    make_input,
+    make_output,
+    now_utc,
+    read_pointer,
+    write_pointer,
+)
+from chestct.settings import Paths
+
+
+@pytest.fixture
+def paths(tmp_path: Path) -> Paths:
+    return Paths(
+        root=tmp_path,
+        artifacts=tmp_path / "artifacts",
+        model=tmp_path / "model",
+        params_file=tmp_path / "params.yaml",
+    )
+
+
+def make_pointer(paths: Paths, stage: str, /, **changes: Any) -> Pointer:
+    """A pointer for `stage` describing a manifest file and an images folder it made."""
+    out = paths.stage_dir(stage)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "manifest.csv").write_text("path,label\na.png,normal\n", encoding="utf-8")
+    (out / "images" / "a.png").write_bytes(b"not really a png")
+    fields: dict[str, Any] = {
+        "stage": stage,
+        "created_at": now_utc(),
+        "git": GitState(sha="0" * 40, dirty=False),
+        "params": {"base": {"seed": 1, "image_size": 32}},
+        "inputs": [],
+        "outputs": {
+            "manifest": make_output(out / "manifest.csv", paths.root),
+            "images": make_output(out / "images", paths.root),
+        },
+        "metrics": {"files": 1, "counts": {"train": {"normal": 1}}},
+        "mlflow": TrackingRef("sqlite:///mlflow.db", "chestct", "a" * 32),
+        "details": {"source": "synthetic"},
+    }
+    fields.update(changes)
+    return Pointer(**fields)
+
+
+@pytest.fixture
+def written(paths: Paths) -> Pointer:
+    """A valid ingest pointer on disk."""
+    pointer = make_pointer(paths, "ingest")
+    write_pointer(paths.pointer("ingest"), pointer)
+    return pointer
+
+
+def test_round_trip(paths: Paths, written: Pointer) -> None:
+    assert read_pointer(paths, "ingest") == written
+
+
+def test_round_trip_with_an_input(paths: Paths, written: Pointer) -> None:
+    pointer = make_pointer(paths, "split", inputs=[make_input(paths, "ingest")])
+    write_pointer(paths.pointer("split"), pointer)
+    back = read_pointer(paths, "split")
+    assert back == pointer
+    (item,) = back.inputs
+    assert item.stage == "ingest"
+    assert item.pointer == "artifacts/ingest/pointer.json"
+    assert item.digest == sha256_file(paths.pointer("ingest"))
+
+
+def test_outputs_are_relative_posix_paths_with_digests(paths: Paths, written: Pointer) -> None:
+    assert written.outputs["manifest"] == Output(
+        "artifacts/ingest/manifest.csv", sha256_file(paths.stage_dir("ingest") / "manifest.csv")
+    )
+    assert written.outputs["images"].path == "artifacts/ingest/images"
+    assert written.output_path("manifest", paths.root) == (
+        paths.root / "artifacts" / "ingest" / "manifest.csv"
+    )
+
+
+def test_output_path_names_the_outputs_there_are(written: Pointer, paths: Paths) -> None:
+    with pytest.raises(PointerError, match=r"no output 'model' \(it has: images, manifest\)"):
+        written.output_path("model", paths.root)
+
+
+def test_missing_pointer_says_which_stage_to_run(paths: Paths) -> None:
+    with pytest.raises(PointerError, match=r"stage 'train' has not run here.*dvc repro train"):
+        read_pointer(paths, "train")
+
+
+def _drop(key: str) -> Callable[[dict[str, Any]], None]:
+    return lambda d: d.pop(key)
+
+
+def _set(*keys: str, value: Any) -> Callable[[dict[str, Any]], None]:
+    def change(d: dict[str, Any]) -> None:
+        for key in keys[:-1]:
+            d = d[key]
+        d[keys[-1]] = value
+
+    return change
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (_drop("outputs"), "missing key 'outputs'"),
+        (_drop("mlflow"), "missing key 'mlflow'"),
+        (_set("inputs", value={}), "key 'inputs' has the wrong type (dict)"),
+        (_set("metrics", value=[1]), "key 'metrics' has the wrong type (list)"),
+        (_set("schema_version", value=True), "key 'schema_version' has the wrong type (bool)"),
+        (_set("schema_version", value=2), "schema_version 2 is not 1"),
+        (_set("stage", value="deploy"), "unknown stage 'deploy'"),
+        (_set("created_at", value="yesterday"), "created_at 'yesterday' is not UTC ISO"),
+        (_set("extra", value=1), "unknown key 'extra'"),
+        (_set("git", "sha", value=1), "git: key 'sha' has the wrong type (int)"),
+        (_set("mlflow", "run_id", value=7), "mlflow: key 'run_id' has the wrong type"),
+        (_set("outputs", "manifest", "path", value="/etc/passwd"), "must be relative"),
+        (_set("outputs", "manifest", "path", value="../../x.csv"), "must be relative"),
+        (_set("outputs", "manifest", "path", value="artifacts/../../x"), "must be relative"),
+        (_set("outputs", "manifest", "digest", value="abc"), "digest is not a sha256"),
+        (_set("outputs", "manifest", value="x.csv"), "outputs.manifest: expected an object"),
+        (_set("inputs", value=["ingest"]), "inputs[0]: expected an object"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else None,
+)
+def test_malformed_pointer_is_refused_naming_the_problem(
+    paths: Paths, written: Pointer, change: Callable[[dict[str, Any]], None], expected: str
+) -> None:
+    path = paths.pointer("ingest")
+    data = json.loads(path.read_text(encoding="utf-8"))
+    change(data)
+    path.write_text(json.dumps(data), encoding="utf-8")
+    with pytest.raises(PointerError) as info:
+        read_pointer(paths, "ingest")
+    assert str(path) in str(info.value)
+    assert expected in str(info.value)
+
+
+@pytest.mark.parametrize("content", [b'{"stage": "ingest",', b"\xff\xfe\x00binary", b""])
+def test_non_json_pointer_is_refused(paths: Paths, written: Pointer, content: bytes) -> None:
+    paths.pointer("ingest").write_bytes(content)
+    with pytest.raises(PointerError, match=r"not valid JSON.*dvc repro -f ingest"):
+        read_pointer(paths, "ingest")
+
+
+def test_json_that_is_not_an_object_is_refused(paths: Paths, written: Pointer) -> None:
+    paths.pointer("ingest").write_text("[1, 2]", encoding="utf-8")
+    with pytest.raises(PointerError, match="expected a JSON object"):
+        read_pointer(paths, "ingest")
+
+
+def test_pointer_of_another_stage_is_refused(paths: Paths, written: Pointer) -> None:
+    split = paths.pointer("split")
+    split.parent.mkdir(parents=True)
+    split.write_bytes(paths.pointer("ingest").read_bytes())
+    with pytest.raises(PointerError, match="pointer is for stage 'ingest', not 'split'"):
+        read_pointer(paths, "split")
+
+
+def test_modified_output_file_is_detected(paths: Paths, written: Pointer) -> None:
+    (paths.stage_dir("ingest") / "manifest.csv").write_text("path,label\n", encoding="utf-8")
+    with pytest.raises(PointerError, match=r"output 'manifest' .* changed since the stage"):
+        read_pointer(paths, "ingest")
+
+
+def test_modified_output_folder_is_detected(paths: Paths, written: Pointer) -> None:
+    (paths.stage_dir("ingest") / "images" / "b.png").write_bytes(b"another")
+    with pytest.raises(PointerError, match=r"output 'images' .* changed since the stage"):
+        read_pointer(paths, "ingest")
+
+
+def test_missing_output_is_detected(paths: Paths, written: Pointer) -> None:
+    (paths.stage_dir("ingest") / "manifest.csv").unlink()
+    with pytest.raises(PointerError, match=r"output 'manifest' \(artifacts/ingest/manifest.csv\)"
+                                           r" is missing"):
+        read_pointer(paths, "ingest")
+
+
+def test_verify_false_skips_the_digest_check(paths: Paths, written: Pointer) -> None:
+    (paths.stage_dir("ingest") / "manifest.csv").write_text("changed\n", encoding="utf-8")
+    assert read_pointer(paths, "ingest", verify=False) == written
+
+
+def _bad_stage(paths: Paths) -> Pointer:
+    return make_pointer(paths, "ingest", stage="deploy")
+
+
+def _absolute_output(paths: Paths) -> Pointer:
+    return make_pointer(paths, "ingest", outputs={"x": Output("/tmp/x.csv", "0" * 64)})
+
+
+def _bad_created_at(paths: Paths) -> Pointer:
+    return make_pointer(paths, "ingest", created_at="2024-01-01")
+
+
+@pytest.mark.parametrize("build", [_bad_stage, _absolute_output, _bad_created_at])
+def test_write_pointer_refuses_an_invalid_pointer_and_writes_nothing(
+    paths: Paths, build: Callable[[Paths], Pointer]
+) -> None:
+    pointer = build(paths)
+    folder = paths.stage_dir("ingest")
+    before = sorted(p.name for p in folder.iterdir())
+    with pytest.raises(PointerError):
+        write_pointer(paths.pointer("ingest"), pointer)
+    assert not paths.pointer("ingest").exists()
+    assert sorted(p.name for p in folder.iterdir()) == before
+
+
+def test_refused_pointer_leaves_the_previous_one_intact(paths: Paths, written: Pointer) -> None:
+    path = paths.pointer("ingest")
+    old = path.read_bytes()
+    with pytest.raises(PointerError, match="unknown stage"):
+        write_pointer(path, _bad_stage(paths))
+    assert path.read_bytes() == old
+    assert sorted(p.name for p in path.parent.iterdir()) == ["images", "manifest.csv",
+                                                               "pointer.json"]
+
+
+def test_written_pointer_is_plain_json(paths: Paths, written: Pointer) -> None:
+    data = json.loads(paths.pointer("ingest").read_text(encoding="utf-8"))
+    assert data == written.to_dict()
+    assert data["schema_version"] == 1

@@ -1,19 +1,59 @@
-"""gunicorn settings for the chestct predictor (`make serve`)."""
+"""gunicorn settings for the chestct predictor (`make serve`; README "Serving").
+
+Environment overrides: CHESTCT_BIND, CHESTCT_WORKERS, CHESTCT_THREADS, CHESTCT_TIMEOUT,
+CHESTCT_LOG_LEVEL. Metrics of all workers are summed through PROMETHEUS_MULTIPROC_DIR, which
+this file points at a fresh private folder unless the environment sets one.
+"""
 
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 bind = os.environ.get("CHESTCT_BIND", "127.0.0.1:8000")
 workers = int(os.environ.get("CHESTCT_WORKERS", "2"))
-threads = int(os.environ.get("CHESTCT_THREADS", "1"))
-# The app (and TensorFlow with it) is built in each worker after fork, never in the master:
-# TF state copied across a fork hangs every request.
+# Two threads per worker: /health and /metrics are answered while a prediction runs. The
+# model itself runs one request at a time per worker (LiteRT interpreters are not thread-safe).
+worker_class = "gthread"
+threads = int(os.environ.get("CHESTCT_THREADS", "2"))
+# The app (and the model with it) is built in each worker after fork, never in the master.
 preload_app = False
-timeout = 60
-graceful_timeout = 20
+timeout = int(os.environ.get("CHESTCT_TIMEOUT", "60"))
+graceful_timeout = 20  # SIGTERM: finish in-flight requests for up to 20 s, then exit
 keepalive = 5
 # Recycle workers now and then so that slow leaks cannot grow; jitter avoids all at once.
 max_requests = 2000
 max_requests_jitter = 200
+# Request line and header limits well below gunicorn's maxima: clients send images in bodies.
+limit_request_line = 4094
+limit_request_fields = 50
+# No control socket: nothing but HTTP reaches a running server.
+control_socket_disable = True
 accesslog = "-"
 errorlog = "-"
 loglevel = os.environ.get("CHESTCT_LOG_LEVEL", "info")
+capture_output = True
+
+_OWN_METRICS_DIR = "PROMETHEUS_MULTIPROC_DIR" not in os.environ
+if _OWN_METRICS_DIR:
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="chestct-metrics-")
+
+
+def on_starting(server):
+    """Start from empty metric files: values of a previous server must not leak in."""
+    folder = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob("*.db"):
+        stale.unlink()
+
+
+def child_exit(server, worker):
+    """Drop a dead worker's live gauges (its counters stay counted)."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server):
+    if _OWN_METRICS_DIR:
+        shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)

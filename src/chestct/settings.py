@@ -161,7 +161,17 @@ class TrackingConfig:
 
 @dataclass(frozen=True)
 class ServingConfig:
-    max_upload_mb: float = 10.0
+    """The predictor service (chestct.serving); see README "Serving"."""
+
+    max_upload_mb: float = 10.0  # request body limit (413 above it)
+    max_batch_files: int = 16  # files per /predict/batch request
+    max_image_pixels: int = 50_000_000  # width x height read from the header; more is a bomb
+    mc_dropout_samples: int = 30  # MC-dropout passes through the dense head (0 = off)
+    reload_check_s: float = 1.0  # how often a worker looks for a new model/ (hot reload)
+    inference_threads: int = 1  # LiteRT threads per worker (workers x threads <= cores)
+    audit_log: bool = False  # record predictions (sha256, label, probabilities; no pixels)
+    audit_db: str = "audit/predictions.sqlite"  # SQLite file, relative to the project root
+    history_token: str = ""  # bearer token for GET /history; CHESTCT_HISTORY_TOKEN overrides
 
 
 @dataclass(frozen=True)
@@ -184,6 +194,7 @@ class Paths:
     artifacts: Path
     model: Path
     params_file: Path
+    audit_db: Path | None = None  # the predictor's audit log (config serving.audit_db)
 
     def stage_dir(self, stage: str) -> Path:
         """Output folder of a stage: artifacts/<stage>/ (the stage's only writable place)."""
@@ -390,12 +401,29 @@ def find_root(start: Path | None = None) -> Path:
     return here
 
 
+def _check_serving(serving: ServingConfig) -> None:
+    """serving.* values the predictor cannot run with."""
+    if serving.max_upload_mb <= 0:
+        raise SettingsError("serving.max_upload_mb: must be > 0 (megabytes per request)")
+    if serving.max_batch_files < 1:
+        raise SettingsError("serving.max_batch_files: must be at least 1")
+    if serving.max_image_pixels < 1024:
+        raise SettingsError("serving.max_image_pixels: must be at least 1024 (32 x 32)")
+    if serving.mc_dropout_samples < 0 or serving.reload_check_s < 0:
+        raise SettingsError("serving.mc_dropout_samples and serving.reload_check_s: must be >= 0")
+    if serving.inference_threads < 1:
+        raise SettingsError("serving.inference_threads: must be at least 1")
+    if serving.audit_log and not serving.audit_db:
+        raise SettingsError("serving.audit_db: set a file path when serving.audit_log is true")
+
+
 def load_settings(root: Path | None = None) -> Settings:
     """Read config/config.yaml and params.yaml under `root` into validated settings."""
     root = (root or find_root()).resolve()
     config_path = root / "config" / "config.yaml"
     try:
         config = build(Config, _read_yaml(config_path), "")
+        _check_serving(config.serving)
     except SettingsError as exc:
         if str(exc).startswith(str(config_path)):
             raise
@@ -413,5 +441,6 @@ def load_settings(root: Path | None = None) -> Settings:
         artifacts=root / config.artifacts_dir,
         model=root / config.model_dir,
         params_file=params_path,
+        audit_db=root / config.serving.audit_db,
     )
     return Settings(params=params, config=config, paths=paths)

@@ -1,89 +1,524 @@
-"""Flask app factory for the predictor service."""
+"""Flask app factory for the predictor service (see README "Serving").
+
+Endpoints: POST /predict, /predict/batch, /explain; GET /, /health, /ready, /metadata,
+/metrics, /history. Errors are RFC 9457 problem details (application/problem+json).
+"""
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hmac
+import io
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
 
-from flask import Flask, jsonify, request
+from flask import Flask, Request, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from chestct.imaging import ImageError
-from chestct.serving.predictor import ModelNotReady, Predictor
+from chestct.serving import inputs
+from chestct.serving.audit import AuditLog
+from chestct.serving.inputs import InputError, NotCTSlice, Upload
+from chestct.serving.metrics import ServiceMetrics
+from chestct.serving.page import INDEX_HTML
+from chestct.serving.predictor import (
+    Loaded,
+    ModelNotReady,
+    ModelRefused,
+    Predictor,
+    analyse,
+    class_activation,
+    input_sha256,
+    overlay_png,
+    seed_of,
+)
 
 log = logging.getLogger(__name__)
 
+PROBLEM = "application/problem+json"
+TOKEN_ENV = "CHESTCT_HISTORY_TOKEN"
+HISTORY_MAX = 1000
+MB = 1024 * 1024
+
+
+class Problem(Exception):
+    """An error answer: RFC 9457 fields plus optional extension members."""
+
+    def __init__(self, status: int, title: str, detail: str, **extra: Any) -> None:
+        super().__init__(detail)
+        self.status, self.title, self.detail, self.extra = status, title, detail, extra
+
+
+class InMemoryRequest(Request):
+    """Uploaded files stay in memory (bounded by MAX_CONTENT_LENGTH): Werkzeug would spool
+    parts over 500 kB to a temporary file, and uploads must never touch the disk."""
+
+    def _get_file_stream(  # type: ignore[override]
+        self,
+        total_content_length: int | None,
+        content_type: str | None,
+        filename: str | None = None,
+        content_length: int | None = None,
+    ) -> io.BytesIO:
+        return io.BytesIO()
+
+
+def problem_response(status: int, title: str, detail: str, **extra: Any) -> Response:
+    slug = title.lower().replace(" ", "-")
+    body = {"type": f"urn:chestct:problem:{slug}", "title": title, "status": status}
+    body.update(detail=detail, instance=request.path, **extra)
+    resp = jsonify(body)
+    resp.status_code = status
+    resp.mimetype = PROBLEM
+    return resp
+
+
+def _defaults() -> dict[str, Any]:
+    """App config from config/config.yaml (serving.*) and the project's paths."""
+    from chestct.settings import load_settings
+
+    s = load_settings()
+    serving = s.config.serving
+    return {
+        "MODEL_DIR": str(s.paths.model),
+        "MAX_CONTENT_LENGTH": int(serving.max_upload_mb * MB),
+        "MAX_BATCH_FILES": serving.max_batch_files,
+        "MAX_IMAGE_PIXELS": serving.max_image_pixels,
+        "MC_DROPOUT_SAMPLES": serving.mc_dropout_samples,
+        "RELOAD_CHECK_S": serving.reload_check_s,
+        "INFERENCE_THREADS": serving.inference_threads,
+        "AUDIT_LOG": serving.audit_log,
+        "AUDIT_DB": str(s.paths.audit_db),
+        "HISTORY_TOKEN": serving.history_token,
+        "DICOM_WINDOW": (s.params.ingest.window.level, s.params.ingest.window.width),
+    }
+
+
+def _static_defaults() -> dict[str, Any]:
+    """Defaults when a test config names the model folder itself (no settings files read)."""
+    from chestct.settings import ServingConfig, WindowParams
+
+    serving, window = ServingConfig(), WindowParams()
+    return {
+        "MAX_CONTENT_LENGTH": int(serving.max_upload_mb * MB),
+        "MAX_BATCH_FILES": serving.max_batch_files,
+        "MAX_IMAGE_PIXELS": serving.max_image_pixels,
+        "MC_DROPOUT_SAMPLES": serving.mc_dropout_samples,
+        "RELOAD_CHECK_S": serving.reload_check_s,
+        "INFERENCE_THREADS": serving.inference_threads,
+        "AUDIT_LOG": False,
+        "AUDIT_DB": "",
+        "HISTORY_TOKEN": "",
+        "DICOM_WINDOW": (window.level, window.width),
+    }
+
 
 def create_app(test_config: dict[str, Any] | None = None) -> Flask:
-    """Build the app. Config keys: MODEL_DIR, MAX_CONTENT_LENGTH, LOAD_MODEL (default True).
+    """Build the predictor app.
 
-    Settings come from config/config.yaml unless `test_config` overrides them. The model loads
-    here, which under gunicorn (preload_app off) happens in each worker after fork.
+    Settings come from config/config.yaml (serving.*) unless `test_config` names MODEL_DIR;
+    `test_config` overrides any key (MODEL_DIR, MAX_CONTENT_LENGTH, MAX_BATCH_FILES,
+    MAX_IMAGE_PIXELS, MC_DROPOUT_SAMPLES, RELOAD_CHECK_S, INFERENCE_THREADS, AUDIT_LOG,
+    AUDIT_DB, HISTORY_TOKEN, DICOM_WINDOW, LOAD_MODEL). The model loads here, which under
+    gunicorn (preload_app off) happens in each worker after fork.
     """
     app = Flask(__name__)
-    if test_config is None or "MODEL_DIR" not in test_config:
-        from chestct.settings import load_settings
-
-        settings = load_settings()
-        app.config.update(
-            MODEL_DIR=str(settings.paths.model),
-            MAX_CONTENT_LENGTH=int(settings.config.serving.max_upload_mb * 1024 * 1024),
-        )
-    app.config.setdefault("MAX_CONTENT_LENGTH", 10 * 1024 * 1024)
-    app.config.setdefault("LOAD_MODEL", True)
+    app.request_class = InMemoryRequest
+    config = (
+        _static_defaults()
+        if test_config is not None and "MODEL_DIR" in test_config
+        else _defaults()
+    )
+    app.config.update(config)
+    app.config["LOAD_MODEL"] = True
+    app.config["HISTORY_TOKEN"] = os.environ.get(TOKEN_ENV) or app.config["HISTORY_TOKEN"]
     if test_config:
         app.config.update(test_config)
 
-    predictor = Predictor(Path(app.config["MODEL_DIR"]))
+    predictor = Predictor(
+        Path(app.config["MODEL_DIR"]),
+        threads=int(app.config["INFERENCE_THREADS"]),
+        reload_check_s=float(app.config["RELOAD_CHECK_S"]),
+        default_window=tuple(app.config["DICOM_WINDOW"]),
+    )
+    metrics = ServiceMetrics()
+    audit = AuditLog(Path(app.config["AUDIT_DB"])) if app.config["AUDIT_LOG"] else None
+    if audit is not None:
+        audit.open()
     app.extensions["chestct.predictor"] = predictor
+    app.extensions["chestct.metrics"] = metrics
     if app.config["LOAD_MODEL"]:
         try:
-            predictor.load()
-        except ModelNotReady as exc:
-            log.error("%s", exc)
+            model = predictor.load()
+            metrics.set_model(model.name, model.version, model.backend)
+        except (ModelNotReady, ModelRefused) as exc:
+            log.error("no model to serve yet: %s", exc)
 
-    def error(status: int, title: str, detail: str):
-        body = {"type": "about:blank", "title": title, "status": status, "detail": detail}
-        resp = jsonify(body)
-        resp.status_code = status
-        resp.mimetype = "application/problem+json"
+    # ------------------------------------------------------------------ plumbing
+
+    @app.before_request
+    def start_timer() -> None:
+        g.started = time.perf_counter()
+
+    @app.after_request
+    def count(resp: Response) -> Response:
+        endpoint = request.url_rule.rule if request.url_rule is not None else "unmatched"
+        metrics.requests.labels(endpoint, str(resp.status_code)).inc()
+        elapsed = time.perf_counter() - g.get("started", time.perf_counter())
+        metrics.latency.labels(endpoint).observe(elapsed)
+        resp.headers.setdefault("Cache-Control", "no-store")
+        resp.headers.setdefault("X-Content-Type-Options", "nosniff")
         return resp
 
+    @app.errorhandler(Problem)
+    def on_problem(exc: Problem) -> Response:
+        return problem_response(exc.status, exc.title, exc.detail, **exc.extra)
+
+    @app.errorhandler(InputError)
+    def on_input_error(exc: InputError) -> Response:
+        extra = {"reason": exc.reason} if isinstance(exc, NotCTSlice) else {}
+        if isinstance(exc, NotCTSlice):
+            metrics.ood.labels(exc.reason).inc()
+        return problem_response(exc.status, exc.title, exc.detail, **extra)
+
     @app.errorhandler(HTTPException)
-    def http_error(exc: HTTPException):
+    def on_http_error(exc: HTTPException) -> Response:
         if isinstance(exc, RequestEntityTooLarge):
-            limit = app.config["MAX_CONTENT_LENGTH"] / (1024 * 1024)
-            return error(413, "Payload too large", f"the upload limit is {limit:g} MB")
-        return error(exc.code or 500, exc.name, exc.description or "")
+            limit = app.config["MAX_CONTENT_LENGTH"] / MB
+            return problem_response(
+                413,
+                "Payload too large",
+                f"the request body is over the {limit:g} MB limit (serving.max_upload_mb); "
+                "send one slice at its native size",
+            )
+        detail = exc.description or ""
+        if exc.code == 404:
+            detail = (
+                f"no endpoint {request.path}; see GET / for the upload page and README "
+                "'Serving' for the API"
+            )
+        elif exc.code == 405:
+            allowed = exc.get_response().headers.get("Allow", "")
+            detail = f"{request.method} is not allowed on {request.path}; use {allowed}"
+        resp = problem_response(exc.code or 500, exc.name, detail)
+        if exc.code == 405:
+            resp.headers["Allow"] = exc.get_response().headers.get("Allow", "")
+        return resp
+
+    def current_model() -> Loaded:
+        """The model to answer with, after a (rate-limited) look for a new one."""
+        if predictor.refresh():
+            model = predictor.model
+            metrics.set_model(model.name, model.version, model.backend)
+        try:
+            return predictor.model
+        except ModelNotReady as exc:
+            raise Problem(
+                503,
+                "Model not ready",
+                f"{exc}. The service answers once a model is promoted into "
+                f"{predictor.model_dir} (`make run`)",
+            ) from None
+
+    # ------------------------------------------------------------------ inputs
+
+    def single_upload() -> Upload:
+        """The one image of a request: multipart `file`, a raw image body, or JSON base64."""
+        mimetype = request.mimetype
+        if mimetype == "multipart/form-data":
+            part = request.files.get("file")
+            if part is None:
+                raise Problem(
+                    400,
+                    "Missing file",
+                    "send the image as multipart form field 'file' "
+                    "(curl -F file=@slice.png …/predict)",
+                )
+            return Upload(part.read(), part.filename or "file")
+        if mimetype == "application/json":
+            body = request.get_json(silent=True)
+            if not isinstance(body, dict) or not isinstance(body.get("image"), str):
+                raise Problem(
+                    400,
+                    "Bad JSON",
+                    'send a JSON object {"image": "<base64 of the file>"}',
+                )
+            text = body["image"]
+            if text.startswith("data:") and "," in text:
+                text = text.split(",", 1)[1]  # a data: URL from a browser
+            try:
+                data = base64.b64decode(text, validate=True)
+            except (binascii.Error, ValueError):
+                raise Problem(
+                    400,
+                    "Bad base64",
+                    "the 'image' field is not valid base64; encode the file's bytes "
+                    "(base64 -w0 slice.png)",
+                ) from None
+            return Upload(data, "image")
+        if mimetype in inputs.RAW_TYPES:
+            return Upload(request.get_data(cache=False), "body")
+        raise Problem(
+            415,
+            "Unsupported media type",
+            f"Content-Type {mimetype or '(none)'} is not accepted; send multipart/form-data "
+            "with a 'file' field, a raw body typed image/png, image/jpeg or "
+            'application/dicom, or application/json {"image": "<base64>"}',
+        )
+
+    def predict_one(model: Loaded, upload: Upload, endpoint: str) -> dict[str, Any]:
+        """Checks, decoding and the prediction for one image; raises InputError."""
+        started = time.perf_counter()
+        fmt = inputs.check_format(upload.data)
+        inputs.check_header(upload.data, fmt, int(app.config["MAX_IMAGE_PIXELS"]))
+        decoded = inputs.decode(upload.data, model.window)
+        inputs.check_slice(decoded, upload.data)
+        sha = input_sha256(upload.data)
+        prepared = model.prepare(decoded)
+        result = analyse(model, prepared, int(app.config["MC_DROPOUT_SAMPLES"]), seed_of(sha))
+        best = int(result.probabilities.argmax())
+        label = model.classes[best]
+        body = {
+            "label": label,
+            "display_name": model.display_name(label),
+            "display_names": {c: model.display_name(c) for c in model.classes},
+            "probabilities": {
+                c: round(float(p), 6)
+                for c, p in zip(model.classes, result.probabilities, strict=True)
+            },
+            "uncertainty": {
+                "entropy": round(result.entropy, 6),
+                "abstain_threshold": model.abstain_threshold,
+                "abstain": result.abstain,
+                "method": "mc_dropout" if result.mc_mean is not None else "entropy",
+                "mc_dropout": None
+                if result.mc_mean is None
+                else {
+                    "samples": int(app.config["MC_DROPOUT_SAMPLES"]),
+                    "dropout_rate": model.dropout_rate,
+                    "mutual_information": round(float(result.mutual_information), 6),
+                    "mean": {
+                        c: round(float(p), 6)
+                        for c, p in zip(model.classes, result.mc_mean, strict=True)
+                    },
+                    "std": {
+                        c: round(float(p), 6)
+                        for c, p in zip(model.classes, result.mc_std, strict=True)
+                    },
+                },
+            },
+            "ood": {
+                "input_checks": "passed",
+                "method": "mahalanobis_gap" if model.ood is not None else None,
+                "score": None if result.ood_score is None else round(result.ood_score, 4),
+                "threshold": None if model.ood is None else model.ood.threshold,
+                "out_of_distribution": result.out_of_distribution,
+            },
+            "model": {
+                "name": model.name,
+                "version": model.version,
+                "run_id": (model.card.get("mlflow_run_ids") or {}).get("train"),
+                "backend": model.backend,
+            },
+            "input": {
+                "sha256": sha,
+                "format": fmt,
+                "width": decoded.width,
+                "height": decoded.height,
+            },
+            "time_ms": round((time.perf_counter() - started) * 1000, 2),
+        }
+        metrics.predictions.labels(label).inc()
+        if result.abstain:
+            metrics.abstentions.inc()
+        if result.out_of_distribution:
+            metrics.ood.labels("feature_distance").inc()
+        if audit is not None:
+            try:
+                audit.record(endpoint, body)
+            except Exception:  # a full disk must not take predictions down; it is logged
+                log.exception("could not write the audit log %s", audit.path)
+        return body
+
+    # ------------------------------------------------------------------ endpoints
+
+    @app.get("/")
+    def index() -> Response:
+        return Response(INDEX_HTML, mimetype="text/html")
 
     @app.get("/health")
-    def health():
+    def health() -> Response:
         return jsonify(status="ok", model_loaded=predictor.ready)
 
+    @app.get("/ready")
+    def ready() -> Response:
+        model = current_model()
+        return jsonify(ready=True, model={"name": model.name, "version": model.version})
+
+    @app.get("/metadata")
+    def metadata() -> Response:
+        model = current_model()
+        card = model.card
+        return jsonify(
+            name=model.name,
+            version=model.version,
+            classes=model.classes,
+            display_names={c: model.display_name(c) for c in model.classes},
+            image_size=model.image_size,
+            preprocessing=card.get("preprocessing"),
+            backend=model.backend,
+            temperature=model.temperature,
+            thresholds={"abstain_entropy": model.abstain_threshold},
+            ood=None
+            if model.ood is None
+            else {"method": "mahalanobis_gap", "threshold": model.ood.threshold},
+            explain=model.head is not None,
+            metrics=card.get("metrics"),
+            mlflow_run_ids=card.get("mlflow_run_ids"),
+            promoted_at=card.get("promoted_at"),
+            intended_use=card.get(
+                "intended_use", "research and education only; not a medical device"
+            ),
+            limits={
+                "max_upload_mb": app.config["MAX_CONTENT_LENGTH"] / MB,
+                "max_batch_files": app.config["MAX_BATCH_FILES"],
+                "max_image_pixels": app.config["MAX_IMAGE_PIXELS"],
+            },
+            notes=model.notes,
+        )
+
+    @app.get("/metrics")
+    def prometheus() -> Response:
+        payload, content_type = metrics.exposition()
+        return Response(payload, content_type=content_type)
+
     @app.post("/predict")
-    def predict():
-        started = time.perf_counter()
-        upload = request.files.get("file")
-        if upload is None:
-            return error(
-                400,
-                "Missing file",
-                "send the image as multipart form field 'file' "
-                "(curl -F file=@slice.png …/predict)",
+    def predict() -> Response:
+        upload = single_upload()
+        model = current_model()
+        return jsonify(predict_one(model, upload, "/predict"))
+
+    @app.post("/predict/batch")
+    def predict_batch() -> Response:
+        if request.mimetype != "multipart/form-data":
+            raise Problem(
+                415,
+                "Unsupported media type",
+                "send the files as multipart/form-data fields named 'files' "
+                "(curl -F files=@a.png -F files=@b.png …/predict/batch)",
             )
-        data = upload.read()
-        if not predictor.ready:
+        parts = request.files.getlist("files") + request.files.getlist("file")
+        if not parts:
+            raise Problem(400, "Missing files", "send one or more multipart fields 'files'")
+        limit = int(app.config["MAX_BATCH_FILES"])
+        if len(parts) > limit:
+            raise Problem(
+                413,
+                "Too many files",
+                f"{len(parts)} files sent; the limit is {limit} per request "
+                "(serving.max_batch_files): split the batch",
+            )
+        model = current_model()
+        started = time.perf_counter()
+        results: list[dict[str, Any]] = []
+        for index, part in enumerate(parts):
+            name = part.filename or f"file {index + 1}"
             try:
-                predictor.load()
-            except ModelNotReady as exc:
-                return error(503, "Model not ready", str(exc))
-        try:
-            result = predictor.predict(data)
-        except ImageError as exc:
-            return error(400, "Undecodable image", str(exc))
-        result["time_ms"] = round((time.perf_counter() - started) * 1000, 2)
-        return jsonify(result)
+                result = predict_one(model, Upload(part.read(), name), "/predict/batch")
+                results.append({"index": index, "filename": name, "ok": True, **result})
+            except InputError as exc:
+                error = {"status": exc.status, "title": exc.title, "detail": exc.detail}
+                if isinstance(exc, NotCTSlice):
+                    error["reason"] = exc.reason
+                    metrics.ood.labels(exc.reason).inc()
+                results.append({"index": index, "filename": name, "ok": False, "error": error})
+        return jsonify(
+            results=results,
+            count=len(results),
+            failed=sum(not r["ok"] for r in results),
+            model={"name": model.name, "version": model.version},
+            time_ms=round((time.perf_counter() - started) * 1000, 2),
+        )
+
+    @app.post("/explain")
+    def explain() -> Response:
+        upload = single_upload()
+        model = current_model()
+        if model.head is None:
+            raise Problem(
+                501,
+                "Explanation unavailable",
+                "the served model's card has no `cam` head weights; promote a model "
+                "exported with them",
+            )
+        started = time.perf_counter()
+        fmt = inputs.check_format(upload.data)
+        inputs.check_header(upload.data, fmt, int(app.config["MAX_IMAGE_PIXELS"]))
+        decoded = inputs.decode(upload.data, model.window)
+        inputs.check_slice(decoded, upload.data)
+        prepared = model.prepare(decoded)
+        result = analyse(model, prepared, 0, 0)
+        predicted = model.classes[int(result.probabilities.argmax())]
+        wanted = request.args.get("class", predicted)
+        if wanted not in model.classes:
+            raise Problem(
+                400,
+                "Unknown class",
+                f"class {wanted!r} is not one of {', '.join(model.classes)}",
+            )
+        cam = class_activation(model, result.features, model.classes.index(wanted))
+        png = overlay_png(model, decoded, prepared, cam)
+        wants_json = request.args.get("format") == "json" or (
+            request.accept_mimetypes.best == "application/json"
+        )
+        if wants_json:
+            return jsonify(
+                label=predicted,
+                explained_class=wanted,
+                probability=round(float(result.probabilities[model.classes.index(wanted)]), 6),
+                method="grad-cam",
+                heatmap_png=base64.b64encode(png).decode("ascii"),
+                model={"name": model.name, "version": model.version},
+                time_ms=round((time.perf_counter() - started) * 1000, 2),
+            )
+        resp = Response(png, mimetype="image/png")
+        resp.headers["X-Chestct-Label"] = predicted
+        resp.headers["X-Chestct-Explained-Class"] = wanted
+        return resp
+
+    @app.get("/history")
+    def history() -> Response:
+        if audit is None:
+            raise Problem(
+                404,
+                "Audit log off",
+                "the audit log is off; set serving.audit_log: true in config/config.yaml",
+            )
+        token = app.config["HISTORY_TOKEN"]
+        if not token:
+            raise Problem(
+                403,
+                "History disabled",
+                f"no token is configured; set serving.history_token or {TOKEN_ENV}",
+            )
+        given = request.headers.get("Authorization", "")
+        if not (given.startswith("Bearer ") and hmac.compare_digest(given[7:], token)):
+            resp = problem_response(
+                401,
+                "Unauthorized",
+                "send the configured token as 'Authorization: Bearer <token>'",
+            )
+            resp.headers["WWW-Authenticate"] = 'Bearer realm="chestct"'
+            return resp
+        raw = request.args.get("limit", "20")
+        if not raw.isdigit() or not 1 <= int(raw) <= HISTORY_MAX:
+            raise Problem(
+                400, "Bad limit", f"limit must be an integer from 1 to {HISTORY_MAX}, got {raw!r}"
+            )
+        entries = audit.latest(int(raw))
+        return jsonify(entries=entries, count=len(entries))
 
     return app

@@ -1,103 +1,636 @@
-"""The predictor: loads model/ (card + Keras model) and turns image bytes into probabilities."""
+"""The predictor: serves model/ through its light artifact, and switches to a new one live.
+
+A model folder is read through one open directory handle, so that a folder swapped in by
+promote (renameat2 exchange) is seen whole: the card and the files it names always come from
+the same folder. Each worker checks model.json's identity at most every `reload_check_s`
+seconds; a new folder that cannot be served is refused with a logged error while the current
+model keeps serving.
+
+What a prediction carries, all computed without TensorFlow from the light model's outputs:
+calibrated probabilities (temperature scaling of the logits), the normalised predictive entropy
+with an abstain flag (threshold from the card), MC-dropout through the dense head (the only
+dropout in the network sits between global pooling and the head, so sampling it on the pooled
+features is exactly MC-dropout of the whole network), the Mahalanobis distance of the pooled
+features from the training set (out-of-distribution score), and Grad-CAM, which for a
+GAP -> dense head is the class activation map with the head's weights.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
+import os
 import threading
 import time
-from dataclasses import dataclass
+import zipfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 
-from chestct.imaging import prepare
+from chestct import imaging
+from chestct.settings import WindowParams
 
 log = logging.getLogger(__name__)
 
+CARD_NAME = "model.json"
+DEFAULT_WINDOW: tuple[float, float] = (WindowParams().level, WindowParams().width)
+HEAD_TOLERANCE = 1e-3  # |softmax(head(gap)) - model probabilities| above this: wrong head file
+
 
 class ModelNotReady(RuntimeError):
-    """No usable model in the model folder."""
+    """No model has been loaded (yet)."""
+
+
+class ModelRefused(RuntimeError):
+    """A model folder that cannot be served (missing, truncated or inconsistent files)."""
 
 
 @dataclass(frozen=True)
-class LoadedModel:
+class Head:
+    """The dense layer after global average pooling: logits = gap @ kernel + bias."""
+
+    kernel: np.ndarray  # (features, classes)
+    bias: np.ndarray  # (classes,)
+
+
+@dataclass(frozen=True)
+class OodModel:
+    """Gaussian of the training set's pooled features; squared Mahalanobis distance > threshold
+    means out of distribution."""
+
+    mean: np.ndarray
+    precision: np.ndarray
+    threshold: float
+
+
+@dataclass(frozen=True)
+class Outputs:
+    features: np.ndarray  # (n, h, w, f)
+    logits: np.ndarray | None  # (n, c) when the artifact gives them
+    probabilities: np.ndarray  # (n, c)
+
+
+@dataclass
+class Loaded:
+    """One model version, ready to run."""
+
     card: dict[str, Any]
-    infer: Any  # compiled function: float32 (n, s, s, 1) -> probabilities (n, k)
+    card_sha: str
     classes: list[str]
     image_size: int
     interpolation: str
+    resize_mode: str
+    window: tuple[float, float]
+    backend: str
+    temperature: float
+    abstain_threshold: float | None
+    head: Head | None
+    dropout_rate: float
+    ood: OodModel | None
+    notes: list[str]
+    runner: Callable[[np.ndarray], Outputs]
+    loaded_at: float = field(default_factory=time.time)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def name(self) -> str:
+        return str(self.card.get("name", "chestct"))
+
+    @property
+    def version(self) -> str:
+        return str(self.card.get("version"))
+
+    def display_name(self, cls: str) -> str:
+        return self.card.get("display_names", {}).get(cls, cls)
+
+    def prepare(self, decoded: imaging.Decoded) -> np.ndarray:
+        """The model input (uint8 size x size), exactly as imaging.prepare makes it."""
+        return imaging.resize(decoded.grey, self.image_size, self.interpolation, self.resize_mode)
+
+    def run(self, images: np.ndarray) -> Outputs:
+        """Run the model on uint8 or float images shaped (n, s, s); interpreters are not
+        thread-safe, hence the lock."""
+        batch = np.asarray(images, dtype=np.float32)[..., None]
+        with self._lock:
+            return self.runner(batch)
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """Everything the service reports about one image."""
+
+    probabilities: np.ndarray  # calibrated, (c,)
+    entropy: float  # normalised to [0, 1]
+    abstain: bool | None
+    mc_mean: np.ndarray | None
+    mc_std: np.ndarray | None
+    mutual_information: float | None  # normalised to [0, 1]
+    ood_score: float | None
+    out_of_distribution: bool | None
+    features: np.ndarray  # (h, w, f), for Grad-CAM
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def entropy(p: np.ndarray) -> np.ndarray:
+    """Entropy normalised by log(classes), so 0 is certain and 1 is uniform."""
+    p = np.clip(p, 1e-12, 1.0)
+    return -(p * np.log(p)).sum(axis=-1) / np.log(p.shape[-1])
+
+
+def analyse(model: Loaded, image: np.ndarray, mc_samples: int, seed: int) -> Analysis:
+    """Calibrated prediction, uncertainty and OOD score for one prepared image (s, s)."""
+    out = model.run(image[None])
+    features = out.features[0]
+    gap = features.astype(np.float64).mean(axis=(0, 1))
+    if model.head is not None:
+        logits = gap @ model.head.kernel + model.head.bias
+    elif out.logits is not None:
+        logits = out.logits[0].astype(np.float64)
+    else:
+        logits = np.log(np.clip(out.probabilities[0].astype(np.float64), 1e-12, 1.0))
+    probs = softmax(logits / model.temperature)
+    ent = float(entropy(probs))
+    abstain = None if model.abstain_threshold is None else ent > model.abstain_threshold
+    mc_mean = mc_std = mutual = None
+    if model.head is not None and model.dropout_rate > 0 and mc_samples > 0:
+        rng = np.random.default_rng(seed)
+        keep = 1.0 - model.dropout_rate
+        masks = rng.random((mc_samples, gap.size)) < keep
+        sampled = softmax(
+            ((gap * masks / keep) @ model.head.kernel + model.head.bias) / model.temperature
+        )
+        mc_mean = sampled.mean(axis=0)
+        mc_std = sampled.std(axis=0)
+        # Mutual information = total - expected entropy: the part of the uncertainty that comes
+        # from the model (epistemic), not from an ambiguous image.
+        mutual = float(max(entropy(mc_mean) - entropy(sampled).mean(), 0.0))
+    score = verdict = None
+    if model.ood is not None:
+        diff = gap - model.ood.mean
+        score = float(diff @ model.ood.precision @ diff)
+        verdict = score > model.ood.threshold
+    return Analysis(
+        probabilities=probs,
+        entropy=ent,
+        abstain=abstain,
+        mc_mean=mc_mean,
+        mc_std=mc_std,
+        mutual_information=mutual,
+        ood_score=score,
+        out_of_distribution=verdict,
+        features=features,
+    )
+
+
+def class_activation(model: Loaded, features: np.ndarray, class_index: int) -> np.ndarray:
+    """Grad-CAM of one class on the feature map, in [0, 1], shape (h, w).
+
+    For logits = dense(GAP(A)), d logit_c / d A_k = w_kc / (h w) everywhere, so Grad-CAM's
+    channel weights are the head's kernel column and the map is ReLU(sum_k w_kc A_k).
+    """
+    if model.head is None:
+        raise ModelRefused("the model folder has no dense-head weights (card `cam`)")
+    cam = np.maximum(features.astype(np.float64) @ model.head.kernel[:, class_index], 0.0)
+    top = cam.max()
+    return cam / top if top > 0 else cam
+
+
+def overlay_png(
+    model: Loaded, decoded: imaging.Decoded, prepared: np.ndarray, cam: np.ndarray
+) -> bytes:
+    """The heatmap over the image as PNG: over the client's own image when the model saw it
+    stretched (the map then maps back exactly), over the model input otherwise."""
+    if model.resize_mode == "stretch":
+        base = decoded.grey
+        scale = min(1.0, 512.0 / max(base.shape))
+        if scale < 1.0:
+            size = (round(base.shape[1] * scale), round(base.shape[0] * scale))
+            base = cv2.resize(base, size, interpolation=cv2.INTER_AREA)
+    else:
+        base = cv2.resize(prepared, (384, 384), interpolation=cv2.INTER_LINEAR)
+    heat = cv2.resize(cam.astype(np.float32), (base.shape[1], base.shape[0]))
+    heat8 = np.clip(heat * 255.0, 0, 255).astype(np.uint8)
+    colour = cv2.applyColorMap(heat8, cv2.COLORMAP_JET)
+    grey_bgr = cv2.cvtColor(base, cv2.COLOR_GRAY2BGR)
+    # Weight the colour by the map itself so cold regions keep the original picture.
+    alpha = (0.55 * heat)[:, :, None]
+    blended = (grey_bgr * (1.0 - alpha) + colour * alpha).astype(np.uint8)
+    ok, buf = cv2.imencode(".png", blended)
+    if not ok:
+        raise RuntimeError("OpenCV could not encode the heatmap PNG")
+    return buf.tobytes()
+
+
+# --------------------------------------------------------------------------- loading
+
+
+@contextlib.contextmanager
+def _folder(model_dir: Path) -> Iterator[Path]:
+    """A path into the folder as it is now: /proc/self/fd/<dirfd> pins the folder's inode, so
+    a concurrent swap of model/ cannot mix files of two versions."""
+    try:
+        fd = os.open(model_dir, os.O_RDONLY | os.O_DIRECTORY)
+    except FileNotFoundError:
+        raise ModelNotReady(
+            f"{model_dir} does not exist; run `make run` to train and promote a model"
+        ) from None
+    except NotADirectoryError:
+        raise ModelRefused(f"{model_dir} is not a folder") from None
+    try:
+        pinned = Path(f"/proc/self/fd/{fd}")
+        yield pinned if pinned.is_dir() else model_dir
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _file(folder: Path, name: Any, what: str) -> Path:
+    if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
+        raise ModelRefused(f"card key {what} must be a plain file name, got {name!r}")
+    path = folder / name
+    if not path.is_file():
+        raise ModelRefused(f"{what} names {name!r}, which is not in the model folder")
+    return path
+
+
+def _dropout_rate(keras_file: Path) -> float:
+    """The rate of the layer named "dropout", read from the .keras zip's config (no TF)."""
+    try:
+        with zipfile.ZipFile(keras_file) as zf:
+            config = json.loads(zf.read("config.json"))
+    except (OSError, KeyError, zipfile.BadZipFile, json.JSONDecodeError):
+        return 0.0
+    stack: list[Any] = [config]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if node.get("class_name") == "Dropout" and node.get("config", {}).get("name") == (
+                "dropout"
+            ):
+                return float(node["config"].get("rate", 0.0))
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return 0.0
+
+
+def _litert_runner(path: Path, spec: dict[str, Any], threads: int) -> Callable:
+    from chestct.export import ExportError, LightModel
+
+    try:
+        light = LightModel.load(path, threads=threads)
+    except (ExportError, ValueError, RuntimeError) as exc:
+        raise ModelRefused(f"{path.name} is not a loadable LiteRT model ({exc})") from None
+    names = spec.get("outputs") or {}
+    feat, prob = names.get("features"), names.get("probabilities")
+    logit = names.get("logits")
+    if not feat or not prob:
+        raise ModelRefused("card inference.outputs must name `features` and `probabilities`")
+
+    def run(batch: np.ndarray) -> Outputs:
+        out = light.run(batch)
+        return Outputs(out[feat], out.get(logit) if logit else None, out[prob])
+
+    return run
+
+
+def _keras_runner(path: Path) -> tuple[Callable, Head]:
+    """Fallback when the card has no light artifact: Keras through one traced tf.function.
+    Costs TensorFlow's memory (about 700 MB a worker); logged as a warning."""
+    import keras
+    import tensorflow as tf
+
+    try:
+        model = keras.models.load_model(path, compile=False)
+        heads = keras.Model(
+            model.inputs,
+            [model.get_layer("features").output, model.get_layer("probabilities").output],
+        )
+        kernel, bias = model.get_layer("logits").get_weights()
+    except Exception as exc:  # Keras raises many types for a bad file
+        raise ModelRefused(f"{path.name} is not a loadable Keras model ({exc})") from None
+    infer = tf.function(lambda x: heads(x, training=False), reduce_retracing=True)
+
+    def run(batch: np.ndarray) -> Outputs:
+        features, probs = infer(tf.constant(batch))
+        return Outputs(features.numpy(), None, probs.numpy())
+
+    return run, Head(np.asarray(kernel, np.float64), np.asarray(bias, np.float64))
+
+
+def _number(card: dict[str, Any], keys: tuple[str, ...]) -> float | None:
+    node: Any = card
+    for key in keys:
+        if not isinstance(node, dict) or key not in node:
+            return None
+        node = node[key]
+    if isinstance(node, bool) or not isinstance(node, int | float):
+        raise ModelRefused(f"card key {'.'.join(keys)} must be a number, got {node!r}")
+    return float(node)
+
+
+def load_folder(
+    model_dir: Path, threads: int = 1, default_window: tuple[float, float] = DEFAULT_WINDOW
+) -> Loaded:
+    """Read, check and warm up the model in `model_dir`.
+
+    Args:
+        model_dir: the model folder (card + files it names).
+        threads: LiteRT interpreter threads.
+        default_window: DICOM window (level, width) when the card names none: params
+            ingest.window.
+
+    Raises:
+        ModelNotReady: no folder or no card.
+        ModelRefused: a card or file that is malformed, truncated or inconsistent.
+    """
+    with _folder(model_dir) as folder:
+        card_path = folder / CARD_NAME
+        try:
+            card_bytes = card_path.read_bytes()
+        except FileNotFoundError:
+            raise ModelNotReady(
+                f"{model_dir / CARD_NAME} not found; run `make run` to promote a model"
+            ) from None
+        try:
+            card = json.loads(card_bytes)
+            classes = [str(c) for c in card["classes"]]
+            size = int(card["image_size"])
+            prep = card.get("preprocessing", {})
+            interpolation = prep.get("interpolation", "area")
+            resize_mode = prep.get("resize", "stretch")
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise ModelRefused(f"{CARD_NAME} is not a valid model card ({exc!r})") from None
+        if interpolation not in imaging.INTERPOLATIONS or resize_mode not in (
+            "stretch",
+            "pad",
+            "crop",
+        ):
+            raise ModelRefused(
+                f"card preprocessing {prep!r} is not one chestct.imaging can reproduce"
+            )
+        notes: list[str] = []
+        window_card = prep.get("window")
+        if isinstance(window_card, dict):
+            window = (float(window_card["level"]), float(window_card["width"]))
+        else:
+            window = default_window
+            notes.append("card has no preprocessing.window: DICOM uses params ingest.window")
+
+        keras_file = folder / str(card.get("model_file", "model.keras"))
+        inference = card.get("inference")
+        head: Head | None = None
+        if isinstance(inference, dict):
+            light_path = _file(folder, inference.get("file"), "inference.file")
+            if inference.get("sha256") and _sha256(light_path) != inference["sha256"]:
+                raise ModelRefused(f"{light_path.name} does not match its sha256 in the card")
+            runtime = inference.get("runtime", "litert")
+            if runtime != "litert":
+                raise ModelRefused(
+                    f"card inference.runtime {runtime!r} is not served here; use litert"
+                )
+            runner = _litert_runner(light_path, inference, threads)
+            backend = "litert"
+        else:
+            keras_path = _file(folder, card.get("model_file"), "model_file")
+            if card.get("model_sha256") and _sha256(keras_path) != card["model_sha256"]:
+                raise ModelRefused(f"{keras_path.name} does not match model_sha256 in the card")
+            log.warning(
+                "card has no `inference` entry: serving %s through Keras/TensorFlow "
+                "(slower, about 700 MB per worker); promote a model with a light artifact",
+                keras_path.name,
+            )
+            runner, head = _keras_runner(keras_path)
+            backend = "keras"
+            notes.append("no light artifact in the card: served through Keras")
+
+        cam = card.get("cam")
+        if isinstance(cam, dict):
+            head_path = _file(folder, cam.get("file"), "cam.file")
+            try:
+                with np.load(head_path) as npz:
+                    head = Head(
+                        np.asarray(npz["kernel"], np.float64), np.asarray(npz["bias"], np.float64)
+                    )
+            except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+                raise ModelRefused(
+                    f"{head_path.name} is not a readable head file ({exc})"
+                ) from None
+        elif head is None:
+            notes.append("card has no `cam` entry: /explain and MC-dropout are unavailable")
+
+        ood: OodModel | None = None
+        ood_card = card.get("ood")
+        if isinstance(ood_card, dict):
+            if ood_card.get("method") != "mahalanobis_gap":
+                raise ModelRefused(f"card ood.method {ood_card.get('method')!r} is not served")
+            ood_path = _file(folder, ood_card.get("file"), "ood.file")
+            try:
+                with np.load(ood_path) as npz:
+                    mean = np.asarray(npz["mean"], np.float64)
+                    precision = np.asarray(npz["precision"], np.float64)
+            except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+                raise ModelRefused(f"{ood_path.name} is not a readable OOD file ({exc})") from None
+            threshold = _number(card, ("ood", "threshold"))
+            if threshold is None or precision.shape != (mean.size, mean.size):
+                raise ModelRefused("card ood needs a threshold and a square precision matrix")
+            ood = OodModel(mean, precision, threshold)
+        else:
+            notes.append("card has no `ood` entry: only the input checks guard against strangers")
+
+        temperature = _number(card, ("temperature",))
+        if temperature is None:
+            temperature = 1.0
+            notes.append("card has no temperature: probabilities are not calibrated")
+        if temperature <= 0:
+            raise ModelRefused(f"card temperature must be > 0, got {temperature}")
+        threshold = _number(card, ("thresholds", "abstain_entropy"))
+        if threshold is None:
+            notes.append("card has no thresholds.abstain_entropy: abstain is not decided")
+        dropout = _dropout_rate(keras_file) if keras_file.is_file() else 0.0
+
+        model = Loaded(
+            card=card,
+            card_sha=hashlib.sha256(card_bytes).hexdigest(),
+            classes=classes,
+            image_size=size,
+            interpolation=interpolation,
+            resize_mode=resize_mode,
+            window=window,
+            backend=backend,
+            temperature=temperature,
+            abstain_threshold=threshold,
+            head=head,
+            dropout_rate=dropout,
+            ood=ood,
+            notes=notes,
+            runner=runner,
+        )
+        _warm_up(model)
+        return model
+
+
+def _warm_up(model: Loaded) -> None:
+    """One pass on a synthetic slice: shapes, finiteness and head consistency, before serving."""
+    yy, xx = np.mgrid[: model.image_size, : model.image_size]
+    probe = (127 + 100 * np.sin(xx / 5.0) * np.cos(yy / 7.0)).astype(np.uint8)
+    try:
+        out = model.run(probe[None])
+    except Exception as exc:  # interpreters raise RuntimeError/ValueError for bad models
+        raise ModelRefused(f"the model fails on a test image ({exc})") from None
+    k = len(model.classes)
+    if out.probabilities.shape != (1, k) or out.features.ndim != 4:
+        raise ModelRefused(
+            f"model outputs probabilities {out.probabilities.shape} and features "
+            f"{out.features.shape}; the card has {k} classes"
+        )
+    if not (np.isfinite(out.probabilities).all() and np.isfinite(out.features).all()):
+        raise ModelRefused("model outputs NaN or infinity on a test image (broken export)")
+    if model.head is not None:
+        channels = out.features.shape[-1]
+        if model.head.kernel.shape != (channels, k) or model.head.bias.shape != (k,):
+            raise ModelRefused(
+                f"head kernel {model.head.kernel.shape} does not fit {channels} feature "
+                f"channels and {k} classes"
+            )
+        gap = out.features[0].astype(np.float64).mean(axis=(0, 1))
+        diff = np.abs(softmax(gap @ model.head.kernel + model.head.bias) - out.probabilities[0])
+        if diff.max() > HEAD_TOLERANCE:
+            raise ModelRefused(
+                f"head weights disagree with the model (max |dp| {diff.max():.2g}); "
+                "the cam file belongs to another model"
+            )
 
 
 class Predictor:
-    """Holds one loaded model per process. Loading is explicit: call `load()` in the worker,
-    after gunicorn forks, never at import (TensorFlow state does not survive a fork)."""
+    """One per worker: holds the current model and swaps in a newly promoted one.
 
-    def __init__(self, model_dir: Path) -> None:
+    Loading is explicit (`load()` in the factory, which gunicorn runs in each worker after
+    fork); importing this module loads nothing.
+    """
+
+    def __init__(
+        self,
+        model_dir: Path,
+        threads: int = 1,
+        reload_check_s: float = 1.0,
+        default_window: tuple[float, float] = DEFAULT_WINDOW,
+    ) -> None:
         self.model_dir = model_dir
-        self._model: LoadedModel | None = None
+        self.default_window = default_window
+        self.threads = threads
+        self.reload_check_s = reload_check_s
+        self._model: Loaded | None = None
+        self._identity: tuple[int, ...] | None = None
+        self._checked = -float("inf")
         self._lock = threading.Lock()
+        self.last_error: str | None = None
+
+    @property
+    def model(self) -> Loaded:
+        model = self._model
+        if model is None:
+            raise ModelNotReady(self.last_error or "no model loaded yet")
+        return model
 
     @property
     def ready(self) -> bool:
         return self._model is not None
 
-    def load(self) -> LoadedModel:
-        """Read the card and the model, compile the inference function and warm it up."""
+    def _card_identity(self) -> tuple[int, ...] | None:
+        try:
+            st = (self.model_dir / CARD_NAME).stat()
+        except OSError:
+            return None
+        return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def load(self) -> Loaded:
+        """Load model/ now (first load, or a forced reload). Raises ModelNotReady/Refused."""
         with self._lock:
-            if self._model is None:
-                self._model = self._load()
-            return self._model
+            self._checked = time.monotonic()
+            identity = self._card_identity()
+            try:
+                model = load_folder(self.model_dir, self.threads, self.default_window)
+            except (ModelNotReady, ModelRefused) as exc:
+                self.last_error = str(exc)
+                self._identity = identity
+                raise
+            self._install(model, identity)
+            return model
 
-    def _load(self) -> LoadedModel:
-        card_path = self.model_dir / "model.json"
-        if not card_path.is_file():
-            raise ModelNotReady(f"{card_path} not found; run `make run` to promote a model")
-        card = json.loads(card_path.read_text(encoding="utf-8"))
-        import keras
-        import tensorflow as tf
-
-        started = time.monotonic()
-        model = keras.models.load_model(self.model_dir / card["model_file"], compile=False)
-        size = int(card["image_size"])
-        # One traced graph per process; model.predict() costs ~70 ms of fixed overhead a call.
-        infer = tf.function(
-            lambda x: model(x, training=False),
-            input_signature=[tf.TensorSpec((None, size, size, 1), tf.float32)],
-        )
-        infer(tf.zeros((1, size, size, 1), tf.float32))  # warm-up: trace before first request
+    def _install(self, model: Loaded, identity: tuple[int, ...] | None) -> None:
+        old = self._model
+        self._model, self._identity, self.last_error = model, identity, None
+        for note in model.notes:
+            log.warning("model %s v%s: %s", model.name, model.version, note)
         log.info(
-            "loaded model %s v%s in %.1f s",
-            card.get("name"),
-            card.get("version"),
-            time.monotonic() - started,
-        )
-        return LoadedModel(
-            card=card,
-            infer=infer,
-            classes=list(card["classes"]),
-            image_size=size,
-            interpolation=card["preprocessing"]["interpolation"],
+            "serving model %s version %s (%s)%s",
+            model.name,
+            model.version,
+            model.backend,
+            f", replacing version {old.version}" if old else "",
         )
 
-    def predict(self, data: bytes) -> dict[str, Any]:
-        """Probabilities for one image file's bytes (raises imaging.ImageError when bad)."""
-        loaded = self._model
-        if loaded is None:
-            raise ModelNotReady("model not loaded yet")
-        grey = prepare(data, loaded.image_size, loaded.interpolation)
-        batch = grey.astype(np.float32)[None, :, :, None]
-        proba = np.asarray(loaded.infer(batch))[0]
-        best = int(proba.argmax())
-        card = loaded.card
-        return {
-            "label": loaded.classes[best],
-            "display_name": card.get("display_names", {}).get(loaded.classes[best]),
-            "probabilities": {c: float(p) for c, p in zip(loaded.classes, proba, strict=True)},
-            "model": {
-                "name": card.get("name"),
-                "version": card.get("version"),
-                "run_id": card.get("mlflow_run_ids", {}).get("train"),
-            },
-        }
+    def refresh(self) -> bool:
+        """Switch to a newly promoted model if model.json changed; True when it switched.
+
+        Checks at most every `reload_check_s` seconds. A folder that cannot be served is
+        refused (logged once per change) and the current model keeps serving.
+        """
+        now = time.monotonic()
+        if now - self._checked < self.reload_check_s:
+            return False
+        self._checked = now
+        identity = self._card_identity()
+        if identity is None or identity == self._identity:
+            return False
+        with self._lock:
+            if identity == self._identity:
+                return False
+            try:
+                model = load_folder(self.model_dir, self.threads, self.default_window)
+            except (ModelNotReady, ModelRefused) as exc:
+                self._identity = identity  # do not retry the same broken folder every second
+                self.last_error = str(exc)
+                if self._model is not None:
+                    log.error(
+                        "refused the new model in %s: %s; still serving version %s",
+                        self.model_dir,
+                        exc,
+                        self._model.version,
+                    )
+                else:
+                    log.error("cannot load the model in %s: %s", self.model_dir, exc)
+                return False
+            if self._model is not None and model.card_sha == self._model.card_sha:
+                self._identity = identity  # same card rewritten: keep the warm model
+                return False
+            self._install(model, identity)
+            return True
+
+
+def input_sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def seed_of(sha: str) -> int:
+    """MC-dropout seed from the input's hash: the same image gets the same answer."""
+    return int(sha[:16], 16)

@@ -1,0 +1,312 @@
+"""The predictor under gunicorn vs bare in-process inference, measured side by side in one run.
+
+1. bare: in a fresh process without TensorFlow, `chestct.imaging.prepare` + the LiteRT model
+   on the same PNG, one thread; median latency and rate (1 / mean).
+2. gunicorn with config/gunicorn.conf.py, 2 workers, on 127.0.0.1: POST /predict (raw PNG
+   body) from one client (median latency), then from 4 concurrent clients (throughput), and
+   the resident memory (VmRSS) of each worker after the run.
+
+Targets (issue 5): p50 ≤ 1.5 × bare; throughput ≥ 0.8 × 2 × bare rate; RSS ≤ 300 MB a worker.
+Without --model-dir the model is the untrained small CNN of params.yaml (same compute as a
+trained one), exported with chestct.export and completed as promote does (head, OOD).
+
+    python bench/serve.py [--model-dir model] [--requests 300] [--seconds 15] [--keras]
+
+--keras also measures a worker serving the Keras fallback (TensorFlow in the worker).
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+
+BUILD = r"""
+import json, sys
+from pathlib import Path
+import numpy as np
+from chestct.export import LightModel, export_light, light_outputs
+from chestct.imaging import prepare, encode_png
+from chestct.labels import CLASSES, DISPLAY_NAMES
+from chestct.modeling import build_model
+from chestct.settings import load_settings
+from chestct.synthetic import render_slice
+
+folder = Path(sys.argv[1]); folder.mkdir(parents=True)
+s = load_settings()
+size = s.params.base.image_size
+model = build_model(s.params.base_model, size, s.params.base.seed)
+model.save(folder / "model.keras")
+inference = export_light(model, folder / "model.tflite")
+rng = np.random.default_rng(0)
+images = np.stack([prepare(encode_png(render_slice(CLASSES[i % 4], rng, 256)), size)
+                   for i in range(64)]).astype(np.float32)[..., None]
+gap = light_outputs(LightModel.load(folder / "model.tflite"), images)["features"].mean(axis=(1, 2))
+gap = gap.astype(np.float64)
+precision = np.linalg.inv(np.cov(gap, rowvar=False) + 1e-3 * np.eye(gap.shape[1]))
+d2 = np.einsum("ni,ij,nj->n", gap - gap.mean(0), precision, gap - gap.mean(0))
+kernel, bias = model.get_layer("logits").get_weights()
+np.savez(folder / "cam_head.npz", kernel=kernel, bias=bias)
+np.savez(folder / "ood.npz", mean=gap.mean(0), precision=precision)
+card = {
+    "name": "chestct-bench", "version": "1", "classes": list(CLASSES),
+    "display_names": DISPLAY_NAMES, "image_size": size,
+    "preprocessing": {"resize": "stretch", "interpolation": s.params.resize.interpolation},
+    "model_file": "model.keras", "mlflow_run_ids": {"train": None},
+    "inference": inference, "temperature": 1.0, "thresholds": {"abstain_entropy": 0.9},
+    "cam": {"file": "cam_head.npz"},
+    "ood": {"method": "mahalanobis_gap", "file": "ood.npz", "threshold": float(d2.max())},
+}
+(folder / "model.json").write_text(json.dumps(card))
+"""
+
+BARE = r"""
+import json, statistics, sys, time
+from pathlib import Path
+import numpy as np
+from chestct.export import LightModel
+from chestct.imaging import prepare
+folder, image, n = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+card = json.loads((folder / "model.json").read_text())
+light = LightModel.load(folder / card["inference"]["file"], threads=1)
+data = image.read_bytes()
+size, interp = card["image_size"], card["preprocessing"]["interpolation"]
+def once():
+    light.run(prepare(data, size, interp).astype(np.float32)[None, :, :, None])
+for _ in range(20):
+    once()
+times = []
+for _ in range(n):
+    t = time.perf_counter(); once(); times.append(time.perf_counter() - t)
+print(json.dumps({"p50_ms": statistics.median(times) * 1e3,
+                  "rate": 1.0 / statistics.mean(times),
+                  "tf_imported": "tensorflow" in sys.modules}))
+"""
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def make_image(path: Path) -> None:
+    """A 512 x 512 synthetic slice, the native size of the Kaggle set's PNGs."""
+    code = (
+        "import sys, numpy as np; from chestct.synthetic import render_slice; "
+        "from chestct.imaging import encode_png; "
+        "open(sys.argv[1], 'wb').write(encode_png(render_slice('adenocarcinoma', "
+        "np.random.default_rng(1), 512)))"
+    )
+    subprocess.run([PYTHON, "-c", code, str(path)], check=True)
+
+
+class Server:
+    """gunicorn with the repo's config, serving `model_dir`, on a free port."""
+
+    def __init__(self, model_dir: Path, scratch: Path, workers: int = 2) -> None:
+        root = scratch / f"root-{model_dir.name}"
+        (root / "config").mkdir(parents=True)
+        shutil.copy(REPO / "params.yaml", root / "params.yaml")
+        (root / "config" / "config.yaml").write_text(json.dumps({"model_dir": str(model_dir)}))
+        self.port = free_port()
+        env = {
+            **os.environ,
+            "CHESTCT_ROOT": str(root),
+            "CHESTCT_BIND": f"127.0.0.1:{self.port}",
+            "CHESTCT_WORKERS": str(workers),
+            "CHESTCT_LOG_LEVEL": "warning",
+        }
+        env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        self.log = (scratch / f"gunicorn-{model_dir.name}.log").open("wb")
+        gunicorn = Path(PYTHON).with_name("gunicorn")
+        self.proc = subprocess.Popen(
+            [str(gunicorn), "-c", "config/gunicorn.conf.py", "app:app"],
+            cwd=REPO,
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+        self.workers = workers
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"gunicorn exited; see {self.log.name}")
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
+                conn.request("GET", "/ready")
+                ok = conn.getresponse().status == 200
+                conn.close()
+                if ok and len(self.worker_pids()) == self.workers:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.3)
+        raise SystemExit("gunicorn did not become ready")
+
+    def worker_pids(self) -> list[int]:
+        pid = self.proc.pid
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=60)
+        self.log.close()
+
+
+def post_loop(port: int, body: bytes, stop: threading.Event | None, count: int | None) -> list:
+    """POST /predict over one keep-alive connection; returns per-request seconds."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    headers = {"Content-Type": "image/png"}
+    times: list[float] = []
+    while (stop is None or not stop.is_set()) and (count is None or len(times) < count):
+        t = time.perf_counter()
+        conn.request("POST", "/predict", body=body, headers=headers)
+        resp = conn.getresponse()
+        resp.read()
+        if resp.status != 200:
+            raise SystemExit(f"/predict answered {resp.status}")
+        times.append(time.perf_counter() - t)
+    conn.close()
+    return times
+
+
+def measure_server(server: Server, body: bytes, requests: int, seconds: float) -> dict:
+    post_loop(server.port, body, None, 30)  # warm both connections' paths
+    single = post_loop(server.port, body, None, requests)
+    stop = threading.Event()
+    results: list[list[float]] = [[] for _ in range(4)]
+
+    def client(i: int) -> None:
+        results[i] = post_loop(server.port, body, stop, None)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    time.sleep(seconds)
+    stop.set()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - started
+    return {
+        "p50_ms": statistics.median(single) * 1e3,
+        "throughput": sum(len(r) for r in results) / elapsed,
+        "rss_mb": [round(rss_mb(pid), 1) for pid in server.worker_pids()],
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model-dir", type=Path, help="a promoted model folder (default: build one)")
+    ap.add_argument("--requests", type=int, default=300, help="sequential requests per series")
+    ap.add_argument("--seconds", type=float, default=15.0, help="duration of the 4-client run")
+    ap.add_argument("--keras", action="store_true", help="also measure a TensorFlow worker")
+    args = ap.parse_args()
+
+    scratch = Path(tempfile.mkdtemp(prefix="chestct-bench-serve-"))
+    try:
+        model_dir = args.model_dir
+        if model_dir is None:
+            model_dir = scratch / "model"
+            print("building the default untrained model (TensorFlow, ~20 s) ...", flush=True)
+            subprocess.run([PYTHON, "-c", BUILD, str(model_dir)], check=True, cwd=REPO)
+        model_dir = model_dir.resolve()
+        image = scratch / "slice.png"
+        make_image(image)
+        body = image.read_bytes()
+
+        bare = json.loads(
+            subprocess.run(
+                [PYTHON, "-c", BARE, str(model_dir), str(image), str(args.requests)],
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout.splitlines()[-1]
+        )
+        server = Server(model_dir, scratch)
+        try:
+            server.wait_ready()
+            served = measure_server(server, body, args.requests, args.seconds)
+        finally:
+            server.stop()
+        keras = None
+        if args.keras:
+            keras_dir = scratch / "model-keras"
+            shutil.copytree(model_dir, keras_dir)
+            card = json.loads((keras_dir / "model.json").read_text())
+            card.pop("inference", None)
+            (keras_dir / "model.json").write_text(json.dumps(card))
+            ks = Server(keras_dir, scratch)
+            try:
+                ks.wait_ready(timeout=300)
+                post_loop(ks.port, body, None, 30)
+                keras = [round(rss_mb(pid), 1) for pid in ks.worker_pids()]
+            finally:
+                ks.stop()
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+    cores = os.cpu_count()
+    print(f"\nchestct predictor, {cores} cores, image {len(body) / 1024:.0f} kB PNG 512x512")
+    print(f"bare process imported TensorFlow: {bare['tf_imported']}")
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"load average during the run (1, 5, 15 min): {load}; other work skews the ratios")
+    rows = [
+        (
+            "p50 /predict, 1 client (ms)",
+            f"{served['p50_ms']:.2f}",
+            f"bare {bare['p50_ms']:.2f}",
+            served["p50_ms"] / bare["p50_ms"],
+            "<= 1.5",
+            served["p50_ms"] <= 1.5 * bare["p50_ms"],
+        ),
+        (
+            "throughput, 4 clients (req/s)",
+            f"{served['throughput']:.1f}",
+            f"2 x bare {2 * bare['rate']:.1f}",
+            served["throughput"] / (2 * bare["rate"]),
+            ">= 0.8",
+            served["throughput"] >= 0.8 * 2 * bare["rate"],
+        ),
+        (
+            "RSS per worker (MB)",
+            " / ".join(f"{r:.0f}" for r in served["rss_mb"]),
+            "300",
+            max(served["rss_mb"]) / 300,
+            "<= 1.0",
+            max(served["rss_mb"]) <= 300,
+        ),
+    ]
+    print(f"{'measure':32} {'served':>12} {'reference':>18} {'ratio':>7} {'target':>8}  ok")
+    for name, value, ref, ratio, target, ok in rows:
+        print(f"{name:32} {value:>12} {ref:>18} {ratio:7.2f} {target:>8}  {'yes' if ok else 'NO'}")
+    if keras is not None:
+        print(f"{'RSS per Keras/TF worker (MB)':32} {' / '.join(f'{r:.0f}' for r in keras):>12}")
+
+
+if __name__ == "__main__":
+    main()

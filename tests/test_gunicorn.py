@@ -1,0 +1,157 @@
+"""Real gunicorn on 127.0.0.1 with config/gunicorn.conf.py, driven by the README's curl lines.
+
+The README's examples are extracted from its "Serving" section and run verbatim through bash;
+the only change is the address, http://127.0.0.1:8000 → the free port this test bound.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from test_serving_support import dicom_bytes, model_dir, slice_png  # noqa: F401
+
+REPO = Path(__file__).resolve().parents[1]
+README_URL = "http://127.0.0.1:8000"
+TOKEN = "gunicorn-test-token"
+
+
+def readme_curls() -> list[str]:
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    section = text.split("\n## Serving\n", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```bash\n(.*?)```", section, flags=re.S)
+    return [line for block in blocks for line in block.splitlines() if line.startswith("curl ")]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def get(url: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    req = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def worker_pids(master: int) -> list[int]:
+    children = Path(f"/proc/{master}/task/{master}/children").read_text().split()
+    return [int(pid) for pid in children]
+
+
+@pytest.fixture
+def server(tmp_path: Path, model_dir: Path):  # noqa: F811
+    root = tmp_path / "root"
+    (root / "config").mkdir(parents=True)
+    shutil.copy(REPO / "params.yaml", root / "params.yaml")
+    config = {
+        "model_dir": str(model_dir),
+        "serving": {"audit_log": True, "audit_db": str(tmp_path / "audit.sqlite")},
+    }
+    (root / "config" / "config.yaml").write_text(json.dumps(config), encoding="utf-8")
+    port = free_port()
+    env = {
+        **os.environ,
+        "CHESTCT_ROOT": str(root),
+        "CHESTCT_BIND": f"127.0.0.1:{port}",
+        "CHESTCT_WORKERS": "2",
+        "CHESTCT_HISTORY_TOKEN": TOKEN,
+    }
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    log = (tmp_path / "gunicorn.log").open("wb")
+    proc = subprocess.Popen(
+        [str(REPO / ".venv/bin/gunicorn"), "-c", "config/gunicorn.conf.py", "app:app"],
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, (tmp_path / "gunicorn.log").read_text()
+            try:
+                if get(f"{base}/ready")[0] == 200 and len(worker_pids(proc.pid)) == 2:
+                    break
+            except (OSError, urllib.error.URLError):
+                pass
+            assert time.monotonic() < deadline, "gunicorn did not become ready in 90 s"
+            time.sleep(0.3)
+        yield base, proc
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=40)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def test_readme_curl_examples_against_gunicorn(server, tmp_path: Path) -> None:
+    base, proc = server
+    work = tmp_path / "client"
+    work.mkdir()
+    (work / "slice.png").write_bytes(slice_png(3, size=128))
+    (work / "slice.dcm").write_bytes(dicom_bytes(3))
+    curls = readme_curls()
+    assert len(curls) >= 10, curls
+    env = {**os.environ, "CHESTCT_HISTORY_TOKEN": TOKEN}
+    outputs: dict[str, str] = {}
+    for line in curls:
+        command = line.replace(README_URL, base)
+        done = subprocess.run(
+            ["bash", "-c", command], cwd=work, env=env, capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 0, (line, done.stderr)
+        outputs[line] = done.stdout
+        if "/metrics" in line:
+            continue
+        if "-o heatmap.png" in line:
+            assert (work / "heatmap.png").read_bytes().startswith(b"\x89PNG")
+            continue
+        body = json.loads(done.stdout)
+        assert "status" not in body or body["status"] == "ok", (line, body)
+
+    predictions = [json.loads(v) for k, v in outputs.items() if k.endswith("/predict")]
+    assert len(predictions) == 4  # multipart, raw PNG, DICOM, JSON base64
+    by_png = [p for p in predictions if p["input"]["format"] == "png"]
+    assert len({json.dumps(p["probabilities"], sort_keys=True) for p in by_png}) == 1
+    batch = json.loads(next(v for k, v in outputs.items() if "/predict/batch" in k))
+    assert [r["ok"] for r in batch["results"]] == [True, True]
+    history = json.loads(next(v for k, v in outputs.items() if "/history" in k))
+    assert history["count"] == 5 and history["entries"][0]["sha256"]
+
+    # Counters of both workers are summed: 4 single + 2 batch predictions so far.
+    metrics = next(v for k, v in outputs.items() if "/metrics" in k)
+    assert 'chestct_requests_total{endpoint="/predict",status="200"} 4.0' in metrics
+    total = sum(
+        float(m.group(1))
+        for m in re.finditer(r"^chestct_predictions_total\{[^}]*\} (\S+)$", metrics, re.M)
+    )
+    assert total == 6.0
+
+    # The light runtime serves: no worker has TensorFlow mapped into its memory.
+    for pid in worker_pids(proc.pid):
+        maps = Path(f"/proc/{pid}/maps").read_text()
+        assert "ai_edge_litert" in maps
+        assert "libtensorflow" not in maps and "_pywrap_tensorflow" not in maps
+
+    status, body = get(f"{base}/predict")
+    assert status == 405 and json.loads(body)["status"] == 405

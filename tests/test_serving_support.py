@@ -1,0 +1,149 @@
+"""Builders for the serving tests: a model folder with the full promote contract, made from a
+tiny untrained Keras model and converted with chestct.export (as promote does), plus slices.
+
+Imported by the test_serving*, test_gunicorn and test_browser modules; holds no tests.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+
+from chestct.labels import CLASSES, DISPLAY_NAMES
+
+SIZE = 32
+TEMPERATURE = 1.5
+ABSTAIN = 0.97
+
+
+def ct_slice(seed: int = 0, label: str = "adenocarcinoma", size: int = 96) -> np.ndarray:
+    """A synthetic grey CT slice (uint8) that passes the service's input checks."""
+    from chestct.synthetic import render_slice
+
+    return render_slice(label, np.random.default_rng(seed), size=size)
+
+
+def encode(img: np.ndarray, ext: str = ".png") -> bytes:
+    ok, buf = cv2.imencode(ext, img)
+    assert ok
+    return buf.tobytes()
+
+
+def slice_png(seed: int = 0, size: int = 96) -> bytes:
+    return encode(ct_slice(seed, size=size))
+
+
+def dicom_bytes(seed: int = 0, size: int = 64) -> bytes:
+    """A CT DICOM slice in Hounsfield units (stored + intercept -1024), uncompressed."""
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    grey = ct_slice(seed, size=size).astype(np.float32)
+    hu = -1350.0 + grey / 255.0 * 1500.0  # undo the lung window
+    stored = np.clip(np.rint(hu + 1024.0), 0, 4095).astype(np.uint16)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset("slice.dcm", {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = "CT"
+    ds.Rows, ds.Columns = stored.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
+    ds.PixelRepresentation = 0
+    ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
+    ds.PixelData = stored.tobytes()
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def build_keras(seed: int) -> Any:
+    from chestct.modeling import build_model
+    from chestct.settings import BaseModelParams
+
+    return build_model(BaseModelParams(filters=[4, 8], dropout=0.3), image_size=SIZE, seed=seed)
+
+
+def write_model_folder(
+    folder: Path,
+    version: str = "1",
+    seed: int = 0,
+    *,
+    light: bool = True,
+    extras: bool = True,
+    temperature: float = TEMPERATURE,
+) -> Path:
+    """model/ as promote writes it: card, model.keras, model.tflite, cam_head.npz, ood.npz.
+
+    `light=False` leaves out the light artifact; `extras=False` leaves out temperature,
+    thresholds, cam and ood (an older card).
+    """
+    from chestct.export import export_light, light_outputs
+
+    folder.mkdir(parents=True, exist_ok=True)
+    model = build_keras(seed)
+    model.save(folder / "model.keras")
+    card: dict[str, Any] = {
+        "name": "chestct",
+        "version": version,
+        "classes": list(CLASSES),
+        "display_names": DISPLAY_NAMES,
+        "image_size": SIZE,
+        "preprocessing": {"resize": "stretch", "interpolation": "area"},
+        "model_file": "model.keras",
+        "metrics": {"macro_f1": 0.5},
+        "mlflow_run_ids": {"train": f"{seed:032d}"},
+    }
+    if light:
+        card["inference"] = export_light(model, folder / "model.tflite")
+    if extras:
+        images = np.stack(
+            [cv2.resize(ct_slice(s), (SIZE, SIZE), interpolation=cv2.INTER_AREA) for s in range(8)]
+        ).astype(np.float32)[..., None]
+        if light:
+            from chestct.export import LightModel
+
+            feats = light_outputs(LightModel.load(folder / "model.tflite"), images)["features"]
+        else:
+            import keras
+
+            probe = keras.Model(model.inputs, model.get_layer("features").output)
+            feats = np.asarray(probe(images, training=False))
+        gap = feats.astype(np.float64).mean(axis=(1, 2))
+        mean = gap.mean(axis=0)
+        cov = np.cov(gap, rowvar=False) + 1e-3 * np.eye(gap.shape[1])
+        precision = np.linalg.inv(cov)
+        d2 = np.einsum("ni,ij,nj->n", gap - mean, precision, gap - mean)
+        kernel, bias = model.get_layer("logits").get_weights()
+        np.savez(folder / "cam_head.npz", kernel=kernel, bias=bias)
+        np.savez(folder / "ood.npz", mean=mean, precision=precision)
+        card["temperature"] = temperature
+        card["thresholds"] = {"abstain_entropy": ABSTAIN}
+        card["cam"] = {"file": "cam_head.npz", "layer": "features"}
+        card["ood"] = {
+            "method": "mahalanobis_gap",
+            "file": "ood.npz",
+            "threshold": float(d2.max() * 1.5),
+        }
+    (folder / "model.json").write_text(json.dumps(card, indent=2), encoding="utf-8")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A complete model folder (light artifact, temperature, thresholds, cam, ood)."""
+    return write_model_folder(tmp_path_factory.mktemp("served") / "model")
+
+
+def multipart(data: bytes, name: str = "slice.png", field: str = "file") -> dict[str, Any]:
+    return {"data": {field: (io.BytesIO(data), name)}, "content_type": "multipart/form-data"}

@@ -557,16 +557,16 @@ def test_class_weights() -> None:
 
 
 def test_evaluate_scores_every_test_image(trained, tiny_data) -> None:
-    from chestct.stages.evaluate import run_evaluate
+    from chestct.stages.evaluate import score
 
     root, data = tiny_data
     test = data["test"]
-    metrics, predictions = run_evaluate(trained[2], test, EvaluateParams(batch_size=3), root)
+    metrics, predictions = score(trained[2], test, EvaluateParams(batch_size=3).batch_size, root)
 
-    for name in ("accuracy", "balanced_accuracy", "macro_f1"):
+    for name in ("accuracy", "balanced_accuracy", "macro_f1", "macro_f2", "ece"):
         assert 0.0 <= metrics[name] <= 1.0, name
-    assert set(metrics["recall"]) == set(CLASSES)
-    assert all(0.0 <= r <= 1.0 for r in metrics["recall"].values())
+    assert set(metrics["sensitivity"]) == set(CLASSES)
+    assert all(0.0 <= r <= 1.0 for r in metrics["sensitivity"].values())
     assert metrics["n"] == len(test) == len(predictions)
     assert list(predictions["path"]) == list(test["path"])
     assert list(predictions["actual"]) == list(test["label"])

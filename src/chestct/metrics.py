@@ -1,40 +1,272 @@
-"""Classification metrics from predictions, computed with scikit-learn."""
+"""Classification and calibration metrics from predictions, computed with scikit-learn/NumPy.
+
+Never from Keras' `evaluate()` dict: Keras 3 renames its keys. Everything here takes true class
+indices and a probability (or logit) matrix over CLASSES, so the same code scores a Keras model,
+the light model or a champion that is re-scored.
+"""
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from scipy.optimize import minimize_scalar
 from sklearn.metrics import (
     accuracy_score,
     balanced_accuracy_score,
     confusion_matrix,
-    f1_score,
+    fbeta_score,
+    precision_score,
     recall_score,
+    roc_auc_score,
+    roc_curve,
 )
 
 from chestct.labels import CLASSES
 
+ECE_BINS = 15
+# The search range of the temperature; a fit at either end means the logits are degenerate.
+TEMPERATURE_BOUNDS = (0.05, 20.0)
 
-def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, Any]:
-    """Accuracy, balanced accuracy, macro-F1 and per-class recall over the four CLASSES.
+
+def classification_metrics(y_true: np.ndarray, proba: np.ndarray) -> dict[str, Any]:
+    """Headline and per-class metrics of argmax predictions over the four CLASSES.
 
     Args:
-        y_true: true class indices.
-        y_pred: predicted class indices.
+        y_true: true class indices, shape (n,).
+        proba: class probabilities, shape (n, len(CLASSES)).
+
+    Returns:
+        accuracy, balanced_accuracy, macro_f1, macro_f2, roc_auc (macro one-vs-rest over the
+        classes present), ece, n, and per class: sensitivity, specificity, precision, roc_auc
+        (None where a class is absent from y_true).
     """
+    y_true = np.asarray(y_true)
+    proba = np.asarray(proba, dtype=np.float64)
+    if proba.ndim != 2 or proba.shape != (len(y_true), len(CLASSES)):
+        raise ValueError(
+            f"expected probabilities of shape ({len(y_true)}, {len(CLASSES)}), got {proba.shape}"
+        )
+    if len(y_true) == 0:
+        raise ValueError("no predictions to score: the split is empty")
     labels = list(range(len(CLASSES)))
-    recall = recall_score(y_true, y_pred, labels=labels, average=None, zero_division=0)
+    y_pred = proba.argmax(axis=1)
+    matrix = confusion_matrix(y_true, y_pred, labels=labels)
+    total = matrix.sum()
+    sensitivity = recall_score(y_true, y_pred, labels=labels, average=None, zero_division=0)
+    precision = precision_score(y_true, y_pred, labels=labels, average=None, zero_division=0)
+    specificity = []
+    for i in labels:
+        negatives = total - matrix[i, :].sum()
+        true_neg = negatives - (matrix[:, i].sum() - matrix[i, i])
+        specificity.append(float(true_neg / negatives) if negatives else 0.0)
+    auc = per_class_auc(y_true, proba)
+    present = [a for a in auc.values() if a is not None]
     return {
         "accuracy": float(accuracy_score(y_true, y_pred)),
         "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)),
         "macro_f1": float(
-            f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)
+            fbeta_score(y_true, y_pred, beta=1, labels=labels, average="macro", zero_division=0)
         ),
-        "recall": {c: float(r) for c, r in zip(CLASSES, recall, strict=True)},
+        # F2 weighs recall four times as much as precision: a missed cancer costs more.
+        "macro_f2": float(
+            fbeta_score(y_true, y_pred, beta=2, labels=labels, average="macro", zero_division=0)
+        ),
+        "roc_auc": float(np.mean(present)) if present else None,
+        "ece": expected_calibration_error(y_true, proba),
         "n": len(y_true),
+        "sensitivity": dict(zip(CLASSES, map(float, sensitivity), strict=True)),
+        "specificity": dict(zip(CLASSES, specificity, strict=True)),
+        "precision": dict(zip(CLASSES, map(float, precision), strict=True)),
+        "roc_auc_per_class": auc,
     }
 
 
+def per_class_auc(y_true: np.ndarray, proba: np.ndarray) -> dict[str, float | None]:
+    """One-vs-rest ROC-AUC per class; None when the class or its complement is absent."""
+    out: dict[str, float | None] = {}
+    for i, name in enumerate(CLASSES):
+        positive = np.asarray(y_true) == i
+        if positive.all() or not positive.any():
+            out[name] = None
+        else:
+            out[name] = float(roc_auc_score(positive, proba[:, i]))
+    return out
+
+
+def roc_curves(
+    y_true: np.ndarray, proba: np.ndarray, grid: int = 101
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """One-vs-rest ROC curves interpolated onto a shared false-positive-rate grid.
+
+    Returns:
+        The grid and, per class present in y_true (with negatives), the true-positive rates.
+    """
+    fpr_grid = np.linspace(0.0, 1.0, grid)
+    curves: dict[str, np.ndarray] = {}
+    for i, name in enumerate(CLASSES):
+        positive = np.asarray(y_true) == i
+        if positive.all() or not positive.any():
+            continue
+        fpr, tpr, _ = roc_curve(positive, proba[:, i])
+        curves[name] = np.interp(fpr_grid, fpr, tpr)
+    return fpr_grid, curves
+
+
 def confusion(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
+    """The 4×4 confusion matrix (rows actual, columns predicted) in CLASSES order."""
     return confusion_matrix(y_true, y_pred, labels=list(range(len(CLASSES))))
+
+
+@dataclass(frozen=True)
+class ReliabilityBin:
+    lower: float
+    upper: float
+    count: int
+    confidence: float  # mean top-class probability in the bin (NaN when empty)
+    accuracy: float  # fraction correct in the bin (NaN when empty)
+
+
+def reliability(
+    y_true: np.ndarray, proba: np.ndarray, bins: int = ECE_BINS
+) -> list[ReliabilityBin]:
+    """Equal-width bins of the top-class probability, with confidence and accuracy per bin."""
+    proba = np.asarray(proba, dtype=np.float64)
+    confidence = proba.max(axis=1)
+    correct = proba.argmax(axis=1) == np.asarray(y_true)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    # Bins are (lower, upper]; a confidence of exactly 0 cannot occur for a softmax.
+    which = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, bins - 1)
+    out = []
+    for b in range(bins):
+        member = which == b
+        n = int(member.sum())
+        out.append(
+            ReliabilityBin(
+                lower=float(edges[b]),
+                upper=float(edges[b + 1]),
+                count=n,
+                confidence=float(confidence[member].mean()) if n else math.nan,
+                accuracy=float(correct[member].mean()) if n else math.nan,
+            )
+        )
+    return out
+
+
+def expected_calibration_error(
+    y_true: np.ndarray, proba: np.ndarray, bins: int = ECE_BINS
+) -> float:
+    """ECE: the count-weighted mean |accuracy − confidence| over equal-width bins."""
+    table = reliability(y_true, proba, bins)
+    n = sum(b.count for b in table)
+    return float(sum(b.count * abs(b.accuracy - b.confidence) for b in table if b.count) / n)
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Row-wise softmax of logits / temperature, computed stably in float64."""
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    z -= z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def nll(y_true: np.ndarray, proba: np.ndarray) -> float:
+    """Mean negative log-likelihood of the true classes."""
+    picked = np.asarray(proba, dtype=np.float64)[np.arange(len(y_true)), np.asarray(y_true)]
+    return float(-np.mean(np.log(np.clip(picked, 1e-12, 1.0))))
+
+
+@dataclass(frozen=True)
+class TemperatureFit:
+    temperature: float
+    fitted: bool
+    reason: str
+    nll_before: float | None
+    nll_after: float | None
+
+
+def fit_temperature(y_true: np.ndarray, logits: np.ndarray) -> TemperatureFit:
+    """The temperature T minimising the NLL of softmax(logits / T) on held-out data.
+
+    Falls back to T = 1.0 (no scaling) and says why when the data cannot support a fit: too
+    few images, a single class, non-finite logits, an optimum at the edge of the search range,
+    or no improvement in NLL.
+    """
+    y_true = np.asarray(y_true)
+    logits = np.asarray(logits, dtype=np.float64)
+    if len(y_true) < 2 or len(np.unique(y_true)) < 2:
+        return TemperatureFit(1.0, False, "fewer than two images or classes to fit on", None, None)
+    if not np.isfinite(logits).all():
+        return TemperatureFit(1.0, False, "the logits are not all finite", None, None)
+    before = nll(y_true, softmax(logits))
+    lo, hi = np.log(TEMPERATURE_BOUNDS[0]), np.log(TEMPERATURE_BOUNDS[1])
+    result = minimize_scalar(
+        lambda log_t: nll(y_true, softmax(logits, float(np.exp(log_t)))),
+        bounds=(lo, hi),
+        method="bounded",
+        options={"xatol": 1e-4},
+    )
+    t = float(np.exp(result.x))
+    after = float(result.fun)
+    if not result.success or not np.isfinite(after):
+        return TemperatureFit(1.0, False, f"optimiser failed: {result.message}", before, None)
+    at_edge = min(abs(result.x - lo), abs(result.x - hi)) < 1e-3
+    if at_edge or after < 1e-6:
+        where = f"is at the edge of {TEMPERATURE_BOUNDS}" if at_edge else "drives the NLL to 0"
+        return TemperatureFit(
+            1.0,
+            False,
+            f"the optimum T={t:.3g} {where}: the validation split is separable or degenerate, "
+            "so no temperature is trustworthy",
+            before,
+            after,
+        )
+    if after >= before:
+        return TemperatureFit(
+            1.0, False, "scaling did not lower the validation NLL", before, before
+        )
+    return TemperatureFit(t, True, "fitted on the validation split", before, after)
+
+
+def normalised_entropy(proba: np.ndarray) -> np.ndarray:
+    """Predictive entropy divided by log(number of classes): 0 certain, 1 uniform."""
+    p = np.clip(np.asarray(proba, dtype=np.float64), 1e-12, 1.0)
+    return -(p * np.log(p)).sum(axis=1) / np.log(p.shape[1])
+
+
+def abstain_threshold(y_true: np.ndarray, proba: np.ndarray, quantile: float) -> float:
+    """The `quantile` of normalised entropy over the correctly classified images.
+
+    Serving abstains above it, so at most about (1 − quantile) of images like those the model
+    gets right are turned away. With no correct prediction, returns 1.0 (never abstain).
+    """
+    correct = np.asarray(proba).argmax(axis=1) == np.asarray(y_true)
+    if not correct.any():
+        return 1.0
+    return float(np.quantile(normalised_entropy(np.asarray(proba)[correct]), quantile))
+
+
+@dataclass(frozen=True)
+class Mahalanobis:
+    """Mean and precision matrix of GAP features; distance() scores how unusual an image is."""
+
+    mean: np.ndarray
+    precision: np.ndarray
+
+    @classmethod
+    def fit(cls, features: np.ndarray) -> Mahalanobis:
+        """Fit on (n, C) pooled features with Ledoit-Wolf shrinkage (n may be below C)."""
+        from sklearn.covariance import LedoitWolf
+
+        features = np.asarray(features, dtype=np.float64)
+        if features.ndim != 2 or len(features) < 2:
+            raise ValueError("need at least two feature vectors to fit the OOD statistics")
+        lw = LedoitWolf().fit(features)
+        return cls(lw.location_.astype(np.float64), lw.precision_.astype(np.float64))
+
+    def distance(self, features: np.ndarray) -> np.ndarray:
+        """Mahalanobis distance of each row of (n, C) features."""
+        d = np.asarray(features, dtype=np.float64) - self.mean
+        return np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", d, self.precision, d), 0.0))

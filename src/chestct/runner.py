@@ -149,6 +149,9 @@ def stage_session(
     """
     quiet_environment()
     settings = load_settings(root)
+    uri = settings.tracking_uri
+    # Before anything is emptied: an unreachable store must fail fast and destroy nothing.
+    check_store(uri, settings.config.tracking.connect_timeout_s)
     out_dir = settings.paths.stage_dir(stage)
     if keep and out_dir.exists():
         for child in out_dir.iterdir():
@@ -158,8 +161,6 @@ def stage_session(
         reset_dir(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     configure_logging(settings.paths.stage_log(stage))
-    uri = settings.tracking_uri
-    check_store(uri, settings.config.tracking.connect_timeout_s)
 
     import mlflow  # imported late: telemetry and retry settings must be in place first
 

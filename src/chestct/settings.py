@@ -122,11 +122,16 @@ class TrainParams:
 @dataclass(frozen=True)
 class EvaluateParams:
     batch_size: int = 64
+    abstain_quantile: float = 0.95  # of valid entropy over correct predictions: abstain above
+    ood_quantile: float = 0.99  # of valid Mahalanobis distances: out of distribution above
+    gallery_per_class: int = 2  # Grad-CAM gallery: top-confidence and worst images per class
 
 
 @dataclass(frozen=True)
 class PromoteParams:
-    metric: Literal["accuracy", "balanced_accuracy", "macro_f1"] = "macro_f1"
+    metric: Literal["accuracy", "balanced_accuracy", "macro_f1", "macro_f2", "roc_auc"] = (
+        "macro_f1"
+    )
     minimum: float = 0.5
     margin: float = 0.0
     registered_model: str = "chestct"
@@ -348,6 +353,24 @@ def _check_params(params: Params) -> None:
     if not 0 <= params.base_model.dropout < 1:
         raise SettingsError("base_model.dropout: must be in [0, 1)")
     _check_model_and_training(params.base_model, params.train)
+    _check_evaluate_and_promote(params.evaluate, params.promote)
+
+
+def _check_evaluate_and_promote(evaluate: EvaluateParams, promote: PromoteParams) -> None:
+    """evaluate and promote values that no run can use."""
+    if evaluate.batch_size < 1:
+        raise SettingsError("evaluate.batch_size: must be at least 1")
+    for name in ("abstain_quantile", "ood_quantile"):
+        if not 0 < getattr(evaluate, name) <= 1:
+            raise SettingsError(f"evaluate.{name}: must be in (0, 1], e.g. 0.95")
+    if evaluate.gallery_per_class < 0:
+        raise SettingsError("evaluate.gallery_per_class: must be >= 0 (0 = an empty gallery)")
+    if not 0 <= promote.minimum <= 1:
+        raise SettingsError("promote.minimum: must be in [0, 1] (the metric is a fraction)")
+    if not -1 < promote.margin < 1:
+        raise SettingsError("promote.margin: must be in (-1, 1), e.g. 0.01")
+    if not promote.registered_model.strip():
+        raise SettingsError("promote.registered_model: must be a non-empty name")
 
 
 def _check_model_and_training(model: BaseModelParams, train: TrainParams) -> None:

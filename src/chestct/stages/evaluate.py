@@ -1,55 +1,313 @@
-"""evaluate: score the trained model on the test split; the only stage that writes metrics
-and plots (artifacts/evaluate/metrics.json, confusion.csv, confusion.png)."""
+"""evaluate: score the trained model on the test split, calibrate it on the valid split and
+draw the pictures. The only stage that writes metrics and plots (artifacts/evaluate/).
+
+Outputs: metrics.json (dvc metrics), predictions.csv (one row per test image), calibration.json
+(temperature, abstention and OOD thresholds for promote's model card), ood.npz (mean and
+precision of GAP features on the train split), and for `dvc plots`: confusion.csv, roc.csv,
+reliability.csv and the pictures confusion.png, roc.png, reliability.png, misclassified.png,
+gradcam.png.
+"""
 
 from __future__ import annotations
 
 import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import pandas as pd
 
 from chestct.fsutil import atomic_write_json, staged_file
+from chestct.gradcam import CamHead, overlay
+from chestct.imaging import prepare, resize
 from chestct.labels import CLASSES
 from chestct.manifest import DATASET_COLUMNS, read_manifest, write_manifest
-from chestct.metrics import classification_metrics, confusion
-from chestct.modeling import label_indices, load_model, predict_proba
-from chestct.pointers import read_pointer
-from chestct.runner import run_main, stage_session
-from chestct.settings import EvaluateParams
+from chestct.metrics import (
+    Mahalanobis,
+    ReliabilityBin,
+    abstain_threshold,
+    classification_metrics,
+    confusion,
+    expected_calibration_error,
+    fit_temperature,
+    nll,
+    normalised_entropy,
+    reliability,
+    roc_curves,
+    softmax,
+)
+from chestct.pointers import PointerError, read_pointer
+from chestct.runner import StageFailed, run_main, stage_session
+from chestct.settings import STAGES, EvaluateParams
 
 log = logging.getLogger(__name__)
 
+PLOTS = ("confusion.png", "roc.png", "reliability.png", "misclassified.png", "gradcam.png")
 
-def run_evaluate(
-    model_path: Path, test: pd.DataFrame, params: EvaluateParams, root: Path
-) -> tuple[dict[str, Any], pd.DataFrame]:
-    """Predict the test split; returns the metrics and one row per image."""
-    model = load_model(model_path)
-    proba = predict_proba(model, [root / p for p in test["path"]], params.batch_size)
-    y_true = label_indices(list(test["label"]))
+
+# --------------------------------------------------------------------------- predictions
+
+
+def _label_indices(labels: Sequence[str]) -> np.ndarray:
+    # TensorFlow loads on first use, after stage_session() has checked the tracking store.
+    from chestct.modeling import label_indices
+
+    return label_indices(labels)
+
+
+def _load_model(path: Path) -> Any:
+    from chestct.modeling import load_model
+
+    return load_model(path)
+
+
+def load_images(
+    frame: pd.DataFrame, root: Path, size: int, interpolation: str = "area"
+) -> np.ndarray:
+    """The images of a manifest as float32 (n, size, size, 1) in [0, 255].
+
+    Images already at `size` are used as they are. Others (a champion trained at another
+    base.image_size) are prepared again from the ingested original when the manifest names it,
+    else stretched from the resized copy.
+    """
+    out = np.empty((len(frame), size, size, 1), np.float32)
+    originals = frame["original"] if "original" in frame else pd.Series([None] * len(frame))
+    for i, (rel, original) in enumerate(zip(frame["path"], originals, strict=True)):
+        grey = cv2.imread(str(root / rel), cv2.IMREAD_GRAYSCALE)
+        if grey is None:
+            raise StageFailed(f"{root / rel}: cannot be read as an image; rerun `dvc repro`")
+        if grey.shape != (size, size):
+            if isinstance(original, str) and original and (root / original).is_file():
+                grey = prepare((root / original).read_bytes(), size, interpolation)
+            else:
+                grey = resize(grey, size, interpolation)
+        out[i, :, :, 0] = grey
+    return out
+
+
+def model_outputs(
+    model: Any, images: np.ndarray, batch_size: int, names: Sequence[str]
+) -> dict[str, np.ndarray]:
+    """The named layers' outputs (contract: features, gap, logits, probabilities) per image."""
+    import keras
+
+    try:
+        heads = keras.Model(model.inputs, [model.get_layer(n).output for n in names])
+    except ValueError as exc:
+        raise StageFailed(
+            f"model {model.name!r} lacks a layer the evaluation reads ({exc}); the layers "
+            f"{', '.join(names)} are part of the model contract (modeling.py)"
+        ) from None
+    if len(images) == 0:
+        return {n: np.zeros((0, *heads.get_layer(n).output.shape[1:]), np.float32) for n in names}
+    outs = heads.predict(images, batch_size=batch_size, verbose=0)
+    if len(names) == 1:
+        outs = [outs]
+    return {n: np.asarray(o, np.float32) for n, o in zip(names, outs, strict=True)}
+
+
+def prediction_table(test: pd.DataFrame, proba: np.ndarray) -> pd.DataFrame:
+    """One row per test image: path, actual, predicted, confidence and p_<class> columns."""
     y_pred = proba.argmax(axis=1)
-    predictions = pd.DataFrame(
+    return pd.DataFrame(
         {
-            "path": test["path"],
-            "source_path": test["source_path"],
-            "actual": test["label"],
+            "path": test["path"].to_numpy(),
+            "source_path": test["source_path"].to_numpy(),
+            "actual": test["label"].to_numpy(),
             "predicted": [CLASSES[i] for i in y_pred],
+            "confidence": proba.max(axis=1),
             **{f"p_{c}": proba[:, i] for i, c in enumerate(CLASSES)},
         }
     )
-    return classification_metrics(y_true, y_pred), predictions
 
 
-def plot_confusion(predictions: pd.DataFrame, target: Path) -> None:
+def score(
+    model_path: Path, test: pd.DataFrame, batch_size: int, root: Path, interpolation: str = "area"
+) -> tuple[dict[str, Any], pd.DataFrame]:
+    """Metrics and predictions of a saved model on a split (promote re-scores with this)."""
+    model = _load_model(model_path)
+    images = load_images(test, root, int(model.input_shape[1]), interpolation)
+    proba = model_outputs(model, images, batch_size, ["probabilities"])["probabilities"]
+    y_true = _label_indices(list(test["label"]))
+    return classification_metrics(y_true, proba), prediction_table(test, proba)
+
+
+# --------------------------------------------------------------------------- the stage's work
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Everything evaluate measured: what it writes and what its pictures are drawn from."""
+
+    metrics: dict[str, Any]
+    predictions: pd.DataFrame
+    calibration: dict[str, Any]
+    ood: Mahalanobis
+    reliability_before: list[ReliabilityBin]
+    reliability_after: list[ReliabilityBin]
+    images: np.ndarray  # the test images, (n, s, s, 1)
+    features: np.ndarray  # their last feature maps, (n, h, w, c)
+    cam_head: CamHead
+
+
+def run_evaluate(
+    model_path: Path,
+    splits: dict[str, pd.DataFrame],
+    params: EvaluateParams,
+    root: Path,
+    interpolation: str = "area",
+) -> Evaluation:
+    """Score the test split; fit temperature, abstention and OOD thresholds on valid/train.
+
+    Args:
+        model_path: the trained .keras model.
+        splits: DATASET_COLUMNS frames for "train", "valid" and "test".
+        params: the evaluate params.
+        root: the folder the manifests' paths are relative to.
+        interpolation: resize interpolation (only used for images not at the model's size).
+    """
+    missing = {"train", "valid", "test"} - set(splits)
+    if missing:
+        raise StageFailed(f"evaluate needs the splits train, valid and test; missing {missing}")
+    if splits["test"].empty or splits["valid"].empty:
+        raise StageFailed("the test or valid split is empty; check the split stage's output")
+    model = _load_model(model_path)
+    size = int(model.input_shape[1])
+    names = ["logits", "probabilities", "gap", "features"]
+    test_images = load_images(splits["test"], root, size, interpolation)
+    test = model_outputs(model, test_images, params.batch_size, names)
+    valid = model_outputs(
+        model,
+        load_images(splits["valid"], root, size, interpolation),
+        params.batch_size,
+        ["logits", "gap"],
+    )
+    train_gap = model_outputs(
+        model,
+        load_images(splits["train"], root, size, interpolation),
+        params.batch_size,
+        ["gap"],
+    )["gap"]
+
+    y_test = _label_indices(list(splits["test"]["label"]))
+    y_valid = _label_indices(list(splits["valid"]["label"]))
+    fit = fit_temperature(y_valid, valid["logits"])
+    if fit.fitted:
+        log.info(
+            "temperature %.4f (valid NLL %.4f -> %.4f)",
+            fit.temperature,
+            fit.nll_before,
+            fit.nll_after,
+        )
+    else:
+        log.warning("temperature left at 1.0: %s", fit.reason)
+    t = fit.temperature
+    calibrated_test = softmax(test["logits"], t)
+    calibrated_valid = softmax(valid["logits"], t)
+    abstain = abstain_threshold(y_valid, calibrated_valid, params.abstain_quantile)
+
+    ood = Mahalanobis.fit(train_gap)
+    ood_threshold = float(np.quantile(ood.distance(valid["gap"]), params.ood_quantile))
+    test_distance = ood.distance(test["gap"])
+
+    metrics = classification_metrics(y_test, test["probabilities"])
+    metrics.update(
+        {
+            "ece_calibrated": expected_calibration_error(y_test, calibrated_test),
+            "nll": nll(y_test, test["probabilities"]),
+            "nll_calibrated": nll(y_test, calibrated_test),
+            "temperature": t,
+            "abstain_rate": float(np.mean(normalised_entropy(calibrated_test) > abstain)),
+            "ood_rate": float(np.mean(test_distance > ood_threshold)),
+        }
+    )
+    calibration = {
+        "temperature": t,
+        "temperature_fitted": fit.fitted,
+        "temperature_reason": fit.reason,
+        "valid_nll_before": fit.nll_before,
+        "valid_nll_after": fit.nll_after,
+        "abstain_entropy": abstain,
+        "abstain_rule": (
+            f"the {params.abstain_quantile:g} quantile of normalised predictive entropy "
+            "(calibrated) over correctly classified validation images"
+        ),
+        "ood_threshold": ood_threshold,
+        "ood_rule": (
+            f"the {params.ood_quantile:g} quantile of Mahalanobis distances of validation GAP "
+            "features to the train split's mean, with Ledoit-Wolf precision"
+        ),
+    }
+    predictions = prediction_table(splits["test"], test["probabilities"])
+    predictions["entropy_calibrated"] = normalised_entropy(calibrated_test)
+    predictions["ood_distance"] = test_distance
+    return Evaluation(
+        metrics=metrics,
+        predictions=predictions,
+        calibration=calibration,
+        ood=ood,
+        reliability_before=reliability(y_test, test["probabilities"]),
+        reliability_after=reliability(y_test, calibrated_test),
+        images=test_images,
+        features=test["features"],
+        cam_head=CamHead.from_model(model),
+    )
+
+
+# --------------------------------------------------------------------------- plot data
+
+
+def roc_table(predictions: pd.DataFrame) -> pd.DataFrame:
+    """True-positive rate per class on a shared false-positive-rate grid (for dvc plots)."""
+    proba = predictions[[f"p_{c}" for c in CLASSES]].to_numpy()
+    fpr, curves = roc_curves(_label_indices(list(predictions["actual"])), proba)
+    return pd.DataFrame({"fpr": fpr, **curves})
+
+
+def reliability_table(before: list[ReliabilityBin], after: list[ReliabilityBin]) -> pd.DataFrame:
+    """One row per confidence bin, before and after temperature scaling."""
+    rows = []
+    for b, a in zip(before, after, strict=True):
+        rows.append(
+            {
+                "bin_mid": round((b.lower + b.upper) / 2, 6),
+                "count": b.count,
+                "confidence": b.confidence,
+                "accuracy": b.accuracy,
+                "count_calibrated": a.count,
+                "confidence_calibrated": a.confidence,
+                "accuracy_calibrated": a.accuracy,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------- pictures
+
+
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(fig: Any, target: Path) -> None:
+    with staged_file(target) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    _pyplot().close(fig)
+
+
+def plot_confusion(predictions: pd.DataFrame, target: Path) -> None:
+    plt = _pyplot()
     matrix = confusion(
-        label_indices(list(predictions["actual"])), label_indices(list(predictions["predicted"]))
+        _label_indices(list(predictions["actual"])), _label_indices(list(predictions["predicted"]))
     )
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
     ax.imshow(matrix, cmap="Blues")
@@ -58,18 +316,171 @@ def plot_confusion(predictions: pd.DataFrame, target: Path) -> None:
     ax.set_xlabel("predicted")
     ax.set_ylabel("actual")
     for (i, j), n in np.ndenumerate(matrix):
-        ax.text(
-            j,
-            i,
-            str(n),
-            ha="center",
-            va="center",
-            color="white" if n > matrix.max() / 2 else "black",
-        )
+        colour = "white" if n > matrix.max() / 2 else "black"
+        ax.text(j, i, str(n), ha="center", va="center", color=colour)
+    ax.set_title("Confusion matrix (test split)")
     fig.tight_layout()
-    with staged_file(target) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    _save(fig, target)
+
+
+def plot_roc(roc: pd.DataFrame, auc: dict[str, float | None], target: Path) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    for name in CLASSES:
+        if name in roc:
+            ax.plot(roc["fpr"], roc[name], label=f"{name} (AUC {auc[name]:.3f})")
+    ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=0.8)
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title("ROC, one class vs rest (test split)")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    _save(fig, target)
+
+
+def plot_reliability(table: pd.DataFrame, ece: tuple[float, float], target: Path) -> None:
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4), sharey=True)
+    for ax, suffix, title, value in zip(
+        axes, ("", "_calibrated"), ("before", "after temperature scaling"), ece, strict=True
+    ):
+        shown = table[table[f"count{suffix}"] > 0]
+        ax.bar(
+            shown["bin_mid"],
+            shown[f"accuracy{suffix}"],
+            width=1 / len(table),
+            alpha=0.7,
+            edgecolor="black",
+            label="accuracy",
+        )
+        ax.plot(
+            shown["bin_mid"],
+            shown[f"confidence{suffix}"],
+            "o",
+            color="red",
+            ms=4,
+            label="mean confidence",
+        )
+        ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=0.8)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("top-class probability")
+        ax.set_title(f"{title}: ECE {value:.3f}")
+    axes[0].set_ylabel("accuracy")
+    axes[0].legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    _save(fig, target)
+
+
+def plot_gallery(
+    tiles: list[tuple[np.ndarray, str]], target: Path, title: str, columns: int = 4
+) -> None:
+    """A grid of images (grey or RGB uint8) with a caption each; a note when there are none."""
+    plt = _pyplot()
+    rows = max(1, math.ceil(len(tiles) / columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(2.6 * columns, 2.9 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (image, caption) in zip(axes.flat, tiles, strict=False):
+        ax.imshow(
+            image.squeeze(),
+            cmap="gray" if image.ndim == 2 or image.shape[-1] == 1 else None,
+            vmin=0,
+            vmax=255,
+        )
+        ax.set_title(caption, fontsize=7)
+    if not tiles:
+        axes[0, 0].text(0, 0.5, "nothing to show", fontsize=10)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    _save(fig, target)
+
+
+def misclassified_tiles(ev: Evaluation, limit: int = 16) -> list[tuple[np.ndarray, str]]:
+    """The most confident mistakes first."""
+    p = ev.predictions
+    wrong = p.index[p["actual"] != p["predicted"]]
+    order = p.loc[wrong].sort_values("confidence", ascending=False).index[:limit]
+    return [
+        (
+            ev.images[i].astype(np.uint8),
+            f"{p.at[i, 'actual']}\n→ {p.at[i, 'predicted']} ({p.at[i, 'confidence']:.2f})",
+        )
+        for i in order
+    ]
+
+
+def gradcam_tiles(ev: Evaluation, per_class: int) -> list[tuple[np.ndarray, str]]:
+    """Per class: the `per_class` most confident correct images and the `per_class` worst
+    (lowest probability for their true class), each with the CAM of the predicted class."""
+    p = ev.predictions
+    tiles = []
+    for name in CLASSES:
+        mine = p[p["actual"] == name]
+        top = mine[mine["predicted"] == name].sort_values(f"p_{name}", ascending=False)
+        worst = mine.sort_values(f"p_{name}", ascending=True)
+        picks = [(i, "top") for i in top.index[:per_class]]
+        picks += [(i, "worst") for i in worst.index[:per_class] if i not in top.index[:per_class]]
+        for i, kind in picks:
+            predicted = CLASSES.index(p.at[i, "predicted"])
+            heat = ev.cam_head.cam(ev.features[i], predicted)
+            caption = f"{kind} {name}\np={p.at[i, f'p_{name}']:.2f}, CAM of {CLASSES[predicted]}"
+            tiles.append((overlay(ev.images[i], heat), caption))
+    return tiles
+
+
+def write_outputs(ev: Evaluation, out: Path, params: EvaluateParams) -> dict[str, Path]:
+    """Write metrics, tables, OOD statistics and pictures into `out`; returns them by name."""
+    files = {
+        "metrics": out / "metrics.json",
+        "predictions": out / "predictions.csv",
+        "calibration": out / "calibration.json",
+        "ood": out / "ood.npz",
+        "confusion": out / "confusion.csv",
+        "roc": out / "roc.csv",
+        "reliability": out / "reliability.csv",
+    }
+    atomic_write_json(files["metrics"], ev.metrics)
+    write_manifest(files["predictions"], ev.predictions)
+    atomic_write_json(files["calibration"], ev.calibration)
+    with staged_file(files["ood"]) as tmp, tmp.open("wb") as fh:
+        np.savez(fh, mean=ev.ood.mean, precision=ev.ood.precision)
+    # dvc plots' confusion template reads one row per image with these two columns.
+    write_manifest(files["confusion"], ev.predictions[["actual", "predicted"]])
+    roc = roc_table(ev.predictions)
+    write_manifest(files["roc"], roc)
+    table = reliability_table(ev.reliability_before, ev.reliability_after)
+    write_manifest(files["reliability"], table)
+
+    plot_confusion(ev.predictions, out / "confusion.png")
+    plot_roc(roc, ev.metrics["roc_auc_per_class"], out / "roc.png")
+    plot_reliability(
+        table, (ev.metrics["ece"], ev.metrics["ece_calibrated"]), out / "reliability.png"
+    )
+    plot_gallery(
+        misclassified_tiles(ev),
+        out / "misclassified.png",
+        "Misclassified test images, most confident first",
+    )
+    plot_gallery(
+        gradcam_tiles(ev, params.gallery_per_class),
+        out / "gradcam.png",
+        "Grad-CAM: top-confidence and worst cases per class",
+    )
+    return files
+
+
+def lineage_tags(paths: Any, upto: str) -> dict[str, str]:
+    """MLflow tags naming the run of every upstream stage, so that one run leads to all."""
+    tags = {}
+    for stage in STAGES[: STAGES.index(upto)]:
+        try:
+            run_id = read_pointer(paths, stage, verify=False).mlflow.run_id
+        except PointerError:
+            continue
+        if run_id:
+            tags[f"chestct.run.{stage}"] = run_id
+    return tags
 
 
 def main() -> None:
@@ -78,23 +489,34 @@ def main() -> None:
         root = s.paths.root
         validate = read_pointer(s.paths, "validate")
         train = read_pointer(s.paths, "train")
-        test = read_manifest(validate.output_path("test", root), DATASET_COLUMNS)
-        metrics, predictions = run_evaluate(
-            train.output_path("model", root), test, s.params.evaluate, root
-        )
+        splits = {
+            name: read_manifest(validate.output_path(name, root), DATASET_COLUMNS)
+            for name in ("train", "valid", "test")
+        }
+        ev = run_evaluate(train.output_path("model", root), splits, s.params.evaluate, root)
         out = session.out_dir
-        atomic_write_json(out / "metrics.json", metrics)
-        write_manifest(out / "predictions.csv", predictions)
-        # dvc plots' confusion template reads one row per image with these two columns.
-        write_manifest(out / "confusion.csv", predictions[["actual", "predicted"]])
-        plot_confusion(predictions, out / "confusion.png")
-        session.log_artifact(out / "confusion.png")
-        session.log_artifact(out / "predictions.csv")
-        log.info("test metrics: %s", metrics)
+        files = write_outputs(ev, out, s.params.evaluate)
+
+        import mlflow
+
+        mlflow.set_tags(lineage_tags(s.paths, "evaluate"))
+        for name in PLOTS:
+            session.log_artifact(out / name, "plots")
+        for name in ("predictions", "calibration", "roc", "reliability"):
+            session.log_artifact(files[name])
+        log.info(
+            "test: macro-F1 %.4f, balanced accuracy %.4f, ECE %.4f -> %.4f (T=%.3f)",
+            ev.metrics["macro_f1"],
+            ev.metrics["balanced_accuracy"],
+            ev.metrics["ece"],
+            ev.metrics["ece_calibrated"],
+            ev.metrics["temperature"],
+        )
         session.finish(
             inputs=["validate", "train"],
-            outputs={"metrics": out / "metrics.json", "predictions": out / "predictions.csv"},
-            metrics=metrics,
+            outputs={k: files[k] for k in ("metrics", "predictions", "calibration", "ood")},
+            metrics=ev.metrics,
+            details={"calibration": ev.calibration},
         )
 
 

@@ -2,9 +2,11 @@
 
 The champion (model/, described by model/model.json) is re-scored on the current test split
 when the test data changed since it was promoted, so both are judged on the same images.
-A promoted model is written to a new folder and swapped in atomically, registered in the MLflow
-registry and given the alias `champion`; a rejected one gets the alias `challenger` and leaves
-model/ untouched.
+A candidate that wins is exported to the light LiteRT artifact, checked for parity against
+Keras on the test split, written with its card, OOD statistics and CAM head to a new folder
+and swapped in for model/ atomically; it is registered in the MLflow registry with the alias
+`champion`. A candidate that loses (or fails parity) gets the alias `challenger` and leaves
+model/ untouched; the reason is in the pointer, decision.json and the MLflow run.
 """
 
 from __future__ import annotations
@@ -13,23 +15,31 @@ import json
 import logging
 import shutil
 import uuid
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
+from chestct.export import PARITY_TOLERANCE, ExportError, LightModel, export_light, parity
 from chestct.fsutil import atomic_write_json, replace_dir, sha256_file
+from chestct.gradcam import CAM_FILE, CamHead
 from chestct.labels import CLASSES, DISPLAY_NAMES
 from chestct.manifest import DATASET_COLUMNS, read_manifest
-from chestct.pointers import now_utc, read_pointer
+from chestct.pointers import PointerError, git_state, now_utc, read_pointer
 from chestct.runner import StageFailed, run_main, stage_session
-from chestct.settings import PromoteParams, Settings
+from chestct.settings import PromoteParams
 
 log = logging.getLogger(__name__)
 
 CARD_NAME = "model.json"
 MODEL_FILE = "model.keras"
+OOD_FILE = "ood.npz"
+
+# register(model_path, alias) -> {"name", "version", "alias", "model_uri"}
+Register = Callable[[Path, str], dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -40,6 +50,24 @@ class Decision:
     champion: float | None
     champion_rescored: bool
     reason: str
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """What evaluate handed on about the trained model."""
+
+    model_path: Path
+    metrics: dict[str, Any]
+    calibration: dict[str, Any]  # evaluate's calibration.json
+    ood_path: Path  # evaluate's ood.npz
+    data_digest: str  # digest of the test split manifest
+
+
+@dataclass(frozen=True)
+class PromoteResult:
+    decision: Decision
+    registered: dict[str, Any]
+    card: dict[str, Any] | None  # the new champion's card; None when rejected
 
 
 def read_card(model_dir: Path) -> dict[str, Any] | None:
@@ -55,7 +83,7 @@ def read_card(model_dir: Path) -> dict[str, Any] | None:
     if not isinstance(data, dict):
         log.warning("%s is not a JSON object; treating the champion as absent", card)
         return None
-    if not (model_dir / data.get("model_file", MODEL_FILE)).is_file():
+    if not (model_dir / str(data.get("model_file", MODEL_FILE))).is_file():
         log.warning("%s names a model file that is missing; champion absent", card)
         return None
     return data
@@ -69,6 +97,12 @@ def decide(
 ) -> Decision:
     """Compare on params.metric: first model needs `minimum`; later ones champion + margin."""
     metric = params.metric
+    if candidate.get(metric) is None:
+        raise StageFailed(
+            f"promote.metric {metric!r} is not among the candidate's metrics "
+            f"({', '.join(k for k, v in candidate.items() if isinstance(v, float))}); "
+            "choose one of those or rerun evaluate"
+        )
     score = float(candidate[metric])
     if champion is None:
         ok = score >= params.minimum
@@ -90,72 +124,230 @@ def decide(
 def rescore_champion(
     model_dir: Path, card: dict[str, Any], test: pd.DataFrame, root: Path, batch_size: int
 ) -> dict[str, Any]:
-    """The champion's metrics on the current test split, prepared as the champion expects.
+    """The champion's metrics on the current test split, prepared at the champion's own size."""
+    from chestct.stages.evaluate import score
 
-    The champion may take another image size or interpolation than the current params, so the
-    test images are prepared again from the ingested originals with the card's settings.
-    """
-    import tempfile
-
-    from chestct.imaging import encode_png, prepare
-    from chestct.settings import EvaluateParams
-    from chestct.stages.evaluate import run_evaluate
-
-    size = int(card["image_size"])
-    interpolation = card.get("preprocessing", {}).get("interpolation", "area")
-    sources = test["original"] if "original" in test.columns else test["path"]
-    with tempfile.TemporaryDirectory(prefix="chestct-rescore-") as tmp:
-        prepared = []
-        for i, rel in enumerate(sources):
-            target = Path(tmp) / f"{i}.png"
-            target.write_bytes(encode_png(prepare((root / rel).read_bytes(), size, interpolation)))
-            prepared.append(str(target))
-        metrics, _ = run_evaluate(
-            model_dir / card.get("model_file", MODEL_FILE),
-            test.assign(path=prepared),
-            EvaluateParams(batch_size=batch_size),
-            root,
-        )
+    interpolation = (card.get("preprocessing") or {}).get("interpolation", "area")
+    metrics, _ = score(
+        model_dir / str(card.get("model_file", MODEL_FILE)),
+        test,
+        batch_size,
+        root,
+        interpolation,
+    )
     return metrics
 
 
+def export_release(
+    model_path: Path, test: pd.DataFrame, root: Path, batch_size: int, work_dir: Path
+) -> dict[str, Any]:
+    """Export the light artifact and the CAM head into `work_dir`; check parity on `test`.
+
+    Returns:
+        The card's `inference` entry, with parity_max_abs_diff and parity_images.
+
+    Raises:
+        ExportError: conversion failed or the light model differs from Keras by more than
+            PARITY_TOLERANCE on some test image.
+    """
+    from chestct.modeling import load_model
+    from chestct.stages.evaluate import load_images, model_outputs
+
+    model = load_model(model_path)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    inference = export_light(model, work_dir / "model.tflite")
+    CamHead.from_model(model).save(work_dir / CAM_FILE)
+    images = load_images(test, root, int(model.input_shape[1]))
+    p_keras = model_outputs(model, images, batch_size, ["probabilities"])["probabilities"]
+    light = LightModel.load(work_dir / inference["file"])
+    p_light = np.concatenate(
+        [
+            light.run(images[i : i + batch_size])["probabilities"]
+            for i in range(0, len(images), batch_size)
+        ]
+    )
+    diff = parity(p_light, p_keras)
+    if not diff <= PARITY_TOLERANCE:  # also catches NaN
+        raise ExportError(
+            f"light model parity failed: max |p_light - p_keras| = {diff:.3g} on "
+            f"{len(images)} test images exceeds {PARITY_TOLERANCE:g}; the converted model "
+            "cannot be served in place of the Keras one"
+        )
+    log.info("light model parity: max |dp| = %.3g on %d test images", diff, len(images))
+    return {**inference, "parity_max_abs_diff": diff, "parity_images": len(images)}
+
+
 def build_card(
-    settings: Settings,
-    metrics: dict[str, Any],
-    data_digest: str,
+    *,
+    params: PromoteParams,
+    image_size: int,
+    preprocessing: dict[str, Any],
+    candidate: Candidate,
+    inference: dict[str, Any],
     model_sha: str,
     git_sha: str | None,
-    run_ids: dict[str, str | None],
+    run_ids: Mapping[str, str | None],
     registered: dict[str, Any],
 ) -> dict[str, Any]:
-    p = settings.params
+    """The model card: what serving needs to reproduce, calibrate and explain predictions."""
+    cal = candidate.calibration
     return {
-        "name": p.promote.registered_model,
+        "name": params.registered_model,
         "version": registered.get("version"),
-        "registered_model": p.promote.registered_model,
+        "registered_model": params.registered_model,
         "classes": list(CLASSES),
         "display_names": DISPLAY_NAMES,
-        "image_size": p.base.image_size,
-        "preprocessing": {
-            "decode": "by content (PNG, JPEG, BMP, TIFF); any mode to 8-bit grey; "
-            "transparent pixels over black",
-            "resize": "stretch",
-            "interpolation": p.resize.interpolation,
-            "input": "float32 in [0, 255], shape (image_size, image_size, 1)",
-        },
+        "image_size": image_size,
+        "preprocessing": preprocessing,
         "model_file": MODEL_FILE,
         "model_sha256": model_sha,
-        "metrics": metrics,
-        "selection_metric": p.promote.metric,
-        "data_digest": data_digest,
+        "temperature": float(cal["temperature"]),
+        "temperature_note": cal.get("temperature_reason", ""),
+        "thresholds": {
+            "abstain_entropy": float(cal["abstain_entropy"]),
+            "abstain_rule": cal.get("abstain_rule", ""),
+        },
+        "inference": inference,
+        "cam": {
+            "file": CAM_FILE,
+            "method": "CAM from the dense head: relu(features @ kernel[:, class]); equals "
+            "Grad-CAM for the GAP -> dropout -> dense head",
+        },
+        "ood": {
+            "method": "mahalanobis_gap",
+            "file": OOD_FILE,
+            "threshold": float(cal["ood_threshold"]),
+            "rule": cal.get("ood_rule", ""),
+        },
+        "metrics": candidate.metrics,
+        "selection_metric": params.metric,
+        "data_digest": candidate.data_digest,
         "git_sha": git_sha,
-        "mlflow_run_ids": run_ids,
+        "mlflow_run_ids": dict(run_ids),
+        "registered": registered,
         "promoted_at": now_utc(),
         "intended_use": "research and education only; not a medical device",
     }
 
 
-def register(model_path: Path, name: str, alias: str) -> dict[str, Any]:
+def install_model(
+    model_path: Path,
+    card: dict[str, Any],
+    model_dir: Path,
+    extras: Mapping[str, Path] | None = None,
+) -> None:
+    """Write the new model folder beside model/, then swap it in atomically.
+
+    Args:
+        model_path: the .keras file, copied as model.keras.
+        card: written as model.json.
+        model_dir: the folder to replace.
+        extras: further files by their name inside the new folder (light model, OOD, CAM).
+    """
+    staging = model_dir.with_name(f".{model_dir.name}.new-{uuid.uuid4().hex[:8]}")
+    staging.mkdir(parents=True)
+    try:
+        shutil.copy2(model_path, staging / MODEL_FILE)
+        for name, source in (extras or {}).items():
+            shutil.copy2(source, staging / name)
+        atomic_write_json(staging / CARD_NAME, card)
+        for path in staging.iterdir():
+            # Atomic writes create private (0600) files; the predictor may run as another user.
+            path.chmod(0o644)
+        replace_dir(staging, model_dir)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+
+
+def run_promote(
+    candidate: Candidate,
+    test: pd.DataFrame,
+    params: PromoteParams,
+    *,
+    model_dir: Path,
+    root: Path,
+    batch_size: int,
+    image_size: int,
+    preprocessing: dict[str, Any],
+    work_dir: Path,
+    register: Register,
+    run_ids: Mapping[str, str | None] | None = None,
+) -> PromoteResult:
+    """Decide, export and install (or leave model/ alone); returns what happened.
+
+    Args:
+        candidate: the evaluated model.
+        test: the current test split (DATASET_COLUMNS), for re-scoring and parity.
+        params: the promote params.
+        model_dir: the champion's folder (model/).
+        root: the folder the manifests' paths are relative to.
+        batch_size: prediction batch size.
+        image_size: the candidate's input size, for the card.
+        preprocessing: how serving must prepare an image, for the card.
+        work_dir: scratch folder for the exported files (inside the stage's output folder).
+        register: logs and registers the model under an alias (MLflow in main()).
+        run_ids: MLflow run ids of the stages behind the candidate, for the card.
+    """
+    card = read_card(model_dir)
+    champion_metrics, rescored = None, False
+    if card is not None:
+        champion_metrics = card.get("metrics") or {}
+        if (
+            card.get("data_digest") != candidate.data_digest
+            or champion_metrics.get(params.metric) is None
+        ):
+            log.info("test data or metric changed since the champion was promoted: re-scoring")
+            champion_metrics = rescore_champion(model_dir, card, test, root, batch_size)
+            rescored = True
+    decision = decide(params, candidate.metrics, champion_metrics, rescored)
+    inference: dict[str, Any] | None = None
+    if decision.promote:
+        try:
+            inference = export_release(candidate.model_path, test, root, batch_size, work_dir)
+        except ExportError as exc:
+            log.error("%s", exc)
+            decision = replace(decision, promote=False, reason=f"{decision.reason}; but {exc}")
+    log.info("decision: %s", decision.reason)
+    registered = register(candidate.model_path, "champion" if decision.promote else "challenger")
+    if not decision.promote or inference is None:
+        # DVC expects model/ to exist after the stage; an empty folder means "no champion".
+        model_dir.mkdir(parents=True, exist_ok=True)
+        return PromoteResult(decision, registered, None)
+    new_card = build_card(
+        params=params,
+        image_size=image_size,
+        preprocessing=preprocessing,
+        candidate=candidate,
+        inference=inference,
+        model_sha=sha256_file(candidate.model_path),
+        git_sha=git_state(root).sha,
+        run_ids=run_ids or {},
+        registered=registered,
+    )
+    install_model(
+        candidate.model_path,
+        new_card,
+        model_dir,
+        {
+            inference["file"]: work_dir / inference["file"],
+            CAM_FILE: work_dir / CAM_FILE,
+            OOD_FILE: candidate.ood_path,
+        },
+    )
+    log.info(
+        "promoted %s version %s into %s",
+        params.registered_model,
+        registered.get("version"),
+        model_dir,
+    )
+    return PromoteResult(decision, registered, new_card)
+
+
+# --------------------------------------------------------------------------- MLflow
+
+
+def mlflow_register(model_path: Path, name: str, alias: str) -> dict[str, Any]:
     """Log the Keras model to the active run, register it, and point `alias` at it."""
     import mlflow
     from mlflow import MlflowClient
@@ -173,7 +365,16 @@ def register(model_path: Path, name: str, alias: str) -> dict[str, Any]:
         ],
     )
     version = str(info.registered_model_version)
-    MlflowClient().set_registered_model_alias(name, alias, version)
+    client = MlflowClient()
+    client.set_registered_model_alias(name, alias, version)
+    active = mlflow.active_run()
+    if active is not None:
+        run = client.get_run(active.info.run_id)
+        # compare.py follows these tags from a version to the runs of every stage behind it.
+        for key, value in run.data.tags.items():
+            if key.startswith("chestct.run.") or key in ("git.sha", "dvc.exp_name"):
+                client.set_model_version_tag(name, version, key, value)
+        client.set_model_version_tag(name, version, "chestct.run.promote", run.info.run_id)
     return {"name": name, "version": version, "alias": alias, "model_uri": info.model_uri}
 
 
@@ -183,17 +384,23 @@ def _version(pkg: str) -> str:
     return metadata.version(pkg)
 
 
-def install_model(model_path: Path, card: dict[str, Any], model_dir: Path) -> None:
-    """Write the new model folder beside model/, then swap it in atomically."""
-    staging = model_dir.with_name(f".{model_dir.name}.new-{uuid.uuid4().hex[:8]}")
-    staging.mkdir(parents=True)
+def _preprocessing(settings: Any) -> dict[str, Any]:
+    """How serving must prepare an image: from the params the resize stage really ran with."""
+    resize = read_pointer(settings.paths, "resize", verify=False).params.get("resize", {})
+    spec: dict[str, Any] = {
+        "decode": "by content (PNG, JPEG, BMP, TIFF, DICOM); any mode to 8-bit grey; "
+        "transparent pixels over black",
+        "resize": resize.get("mode", "stretch"),
+        "interpolation": resize.get("interpolation", "area"),
+        "input": "float32 in [0, 255], shape (image_size, image_size, 1)",
+    }
     try:
-        shutil.copy2(model_path, staging / MODEL_FILE)
-        atomic_write_json(staging / CARD_NAME, card)
-        replace_dir(staging, model_dir)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
+        ingest = read_pointer(settings.paths, "ingest", verify=False).params.get("ingest", {})
+    except PointerError:  # the window only matters for DICOM uploads; serving has a default
+        ingest = {}
+    if "window" in ingest:
+        spec["window"] = ingest["window"]
+    return spec
 
 
 def main() -> None:
@@ -203,66 +410,60 @@ def main() -> None:
         evaluate = read_pointer(s.paths, "evaluate")
         train = read_pointer(s.paths, "train")
         validate = read_pointer(s.paths, "validate")
-        data_digest = validate.outputs["test"].digest
-        candidate_metrics = evaluate.metrics
-        if params.metric not in candidate_metrics:
-            raise StageFailed(f"promote.metric {params.metric!r} is not among evaluate's metrics")
-
-        card = read_card(s.paths.model)
-        champion_metrics, rescored = None, False
-        if card is not None:
-            champion_metrics = card.get("metrics", {})
-            if card.get("data_digest") != data_digest or params.metric not in champion_metrics:
-                test = read_manifest(validate.output_path("test", root), DATASET_COLUMNS)
-                champion_metrics = rescore_champion(
-                    s.paths.model, card, test, root, s.params.evaluate.batch_size
-                )
-                rescored = True
-        decision = decide(params, candidate_metrics, champion_metrics, rescored)
-        log.info("decision: %s", decision.reason)
+        try:
+            calibration = json.loads(
+                evaluate.output_path("calibration", root).read_text(encoding="utf-8")
+            )
+            ood_path = evaluate.output_path("ood", root)
+        except (PointerError, OSError, json.JSONDecodeError) as exc:
+            raise StageFailed(
+                f"evaluate's outputs lack the calibration ({exc}); rerun `dvc repro evaluate`"
+            ) from exc
+        candidate = Candidate(
+            model_path=train.output_path("model", root),
+            metrics=evaluate.metrics,
+            calibration=calibration,
+            ood_path=ood_path,
+            data_digest=validate.outputs["test"].digest,
+        )
+        test = read_manifest(validate.output_path("test", root), DATASET_COLUMNS)
 
         import mlflow
 
+        from chestct.stages.evaluate import lineage_tags
+
+        mlflow.set_tags(lineage_tags(s.paths, "promote"))
+        result = run_promote(
+            candidate,
+            test,
+            params,
+            model_dir=s.paths.model,
+            root=root,
+            batch_size=s.params.evaluate.batch_size,
+            image_size=s.params.base.image_size,
+            preprocessing=_preprocessing(s),
+            work_dir=session.out_dir / "release",
+            register=lambda path, alias: mlflow_register(path, params.registered_model, alias),
+            run_ids={
+                "train": train.mlflow.run_id,
+                "evaluate": evaluate.mlflow.run_id,
+                "promote": session.run_id,
+            },
+        )
+        decision = result.decision
         mlflow.set_tags(
             {
                 "chestct.decision": "promoted" if decision.promote else "rejected",
-                "chestct.decision_reason": decision.reason,
+                "chestct.decision_reason": decision.reason[:5000],
             }
         )
-        model_path = train.output_path("model", root)
-        registered = register(
-            model_path, params.registered_model, "champion" if decision.promote else "challenger"
-        )
         outputs: dict[str, Path] = {}
-        if decision.promote:
-            from chestct.pointers import git_state
-
-            new_card = build_card(
-                s,
-                candidate_metrics,
-                data_digest,
-                sha256_file(model_path),
-                git_state(root).sha,
-                {
-                    "train": train.mlflow.run_id,
-                    "evaluate": evaluate.mlflow.run_id,
-                    "promote": session.run_id,
-                },
-                registered,
-            )
-            install_model(model_path, new_card, s.paths.model)
+        if result.card is not None:
             outputs["card"] = s.paths.model / CARD_NAME
-            log.info(
-                "promoted %s version %s into %s",
-                params.registered_model,
-                registered["version"],
-                s.paths.model,
-            )
-        else:
-            # DVC expects model/ to exist after the stage; an empty folder means "no champion".
-            s.paths.model.mkdir(parents=True, exist_ok=True)
+            session.log_artifact(s.paths.model / CARD_NAME, "model_card")
+            session.log_artifact(s.paths.model / result.card["inference"]["file"], "model_card")
         decision_path = session.out_dir / "decision.json"
-        atomic_write_json(decision_path, {**asdict(decision), "registered": registered})
+        atomic_write_json(decision_path, {**asdict(decision), "registered": result.registered})
         outputs["decision"] = decision_path
         session.finish(
             inputs=["validate", "train", "evaluate"],
@@ -271,8 +472,13 @@ def main() -> None:
                 "promoted": int(decision.promote),
                 "candidate": decision.candidate,
                 **({"champion": decision.champion} if decision.champion is not None else {}),
+                **(
+                    {"parity_max_abs_diff": result.card["inference"]["parity_max_abs_diff"]}
+                    if result.card
+                    else {}
+                ),
             },
-            details={"decision": asdict(decision), "registered": registered},
+            details={"decision": asdict(decision), "registered": result.registered},
         )
 
 

@@ -1,0 +1,245 @@
+"""promote's run_promote(): the champion is replaced only by a better candidate, with the light
+artifact, CAM head, OOD statistics and a card that serving can rely on (MLflow replaced by a
+recorder of registrations)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+
+from chestct.labels import CLASSES
+from chestct.manifest import DATASET_COLUMNS
+from chestct.settings import BaseModelParams, PromoteParams
+
+SIZE = 32
+PREPROCESSING = {"resize": "stretch", "interpolation": "area"}
+
+
+class Registry:
+    """Stands in for MLflow: numbers versions and remembers aliases."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Path, str]] = []
+
+    def __call__(self, path: Path, alias: str) -> dict[str, Any]:
+        self.calls.append((path, alias))
+        return {"name": "chestct", "version": str(len(self.calls)), "alias": alias}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Two untrained models, a test split and evaluate-like outputs."""
+    from chestct.modeling import build_model
+
+    root = tmp_path_factory.mktemp("promote")
+    rows = []
+    for c, label in enumerate(CLASSES):
+        for i in range(2):
+            rel = f"test/{label}/{i}.png"
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            img = np.random.default_rng(10 * c + i).integers(0, 255, (SIZE, SIZE))
+            assert cv2.imwrite(str(root / rel), img.astype(np.uint8))
+            rows.append(
+                {"path": rel, "label": label, "sha256": rel, "source_path": rel, "original": ""}
+            )
+    test = pd.DataFrame(rows, columns=list(DATASET_COLUMNS))
+    models = {}
+    for seed in (0, 1):
+        models[seed] = root / f"model{seed}.keras"
+        build_model(BaseModelParams(filters=[4, 8]), SIZE, seed=seed).save(models[seed])
+    ood = root / "ood.npz"
+    np.savez(ood, mean=np.zeros(8), precision=np.eye(8))
+    return {"root": root, "test": test, "models": models, "ood": ood}
+
+
+def candidate(world: dict[str, Any], seed: int, macro_f1: float, digest: str = "d1"):
+    from chestct.stages.promote import Candidate
+
+    return Candidate(
+        model_path=world["models"][seed],
+        metrics={"macro_f1": macro_f1, "accuracy": macro_f1},
+        calibration={
+            "temperature": 1.5,
+            "temperature_reason": "fitted",
+            "abstain_entropy": 0.8,
+            "abstain_rule": "rule",
+            "ood_threshold": 12.5,
+            "ood_rule": "rule",
+        },
+        ood_path=world["ood"],
+        data_digest=digest,
+    )
+
+
+def promote(world: dict[str, Any], cand, model_dir: Path, registry: Registry, **params):
+    from chestct.stages.promote import run_promote
+
+    return run_promote(
+        cand,
+        world["test"],
+        PromoteParams(**{"minimum": 0.5, **params}),
+        model_dir=model_dir,
+        root=world["root"],
+        batch_size=4,
+        image_size=SIZE,
+        preprocessing=PREPROCESSING,
+        work_dir=model_dir.parent / "work",
+        register=registry,
+        run_ids={"train": "t" * 32},
+    )
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def champion(world, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any, Registry]:
+    """model/ after promoting the first candidate (macro-F1 0.8)."""
+    model_dir = tmp_path_factory.mktemp("champion") / "model"
+    registry = Registry()
+    result = promote(world, candidate(world, 0, 0.8), model_dir, registry)
+    return model_dir, result, registry
+
+
+def test_first_candidate_is_promoted_with_the_serving_contract(champion, world) -> None:
+    from chestct.export import PARITY_TOLERANCE, LightModel
+    from chestct.gradcam import CamHead
+
+    model_dir, result, registry = champion
+    assert result.decision.promote
+    assert registry.calls == [(world["models"][0], "champion")]
+    assert sorted(p.name for p in model_dir.iterdir()) == [
+        "cam_head.npz",
+        "model.json",
+        "model.keras",
+        "model.tflite",
+        "ood.npz",
+    ]
+    card = json.loads((model_dir / "model.json").read_text(encoding="utf-8"))
+    assert card == result.card
+    assert card["version"] == "1" and card["classes"] == list(CLASSES)
+    assert card["image_size"] == SIZE and card["preprocessing"] == PREPROCESSING
+    assert card["temperature"] == 1.5
+    assert card["thresholds"]["abstain_entropy"] == 0.8
+    assert card["ood"] == {
+        "method": "mahalanobis_gap",
+        "file": "ood.npz",
+        "threshold": 12.5,
+        "rule": "rule",
+    }
+    assert card["cam"]["file"] == "cam_head.npz"
+    inference = card["inference"]
+    assert inference["file"] == "model.tflite" and inference["runtime"] == "litert"
+    assert set(inference["outputs"]) >= {"probabilities", "features"}
+    assert 0 <= inference["parity_max_abs_diff"] <= PARITY_TOLERANCE
+    assert inference["parity_images"] == len(world["test"])
+    assert card["metrics"]["macro_f1"] == 0.8 and card["data_digest"] == "d1"
+    assert card["mlflow_run_ids"] == {"train": "t" * 32}
+
+    light = LightModel.load(model_dir / "model.tflite")
+    out = light.run(np.zeros((1, SIZE, SIZE, 1), np.float32))
+    heat = CamHead.load(model_dir / "cam_head.npz").cam(out["features"][0], 0)
+    assert heat.shape == out["features"].shape[1:3]
+
+
+@pytest.mark.parametrize(("score", "margin"), [(0.79, 0.0), (0.6, 0.0), (0.82, 0.05)])
+def test_a_worse_candidate_never_replaces_the_champion(
+    champion, world, tmp_path: Path, score: float, margin: float
+) -> None:
+    import shutil
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(champion[0], model_dir)
+    before = snapshot(model_dir)
+    registry = Registry()
+
+    result = promote(world, candidate(world, 1, score), model_dir, registry, margin=margin)
+
+    assert not result.decision.promote
+    assert result.card is None
+    assert "rejected" in result.decision.reason
+    assert registry.calls == [(world["models"][1], "challenger")]
+    assert snapshot(model_dir) == before  # byte for byte
+    assert not (model_dir.parent / "work" / "model.tflite").exists()  # nothing exported
+
+
+def test_a_better_candidate_replaces_the_champion(champion, world, tmp_path: Path) -> None:
+    import shutil
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(champion[0], model_dir)
+    result = promote(world, candidate(world, 1, 0.9), model_dir, Registry())
+    assert result.decision.promote
+    assert (model_dir / "model.keras").read_bytes() == world["models"][1].read_bytes()
+    card = json.loads((model_dir / "model.json").read_text(encoding="utf-8"))
+    assert card["metrics"]["macro_f1"] == 0.9
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".model")]
+    assert leftovers == []
+
+
+def test_champion_is_rescored_when_the_test_data_changed(champion, world, tmp_path) -> None:
+    import shutil
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(champion[0], model_dir)
+    before = snapshot(model_dir)
+    # The card says 0.8, but on the new test data the untrained champion scores far lower;
+    # a candidate at 0.7 must be judged against the re-scored figure, not the card's.
+    result = promote(world, candidate(world, 1, 0.7, digest="d2"), model_dir, Registry())
+    decision = result.decision
+    assert decision.champion_rescored
+    assert decision.champion is not None and decision.champion < 0.7
+    assert decision.promote
+    assert snapshot(model_dir) != before
+
+
+def test_same_test_data_uses_the_champions_card(champion, world, tmp_path: Path) -> None:
+    import shutil
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(champion[0], model_dir)
+    result = promote(world, candidate(world, 1, 0.7, digest="d1"), model_dir, Registry())
+    assert not result.decision.champion_rescored
+    assert result.decision.champion == 0.8
+
+
+def test_parity_failure_rejects_and_leaves_the_champion(
+    champion, world, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    from chestct.stages import promote as promote_module
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(champion[0], model_dir)
+    before = snapshot(model_dir)
+    monkeypatch.setattr(promote_module, "parity", lambda a, b: 0.25)
+    registry = Registry()
+    result = promote(world, candidate(world, 1, 0.95), model_dir, registry)
+    assert not result.decision.promote
+    assert "parity failed" in result.decision.reason and "0.25" in result.decision.reason
+    assert registry.calls[-1][1] == "challenger"
+    assert snapshot(model_dir) == before
+
+
+def test_a_first_candidate_below_the_minimum_leaves_an_empty_model_folder(world, tmp_path) -> None:
+    model_dir = tmp_path / "model"
+    registry = Registry()
+    result = promote(world, candidate(world, 0, 0.3), model_dir, registry)
+    assert not result.decision.promote
+    assert model_dir.is_dir() and list(model_dir.iterdir()) == []
+    assert registry.calls[0][1] == "challenger"
+
+
+def test_an_unknown_metric_is_a_clear_error(world, tmp_path: Path) -> None:
+    from chestct.runner import StageFailed
+
+    with pytest.raises(StageFailed, match=r"promote\.metric 'roc_auc' is not among"):
+        promote(world, candidate(world, 0, 0.9), tmp_path / "model", Registry(), metric="roc_auc")

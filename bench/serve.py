@@ -10,7 +10,8 @@ Targets (issue 5): p50 ≤ 1.5 × bare; throughput ≥ 0.8 × 2 × bare rate; RS
 Without --model-dir the model is the untrained small CNN of params.yaml (same compute as a
 trained one), exported with chestct.export and completed as promote does (head, OOD).
 
-    python bench/serve.py [--model-dir model] [--requests 300] [--seconds 15] [--keras]
+    python bench/serve.py [--model-dir model] [--requests 300] [--seconds 10] [--rounds 3]
+                          [--keras]
 
 --keras also measures a worker serving the Keras fallback (TensorFlow in the worker).
 """
@@ -194,6 +195,17 @@ def post_loop(port: int, body: bytes, stop: threading.Event | None, count: int |
     return times
 
 
+def bare_run(model_dir: Path, image: Path, requests: int) -> dict:
+    """The bare figures from a fresh process that never imports TensorFlow."""
+    out = subprocess.run(
+        [PYTHON, "-c", BARE, str(model_dir), str(image), str(requests)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return json.loads(out.stdout.splitlines()[-1])
+
+
 def measure_server(server: Server, body: bytes, requests: int, seconds: float) -> dict:
     post_loop(server.port, body, None, 30)  # warm both connections' paths
     single = post_loop(server.port, body, None, requests)
@@ -223,7 +235,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model-dir", type=Path, help="a promoted model folder (default: build one)")
     ap.add_argument("--requests", type=int, default=300, help="sequential requests per series")
-    ap.add_argument("--seconds", type=float, default=15.0, help="duration of the 4-client run")
+    ap.add_argument("--seconds", type=float, default=10.0, help="each 4-client run")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating bare/served rounds")
     ap.add_argument("--keras", action="store_true", help="also measure a TensorFlow worker")
     args = ap.parse_args()
 
@@ -239,20 +252,21 @@ def main() -> None:
         make_image(image)
         body = image.read_bytes()
 
-        bare = json.loads(
-            subprocess.run(
-                [PYTHON, "-c", BARE, str(model_dir), str(image), str(args.requests)],
-                check=True,
-                capture_output=True,
-                text=True,
-            ).stdout.splitlines()[-1]
-        )
+        # Bare and served series alternate over --rounds, so that load from other processes
+        # hits both alike; each figure is the median over the rounds.
+        bares, serves = [], []
         server = Server(model_dir, scratch)
         try:
             server.wait_ready()
-            served = measure_server(server, body, args.requests, args.seconds)
+            for _ in range(args.rounds):
+                bares.append(bare_run(model_dir, image, args.requests))
+                serves.append(measure_server(server, body, args.requests, args.seconds))
         finally:
             server.stop()
+        bare = {k: statistics.median(b[k] for b in bares) for k in ("p50_ms", "rate")}
+        bare["tf_imported"] = any(b["tf_imported"] for b in bares)
+        served = {k: statistics.median(r[k] for r in serves) for k in ("p50_ms", "throughput")}
+        served["rss_mb"] = serves[-1]["rss_mb"]
         keras = None
         if args.keras:
             keras_dir = scratch / "model-keras"

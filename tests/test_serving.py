@@ -80,6 +80,7 @@ def test_health_ready_metadata(client) -> None:
     assert meta["temperature"] == TEMPERATURE
     assert meta["thresholds"] == {"abstain_entropy": ABSTAIN}
     assert meta["explain"] is True and meta["ood"]["method"] == "mahalanobis_gap"
+    assert meta["inference"]["runtime"] == "litert"
     assert meta["limits"]["max_upload_mb"] == 1
 
 
@@ -276,12 +277,24 @@ def jpeg_bomb() -> bytes:
     return bytes(data)
 
 
-@pytest.mark.parametrize("bomb", [png_bomb, jpeg_bomb], ids=["png", "jpeg"])
+def dicom_bomb() -> bytes:
+    """A DICOM whose Rows and Columns declare 60000 x 60000 over a few bytes of pixels."""
+    import pydicom
+
+    ds = pydicom.dcmread(io.BytesIO(dicom_bytes(0)))
+    ds.Rows = ds.Columns = 60000
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("bomb", [png_bomb, jpeg_bomb, dicom_bomb], ids=["png", "jpeg", "dicom"])
 def test_decompression_bomb_refused_from_header(client, monkeypatch, bomb) -> None:
     def no_decode(*args, **kwargs):
         raise AssertionError("the bomb reached the decoder")
 
     monkeypatch.setattr(imaging.cv2, "imdecode", no_decode)
+    monkeypatch.setattr(imaging, "decode_dicom", no_decode)
     body = assert_problem(client.post("/predict", **multipart(bomb())), 413, "Image too large")
     assert "header declares" in body["detail"]
 
@@ -437,3 +450,27 @@ def test_settings_reach_the_app(tmp_path: Path, model_dir: Path, monkeypatch) ->
     assert app.config["HISTORY_TOKEN"] == "from-env"
     assert app.config["AUDIT_DB"] == str(tmp_path / "audit" / "predictions.sqlite")
     assert app.test_client().get("/ready").status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("serving", "message"),
+    [
+        ({"max_batch_files": 0}, "serving.max_batch_files"),
+        ({"max_upload_mb": -1}, "serving.max_upload_mb"),
+        ({"audit_log": "yes"}, "serving.audit_log"),
+        ({"history_tokn": "x"}, "unknown key 'history_tokn'"),
+    ],
+)
+def test_bad_serving_settings_name_the_key(tmp_path: Path, serving: dict, message: str) -> None:
+    import shutil
+
+    from chestct.settings import SettingsError, load_settings
+
+    repo = Path(__file__).resolve().parents[1]
+    (tmp_path / "config").mkdir()
+    shutil.copy(repo / "params.yaml", tmp_path / "params.yaml")
+    (tmp_path / "config" / "config.yaml").write_text(
+        json.dumps({"serving": serving}), encoding="utf-8"
+    )
+    with pytest.raises(SettingsError, match=message):
+        load_settings(tmp_path)

@@ -370,6 +370,10 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
             image_size=model.image_size,
             preprocessing=card.get("preprocessing"),
             backend=model.backend,
+            inference={
+                "runtime": model.backend,
+                "parity_max_abs_diff": (card.get("inference") or {}).get("parity_max_abs_diff"),
+            },
             temperature=model.temperature,
             thresholds={"abstain_entropy": model.abstain_threshold},
             ood=None

@@ -112,7 +112,26 @@ def _tiff_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
-_HEADER_READERS = {"png": _png_size, "jpeg": _jpeg_size, "bmp": _bmp_size, "tiff": _tiff_size}
+def _dicom_size(data: bytes) -> tuple[int, int] | None:
+    """Columns and Rows from the DICOM header, read without touching the pixel data."""
+    import io
+
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+        return int(ds.Columns), int(ds.Rows)
+    except Exception:  # pydicom raises many types for bad headers; imaging reports them
+        return None
+
+
+_HEADER_READERS = {
+    "png": _png_size,
+    "jpeg": _jpeg_size,
+    "bmp": _bmp_size,
+    "tiff": _tiff_size,
+    "dicom": _dicom_size,
+}
 
 
 def declared_size(data: bytes, fmt: str) -> tuple[int, int] | None:

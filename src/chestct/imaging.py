@@ -1,17 +1,25 @@
-"""Decoding and preprocessing shared by the pipeline (resize) and the predictor.
+"""Decoding and preprocessing shared by the pipeline (ingest, resize) and the predictor.
 
 One function, `prepare`, turns raw file bytes into the model's input, so that a slice is seen
-the same way in training and in serving.
+the same way in training and in serving. DICOM files are windowed to 8-bit grey by
+`decode_dicom` (Hounsfield units through RescaleSlope/Intercept, then a lung window).
 """
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
 
 INTERPOLATIONS = {"area": cv2.INTER_AREA, "linear": cv2.INTER_LINEAR, "cubic": cv2.INTER_CUBIC}
+
+# How a slice that is not square becomes square (params `resize.mode`).
+RESIZE_MODES: tuple[str, ...] = ("stretch", "pad", "crop")
+
+# The default lung window (params `ingest.window`): level -600 HU, width 1500 HU.
+LUNG_WINDOW: tuple[float, float] = (-600.0, 1500.0)
 
 # Magic numbers, so the format comes from content, never from a (possibly wrong) extension.
 _SIGNATURES: tuple[tuple[bytes, str], ...] = (
@@ -60,10 +68,15 @@ def _to_grey(img: np.ndarray) -> tuple[np.ndarray, str]:
         grey = img
     elif img.shape[2] == 4:
         mode = "RGBA"
-        # Transparent pixels become black, the background of a CT slice.
-        alpha = img[:, :, 3:4].astype(np.float32) / (65535.0 if depth16 else 255.0)
-        bgr = (img[:, :, :3].astype(np.float32) * alpha).astype(img.dtype)
-        grey = cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
+        alpha = img[:, :, 3]
+        if alpha.min() == np.iinfo(img.dtype).max:
+            # Fully opaque (most exports): no blending, and no float copy of a large image.
+            grey = cv2.cvtColor(img, cv2.COLOR_BGRA2GRAY)
+        else:
+            # Transparent pixels become black, the background of a CT slice.
+            weight = alpha[:, :, None].astype(np.float32) / (65535.0 if depth16 else 255.0)
+            bgr = (img[:, :, :3].astype(np.float32) * weight).astype(img.dtype)
+            grey = cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
     elif img.shape[2] == 3:
         mode = "RGB"
         grey = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)
@@ -78,19 +91,30 @@ def _to_grey(img: np.ndarray) -> tuple[np.ndarray, str]:
     return grey, mode
 
 
-def decode(data: bytes) -> Decoded:
-    """Decode image bytes (PNG, JPEG, BMP, TIFF) by content into 8-bit grey.
+def decode(data: bytes, window: tuple[float, float] | None = None) -> Decoded:
+    """Decode image bytes (PNG, JPEG, BMP, TIFF; DICOM when given a window) into 8-bit grey.
+
+    Args:
+        data: the file's bytes; the format comes from the content, never from a name.
+        window: (level, width) in Hounsfield units for DICOM files; without it a DICOM file
+            is refused, because the same bytes would look different under another window.
 
     Raises:
-        ImageError: empty, truncated or non-image bytes.
+        ImageError: empty, truncated or non-image bytes, or a DICOM file without a window,
+            without pixel data or in a transfer syntax that cannot be decoded here.
     """
     if not data:
         raise ImageError("empty file")
     fmt = sniff_format(data)
+    if fmt == "dicom" and window is not None:
+        return decode_dicom(data, *window)
     if fmt in ("unknown", "dicom", "gif"):
-        raise ImageError(
-            f"not a supported image (format by content: {fmt}); use PNG, JPEG, BMP or TIFF"
+        hint = (
+            "; DICOM needs a window (level, width) to become 8-bit grey"
+            if fmt == "dicom"
+            else "; use PNG, JPEG, BMP, TIFF or DICOM"
         )
+        raise ImageError(f"not a supported image (format by content: {fmt}){hint}")
     buf = np.frombuffer(data, dtype=np.uint8)
     img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
     if img is None or img.size == 0:
@@ -100,14 +124,141 @@ def decode(data: bytes) -> Decoded:
     return Decoded(grey=grey, format=fmt, mode=mode, width=width, height=height)
 
 
-def resize(grey: np.ndarray, size: int, interpolation: str = "area") -> np.ndarray:
-    """Stretch a grey slice to size x size."""
-    return cv2.resize(grey, (size, size), interpolation=INTERPOLATIONS[interpolation])
+def apply_window(values: np.ndarray, level: float, width: float) -> np.ndarray:
+    """Map values (e.g. Hounsfield units) through a window to uint8: level - width/2 is black,
+    level + width/2 is white."""
+    low = level - width / 2.0
+    scaled = (values.astype(np.float32) - np.float32(low)) * np.float32(255.0 / width)
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
 
 
-def prepare(data: bytes, size: int, interpolation: str = "area") -> np.ndarray:
-    """Raw bytes -> uint8 (size, size) grey: the one preprocessing of training and serving."""
-    return resize(decode(data).grey, size, interpolation)
+def decode_dicom(data: bytes, level: float, width: float) -> Decoded:
+    """A single-frame DICOM slice to 8-bit grey through Hounsfield units and a window.
+
+    Stored values become Hounsfield units through RescaleSlope and RescaleIntercept (1 and 0 when
+    absent), then the window (level, width) maps them to 0..255. MONOCHROME1 is inverted so
+    that air is dark as in MONOCHROME2; colour DICOM is converted to grey without windowing.
+
+    Raises:
+        ImageError: not DICOM, no pixel data, a transfer syntax without an available decoder,
+            several frames, or pixel data that cannot be decoded.
+    """
+    if width <= 0:
+        raise ImageError(f"DICOM window width must be > 0, got {width}")
+    import pydicom  # imported here: only DICOM sources and uploads pay for it
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data))
+    except (InvalidDicomError, EOFError, ValueError, TypeError, KeyError, OSError) as exc:
+        raise ImageError(f"not a readable DICOM file ({exc})") from None
+    if not any(tag in ds for tag in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        kind = getattr(ds, "Modality", "") or str(getattr(ds, "SOPClassUID", "")) or "unknown"
+        raise ImageError(
+            f"DICOM file has no pixel data (modality/class: {kind}): a report, a presentation "
+            "state or a truncated file, not an image; leave it out"
+        )
+    meta = getattr(ds, "file_meta", None)
+    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+    if frames > 1:
+        raise ImageError(
+            f"DICOM file holds {frames} frames; chestct reads 2D slices: export one file per slice"
+        )
+    try:
+        pixels = ds.pixel_array
+    except Exception as exc:  # pydicom raises many types for codecs; all mean the same here
+        if syntax is not None and syntax.is_compressed and not _decoder_available(syntax):
+            raise ImageError(
+                f"DICOM transfer syntax {syntax.name} ({syntax}) is not supported here (no "
+                "decoder installed); decompress the file first, e.g. `gdcmconv --raw in.dcm "
+                "out.dcm`"
+            ) from None
+        raise ImageError(f"DICOM pixel data could not be decoded ({exc})") from None
+    photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).upper()
+    if pixels.ndim == 3 and photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        rgb = pixels.astype(np.uint8) if pixels.dtype != np.uint8 else pixels
+        if photometric.startswith("YBR"):
+            from pydicom.pixels import convert_color_space
+
+            rgb = convert_color_space(rgb, photometric, "RGB")
+        grey = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2GRAY)
+        mode = "RGB"
+    elif pixels.ndim == 2:
+        slope = float(ds.get("RescaleSlope", 1) or 1)
+        intercept = float(ds.get("RescaleIntercept", 0) or 0)
+        hounsfield = pixels.astype(np.float32) * np.float32(slope) + np.float32(intercept)
+        grey = apply_window(hounsfield, level, width)
+        if photometric == "MONOCHROME1":
+            grey = 255 - grey
+        mode = "L" if int(getattr(ds, "BitsAllocated", 16)) <= 8 else "I;16"
+    else:
+        raise ImageError(
+            f"DICOM pixel data has shape {pixels.shape} and photometric interpretation "
+            f"{photometric}; chestct reads single grey or colour slices"
+        )
+    height, width_px = grey.shape
+    return Decoded(grey=grey, format="dicom", mode=mode, width=width_px, height=height)
+
+
+def _decoder_available(syntax: object) -> bool:
+    try:
+        from pydicom.pixels import get_decoder
+
+        return bool(get_decoder(syntax).is_available)
+    except (NotImplementedError, ValueError, KeyError):
+        return False
+
+
+def resize(
+    grey: np.ndarray, size: int, interpolation: str = "area", mode: str = "stretch"
+) -> np.ndarray:
+    """A grey slice to size x size.
+
+    Args:
+        grey: uint8 H x W.
+        size: side of the square output.
+        interpolation: area | linear | cubic.
+        mode: stretch (scale each axis on its own; shape distorts), pad (scale the longer side
+            to `size`, centre on black; anatomy keeps its proportions but the bands show the
+            aspect ratio), crop (cut the centred square, then scale; loses the sides).
+    """
+    flag = INTERPOLATIONS[interpolation]
+    height, width = grey.shape[:2]
+    if mode == "stretch" or height == width:
+        return cv2.resize(grey, (size, size), interpolation=flag)
+    if mode == "crop":
+        side = min(height, width)
+        top, left = (height - side) // 2, (width - side) // 2
+        return cv2.resize(
+            grey[top : top + side, left : left + side], (size, size), interpolation=flag
+        )
+    if mode == "pad":
+        scale = size / max(height, width)
+        new_w = max(1, round(width * scale))
+        new_h = max(1, round(height * scale))
+        small = cv2.resize(grey, (new_w, new_h), interpolation=flag)
+        top, left = (size - new_h) // 2, (size - new_w) // 2
+        return cv2.copyMakeBorder(
+            small, top, size - new_h - top, left, size - new_w - left, cv2.BORDER_CONSTANT, value=0
+        )
+    raise ValueError(f"resize mode {mode!r} is not one of {', '.join(RESIZE_MODES)}")
+
+
+def prepare(
+    data: bytes,
+    size: int,
+    interpolation: str = "area",
+    *,
+    mode: str = "stretch",
+    window: tuple[float, float] | None = None,
+) -> np.ndarray:
+    """Raw bytes -> uint8 (size, size) grey: the one preprocessing of training and serving.
+
+    `mode` is params `resize.mode`; `window` is params `ingest.window` (level, width), used only
+    for DICOM bytes.
+    """
+    return resize(decode(data, window).grey, size, interpolation, mode)
 
 
 def encode_png(grey: np.ndarray) -> bytes:

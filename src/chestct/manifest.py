@@ -23,6 +23,7 @@ INGEST_COLUMNS: tuple[str, ...] = (
     "mode",
     "format",
     "bytes",
+    "phash",  # 256-bit perceptual hash (64 hex digits) of the decoded slice: near duplicates
 )
 
 
@@ -47,7 +48,11 @@ def write_manifest(path: Path, frame: pd.DataFrame) -> None:
 def read_manifest(path: Path, required: tuple[str, ...] = ()) -> pd.DataFrame:
     if not path.is_file():
         raise ManifestError(f"{path}: manifest not found")
-    frame = pd.read_csv(path, dtype={"split": "string", "sha256": "string"}, keep_default_na=False)
+    frame = pd.read_csv(
+        path,
+        dtype={"split": "string", "sha256": "string", "phash": "string"},
+        keep_default_na=False,
+    )
     missing = [c for c in required if c not in frame.columns]
     if missing:
         raise ManifestError(f"{path}: missing column(s) {', '.join(missing)}")

@@ -42,29 +42,57 @@ class BaseParams:
 
 
 @dataclass(frozen=True)
+class WindowParams:
+    """The CT window that maps DICOM Hounsfield units to 8-bit grey (default: lung)."""
+
+    level: float = -600.0
+    width: float = 1500.0
+
+
+@dataclass(frozen=True)
 class IngestParams:
+    # synthetic | a folder | a .zip/.tar.gz/.tgz archive | an http(s):// URL to an archive
     source: str = "synthetic"
     synthetic_per_class: dict[str, int] = field(
         default_factory=lambda: {"train": 120, "valid": 20, "test": 30}
     )
     class_map: dict[str, str] = field(default_factory=dict)
+    sha256: str = ""  # required for a URL source: checked before anything is unpacked
+    timeout_s: float = 60.0  # URL source: seconds without an answer before giving up
+    window: WindowParams = field(default_factory=WindowParams)
 
 
 @dataclass(frozen=True)
 class SplitParams:
+    mode: Literal["keep", "pool"] = "keep"
     valid_fraction: float = 0.15
     test_fraction: float = 0.15
+    near_duplicate_distance: int = 12  # pHash bits (of 256); -1 turns near-duplicates off
+    dedupe: Literal["report", "drop"] = "report"
 
 
 @dataclass(frozen=True)
 class ResizeParams:
     interpolation: Literal["area", "linear", "cubic"] = "area"
+    mode: Literal["stretch", "pad", "crop"] = "stretch"
+    workers: int = 0  # processes; 0 = all cores
 
 
 @dataclass(frozen=True)
 class ValidateParams:
     fail_on: Literal["error", "warning", "never"] = "error"
     min_class_count: int = 2
+    max_imbalance: float = 10.0  # largest / smallest class count in a split
+    min_file_bytes: int = 64
+    min_side: int = 16
+    max_side: int = 8192
+    min_std: float = 2.0  # grey-level std of the resized slice below which it is near-blank
+    allowed_modes: list[str] = field(default_factory=lambda: ["L", "LA", "RGB", "RGBA", "I;16"])
+    near_duplicate_distance: int = 12
+    shortcut_margin: float = 0.15  # metadata-only balanced accuracy above chance + this warns
+    shortcut_min_images: int = 40
+    quarantine: bool = False
+    severities: dict[str, Literal["info", "warning", "error"]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -353,6 +381,7 @@ def _check_params(params: Params) -> None:
     if not 0 <= params.base_model.dropout < 1:
         raise SettingsError("base_model.dropout: must be in [0, 1)")
     _check_model_and_training(params.base_model, params.train)
+    _check_data_params(params)
     _check_evaluate_and_promote(params.evaluate, params.promote)
 
 
@@ -371,6 +400,45 @@ def _check_evaluate_and_promote(evaluate: EvaluateParams, promote: PromoteParams
         raise SettingsError("promote.margin: must be in (-1, 1), e.g. 0.01")
     if not promote.registered_model.strip():
         raise SettingsError("promote.registered_model: must be a non-empty name")
+
+
+def _check_data_params(params: Params) -> None:
+    """ingest, split, resize and validate values that no stage can run with."""
+    ingest, split, resize, validate = params.ingest, params.split, params.resize, params.validate
+    digest = ingest.sha256.strip().lower()
+    if digest and (len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest)):
+        raise SettingsError(
+            f"ingest.sha256: {ingest.sha256!r} is not a sha256 (64 hex digits); "
+            "compute it with `sha256sum <archive>`"
+        )
+    if ingest.source.lower().startswith(("http://", "https://")) and not digest:
+        raise SettingsError(
+            "ingest.sha256: required when ingest.source is a URL; set it to the archive's "
+            "sha256 (`sha256sum <archive>`) so that a changed or corrupted download is refused"
+        )
+    if ingest.timeout_s <= 0:
+        raise SettingsError("ingest.timeout_s: must be > 0 seconds")
+    if ingest.window.width <= 0:
+        raise SettingsError("ingest.window.width: must be > 0 Hounsfield units")
+    for group, value in (("split", split), ("validate", validate)):
+        if not -1 <= value.near_duplicate_distance <= 256:
+            raise SettingsError(
+                f"{group}.near_duplicate_distance: must be in -1..256 (bits of the 256-bit "
+                "perceptual hash; -1 turns near-duplicate detection off)"
+            )
+    if resize.workers < 0:
+        raise SettingsError("resize.workers: must be >= 0 (0 = all cores)")
+    if validate.min_class_count < 0 or validate.min_file_bytes < 0:
+        raise SettingsError("validate.min_class_count and validate.min_file_bytes: must be >= 0")
+    if not 1 <= validate.min_side <= validate.max_side:
+        raise SettingsError("validate.min_side, validate.max_side: need 1 <= min_side <= max_side")
+    if validate.max_imbalance < 1:
+        raise SettingsError("validate.max_imbalance: must be >= 1 (largest / smallest class)")
+    if validate.min_std < 0 or validate.shortcut_margin < 0 or validate.shortcut_min_images < 0:
+        raise SettingsError(
+            "validate.min_std, validate.shortcut_margin and validate.shortcut_min_images: "
+            "must be >= 0"
+        )
 
 
 def _check_model_and_training(model: BaseModelParams, train: TrainParams) -> None:

@@ -1,32 +1,41 @@
 """ingest: bring a source of chest CT slices into artifacts/ingest/ with a manifest.
 
-Sources (params `ingest.source`): `synthetic` (the embedded default, generated from base.seed) or
-a local folder in the layout of the Kaggle "Chest CT-Scan images" set:
-`[train|valid|test/]<class folder>/<image>`. Class folders may use the long Kaggle names; they are
-normalised to the four canonical labels.
+Sources (params `ingest.source`): `synthetic` (the embedded default, generated from base.seed), a
+local folder, a .zip/.tar.gz/.tgz archive, or an http(s) URL of an archive (with
+`ingest.sha256`). The files are laid out as the Kaggle "Chest CT-Scan images" set,
+`[train|valid|test/]<class folder>/<file>`; class folders may use the long Kaggle names and are
+normalised to the four canonical labels. Every file is decoded by content: PNG, JPEG, BMP, TIFF,
+and DICOM (windowed to 8-bit grey through `ingest.window`, stored as PNG). Files that cannot be
+decoded are reported by path and skipped.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import shutil
-from dataclasses import dataclass
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 from tqdm import tqdm
 
+from chestct.dedup import phash
 from chestct.fsutil import sha256_bytes
-from chestct.imaging import ImageError, decode
+from chestct.imaging import ImageError, decode, encode_png
 from chestct.labels import CLASSES, label_for_folder
 from chestct.manifest import INGEST_COLUMNS, SPLITS, write_manifest
 from chestct.runner import StageFailed, run_main, stage_session
 from chestct.settings import BaseParams, IngestParams
+from chestct.sources import IGNORED_DIRS, Source, SourceError, resolve
 from chestct.synthetic import generate_synthetic
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+SKIPPED_COLUMNS: tuple[str, ...] = ("path", "reason")
+# Below this many files the process pool costs more than it saves.
+_PARALLEL_FROM = 64
 
 
 @dataclass(frozen=True)
@@ -34,11 +43,26 @@ class IngestSummary:
     files: int
     skipped: list[dict[str, str]]
     counts: dict[str, dict[str, int]]  # split -> label -> files
+    source: dict[str, str | None] = field(default_factory=dict)  # kind, origin, sha256
+
+
+@dataclass(frozen=True)
+class _Job:
+    split: str
+    label: str
+    path: Path
+    source_name: str
+    images_dir: Path
+    window: tuple[float, float]
+
+
+def _hidden(path: Path) -> bool:
+    return path.name.startswith(".") or path.name in IGNORED_DIRS
 
 
 def _class_folders(folder: Path, class_map: dict[str, str]) -> list[tuple[Path, str]]:
     found = []
-    for child in sorted(p for p in folder.iterdir() if p.is_dir()):
+    for child in sorted(p for p in folder.iterdir() if p.is_dir() and not _hidden(p)):
         label = label_for_folder(child.name, class_map)
         if label is None:
             raise StageFailed(
@@ -54,8 +78,17 @@ def _class_folders(folder: Path, class_map: dict[str, str]) -> list[tuple[Path, 
     return found
 
 
+def _files_under(folder: Path) -> list[Path]:
+    """Every visible file below `folder` (any extension: DICOM files often have none)."""
+    files = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not _hidden(Path(d)))
+        files.extend(Path(dirpath) / f for f in sorted(filenames) if not f.startswith("."))
+    return files
+
+
 def scan_source(source: Path, class_map: dict[str, str]) -> list[tuple[str, str, Path]]:
-    """(split, label, file) for every image file in a Kaggle-layout folder.
+    """(split, label, file) for every file in a Kaggle-layout folder.
 
     Split folders are optional: a folder with class folders directly in it has no splits ("").
     """
@@ -70,11 +103,12 @@ def scan_source(source: Path, class_map: dict[str, str]) -> list[tuple[str, str,
     for split, folder in groups:
         class_dirs = _class_folders(folder, class_map)
         if not class_dirs:
-            raise StageFailed(f"{folder}: no class folders in it")
-        for class_dir, label in class_dirs:
-            images = sorted(
-                p for p in class_dir.rglob("*") if p.is_file() and not p.name.startswith(".")
+            raise StageFailed(
+                f"{folder}: no class folders in it; expected [train|valid|test/]<class>/<image> "
+                f"with classes {', '.join(CLASSES)}"
             )
+        for class_dir, label in class_dirs:
+            images = _files_under(class_dir)
             if not images:
                 raise StageFailed(f"{class_dir}: class folder has no files")
             files.extend((split, label, p) for p in images)
@@ -83,65 +117,128 @@ def scan_source(source: Path, class_map: dict[str, str]) -> list[tuple[str, str,
     return files
 
 
-def run_ingest(
-    base: BaseParams, params: IngestParams, out_dir: Path, root: Path
-) -> tuple[pd.DataFrame, IngestSummary]:
-    """Copy every decodable image of the source into out_dir/images and describe it.
+def _write_new(path: Path, data: bytes) -> None:
+    """Write beside and rename: two workers writing one name never interleave. The stage's
+    output is thrown away on failure, so a crash needs no fsync here."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
 
-    Undecodable files are reported and skipped; they never stop the stage.
+
+def _ingest_one(job: _Job) -> dict[str, object]:
+    """Decode one file and store its copy; a dict with `reason` when it cannot be used."""
+    try:
+        data = job.path.read_bytes()
+    except OSError as exc:
+        return {"path": job.source_name, "reason": f"cannot be read: {exc.strerror or exc}"}
+    try:
+        info = decode(data, job.window)
+    except ImageError as exc:
+        return {"path": job.source_name, "reason": str(exc)}
+    # DICOM is stored windowed, as PNG: every later stage and the model see 8-bit grey.
+    stored = encode_png(info.grey) if info.format == "dicom" else data
+    name = job.path.name if info.format != "dicom" else f"{job.path.stem or 'slice'}.png"
+    digest = sha256_bytes(stored)
+    target = job.images_dir / (job.split or "all") / job.label / f"{digest[:12]}_{name}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _write_new(target, stored)
+    return {
+        "split": job.split,
+        "label": job.label,
+        "path": target,
+        "source_path": job.source_name,
+        "sha256": digest,
+        "width": info.width,
+        "height": info.height,
+        "mode": info.mode,
+        "format": info.format,
+        "bytes": len(data),
+        "phash": phash(info.grey),
+    }
+
+
+def _map(jobs: list[_Job], workers: int) -> list[dict[str, object]]:
+    bar = {"total": len(jobs), "desc": "ingest", "unit": "file", "leave": False}
+    if workers > 1 and len(jobs) >= _PARALLEL_FROM:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            return list(tqdm(pool.map(_ingest_one, jobs, chunksize=8), **bar))
+    return [_ingest_one(j) for j in tqdm(jobs, **bar)]
+
+
+def run_ingest(
+    base: BaseParams,
+    params: IngestParams,
+    out_dir: Path,
+    root: Path,
+    workers: int | None = None,
+) -> tuple[pd.DataFrame, IngestSummary]:
+    """Copy every decodable file of the source into out_dir/images and describe it.
+
+    Undecodable files (corrupt, empty, truncated, not an image, DICOM without pixel data or in
+    an unsupported transfer syntax) are reported and skipped; they never stop the stage. An
+    empty source, or a class with no usable file, does.
 
     Returns:
         The manifest (INGEST_COLUMNS) and a summary.
     """
     images_dir = out_dir / "images"
-    staging = out_dir / ".synthetic"
-    if params.source == "synthetic":
-        if staging.exists():
-            shutil.rmtree(staging)
-        generate_synthetic(staging, base.seed, params.synthetic_per_class)
-        source = staging
-    else:
-        source = (root / params.source).resolve()
+    staging = out_dir / ".source"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
     try:
-        files = scan_source(source, params.class_map)
-        rows, skipped = [], []
-        for split, label, path in tqdm(files, desc="ingest", unit="file", leave=False):
-            data = path.read_bytes()
+        if params.source == "synthetic":
+            generate_synthetic(staging / "synthetic", base.seed, params.synthetic_per_class)
+            source = Source("synthetic", "synthetic", staging / "synthetic")
+        else:
             try:
-                info = decode(data)
-            except ImageError as exc:
-                skipped.append({"path": str(path), "reason": str(exc)})
-                log.warning("skipped %s: %s", path, exc)
-                continue
-            digest = sha256_bytes(data)
-            target = images_dir / (split or "all") / label / f"{digest[:12]}_{path.name}"
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(data)
-            source_name = path.relative_to(source).as_posix() if source == staging else str(path)
-            rows.append(
-                {
-                    "split": split,
-                    "label": label,
-                    "path": target.relative_to(root).as_posix(),
-                    "source_path": source_name,
-                    "sha256": digest,
-                    "width": info.width,
-                    "height": info.height,
-                    "mode": info.mode,
-                    "format": info.format,
-                    "bytes": len(data),
-                }
+                source = resolve(
+                    params.source, root, staging, params.sha256.strip(), params.timeout_s
+                )
+            except SourceError as exc:
+                raise StageFailed(str(exc)) from None
+        files = scan_source(source.folder, params.class_map)
+        window = (params.window.level, params.window.width)
+        jobs = [
+            _Job(
+                split,
+                label,
+                path,
+                path.relative_to(source.folder).as_posix()
+                if source.kind == "synthetic"
+                else source.describe(path),
+                images_dir,
+                window,
             )
+            for split, label, path in files
+        ]
+        results = _map(jobs, workers or os.cpu_count() or 1)
     finally:
-        if staging.exists():
-            shutil.rmtree(staging)
+        shutil.rmtree(staging, ignore_errors=True)
+    rows = [r for r in results if "reason" not in r]
+    skipped = [
+        {"path": str(r["path"]), "reason": str(r["reason"])} for r in results if "reason" in r
+    ]
+    for item in skipped:
+        log.warning("skipped %s: %s", item["path"], item["reason"])
     if not rows:
-        raise StageFailed(f"{source}: none of {len(files)} files could be decoded")
+        raise StageFailed(
+            f"{source.origin}: none of {len(files)} files could be decoded (first: "
+            f"{skipped[0]['path']}: {skipped[0]['reason']})"
+        )
     frame = pd.DataFrame(rows, columns=list(INGEST_COLUMNS))
+    frame["path"] = [Path(p).relative_to(root).as_posix() for p in frame["path"]]
+    missing = [c for c in CLASSES if c not in set(frame["label"])]
+    if missing:
+        raise StageFailed(
+            f"{source.origin}: no usable file for class(es) {', '.join(missing)}; add a class "
+            "folder for each (or map a folder name to it with ingest.class_map)"
+        )
     counts: dict[str, dict[str, int]] = {}
     for (split, label), n in frame.groupby(["split", "label"]).size().items():
         counts.setdefault(split or "all", {})[label] = int(n)
-    return frame, IngestSummary(files=len(frame), skipped=skipped, counts=counts)
+    info = {"kind": source.kind, "origin": source.origin, "sha256": source.archive_sha256}
+    return frame, IngestSummary(files=len(frame), skipped=skipped, counts=counts, source=info)
 
 
 def main() -> None:
@@ -150,21 +247,29 @@ def main() -> None:
         frame, summary = run_ingest(s.params.base, s.params.ingest, session.out_dir, s.paths.root)
         manifest = session.out_dir / "manifest.csv"
         write_manifest(manifest, frame)
+        skipped = session.out_dir / "skipped.csv"
+        write_manifest(skipped, pd.DataFrame(summary.skipped, columns=list(SKIPPED_COLUMNS)))
         log.info(
-            "ingested %d files (%d skipped): %s",
+            "ingested %d files from %s %s (%d skipped): %s",
             summary.files,
+            summary.source["kind"],
+            summary.source["origin"],
             len(summary.skipped),
             summary.counts,
         )
         session.finish(
             inputs=[],
-            outputs={"manifest": manifest, "images": session.out_dir / "images"},
+            outputs={
+                "manifest": manifest,
+                "skipped": skipped,
+                "images": session.out_dir / "images",
+            },
             metrics={
                 "files": summary.files,
                 "skipped": len(summary.skipped),
                 "counts": summary.counts,
             },
-            details={"skipped": summary.skipped, "source": s.params.ingest.source},
+            details={"skipped": summary.skipped, "source": summary.source},
         )
 
 

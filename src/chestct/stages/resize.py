@@ -1,21 +1,33 @@
-"""resize: every split image decoded by content, made grey, and resized to base.image_size.
+"""resize: every split image decoded by content, made grey, and made base.image_size square.
 
-Work runs in parallel over processes. Output images are named by the source's sha256, so a
-file present in two splits (a leak that validate reports) is resized once.
+The work is `imaging.prepare`, the same function the predictor calls, run in parallel over
+processes (`resize.workers`, 0 = all cores). Output images are named by the source's sha256, so
+a file present in two splits (a leak that validate reports) is resized once.
+
+The stage is incremental: `images/` survives between runs (dvc.yaml marks the output
+`persist: true`, and the stage session keeps it), and `images.json` records the settings that
+made it (image size, interpolation, mode, preprocessing version). While those are unchanged, an
+image whose source digest already has a complete PNG is not redone; when they change, the
+folder is rebuilt. Images no longer in any split are pruned so the folder holds exactly what the
+index lists.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from chestct.fsutil import atomic_write_bytes
+from chestct.fsutil import atomic_write_json
 from chestct.imaging import ImageError, encode_png, prepare
 from chestct.manifest import INDEX_COLUMNS, INGEST_COLUMNS, SPLITS, read_manifest, write_manifest
 from chestct.pointers import read_pointer
@@ -24,6 +36,12 @@ from chestct.settings import ResizeParams
 
 log = logging.getLogger(__name__)
 
+# Bump when `imaging.prepare` changes what it produces, so cached images are rebuilt.
+PREPROCESSING_VERSION = 2
+KEEP: tuple[str, ...] = ("images", "images.json")
+_PNG_END = b"IEND\xaeB`\x82"
+_PARALLEL_FROM = 32
+
 
 @dataclass(frozen=True)
 class _Job:
@@ -31,15 +49,58 @@ class _Job:
     target: Path
     size: int
     interpolation: str
+    mode: str
+    reuse: bool  # the target is a complete PNG made with the same settings
+
+
+@dataclass(frozen=True)
+class ResizeSummary:
+    resized: int
+    reused: int
+    failed: int
+    pruned: int
+
+
+def _complete_png(path: Path) -> bool:
+    """A PNG that was written to the end (a crash mid-write cannot leave this true)."""
+    try:
+        size = path.stat().st_size
+        if size < 64:
+            return False
+        with path.open("rb") as fh:
+            fh.seek(size - len(_PNG_END))
+            return fh.read() == _PNG_END
+    except OSError:
+        return False
+
+
+def _stats(grey: np.ndarray) -> dict[str, object]:
+    mean, std = cv2.meanStdDev(grey)
+    return {"ok": True, "error": "", "mean": float(mean[0, 0]), "std": float(std[0, 0])}
 
 
 def _resize_one(job: _Job) -> dict[str, object]:
+    if job.reuse:
+        grey = cv2.imread(str(job.target), cv2.IMREAD_GRAYSCALE)
+        if grey is not None and grey.shape == (job.size, job.size):
+            return _stats(grey) | {"reused": True}
     try:
-        grey = prepare(job.source.read_bytes(), job.size, job.interpolation)
+        grey = prepare(job.source.read_bytes(), job.size, job.interpolation, mode=job.mode)
     except (ImageError, OSError) as exc:
         return {"ok": False, "error": str(exc), "mean": float("nan"), "std": float("nan")}
-    atomic_write_bytes(job.target, encode_png(grey))
-    return {"ok": True, "error": "", "mean": float(grey.mean()), "std": float(grey.std())}
+    tmp = job.target.with_name(f".{job.target.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(encode_png(grey))
+    tmp.replace(job.target)
+    return _stats(grey) | {"reused": False}
+
+
+def _fingerprint(params: ResizeParams, image_size: int) -> dict[str, object]:
+    return {
+        "image_size": image_size,
+        "interpolation": params.interpolation,
+        "mode": params.mode,
+        "preprocessing_version": PREPROCESSING_VERSION,
+    }
 
 
 def run_resize(
@@ -51,28 +112,67 @@ def run_resize(
     workers: int | None = None,
 ) -> pd.DataFrame:
     """Resize the union of the split manifests; returns one index row per distinct content."""
+    index, _ = resize_images(manifests, params, image_size, out_dir, root, workers)
+    return index
+
+
+def resize_images(
+    manifests: dict[str, pd.DataFrame],
+    params: ResizeParams,
+    image_size: int,
+    out_dir: Path,
+    root: Path,
+    workers: int | None = None,
+) -> tuple[pd.DataFrame, ResizeSummary]:
+    """`run_resize` plus what was redone, reused and pruned.
+
+    Args:
+        workers: processes; None uses `resize.workers` (0 there means all cores).
+    """
     rows = pd.concat(manifests.values()).drop_duplicates("sha256")
     images = out_dir / "images"
+    stamp = out_dir / "images.json"
+    fingerprint = _fingerprint(params, image_size)
+    previous = json.loads(stamp.read_text(encoding="utf-8")) if stamp.is_file() else None
+    if previous != fingerprint and images.exists():
+        log.info(
+            "resize settings changed (%s -> %s): rebuilding all images", previous, fingerprint
+        )
+        shutil.rmtree(images)
     images.mkdir(parents=True, exist_ok=True)
+    # The stamp goes first: a run that dies half-way leaves complete PNGs made with these
+    # settings, which the next run may reuse.
+    atomic_write_json(stamp, fingerprint)
+
+    wanted = {f"{sha}.png" for sha in rows["sha256"]}
+    pruned = 0
+    for path in images.iterdir():
+        if path.name not in wanted:
+            path.unlink()
+            pruned += 1
     jobs = [
-        _Job(root / p, images / f"{sha}.png", image_size, params.interpolation)
+        _Job(
+            root / p,
+            images / f"{sha}.png",
+            image_size,
+            params.interpolation,
+            params.mode,
+            reuse=_complete_png(images / f"{sha}.png"),
+        )
         for sha, p in zip(rows["sha256"], rows["path"], strict=True)
     ]
-    workers = workers or os.cpu_count() or 1
-    if workers > 1 and len(jobs) > 32:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            results = list(
-                tqdm(
-                    pool.map(_resize_one, jobs, chunksize=16),
-                    total=len(jobs),
-                    desc="resize",
-                    unit="img",
-                    leave=False,
-                )
-            )
+    workers = workers or params.workers or os.cpu_count() or 1
+    bar = {"total": len(jobs), "desc": "resize", "unit": "img", "leave": False}
+    todo = sum(not j.reuse for j in jobs)
+    if workers > 1 and todo >= _PARALLEL_FROM:
+        # Big chunks keep the per-task overhead of the pool small next to the decoding.
+        chunk = max(1, min(64, len(jobs) // (workers * 8)))
+        with ProcessPoolExecutor(max_workers=min(workers, todo)) as pool:
+            results = list(tqdm(pool.map(_resize_one, jobs, chunksize=chunk), **bar))
     else:
-        results = [_resize_one(j) for j in tqdm(jobs, desc="resize", unit="img", leave=False)]
-    index = pd.DataFrame(results)
+        results = [_resize_one(j) for j in tqdm(jobs, **bar)]
+    reused = sum(bool(r.pop("reused", False)) for r in results)
+    index = pd.DataFrame(results, columns=["ok", "error", "mean", "std"])
     index.insert(0, "sha256", rows["sha256"].to_numpy())
     index.insert(
         1,
@@ -82,28 +182,44 @@ def run_resize(
             for j, r in zip(jobs, results, strict=True)
         ],
     )
-    return index[list(INDEX_COLUMNS)]
+    failed = int((~index["ok"].astype(bool)).sum())
+    summary = ResizeSummary(
+        resized=len(index) - failed - reused, reused=reused, failed=failed, pruned=pruned
+    )
+    return index[list(INDEX_COLUMNS)], summary
 
 
 def main() -> None:
-    with stage_session("resize") as session:
+    with stage_session("resize", keep=KEEP) as session:
         s = session.settings
         split = read_pointer(s.paths, "split")
         manifests = {
             name: read_manifest(split.output_path(name, s.paths.root), INGEST_COLUMNS)
             for name in SPLITS
         }
-        index = run_resize(
+        index, summary = resize_images(
             manifests, s.params.resize, s.params.base.image_size, session.out_dir, s.paths.root
         )
         index_path = session.out_dir / "index.csv"
         write_manifest(index_path, index)
-        failed = int((~index["ok"]).sum())
-        log.info("resized %d images, %d failed", len(index) - failed, failed)
+        log.info(
+            "resize: %d images made, %d reused, %d failed, %d stale removed",
+            summary.resized,
+            summary.reused,
+            summary.failed,
+            summary.pruned,
+        )
         session.finish(
             inputs=["split"],
             outputs={"index": index_path, "images": session.out_dir / "images"},
-            metrics={"resized": len(index) - failed, "failed": failed},
+            metrics={
+                "resized": summary.resized + summary.reused,
+                "made": summary.resized,
+                "reused": summary.reused,
+                "failed": summary.failed,
+                "pruned": summary.pruned,
+            },
+            details={"settings": _fingerprint(s.params.resize, s.params.base.image_size)},
         )
 
 

@@ -1,19 +1,30 @@
-"""split: train/valid/test manifests, with identical files never on two sides.
+"""split: train/valid/test manifests in which a group of copies never straddles two splits.
 
-If the source brought all three splits they are kept as they are (leakage between them is
-reported by validate). Otherwise every file is pooled and re-split: stratified by class, seeded,
-and grouped by content hash so that copies of one image land in one split.
+Files are first grouped: exact copies (same sha256) and near-duplicates (perceptual hashes at
+most `split.near_duplicate_distance` bits apart, transitively) form one group.
+
+- `split.mode: keep` keeps the source's splits. A split the source lacks is carved out of the
+  source's train files (out of everything when the source has no split folders). Groups that the
+  source itself spreads over two splits are reported; with `split.dedupe: drop` their members in
+  the later split (train < valid < test) are removed.
+- `split.mode: pool` re-splits everything.
+
+Carving is stratified by class (a group's class is its most common label), seeded, and moves
+whole groups, so copies of one slice land in one split. The per-split manifests are the only
+thing downstream stages read.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from chestct.dedup import group_files
 from chestct.manifest import INGEST_COLUMNS, SPLITS, read_manifest, write_manifest
 from chestct.pointers import read_pointer
 from chestct.runner import StageFailed, run_main, stage_session
@@ -21,56 +32,80 @@ from chestct.settings import SplitParams
 
 log = logging.getLogger(__name__)
 
+_ORDER = {s: i for i, s in enumerate(SPLITS)}
+DROPPED_COLUMNS: tuple[str, ...] = ("split", "label", "source_path", "sha256", "kept_in", "reason")
+
 
 @dataclass(frozen=True)
 class SplitSummary:
     mode: str  # keep | pool
     counts: dict[str, dict[str, int]]
+    carved: list[str] = field(default_factory=list)  # splits made here rather than kept
+    groups: dict[str, int] = field(default_factory=dict)  # exact / near group counts
+    cross_split: list[dict[str, Any]] = field(default_factory=list)  # groups over two splits
+    dropped: list[dict[str, str]] = field(default_factory=list)
 
 
-def _pool_split(frame: pd.DataFrame, params: SplitParams, seed: int) -> pd.Series:
-    """Assign each content group to a split, per class, by image counts."""
+def _carve(
+    pool: pd.DataFrame, targets: list[str], params: SplitParams, seed: int
+) -> dict[int, str]:
+    """Assign whole groups of `pool` to the `targets` splits (the rest to train), per class."""
     rng = np.random.default_rng(seed)
+    fractions = {"valid": params.valid_fraction, "test": params.test_fraction}
     # A group's class is its most common label; a group with two labels is a conflict that
     # validate reports, but the group still moves as one.
-    groups = frame.groupby("sha256")["label"].agg(lambda s: s.value_counts().index[0])
-    sizes = frame.groupby("sha256").size()
-    assignment: dict[str, str] = {}
-    for label in sorted(groups.unique()):
-        members = np.array(sorted(groups[groups == label].index))
+    labels = pool.groupby("group")["label"].agg(lambda s: s.value_counts().index[0])
+    sizes = pool.groupby("group").size()
+    assignment: dict[int, str] = {}
+    for label in sorted(labels.unique()):
+        members = np.array(sorted(labels[labels == label].index))
         rng.shuffle(members)
         total = int(sizes[members].sum())
-        want = {
-            "test": round(total * params.test_fraction),
-            "valid": round(total * params.valid_fraction),
-        }
-        taken = {"test": 0, "valid": 0}
-        for sha in members:
-            target = "train"
-            for split in ("test", "valid"):
-                if taken[split] < max(want[split], 1):
-                    target = split
-                    break
-            if target != "train":
-                taken[target] += int(sizes[sha])
-            assignment[sha] = target
-    return frame["sha256"].map(assignment)
+        want = {t: max(round(total * fractions[t]), 1) for t in targets}
+        taken = dict.fromkeys(targets, 0)
+        for group in members:
+            size = int(sizes[group])
+            target = next((t for t in ("test", "valid") if t in want and taken[t] < want[t]), "")
+            # A group bigger than a whole target share stays in train rather than swamp it.
+            if not target or size > want[target]:
+                assignment[int(group)] = "train"
+                continue
+            taken[target] += size
+            assignment[int(group)] = target
+    return assignment
 
 
 def run_split(
     ingest_manifest: pd.DataFrame, params: SplitParams, seed: int
 ) -> tuple[dict[str, pd.DataFrame], SplitSummary]:
-    """Split the ingest manifest; returns one frame per split and a summary."""
-    present = set(ingest_manifest["split"].unique()) & set(SPLITS)
+    """Split the ingest manifest; returns one frame per split (ingest columns) and a summary."""
     frame = ingest_manifest.copy()
-    if present == set(SPLITS):
-        mode = "keep"
+    frame["group"] = group_files(frame, params.near_duplicate_distance)
+    frame["split"] = frame["split"].astype(str).replace({"<NA>": "", "nan": ""})
+    present = [s for s in SPLITS if (frame["split"] == s).any()]
+    if params.mode == "pool" or not present:
+        carved = ["valid", "test"]
+        pool_mask = pd.Series(True, index=frame.index)
     else:
-        mode = "pool"
-        if present:
-            log.info("source has only %s; pooling and re-splitting", sorted(present))
-        frame["split"] = _pool_split(frame, params, seed)
-    out = {s: frame[frame["split"] == s].reset_index(drop=True) for s in SPLITS}
+        if "train" not in present:
+            raise StageFailed(
+                f"split.mode keep: the source has {' and '.join(present)} but no train folder; "
+                "add one, or set split.mode: pool to re-split everything"
+            )
+        carved = [s for s in SPLITS if s not in present]
+        # Groups that also sit in a split the source fixed stay in train: carving them into
+        # another split would create a leak the source did not have.
+        fixed_groups = set(frame.loc[frame["split"].isin(["valid", "test"]), "group"])
+        pool_mask = (frame["split"] == "train") & ~frame["group"].isin(fixed_groups)
+    if carved:
+        assignment = _carve(frame[pool_mask], carved, params, seed)
+        frame.loc[pool_mask, "split"] = frame.loc[pool_mask, "group"].map(assignment)
+        log.info("carved %s out of %d files", " and ".join(carved), int(pool_mask.sum()))
+
+    cross, dropped, drop_index = _cross_split_groups(frame, params.dedupe == "drop")
+    kept = frame.drop(index=drop_index)
+    columns = [c for c in ingest_manifest.columns if c != "group"]
+    out = {s: kept[kept["split"] == s][columns].reset_index(drop=True) for s in SPLITS}
     for split, part in out.items():
         if part.empty:
             raise StageFailed(
@@ -81,7 +116,55 @@ def run_split(
         s: {k: int(v) for k, v in p["label"].value_counts().sort_index().items()}
         for s, p in out.items()
     }
-    return out, SplitSummary(mode=mode, counts=counts)
+    sizes = frame.groupby("group").agg(n=("sha256", "size"), distinct=("sha256", "nunique"))
+    groups = {
+        "files": len(frame),
+        "groups": len(sizes),
+        "exact_copy_groups": int((frame.groupby("sha256").size() > 1).sum()),
+        "near_duplicate_groups": int((sizes["distinct"] > 1).sum()),
+    }
+    mode = "pool" if params.mode == "pool" or not present else "keep"
+    return out, SplitSummary(
+        mode=mode, counts=counts, carved=carved, groups=groups, cross_split=cross, dropped=dropped
+    )
+
+
+def _cross_split_groups(
+    frame: pd.DataFrame, drop: bool
+) -> tuple[list[dict[str, Any]], list[dict[str, str]], list[Any]]:
+    """Groups over more than one split; with `drop`, the rows to remove from later splits."""
+    spread = frame.groupby("group")["split"].nunique()
+    cross: list[dict[str, Any]] = []
+    dropped: list[dict[str, str]] = []
+    drop_index: list[Any] = []
+    for group in spread[spread > 1].index:
+        members = frame[frame["group"] == group]
+        first = min(members["split"], key=_ORDER.__getitem__)
+        exact = members["sha256"].nunique() == 1
+        cross.append(
+            {
+                "kind": "exact" if exact else "near",
+                "files": [
+                    f"{s}: {p}"
+                    for s, p in zip(members["split"], members["source_path"], strict=True)
+                ],
+            }
+        )
+        if drop:
+            later = members[members["split"] != first]
+            drop_index.extend(later.index)
+            dropped.extend(
+                {
+                    "split": str(r.split),
+                    "label": str(r.label),
+                    "source_path": str(r.source_path),
+                    "sha256": str(r.sha256),
+                    "kept_in": first,
+                    "reason": f"{'exact copy' if exact else 'near duplicate'} of a {first} file",
+                }
+                for r in later.itertuples()
+            )
+    return cross, dropped, drop_index
 
 
 def main() -> None:
@@ -94,12 +177,35 @@ def main() -> None:
         for split, part in parts.items():
             outputs[split] = session.out_dir / f"{split}.csv"
             write_manifest(outputs[split], part)
+        outputs["dropped"] = session.out_dir / "dropped.csv"
+        write_manifest(
+            outputs["dropped"], pd.DataFrame(summary.dropped, columns=list(DROPPED_COLUMNS))
+        )
         log.info("split (%s): %s", summary.mode, summary.counts)
+        if summary.cross_split:
+            log.warning(
+                "%d group(s) of copies span two splits in the source (%s): %s",
+                len(summary.cross_split),
+                "dropped from the later split"
+                if summary.dropped
+                else "reported; validate checks them, split.dedupe: drop removes them",
+                "; ".join(g["files"][0] for g in summary.cross_split[:5]),
+            )
         session.finish(
             inputs=["ingest"],
             outputs=outputs,
-            metrics={"counts": summary.counts, **{f"{k}_files": len(v) for k, v in parts.items()}},
-            details={"mode": summary.mode},
+            metrics={
+                "counts": summary.counts,
+                **{f"{k}_files": len(v) for k, v in parts.items()},
+                "cross_split_groups": len(summary.cross_split),
+                "dropped": len(summary.dropped),
+                **summary.groups,
+            },
+            details={
+                "mode": summary.mode,
+                "carved": summary.carved,
+                "cross_split": summary.cross_split,
+            },
         )
 
 

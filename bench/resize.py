@@ -1,0 +1,156 @@
+"""Throughput of the resize stage against a bare OpenCV decode + resize loop.
+
+    python bench/resize.py [--source FOLDER] [--size 128] [--workers N] [--repeat 3]
+
+Without --source, 600 chest-CT-like PNGs (synthetic, mixed sizes and modes) are generated in a
+temporary folder. The bare loop reads each file, decodes it with `cv2.imdecode(...,
+IMREAD_GRAYSCALE)` and resizes it with INTER_AREA, nothing else; its single-process rate times
+the number of workers is the ideal the stage is held to. The stage (`run_resize`) additionally
+converts any mode to grey, encodes and writes a PNG per image and computes its statistics.
+Reported: images/s of each, side by side, and the ratio stage / (bare x workers); the target is
+>= 0.8. A second stage run shows the incremental case (every image reused).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from multiprocessing import Pool
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+
+from chestct.manifest import INGEST_COLUMNS
+from chestct.settings import ResizeParams
+from chestct.stages.resize import run_resize
+
+SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+
+
+def _bare(args: tuple[str, int]) -> int:
+    path, size = args
+    grey = cv2.imdecode(np.fromfile(path, dtype=np.uint8), cv2.IMREAD_GRAYSCALE)
+    return int(cv2.resize(grey, (size, size), interpolation=cv2.INTER_AREA)[0, 0])
+
+
+def _generate(folder: Path, count: int) -> None:
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        width, height = int(rng.integers(300, 700)), int(rng.integers(220, 520))
+        img = cv2.resize(rng.integers(0, 255, (24, 32), dtype=np.uint8), (width, height))
+        cv2.circle(img, (width // 3, height // 2), height // 4, 20, -1)
+        cv2.circle(img, (2 * width // 3, height // 2), height // 4, 30, -1)
+        img = cv2.add(img, rng.integers(0, 25, img.shape, dtype=np.uint8))
+        if i % 3 == 1:
+            img = cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)
+        elif i % 3 == 2:
+            img = cv2.cvtColor(img, cv2.COLOR_GRAY2BGRA)
+        cv2.imwrite(str(folder / f"{i:04d}.png"), img)
+
+
+def _manifest(files: list[Path], root: Path) -> pd.DataFrame:
+    rows, seen = [], set()
+    for path in files:
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        if digest in seen:
+            continue
+        seen.add(digest)
+        rows.append(
+            {
+                "split": "train",
+                "label": "normal",
+                "path": path.relative_to(root).as_posix(),
+                "source_path": str(path),
+                "sha256": digest,
+                "width": 0,
+                "height": 0,
+                "mode": "L",
+                "format": "png",
+                "bytes": path.stat().st_size,
+                "phash": "",
+            }
+        )
+    return pd.DataFrame(rows, columns=list(INGEST_COLUMNS))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--source", type=Path, help="folder of images (searched recursively)")
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each; the best counts")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="chestct-bench-") as tmp:
+        root = Path(tmp)
+        if args.source:
+            source = args.source.resolve()
+            link = root / "source"
+            link.symlink_to(source, target_is_directory=True)
+        else:
+            link = root / "source"
+            link.mkdir()
+            _generate(link, 600)
+        files = sorted(p for p in link.rglob("*") if p.suffix.lower() in SUFFIXES)
+        manifest = _manifest(files, root)
+        paths = [str(root / p) for p in manifest["path"]]
+        n = len(paths)
+        for p in paths:  # warm the page cache so that both sides read from memory
+            Path(p).read_bytes()
+
+        def best(run) -> float:
+            times = []
+            for _ in range(args.repeat):
+                started = time.perf_counter()
+                run()
+                times.append(time.perf_counter() - started)
+            return min(times)
+
+        jobs = [(p, args.size) for p in paths]
+        bare_1 = best(lambda: [_bare(j) for j in jobs])
+        with Pool(args.workers) as pool:
+            bare_pool = best(lambda: pool.map(_bare, jobs, chunksize=16))
+
+        def stage(out: Path, workers: int = args.workers) -> None:
+            run_resize({"train": manifest}, ResizeParams(), args.size, out, root, workers)
+
+        one = root / "one"
+        stage_1 = best(lambda: (stage(one, 1), shutil.rmtree(one)))
+        fresh: list[float] = []
+        for i in range(args.repeat):
+            out = root / f"out{i}"
+            started = time.perf_counter()
+            stage(out)
+            fresh.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        stage(root / "out0")
+        reused = time.perf_counter() - started
+
+    rate_1 = n / bare_1
+    ideal = rate_1 * args.workers
+    rate_stage = n / min(fresh)
+    print(f"images: {n} distinct, output {args.size}x{args.size}, workers: {args.workers}")
+    print(f"{'bare decode+resize, 1 process':42s} {rate_1:8.1f} img/s")
+    print(f"{'bare x workers (ideal)':42s} {ideal:8.1f} img/s")
+    print(f"{'bare decode+resize, pool of workers':42s} {n / bare_pool:8.1f} img/s")
+    print(f"{'resize stage, 1 process':42s} {n / stage_1:8.1f} img/s")
+    print(
+        f"{'resize stage (run_resize), fresh':42s} {rate_stage:8.1f} img/s  "
+        f"(runs: {', '.join(f'{n / t:.0f}' for t in fresh)}; median "
+        f"{n / statistics.median(fresh):.0f})"
+    )
+    print(f"{'resize stage, incremental (all reused)':42s} {n / reused:8.1f} img/s")
+    print(f"ratio stage / (bare x workers): {rate_stage / ideal:.2f}  (target >= 0.8)")
+    print(f"ratio stage / bare pool:        {rate_stage * bare_pool / n:.2f}")
+    print(f"ratio stage / bare, 1 process:  {bare_1 / stage_1:.2f}")
+
+
+if __name__ == "__main__":
+    main()

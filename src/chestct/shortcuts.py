@@ -1,0 +1,117 @@
+"""Does file metadata alone give the class away?
+
+A model that sees only what a file *is* (width, height, aspect, colour mode, byte size, format,
+mean intensity) and not what it *shows* should be at chance. When it is well above chance, a CNN
+can learn the same shortcut instead of the anatomy (in the public Kaggle chest CT set, normal
+slices are larger images than cancer slices). `detect_shortcut` cross-validates a random forest
+on those features, grouped so that copies of one image never sit on both sides of a fold, and
+scores each feature family on its own to say which one leaks.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+# Feature families: each is scored alone as well as together.
+FAMILIES: dict[str, tuple[str, ...]] = {
+    "size": ("width", "height", "aspect"),
+    "bytes": ("log_bytes",),
+    "mode/format": ("mode", "format"),
+    "mean intensity": ("mean",),
+}
+
+
+@dataclass(frozen=True)
+class ShortcutResult:
+    """Cross-validated balanced accuracy from metadata alone, against chance (1 / classes)."""
+
+    score: float
+    chance: float
+    folds: int
+    images: int
+    by_family: dict[str, float] = field(default_factory=dict)
+
+    def leaks(self, margin: float) -> bool:
+        return self.score >= self.chance + margin
+
+    def strongest(self) -> str:
+        return max(self.by_family, key=self.by_family.__getitem__) if self.by_family else ""
+
+
+def metadata_features(frame: pd.DataFrame) -> pd.DataFrame:
+    """Numeric features from manifest columns (width, height, mode, format, bytes) and `mean`."""
+    out = pd.DataFrame(index=frame.index)
+    out["width"] = frame["width"].astype(float)
+    out["height"] = frame["height"].astype(float)
+    out["aspect"] = out["width"] / out["height"].clip(lower=1)
+    out["log_bytes"] = np.log1p(frame["bytes"].astype(float))
+    out["mean"] = frame["mean"].astype(float).fillna(0.0)
+    for column in ("mode", "format"):
+        dummies = pd.get_dummies(frame[column].astype(str), prefix=column, dtype=float)
+        out = out.join(dummies)
+    return out
+
+
+def _columns(features: pd.DataFrame, family: tuple[str, ...]) -> list[str]:
+    return [c for c in features.columns if c in family or c.split("_")[0] in family]
+
+
+def detect_shortcut(
+    frame: pd.DataFrame,
+    groups: pd.Series,
+    seed: int,
+    max_folds: int = 5,
+    family_margin: float = 0.1,
+) -> ShortcutResult | None:
+    """Cross-validated balanced accuracy of a metadata-only classifier, or None when there are
+    too few images per class for at least two folds.
+
+    Args:
+        frame: one row per image with label, width, height, mode, format, bytes and mean.
+        groups: duplicate group per row (copies stay on one side of every fold).
+        seed: for the folds and the forest.
+        max_folds: at most this many folds (fewer when a class has fewer groups).
+        family_margin: above chance + this, each feature family is also scored alone.
+    """
+    from sklearn.ensemble import RandomForestClassifier
+    from sklearn.metrics import balanced_accuracy_score
+    from sklearn.model_selection import StratifiedGroupKFold, cross_val_predict
+
+    labels = frame["label"].astype(str)
+    per_class = labels.groupby(groups).first().value_counts()
+    classes = int(labels.nunique())
+    folds = int(min(max_folds, per_class.min())) if classes > 1 else 0
+    if folds < 2:
+        return None
+    features = metadata_features(frame)
+    cv = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+
+    def score(columns: list[str]) -> float:
+        model = RandomForestClassifier(
+            n_estimators=30, max_depth=8, min_samples_leaf=3, random_state=seed, n_jobs=1
+        )
+        with warnings.catch_warnings():
+            # A fold may miss a rare class entirely; the score stays meaningful.
+            warnings.simplefilter("ignore", UserWarning)
+            predicted = cross_val_predict(
+                model, features[columns].to_numpy(), labels.to_numpy(), groups=groups, cv=cv
+            )
+            return float(balanced_accuracy_score(labels, predicted))
+
+    overall = round(score(list(features.columns)), 4)
+    chance = round(1.0 / classes, 4)
+    by_family: dict[str, float] = {}
+    if overall >= chance + family_margin:
+        # Only worth the extra fits when there is a leak to explain.
+        by_family = {
+            name: round(score(cols), 4)
+            for name, family in FAMILIES.items()
+            if (cols := _columns(features, family))
+        }
+    return ShortcutResult(
+        score=overall, chance=chance, folds=folds, images=len(frame), by_family=by_family
+    )

@@ -1,0 +1,338 @@
+"""Where ingest finds its images: a local folder, an archive, or an archive behind a URL.
+
+Every source ends as a folder in the Kaggle layout (`[train|valid|test/]<class>/<file>`) that
+ingest scans. Archives are checked entry by entry before anything is written: an entry that would
+land outside the target folder (`../`, an absolute path, a drive letter) or that is a link or a
+device is refused, with its name. A URL needs the archive's sha256: the download goes to a
+`.part` file, is hashed on the way, and is renamed into place (and unpacked) only when the digest
+matches, so a failed or tampered download leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import shutil
+import stat
+import tarfile
+import urllib.error
+import urllib.parse
+import urllib.request
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from tqdm import tqdm
+
+from chestct.fsutil import sha256_file
+
+log = logging.getLogger(__name__)
+
+SPLIT_NAMES = ("train", "valid", "test")
+ARCHIVE_SUFFIXES = (".zip", ".tar.gz", ".tgz", ".tar")
+# Folders that archivers and desktops add and that never hold data.
+IGNORED_DIRS = frozenset({"__MACOSX", ".DS_Store", "@eaDir", "$RECYCLE.BIN"})
+_CHUNK = 1 << 20
+
+
+class SourceError(ValueError):
+    """A source that cannot be used; the message names it and says what to do."""
+
+
+@dataclass(frozen=True)
+class Source:
+    """A source made local: `folder` holds the files; `origin` is what the user named."""
+
+    kind: str  # folder | archive | url
+    origin: str
+    folder: Path
+    archive_sha256: str | None = None  # for archives and URLs
+
+    def describe(self, path: Path) -> str:
+        """How a file of this source is named in the manifest (its origin, not the staging)."""
+        if self.kind == "folder":
+            return str(path)
+        return f"{self.origin}::{path.relative_to(self.folder).as_posix()}"
+
+
+def is_url(source: str) -> bool:
+    return source.lower().startswith(("http://", "https://"))
+
+
+def redact(url: str) -> str:
+    """A URL without credentials or query string (signed download links carry tokens)."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urllib.parse.urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+def archive_kind(path: Path) -> str | None:
+    """'zip' or 'tar' by content (any compression tarfile reads), else None."""
+    with path.open("rb") as fh:
+        head = fh.read(4)
+    if head[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
+        return "zip"
+    try:
+        if tarfile.is_tarfile(path):
+            return "tar"
+    except (OSError, tarfile.TarError):
+        return None
+    return None
+
+
+def _checked_name(name: str, archive: Path) -> PurePosixPath:
+    """An archive entry's name as a safe relative path, or SourceError naming the entry."""
+    clean = name.replace("\\", "/")
+    if clean.startswith("/") or re.match(r"^[A-Za-z]:", clean):
+        raise SourceError(
+            f"{archive}: entry {name!r} has an absolute path; refusing to unpack an archive "
+            "whose entries could land outside the target folder"
+        )
+    rel = PurePosixPath(clean)
+    if ".." in rel.parts:
+        raise SourceError(
+            f"{archive}: entry {name!r} climbs out of the target folder ('..'); refusing to "
+            "unpack it (path traversal)"
+        )
+    return rel
+
+
+def _check_space(total: int, target: Path, archive: Path) -> None:
+    free = shutil.disk_usage(target.parent).free
+    if total > free:
+        raise SourceError(
+            f"{archive}: unpacking needs {total / 1e9:.1f} GB but only {free / 1e9:.1f} GB is "
+            f"free under {target.parent}; free some space"
+        )
+
+
+def _extract_zip(archive: Path, target: Path) -> None:
+    try:
+        zf = zipfile.ZipFile(archive)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise SourceError(f"{archive}: not a readable zip archive ({exc})") from None
+    with zf:
+        infos = zf.infolist()
+        for info in infos:
+            _checked_name(info.filename, archive)
+            kind = stat.S_IFMT(info.external_attr >> 16)
+            if kind == stat.S_IFLNK:
+                raise SourceError(
+                    f"{archive}: entry {info.filename!r} is a symbolic link; refusing to unpack "
+                    "an archive with links (they can point outside the target folder)"
+                )
+            if info.flag_bits & 0x1:
+                raise SourceError(
+                    f"{archive}: entry {info.filename!r} is encrypted; unpack it yourself and "
+                    "point ingest.source at the folder"
+                )
+        _check_space(sum(i.file_size for i in infos), target, archive)
+        try:
+            for info in infos:
+                dest = target.joinpath(*_checked_name(info.filename, archive).parts)
+                if info.is_dir():
+                    dest.mkdir(parents=True, exist_ok=True)
+                    continue
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                with zf.open(info) as src, dest.open("wb") as out:
+                    shutil.copyfileobj(src, out, _CHUNK)
+        except (zipfile.BadZipFile, EOFError, zipfile.LargeZipFile) as exc:
+            raise SourceError(f"{archive}: corrupt zip archive ({exc})") from None
+
+
+def _extract_tar(archive: Path, target: Path) -> None:
+    try:
+        tf = tarfile.open(archive, "r:*")  # noqa: SIM115 - closed by the `with tf` below
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise SourceError(f"{archive}: not a readable tar archive ({exc})") from None
+    with tf:
+        try:
+            members = tf.getmembers()
+        except (tarfile.TarError, EOFError, OSError) as exc:
+            raise SourceError(f"{archive}: corrupt or truncated tar archive ({exc})") from None
+        for member in members:
+            _checked_name(member.name, archive)
+            if member.issym() or member.islnk():
+                raise SourceError(
+                    f"{archive}: entry {member.name!r} is a link (to {member.linkname!r}); "
+                    "refusing to unpack an archive with links"
+                )
+            if not (member.isfile() or member.isdir()):
+                raise SourceError(
+                    f"{archive}: entry {member.name!r} is a device or FIFO; refusing to unpack it"
+                )
+        _check_space(sum(m.size for m in members if m.isfile()), target, archive)
+        try:
+            # The checks above already refuse what the 'data' filter would; it stays as a
+            # second guard (and drops set-uid bits and odd permissions).
+            tf.extractall(target, members=members, filter="data")
+        except (tarfile.TarError, EOFError, OSError) as exc:
+            raise SourceError(f"{archive}: corrupt or truncated tar archive ({exc})") from None
+
+
+def safe_extract(archive: Path, target: Path) -> Path:
+    """Unpack a zip or tar archive into `target` (which must not exist), atomically.
+
+    Entries are checked first; the archive is unpacked into a temporary sibling folder that is
+    renamed to `target` only when everything is out, and removed on any failure.
+
+    Raises:
+        SourceError: not an archive, a refused entry, corrupt data, or too little disk space.
+    """
+    kind = archive_kind(archive)
+    if kind is None:
+        raise SourceError(
+            f"{archive}: not a .zip, .tar.gz or .tgz archive (by content); point ingest.source "
+            "at a folder, an archive, or an http(s) URL of an archive"
+        )
+    tmp = target.with_name(f".{target.name}.unpacking")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        (_extract_zip if kind == "zip" else _extract_tar)(archive, tmp)
+        tmp.replace(target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return target
+
+
+def download(url: str, dest: Path, sha256: str, timeout_s: float) -> Path:
+    """Download `url` to `dest`, verifying its sha256 before `dest` appears.
+
+    Raises:
+        SourceError: HTTP error, timeout, unreachable host, short read, or a digest mismatch.
+            Nothing is left at `dest` or beside it.
+    """
+    shown = redact(url)
+    part = dest.with_name(f"{dest.name}.part")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    received = 0
+    request = urllib.request.Request(url, headers={"User-Agent": "chestct-ingest"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as resp, part.open("wb") as out:
+            length = resp.headers.get("Content-Length")
+            total = int(length) if length and length.isdigit() else None
+            with tqdm(
+                total=total, unit="B", unit_scale=True, desc=f"download {dest.name}", leave=False
+            ) as bar:
+                while chunk := resp.read(_CHUNK):
+                    out.write(chunk)
+                    digest.update(chunk)
+                    received += len(chunk)
+                    bar.update(len(chunk))
+        if total is not None and received != total:
+            raise SourceError(
+                f"download of {shown} stopped after {received} of {total} bytes; try again"
+            )
+    except urllib.error.HTTPError as exc:
+        part.unlink(missing_ok=True)
+        raise SourceError(
+            f"download of {shown} failed: HTTP {exc.code} {exc.reason}; check ingest.source"
+        ) from None
+    except TimeoutError as exc:
+        part.unlink(missing_ok=True)
+        raise SourceError(
+            f"download of {shown} timed out (no answer within ingest.timeout_s = {timeout_s:g} "
+            f"s: {exc}); check the network or raise ingest.timeout_s"
+        ) from None
+    except (urllib.error.URLError, OSError) as exc:
+        part.unlink(missing_ok=True)
+        reason = getattr(exc, "reason", exc)
+        if isinstance(reason, TimeoutError):
+            raise SourceError(
+                f"download of {shown} timed out (no connection within ingest.timeout_s = "
+                f"{timeout_s:g} s); check the network or raise ingest.timeout_s"
+            ) from None
+        raise SourceError(
+            f"download of {shown} failed: {reason}; check the URL and network"
+        ) from None
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
+    actual = digest.hexdigest()
+    if actual != sha256.lower():
+        part.unlink(missing_ok=True)
+        raise SourceError(
+            f"download of {shown}: sha256 is {actual} but ingest.sha256 is {sha256.lower()}; "
+            "the file changed or was corrupted on the way. Nothing was unpacked. If you trust "
+            "the new file, set ingest.sha256 to its digest"
+        )
+    part.replace(dest)
+    log.info("downloaded %s (%d bytes, sha256 verified)", shown, received)
+    return dest
+
+
+def _visible_dirs(folder: Path) -> list[Path]:
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if p.is_dir() and not p.name.startswith(".") and p.name not in IGNORED_DIRS
+    )
+
+
+def layout_root(folder: Path) -> Path:
+    """The folder that holds the split or class folders, descending through wrapper folders.
+
+    Archives often wrap their content in one folder (the Kaggle archive has `Data/`); a folder
+    whose only entry is a single sub-folder is descended into.
+    """
+    while True:
+        dirs = _visible_dirs(folder)
+        files = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")]
+        if len(dirs) == 1 and not files and dirs[0].name.lower() not in SPLIT_NAMES:
+            folder = dirs[0]
+            continue
+        return folder
+
+
+def resolve(source: str, root: Path, staging: Path, sha256: str, timeout_s: float) -> Source:
+    """Make `source` (params `ingest.source`) a local folder; archives land in `staging`.
+
+    Args:
+        source: a folder, an archive, or an http(s) URL of an archive; relative paths are
+            relative to the project root, `~` is expanded.
+        root: project root.
+        staging: an empty scratch folder the caller removes afterwards.
+        sha256: the archive's expected digest ('' for local sources: then it is not checked).
+        timeout_s: download timeout.
+    """
+    if is_url(source):
+        if not sha256:
+            raise SourceError(
+                "ingest.sha256 is required for a URL source: set it to the archive's sha256"
+            )
+        name = Path(urllib.parse.urlsplit(source).path).name or "download"
+        archive = download(source, staging / "download" / name, sha256, timeout_s)
+        folder = safe_extract(archive, staging / "unpacked")
+        archive.unlink()
+        return Source("url", redact(source), layout_root(folder), sha256.lower())
+    path = Path(source).expanduser()
+    path = (path if path.is_absolute() else root / path).resolve()
+    if path.is_dir():
+        return Source("folder", str(path), path)
+    if path.is_file():
+        if archive_kind(path) is None:
+            raise SourceError(
+                f"ingest.source {source!r} is a file but not a .zip, .tar.gz or .tgz archive; "
+                "point it at a folder, an archive or an http(s) URL"
+            )
+        actual = sha256_file(path)
+        if sha256 and actual != sha256.lower():
+            raise SourceError(
+                f"ingest.source {source!r}: sha256 is {actual} but ingest.sha256 is "
+                f"{sha256.lower()}; the archive changed. Set ingest.sha256 to '' or to the "
+                "new digest"
+            )
+        folder = safe_extract(path, staging / "unpacked")
+        return Source("archive", str(path), layout_root(folder), actual)
+    raise SourceError(
+        f"ingest.source {str(path)!r} is not a folder, an archive or a URL (nothing exists "
+        "there); use `synthetic`, a folder in the layout [train|valid|test/]<class>/<image>, "
+        "a .zip/.tar.gz/.tgz archive of one, or an http(s) URL with ingest.sha256"
+    )

@@ -41,6 +41,7 @@ import json, sys
 from pathlib import Path
 import numpy as np
 from chestct.export import LightModel, export_light, light_outputs
+from chestct.gradcam import CamHead
 from chestct.imaging import prepare, encode_png
 from chestct.labels import CLASSES, DISPLAY_NAMES
 from chestct.modeling import build_model
@@ -59,9 +60,8 @@ images = np.stack([prepare(encode_png(render_slice(CLASSES[i % 4], rng, 256)), s
 gap = light_outputs(LightModel.load(folder / "model.tflite"), images)["features"].mean(axis=(1, 2))
 gap = gap.astype(np.float64)
 precision = np.linalg.inv(np.cov(gap, rowvar=False) + 1e-3 * np.eye(gap.shape[1]))
-d2 = np.einsum("ni,ij,nj->n", gap - gap.mean(0), precision, gap - gap.mean(0))
-kernel, bias = model.get_layer("logits").get_weights()
-np.savez(folder / "cam_head.npz", kernel=kernel, bias=bias)
+d = np.sqrt(np.einsum("ni,ij,nj->n", gap - gap.mean(0), precision, gap - gap.mean(0)))
+CamHead.from_model(model).save(folder / "cam_head.npz")
 np.savez(folder / "ood.npz", mean=gap.mean(0), precision=precision)
 card = {
     "name": "chestct-bench", "version": "1", "classes": list(CLASSES),
@@ -70,7 +70,7 @@ card = {
     "model_file": "model.keras", "mlflow_run_ids": {"train": None},
     "inference": inference, "temperature": 1.0, "thresholds": {"abstain_entropy": 0.9},
     "cam": {"file": "cam_head.npz"},
-    "ood": {"method": "mahalanobis_gap", "file": "ood.npz", "threshold": float(d2.max())},
+    "ood": {"method": "mahalanobis_gap", "file": "ood.npz", "threshold": float(d.max())},
 }
 (folder / "model.json").write_text(json.dumps(card))
 """

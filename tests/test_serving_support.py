@@ -89,6 +89,7 @@ def write_model_folder(
     thresholds, cam and ood (an older card).
     """
     from chestct.export import export_light, light_outputs
+    from chestct.gradcam import CamHead
 
     folder.mkdir(parents=True, exist_ok=True)
     model = build_keras(seed)
@@ -123,9 +124,8 @@ def write_model_folder(
         mean = gap.mean(axis=0)
         cov = np.cov(gap, rowvar=False) + 1e-3 * np.eye(gap.shape[1])
         precision = np.linalg.inv(cov)
-        d2 = np.einsum("ni,ij,nj->n", gap - mean, precision, gap - mean)
-        kernel, bias = model.get_layer("logits").get_weights()
-        np.savez(folder / "cam_head.npz", kernel=kernel, bias=bias)
+        distance = np.sqrt(np.einsum("ni,ij,nj->n", gap - mean, precision, gap - mean))
+        CamHead.from_model(model).save(folder / "cam_head.npz")
         np.savez(folder / "ood.npz", mean=mean, precision=precision)
         card["temperature"] = temperature
         card["thresholds"] = {"abstain_entropy": ABSTAIN}
@@ -133,7 +133,7 @@ def write_model_folder(
         card["ood"] = {
             "method": "mahalanobis_gap",
             "file": "ood.npz",
-            "threshold": float(d2.max() * 1.5),
+            "threshold": float(distance.max() * 1.5),
         }
     (folder / "model.json").write_text(json.dumps(card, indent=2), encoding="utf-8")
     return folder

@@ -34,6 +34,7 @@ import cv2
 import numpy as np
 
 from chestct import imaging
+from chestct.gradcam import CamHead
 from chestct.settings import WindowParams
 
 log = logging.getLogger(__name__)
@@ -52,17 +53,9 @@ class ModelRefused(RuntimeError):
 
 
 @dataclass(frozen=True)
-class Head:
-    """The dense layer after global average pooling: logits = gap @ kernel + bias."""
-
-    kernel: np.ndarray  # (features, classes)
-    bias: np.ndarray  # (classes,)
-
-
-@dataclass(frozen=True)
 class OodModel:
-    """Gaussian of the training set's pooled features; squared Mahalanobis distance > threshold
-    means out of distribution."""
+    """Gaussian of the training set's pooled features (evaluate's ood.npz): a Mahalanobis
+    distance (not squared, as evaluate computes it) above `threshold` is out of distribution."""
 
     mean: np.ndarray
     precision: np.ndarray
@@ -90,7 +83,7 @@ class Loaded:
     backend: str
     temperature: float
     abstain_threshold: float | None
-    head: Head | None
+    head: CamHead | None
     dropout_rate: float
     ood: OodModel | None
     notes: list[str]
@@ -178,7 +171,7 @@ def analyse(model: Loaded, image: np.ndarray, mc_samples: int, seed: int) -> Ana
     score = verdict = None
     if model.ood is not None:
         diff = gap - model.ood.mean
-        score = float(diff @ model.ood.precision @ diff)
+        score = float(np.sqrt(max(diff @ model.ood.precision @ diff, 0.0)))
         verdict = score > model.ood.threshold
     return Analysis(
         probabilities=probs,
@@ -201,9 +194,7 @@ def class_activation(model: Loaded, features: np.ndarray, class_index: int) -> n
     """
     if model.head is None:
         raise ModelRefused("the model folder has no dense-head weights (card `cam`)")
-    cam = np.maximum(features.astype(np.float64) @ model.head.kernel[:, class_index], 0.0)
-    top = cam.max()
-    return cam / top if top > 0 else cam
+    return model.head.cam(features, class_index)
 
 
 def overlay_png(
@@ -312,7 +303,7 @@ def _litert_runner(path: Path, spec: dict[str, Any], threads: int) -> Callable:
     return run
 
 
-def _keras_runner(path: Path) -> tuple[Callable, Head]:
+def _keras_runner(path: Path) -> tuple[Callable, CamHead]:
     """Fallback when the card has no light artifact: Keras through one traced tf.function.
     Costs TensorFlow's memory (about 700 MB a worker); logged as a warning."""
     import keras
@@ -324,7 +315,7 @@ def _keras_runner(path: Path) -> tuple[Callable, Head]:
             model.inputs,
             [model.get_layer("features").output, model.get_layer("probabilities").output],
         )
-        kernel, bias = model.get_layer("logits").get_weights()
+        head = CamHead.from_model(model)
     except Exception as exc:  # Keras raises many types for a bad file
         raise ModelRefused(f"{path.name} is not a loadable Keras model ({exc})") from None
     infer = tf.function(lambda x: heads(x, training=False), reduce_retracing=True)
@@ -333,7 +324,7 @@ def _keras_runner(path: Path) -> tuple[Callable, Head]:
         features, probs = infer(tf.constant(batch))
         return Outputs(features.numpy(), None, probs.numpy())
 
-    return run, Head(np.asarray(kernel, np.float64), np.asarray(bias, np.float64))
+    return run, head
 
 
 def _number(card: dict[str, Any], keys: tuple[str, ...]) -> float | None:
@@ -397,7 +388,7 @@ def load_folder(
 
         keras_file = folder / str(card.get("model_file", "model.keras"))
         inference = card.get("inference")
-        head: Head | None = None
+        head: CamHead | None = None
         if isinstance(inference, dict):
             light_path = _file(folder, inference.get("file"), "inference.file")
             if inference.get("sha256") and _sha256(light_path) != inference["sha256"]:
@@ -426,10 +417,7 @@ def load_folder(
         if isinstance(cam, dict):
             head_path = _file(folder, cam.get("file"), "cam.file")
             try:
-                with np.load(head_path) as npz:
-                    head = Head(
-                        np.asarray(npz["kernel"], np.float64), np.asarray(npz["bias"], np.float64)
-                    )
+                head = CamHead.load(head_path)
             except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
                 raise ModelRefused(
                     f"{head_path.name} is not a readable head file ({exc})"

@@ -1,8 +1,9 @@
 """gunicorn settings for the chestct predictor (`make serve`; README "Serving").
 
 Environment overrides: CHESTCT_BIND, CHESTCT_WORKERS, CHESTCT_THREADS, CHESTCT_TIMEOUT,
-CHESTCT_LOG_LEVEL. Metrics of all workers are summed through PROMETHEUS_MULTIPROC_DIR, which
-this file points at a fresh private folder unless the environment sets one.
+CHESTCT_FORWARDED_ALLOW_IPS, CHESTCT_LOG_LEVEL. Metrics of all workers are summed through
+PROMETHEUS_MULTIPROC_DIR, which this file points at a fresh private folder unless the
+environment sets one.
 """
 
 import os
@@ -29,6 +30,11 @@ limit_request_line = 4094
 limit_request_fields = 50
 # No control socket: nothing but HTTP reaches a running server.
 control_socket_disable = True
+# Behind a load balancer: trust its X-Forwarded-* headers only from the addresses named here.
+forwarded_allow_ips = os.environ.get("CHESTCT_FORWARDED_ALLOW_IPS", "127.0.0.1")
+# Worker heartbeats in memory where available: a container's overlay disk can stall them.
+if Path("/dev/shm").is_dir():
+    worker_tmp_dir = "/dev/shm"
 accesslog = "-"
 errorlog = "-"
 loglevel = os.environ.get("CHESTCT_LOG_LEVEL", "info")

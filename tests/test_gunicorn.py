@@ -20,7 +20,13 @@ from pathlib import Path
 
 import pytest
 
-from test_serving_support import dicom_bytes, model_dir, slice_png  # noqa: F401
+from chestct.fsutil import replace_dir
+from test_serving_support import (  # noqa: F401
+    dicom_bytes,
+    model_dir,
+    slice_png,
+    write_model_folder,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 README_URL = "http://127.0.0.1:8000"
@@ -54,13 +60,17 @@ def worker_pids(master: int) -> list[int]:
     return [int(pid) for pid in children]
 
 
-@pytest.fixture
-def server(tmp_path: Path, model_dir: Path):  # noqa: F811
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, model_dir: Path):  # noqa: F811
+    """One gunicorn for this module's tests (the reload test runs last: it swaps the model)."""
+    tmp_path = tmp_path_factory.mktemp("gunicorn")
+    live = tmp_path / "model"
+    shutil.copytree(model_dir, live)
     root = tmp_path / "root"
     (root / "config").mkdir(parents=True)
     shutil.copy(REPO / "params.yaml", root / "params.yaml")
     config = {
-        "model_dir": str(model_dir),
+        "model_dir": str(live),
         "serving": {"audit_log": True, "audit_db": str(tmp_path / "audit.sqlite")},
     }
     (root / "config" / "config.yaml").write_text(json.dumps(config), encoding="utf-8")
@@ -93,7 +103,7 @@ def server(tmp_path: Path, model_dir: Path):  # noqa: F811
                 pass
             assert time.monotonic() < deadline, "gunicorn did not become ready in 90 s"
             time.sleep(0.3)
-        yield base, proc
+        yield base, proc, live
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -105,7 +115,7 @@ def server(tmp_path: Path, model_dir: Path):  # noqa: F811
 
 
 def test_readme_curl_examples_against_gunicorn(server, tmp_path: Path) -> None:
-    base, proc = server
+    base, proc, _ = server
     work = tmp_path / "client"
     work.mkdir()
     (work / "slice.png").write_bytes(slice_png(3, size=128))
@@ -155,3 +165,17 @@ def test_readme_curl_examples_against_gunicorn(server, tmp_path: Path) -> None:
 
     status, body = get(f"{base}/predict")
     assert status == 405 and json.loads(body)["status"] == 405
+
+
+def test_workers_switch_to_a_new_champion_without_restart(server, tmp_path: Path) -> None:
+    base, proc, live = server
+    workers = worker_pids(proc.pid)
+    staged = write_model_folder(tmp_path / ".model.new", version="2", seed=7)
+    replace_dir(staged, live)  # what promote does
+    deadline, streak = time.monotonic() + 30, 0
+    while streak < 12:  # consecutive answers, spread over both workers
+        assert time.monotonic() < deadline, "workers kept serving version 1"
+        status, body = get(f"{base}/metadata")
+        streak = streak + 1 if status == 200 and json.loads(body)["version"] == "2" else 0
+        time.sleep(0.1)
+    assert worker_pids(proc.pid) == workers  # no restart

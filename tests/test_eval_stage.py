@@ -272,3 +272,52 @@ def test_export_refuses_a_model_without_the_contract_layers(tmp_path: Path) -> N
     with pytest.raises(ExportError, match="contract layer"):
         export_light(plain, tmp_path / "m.tflite")
     assert not (tmp_path / "m.tflite").exists()
+
+
+# --------------------------------------------------------------------------- MLflow lineage
+
+
+def test_lineage_tags_and_upstream_params_come_from_the_pointers(tmp_path: Path) -> None:
+    from chestct.pointers import GitState, Pointer, TrackingRef, now_utc, write_pointer
+    from chestct.settings import Paths
+    from chestct.stages.evaluate import lineage_tags, upstream_params
+
+    paths = Paths(
+        root=tmp_path,
+        artifacts=tmp_path / "artifacts",
+        model=tmp_path / "model",
+        params_file=tmp_path / "params.yaml",
+    )
+    for stage, run, params in [
+        ("base-model", "b" * 32, {"base": {"seed": 1}, "base_model": {"filters": [4, 8]}}),
+        (
+            "train",
+            "t" * 32,
+            {"base": {"seed": 1}, "train": {"learning_rate": 0.01, "augment": {"flip": True}}},
+        ),
+        ("evaluate", "e" * 32, {"evaluate": {"batch_size": 3}}),  # not upstream of evaluate
+    ]:
+        pointer = Pointer(
+            stage=stage,
+            created_at=now_utc(),
+            git=GitState(None, None),
+            params=params,
+            inputs=[],
+            outputs={},
+            metrics={},
+            mlflow=TrackingRef("sqlite:///x.db", "chestct", run),
+            details={},
+        )
+        paths.stage_dir(stage).mkdir(parents=True)
+        write_pointer(paths.pointer(stage), pointer)
+
+    assert lineage_tags(paths, "evaluate") == {
+        "chestct.run.base-model": "b" * 32,
+        "chestct.run.train": "t" * 32,
+    }
+    assert lineage_tags(paths, "promote")["chestct.run.evaluate"] == "e" * 32
+    assert upstream_params(paths, "evaluate", own=["base", "evaluate"]) == {
+        "base_model.filters": "[4, 8]",
+        "train.learning_rate": "0.01",
+        "train.augment.flip": "True",
+    }

@@ -3,6 +3,9 @@
 Never from Keras' `evaluate()` dict: Keras 3 renames its keys. Everything here takes true class
 indices and a probability (or logit) matrix over CLASSES, so the same code scores a Keras model,
 the light model or a champion that is re-scored.
+
+scikit-learn and SciPy are imported inside the functions: they take seconds to import, and a
+stage must reach its tracking-store check (runner.stage_session) within seconds of starting.
 """
 
 from __future__ import annotations
@@ -12,17 +15,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from scipy.optimize import minimize_scalar
-from sklearn.metrics import (
-    accuracy_score,
-    balanced_accuracy_score,
-    confusion_matrix,
-    fbeta_score,
-    precision_score,
-    recall_score,
-    roc_auc_score,
-    roc_curve,
-)
 
 from chestct.labels import CLASSES
 
@@ -43,6 +35,15 @@ def classification_metrics(y_true: np.ndarray, proba: np.ndarray) -> dict[str, A
         classes present), ece, n, and per class: sensitivity, specificity, precision, roc_auc
         (None where a class is absent from y_true).
     """
+    from sklearn.metrics import (
+        accuracy_score,
+        balanced_accuracy_score,
+        confusion_matrix,
+        fbeta_score,
+        precision_score,
+        recall_score,
+    )
+
     y_true = np.asarray(y_true)
     proba = np.asarray(proba, dtype=np.float64)
     if proba.ndim != 2 or proba.shape != (len(y_true), len(CLASSES)):
@@ -86,6 +87,8 @@ def classification_metrics(y_true: np.ndarray, proba: np.ndarray) -> dict[str, A
 
 def per_class_auc(y_true: np.ndarray, proba: np.ndarray) -> dict[str, float | None]:
     """One-vs-rest ROC-AUC per class; None when the class or its complement is absent."""
+    from sklearn.metrics import roc_auc_score
+
     out: dict[str, float | None] = {}
     for i, name in enumerate(CLASSES):
         positive = np.asarray(y_true) == i
@@ -104,6 +107,8 @@ def roc_curves(
     Returns:
         The grid and, per class present in y_true (with negatives), the true-positive rates.
     """
+    from sklearn.metrics import roc_curve
+
     fpr_grid = np.linspace(0.0, 1.0, grid)
     curves: dict[str, np.ndarray] = {}
     for i, name in enumerate(CLASSES):
@@ -117,6 +122,8 @@ def roc_curves(
 
 def confusion(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
     """The 4×4 confusion matrix (rows actual, columns predicted) in CLASSES order."""
+    from sklearn.metrics import confusion_matrix
+
     return confusion_matrix(y_true, y_pred, labels=list(range(len(CLASSES))))
 
 
@@ -194,6 +201,8 @@ def fit_temperature(y_true: np.ndarray, logits: np.ndarray) -> TemperatureFit:
     few images, a single class, non-finite logits, an optimum at the edge of the search range,
     or no improvement in NLL.
     """
+    from scipy.optimize import minimize_scalar
+
     y_true = np.asarray(y_true)
     logits = np.asarray(logits, dtype=np.float64)
     if len(y_true) < 2 or len(np.unique(y_true)) < 2:

@@ -10,6 +10,7 @@ gradcam.png.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Sequence
@@ -43,6 +44,7 @@ from chestct.metrics import (
 from chestct.pointers import PointerError, read_pointer
 from chestct.runner import StageFailed, run_main, stage_session
 from chestct.settings import STAGES, EvaluateParams
+from chestct.tracking import flatten
 
 log = logging.getLogger(__name__)
 
@@ -483,6 +485,25 @@ def lineage_tags(paths: Any, upto: str) -> dict[str, str]:
     return tags
 
 
+def upstream_params(paths: Any, upto: str, own: Sequence[str]) -> dict[str, str]:
+    """The params every upstream stage ran with, flattened as MLflow params ("train.epochs").
+
+    Logged on the evaluate run so that `mlflow ui` shows, side by side, the settings that
+    produced each set of test metrics. Groups in `own` are left out: the run logs them already.
+    """
+    groups: dict[str, Any] = {}
+    for stage in STAGES[: STAGES.index(upto)]:
+        try:
+            params = read_pointer(paths, stage, verify=False).params
+        except PointerError:
+            continue
+        groups.update({g: v for g, v in params.items() if g not in own})
+    return {
+        k: json.dumps(v) if isinstance(v, list | dict) else str(v)
+        for k, v in flatten(groups).items()
+    }
+
+
 def main() -> None:
     with stage_session("evaluate") as session:
         s = session.settings
@@ -500,6 +521,7 @@ def main() -> None:
         import mlflow
 
         mlflow.set_tags(lineage_tags(s.paths, "evaluate"))
+        mlflow.log_params(upstream_params(s.paths, "evaluate", list(session.params)))
         for name in PLOTS:
             session.log_artifact(out / name, "plots")
         for name in ("predictions", "calibration", "roc", "reliability"):

@@ -139,6 +139,8 @@ def _cross_split_groups(
     drop_index: list[Any] = []
     for group in spread[spread > 1].index:
         members = frame[frame["group"] == group]
+        # Later split first: the copy that leaks is what a reader looks for.
+        members = members.iloc[np.argsort([-_ORDER[s] for s in members["split"]], kind="stable")]
         first = min(members["split"], key=_ORDER.__getitem__)
         exact = members["sha256"].nunique() == 1
         cross.append(
@@ -189,7 +191,7 @@ def main() -> None:
                 "dropped from the later split"
                 if summary.dropped
                 else "reported; validate checks them, split.dedupe: drop removes them",
-                "; ".join(g["files"][0] for g in summary.cross_split[:5]),
+                "; ".join(f"{g['files'][0]} ~ {g['files'][-1]}" for g in summary.cross_split[:3]),
             )
         session.finish(
             inputs=["ingest"],

@@ -1,0 +1,254 @@
+"""Exploratory data analysis of a source of chest CT slices (research/01-eda.ipynb).
+
+The notebook only calls these functions, so that what it shows is tested code: a scan of the
+source as ingest sees it (labels from folder names, format by content), class counts, image
+size and mode by class, intensity by class, exact and pixel-identical duplicates, and a sample
+grid per class.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from chestct.fsutil import sha256_bytes
+from chestct.imaging import ImageError, decode
+from chestct.labels import CLASSES
+from chestct.manifest import SPLITS
+from chestct.settings import Settings
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+log = logging.getLogger(__name__)
+
+SCAN_COLUMNS: tuple[str, ...] = (
+    "split",  # train | valid | test, or "" when the source has no split folders
+    "label",
+    "path",  # absolute path of the file
+    "relative",  # path relative to the source folder (what reports show)
+    "sha256",  # of the file's bytes
+    "pixel_sha256",  # of the decoded 8-bit grey pixels: equal for lossless re-encodings
+    "format",  # by content
+    "mode",
+    "width",
+    "height",
+    "bytes",
+    "mean",  # grey level mean and standard deviation
+    "std",
+    "error",  # "" when the file decoded
+)
+
+
+class EdaError(ValueError):
+    """The data source cannot be explored; the message names it and the fix."""
+
+
+@contextmanager
+def open_source(settings: Settings, source: str | None = None) -> Iterator[Path]:
+    """The folder to explore, as a context: `synthetic` is generated into a temporary folder.
+
+    Args:
+        settings: project settings (seed and synthetic counts come from params.yaml).
+        source: `synthetic`, a folder in Kaggle layout (relative paths are taken from the
+            project root), or None for params.yaml's `ingest.source`.
+    """
+    source = source or settings.params.ingest.source
+    if source == "synthetic":
+        from chestct.synthetic import generate_synthetic
+
+        with tempfile.TemporaryDirectory(prefix="chestct-eda-") as tmp:
+            folder = Path(tmp)
+            generate_synthetic(
+                folder, settings.params.base.seed, settings.params.ingest.synthetic_per_class
+            )
+            yield folder
+        return
+    folder = Path(source).expanduser()
+    folder = folder if folder.is_absolute() else settings.paths.root / folder
+    if not folder.is_dir():
+        raise EdaError(
+            f"data source {str(folder)!r} is not a folder; pass `synthetic` or a folder in the "
+            "layout [train|valid|test/]<class folder>/<image>"
+        )
+    yield folder
+
+
+def scan(folder: Path, class_map: dict[str, str] | None = None) -> pd.DataFrame:
+    """One row per file of a Kaggle-layout folder (SCAN_COLUMNS); undecodable files included.
+
+    Labels come from class-folder names exactly as ingest reads them (`ingest.class_map` first).
+    """
+    from chestct.stages.ingest import scan_source
+
+    rows = []
+    for split, label, path in tqdm(
+        scan_source(folder, dict(class_map or {})), desc="scan", unit="file", leave=False
+    ):
+        data = path.read_bytes()
+        row: dict[str, object] = {
+            "split": split,
+            "label": label,
+            "path": str(path),
+            "relative": path.relative_to(folder).as_posix(),
+            "sha256": sha256_bytes(data),
+            "bytes": len(data),
+            "error": "",
+        }
+        try:
+            img = decode(data)
+        except ImageError as exc:
+            row |= {"pixel_sha256": "", "format": "", "mode": "", "error": str(exc)}
+        else:
+            row |= {
+                "pixel_sha256": hashlib.sha256(
+                    np.ascontiguousarray(img.grey).tobytes() + str(img.grey.shape).encode()
+                ).hexdigest(),
+                "format": img.format,
+                "mode": img.mode,
+                "width": img.width,
+                "height": img.height,
+                "mean": float(img.grey.mean()),
+                "std": float(img.grey.std()),
+            }
+        rows.append(row)
+    return pd.DataFrame(rows, columns=list(SCAN_COLUMNS))
+
+
+def _decoded(frame: pd.DataFrame) -> pd.DataFrame:
+    return frame[frame["error"] == ""]
+
+
+def class_counts(frame: pd.DataFrame) -> pd.DataFrame:
+    """Decodable images per class (rows, in CLASSES order) and split (columns), with totals."""
+    good = _decoded(frame).assign(split=lambda f: f["split"].replace("", "all"))
+    table = pd.crosstab(good["label"], good["split"]).reindex(index=list(CLASSES), fill_value=0)
+    order = [s for s in (*SPLITS, "all") if s in table.columns]
+    table = table.reindex(columns=order, fill_value=0)
+    table["total"] = table.sum(axis=1)
+    table.loc["total"] = table.sum(axis=0)
+    table.index.name = "label"
+    table.columns.name = None
+    return table.astype(int)
+
+
+def _share(values: pd.Series) -> str:
+    counts = values.value_counts()
+    return ", ".join(f"{k} {v}" for k, v in counts.items())
+
+
+def size_and_mode_by_class(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per class: image count, width and height range and median, colour modes and formats."""
+    good = _decoded(frame)
+    rows = []
+    for label in CLASSES:
+        part = good[good["label"] == label]
+        if part.empty:
+            rows.append({"label": label, "images": 0})
+            continue
+        rows.append(
+            {
+                "label": label,
+                "images": len(part),
+                "width min": int(part["width"].min()),
+                "width median": float(part["width"].median()),
+                "width max": int(part["width"].max()),
+                "height min": int(part["height"].min()),
+                "height median": float(part["height"].median()),
+                "height max": int(part["height"].max()),
+                "modes": _share(part["mode"]),
+                "formats": _share(part["format"]),
+            }
+        )
+    return pd.DataFrame(rows).set_index("label")
+
+
+def intensity_by_class(frame: pd.DataFrame) -> pd.DataFrame:
+    """Mean and spread of each image's grey level, per class.
+
+    Classes whose brightness alone separates them invite a model to learn the scanner or the
+    export, not the disease: compare these rows before trusting a high score.
+    """
+    good = _decoded(frame)
+    table = good.groupby("label")[["mean", "std"]].agg(["mean", "std"])
+    table.columns = [f"{stat} of {col}" for col, stat in table.columns]
+    return table.reindex(list(CLASSES))
+
+
+def duplicate_groups(frame: pd.DataFrame, key: str = "sha256") -> pd.DataFrame:
+    """Groups of files sharing `key` (`sha256`: same bytes; `pixel_sha256`: same pixels).
+
+    Returns one row per group with its size, the splits and labels it spans, whether it leaks
+    across splits or conflicts in label, and its files; sorted with the worst groups first.
+    """
+    if key not in ("sha256", "pixel_sha256"):
+        raise EdaError(f"duplicate key {key!r} is not known; use 'sha256' or 'pixel_sha256'")
+    good = frame[frame[key] != ""]
+    groups = []
+    for value, part in good.groupby(key):
+        if len(part) < 2:
+            continue
+        splits = sorted(set(part["split"]))
+        labels = sorted(set(part["label"]))
+        groups.append(
+            {
+                key: value,
+                "files": len(part),
+                "splits": ", ".join(s or "all" for s in splits),
+                "labels": ", ".join(labels),
+                "cross_split": len(splits) > 1,
+                "label_conflict": len(labels) > 1,
+                "paths": sorted(part["relative"]),
+            }
+        )
+    columns = [key, "files", "splits", "labels", "cross_split", "label_conflict", "paths"]
+    table = pd.DataFrame(groups, columns=columns)
+    return table.sort_values(
+        ["label_conflict", "cross_split", "files"], ascending=False, ignore_index=True
+    )
+
+
+def sample_grid(frame: pd.DataFrame, per_class: int = 6, seed: int = 0) -> Figure:
+    """A figure with up to `per_class` random decodable images of each class, one row per class.
+
+    Images are shown as stored (aspect kept), in grey, titled with their size and mode.
+    """
+    from matplotlib.figure import Figure
+
+    if per_class < 1:
+        raise EdaError(f"per_class must be at least 1, got {per_class}")
+    good = _decoded(frame)
+    # A bare Figure, not pyplot: no global backend or figure registry is touched.
+    fig = Figure(figsize=(1.8 * per_class, 1.9 * len(CLASSES)), layout="constrained")
+    axes = fig.subplots(len(CLASSES), per_class, squeeze=False)
+    rng = np.random.default_rng(seed)
+    for row, label in zip(axes, CLASSES, strict=True):
+        part = good[good["label"] == label]
+        picks = part.iloc[rng.permutation(len(part))[:per_class]] if len(part) else part
+        for i, ax in enumerate(row):
+            ax.set_axis_off()
+            if i < len(picks):
+                item = picks.iloc[i]
+                grey = decode(Path(item["path"]).read_bytes()).grey
+                ax.imshow(grey, cmap="gray", vmin=0, vmax=255)
+                ax.set_title(f"{item['width']}x{item['height']} {item['mode']}", fontsize=7)
+        row[0].text(
+            -0.08,
+            0.5,
+            label.replace("_", " "),
+            transform=row[0].transAxes,
+            rotation=90,
+            ha="right",
+            va="center",
+            fontsize=8,
+        )
+    return fig

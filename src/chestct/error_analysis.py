@@ -1,0 +1,250 @@
+"""Error analysis of the promoted model on the test split (research/02-error-analysis.ipynb).
+
+The promoted model (model/) is scored on the current test split that validate handed on, with
+the same preprocessing as serving (`imaging.prepare` at the card's image size). The functions
+below turn those predictions into tables and figures: per-class precision and recall, the
+confusion matrix, the most confident mistakes, and calibration (reliability and ECE).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from chestct.imaging import decode, prepare
+from chestct.labels import CLASSES
+from chestct.manifest import DATASET_COLUMNS, read_manifest
+from chestct.pointers import read_pointer
+from chestct.settings import Settings
+
+if TYPE_CHECKING:
+    import keras
+    from matplotlib.figure import Figure
+
+log = logging.getLogger(__name__)
+
+
+class AnalysisError(RuntimeError):
+    """Nothing to analyse yet; the message says which command produces it."""
+
+
+@dataclass(frozen=True)
+class Promoted:
+    """The promoted model as the predictor loads it: its card and the Keras model."""
+
+    card: dict[str, Any]
+    model: keras.Model
+    folder: Path
+
+
+def load_promoted(settings: Settings) -> Promoted:
+    """Read model/model.json and the model file it names."""
+    folder = settings.paths.model
+    card_path = folder / "model.json"
+    if not card_path.is_file():
+        raise AnalysisError(
+            f"{card_path} not found: no model has been promoted; run `dvc repro` (or `make run`)"
+        )
+    card = json.loads(card_path.read_text(encoding="utf-8"))
+    import keras
+
+    model = keras.models.load_model(folder / card["model_file"], compile=False)
+    return Promoted(card=card, model=model, folder=folder)
+
+
+def load_test_split(settings: Settings) -> pd.DataFrame:
+    """The test split that validate handed on (DATASET_COLUMNS), found through its pointer."""
+    pointer = read_pointer(settings.paths, "validate")
+    return read_manifest(pointer.output_path("test", settings.paths.root), DATASET_COLUMNS)
+
+
+def predict_split(
+    promoted: Promoted, split: pd.DataFrame, root: Path, batch_size: int = 64
+) -> pd.DataFrame:
+    """Predictions of the promoted model for every image of a split.
+
+    Each image is prepared as the predictor prepares an upload (at the card's image size), so
+    what is analysed here is what serving would answer.
+
+    Returns:
+        One row per image: path, source_path, actual, predicted, confidence (the top
+        probability), correct, and p_<class> for every class in the card.
+    """
+    classes = list(promoted.card["classes"])
+    size = int(promoted.card["image_size"])
+    interpolation = promoted.card["preprocessing"]["interpolation"]
+    images = np.stack(
+        [prepare((root / p).read_bytes(), size, interpolation) for p in split["path"]]
+    ).astype(np.float32)[..., None]
+    proba = np.concatenate(
+        [
+            np.asarray(promoted.model(images[i : i + batch_size], training=False))
+            for i in range(0, len(images), batch_size)
+        ]
+    )
+    best = proba.argmax(axis=1)
+    frame = pd.DataFrame(
+        {
+            "path": split["path"].to_numpy(),
+            "source_path": split["source_path"].to_numpy(),
+            "actual": split["label"].to_numpy(),
+            "predicted": [classes[i] for i in best],
+            "confidence": proba.max(axis=1),
+        }
+    )
+    frame["correct"] = frame["actual"] == frame["predicted"]
+    for i, c in enumerate(classes):
+        frame[f"p_{c}"] = proba[:, i]
+    return frame
+
+
+def headline_metrics(pred: pd.DataFrame) -> dict[str, float]:
+    """Accuracy, balanced accuracy and macro-F1 over the four classes, as evaluate reports them."""
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
+
+    return {
+        "accuracy": float(accuracy_score(pred["actual"], pred["predicted"])),
+        "balanced_accuracy": float(balanced_accuracy_score(pred["actual"], pred["predicted"])),
+        "macro_f1": float(
+            f1_score(
+                pred["actual"],
+                pred["predicted"],
+                labels=list(CLASSES),
+                average="macro",
+                zero_division=0,
+            )
+        ),
+    }
+
+
+def per_class_report(pred: pd.DataFrame) -> pd.DataFrame:
+    """Precision, recall, F1 and support per class, plus macro and weighted averages."""
+    from sklearn.metrics import classification_report
+
+    report = classification_report(
+        pred["actual"],
+        pred["predicted"],
+        labels=list(CLASSES),
+        output_dict=True,
+        zero_division=0,
+    )
+    table = pd.DataFrame(report).T.drop(index=["accuracy", "micro avg"], errors="ignore")
+    table["support"] = table["support"].astype(int)
+    return table
+
+
+def confusion_table(pred: pd.DataFrame, normalise: bool = False) -> pd.DataFrame:
+    """Actual class (rows) by predicted class (columns); `normalise` divides rows by their sum."""
+    table = pd.crosstab(pred["actual"], pred["predicted"]).reindex(
+        index=list(CLASSES), columns=list(CLASSES), fill_value=0
+    )
+    table.index.name, table.columns.name = "actual", "predicted"
+    if normalise:
+        return table.div(table.sum(axis=1).replace(0, np.nan), axis=0).fillna(0.0)
+    return table
+
+
+def worst_errors(pred: pd.DataFrame, n: int = 12) -> pd.DataFrame:
+    """The `n` wrong predictions made with the highest confidence (the most misleading ones)."""
+    return pred[~pred["correct"]].sort_values("confidence", ascending=False).head(n)
+
+
+def calibration(pred: pd.DataFrame, bins: int = 10) -> tuple[pd.DataFrame, float]:
+    """Reliability table (confidence bins: count, mean confidence, accuracy) and the ECE.
+
+    Bins are equal-width and closed on the right, as in evaluate. The expected calibration
+    error is the count-weighted mean gap between confidence and accuracy over the bins: 0 means
+    the model's confidence can be read as a probability.
+    """
+    if bins < 1:
+        raise ValueError(f"bins must be at least 1, got {bins}")
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(pred["confidence"], edges[1:-1], right=True), 0, bins - 1)
+    rows = []
+    for b in range(bins):
+        part = pred[which == b]
+        rows.append(
+            {
+                "bin": f"{edges[b]:.1f}-{edges[b + 1]:.1f}",
+                "count": len(part),
+                "mean_confidence": float(part["confidence"].mean()) if len(part) else np.nan,
+                "accuracy": float(part["correct"].mean()) if len(part) else np.nan,
+            }
+        )
+    table = pd.DataFrame(rows)
+    used = table[table["count"] > 0]
+    ece = float(
+        (used["count"] * (used["mean_confidence"] - used["accuracy"]).abs()).sum()
+        / max(len(pred), 1)
+    )
+    return table, ece
+
+
+def _figure(width: float, height: float) -> Figure:
+    # A bare Figure, not pyplot: no global backend or figure registry is touched.
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def plot_confusion(pred: pd.DataFrame) -> Figure:
+    """Counts and row-normalised confusion matrices side by side."""
+    fig = _figure(11, 4.5)
+    axes = fig.subplots(1, 2)
+    for ax, normalise in zip(axes, (False, True), strict=True):
+        table = confusion_table(pred, normalise)
+        ax.imshow(table.to_numpy(), cmap="Blues", vmin=0)
+        ticks = range(len(CLASSES))
+        names = [c.replace("_", " ") for c in CLASSES]
+        ax.set_xticks(ticks, names, rotation=30, ha="right", fontsize=8)
+        ax.set_yticks(ticks, names, fontsize=8)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("actual")
+        ax.set_title("share of the actual class" if normalise else "images")
+        top = table.to_numpy().max() or 1
+        for (i, j), v in np.ndenumerate(table.to_numpy()):
+            text = f"{v:.2f}" if normalise else str(int(v))
+            color = "white" if v > top / 2 else "black"
+            ax.text(j, i, text, ha="center", va="center", color=color, fontsize=8)
+    return fig
+
+
+def plot_reliability(table: pd.DataFrame, ece: float) -> Figure:
+    """Accuracy against mean confidence per bin, with the diagonal of perfect calibration."""
+    fig = _figure(4.5, 4.5)
+    ax = fig.subplots()
+    used = table[table["count"] > 0]
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfectly calibrated")
+    ax.plot(used["mean_confidence"], used["accuracy"], marker="o", label="promoted model")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("mean confidence")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"reliability (ECE {ece:.3f})")
+    ax.legend(loc="upper left", fontsize=8)
+    return fig
+
+
+def error_grid(errors: pd.DataFrame, root: Path, columns: int = 6) -> Figure:
+    """The given wrong predictions as a grid: image, actual, predicted and confidence."""
+    n = max(len(errors), 1)
+    rows = (n + columns - 1) // columns
+    fig = _figure(2 * columns, 2.3 * rows)
+    axes = fig.subplots(rows, columns, squeeze=False)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    if errors.empty:
+        axes[0][0].text(0, 0.5, "no wrong prediction", fontsize=10)
+    for ax, (_, item) in zip(axes.flat, errors.iterrows(), strict=False):
+        ax.imshow(decode((root / item["path"]).read_bytes()).grey, cmap="gray", vmin=0, vmax=255)
+        ax.set_title(
+            f"is {item['actual'][:14]}\nsaid {item['predicted'][:14]} ({item['confidence']:.2f})",
+            fontsize=7,
+        )
+    return fig

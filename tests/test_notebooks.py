@@ -1,0 +1,267 @@
+"""research/ notebooks and the code they call (chestct.eda, chestct.error_analysis).
+
+The notebooks are executed headless, top to bottom, with nbclient on a tiny pipeline run in a
+temporary copy of the project; the functions are tested directly on small hand-made data.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from chestct import eda
+from chestct import error_analysis as ea
+from chestct.labels import CLASSES
+from chestct.settings import load_settings
+from helpers import make_kaggle_folder, write_image
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+RESEARCH = REPO / "research"
+
+# The embedded default, shrunk so that the whole pipeline runs in about a minute.
+TINY = {
+    "base": {"image_size": 32},
+    "ingest": {"synthetic_per_class": {"train": 8, "valid": 3, "test": 3}},
+    "base_model": {"filters": [4, 8]},
+    "train": {"epochs": 2, "batch_size": 8},
+    "promote": {"minimum": 0.0},
+}
+
+
+def _merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = _merge(base[key], value) if isinstance(value, dict) and value else value
+    return out
+
+
+def _project_copy(root: Path) -> Path:
+    """The project's code and config (no data, no outputs) under `root`, with tiny params."""
+    for name in ("src", "config"):
+        shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("dvc.yaml", "app.py", ".gitignore", ".dvcignore"):
+        shutil.copy2(REPO / name, root / name)
+    (root / ".dvc").mkdir()
+    shutil.copy2(REPO / ".dvc" / "config", root / ".dvc" / "config")
+    params = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
+    (root / "params.yaml").write_text(yaml.safe_dump(_merge(params, TINY)), encoding="utf-8")
+    return root
+
+
+# --------------------------------------------------------------------------- chestct.eda
+
+
+@pytest.fixture
+def scanned(tmp_path: Path) -> pd.DataFrame:
+    """A Kaggle-layout folder with a cross-split copy, a label conflict and a broken file."""
+    source = make_kaggle_folder(tmp_path / "src", {"train": 2, "valid": 1, "test": 1})
+    first = next((source / "train").rglob("*.png"))
+    label_dir = first.parent.name
+    # The same bytes in test (leakage) and under another class (label conflict).
+    shutil.copy2(first, next((source / "test").glob(f"{label_dir[:5]}*")) / "copy.png")
+    other = next(d for d in (source / "train").iterdir() if d.name != label_dir)
+    shutil.copy2(first, other / "conflict.png")
+    (other / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    return eda.scan(source)
+
+
+def test_scan_reads_labels_format_size_and_errors(scanned: pd.DataFrame) -> None:
+    assert list(scanned.columns) == list(eda.SCAN_COLUMNS)
+    assert set(scanned["label"]) == set(CLASSES)
+    assert set(scanned["split"]) == {"train", "valid", "test"}
+    broken = scanned[scanned["relative"].str.endswith("broken.png")]
+    assert len(broken) == 1 and "could not be decoded" in broken.iloc[0]["error"]
+    good = scanned[scanned["error"] == ""]
+    assert (good["width"] >= 20).all() and set(good["mode"]) <= {"L", "RGB", "RGBA"}
+    assert set(good["format"]) == {"png"}
+
+
+def test_class_counts_and_size_tables(scanned: pd.DataFrame) -> None:
+    counts = eda.class_counts(scanned)
+    assert list(counts.index) == [*CLASSES, "total"]
+    assert list(counts.columns) == ["train", "valid", "test", "total"]
+    assert counts.loc["total", "total"] == (scanned["error"] == "").sum()
+    sizes = eda.size_and_mode_by_class(scanned)
+    assert list(sizes.index) == list(CLASSES)
+    assert (sizes["width min"] <= sizes["width max"]).all()
+    assert set(eda.intensity_by_class(scanned).index) == set(CLASSES)
+
+
+def test_duplicate_groups_flag_leakage_and_label_conflicts(scanned: pd.DataFrame) -> None:
+    groups = eda.duplicate_groups(scanned, "sha256")
+    assert len(groups) == 1
+    group = groups.iloc[0]
+    assert group["files"] == 3 and group["cross_split"] and group["label_conflict"]
+    assert eda.duplicate_groups(scanned, "pixel_sha256")["files"].tolist() == [3]
+    with pytest.raises(eda.EdaError, match="pixel_sha256"):
+        eda.duplicate_groups(scanned, "md5")
+
+
+def test_pixel_duplicates_catch_lossless_reencoding(tmp_path: Path) -> None:
+    write_image(tmp_path / "normal" / "a.png", fmt="png", seed=7)
+    write_image(tmp_path / "normal" / "a.bmp", fmt="bmp", seed=7)
+    write_image(tmp_path / "adenocarcinoma" / "b.png", seed=8)
+    frame = eda.scan(tmp_path)
+    assert eda.duplicate_groups(frame, "sha256").empty
+    (group,) = eda.duplicate_groups(frame, "pixel_sha256").itertuples()
+    assert group.files == 2 and not group.cross_split
+
+
+def test_sample_grid_has_a_row_per_class(scanned: pd.DataFrame) -> None:
+    fig = eda.sample_grid(scanned, per_class=3, seed=1)
+    assert len(fig.axes) == len(CLASSES) * 3
+    assert sum(bool(ax.images) for ax in fig.axes) == len(CLASSES) * 3
+    with pytest.raises(eda.EdaError, match="per_class"):
+        eda.sample_grid(scanned, per_class=0)
+
+
+def test_open_source_names_a_missing_folder(tmp_path: Path) -> None:
+    settings = load_settings(_project_copy(tmp_path))
+    with pytest.raises(eda.EdaError, match="not a folder"), eda.open_source(settings, "nope"):
+        pass
+
+
+# --------------------------------------------------------------------------- error analysis
+
+
+def _predictions(actual: list[str], predicted: list[str], confidence: list[float]):
+    frame = pd.DataFrame({"actual": actual, "predicted": predicted, "confidence": confidence})
+    frame["correct"] = frame["actual"] == frame["predicted"]
+    return frame
+
+
+def test_confusion_report_and_worst_errors() -> None:
+    a, b, c, d = CLASSES
+    pred = _predictions([a, a, b, b, c, d], [a, b, b, b, a, d], [0.9, 0.95, 0.6, 0.7, 0.5, 0.8])
+    table = ea.confusion_table(pred)
+    assert table.loc[a, b] == 1 and table.loc[b, b] == 2 and table.to_numpy().sum() == 6
+    share = ea.confusion_table(pred, normalise=True)
+    assert share.loc[a].sum() == pytest.approx(1.0) and share.loc[a, a] == pytest.approx(0.5)
+    report = ea.per_class_report(pred)
+    assert report.loc[b, "recall"] == pytest.approx(1.0)
+    assert report.loc[b, "precision"] == pytest.approx(2 / 3)
+    assert report.loc[c, "support"] == 1
+    headline = ea.headline_metrics(pred)
+    assert headline["accuracy"] == pytest.approx(4 / 6)
+    assert list(ea.worst_errors(pred, 5)["confidence"]) == [0.95, 0.5]
+
+
+def test_calibration_bins_and_ece() -> None:
+    a, b, *_ = CLASSES
+    # Four answers at 0.95 confidence, three right: a gap of 0.2 in that bin; one at 0.55, right.
+    pred = _predictions([a, a, a, b, a], [a, a, a, a, a], [0.95, 0.95, 0.95, 0.95, 0.55])
+    table, ece = ea.calibration(pred, bins=10)
+    assert len(table) == 10 and table["count"].sum() == 5
+    top = table.iloc[9]
+    assert top["count"] == 4 and top["accuracy"] == pytest.approx(0.75)
+    assert ece == pytest.approx((4 * 0.2 + 1 * 0.45) / 5)
+    with pytest.raises(ValueError, match="bins"):
+        ea.calibration(pred, bins=0)
+
+
+def test_error_analysis_needs_a_promoted_model(tmp_path: Path) -> None:
+    settings = load_settings(_project_copy(tmp_path))
+    with pytest.raises(ea.AnalysisError, match="dvc repro"):
+        ea.load_promoted(settings)
+
+
+# --------------------------------------------------------------------------- notebooks
+
+
+@pytest.fixture(scope="module")
+def tiny_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A git + DVC copy of the project, reproduced on the embedded default with tiny params."""
+    root = _project_copy(tmp_path_factory.mktemp("project"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env |= {
+        "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+        "PYTHONPATH": str(root / "src"),
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "copy"]):
+        subprocess.run(cmd, cwd=root, env=env, check=True, capture_output=True)
+    proc = subprocess.run(
+        [str(BIN / "dvc"), "repro"], cwd=root, env=env, capture_output=True, text=True, timeout=900
+    )
+    assert proc.returncode == 0, f"dvc repro failed:\n{proc.stdout[-3000:]}\n{proc.stderr}"
+    return root
+
+
+def execute(name: str, env: dict[str, str], monkeypatch: pytest.MonkeyPatch):
+    """Run research/<name> headless, top to bottom, from research/ as Jupyter would."""
+    import nbclient
+    import nbformat
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)  # the kernel inherits this process's environment
+    book = nbformat.read(RESEARCH / name, as_version=4)
+    nbclient.NotebookClient(
+        book,
+        timeout=600,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(RESEARCH)}},
+    ).execute()
+    return book
+
+
+def _text(book) -> str:
+    parts = []
+    for cell in book.cells:
+        for out in cell.get("outputs", []):
+            parts.append(out.get("text", "") or out.get("data", {}).get("text/plain", ""))
+    return "\n".join(parts)
+
+
+def _pictures(book) -> int:
+    return sum(
+        "image/png" in out.get("data", {})
+        for cell in book.cells
+        for out in cell.get("outputs", [])
+    )
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_eda_notebook_runs_on_the_embedded_default_and_on_a_data_path(
+    tiny_project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    book = execute("01-eda.ipynb", {"CHESTCT_ROOT": str(tiny_project)}, monkeypatch)
+    text = _text(book)
+    assert "source:  synthetic" in text
+    assert "56 files, 0 undecodable" in text  # 4 classes x (8 + 3 + 3)
+    assert _pictures(book) >= 2  # the class-count chart and the sample grid
+
+    folder = make_kaggle_folder(tmp_path / "kaggle", {"train": 2, "valid": 1, "test": 1})
+    first = next((folder / "train").rglob("*.png"))
+    shutil.copy2(first, next((folder / "valid").iterdir()) / "leak.png")
+    env = {"CHESTCT_ROOT": str(tiny_project), "CHESTCT_EDA_DATA": str(folder)}
+    text = _text(execute("01-eda.ipynb", env, monkeypatch))
+    assert f"source:  {folder}" in text
+    assert "same bytes: 1 group(s), 1 across splits, 0 with a label conflict" in text
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_error_analysis_notebook_runs_on_the_promoted_model(
+    tiny_project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    book = execute("02-error-analysis.ipynb", {"CHESTCT_ROOT": str(tiny_project)}, monkeypatch)
+    text = _text(book)
+    assert "model chestct v1 (32 px)" in text
+    assert "12 test images" in text  # 4 classes x 3
+    assert _pictures(book) >= 3  # confusion, worst errors, reliability
+    for label in CLASSES:
+        assert label in text
+    assert np.isfinite(float(text.split("accuracy ")[1].split(",")[0]))

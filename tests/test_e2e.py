@@ -120,7 +120,9 @@ def test_model_folder_holds_the_promoted_model_and_card(project) -> None:
     assert len(card["data_digest"]) == 64 and card["git_sha"]
     assert (root / "model" / card["model_file"]).is_file()
     metrics = json.loads((root / "artifacts/evaluate/metrics.json").read_text(encoding="utf-8"))
-    assert set(metrics["recall"]) == set(CLASSES)
+    assert set(metrics["sensitivity"]) == set(CLASSES)
+    assert card["inference"]["parity_max_abs_diff"] <= 1e-4
+    assert (root / "model" / card["inference"]["file"]).is_file()
 
 
 def test_repro_again_is_a_no_op_and_status_clean(project) -> None:

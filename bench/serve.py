@@ -1,7 +1,8 @@
 """The predictor under gunicorn vs bare in-process inference, measured side by side in one run.
 
 1. bare: in a fresh process without TensorFlow, `chestct.imaging.prepare` + the LiteRT model
-   on the same PNG, one thread; median latency and rate (1 / mean).
+   on the same PNG, single-threaded like a worker; median latency, rate (1 / mean) and CPU
+   time per call.
 2. gunicorn with config/gunicorn.conf.py, 2 workers, on 127.0.0.1: POST /predict (raw PNG
    body) from one client (median latency), then from 4 concurrent clients (throughput), and
    the resident memory (VmRSS) of each worker after the run.
@@ -76,7 +77,12 @@ card = {
 """
 
 BARE = r"""
+import os
+for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ[var] = "1"  # as config/gunicorn.conf.py sets for each worker
 import json, statistics, sys, time
+import cv2
+cv2.setNumThreads(1)
 from pathlib import Path
 import numpy as np
 from chestct.export import LightModel
@@ -91,10 +97,13 @@ def once():
 for _ in range(20):
     once()
 times = []
+cpu = time.process_time()
 for _ in range(n):
     t = time.perf_counter(); once(); times.append(time.perf_counter() - t)
+cpu = time.process_time() - cpu
 print(json.dumps({"p50_ms": statistics.median(times) * 1e3,
                   "rate": 1.0 / statistics.mean(times),
+                  "cpu_ms": cpu / n * 1e3,
                   "tf_imported": "tensorflow" in sys.modules}))
 """
 
@@ -104,6 +113,12 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (from /proc/<pid>/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def free_port() -> int:
@@ -143,7 +158,8 @@ class Server:
         self.log = (scratch / f"gunicorn-{model_dir.name}.log").open("wb")
         gunicorn = Path(PYTHON).with_name("gunicorn")
         self.proc = subprocess.Popen(
-            [str(gunicorn), "-c", "config/gunicorn.conf.py", "app:app"],
+            # No recycling during the run: a restarted worker would lose its CPU account.
+            [str(gunicorn), "-c", "config/gunicorn.conf.py", "--max-requests", "0", "app:app"],
             cwd=REPO,
             env=env,
             stdout=self.log,
@@ -216,6 +232,8 @@ def measure_server(server: Server, body: bytes, requests: int, seconds: float) -
         results[i] = post_loop(server.port, body, stop, None)
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
+    workers = server.worker_pids()
+    cpu_before = sum(cpu_seconds(pid) for pid in workers)
     started = time.perf_counter()
     for t in threads:
         t.start()
@@ -224,9 +242,12 @@ def measure_server(server: Server, body: bytes, requests: int, seconds: float) -
     for t in threads:
         t.join()
     elapsed = time.perf_counter() - started
+    done = sum(len(r) for r in results)
+    cpu = sum(cpu_seconds(pid) for pid in workers) - cpu_before
     return {
         "p50_ms": statistics.median(single) * 1e3,
-        "throughput": sum(len(r) for r in results) / elapsed,
+        "throughput": done / elapsed,
+        "cpu_ms": cpu / done * 1e3,
         "rss_mb": [round(rss_mb(pid), 1) for pid in server.worker_pids()],
     }
 
@@ -263,9 +284,11 @@ def main() -> None:
                 serves.append(measure_server(server, body, args.requests, args.seconds))
         finally:
             server.stop()
-        bare = {k: statistics.median(b[k] for b in bares) for k in ("p50_ms", "rate")}
+        bare = {k: statistics.median(b[k] for b in bares) for k in ("p50_ms", "rate", "cpu_ms")}
         bare["tf_imported"] = any(b["tf_imported"] for b in bares)
-        served = {k: statistics.median(r[k] for r in serves) for k in ("p50_ms", "throughput")}
+        served = {
+            k: statistics.median(r[k] for r in serves) for k in ("p50_ms", "throughput", "cpu_ms")
+        }
         served["rss_mb"] = serves[-1]["rss_mb"]
         keras = None
         if args.keras:
@@ -318,6 +341,18 @@ def main() -> None:
     print(f"{'measure':32} {'served':>12} {'reference':>18} {'ratio':>7} {'target':>8}  ok")
     for name, value, ref, ratio, target, ok in rows:
         print(f"{name:32} {value:>12} {ref:>18} {ratio:7.2f} {target:>8}  {'yes' if ok else 'NO'}")
+    # CPU time per request does not depend on what else the machine runs: with 2 idle cores
+    # the server's throughput is bounded by cores / (worker CPU per request).
+    bare_cpu = f"bare {bare['cpu_ms']:.2f}"
+    print(
+        f"{'CPU per request (ms)':32} {served['cpu_ms']:12.2f} {bare_cpu:>18}"
+        f" {served['cpu_ms'] / bare['cpu_ms']:7.2f}"
+    )
+    print(
+        f"{'idle-core bound (req/s)':32} {cores / served['cpu_ms'] * 1e3:12.1f}"
+        f" {'2 x bare ' + format(2e3 / bare['cpu_ms'], '.1f'):>18}"
+        f" {bare['cpu_ms'] * cores / 2 / served['cpu_ms']:7.2f}"
+    )
     if keras is not None:
         print(f"{'RSS per Keras/TF worker (MB)':32} {' / '.join(f'{r:.0f}' for r in keras):>12}")
 

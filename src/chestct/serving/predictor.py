@@ -145,7 +145,7 @@ def analyse(model: Loaded, image: np.ndarray, mc_samples: int, seed: int) -> Ana
     """Calibrated prediction, uncertainty and OOD score for one prepared image (s, s)."""
     out = model.run(image[None])
     features = out.features[0]
-    gap = features.astype(np.float64).mean(axis=(0, 1))
+    gap = features.mean(axis=(0, 1), dtype=np.float64)  # accumulate in float64, no copy
     if model.head is not None:
         logits = gap @ model.head.kernel + model.head.bias
     elif out.logits is not None:

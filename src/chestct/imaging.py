@@ -8,6 +8,8 @@ the same way in training and in serving. DICOM files are windowed to 8-bit grey 
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import cv2
@@ -259,6 +261,22 @@ def prepare(
     for DICOM bytes.
     """
     return resize(decode(data, window).grey, size, interpolation, mode)
+
+
+@contextmanager
+def single_threaded() -> Iterator[None]:
+    """OpenCV on one thread while the block runs, restored after.
+
+    Wrap the creation of a process pool with it: forked workers inherit the setting, so N
+    processes use N cores instead of N x N threads contending for them. (Changing it inside a
+    forked worker instead can deadlock OpenCV's thread pool.)
+    """
+    previous = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        yield
+    finally:
+        cv2.setNumThreads(previous)
 
 
 def encode_png(grey: np.ndarray) -> bytes:

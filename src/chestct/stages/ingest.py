@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from chestct.dedup import phash
 from chestct.fsutil import sha256_bytes
-from chestct.imaging import ImageError, decode, encode_png
+from chestct.imaging import ImageError, decode, encode_png, single_threaded
 from chestct.labels import CLASSES, label_for_folder
 from chestct.manifest import INGEST_COLUMNS, SPLITS, write_manifest
 from chestct.runner import StageFailed, run_main, stage_session
@@ -160,7 +160,7 @@ def _ingest_one(job: _Job) -> dict[str, object]:
 def _map(jobs: list[_Job], workers: int) -> list[dict[str, object]]:
     bar = {"total": len(jobs), "desc": "ingest", "unit": "file", "leave": False}
     if workers > 1 and len(jobs) >= _PARALLEL_FROM:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
+        with single_threaded(), ProcessPoolExecutor(max_workers=workers) as pool:
             return list(tqdm(pool.map(_ingest_one, jobs, chunksize=8), **bar))
     return [_ingest_one(j) for j in tqdm(jobs, **bar)]
 

@@ -28,7 +28,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from chestct.fsutil import atomic_write_json
-from chestct.imaging import ImageError, encode_png, prepare
+from chestct.imaging import ImageError, encode_png, prepare, single_threaded
 from chestct.manifest import INDEX_COLUMNS, INGEST_COLUMNS, SPLITS, read_manifest, write_manifest
 from chestct.pointers import read_pointer
 from chestct.runner import run_main, stage_session
@@ -167,7 +167,7 @@ def resize_images(
     if workers > 1 and todo >= _PARALLEL_FROM:
         # Big chunks keep the per-task overhead of the pool small next to the decoding.
         chunk = max(1, min(64, len(jobs) // (workers * 8)))
-        with ProcessPoolExecutor(max_workers=min(workers, todo)) as pool:
+        with single_threaded(), ProcessPoolExecutor(max_workers=min(workers, todo)) as pool:
             results = list(tqdm(pool.map(_resize_one, jobs, chunksize=chunk), **bar))
     else:
         results = [_resize_one(j) for j in tqdm(jobs, **bar)]

@@ -218,7 +218,7 @@ def pooled_source(tmp_path: Path) -> pd.DataFrame:
 
 
 def test_split_pools_when_a_split_is_missing(pooled_source: pd.DataFrame) -> None:
-    params = SplitParams(valid_fraction=0.2, test_fraction=0.2)
+    params = SplitParams(mode="pool", valid_fraction=0.2, test_fraction=0.2)
     parts, summary = run_split(pooled_source, params, seed=0)
 
     assert summary.mode == "pool"
@@ -240,7 +240,7 @@ def test_split_pools_when_a_split_is_missing(pooled_source: pd.DataFrame) -> Non
 
 
 def test_split_pool_is_deterministic_for_a_seed(pooled_source: pd.DataFrame) -> None:
-    params = SplitParams()
+    params = SplitParams(mode="pool")
 
     def assignment(seed: int) -> dict[str, str]:
         parts, _ = run_split(pooled_source, params, seed=seed)

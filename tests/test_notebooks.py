@@ -6,6 +6,7 @@ temporary copy of the project; the functions are tested directly on small hand-m
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -155,6 +156,21 @@ def test_confusion_report_and_worst_errors() -> None:
     assert list(ea.worst_errors(pred, 5)["confidence"]) == [0.95, 0.5]
 
 
+def test_answer_summary_compares_right_and_wrong_answers() -> None:
+    a, b, *_ = CLASSES
+    pred = _predictions([a, a, b, b], [a, a, a, b], [0.9, 0.7, 0.6, 0.8])
+    pred["entropy"] = [0.1, 0.5, 0.9, 0.3]
+    pred["abstain"] = [False, True, True, None]
+    pred["out_of_distribution"] = [None, None, None, None]
+    table = ea.answer_summary(pred)
+    assert list(table.index) == ["right", "wrong"]
+    assert table.loc["right", "images"] == 3 and table.loc["wrong", "images"] == 1
+    assert table.loc["right", "abstained"] == pytest.approx(0.5)  # the unknown one is left out
+    assert table.loc["wrong", "abstained"] == pytest.approx(1.0)
+    assert table.loc["right", "mean_confidence"] == pytest.approx(0.8)
+    assert np.isnan(table.loc["wrong", "out_of_distribution"])
+
+
 def test_calibration_bins_and_ece() -> None:
     a, b, *_ = CLASSES
     # Four answers at 0.95 confidence, three right: a gap of 0.2 in that bin; one at 0.55, right.
@@ -259,9 +275,12 @@ def test_error_analysis_notebook_runs_on_the_promoted_model(
 ) -> None:
     book = execute("02-error-analysis.ipynb", {"CHESTCT_ROOT": str(tiny_project)}, monkeypatch)
     text = _text(book)
-    assert "model chestct v1 (32 px)" in text
+    assert "model chestct v1 (32 px" in text
     assert "12 test images" in text  # 4 classes x 3
     assert _pictures(book) >= 3  # confusion, worst errors, reliability
     for label in CLASSES:
         assert label in text
-    assert np.isfinite(float(text.split("accuracy ")[1].split(",")[0]))
+    # What the served model answers agrees with what evaluate measured on the Keras model.
+    metrics = json.loads((tiny_project / "artifacts/evaluate/metrics.json").read_text())
+    accuracy = float(text.split("test images; accuracy ")[1].split(",")[0])
+    assert accuracy == pytest.approx(metrics["accuracy"], abs=1e-3)

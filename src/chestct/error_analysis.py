@@ -1,14 +1,14 @@
 """Error analysis of the promoted model on the test split (research/02-error-analysis.ipynb).
 
-The promoted model (model/) is scored on the current test split that validate handed on, with
-the same preprocessing as serving (`imaging.prepare` at the card's image size). The functions
-below turn those predictions into tables and figures: per-class precision and recall, the
-confusion matrix, the most confident mistakes, and calibration (reliability and ECE).
+The promoted model (model/) is loaded by the serving predictor itself and every test image goes
+through what /predict does: decode by content, the card's resize, the served model, temperature
+scaling, abstention and the out-of-distribution score. The functions below turn those answers
+into tables and figures: per-class precision and recall, the confusion matrix, the most
+confident mistakes, abstention and OOD among right and wrong answers, and calibration.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,17 +17,26 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from chestct.imaging import decode, prepare
+from chestct.imaging import decode
 from chestct.labels import CLASSES
 from chestct.manifest import DATASET_COLUMNS, read_manifest
 from chestct.pointers import read_pointer
 from chestct.settings import Settings
 
 if TYPE_CHECKING:
-    import keras
     from matplotlib.figure import Figure
 
+    from chestct.serving.predictor import Loaded
+
 log = logging.getLogger(__name__)
+
+# Short class names for picture titles.
+SHORT_NAMES: dict[str, str] = {
+    "adenocarcinoma": "adeno",
+    "large_cell_carcinoma": "large cell",
+    "squamous_cell_carcinoma": "squamous",
+    "normal": "normal",
+}
 
 
 class AnalysisError(RuntimeError):
@@ -36,26 +45,25 @@ class AnalysisError(RuntimeError):
 
 @dataclass(frozen=True)
 class Promoted:
-    """The promoted model as the predictor loads it: its card and the Keras model."""
+    """The promoted model as the predictor serves it, with its card."""
 
     card: dict[str, Any]
-    model: keras.Model
+    served: Loaded
     folder: Path
 
 
 def load_promoted(settings: Settings) -> Promoted:
-    """Read model/model.json and the model file it names."""
+    """Load model/ through the serving predictor (refused folders raise its ModelRefused)."""
     folder = settings.paths.model
-    card_path = folder / "model.json"
-    if not card_path.is_file():
+    if not (folder / "model.json").is_file():
         raise AnalysisError(
-            f"{card_path} not found: no model has been promoted; run `dvc repro` (or `make run`)"
+            f"{folder / 'model.json'} not found: no model has been promoted; run `dvc repro` "
+            "(or `make run`)"
         )
-    card = json.loads(card_path.read_text(encoding="utf-8"))
-    import keras
+    from chestct.serving.predictor import load_folder
 
-    model = keras.models.load_model(folder / card["model_file"], compile=False)
-    return Promoted(card=card, model=model, folder=folder)
+    served = load_folder(folder)
+    return Promoted(card=served.card, served=served, folder=folder)
 
 
 def load_test_split(settings: Settings) -> pd.DataFrame:
@@ -64,44 +72,63 @@ def load_test_split(settings: Settings) -> pd.DataFrame:
     return read_manifest(pointer.output_path("test", settings.paths.root), DATASET_COLUMNS)
 
 
-def predict_split(
-    promoted: Promoted, split: pd.DataFrame, root: Path, batch_size: int = 64
-) -> pd.DataFrame:
-    """Predictions of the promoted model for every image of a split.
-
-    Each image is prepared as the predictor prepares an upload (at the card's image size), so
-    what is analysed here is what serving would answer.
+def predict_split(promoted: Promoted, split: pd.DataFrame, root: Path) -> pd.DataFrame:
+    """What the service answers for every image of a split.
 
     Returns:
-        One row per image: path, source_path, actual, predicted, confidence (the top
-        probability), correct, and p_<class> for every class in the card.
+        One row per image: path, source_path, actual, predicted, confidence (the top calibrated
+        probability), correct, entropy (normalised), abstain and out_of_distribution (None when
+        the card has no threshold for them), ood_score, and p_<class> for every class.
     """
-    classes = list(promoted.card["classes"])
-    size = int(promoted.card["image_size"])
-    interpolation = promoted.card["preprocessing"]["interpolation"]
-    images = np.stack(
-        [prepare((root / p).read_bytes(), size, interpolation) for p in split["path"]]
-    ).astype(np.float32)[..., None]
-    proba = np.concatenate(
-        [
-            np.asarray(promoted.model(images[i : i + batch_size], training=False))
-            for i in range(0, len(images), batch_size)
-        ]
-    )
-    best = proba.argmax(axis=1)
+    from chestct.serving.predictor import analyse
+
+    served = promoted.served
+    names = [f"p_{c}" for c in served.classes]
+    rows = []
+    for path in split["path"]:
+        image = served.prepare(decode((root / path).read_bytes(), served.window))
+        answer = analyse(served, image, mc_samples=0, seed=0)
+        rows.append(
+            {
+                "entropy": answer.entropy,
+                "abstain": answer.abstain,
+                "out_of_distribution": answer.out_of_distribution,
+                "ood_score": answer.ood_score,
+                **dict(zip(names, map(float, answer.probabilities), strict=True)),
+            }
+        )
+    answers = pd.DataFrame(rows, index=split.index)
+    proba = answers[names].to_numpy()
     frame = pd.DataFrame(
         {
             "path": split["path"].to_numpy(),
             "source_path": split["source_path"].to_numpy(),
             "actual": split["label"].to_numpy(),
-            "predicted": [classes[i] for i in best],
+            "predicted": [served.classes[i] for i in proba.argmax(axis=1)],
             "confidence": proba.max(axis=1),
         }
     )
     frame["correct"] = frame["actual"] == frame["predicted"]
-    for i, c in enumerate(classes):
-        frame[f"p_{c}"] = proba[:, i]
-    return frame
+    return pd.concat([frame, answers.reset_index(drop=True)], axis=1)
+
+
+def answer_summary(pred: pd.DataFrame) -> pd.DataFrame:
+    """Right and wrong answers side by side: count, mean confidence and entropy, and the share
+    the service would abstain on or flag as out of distribution (NaN without a threshold)."""
+
+    def share(values: pd.Series) -> float:
+        known = values.dropna()
+        return float(known.astype(bool).mean()) if len(known) else np.nan
+
+    groups = pred.assign(answer=pred["correct"].map({True: "right", False: "wrong"}))
+    table = groups.groupby("answer").agg(
+        images=("correct", "size"),
+        mean_confidence=("confidence", "mean"),
+        mean_entropy=("entropy", "mean"),
+        abstained=("abstain", share),
+        out_of_distribution=("out_of_distribution", share),
+    )
+    return table.reindex(["right", "wrong"]).dropna(how="all")
 
 
 def headline_metrics(pred: pd.DataFrame) -> dict[str, float]:
@@ -244,7 +271,9 @@ def error_grid(errors: pd.DataFrame, root: Path, columns: int = 6) -> Figure:
     for ax, (_, item) in zip(axes.flat, errors.iterrows(), strict=False):
         ax.imshow(decode((root / item["path"]).read_bytes()).grey, cmap="gray", vmin=0, vmax=255)
         ax.set_title(
-            f"is {item['actual'][:14]}\nsaid {item['predicted'][:14]} ({item['confidence']:.2f})",
+            f"is {SHORT_NAMES.get(item['actual'], item['actual'])}\n"
+            f"said {SHORT_NAMES.get(item['predicted'], item['predicted'])} "
+            f"({item['confidence']:.2f})",
             fontsize=7,
         )
     return fig

@@ -136,9 +136,13 @@ def test_layout_root_stops_at_split_or_class_folders(tmp_path: Path) -> None:
     (tmp_path / "wrap" / "Data" / "train" / "normal").mkdir(parents=True)
     (tmp_path / "wrap" / "__MACOSX").mkdir()
     assert layout_root(tmp_path / "wrap") == tmp_path / "wrap" / "Data"
+    (tmp_path / "wrap" / "README.md").write_text("about the data", encoding="utf-8")
+    assert layout_root(tmp_path / "wrap") == tmp_path / "wrap" / "Data"
     (tmp_path / "flat" / "normal").mkdir(parents=True)
     (tmp_path / "flat" / "adenocarcinoma").mkdir()
     assert layout_root(tmp_path / "flat") == tmp_path / "flat"
+    (tmp_path / "one" / "normal").mkdir(parents=True)  # a lone class folder is not a wrapper
+    assert layout_root(tmp_path / "one") == tmp_path / "one"
 
 
 # --------------------------------------------------------------------------- URL

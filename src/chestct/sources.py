@@ -26,6 +26,7 @@ from pathlib import Path, PurePosixPath
 from tqdm import tqdm
 
 from chestct.fsutil import sha256_file
+from chestct.labels import label_for_folder
 
 log = logging.getLogger(__name__)
 
@@ -279,13 +280,16 @@ def _visible_dirs(folder: Path) -> list[Path]:
 def layout_root(folder: Path) -> Path:
     """The folder that holds the split or class folders, descending through wrapper folders.
 
-    Archives often wrap their content in one folder (the Kaggle archive has `Data/`); a folder
-    whose only entry is a single sub-folder is descended into.
+    Archives often wrap their content in one folder (such as `Data/`, maybe beside a README); a
+    folder whose only sub-folder names neither a split nor a class is descended into.
     """
     while True:
         dirs = _visible_dirs(folder)
-        files = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")]
-        if len(dirs) == 1 and not files and dirs[0].name.lower() not in SPLIT_NAMES:
+        if (
+            len(dirs) == 1
+            and dirs[0].name.lower() not in SPLIT_NAMES
+            and label_for_folder(dirs[0].name) is None
+        ):
             folder = dirs[0]
             continue
         return folder

@@ -19,6 +19,8 @@ from chestct.stages.validate import CHECKS, fails, run_validate, write_pictures
 from helpers import ingest_row
 
 _RNG = np.random.default_rng(11)
+# Tests that are not about the shortcut detector skip it (its cross-validation costs seconds).
+QUICK = {"shortcut_min_images": 10_000}
 
 
 def row(split: str, label: str, key: str, **kw: object) -> dict[str, object]:
@@ -75,7 +77,7 @@ def test_per_file_checks() -> None:
     manifests = dataset(extra=extra)
     blank = extra[3]["sha256"]
     _, report = run_validate(
-        manifests, index_for(manifests, **{blank: {"std": 0.5}}), ValidateParams()
+        manifests, index_for(manifests, **{blank: {"std": 0.5}}), ValidateParams(**QUICK)
     )
     assert found(report) == {
         "small_file": "warning",
@@ -133,7 +135,7 @@ def test_copies_conflicts_and_leaks() -> None:
         row("test", "normal", "k2", phash="e1" * 31 + "e0"),  # near leak
     ]
     manifests = dataset(extra=extra)
-    _, report = run_validate(manifests, index_for(manifests), ValidateParams())
+    _, report = run_validate(manifests, index_for(manifests), ValidateParams(**QUICK))
     assert found(report) == {
         "duplicate_within_split": "warning",
         "near_duplicate": "info",
@@ -178,7 +180,7 @@ def test_quarantine_leaves_offenders_out_and_resolves_their_findings() -> None:
         row("train", "normal", "jpeg", format="jpeg"),
     ]
     manifests = dataset(extra=extra)
-    params = ValidateParams(quarantine=True)
+    params = ValidateParams(quarantine=True, **QUICK)
     datasets, report = run_validate(manifests, index_for(manifests), params)
 
     assert found(report) == {
@@ -204,7 +206,7 @@ def test_quarantine_leaves_offenders_out_and_resolves_their_findings() -> None:
     assert report.summary["quarantined"] == 4
 
     # Without quarantine the same data fails and nothing is left out.
-    datasets, report = run_validate(manifests, index_for(manifests), ValidateParams())
+    datasets, report = run_validate(manifests, index_for(manifests), ValidateParams(**QUICK))
     assert fails(report, "error")
     assert sum(len(d) for d in datasets.values()) == 36 + 6
 
@@ -215,7 +217,9 @@ def test_class_count_and_imbalance() -> None:
     extra = pd.DataFrame([row("train", "normal", f"more-{i}") for i in range(30)])
     manifests["train"] = pd.concat([train, extra], ignore_index=True)
     manifests["valid"] = manifests["valid"][manifests["valid"]["label"] != "normal"]
-    _, report = run_validate(manifests, index_for(manifests), ValidateParams(max_imbalance=5))
+    _, report = run_validate(
+        manifests, index_for(manifests), ValidateParams(max_imbalance=5, **QUICK)
+    )
     assert found(report) == {"class_count": "error", "class_imbalance": "warning"}
     imbalance = next(f for f in report.findings if f.check == "class_imbalance")
     assert imbalance.message.startswith("train: the largest class (normal, 32) is 16.0x")

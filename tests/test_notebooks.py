@@ -23,6 +23,7 @@ from chestct import error_analysis as ea
 from chestct.labels import CLASSES
 from chestct.settings import load_settings
 from helpers import make_kaggle_folder, write_image
+from test_serving_support import dicom_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -129,6 +130,37 @@ def test_open_source_names_a_missing_folder(tmp_path: Path) -> None:
     settings = load_settings(_project_copy(tmp_path))
     with pytest.raises(eda.EdaError, match="not a folder"), eda.open_source(settings, "nope"):
         pass
+
+
+def test_scan_names_a_folder_that_is_no_class(tmp_path: Path) -> None:
+    write_image(tmp_path / "normal" / "a.png")
+    write_image(tmp_path / "holiday photos" / "b.png")
+    with pytest.raises(eda.EdaError, match=r"holiday photos.*ingest\.class_map"):
+        eda.scan(tmp_path)
+
+
+def test_open_source_unpacks_an_archive_and_cleans_up(tmp_path: Path) -> None:
+    settings = load_settings(_project_copy(tmp_path / "project"))
+    folder = make_kaggle_folder(tmp_path / "kaggle", {"train": 1, "valid": 1, "test": 1})
+    archive = shutil.make_archive(str(tmp_path / "chest"), "zip", folder)
+    with eda.open_source(settings, archive) as unpacked:
+        frame = eda.scan(unpacked)
+        assert unpacked.is_dir()
+    assert len(frame) == 12 and set(frame["split"]) == {"train", "valid", "test"}
+    assert not unpacked.exists()
+
+
+def test_dicom_files_decode_through_ingests_window(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    (data / "normal").mkdir(parents=True)
+    (data / "normal" / "slice.dcm").write_bytes(dicom_bytes(seed=1))
+    write_image(data / "adenocarcinoma" / "a.png", seed=2)
+    settings = load_settings(_project_copy(tmp_path / "project"))
+    frame = eda.scan(data, window=eda.window_of(settings))
+    dicom = frame[frame["relative"] == "normal/slice.dcm"].iloc[0]
+    assert dicom["error"] == "" and dicom["format"] == "dicom" and dicom["width"] == 64
+    refused = eda.scan(data)  # without a window, as ingest would never read it
+    assert "window" in refused[refused["relative"] == "normal/slice.dcm"].iloc[0]["error"]
 
 
 # --------------------------------------------------------------------------- error analysis

@@ -55,45 +55,65 @@ class EdaError(ValueError):
 
 @contextmanager
 def open_source(settings: Settings, source: str | None = None) -> Iterator[Path]:
-    """The folder to explore, as a context: `synthetic` is generated into a temporary folder.
+    """The folder to explore, as a context; anything made for it is removed on exit.
+
+    Sources are those of ingest: `synthetic` (generated into a temporary folder from
+    `base.seed` and `ingest.synthetic_per_class`), a folder, a .zip/.tar.gz archive (unpacked
+    into a temporary folder), or an http(s) URL of one (downloaded and checked against
+    `ingest.sha256`, so only the URL params.yaml names).
 
     Args:
-        settings: project settings (seed and synthetic counts come from params.yaml).
-        source: `synthetic`, a folder in Kaggle layout (relative paths are taken from the
-            project root), or None for params.yaml's `ingest.source`.
+        settings: project settings.
+        source: as above; relative paths start at the project root; None means params.yaml's
+            `ingest.source`.
     """
-    source = source or settings.params.ingest.source
-    if source == "synthetic":
-        from chestct.synthetic import generate_synthetic
+    from chestct.sources import SourceError, resolve
 
-        with tempfile.TemporaryDirectory(prefix="chestct-eda-") as tmp:
-            folder = Path(tmp)
-            generate_synthetic(
-                folder, settings.params.base.seed, settings.params.ingest.synthetic_per_class
-            )
-            yield folder
-        return
-    folder = Path(source).expanduser()
-    folder = folder if folder.is_absolute() else settings.paths.root / folder
-    if not folder.is_dir():
-        raise EdaError(
-            f"data source {str(folder)!r} is not a folder; pass `synthetic` or a folder in the "
-            "layout [train|valid|test/]<class folder>/<image>"
-        )
-    yield folder
+    params = settings.params.ingest
+    source = source or params.source
+    with tempfile.TemporaryDirectory(prefix="chestct-eda-") as tmp:
+        staging = Path(tmp)
+        if source == "synthetic":
+            from chestct.synthetic import generate_synthetic
+
+            generate_synthetic(staging, settings.params.base.seed, params.synthetic_per_class)
+            yield staging
+            return
+        # The pinned digest belongs to params.yaml's source; another archive is not checked.
+        sha256 = params.sha256.strip() if source == params.source else ""
+        try:
+            resolved = resolve(source, settings.paths.root, staging, sha256, params.timeout_s)
+        except SourceError as exc:
+            raise EdaError(str(exc)) from None
+        yield resolved.folder
 
 
-def scan(folder: Path, class_map: dict[str, str] | None = None) -> pd.DataFrame:
+def window_of(settings: Settings) -> tuple[float, float]:
+    """The (level, width) CT window ingest applies to DICOM files (params `ingest.window`)."""
+    window = settings.params.ingest.window
+    return (window.level, window.width)
+
+
+def scan(
+    folder: Path,
+    class_map: dict[str, str] | None = None,
+    window: tuple[float, float] | None = None,
+) -> pd.DataFrame:
     """One row per file of a Kaggle-layout folder (SCAN_COLUMNS); undecodable files included.
 
-    Labels come from class-folder names exactly as ingest reads them (`ingest.class_map` first).
+    Labels come from class-folder names exactly as ingest reads them (`ingest.class_map` first);
+    DICOM files decode through `window` (level, width), as in ingest, and are undecodable
+    without one.
     """
+    from chestct.runner import StageFailed
     from chestct.stages.ingest import scan_source
 
+    try:
+        files = scan_source(folder, dict(class_map or {}))
+    except StageFailed as exc:
+        raise EdaError(str(exc)) from None
     rows = []
-    for split, label, path in tqdm(
-        scan_source(folder, dict(class_map or {})), desc="scan", unit="file", leave=False
-    ):
+    for split, label, path in tqdm(files, desc="scan", unit="file", leave=False):
         data = path.read_bytes()
         row: dict[str, object] = {
             "split": split,
@@ -105,7 +125,7 @@ def scan(folder: Path, class_map: dict[str, str] | None = None) -> pd.DataFrame:
             "error": "",
         }
         try:
-            img = decode(data)
+            img = decode(data, window)
         except ImageError as exc:
             row |= {"pixel_sha256": "", "format": "", "mode": "", "error": str(exc)}
         else:
@@ -217,10 +237,16 @@ def duplicate_groups(frame: pd.DataFrame, key: str = "sha256") -> pd.DataFrame:
     )
 
 
-def sample_grid(frame: pd.DataFrame, per_class: int = 6, seed: int = 0) -> Figure:
+def sample_grid(
+    frame: pd.DataFrame,
+    per_class: int = 6,
+    seed: int = 0,
+    window: tuple[float, float] | None = None,
+) -> Figure:
     """A figure with up to `per_class` random decodable images of each class, one row per class.
 
-    Images are shown as stored (aspect kept), in grey, titled with their size and mode.
+    Images are shown as stored (aspect kept), in grey, titled with their size and mode; DICOM
+    files through `window`, as in `scan`.
     """
     from matplotlib.figure import Figure
 
@@ -238,7 +264,7 @@ def sample_grid(frame: pd.DataFrame, per_class: int = 6, seed: int = 0) -> Figur
             ax.set_axis_off()
             if i < len(picks):
                 item = picks.iloc[i]
-                grey = decode(Path(item["path"]).read_bytes()).grey
+                grey = decode(Path(item["path"]).read_bytes(), window).grey
                 ax.imshow(grey, cmap="gray", vmin=0, vmax=255)
                 ax.set_title(f"{item['width']}x{item['height']} {item['mode']}", fontsize=7)
         row[0].text(

@@ -189,7 +189,7 @@ class Params:
 class TrackingConfig:
     uri: str = "sqlite:///mlflow.db"
     experiment: str = "chestct"
-    connect_timeout_s: float = 8.0
+    connect_timeout_s: float = 5.0
 
 
 @dataclass(frozen=True)

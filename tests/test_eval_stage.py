@@ -204,6 +204,9 @@ def test_run_evaluate_refuses_an_empty_split(project) -> None:
     empty = {**splits, "valid": splits["valid"].iloc[:0]}
     with pytest.raises(StageFailed, match="empty"):
         run_evaluate(model_path, empty, EvaluateParams(), root)
+    one_train_image = {**splits, "train": splits["train"].iloc[:1]}
+    with pytest.raises(StageFailed, match="at least two"):
+        run_evaluate(model_path, one_train_image, EvaluateParams(), root)
 
 
 # --------------------------------------------------------------------------- light artifact

@@ -212,6 +212,11 @@ def run_evaluate(
     calibrated_valid = softmax(valid["logits"], t)
     abstain = abstain_threshold(y_valid, calibrated_valid, params.abstain_quantile)
 
+    if len(train_gap) < 2:
+        raise StageFailed(
+            f"the train split has {len(train_gap)} image(s); the out-of-distribution statistics "
+            "need at least two: check the split stage's output"
+        )
     ood = Mahalanobis.fit(train_gap)
     ood_threshold = float(np.quantile(ood.distance(valid["gap"]), params.ood_quantile))
     test_distance = ood.distance(test["gap"])

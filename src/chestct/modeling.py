@@ -1,10 +1,23 @@
 """Model construction and the tf.data input pipeline (TensorFlow is imported here, lazily
-by the stages that need it, so that data stages start fast)."""
+by the stages that need it, so that data stages start fast).
+
+Every model takes a grey slice as float32 in [0, 255], shape (size, size, 1), and carries its
+own preprocessing (channel replication and the backbone's normalisation), so that serving feeds
+the same input to every architecture. Layer names are a contract that evaluation and serving
+rely on: "features" (last 4-D feature map), "gap", "dropout", "logits" (dense, no activation)
+and "probabilities" (softmax, float32). Keras-applications backbones sit in a nested model
+named "backbone".
+"""
 
 from __future__ import annotations
 
+import os
+import socket
+import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import keras
 import numpy as np
@@ -13,40 +26,300 @@ import tensorflow as tf
 from chestct.labels import CLASSES
 from chestct.settings import AugmentParams, BaseModelParams
 
+# How long to wait for the weights host before declaring it unreachable.
+WEIGHTS_PROBE_TIMEOUT_S = 3.0
+
+# The caffe-style mean that resnet50 and vgg16 subtract (BGR order). The channel flip that
+# their preprocess_input does first is a no-op here: the three channels are the same grey.
+_CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+
+
+class WeightsError(ValueError):
+    """Initial weights cannot be obtained or do not fit the architecture."""
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """A keras.applications backbone and where its ImageNet weights (without top) live."""
+
+    constructor: str  # attribute of keras.applications
+    weights_url: str
+    preprocessing: str  # "internal" (inside the application) or "caffe"
+
+
+BACKBONES: dict[str, Backbone] = {
+    "mobilenet_v3_small": Backbone(
+        "MobileNetV3Small",
+        "https://storage.googleapis.com/tensorflow/keras-applications/mobilenet_v3/"
+        "weights_mobilenet_v3_small_224_1.0_float_no_top_v2.h5",
+        "internal",
+    ),
+    "efficientnet_b0": Backbone(
+        "EfficientNetB0",
+        "https://storage.googleapis.com/keras-applications/efficientnetb0_notop.h5",
+        "internal",
+    ),
+    "resnet50": Backbone(
+        "ResNet50",
+        "https://storage.googleapis.com/tensorflow/keras-applications/resnet/"
+        "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        "caffe",
+    ),
+    "vgg16": Backbone(
+        "VGG16",
+        "https://storage.googleapis.com/tensorflow/keras-applications/vgg16/"
+        "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        "caffe",
+    ),
+}
+
+ARCHITECTURES: tuple[str, ...] = ("small_cnn", *BACKBONES)
+
 
 def set_seed(seed: int) -> None:
     """Seed Python, NumPy and TensorFlow in one place."""
     keras.utils.set_random_seed(seed)
 
 
-def build_model(params: BaseModelParams, image_size: int, seed: int) -> keras.Model:
-    """The small CNN baseline: conv blocks, global average pooling, dropout, dense head.
+# --------------------------------------------------------------------------- weights
 
-    Input is a grey slice as float32 in [0, 255], shape (size, size, 1); output is the softmax
-    over CLASSES. Layer names are a contract: "features" (last 4-D feature map), "gap",
-    "dropout", "logits" (dense), "probabilities" (softmax), for calibration and Grad-CAM.
+
+def _keras_cache(url: str) -> Path:
+    home = Path(os.environ.get("KERAS_HOME") or Path.home() / ".keras")
+    return home / "models" / Path(urlparse(url).path).name
+
+
+def host_reachable(url: str, timeout_s: float = WEIGHTS_PROBE_TIMEOUT_S) -> bool:
+    """True when a TCP connection to the URL's host opens within `timeout_s` (DNS included).
+
+    The probe runs in a daemon thread because name resolution has no timeout of its own.
     """
-    set_seed(seed)
-    inputs = keras.Input((image_size, image_size, 1), name="image")
+    parsed = urlparse(url)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    result: list[bool] = []
+
+    def probe() -> None:
+        try:
+            with socket.create_connection((parsed.hostname, port), timeout=timeout_s):
+                result.append(True)
+        except OSError:
+            result.append(False)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout_s + 0.5)
+    return bool(result and result[0])
+
+
+def _unavailable(architecture: str, reason: str) -> WeightsError:
+    url = BACKBONES[architecture].weights_url
+    return WeightsError(
+        f"base_model.weights: imagenet weights for {architecture} cannot be downloaded "
+        f"({reason}). Pretrained weights are not fetched here; get the file {url} on a "
+        f"machine with internet access, copy it here and set base_model.weights to its path "
+        f"(a .h5/.weights.h5 backbone file, or a .keras chestct model), or use "
+        f"base_model.weights: none to train from scratch."
+    )
+
+
+def resolve_weights(params: BaseModelParams, root: Path | None = None) -> str | Path | None:
+    """What keras.applications gets as `weights`: None, "imagenet" (cached or reachable) or a
+    checked local file. Fails within seconds, with the fix, when nothing can be obtained."""
+    if params.weights == "none":
+        return None
+    if params.weights == "imagenet":
+        if params.architecture not in BACKBONES:
+            raise WeightsError(
+                f"base_model.weights: {params.architecture} has no pretrained weights; "
+                "use none or a path to a .weights.h5/.keras file"
+            )
+        url = BACKBONES[params.architecture].weights_url
+        if _keras_cache(url).is_file() or host_reachable(url):
+            return "imagenet"
+        host = urlparse(url).hostname
+        raise _unavailable(params.architecture, f"{host} is unreachable from this machine")
+    path = Path(params.weights)
+    if not path.is_absolute() and root is not None:
+        path = root / path
+    if not path.is_file():
+        raise WeightsError(
+            f"base_model.weights: file {path} not found; give the path (absolute, or relative "
+            "to the project root) of a .h5/.weights.h5 or .keras file, or use none"
+        )
+    return path
+
+
+def _backbone(architecture: str, image_size: int, weights: str | Path | None) -> keras.Model:
+    spec = BACKBONES[architecture]
+    constructor = getattr(keras.applications, spec.constructor)
+    kwargs: dict[str, object] = {}
+    if architecture == "mobilenet_v3_small":
+        kwargs["include_preprocessing"] = True
+    as_file = isinstance(weights, Path) and weights.suffix == ".h5"
+    try:
+        return constructor(
+            include_top=False,
+            weights=str(weights) if as_file else ("imagenet" if weights == "imagenet" else None),
+            input_shape=(image_size, image_size, 3),
+            name="backbone",
+            **kwargs,
+        )
+    except WeightsError:
+        raise
+    except Exception as exc:  # keras raises many types for a failed download or a bad file
+        if weights == "imagenet":
+            raise _unavailable(architecture, f"{type(exc).__name__}: {exc}") from None
+        if as_file:
+            raise WeightsError(
+                f"base_model.weights: {weights} does not hold {architecture} backbone weights "
+                f"({type(exc).__name__}: {exc}); it must be the no-top file that "
+                f"keras.applications uses ({Path(spec.weights_url).name}) or backbone weights "
+                "saved with save_weights()"
+            ) from None
+        raise
+
+
+def _copy_from_keras_file(model: keras.Model, path: Path) -> None:
+    try:
+        source = keras.models.load_model(path, compile=False)
+    except Exception as exc:
+        raise WeightsError(
+            f"base_model.weights: {path} is not a loadable .keras model ({exc})"
+        ) from None
+    ours = [w.shape for w in model.get_weights()]
+    theirs = [w.shape for w in source.get_weights()]
+    if ours != theirs:
+        raise WeightsError(
+            f"base_model.weights: the model in {path} ({source.name}, input "
+            f"{tuple(source.input_shape)[1:]}) does not match {model.name} with input "
+            f"{tuple(model.input_shape)[1:]}; use a model trained with the same "
+            "architecture, filters and image size"
+        )
+    model.set_weights(source.get_weights())
+
+
+# --------------------------------------------------------------------------- models
+
+
+def _small_cnn(inputs: keras.KerasTensor, params: BaseModelParams) -> keras.KerasTensor:
     x = keras.layers.Rescaling(1.0 / 255.0, name="rescale")(inputs)
     for i, filters in enumerate(params.filters):
         x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"conv{i}")(x)
-        x = keras.layers.BatchNormalization(name=f"bn{i}")(x)
+        # momentum 0.5: with a few dozen steps per epoch, a longer average (Keras' default
+        # 0.99, even 0.9) trails the weights so far that inference-mode scores collapse to
+        # chance while training-mode ones are high (measured on the synthetic default).
+        x = keras.layers.BatchNormalization(momentum=0.5, name=f"bn{i}")(x)
         last = i == len(params.filters) - 1
-        # The last feature map is named "features" in every architecture: Grad-CAM reads it.
         x = keras.layers.Activation("relu", name="features" if last else f"relu{i}")(x)
         if not last:
             x = keras.layers.MaxPooling2D(name=f"pool{i}")(x)
+    return x
+
+
+def _preprocess(x: keras.KerasTensor, architecture: str) -> keras.KerasTensor:
+    x = keras.layers.Concatenate(axis=-1, name="grey_to_rgb")([x, x, x])
+    if BACKBONES[architecture].preprocessing == "caffe":
+        # Built-in layers only: the saved model must load without chestct being importable.
+        x = keras.layers.Normalization(
+            mean=list(_CAFFE_MEAN_BGR), variance=[1.0, 1.0, 1.0], name="preprocess"
+        )(x)
+    return x
+
+
+def frozen_backbone(params: BaseModelParams) -> bool:
+    """Whether the freeze policy keeps the backbone's weights fixed in the first phase."""
+    if params.freeze == "auto":
+        return params.weights != "none"
+    return params.freeze == "backbone"
+
+
+def build_model(
+    params: BaseModelParams, image_size: int, seed: int, *, root: Path | None = None
+) -> keras.Model:
+    """Build the model named by `params.architecture` with a GAP + dropout + dense head.
+
+    Args:
+        params: the base_model params group.
+        image_size: side of the square grey input.
+        seed: seeds weight initialisation (identical seeds give identical weights).
+        root: folder that a relative `params.weights` path is resolved against.
+
+    Raises:
+        WeightsError: pretrained weights cannot be obtained or do not fit.
+    """
+    weights = resolve_weights(params, root)
+    set_seed(seed)
+    inputs = keras.Input((image_size, image_size, 1), name="image")
+    if params.architecture == "small_cnn":
+        x = _small_cnn(inputs, params)
+    else:
+        x = _preprocess(inputs, params.architecture)
+        backbone = _backbone(params.architecture, image_size, weights)
+        backbone.trainable = not frozen_backbone(params)
+        # Pretrained batch-norm statistics stay in inference mode, also once unfrozen for
+        # fine-tuning; a backbone trained from scratch must learn its own.
+        pretrained = weights is not None
+        x = backbone(x, training=False) if pretrained else backbone(x)
+        x = keras.layers.Identity(name="features")(x)
     x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
     x = keras.layers.Dropout(params.dropout, name="dropout")(x)
     logits = keras.layers.Dense(len(CLASSES), name="logits")(x)
     outputs = keras.layers.Activation("softmax", name="probabilities", dtype="float32")(logits)
-    return keras.Model(inputs, outputs, name=f"chestct_{params.architecture}")
+    model = keras.Model(inputs, outputs, name=f"chestct_{params.architecture}")
+    if isinstance(weights, Path) and weights.suffix == ".keras":
+        _copy_from_keras_file(model, weights)
+    elif isinstance(weights, Path) and params.architecture == "small_cnn":
+        try:
+            model.load_weights(weights)
+        except Exception as exc:
+            raise WeightsError(
+                f"base_model.weights: {weights} does not hold weights of this small_cnn "
+                f"({exc}); save them with model.save_weights() from a model with the same "
+                "filters and image size"
+            ) from None
+    return model
+
+
+def with_dtype_policy(model: keras.Model, policy: str) -> keras.Model:
+    """A copy of `model` whose layers compute in `policy` (e.g. "mixed_float16"); the
+    "probabilities" layer stays float32. Weights are copied (variables stay float32)."""
+
+    def clone(layer: keras.layers.Layer) -> keras.layers.Layer:
+        config = layer.get_config()
+        # Plain operations inside applications (e.g. ops.add) take no dtype.
+        is_layer = isinstance(layer, keras.layers.Layer) and "dtype" in config
+        if (
+            is_layer
+            and layer.name != "probabilities"
+            and not isinstance(layer, keras.layers.InputLayer)
+        ):
+            config["dtype"] = policy
+        return layer.__class__.from_config(config)
+
+    copy = keras.models.clone_model(model, clone_function=clone, recursive=True)
+    copy.set_weights(model.get_weights())
+    for source, target in zip(_all_layers(model), _all_layers(copy), strict=True):
+        target.trainable = source.trainable
+    return copy
+
+
+def _all_layers(model: keras.Model) -> list[keras.layers.Layer]:
+    """Every layer, nested models' layers included, in a stable order."""
+    found: list[keras.layers.Layer] = []
+    for layer in model.layers:
+        found.append(layer)
+        if isinstance(layer, keras.Model):
+            found.extend(_all_layers(layer))
+    return found
 
 
 def label_indices(labels: Sequence[str]) -> np.ndarray:
+    """Class names -> indices into CLASSES."""
     lookup = {c: i for i, c in enumerate(CLASSES)}
     return np.array([lookup[label] for label in labels], dtype=np.int32)
+
+
+# --------------------------------------------------------------------------- input pipeline
 
 
 def _load_png(path: tf.Tensor) -> tf.Tensor:
@@ -80,26 +353,41 @@ def make_dataset(
     *,
     shuffle_seed: int | None = None,
     augment: keras.Sequential | None = None,
+    one_hot: bool = False,
 ) -> tf.data.Dataset:
     """Decode → cache → (shuffle) → batch → (augment) → prefetch.
 
     Decoded images are cached in memory after the first epoch; augmentation runs on whole
     batches after the cache so that every epoch sees new variants.
+
+    Args:
+        paths: PNG files of the size the model takes.
+        labels: class names, or None for images only.
+        batch_size: images per batch.
+        shuffle_seed: shuffle anew every epoch with this seed (None: keep the order).
+        augment: random transforms for training batches.
+        one_hot: labels as one-hot float vectors (for label smoothing and F1) instead of
+            class indices.
     """
     files = tf.data.Dataset.from_tensor_slices([str(p) for p in paths])
     images = files.map(_load_png, num_parallel_calls=tf.data.AUTOTUNE)
     if labels is None:
         ds = images
     else:
-        ds = tf.data.Dataset.zip(images, tf.data.Dataset.from_tensor_slices(label_indices(labels)))
+        y = label_indices(labels)
+        targets = np.eye(len(CLASSES), dtype=np.float32)[y] if one_hot else y
+        ds = tf.data.Dataset.zip(images, tf.data.Dataset.from_tensor_slices(targets))
     ds = ds.cache()
     if shuffle_seed is not None:
         ds = ds.shuffle(len(paths), seed=shuffle_seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size)
     if augment is not None and augment.layers:
-        ds = ds.map(
-            lambda x, y: (augment(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE
-        )
+        if labels is None:
+            ds = ds.map(lambda x: augment(x, training=True), num_parallel_calls=tf.data.AUTOTUNE)
+        else:
+            ds = ds.map(
+                lambda x, y: (augment(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE
+            )
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
@@ -111,4 +399,5 @@ def predict_proba(model: keras.Model, paths: Sequence[Path], batch_size: int) ->
 
 
 def load_model(path: Path) -> keras.Model:
+    """A saved model, uncompiled."""
     return keras.models.load_model(path, compile=False)

@@ -102,7 +102,7 @@ class BaseModelParams:
     ] = "small_cnn"
     weights: str = "none"  # none | imagenet | path to a .h5/.weights.h5/.keras file
     freeze: Literal["auto", "backbone", "none"] = "auto"
-    filters: list[int] = field(default_factory=lambda: [16, 32, 64, 128])
+    filters: list[int] = field(default_factory=lambda: [16, 32, 64, 128, 256])
     dropout: float = 0.3
 
 
@@ -139,6 +139,7 @@ class TrainParams:
     monitor: Literal["val_loss", "val_accuracy", "val_macro_f1"] = "val_loss"
     patience: int = 5
     class_weights: Literal["balanced", "none"] = "balanced"
+    bn_recalibration: int = 8  # clean train batches that re-estimate batch-norm statistics
     reduce_lr: ReduceLrParams = field(default_factory=ReduceLrParams)
     fine_tune: FineTuneParams = field(default_factory=FineTuneParams)
     deterministic: bool = True
@@ -459,6 +460,8 @@ def _check_model_and_training(model: BaseModelParams, train: TrainParams) -> Non
             "base_model.freeze: backbone would keep randomly initialised weights fixed "
             "(base_model.weights is none); use auto or none, or give pretrained weights"
         )
+    if train.bn_recalibration < 0:
+        raise SettingsError("train.bn_recalibration: must be >= 0 (0 turns it off)")
     if train.weight_decay < 0:
         raise SettingsError("train.weight_decay: must be >= 0")
     if not 0 <= train.label_smoothing < 1:

@@ -1,38 +1,90 @@
-"""base-model: build the initial, untrained model from params and save it."""
+"""base-model: build the initial model (architecture, weights, freeze policy) and save it."""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from chestct.fsutil import staged_file
-from chestct.modeling import build_model
-from chestct.runner import run_main, stage_session
+from chestct.fsutil import sha256_file, staged_file
+from chestct.modeling import WeightsError, build_model, frozen_backbone
+from chestct.runner import StageFailed, run_main, stage_session
 from chestct.settings import BaseModelParams
 
 log = logging.getLogger(__name__)
 
 
-def run_base_model(params: BaseModelParams, image_size: int, seed: int, out_dir: Path) -> Path:
-    """Build the model and save it as out_dir/model.keras; returns the path."""
-    model = build_model(params, image_size, seed)
+@dataclass(frozen=True)
+class BaseModelSummary:
+    path: Path
+    parameters: int
+    trainable_parameters: int
+    details: dict[str, Any]
+
+
+def run_base_model(
+    params: BaseModelParams, image_size: int, seed: int, out_dir: Path, root: Path | None = None
+) -> Path:
+    """Build the model and save it as out_dir/model.keras; returns the path.
+
+    Raises:
+        StageFailed: the initial weights cannot be obtained or do not fit.
+    """
+    return build_and_save(params, image_size, seed, out_dir, root).path
+
+
+def build_and_save(
+    params: BaseModelParams, image_size: int, seed: int, out_dir: Path, root: Path | None = None
+) -> BaseModelSummary:
+    """run_base_model() with the facts the pointer records."""
+    try:
+        model = build_model(params, image_size, seed, root=root)
+    except WeightsError as exc:
+        raise StageFailed(str(exc)) from None
     target = out_dir / "model.keras"
     with staged_file(target) as tmp:
         model.save(tmp)
-    log.info("built %s: %d parameters", model.name, model.count_params())
-    return target
+    trainable = int(sum(int(_size(w)) for w in model.trainable_weights))
+    details: dict[str, Any] = {
+        "architecture": params.architecture,
+        "weights": params.weights,
+        "frozen_backbone": params.architecture != "small_cnn" and frozen_backbone(params),
+    }
+    if params.weights not in ("none", "imagenet"):
+        weights = Path(params.weights)
+        weights = weights if weights.is_absolute() or root is None else root / weights
+        details["weights_sha256"] = sha256_file(weights)
+    log.info("built %s: %d parameters, %d trainable", model.name, model.count_params(), trainable)
+    return BaseModelSummary(target, model.count_params(), trainable, details)
+
+
+def _size(weight: Any) -> int:
+    count = 1
+    for dim in weight.shape:
+        count *= int(dim)
+    return count
 
 
 def main() -> None:
     with stage_session("base-model") as session:
         s = session.settings
-        path = run_base_model(
-            s.params.base_model, s.params.base.image_size, s.params.base.seed, session.out_dir
+        summary = build_and_save(
+            s.params.base_model,
+            s.params.base.image_size,
+            s.params.base.seed,
+            session.out_dir,
+            s.paths.root,
         )
-        from chestct.modeling import load_model
-
-        params_count = load_model(path).count_params()
-        session.finish(inputs=[], outputs={"model": path}, metrics={"parameters": params_count})
+        session.finish(
+            inputs=[],
+            outputs={"model": summary.path},
+            metrics={
+                "parameters": summary.parameters,
+                "trainable_parameters": summary.trainable_parameters,
+            },
+            details=summary.details,
+        )
 
 
 if __name__ == "__main__":

@@ -1,53 +1,245 @@
-"""train: fit the base model on the validated train split, early-stopped on the valid split."""
+"""train: fit the base model on the validated train split, checkpointed on the valid split.
+
+Phase 1 trains with the base model's freeze policy; an optional phase 2 unfreezes the top N
+layers of a keras-applications backbone and continues at a lower learning rate. The weights
+with the best validation score over both phases are what the stage saves.
+"""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import keras
 import numpy as np
 import pandas as pd
+import tensorflow as tf
 from sklearn.utils.class_weight import compute_class_weight
 
 from chestct.fsutil import staged_file
 from chestct.labels import CLASSES
 from chestct.manifest import DATASET_COLUMNS, read_manifest, write_manifest
-from chestct.modeling import augmenter, label_indices, load_model, make_dataset, set_seed
+from chestct.modeling import (
+    augmenter,
+    label_indices,
+    load_model,
+    make_dataset,
+    set_seed,
+    with_dtype_policy,
+)
 from chestct.pointers import read_pointer
-from chestct.runner import run_main, stage_session
+from chestct.runner import StageFailed, run_main, stage_session
 from chestct.settings import TrainParams
 
 log = logging.getLogger(__name__)
+
+EpochSink = Callable[[dict[str, float], int], None]
 
 
 @dataclass(frozen=True)
 class TrainResult:
     model: keras.Model
-    history: pd.DataFrame  # one row per epoch
+    history: pd.DataFrame  # one row per epoch: epoch, phase, learning_rate, metrics
     best_epoch: int
+    best_value: float  # of the monitored validation metric at best_epoch
+    details: dict[str, Any] = field(default_factory=dict)
 
 
 class _EpochLogger(keras.callbacks.Callback):
-    """Hands each epoch's metrics to a sink (MLflow in main(), nothing in tests)."""
+    """Hands each epoch's metrics and learning rate to a sink (MLflow in main())."""
 
-    def __init__(self, sink) -> None:
+    def __init__(self, sink: EpochSink | None, rows: list[dict[str, float]], phase: int) -> None:
         super().__init__()
         self.sink = sink
+        self.rows = rows
+        self.phase = phase
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        if logs:
-            self.sink({k: float(v) for k, v in logs.items()}, epoch)
+        metrics = {k: float(v) for k, v in (logs or {}).items()}
+        metrics["learning_rate"] = float(
+            keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)
+        )
+        self.rows.append({"epoch": epoch + 1, "phase": self.phase, **metrics})
+        if self.sink is not None:
+            self.sink(metrics, epoch)
+
+
+class BestWeights(keras.callbacks.Callback):
+    """Keeps the weights of the best epoch by a validation metric, across fit() calls.
+
+    Keras' EarlyStopping restores its best weights only when it stops early; this checkpoint
+    holds them whether or not training stopped, and across the fine-tuning phase.
+    """
+
+    def __init__(self, monitor: str) -> None:
+        super().__init__()
+        self.monitor = monitor
+        self.lower_is_better = monitor.endswith("loss")
+        self.best: float | None = None
+        self.best_epoch = 0
+        self.weights: list[np.ndarray] | None = None
+
+    def improved(self, value: float) -> bool:
+        if self.best is None:
+            return True
+        return value < self.best if self.lower_is_better else value > self.best
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        value = (logs or {}).get(self.monitor)
+        if value is None:
+            raise StageFailed(
+                f"train.monitor: {self.monitor!r} is not among the logged metrics "
+                f"{sorted(logs or {})}"
+            )
+        if np.isfinite(value) and self.improved(float(value)):
+            self.best = float(value)
+            self.best_epoch = epoch + 1
+            self.weights = self.model.get_weights()
+
+    def restore(self) -> None:
+        if self.weights is not None:
+            self.model.set_weights(self.weights)
+
+
+class RecalibrateBatchNorm(keras.callbacks.Callback):
+    """Re-estimates batch-norm moving statistics on clean training batches before every
+    validation (and so before every checkpoint).
+
+    With few steps per epoch, the moving averages trail the weights, and augmented batches
+    have other statistics than clean images: validation scores then swing to chance while
+    training-mode ones are high. Averaging the statistics of a few un-augmented batches with the
+    current weights removes both. Layers in inference mode (frozen, pretrained) are untouched.
+    """
+
+    def __init__(self, batches: tf.data.Dataset) -> None:
+        super().__init__()
+        self.batches = batches
+
+    def on_test_begin(self, logs: dict | None = None) -> None:
+        norms = [
+            layer
+            for layer in _all_layers(self.model)
+            if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable
+        ]
+        if not norms:
+            return
+        saved = [layer.momentum for layer in norms]
+        for k, (images, _) in enumerate(self.batches):
+            for layer in norms:
+                layer.momentum = k / (k + 1)  # a running mean of the batch statistics
+            self.model(images, training=True)
+        for layer, momentum in zip(norms, saved, strict=True):
+            layer.momentum = momentum
+
+
+def _all_layers(model: keras.Model) -> list[keras.layers.Layer]:
+    found: list[keras.layers.Layer] = []
+    for layer in model.layers:
+        found.append(layer)
+        if isinstance(layer, keras.Model):
+            found.extend(_all_layers(layer))
+    return found
 
 
 def class_weights(labels: pd.Series, mode: str) -> dict[int, float] | None:
+    """Inverse-frequency weights of the classes present, or None."""
     if mode == "none":
         return None
     y = label_indices(labels)
     present = np.unique(y)
     weights = compute_class_weight("balanced", classes=present, y=y)
     return {int(c): float(w) for c, w in zip(present, weights, strict=True)}
+
+
+def distribution_strategy(name: str) -> tf.distribute.Strategy:
+    """The tf.distribute strategy for `train.strategy`.
+
+    mirrored: synchronous data parallelism over the local devices (GPUs, else the CPU).
+    multi_worker: the same across machines described by the TF_CONFIG environment variable.
+    """
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if name == "multi_worker":
+        if not os.environ.get("TF_CONFIG"):
+            log.warning("train.strategy multi_worker without TF_CONFIG: one worker only")
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+def gpu_present() -> bool:
+    return bool(tf.config.list_physical_devices("GPU"))
+
+
+def _optimizer(params: TrainParams, learning_rate: float) -> keras.optimizers.Optimizer:
+    if params.optimizer == "adamw":
+        return keras.optimizers.AdamW(learning_rate, weight_decay=params.weight_decay)
+    return keras.optimizers.Adam(learning_rate)
+
+
+def _compile(model: keras.Model, params: TrainParams, learning_rate: float) -> None:
+    model.compile(
+        optimizer=_optimizer(params, learning_rate),
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=params.label_smoothing),
+        metrics=[
+            keras.metrics.CategoricalAccuracy(name="accuracy"),
+            keras.metrics.F1Score(average="macro", name="macro_f1"),
+        ],
+    )
+
+
+def unfreeze_top(model: keras.Model, count: int) -> int:
+    """Make the top `count` layers of the nested "backbone" trainable, the rest frozen.
+
+    Batch-norm layers stay frozen: their statistics were learned on far more data. Returns
+    the number of layers made trainable.
+    """
+    backbone = _backbone(model, count)
+    backbone.trainable = True
+    layers = backbone.layers
+    cut = max(len(layers) - count, 0)
+    opened = 0
+    for i, layer in enumerate(layers):
+        open_ = i >= cut and not isinstance(layer, keras.layers.BatchNormalization)
+        layer.trainable = open_
+        opened += open_
+    return opened
+
+
+def _backbone(model: keras.Model, count: int) -> keras.Model:
+    try:
+        return model.get_layer("backbone")
+    except ValueError:
+        raise StageFailed(
+            f"train.fine_tune.unfreeze_top is {count} but {model.name} has no backbone to "
+            "unfreeze (small_cnn trains all its layers); set it to 0"
+        ) from None
+
+
+def _callbacks(
+    params: TrainParams,
+    best: BestWeights,
+    logger: _EpochLogger,
+    recalibration: tf.data.Dataset | None,
+) -> list[keras.callbacks.Callback]:
+    mode = "min" if params.monitor.endswith("loss") else "max"
+    recalibrate = [] if recalibration is None else [RecalibrateBatchNorm(recalibration)]
+    return [
+        *recalibrate,
+        best,
+        keras.callbacks.EarlyStopping(monitor=params.monitor, mode=mode, patience=params.patience),
+        keras.callbacks.ReduceLROnPlateau(
+            monitor=params.monitor,
+            mode=mode,
+            factor=params.reduce_lr.factor,
+            patience=params.reduce_lr.patience,
+            min_lr=params.reduce_lr.min_learning_rate,
+        ),
+        logger,
+    ]
 
 
 def run_train(
@@ -57,60 +249,136 @@ def run_train(
     params: TrainParams,
     seed: int,
     root: Path,
-    on_epoch=None,
+    on_epoch: EpochSink | None = None,
 ) -> TrainResult:
-    """Fit the model; returns it with the best validation-loss weights restored."""
+    """Fit the base model; returns it with the best validation weights restored.
+
+    Args:
+        base_model: the untrained model file from base-model.
+        train: training manifest (DATASET_COLUMNS), paths relative to `root`.
+        valid: validation manifest, same layout.
+        params: the train params group.
+        seed: seeds weights, shuffling and augmentation.
+        root: folder the manifest paths are relative to.
+        on_epoch: called with (metrics, epoch index) after every epoch of both phases.
+    """
+    # The strategy comes first: multi-worker collectives must be set up before other TF work.
+    strategy = distribution_strategy(params.strategy)
+    if params.deterministic:
+        tf.config.experimental.enable_op_determinism()
     set_seed(seed)
-    model = load_model(base_model)
-    model.compile(
-        optimizer=keras.optimizers.Adam(params.learning_rate),
-        loss=keras.losses.SparseCategoricalCrossentropy(),
-        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
-    )
+    use_mixed = params.mixed_precision and gpu_present()
+    if params.mixed_precision and not use_mixed:
+        log.warning("train.mixed_precision: no GPU present, training in float32")
+
     train_ds = make_dataset(
         [root / p for p in train["path"]],
         list(train["label"]),
         params.batch_size,
         shuffle_seed=seed,
         augment=augmenter(params.augment, seed),
+        one_hot=True,
     )
     valid_ds = make_dataset(
-        [root / p for p in valid["path"]], list(valid["label"]), params.batch_size
+        [root / p for p in valid["path"]], list(valid["label"]), params.batch_size, one_hot=True
     )
-    callbacks: list[keras.callbacks.Callback] = [
-        keras.callbacks.EarlyStopping(
-            monitor="val_loss", patience=params.patience, restore_best_weights=True
-        ),
-    ]
-    if on_epoch is not None:
-        callbacks.append(_EpochLogger(on_epoch))
-    fit = model.fit(
+    weights = class_weights(train["label"], params.class_weights)
+    recalibration = None
+    if params.bn_recalibration > 0:
+        # A fixed, seeded sample that mixes the classes; read whole each time, so it caches.
+        sample = train.sample(frac=1.0, random_state=seed)
+        sample = sample.iloc[: params.bn_recalibration * params.batch_size]
+        recalibration = make_dataset(
+            [root / p for p in sample["path"]], list(sample["label"]), params.batch_size
+        )
+
+    with strategy.scope():
+        model = load_model(base_model)
+        if use_mixed:
+            model = with_dtype_policy(model, "mixed_float16")
+        _compile(model, params, params.learning_rate)
+    if params.fine_tune.unfreeze_top > 0:
+        _backbone(model, params.fine_tune.unfreeze_top)  # refuse before, not after, phase 1
+
+    rows: list[dict[str, float]] = []
+    best = BestWeights(params.monitor)
+    model.fit(
         train_ds,
         validation_data=valid_ds,
         epochs=params.epochs,
-        class_weight=class_weights(train["label"], params.class_weights),
-        callbacks=callbacks,
+        class_weight=weights,
+        callbacks=_callbacks(params, best, _EpochLogger(on_epoch, rows, 1), recalibration),
         verbose=2,
     )
-    history = pd.DataFrame(fit.history)
-    history.insert(0, "epoch", range(1, len(history) + 1))
-    best_epoch = int(history["val_loss"].idxmin()) + 1
-    return TrainResult(model=model, history=history, best_epoch=best_epoch)
+    best.restore()
+    phase1_epochs = len(rows)
+    opened = 0
+    if params.fine_tune.unfreeze_top > 0:
+        with strategy.scope():
+            opened = unfreeze_top(model, params.fine_tune.unfreeze_top)
+            _compile(model, params, params.fine_tune.learning_rate)
+        log.info(
+            "fine-tuning: %d backbone layers trainable, learning rate %g",
+            opened,
+            params.fine_tune.learning_rate,
+        )
+        model.fit(
+            train_ds,
+            validation_data=valid_ds,
+            initial_epoch=phase1_epochs,
+            epochs=phase1_epochs + params.fine_tune.epochs,
+            class_weight=weights,
+            callbacks=_callbacks(params, best, _EpochLogger(on_epoch, rows, 2), recalibration),
+            verbose=2,
+        )
+        best.restore()
+
+    if use_mixed:
+        # Served and evaluated on CPUs too: hand on a float32 model with the same weights.
+        model = with_dtype_policy(model, "float32")
+    history = pd.DataFrame(rows)
+    history["epoch"] = range(1, len(history) + 1)
+    details = {
+        "strategy": params.strategy,
+        "replicas": int(strategy.num_replicas_in_sync),
+        "mixed_precision": use_mixed,
+        "deterministic": params.deterministic,
+        "phase1_epochs": phase1_epochs,
+        "fine_tune_layers": opened,
+        "trainable_parameters": int(sum(np.prod(w.shape) for w in model.trainable_weights)),
+    }
+    assert best.best is not None  # fit() ran at least one epoch
+    return TrainResult(
+        model=model,
+        history=history,
+        best_epoch=best.best_epoch,
+        best_value=best.best,
+        details=details,
+    )
 
 
 def plot_history(history: pd.DataFrame, target: Path) -> None:
+    """Loss, accuracy, macro-F1 and learning rate per epoch, train against valid."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-    for ax, metric in zip(axes, ("loss", "accuracy"), strict=True):
-        ax.plot(history["epoch"], history[metric], label="train")
-        ax.plot(history["epoch"], history[f"val_{metric}"], label="valid")
-        ax.set_xlabel("epoch")
+    fig, axes = plt.subplots(1, 4, figsize=(15, 3.5))
+    epochs = history["epoch"]
+    for ax, metric in zip(axes, ("loss", "accuracy", "macro_f1"), strict=False):
+        ax.plot(epochs, history[metric], label="train")
+        ax.plot(epochs, history[f"val_{metric}"], label="valid")
         ax.set_title(metric)
-        ax.legend()
+    axes[3].plot(epochs, history["learning_rate"], color="tab:green")
+    axes[3].set_yscale("log")
+    axes[3].set_title("learning rate")
+    second = history.loc[history["phase"] == 2, "epoch"]
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        if len(second):
+            ax.axvline(second.iloc[0] - 0.5, color="grey", linestyle=":", label="fine-tune")
+    axes[0].legend()
     fig.tight_layout()
     with staged_file(target) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
@@ -144,6 +412,7 @@ def main() -> None:
         write_manifest(out / "history.csv", result.history)
         plot_history(result.history, out / "curves.png")
         session.log_artifact(out / "curves.png")
+        session.log_artifact(out / "history.csv")
         best = result.history.iloc[result.best_epoch - 1]
         session.finish(
             inputs=["validate", "base-model"],
@@ -153,7 +422,9 @@ def main() -> None:
                 "best_epoch": result.best_epoch,
                 "best_val_loss": float(best["val_loss"]),
                 "best_val_accuracy": float(best["val_accuracy"]),
+                "best_val_macro_f1": float(best["val_macro_f1"]),
             },
+            details=result.details,
         )
 
 

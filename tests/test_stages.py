@@ -533,7 +533,7 @@ def test_train_returns_the_best_weights(trained, tiny_data) -> None:
     result = trained[0]
     root, data = tiny_data
     valid = data["valid"]
-    ds = make_dataset([root / p for p in valid["path"]], list(valid["label"]), 4)
+    ds = make_dataset([root / p for p in valid["path"]], list(valid["label"]), 4, one_hot=True)
     loss = result.model.evaluate(ds, verbose=0, return_dict=True)["loss"]
     assert loss == pytest.approx(result.history["val_loss"].min(), rel=1e-4)
 

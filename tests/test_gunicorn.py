@@ -24,8 +24,8 @@ from chestct.fsutil import replace_dir
 from test_serving_support import (  # noqa: F401
     dicom_bytes,
     model_dir,
+    second_model,
     slice_png,
-    write_model_folder,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -167,10 +167,15 @@ def test_readme_curl_examples_against_gunicorn(server, tmp_path: Path) -> None:
     assert status == 405 and json.loads(body)["status"] == 405
 
 
-def test_workers_switch_to_a_new_champion_without_restart(server, tmp_path: Path) -> None:
+def test_workers_switch_to_a_new_champion_without_restart(
+    server,
+    second_model: Path,  # noqa: F811
+    tmp_path: Path,
+) -> None:
     base, proc, live = server
     workers = worker_pids(proc.pid)
-    staged = write_model_folder(tmp_path / ".model.new", version="2", seed=7)
+    staged = tmp_path / ".model.new"
+    shutil.copytree(second_model, staged)
     replace_dir(staged, live)  # what promote does
     deadline, streak = time.monotonic() + 30, 0
     while streak < 12:  # consecutive answers, spread over both workers

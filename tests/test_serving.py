@@ -24,6 +24,7 @@ from test_serving_support import (
     ct_slice,
     dicom_bytes,
     encode,
+    keras_reference,
     model_dir,  # noqa: F401  (fixture)
     multipart,
     slice_png,
@@ -126,18 +127,14 @@ def test_predict_dicom_goes_through_the_ingest_window(client) -> None:
 
 def test_light_model_matches_keras_and_calibration(model_dir: Path) -> None:  # noqa: F811
     """Served probabilities equal Keras within 1e-4 once the temperature is taken out."""
-    import keras
-
+    images, reference = keras_reference(model_dir)
     model = load_folder(model_dir)
-    keras_model = keras.models.load_model(model_dir / "model.keras", compile=False)
-    images = np.stack([imaging.prepare(slice_png(s), SIZE) for s in range(4)])
     light = model.run(images)
-    reference = np.asarray(keras_model(images[..., None].astype(np.float32), training=False))
     assert np.abs(light.probabilities - reference).max() < 1e-4
     app = create_app({"MODEL_DIR": str(model_dir), "MC_DROPOUT_SAMPLES": 0})
-    body = app.test_client().post("/predict", **multipart(slice_png(0))).get_json()
-    logits = np.log(reference[0])
-    calibrated = softmax(logits / TEMPERATURE)
+    body = app.test_client().post("/predict", data=encode(images[0]), content_type="image/png")
+    body = body.get_json()
+    calibrated = softmax(np.log(reference[0].astype(np.float64)) / TEMPERATURE)
     served = np.array([body["probabilities"][c] for c in CLASSES])
     assert np.abs(served - calibrated).max() < 1e-4
     assert body["uncertainty"]["method"] == "entropy"

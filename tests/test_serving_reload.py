@@ -11,7 +11,12 @@ import pytest
 
 from chestct.fsutil import replace_dir
 from chestct.serving import create_app
-from test_serving_support import model_dir, multipart, slice_png, write_model_folder  # noqa: F401
+from test_serving_support import (  # noqa: F401
+    model_dir,
+    multipart,
+    second_model,
+    slice_png,
+)
 
 
 def _client(folder: Path):
@@ -24,16 +29,10 @@ def _version(client) -> str:
     return resp.get_json()["model"]["version"]
 
 
-@pytest.fixture(scope="module")
-def second_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Version 2: other weights, so its answers differ from version 1."""
-    return write_model_folder(tmp_path_factory.mktemp("v2") / "model", version="2", seed=7)
-
-
 def test_swap_switches_running_app_without_restart(
     tmp_path: Path,
     model_dir: Path,  # noqa: F811
-    second_model: Path,
+    second_model: Path,  # noqa: F811
 ) -> None:
     live = tmp_path / "model"
     shutil.copytree(model_dir, live)
@@ -69,7 +68,7 @@ def test_reload_check_is_rate_limited(tmp_path: Path, model_dir: Path, second_mo
 def test_broken_new_model_is_refused_and_old_keeps_serving(
     tmp_path: Path,
     model_dir: Path,  # noqa: F811
-    second_model: Path,
+    second_model: Path,  # noqa: F811
     caplog: pytest.LogCaptureFixture,
     damage: str,
 ) -> None:
@@ -102,9 +101,22 @@ def test_broken_new_model_is_refused_and_old_keeps_serving(
     assert client.get("/ready").status_code == 200
 
 
-def test_old_card_degrades_clearly(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """No inference/cam/ood/temperature: Keras through tf.function, entropy only, logged."""
-    folder = write_model_folder(tmp_path / "model", light=False, extras=False)
+def test_old_card_degrades_clearly(
+    tmp_path: Path,
+    model_dir: Path,  # noqa: F811
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """No inference/cam/ood/temperature: Keras through tf.function, entropy only, logged.
+
+    Runs TensorFlow in this process (the fallback's point), so it sits in a module that runs
+    after the tests that fork.
+    """
+    folder = tmp_path / "model"
+    shutil.copytree(model_dir, folder)
+    card = json.loads((folder / "model.json").read_text(encoding="utf-8"))
+    for key in ("inference", "cam", "ood", "temperature", "thresholds"):
+        del card[key]
+    (folder / "model.json").write_text(json.dumps(card), encoding="utf-8")
     with caplog.at_level(logging.WARNING, logger="chestct.serving.predictor"):
         client = _client(folder)
     assert any("through Keras/TensorFlow" in r.getMessage() for r in caplog.records)

@@ -1,6 +1,9 @@
 """Builders for the serving tests: a model folder with the full promote contract, made from a
 tiny untrained Keras model and converted with chestct.export (as promote does), plus slices.
 
+Model folders are built in a child process, so that TensorFlow never enters the pytest process
+through these fixtures (a process that holds TensorFlow hangs when later tests fork workers).
+
 Imported by the test_serving*, test_gunicorn and test_browser modules; holds no tests.
 """
 
@@ -8,6 +11,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +80,28 @@ def build_keras(seed: int) -> Any:
     return build_model(BaseModelParams(filters=[4, 8], dropout=0.3), image_size=SIZE, seed=seed)
 
 
-def write_model_folder(
+def write_model_folder(folder: Path, **options: Any) -> Path:
+    """`build_model_folder` in a child process (see the module docstring); same arguments."""
+    code = (
+        "import json, sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]); "
+        "from test_serving_support import build_model_folder; "
+        "build_model_folder(Path(sys.argv[2]), **json.loads(sys.argv[3]))"
+    )
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    here = str(Path(__file__).parent)
+    args = [sys.executable, "-c", code, here, str(folder), json.dumps(options)]
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return folder
+
+
+def keras_reference(folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(prepared images, Keras probabilities) saved beside a folder built with extras."""
+    with np.load(folder.parent / f"{folder.name}.keras-reference.npz") as npz:
+        return npz["images"], npz["probabilities"]
+
+
+def build_model_folder(
     folder: Path,
     version: str = "1",
     seed: int = 0,
@@ -128,6 +155,13 @@ def write_model_folder(
         CamHead.from_model(model).save(folder / "cam_head.npz")
         np.savez(folder / "ood.npz", mean=mean, precision=precision)
         card["temperature"] = temperature
+        # Keras's own answers on a few slices, for the parity test (outside the model folder).
+        reference = images[:4]
+        np.savez(
+            folder.parent / f"{folder.name}.keras-reference.npz",
+            images=reference[..., 0].astype(np.uint8),
+            probabilities=np.asarray(model(reference, training=False)),
+        )
         card["thresholds"] = {"abstain_entropy": ABSTAIN}
         card["cam"] = {"file": "cam_head.npz", "layer": "features"}
         card["ood"] = {
@@ -143,6 +177,12 @@ def write_model_folder(
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A complete model folder (light artifact, temperature, thresholds, cam, ood)."""
     return write_model_folder(tmp_path_factory.mktemp("served") / "model")
+
+
+@pytest.fixture(scope="session")
+def second_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Version 2 of the model folder: other weights, so its answers differ from version 1."""
+    return write_model_folder(tmp_path_factory.mktemp("v2") / "model", version="2", seed=7)
 
 
 def multipart(data: bytes, name: str = "slice.png", field: str = "file") -> dict[str, Any]:

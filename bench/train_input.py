@@ -1,7 +1,7 @@
 """Epoch time of training through the tf.data pipeline against the compute limit.
 
     python bench/train_input.py [--images 480] [--size 128] [--batch-size 32] [--epochs 4]
-                                [--filters 16,32,64,128]
+                                [--filters 16,32,64,128,256]
 
 Generates `--images` synthetic chest-CT-like PNGs (already at `--size`, as resize writes them)
 in a temporary folder, then fits the same small CNN (same seed, same weights at the start)
@@ -74,7 +74,10 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--filters", default="16,32,64,128")
+    default = ",".join(map(str, BaseModelParams().filters))
+    parser.add_argument(
+        "--filters", default=default, help=f"small_cnn filters (default {default})"
+    )
     args = parser.parse_args()
 
     import keras

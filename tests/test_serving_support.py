@@ -173,16 +173,25 @@ def build_model_folder(
     return folder
 
 
+def _session_model(factory: pytest.TempPathFactory, name: str, **options: Any) -> Path:
+    """Build once per test session: each module that imports a fixture from here gets its own
+    copy of the fixture, so the folder is kept under the session's base temp folder."""
+    folder = factory.getbasetemp() / "serving-models" / name / "model"
+    if not (folder / "model.json").is_file():
+        write_model_folder(folder, **options)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A complete model folder (light artifact, temperature, thresholds, cam, ood)."""
-    return write_model_folder(tmp_path_factory.mktemp("served") / "model")
+    return _session_model(tmp_path_factory, "v1")
 
 
 @pytest.fixture(scope="session")
 def second_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Version 2 of the model folder: other weights, so its answers differ from version 1."""
-    return write_model_folder(tmp_path_factory.mktemp("v2") / "model", version="2", seed=7)
+    return _session_model(tmp_path_factory, "v2", version="2", seed=7)
 
 
 def multipart(data: bytes, name: str = "slice.png", field: str = "file") -> dict[str, Any]:

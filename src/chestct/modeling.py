@@ -298,18 +298,18 @@ def with_dtype_policy(model: keras.Model, policy: str) -> keras.Model:
 
     copy = keras.models.clone_model(model, clone_function=clone, recursive=True)
     copy.set_weights(model.get_weights())
-    for source, target in zip(_all_layers(model), _all_layers(copy), strict=True):
+    for source, target in zip(all_layers(model), all_layers(copy), strict=True):
         target.trainable = source.trainable
     return copy
 
 
-def _all_layers(model: keras.Model) -> list[keras.layers.Layer]:
+def all_layers(model: keras.Model) -> list[keras.layers.Layer]:
     """Every layer, nested models' layers included, in a stable order."""
     found: list[keras.layers.Layer] = []
     for layer in model.layers:
         found.append(layer)
         if isinstance(layer, keras.Model):
-            found.extend(_all_layers(layer))
+            found.extend(all_layers(layer))
     return found
 
 

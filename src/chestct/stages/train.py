@@ -24,6 +24,7 @@ from chestct.fsutil import staged_file
 from chestct.labels import CLASSES
 from chestct.manifest import DATASET_COLUMNS, read_manifest, write_manifest
 from chestct.modeling import (
+    all_layers,
     augmenter,
     label_indices,
     load_model,
@@ -122,7 +123,7 @@ class RecalibrateBatchNorm(keras.callbacks.Callback):
     def on_test_begin(self, logs: dict | None = None) -> None:
         norms = [
             layer
-            for layer in _all_layers(self.model)
+            for layer in all_layers(self.model)
             if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable
         ]
         if not norms:
@@ -134,15 +135,6 @@ class RecalibrateBatchNorm(keras.callbacks.Callback):
             self.model(images, training=True)
         for layer, momentum in zip(norms, saved, strict=True):
             layer.momentum = momentum
-
-
-def _all_layers(model: keras.Model) -> list[keras.layers.Layer]:
-    found: list[keras.layers.Layer] = []
-    for layer in model.layers:
-        found.append(layer)
-        if isinstance(layer, keras.Model):
-            found.extend(_all_layers(layer))
-    return found
 
 
 def class_weights(labels: pd.Series, mode: str) -> dict[int, float] | None:

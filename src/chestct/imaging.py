@@ -8,7 +8,9 @@ the same way in training and in serving. DICOM files are windowed to 8-bit grey 
 from __future__ import annotations
 
 import io
+import multiprocessing
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -277,6 +279,24 @@ def single_threaded() -> Iterator[None]:
         yield
     finally:
         cv2.setNumThreads(previous)
+
+
+def _one_thread() -> None:
+    cv2.setNumThreads(1)
+
+
+def worker_pool(workers: int) -> ProcessPoolExecutor:
+    """A process pool for per-image work: N processes on N cores, each OpenCV single-threaded.
+
+    Workers start from a fork server, not by forking the caller: a caller that has loaded
+    TensorFlow (a test session, a notebook) cannot be forked safely, and OpenCV's thread pool
+    deadlocks when reconfigured inside a forked child.
+    """
+    return ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=multiprocessing.get_context("forkserver"),
+        initializer=_one_thread,
+    )
 
 
 def encode_png(grey: np.ndarray) -> bytes:

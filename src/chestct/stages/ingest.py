@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from tqdm import tqdm
 
 from chestct.dedup import phash
 from chestct.fsutil import sha256_bytes
-from chestct.imaging import ImageError, decode, encode_png, single_threaded
+from chestct.imaging import ImageError, decode, encode_png, worker_pool
 from chestct.labels import CLASSES, label_for_folder
 from chestct.manifest import INGEST_COLUMNS, SPLITS, write_manifest
 from chestct.runner import StageFailed, run_main, stage_session
@@ -160,7 +159,7 @@ def _ingest_one(job: _Job) -> dict[str, object]:
 def _map(jobs: list[_Job], workers: int) -> list[dict[str, object]]:
     bar = {"total": len(jobs), "desc": "ingest", "unit": "file", "leave": False}
     if workers > 1 and len(jobs) >= _PARALLEL_FROM:
-        with single_threaded(), ProcessPoolExecutor(max_workers=workers) as pool:
+        with worker_pool(workers) as pool:
             return list(tqdm(pool.map(_ingest_one, jobs, chunksize=8), **bar))
     return [_ingest_one(j) for j in tqdm(jobs, **bar)]
 

@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import shutil
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +27,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from chestct.fsutil import atomic_write_json
-from chestct.imaging import ImageError, encode_png, prepare, single_threaded
+from chestct.imaging import ImageError, encode_png, prepare, worker_pool
 from chestct.manifest import INDEX_COLUMNS, INGEST_COLUMNS, SPLITS, read_manifest, write_manifest
 from chestct.pointers import read_pointer
 from chestct.runner import run_main, stage_session
@@ -167,7 +166,7 @@ def resize_images(
     if workers > 1 and todo >= _PARALLEL_FROM:
         # Big chunks keep the per-task overhead of the pool small next to the decoding.
         chunk = max(1, min(64, len(jobs) // (workers * 8)))
-        with single_threaded(), ProcessPoolExecutor(max_workers=min(workers, todo)) as pool:
+        with worker_pool(min(workers, todo)) as pool:
             results = list(tqdm(pool.map(_resize_one, jobs, chunksize=chunk), **bar))
     else:
         results = [_resize_one(j) for j in tqdm(jobs, **bar)]

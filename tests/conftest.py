@@ -17,6 +17,17 @@ os.environ.setdefault("DO_NOT_TRACK", "true")
 
 
 @pytest.fixture(scope="session")
+def tiny_project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    """The whole pipeline reproduced once per session in a tiny copy: (root, environment).
+
+    Shared by the end-to-end and notebook tests; they read it and must not change it.
+    """
+    from project_copy import reproduced_copy
+
+    return reproduced_copy(tmp_path_factory.mktemp("project"))
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """model/ as promote writes it, with an untrained 32x32 model (enough to test serving)."""
     from chestct.labels import CLASSES, DISPLAY_NAMES

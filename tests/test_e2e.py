@@ -4,74 +4,23 @@
 from __future__ import annotations
 
 import io
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
-import yaml
 
 from chestct.labels import CLASSES
 from chestct.settings import STAGES
-
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-
-TINY = {
-    "base": {"image_size": 32},
-    "ingest": {"synthetic_per_class": {"train": 8, "valid": 3, "test": 3}},
-    "base_model": {"filters": [4, 8]},
-    "train": {"epochs": 2, "batch_size": 8},
-    "promote": {"minimum": 0.0},
-}
+from project_copy import BIN, run
 
 pytestmark = pytest.mark.e2e
 
 
-def _merge(base: dict, override: dict) -> dict:
-    out = dict(base)
-    for key, value in override.items():
-        out[key] = _merge(base[key], value) if isinstance(value, dict) and value else value
-    return out
-
-
-def _run(cmd: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}"
-    return proc
-
-
 @pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+def project(tiny_project: tuple[Path, dict[str, str]]) -> tuple[Path, dict[str, str]]:
     """A git + DVC copy of the repo (code, dvc.yaml, config) with tiny params, reproduced."""
-    root = tmp_path_factory.mktemp("project")
-    for name in ("src", "config"):
-        shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("dvc.yaml", "app.py", ".gitignore", ".dvcignore"):
-        shutil.copy2(REPO / name, root / name)
-    (root / ".dvc").mkdir()
-    shutil.copy2(REPO / ".dvc" / "config", root / ".dvc" / "config")
-    params = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
-    (root / "params.yaml").write_text(yaml.safe_dump(_merge(params, TINY)), encoding="utf-8")
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
-    env |= {
-        "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
-        "PYTHONPATH": str(root / "src"),  # the copy's code, not the installed one
-        "GIT_AUTHOR_NAME": "t",
-        "GIT_AUTHOR_EMAIL": "t@t",
-        "GIT_COMMITTER_NAME": "t",
-        "GIT_COMMITTER_EMAIL": "t@t",
-    }
-    _run(["git", "init", "-q"], root, env)
-    _run(["git", "add", "-A"], root, env)
-    _run(["git", "commit", "-qm", "copy"], root, env)
-    _run([str(BIN / "dvc"), "repro"], root, env)
-    return root, env
+    return tiny_project
 
 
 def test_every_stage_left_a_valid_pointer_and_mlflow_run(project) -> None:
@@ -127,10 +76,10 @@ def test_model_folder_holds_the_promoted_model_and_card(project) -> None:
 
 def test_repro_again_is_a_no_op_and_status_clean(project) -> None:
     root, env = project
-    out = _run([str(BIN / "dvc"), "repro"], root, env).stdout
+    out = run([str(BIN / "dvc"), "repro"], root, env).stdout
     assert "didn't change" in out or "up to date" in out
     assert "Running stage" not in out
-    status = _run([str(BIN / "dvc"), "status"], root, env).stdout
+    status = run([str(BIN / "dvc"), "status"], root, env).stdout
     assert "up to date" in status
 
 

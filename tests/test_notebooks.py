@@ -7,57 +7,25 @@ temporary copy of the project; the functions are tested directly on small hand-m
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 
 from chestct import eda
 from chestct import error_analysis as ea
 from chestct.labels import CLASSES
 from chestct.settings import load_settings
 from helpers import make_kaggle_folder, write_image
+from project_copy import project_copy
 from test_serving_support import dicom_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 RESEARCH = REPO / "research"
-
-# The embedded default, shrunk so that the whole pipeline runs in about a minute.
-TINY = {
-    "base": {"image_size": 32},
-    "ingest": {"synthetic_per_class": {"train": 8, "valid": 3, "test": 3}},
-    "base_model": {"filters": [4, 8]},
-    "train": {"epochs": 2, "batch_size": 8},
-    "promote": {"minimum": 0.0},
-}
-
-
-def _merge(base: dict, override: dict) -> dict:
-    out = dict(base)
-    for key, value in override.items():
-        out[key] = _merge(base[key], value) if isinstance(value, dict) and value else value
-    return out
-
-
-def _project_copy(root: Path) -> Path:
-    """The project's code and config (no data, no outputs) under `root`, with tiny params."""
-    for name in ("src", "config"):
-        shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("dvc.yaml", "app.py", ".gitignore", ".dvcignore"):
-        shutil.copy2(REPO / name, root / name)
-    (root / ".dvc").mkdir()
-    shutil.copy2(REPO / ".dvc" / "config", root / ".dvc" / "config")
-    params = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
-    (root / "params.yaml").write_text(yaml.safe_dump(_merge(params, TINY)), encoding="utf-8")
-    return root
-
 
 # --------------------------------------------------------------------------- chestct.eda
 
@@ -127,7 +95,7 @@ def test_sample_grid_has_a_row_per_class(scanned: pd.DataFrame) -> None:
 
 
 def test_open_source_names_a_missing_folder(tmp_path: Path) -> None:
-    settings = load_settings(_project_copy(tmp_path))
+    settings = load_settings(project_copy(tmp_path))
     with pytest.raises(eda.EdaError, match="not a folder"), eda.open_source(settings, "nope"):
         pass
 
@@ -140,7 +108,7 @@ def test_scan_names_a_folder_that_is_no_class(tmp_path: Path) -> None:
 
 
 def test_open_source_unpacks_an_archive_and_cleans_up(tmp_path: Path) -> None:
-    settings = load_settings(_project_copy(tmp_path / "project"))
+    settings = load_settings(project_copy(tmp_path / "project"))
     folder = make_kaggle_folder(tmp_path / "kaggle", {"train": 1, "valid": 1, "test": 1})
     archive = shutil.make_archive(str(tmp_path / "chest"), "zip", folder)
     with eda.open_source(settings, archive) as unpacked:
@@ -155,7 +123,7 @@ def test_dicom_files_decode_through_ingests_window(tmp_path: Path) -> None:
     (data / "normal").mkdir(parents=True)
     (data / "normal" / "slice.dcm").write_bytes(dicom_bytes(seed=1))
     write_image(data / "adenocarcinoma" / "a.png", seed=2)
-    settings = load_settings(_project_copy(tmp_path / "project"))
+    settings = load_settings(project_copy(tmp_path / "project"))
     frame = eda.scan(data, window=eda.window_of(settings))
     dicom = frame[frame["relative"] == "normal/slice.dcm"].iloc[0]
     assert dicom["error"] == "" and dicom["format"] == "dicom" and dicom["width"] == 64
@@ -217,7 +185,7 @@ def test_calibration_bins_and_ece() -> None:
 
 
 def test_error_analysis_needs_a_promoted_model(tmp_path: Path) -> None:
-    settings = load_settings(_project_copy(tmp_path))
+    settings = load_settings(project_copy(tmp_path))
     with pytest.raises(ea.AnalysisError, match="dvc repro"):
         ea.load_promoted(settings)
 
@@ -226,25 +194,9 @@ def test_error_analysis_needs_a_promoted_model(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def tiny_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A git + DVC copy of the project, reproduced on the embedded default with tiny params."""
-    root = _project_copy(tmp_path_factory.mktemp("project"))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
-    env |= {
-        "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
-        "PYTHONPATH": str(root / "src"),
-        "GIT_AUTHOR_NAME": "t",
-        "GIT_AUTHOR_EMAIL": "t@t",
-        "GIT_COMMITTER_NAME": "t",
-        "GIT_COMMITTER_EMAIL": "t@t",
-    }
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "copy"]):
-        subprocess.run(cmd, cwd=root, env=env, check=True, capture_output=True)
-    proc = subprocess.run(
-        [str(BIN / "dvc"), "repro"], cwd=root, env=env, capture_output=True, text=True, timeout=900
-    )
-    assert proc.returncode == 0, f"dvc repro failed:\n{proc.stdout[-3000:]}\n{proc.stderr}"
-    return root
+def reproduced(tiny_project: tuple[Path, dict[str, str]]) -> Path:
+    """The session's tiny pipeline run (see conftest.tiny_project)."""
+    return tiny_project[0]
 
 
 def execute(name: str, env: dict[str, str], monkeypatch: pytest.MonkeyPatch):
@@ -283,9 +235,9 @@ def _pictures(book) -> int:
 @pytest.mark.e2e
 @pytest.mark.slow
 def test_eda_notebook_runs_on_the_embedded_default_and_on_a_data_path(
-    tiny_project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    reproduced: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    book = execute("01-eda.ipynb", {"CHESTCT_ROOT": str(tiny_project)}, monkeypatch)
+    book = execute("01-eda.ipynb", {"CHESTCT_ROOT": str(reproduced)}, monkeypatch)
     text = _text(book)
     assert "source:  synthetic" in text
     assert "56 files, 0 undecodable" in text  # 4 classes x (8 + 3 + 3)
@@ -294,7 +246,7 @@ def test_eda_notebook_runs_on_the_embedded_default_and_on_a_data_path(
     folder = make_kaggle_folder(tmp_path / "kaggle", {"train": 2, "valid": 1, "test": 1})
     first = next((folder / "train").rglob("*.png"))
     shutil.copy2(first, next((folder / "valid").iterdir()) / "leak.png")
-    env = {"CHESTCT_ROOT": str(tiny_project), "CHESTCT_EDA_DATA": str(folder)}
+    env = {"CHESTCT_ROOT": str(reproduced), "CHESTCT_EDA_DATA": str(folder)}
     text = _text(execute("01-eda.ipynb", env, monkeypatch))
     assert f"source:  {folder}" in text
     assert "same bytes: 1 group(s), 1 across splits, 0 with a label conflict" in text
@@ -303,9 +255,9 @@ def test_eda_notebook_runs_on_the_embedded_default_and_on_a_data_path(
 @pytest.mark.e2e
 @pytest.mark.slow
 def test_error_analysis_notebook_runs_on_the_promoted_model(
-    tiny_project: Path, monkeypatch: pytest.MonkeyPatch
+    reproduced: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    book = execute("02-error-analysis.ipynb", {"CHESTCT_ROOT": str(tiny_project)}, monkeypatch)
+    book = execute("02-error-analysis.ipynb", {"CHESTCT_ROOT": str(reproduced)}, monkeypatch)
     text = _text(book)
     assert "model chestct v1 (32 px" in text
     assert "12 test images" in text  # 4 classes x 3
@@ -313,6 +265,6 @@ def test_error_analysis_notebook_runs_on_the_promoted_model(
     for label in CLASSES:
         assert label in text
     # What the served model answers agrees with what evaluate measured on the Keras model.
-    metrics = json.loads((tiny_project / "artifacts/evaluate/metrics.json").read_text())
+    metrics = json.loads((reproduced / "artifacts/evaluate/metrics.json").read_text())
     accuracy = float(text.split("test images; accuracy ")[1].split(",")[0])
     assert accuracy == pytest.approx(metrics["accuracy"], abs=1e-3)

@@ -130,7 +130,7 @@ class FineTuneParams:
 
 @dataclass(frozen=True)
 class TrainParams:
-    epochs: int = 20
+    epochs: int = 12
     batch_size: int = 32
     learning_rate: float = 1e-3
     optimizer: Literal["adam", "adamw"] = "adam"

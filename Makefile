@@ -41,7 +41,8 @@ run: venv
 	@python -c 'import json; d=json.load(open("artifacts/promote/decision.json")); print("  " + d["reason"])'
 	@echo "Next:"
 	@echo "  make serve                                   # serve model/ on http://$(HOST):$(PORT)"
-	@echo "  curl -F file=@<slice.png> http://$(HOST):$(PORT)/predict"
+	@echo "  $(VENV)/bin/python -m chestct.samples            # writes slice.png and slice.dcm here"
+	@echo "  curl -F file=@slice.png http://$(HOST):$(PORT)/predict"
 	@echo "  $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db   # compare runs"
 
 test: venv

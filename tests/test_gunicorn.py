@@ -13,6 +13,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -118,8 +119,8 @@ def test_readme_curl_examples_against_gunicorn(server, tmp_path: Path) -> None:
     base, proc, _ = server
     work = tmp_path / "client"
     work.mkdir()
-    (work / "slice.png").write_bytes(slice_png(3, size=128))
-    (work / "slice.dcm").write_bytes(dicom_bytes(3))
+    # The README's way to get sample files: `python -m chestct.samples` in the current folder.
+    subprocess.run([sys.executable, "-m", "chestct.samples"], cwd=work, check=True, timeout=60)
     curls = readme_curls()
     assert len(curls) >= 10, curls
     env = {**os.environ, "CHESTCT_HISTORY_TOKEN": TOKEN}

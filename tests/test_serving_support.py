@@ -47,30 +47,9 @@ def slice_png(seed: int = 0, size: int = 96) -> bytes:
 
 def dicom_bytes(seed: int = 0, size: int = 64) -> bytes:
     """A CT DICOM slice in Hounsfield units (stored + intercept -1024), uncompressed."""
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+    from chestct.imaging import encode_dicom
 
-    grey = ct_slice(seed, size=size).astype(np.float32)
-    hu = -1350.0 + grey / 255.0 * 1500.0  # undo the lung window
-    stored = np.clip(np.rint(hu + 1024.0), 0, 4095).astype(np.uint16)
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset("slice.dcm", {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Modality = "CT"
-    ds.Rows, ds.Columns = stored.shape
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
-    ds.PixelRepresentation = 0
-    ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
-    ds.PixelData = stored.tobytes()
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
+    return encode_dicom(ct_slice(seed, size=size))
 
 
 def build_keras(seed: int) -> Any:

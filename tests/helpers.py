@@ -128,8 +128,11 @@ def split_manifests(per_class: int = 2) -> dict[str, pd.DataFrame]:
     """Hand-made split manifests: `per_class` distinct images per class in every split."""
     return {
         split: pd.DataFrame(
-            [ingest_row(split, label, f"{split}-{label}-{i}")
-             for label in CLASSES for i in range(per_class)],
+            [
+                ingest_row(split, label, f"{split}-{label}-{i}")
+                for label in CLASSES
+                for i in range(per_class)
+            ],
             columns=list(INGEST_COLUMNS),
         )
         for split in SPLITS
@@ -140,7 +143,16 @@ def ok_index(manifests: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
     """A resize index (INDEX_COLUMNS) saying every distinct content resized fine."""
     shas = pd.concat(manifests.values())["sha256"].drop_duplicates()
     return pd.DataFrame(
-        [{"sha256": s, "resized": f"artifacts/resize/images/{s}.png", "ok": True, "error": "",
-          "mean": 100.0, "std": 10.0} for s in shas],
+        [
+            {
+                "sha256": s,
+                "resized": f"artifacts/resize/images/{s}.png",
+                "ok": True,
+                "error": "",
+                "mean": 100.0,
+                "std": 10.0,
+            }
+            for s in shas
+        ],
         columns=list(INDEX_COLUMNS),
     )

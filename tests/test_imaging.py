@@ -105,8 +105,9 @@ def test_prepare_keeps_a_flat_image_flat() -> None:
 
 def test_prepare_equals_decode_then_resize() -> None:
     data = image_bytes(33, 21, mode="RGB", seed=9)
-    np.testing.assert_array_equal(prepare(data, 16, "linear"),
-                                  resize(decode(data).grey, 16, "linear"))
+    np.testing.assert_array_equal(
+        prepare(data, 16, "linear"), resize(decode(data).grey, 16, "linear")
+    )
 
 
 def test_prepare_refuses_undecodable_bytes() -> None:

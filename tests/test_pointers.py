@@ -186,8 +186,11 @@ def test_modified_output_folder_is_detected(paths: Paths, written: Pointer) -> N
 
 def test_missing_output_is_detected(paths: Paths, written: Pointer) -> None:
     (paths.stage_dir("ingest") / "manifest.csv").unlink()
-    with pytest.raises(PointerError, match=r"output 'manifest' \(artifacts/ingest/manifest.csv\)"
-                                           r" is missing"):
+    with pytest.raises(
+        PointerError,
+        match=r"output 'manifest' \(artifacts/ingest/manifest.csv\)"
+        r" is missing",
+    ):
         read_pointer(paths, "ingest")
 
 
@@ -227,8 +230,11 @@ def test_refused_pointer_leaves_the_previous_one_intact(paths: Paths, written: P
     with pytest.raises(PointerError, match="unknown stage"):
         write_pointer(path, _bad_stage(paths))
     assert path.read_bytes() == old
-    assert sorted(p.name for p in path.parent.iterdir()) == ["images", "manifest.csv",
-                                                               "pointer.json"]
+    assert sorted(p.name for p in path.parent.iterdir()) == [
+        "images",
+        "manifest.csv",
+        "pointer.json",
+    ]
 
 
 def test_written_pointer_is_plain_json(paths: Paths, written: Pointer) -> None:

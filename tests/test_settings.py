@@ -151,13 +151,14 @@ def test_split_fractions_must_be_positive_and_sum_below_one(
         ("train", {"batch_size": 0}, "train.batch_size: must be at least 1"),
         ("train", {"learning_rate": 0}, "train.learning_rate: must be > 0"),
         ("base_model", {"dropout": 1.0}, "base_model.dropout: must be in [0, 1)"),
-        ("ingest", {"synthetic_per_class": {"training": 3}},
-         "ingest.synthetic_per_class: unknown split 'training'"),
+        (
+            "ingest",
+            {"synthetic_per_class": {"training": 3}},
+            "ingest.synthetic_per_class: unknown split 'training'",
+        ),
     ],
 )
-def test_cross_field_checks(
-    root: Path, group: str, values: dict[str, Any], expected: str
-) -> None:
+def test_cross_field_checks(root: Path, group: str, values: dict[str, Any], expected: str) -> None:
     assert expected in params_error(root, lambda p: p[group].update(values))
 
 
@@ -165,9 +166,7 @@ def test_tracking_uri_comes_from_config_without_the_environment(root: Path) -> N
     assert load_settings(root).tracking_uri == config_uri(root)
 
 
-def test_mlflow_tracking_uri_overrides_config(
-    root: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_mlflow_tracking_uri_overrides_config(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
     settings = load_settings(root)
     assert settings.tracking_uri == "http://127.0.0.1:5999"

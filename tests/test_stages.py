@@ -185,8 +185,10 @@ def test_ingest_synthetic(tmp_path: Path) -> None:
     assert frame["sha256"].is_unique
 
     again, _ = run_ingest(
-        BaseParams(seed=3), IngestParams(synthetic_per_class=per_class),
-        tmp_path / "again", tmp_path,
+        BaseParams(seed=3),
+        IngestParams(synthetic_per_class=per_class),
+        tmp_path / "again",
+        tmp_path,
     )
     assert sorted(again["sha256"]) == sorted(frame["sha256"])
 
@@ -291,18 +293,25 @@ def test_resize_records_failures(tmp_path: Path) -> None:
     write_image(tmp_path / "in" / "good.png", width=40, height=30)
     (tmp_path / "in" / "bad.png").write_bytes(b"\xff\xd8\xff\xe0 this is no jpeg")
     manifests = {
-        "train": pd.DataFrame([ingest_row("train", "normal", "good", "in/good.png"),
-                               ingest_row("train", "normal", "bad", "in/bad.png")]),
+        "train": pd.DataFrame(
+            [
+                ingest_row("train", "normal", "good", "in/good.png"),
+                ingest_row("train", "normal", "bad", "in/bad.png"),
+            ]
+        ),
         "valid": pd.DataFrame([ingest_row("valid", "normal", "gone", "in/gone.png")]),
         "test": pd.DataFrame(columns=list(INGEST_COLUMNS)),
     }
     out = tmp_path / "artifacts" / "resize"
 
-    index = run_resize(manifests, ResizeParams(interpolation="cubic"), IMAGE_SIZE, out,
-                       tmp_path, workers=1).set_index("sha256")
+    index = run_resize(
+        manifests, ResizeParams(interpolation="cubic"), IMAGE_SIZE, out, tmp_path, workers=1
+    ).set_index("sha256")
 
-    good, bad, gone = (index.loc[manifests[s]["sha256"].iloc[i]]
-                       for s, i in (("train", 0), ("train", 1), ("valid", 0)))
+    good, bad, gone = (
+        index.loc[manifests[s]["sha256"].iloc[i]]
+        for s, i in (("train", 0), ("train", 1), ("valid", 0))
+    )
     assert bool(good["ok"]) and good["error"] == ""
     assert not bad["ok"] and bad["resized"] == ""
     assert "jpeg data could not be decoded" in bad["error"]
@@ -338,8 +347,9 @@ def test_validate_clean_data_passes_and_hands_on_resized_paths() -> None:
 def test_validate_duplicate_within_a_split_is_a_warning() -> None:
     manifests = split_manifests(per_class=2)
     train = manifests["train"]
-    manifests["train"] = pd.concat([train, train.iloc[[0]].assign(source_path="copy.png")],
-                                   ignore_index=True)
+    manifests["train"] = pd.concat(
+        [train, train.iloc[[0]].assign(source_path="copy.png")], ignore_index=True
+    )
     _, report = run_validate(manifests, ok_index(manifests), ValidateParams())
 
     assert checks(report) == {"duplicate_within_split": "warning"}
@@ -428,8 +438,9 @@ def test_validate_on_resized_images(tmp_path: Path) -> None:
     shutil.copy(leak, source / "test" / "adenocarcinoma" / "leak.png")
     frame, _ = ingest_folder(tmp_path)
     parts, _ = run_split(frame, SplitParams(), seed=0)
-    index = run_resize(parts, ResizeParams(), IMAGE_SIZE, tmp_path / "artifacts" / "resize",
-                       tmp_path, workers=1)
+    index = run_resize(
+        parts, ResizeParams(), IMAGE_SIZE, tmp_path / "artifacts" / "resize", tmp_path, workers=1
+    )
     datasets, report = run_validate(parts, index, ValidateParams())
 
     assert checks(report) == {"cross_split_duplicate": "error"}
@@ -453,17 +464,26 @@ def tiny_split(root: Path, split: str, per_class: int, seed: int) -> pd.DataFram
             ok, buf = cv2.imencode(".png", img)
             assert ok
             path.write_bytes(buf.tobytes())
-            rows.append({"path": rel, "label": label, "sha256": sha256_file(path),
-                         "source_path": rel, "original": rel})
+            rows.append(
+                {
+                    "path": rel,
+                    "label": label,
+                    "sha256": sha256_file(path),
+                    "source_path": rel,
+                    "original": rel,
+                }
+            )
     return pd.DataFrame(rows, columns=list(DATASET_COLUMNS))
 
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, pd.DataFrame]]:
     root = tmp_path_factory.mktemp("tiny_data")
-    return root, {"train": tiny_split(root, "train", 2, 0),
-                  "valid": tiny_split(root, "valid", 1, 1000),
-                  "test": tiny_split(root, "test", 1, 2000)}
+    return root, {
+        "train": tiny_split(root, "train", 2, 0),
+        "valid": tiny_split(root, "valid", 1, 1000),
+        "test": tiny_split(root, "test", 1, 2000),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -480,10 +500,18 @@ def trained(base_model: Path, tiny_data, tmp_path_factory: pytest.TempPathFactor
 
     root, data = tiny_data
     epochs: list[tuple[int, dict[str, float]]] = []
-    params = TrainParams(epochs=2, batch_size=4, patience=5,
-                         augment=AugmentParams(rotation=0.0, zoom=0.0))
-    result = run_train(base_model, data["train"], data["valid"], params, seed=0, root=root,
-                       on_epoch=lambda logs, epoch: epochs.append((epoch, logs)))
+    params = TrainParams(
+        epochs=2, batch_size=4, patience=5, augment=AugmentParams(rotation=0.0, zoom=0.0)
+    )
+    result = run_train(
+        base_model,
+        data["train"],
+        data["valid"],
+        params,
+        seed=0,
+        root=root,
+        on_epoch=lambda logs, epoch: epochs.append((epoch, logs)),
+    )
     path = tmp_path_factory.mktemp("train") / "model.keras"
     result.model.save(path)
     return result, epochs, path
@@ -524,7 +552,9 @@ def test_train_returns_history_and_model(trained, tiny_data) -> None:
     assert all("val_loss" in logs for _, logs in epochs)
     assert epochs[-1][1]["val_loss"] == pytest.approx(history["val_loss"].iloc[-1])
     assert result.model.predict(np.zeros((3, IMAGE_SIZE, IMAGE_SIZE, 1)), verbose=0).shape == (
-        3, len(CLASSES))
+        3,
+        len(CLASSES),
+    )
 
 
 def test_train_returns_the_best_weights(trained, tiny_data) -> None:
@@ -552,8 +582,9 @@ def test_class_weights() -> None:
     labels = pd.Series(["normal"] * 6 + ["adenocarcinoma"] * 2)
     assert class_weights(labels, "none") is None
     weights = class_weights(labels, "balanced")
-    assert weights == pytest.approx({CLASSES.index("adenocarcinoma"): 2.0,
-                                     CLASSES.index("normal"): 8 / 12})
+    assert weights == pytest.approx(
+        {CLASSES.index("adenocarcinoma"): 2.0, CLASSES.index("normal"): 8 / 12}
+    )
 
 
 def test_evaluate_scores_every_test_image(trained, tiny_data) -> None:

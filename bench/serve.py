@@ -7,7 +7,12 @@
    body) from one client (median latency), then from 4 concurrent clients (throughput), and
    the resident memory (VmRSS) of each worker after the run.
 
-Targets (issue 5): p50 ≤ 1.5 × bare; throughput ≥ 0.8 × 2 × bare rate; RSS ≤ 300 MB a worker.
+3. naive: the same model behind a Flask app of the common kind, written here as the baseline:
+   the upload saved to disk, read back with Keras's image utilities and `model.predict()` on
+   model.keras per request (Flask's threaded server); median latency from one client.
+
+Targets (issue 5): p50 ≤ 1.5 × bare; throughput ≥ 0.8 × 2 × bare rate; RSS ≤ 300 MB a worker;
+(issue 7) chestct p50 ≤ 0.2 × the naive app's p50.
 Without --model-dir the model is the untrained small CNN of params.yaml (same compute as a
 trained one), exported with chestct.export and completed as promote does (head, OOD).
 
@@ -105,6 +110,38 @@ print(json.dumps({"p50_ms": statistics.median(times) * 1e3,
                   "rate": 1.0 / statistics.mean(times),
                   "cpu_ms": cpu / n * 1e3,
                   "tf_imported": "tensorflow" in sys.modules}))
+"""
+
+
+NAIVE = r"""
+import json, sys
+from pathlib import Path
+import keras
+import numpy as np
+from flask import Flask, jsonify, request
+
+folder, port, uploads = Path(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
+card = json.loads((folder / "model.json").read_text())
+model = keras.models.load_model(folder / card["model_file"])
+size = card["image_size"]
+app = Flask(__name__)
+
+@app.get("/ready")
+def ready():
+    return "ok"
+
+@app.post("/predict")
+def predict():
+    f = request.files["file"]
+    path = uploads / f.filename
+    f.save(path)
+    img = keras.utils.load_img(path, color_mode="grayscale", target_size=(size, size))
+    x = keras.utils.img_to_array(img)[None]
+    probs = model.predict(x)[0]
+    i = int(np.argmax(probs))
+    return jsonify(label=card["classes"][i], probabilities=[float(p) for p in probs])
+
+app.run(host="127.0.0.1", port=port, threaded=True)
 """
 
 
@@ -252,6 +289,66 @@ def measure_server(server: Server, body: bytes, requests: int, seconds: float) -
     }
 
 
+def naive_run(model_dir: Path, image: Path, scratch: Path, requests: int) -> dict:
+    """Median /predict latency of the naive Flask baseline, one client, multipart upload."""
+    port = free_port()
+    uploads = scratch / "naive-uploads"
+    uploads.mkdir(exist_ok=True)
+    log = (scratch / "naive.log").open("wb")
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    proc = subprocess.Popen(
+        [PYTHON, "-c", NAIVE, str(model_dir), str(port), str(uploads)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    boundary = "chestctNaiveBench"
+    body = (
+        (
+            f"--{boundary}\r\n"
+            'Content-Disposition: form-data; name="file"; filename="slice.png"\r\n'
+            "Content-Type: image/png\r\n\r\n"
+        ).encode()
+        + image.read_bytes()
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"the naive app did not start; see {log.name}")
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+                conn.request("GET", "/ready")
+                if conn.getresponse().status == 200:
+                    conn.close()
+                    break
+            except OSError:
+                time.sleep(0.3)
+        times: list[float] = []
+        for i in range(requests + 10):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+            t = time.perf_counter()
+            conn.request("POST", "/predict", body=body, headers=headers)
+            resp = conn.getresponse()
+            resp.read()
+            conn.close()
+            if resp.status != 200:
+                raise SystemExit(f"the naive /predict answered {resp.status}; see {log.name}")
+            if i >= 10:  # the first calls trace the graph
+                times.append(time.perf_counter() - t)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        log.close()
+    return {"p50_ms": statistics.median(times) * 1e3, "p99_ms": _p99(times) * 1e3}
+
+
+def _p99(times: list[float]) -> float:
+    return sorted(times)[min(len(times) - 1, int(0.99 * len(times)))]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model-dir", type=Path, help="a promoted model folder (default: build one)")
@@ -290,6 +387,8 @@ def main() -> None:
             k: statistics.median(r[k] for r in serves) for k in ("p50_ms", "throughput", "cpu_ms")
         }
         served["rss_mb"] = serves[-1]["rss_mb"]
+        print("measuring the naive Flask baseline (TensorFlow, upload saved to disk) ...")
+        naive = naive_run(model_dir, image, scratch, min(args.requests, 100))
         keras = None
         if args.keras:
             keras_dir = scratch / "model-keras"
@@ -328,6 +427,14 @@ def main() -> None:
             served["throughput"] / (2 * bare["rate"]),
             ">= 0.8",
             served["throughput"] >= 0.8 * 2 * bare["rate"],
+        ),
+        (
+            "p50 /predict vs naive Flask (ms)",
+            f"{served['p50_ms']:.2f}",
+            f"naive {naive['p50_ms']:.2f}",
+            served["p50_ms"] / naive["p50_ms"],
+            "<= 0.2",
+            served["p50_ms"] <= 0.2 * naive["p50_ms"],
         ),
         (
             "RSS per worker (MB)",

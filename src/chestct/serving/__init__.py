@@ -239,7 +239,11 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
                 )
             return Upload(part.read(), part.filename or "file")
         if mimetype == "application/json":
-            body = request.get_json(silent=True)
+            try:
+                body = request.get_json(silent=True)
+            except RecursionError:
+                # silent=True covers malformed JSON, not nesting deeper than the parser's stack.
+                body = None
             if not isinstance(body, dict) or not isinstance(body.get("image"), str):
                 raise Problem(
                     400,

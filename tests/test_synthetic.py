@@ -112,8 +112,8 @@ def test_metadata_does_not_reveal_class(leak_set: Path) -> None:
 
     cv = StratifiedKFold(n_splits=5, shuffle=True, random_state=0)
     models = (
-        RandomForestClassifier(n_estimators=200, random_state=0),
-        GradientBoostingClassifier(random_state=0),
+        RandomForestClassifier(n_estimators=100, random_state=0),
+        GradientBoostingClassifier(n_estimators=50, random_state=0),
     )
     for model in models:
         acc = cross_val_score(model, x, y, cv=cv, scoring="accuracy").mean()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import multiprocessing
+import sys
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
@@ -285,18 +286,24 @@ def _one_thread() -> None:
     cv2.setNumThreads(1)
 
 
-def worker_pool(workers: int) -> ProcessPoolExecutor:
+@contextmanager
+def worker_pool(workers: int) -> Iterator[ProcessPoolExecutor]:
     """A process pool for per-image work: N processes on N cores, each OpenCV single-threaded.
 
-    Workers start from a fork server, not by forking the caller: a caller that has loaded
-    TensorFlow (a test session, a notebook) cannot be forked safely, and OpenCV's thread pool
-    deadlocks when reconfigured inside a forked child.
+    A caller without TensorFlow (the pipeline's data stages) forks, which starts workers in
+    milliseconds; OpenCV is set to one thread before the fork because reconfiguring it inside
+    a forked child can deadlock. A caller that has loaded TensorFlow (a test session, a
+    notebook) cannot be forked safely, so its workers come from a fork server instead (about a
+    second to start) and set OpenCV themselves.
     """
-    return ProcessPoolExecutor(
-        max_workers=workers,
-        mp_context=multiprocessing.get_context("forkserver"),
-        initializer=_one_thread,
-    )
+    if "tensorflow" in sys.modules:
+        context = multiprocessing.get_context("forkserver")
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=_one_thread) as pool:
+            yield pool
+    else:
+        context = multiprocessing.get_context("fork")
+        with single_threaded(), ProcessPoolExecutor(workers, mp_context=context) as pool:
+            yield pool
 
 
 def encode_png(grey: np.ndarray) -> bytes:

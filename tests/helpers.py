@@ -14,19 +14,8 @@ from chestct.labels import CLASSES
 from chestct.manifest import INDEX_COLUMNS, INGEST_COLUMNS, SPLITS
 
 # Folder names as the Kaggle "Chest CT-Scan images" set spells them: long in train/valid,
-# short in test.
-LONG_FOLDERS: dict[str, str] = {
-    "adenocarcinoma": "adenocarcinoma_left.lower.lobe_T2_N0_M0_Ib",
-    "large_cell_carcinoma": "large.cell.carcinoma_left.hilum_T2_N2_M0_IIIa",
-    "squamous_cell_carcinoma": "squamous.cell.carcinoma_left.hilum_T1_N2_M0_IIIa",
-    "normal": "normal",
-}
-SHORT_FOLDERS: dict[str, str] = {
-    "adenocarcinoma": "adenocarcinoma",
-    "large_cell_carcinoma": "large.cell.carcinoma",
-    "squamous_cell_carcinoma": "squamous.cell.carcinoma",
-    "normal": "normal",
-}
+# short in test (the synthetic default uses the same).
+from chestct.synthetic import LONG_FOLDERS, SHORT_FOLDERS
 
 _CHANNELS = {"L": 1, "RGB": 3, "RGBA": 4}
 _EXTENSIONS = {"png": ".png", "jpeg": ".jpg", "bmp": ".bmp", "tiff": ".tiff"}

@@ -35,6 +35,7 @@ from chestct.serving.predictor import (
     overlay_png,
     seed_of,
 )
+from chestct.settings import ServingConfig, WindowParams
 
 log = logging.getLogger(__name__)
 
@@ -76,14 +77,9 @@ def problem_response(status: int, title: str, detail: str, **extra: Any) -> Resp
     return resp
 
 
-def _defaults() -> dict[str, Any]:
-    """App config from config/config.yaml (serving.*) and the project's paths."""
-    from chestct.settings import load_settings
-
-    s = load_settings()
-    serving = s.config.serving
+def _serving_config(serving: ServingConfig, window: WindowParams) -> dict[str, Any]:
+    """App config keys from the serving settings and the DICOM window."""
     return {
-        "MODEL_DIR": str(s.paths.model),
         "MAX_CONTENT_LENGTH": int(serving.max_upload_mb * MB),
         "MAX_BATCH_FILES": serving.max_batch_files,
         "MAX_IMAGE_PIXELS": serving.max_image_pixels,
@@ -91,28 +87,30 @@ def _defaults() -> dict[str, Any]:
         "RELOAD_CHECK_S": serving.reload_check_s,
         "INFERENCE_THREADS": serving.inference_threads,
         "AUDIT_LOG": serving.audit_log,
-        "AUDIT_DB": str(s.paths.audit_db),
         "HISTORY_TOKEN": serving.history_token,
-        "DICOM_WINDOW": (s.params.ingest.window.level, s.params.ingest.window.width),
+        "DICOM_WINDOW": (window.level, window.width),
+    }
+
+
+def _defaults() -> dict[str, Any]:
+    """App config from config/config.yaml (serving.*) and the project's paths."""
+    from chestct.settings import load_settings
+
+    s = load_settings()
+    return {
+        **_serving_config(s.config.serving, s.params.ingest.window),
+        "MODEL_DIR": str(s.paths.model),
+        "AUDIT_DB": str(s.paths.audit_db),
     }
 
 
 def _static_defaults() -> dict[str, Any]:
     """Defaults when a test config names the model folder itself (no settings files read)."""
-    from chestct.settings import ServingConfig, WindowParams
-
-    serving, window = ServingConfig(), WindowParams()
     return {
-        "MAX_CONTENT_LENGTH": int(serving.max_upload_mb * MB),
-        "MAX_BATCH_FILES": serving.max_batch_files,
-        "MAX_IMAGE_PIXELS": serving.max_image_pixels,
-        "MC_DROPOUT_SAMPLES": serving.mc_dropout_samples,
-        "RELOAD_CHECK_S": serving.reload_check_s,
-        "INFERENCE_THREADS": serving.inference_threads,
+        **_serving_config(ServingConfig(), WindowParams()),
         "AUDIT_LOG": False,
         "AUDIT_DB": "",
         "HISTORY_TOKEN": "",
-        "DICOM_WINDOW": (window.level, window.width),
     }
 
 

@@ -8,9 +8,10 @@ IMREAD_GRAYSCALE)` and resizes it with INTER_AREA, nothing else; its single-proc
 the number of workers is the ideal the stage is held to (pools run one OpenCV thread per process,
 as the stage does). The stage (`run_resize`) additionally converts any mode to grey, encodes and
 writes a PNG per image and computes its statistics.
-Rounds alternate the contenders so that load changes hit all alike. Reported: images/s of each,
-side by side, the ratio stage / (bare x workers) (target >= 0.8), and the incremental case (a
-second run over the same output, every image reused).
+Each round runs the contenders back to back so that load changes hit all alike; ratios are
+taken within each round, and the median over the rounds is reported with its range. Reported:
+images/s of each, the ratio stage / (bare x workers) (target >= 0.8), and the incremental case
+(a second run over the same output, every image reused).
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ def main() -> None:
     parser.add_argument("--source", type=Path, help="folder of images (searched recursively)")
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--repeat", type=int, default=3, help="runs of each; the best counts")
+    parser.add_argument("--repeat", type=int, default=7, help="rounds; medians are reported")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="chestct-bench-") as tmp:
@@ -119,8 +120,9 @@ def main() -> None:
             run()
             return time.perf_counter() - started
 
-        # Rounds alternate the four contenders, so that a change in machine load hits all of
-        # them alike; the best round of each counts.
+        # Each round runs the four contenders back to back, so a change in machine load hits
+        # them alike; the ratios are taken within each round and their median reported (the
+        # shared machines this runs on drift by 10-20 % over a minute).
         rounds: dict[str, list[float]] = {
             "bare_1": [],
             "stage_1": [],
@@ -141,26 +143,29 @@ def main() -> None:
                 {"train": manifest}, ResizeParams(), args.size, root / "inc", root, args.workers
             )
         )
-        bare_1, stage_1 = min(rounds["bare_1"]), min(rounds["stage_1"])
-        bare_pool, fresh = min(rounds["bare_pool"]), rounds["stage"]
 
-    rate_1 = n / bare_1
-    ideal = rate_1 * args.workers
-    rate_stage = n / min(fresh)
+    def rate(name: str) -> float:
+        return n / statistics.median(rounds[name])
+
+    def ratio(num: str, den: str, scale: float = 1.0) -> str:
+        per_round = sorted(d / (t * scale) for t, d in zip(rounds[num], rounds[den], strict=True))
+        return (
+            f"{statistics.median(per_round):.2f}  "
+            f"(rounds {per_round[0]:.2f} to {per_round[-1]:.2f})"
+        )
+
     print(f"images: {n} distinct, output {args.size}x{args.size}, workers: {args.workers}")
-    print(f"{'bare decode+resize, 1 process':42s} {rate_1:8.1f} img/s")
-    print(f"{'bare x workers (ideal)':42s} {ideal:8.1f} img/s")
-    print(f"{'bare decode+resize, pool of workers':42s} {n / bare_pool:8.1f} img/s")
-    print(f"{'resize stage, 1 process':42s} {n / stage_1:8.1f} img/s")
-    print(
-        f"{'resize stage (run_resize), fresh':42s} {rate_stage:8.1f} img/s  "
-        f"(runs: {', '.join(f'{n / t:.0f}' for t in fresh)}; median "
-        f"{n / statistics.median(fresh):.0f})"
-    )
+    print(f"rounds: {args.repeat}; rates are medians over the rounds")
+    print(f"{'bare decode+resize, 1 process':42s} {rate('bare_1'):8.1f} img/s")
+    print(f"{'bare x workers (ideal)':42s} {rate('bare_1') * args.workers:8.1f} img/s")
+    print(f"{'bare decode+resize, pool of workers':42s} {rate('bare_pool'):8.1f} img/s")
+    print(f"{'resize stage, 1 process':42s} {rate('stage_1'):8.1f} img/s")
+    print(f"{'resize stage (run_resize), fresh':42s} {rate('stage'):8.1f} img/s")
     print(f"{'resize stage, incremental (all reused)':42s} {n / reused:8.1f} img/s")
-    print(f"ratio stage / (bare x workers): {rate_stage / ideal:.2f}  (target >= 0.8)")
-    print(f"ratio stage / bare pool:        {rate_stage * bare_pool / n:.2f}")
-    print(f"ratio stage / bare, 1 process:  {bare_1 / stage_1:.2f}")
+    ideal = ratio("stage", "bare_1", args.workers)
+    print(f"ratio stage / (bare x workers): {ideal}  target >= 0.8")
+    print(f"ratio stage / bare pool:        {ratio('stage', 'bare_pool')}")
+    print(f"ratio stage / bare, 1 process:  {ratio('stage_1', 'bare_1')}")
     print(f"load average (1, 5, 15 min): {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
 
 

@@ -16,7 +16,7 @@ from chestct.fsutil import sha256_file
 from chestct.imaging import prepare, resize
 from chestct.manifest import INGEST_COLUMNS
 from chestct.settings import ResizeParams
-from chestct.stages.resize import resize_images, run_resize
+from chestct.stages.resize import run_resize
 from helpers import encode, ingest_row, write_image
 
 
@@ -59,10 +59,10 @@ def _manifest(root: Path, count: int) -> pd.DataFrame:
 
 def test_parallel_resize_equals_serial(tmp_path: Path) -> None:
     frame = _manifest(tmp_path, 40)
-    serial = run_resize(
+    serial, _ = run_resize(
         {"train": frame}, ResizeParams(mode="pad"), 16, tmp_path / "a", tmp_path, workers=1
     )
-    parallel = run_resize(
+    parallel, _ = run_resize(
         {"train": frame}, ResizeParams(mode="pad"), 16, tmp_path / "b", tmp_path, workers=2
     )
     pd.testing.assert_frame_equal(serial.drop(columns="resized"), parallel.drop(columns="resized"))
@@ -77,7 +77,7 @@ def test_resize_is_incremental(tmp_path: Path) -> None:
     params = ResizeParams()
 
     def run(manifest: pd.DataFrame, p: ResizeParams = params, size: int = 16):
-        return resize_images({"train": manifest}, p, size, out, tmp_path, workers=1)
+        return run_resize({"train": manifest}, p, size, out, tmp_path, workers=1)
 
     first, summary = run(frame)
     assert (summary.resized, summary.reused) == (6, 0)
@@ -92,7 +92,7 @@ def test_resize_is_incremental(tmp_path: Path) -> None:
     # A half-written file (what a crash leaves) is redone; an image no split lists is removed.
     half = out / "images" / f"{frame['sha256'][0]}.png"
     half.write_bytes(half.read_bytes()[:40])
-    (out / "images" / ".stale.png.123.tmp").write_bytes(b"x")
+    (out / "images" / ".stale.123.tmp.png").write_bytes(b"x")
     _, summary = run(frame.iloc[:5])
     assert (summary.resized, summary.reused, summary.pruned) == (1, 4, 2)
     assert sorted(p.name for p in (out / "images").iterdir()) == sorted(
@@ -112,5 +112,5 @@ def test_resize_is_incremental(tmp_path: Path) -> None:
 def test_workers_param_and_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     frame = _manifest(tmp_path, 3)
     monkeypatch.setattr(os, "cpu_count", lambda: None)
-    index = run_resize({"train": frame}, ResizeParams(workers=0), 16, tmp_path / "o", tmp_path)
+    index, _ = run_resize({"train": frame}, ResizeParams(workers=0), 16, tmp_path / "o", tmp_path)
     assert index["ok"].all()

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import platform
+import subprocess
+import sys
+
 import cv2
 import numpy as np
 import pytest
@@ -140,3 +144,35 @@ def test_encode_png_round_trips() -> None:
 )
 def test_sniff_format(data: bytes, fmt: str) -> None:
     assert sniff_format(data) == fmt
+
+
+_FAULTS_SCRIPT = """
+import resource, sys
+import numpy as np
+from chestct.imaging import keep_image_buffers
+if sys.argv[1] == "keep":
+    assert keep_image_buffers()
+np.ones(3_000_000, np.uint8)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for i in range(40):  # buffers of varying size, as decoded slices of varying size are
+    buffer = np.ones(2_000_000 + (i % 5) * 100_000, np.uint8)
+    del buffer
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+    reason="mallopt is glibc's",
+)
+def test_keep_image_buffers_stops_page_faults_per_buffer() -> None:
+    def faults(mode: str) -> int:
+        out = subprocess.run(
+            [sys.executable, "-c", _FAULTS_SCRIPT, mode], capture_output=True, text=True
+        )
+        assert out.returncode == 0, out.stderr
+        return int(out.stdout.strip())
+
+    default, kept = faults("default"), faults("keep")
+    assert default > 100  # each 2 MB buffer comes from fresh, page-faulted memory
+    assert kept < default / 10

@@ -271,7 +271,7 @@ def test_resize_writes_one_png_per_content(tmp_path: Path) -> None:
     parts, _ = run_split(frame, SplitParams(), seed=0)
     out = tmp_path / "artifacts" / "resize"
 
-    index = run_resize(parts, ResizeParams(), IMAGE_SIZE, out, tmp_path, workers=1)
+    index, _ = run_resize(parts, ResizeParams(), IMAGE_SIZE, out, tmp_path, workers=1)
 
     assert list(index.columns) == list(INDEX_COLUMNS)
     assert len(index) == frame["sha256"].nunique() == len(frame) - 1
@@ -304,9 +304,10 @@ def test_resize_records_failures(tmp_path: Path) -> None:
     }
     out = tmp_path / "artifacts" / "resize"
 
-    index = run_resize(
+    index, _ = run_resize(
         manifests, ResizeParams(interpolation="cubic"), IMAGE_SIZE, out, tmp_path, workers=1
-    ).set_index("sha256")
+    )
+    index = index.set_index("sha256")
 
     good, bad, gone = (
         index.loc[manifests[s]["sha256"].iloc[i]]
@@ -438,7 +439,7 @@ def test_validate_on_resized_images(tmp_path: Path) -> None:
     shutil.copy(leak, source / "test" / "adenocarcinoma" / "leak.png")
     frame, _ = ingest_folder(tmp_path)
     parts, _ = run_split(frame, SplitParams(), seed=0)
-    index = run_resize(
+    index, _ = run_resize(
         parts, ResizeParams(), IMAGE_SIZE, tmp_path / "artifacts" / "resize", tmp_path, workers=1
     )
     datasets, report = run_validate(parts, index, ValidateParams())

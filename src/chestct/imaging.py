@@ -7,6 +7,8 @@ the same way in training and in serving. DICOM files are windowed to 8-bit grey 
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import io
 import multiprocessing
 import sys
@@ -282,8 +284,34 @@ def single_threaded() -> Iterator[None]:
         cv2.setNumThreads(previous)
 
 
-def _one_thread() -> None:
-    cv2.setNumThreads(1)
+# glibc mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def keep_image_buffers(limit_mb: int = 32) -> bool:
+    """Let this process reuse freed image buffers instead of returning them to the kernel.
+
+    glibc hands allocations above its mmap threshold (128 kB at first) to fresh mmaps, and
+    shrinks the heap whenever its free top passes the trim threshold; a decoded slice (0.2 to
+    several MB) then costs a round of page faults each time. Raising both keeps at most
+    `limit_mb` (per threshold) of freed memory for the next image: measured in the resize
+    stage, 7x fewer page faults per image. A no-op (False) where the C library is not glibc.
+    """
+    name = ctypes.util.find_library("c") if sys.platform.startswith("linux") else None
+    if not name:
+        return False
+    try:
+        mallopt = ctypes.CDLL(name).mallopt
+    except (OSError, AttributeError):  # musl and others have no mallopt
+        return False
+    size = limit_mb * 1024 * 1024
+    return bool(mallopt(_M_MMAP_THRESHOLD, size)) and bool(mallopt(_M_TRIM_THRESHOLD, 2 * size))
+
+
+def _worker_setup(threads_too: bool) -> None:
+    if threads_too:
+        cv2.setNumThreads(1)
+    keep_image_buffers()
 
 
 @contextmanager
@@ -294,15 +322,23 @@ def worker_pool(workers: int) -> Iterator[ProcessPoolExecutor]:
     milliseconds; OpenCV is set to one thread before the fork because reconfiguring it inside
     a forked child can deadlock. A caller that has loaded TensorFlow (a test session, a
     notebook) cannot be forked safely, so its workers come from a fork server instead (about a
-    second to start) and set OpenCV themselves.
+    second to start) and set OpenCV themselves. Each worker keeps its freed image buffers
+    (`keep_image_buffers`).
     """
     if "tensorflow" in sys.modules:
         context = multiprocessing.get_context("forkserver")
-        with ProcessPoolExecutor(workers, mp_context=context, initializer=_one_thread) as pool:
+        with ProcessPoolExecutor(
+            workers, mp_context=context, initializer=_worker_setup, initargs=(True,)
+        ) as pool:
             yield pool
     else:
         context = multiprocessing.get_context("fork")
-        with single_threaded(), ProcessPoolExecutor(workers, mp_context=context) as pool:
+        with (
+            single_threaded(),
+            ProcessPoolExecutor(
+                workers, mp_context=context, initializer=_worker_setup, initargs=(False,)
+            ) as pool,
+        ):
             yield pool
 
 

@@ -27,7 +27,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from chestct.fsutil import atomic_write_json
-from chestct.imaging import ImageError, encode_png, prepare, worker_pool
+from chestct.imaging import ImageError, prepare, worker_pool
 from chestct.manifest import INDEX_COLUMNS, INGEST_COLUMNS, SPLITS, read_manifest, write_manifest
 from chestct.pointers import read_pointer
 from chestct.runner import run_main, stage_session
@@ -73,24 +73,33 @@ def _complete_png(path: Path) -> bool:
         return False
 
 
-def _stats(grey: np.ndarray) -> dict[str, object]:
+def _stats(grey: np.ndarray) -> tuple[float, float]:
     mean, std = cv2.meanStdDev(grey)
-    return {"ok": True, "error": "", "mean": float(mean[0, 0]), "std": float(std[0, 0])}
+    return float(mean[0, 0]), float(std[0, 0])
 
 
-def _resize_one(job: _Job) -> dict[str, object]:
+# What a worker sends back per image: (ok, error, mean, std, reused). A plain tuple keeps the
+# pickling between processes cheap next to the image work.
+_Result = tuple[bool, str, float, float, bool]
+
+
+def _resize_one(job: _Job) -> _Result:
     if job.reuse:
         grey = cv2.imread(str(job.target), cv2.IMREAD_GRAYSCALE)
         if grey is not None and grey.shape == (job.size, job.size):
-            return _stats(grey) | {"reused": True}
+            return (True, "", *_stats(grey), True)
     try:
         grey = prepare(job.source.read_bytes(), job.size, job.interpolation, mode=job.mode)
     except (ImageError, OSError) as exc:
-        return {"ok": False, "error": str(exc), "mean": float("nan"), "std": float("nan")}
-    tmp = job.target.with_name(f".{job.target.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(encode_png(grey))
+        return (False, str(exc), float("nan"), float("nan"), False)
+    # OpenCV encodes and writes in one call (no copy through Python); the temporary name
+    # keeps the .png suffix that picks the encoder, and the rename makes the file appear whole.
+    tmp = job.target.with_name(f".{job.target.stem}.{os.getpid()}.tmp.png")
+    if not cv2.imwrite(str(tmp), grey):
+        tmp.unlink(missing_ok=True)
+        return (False, f"could not write {job.target}", float("nan"), float("nan"), False)
     tmp.replace(job.target)
-    return _stats(grey) | {"reused": False}
+    return (True, "", *_stats(grey), False)
 
 
 def _fingerprint(params: ResizeParams, image_size: int) -> dict[str, object]:
@@ -109,21 +118,11 @@ def run_resize(
     out_dir: Path,
     root: Path,
     workers: int | None = None,
-) -> pd.DataFrame:
-    """Resize the union of the split manifests; returns one index row per distinct content."""
-    index, _ = resize_images(manifests, params, image_size, out_dir, root, workers)
-    return index
-
-
-def resize_images(
-    manifests: dict[str, pd.DataFrame],
-    params: ResizeParams,
-    image_size: int,
-    out_dir: Path,
-    root: Path,
-    workers: int | None = None,
 ) -> tuple[pd.DataFrame, ResizeSummary]:
-    """`run_resize` plus what was redone, reused and pruned.
+    """Resize the union of the split manifests into `out_dir/images`.
+
+    Returns one index row per distinct content (INDEX_COLUMNS) and what was made, reused,
+    failed and pruned.
 
     Args:
         workers: processes; None uses `resize.workers` (0 there means all cores).
@@ -164,20 +163,21 @@ def resize_images(
     bar = {"total": len(jobs), "desc": "resize", "unit": "img", "leave": False}
     todo = sum(not j.reuse for j in jobs)
     if workers > 1 and todo >= _PARALLEL_FROM:
-        # Big chunks keep the per-task overhead of the pool small next to the decoding.
-        chunk = max(1, min(64, len(jobs) // (workers * 8)))
+        # Chunks of up to 16 images: big enough that the pool's per-task cost is small next to
+        # the decoding, small enough that the workers finish close together.
+        chunk = max(1, min(16, len(jobs) // (workers * 8)))
         with worker_pool(min(workers, todo)) as pool:
             results = list(tqdm(pool.map(_resize_one, jobs, chunksize=chunk), **bar))
     else:
         results = [_resize_one(j) for j in tqdm(jobs, **bar)]
-    reused = sum(bool(r.pop("reused", False)) for r in results)
-    index = pd.DataFrame(results, columns=["ok", "error", "mean", "std"])
+    reused = sum(r[4] for r in results)
+    index = pd.DataFrame([r[:4] for r in results], columns=["ok", "error", "mean", "std"])
     index.insert(0, "sha256", rows["sha256"].to_numpy())
     index.insert(
         1,
         "resized",
         [
-            j.target.relative_to(root).as_posix() if r["ok"] else ""
+            j.target.relative_to(root).as_posix() if r[0] else ""
             for j, r in zip(jobs, results, strict=True)
         ],
     )
@@ -196,7 +196,7 @@ def main() -> None:
             name: read_manifest(split.output_path(name, s.paths.root), INGEST_COLUMNS)
             for name in SPLITS
         }
-        index, summary = resize_images(
+        index, summary = run_resize(
             manifests, s.params.resize, s.params.base.image_size, session.out_dir, s.paths.root
         )
         index_path = session.out_dir / "index.csv"

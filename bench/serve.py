@@ -231,18 +231,26 @@ class Server:
         self.log.close()
 
 
-def post_loop(port: int, body: bytes, stop: threading.Event | None, count: int | None) -> list:
-    """POST /predict over one keep-alive connection; returns per-request seconds."""
+def post_loop(
+    port: int,
+    body: bytes | None,
+    stop: threading.Event | None,
+    count: int | None,
+    path: str = "/predict",
+) -> list:
+    """Requests over one keep-alive connection (POST `body` as a PNG, or GET when there is
+    none); returns per-request seconds."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    headers = {"Content-Type": "image/png"}
+    headers = {"Content-Type": "image/png"} if body is not None else {}
+    method = "POST" if body is not None else "GET"
     times: list[float] = []
     while (stop is None or not stop.is_set()) and (count is None or len(times) < count):
         t = time.perf_counter()
-        conn.request("POST", "/predict", body=body, headers=headers)
+        conn.request(method, path, body=body, headers=headers)
         resp = conn.getresponse()
         resp.read()
         if resp.status != 200:
-            raise SystemExit(f"/predict answered {resp.status}")
+            raise SystemExit(f"{path} answered {resp.status}")
         times.append(time.perf_counter() - t)
     conn.close()
     return times
@@ -259,18 +267,19 @@ def bare_run(model_dir: Path, image: Path, requests: int) -> dict:
     return json.loads(out.stdout.splitlines()[-1])
 
 
-def measure_server(server: Server, body: bytes, requests: int, seconds: float) -> dict:
-    post_loop(server.port, body, None, 30)  # warm both connections' paths
-    single = post_loop(server.port, body, None, requests)
+def load_run(server: Server, body: bytes | None, seconds: float, path: str) -> dict:
+    """4 concurrent clients for `seconds`: requests/s, and CPU ms per request spent by the
+    workers and by the clients (threads of this process)."""
     stop = threading.Event()
     results: list[list[float]] = [[] for _ in range(4)]
 
     def client(i: int) -> None:
-        results[i] = post_loop(server.port, body, stop, None)
+        results[i] = post_loop(server.port, body, stop, None, path)
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
     workers = server.worker_pids()
     cpu_before = sum(cpu_seconds(pid) for pid in workers)
+    own_before = time.process_time()
     started = time.perf_counter()
     for t in threads:
         t.start()
@@ -282,9 +291,24 @@ def measure_server(server: Server, body: bytes, requests: int, seconds: float) -
     done = sum(len(r) for r in results)
     cpu = sum(cpu_seconds(pid) for pid in workers) - cpu_before
     return {
-        "p50_ms": statistics.median(single) * 1e3,
         "throughput": done / elapsed,
         "cpu_ms": cpu / done * 1e3,
+        "client_cpu_ms": (time.process_time() - own_before) / done * 1e3,
+    }
+
+
+def measure_server(server: Server, body: bytes, requests: int, seconds: float) -> dict:
+    post_loop(server.port, body, None, 30)  # warm both connections' paths
+    single = post_loop(server.port, body, None, requests)
+    loaded = load_run(server, body, seconds, "/predict")
+    # The same load on GET /health: what gunicorn and Flask cost per request by themselves.
+    floor = load_run(server, None, min(seconds, 3.0), "/health")
+    return {
+        "p50_ms": statistics.median(single) * 1e3,
+        "throughput": loaded["throughput"],
+        "cpu_ms": loaded["cpu_ms"],
+        "client_cpu_ms": loaded["client_cpu_ms"],
+        "http_cpu_ms": floor["cpu_ms"],
         "rss_mb": [round(rss_mb(pid), 1) for pid in server.worker_pids()],
     }
 
@@ -384,7 +408,8 @@ def main() -> None:
         bare = {k: statistics.median(b[k] for b in bares) for k in ("p50_ms", "rate", "cpu_ms")}
         bare["tf_imported"] = any(b["tf_imported"] for b in bares)
         served = {
-            k: statistics.median(r[k] for r in serves) for k in ("p50_ms", "throughput", "cpu_ms")
+            k: statistics.median(r[k] for r in serves)
+            for k in ("p50_ms", "throughput", "cpu_ms", "client_cpu_ms", "http_cpu_ms")
         }
         served["rss_mb"] = serves[-1]["rss_mb"]
         print("measuring the naive Flask baseline (TensorFlow, upload saved to disk) ...")
@@ -459,6 +484,21 @@ def main() -> None:
         f"{'idle-core bound (req/s)':32} {cores / served['cpu_ms'] * 1e3:12.1f}"
         f" {'2 x bare ' + format(2e3 / bare['cpu_ms'], '.1f'):>18}"
         f" {bare['cpu_ms'] * cores / 2 / served['cpu_ms']:7.2f}"
+    )
+    # Where a request's CPU goes, all figures from this run: the bare work, what gunicorn and
+    # Flask cost by themselves (GET /health under the same load), the rest of chestct's
+    # request (input checks, uncertainty, OOD, JSON, metrics), and the load generator, which
+    # shares the 2 cores here.
+    app_ms = served["cpu_ms"] - bare["cpu_ms"] - served["http_cpu_ms"]
+    print("CPU per /predict under 4 clients (ms):")
+    print(f"  bare decode + inference         {bare['cpu_ms']:6.2f}")
+    print(f"  gunicorn + Flask (GET /health)  {served['http_cpu_ms']:6.2f}")
+    print(f"  chestct checks, uncertainty ... {app_ms:6.2f}")
+    print(f"  load generator (client)         {served['client_cpu_ms']:6.2f}")
+    bound = cores * 1e3 / (served["cpu_ms"] + served["client_cpu_ms"])
+    print(
+        f"  bound for cores / (worker + client CPU): {bound:.1f} req/s "
+        f"= {bound / (2 * bare['rate']):.2f} x 2 x bare"
     )
     if keras is not None:
         print(f"{'RSS per Keras/TF worker (MB)':32} {' / '.join(f'{r:.0f}' for r in keras):>12}")

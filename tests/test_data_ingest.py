@@ -9,13 +9,21 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pydicom
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, JPEGLSLossless, generate_uid
 
 from chestct.dedup import HEX_DIGITS
-from chestct.imaging import ImageError, apply_window, decode, decode_dicom, prepare
+from chestct.imaging import (
+    ImageError,
+    apply_window,
+    decode,
+    decode_dicom,
+    prepare,
+    sniff_format,
+)
 from chestct.labels import CLASSES
 from chestct.manifest import INGEST_COLUMNS
 from chestct.runner import StageFailed
@@ -117,6 +125,37 @@ def test_bad_dicom_raises_a_clear_image_error(kwargs: dict, reason: str) -> None
     with pytest.raises(ImageError) as info:
         decode(dicom_bytes(np.zeros((4, 4)), **kwargs), LUNG)
     assert reason in str(info.value)
+
+
+def _without_preamble(data: bytes, meta: bool, implicit: bool = False) -> bytes:
+    """The same slice as older systems write it: no 128-byte preamble and no "DICM"; with
+    `meta` False, a bare dataset without file meta either."""
+    if meta:
+        return data[132:]
+    ds = pydicom.dcmread(io.BytesIO(data))
+    ds.preamble = None
+    ds.file_meta = FileMetaDataset()
+    out = io.BytesIO()
+    pydicom.dcmwrite(out, ds, enforce_file_format=False, implicit_vr=implicit, little_endian=True)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("meta", "implicit"),
+    [(True, False), (False, False), (False, True)],
+    ids=["file-meta", "bare-explicit-vr", "bare-implicit-vr"],
+)
+def test_dicom_without_preamble_is_decoded_alike(meta: bool, implicit: bool) -> None:
+    data = dicom_bytes(np.array([[0, 424, 1174, 4000]], dtype=np.uint16))
+    stripped = _without_preamble(data, meta, implicit)
+    assert stripped[128:132] != b"DICM"
+    assert sniff_format(stripped) == "dicom"
+    np.testing.assert_array_equal(decode(stripped, LUNG).grey, decode(data, LUNG).grey)
+
+
+def test_bytes_that_merely_start_like_dicom_are_not_taken_for_it() -> None:
+    assert sniff_format(b"\x08\x00\x05\x00" + b"\xff" * 40) == "unknown"
+    assert sniff_format(b"\x08\x00") == "unknown"
 
 
 def test_dicom_without_a_window_is_refused_and_prepare_passes_it_on() -> None:

@@ -123,6 +123,10 @@ def test_predict_dicom_goes_through_the_ingest_window(client) -> None:
     png = client.post("/predict", data=encode(expected), content_type="image/png").get_json()
     for cls in CLASSES:
         assert body["probabilities"][cls] == pytest.approx(png["probabilities"][cls], abs=1e-5)
+    # Older systems write DICOM without the 128-byte preamble: the same answer.
+    bare = client.post("/predict", data=data[132:], content_type="application/dicom")
+    assert bare.status_code == 200, bare.get_data(as_text=True)
+    assert bare.get_json()["probabilities"] == body["probabilities"]
 
 
 def test_light_model_matches_keras_and_calibration(model_dir: Path) -> None:  # noqa: F811

@@ -55,12 +55,28 @@ class Decoded:
     height: int
 
 
+def _headerless_dicom(data: bytes) -> bool:
+    """DICOM written without the 128-byte preamble and "DICM" (raw datasets from older
+    systems): it opens on a little-endian element of group 0002 (file meta) or 0008
+    (identification), followed by an explicit VR (two capital letters) or, implicit, an even
+    value length that fits the file."""
+    if len(data) < 16 or data[:2] not in (b"\x02\x00", b"\x08\x00"):
+        return False
+    vr = data[4:6]
+    if vr.isalpha() and vr.isupper():
+        return True
+    length = int.from_bytes(data[4:8], "little")
+    return length % 2 == 0 and 0 < length < len(data) - 8
+
+
 def sniff_format(data: bytes) -> str:
     """Image format from the first bytes ('unknown' when no signature matches)."""
     for magic, name in _SIGNATURES:
         if data.startswith(magic):
             return name
     if len(data) > 132 and data[128:132] == b"DICM":
+        return "dicom"
+    if _headerless_dicom(data):
         return "dicom"
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return "webp"
@@ -154,11 +170,23 @@ def decode_dicom(data: bytes, level: float, width: float) -> Decoded:
         raise ImageError(f"DICOM window width must be > 0, got {width}")
     import pydicom  # imported here: only DICOM sources and uploads pay for it
     from pydicom.errors import InvalidDicomError
+    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+    preamble = len(data) > 132 and data[128:132] == b"DICM"
     try:
-        ds = pydicom.dcmread(io.BytesIO(data))
+        # force: a file without the preamble is read from its first element (sniff_format
+        # has already checked that it opens like a DICOM dataset).
+        ds = pydicom.dcmread(io.BytesIO(data), force=not preamble)
     except (InvalidDicomError, EOFError, ValueError, TypeError, KeyError, OSError) as exc:
         raise ImageError(f"not a readable DICOM file ({exc})") from None
+    if "TransferSyntaxUID" not in ds.file_meta:
+        # A raw dataset has no file meta; its encoding, as read, names the transfer syntax.
+        implicit, little = ds.original_encoding
+        if not little:
+            raise ImageError("big-endian DICOM without file meta is not supported; convert it")
+        ds.file_meta.TransferSyntaxUID = (
+            ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
+        )
     if not any(tag in ds for tag in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         kind = getattr(ds, "Modality", "") or str(getattr(ds, "SOPClassUID", "")) or "unknown"
         raise ImageError(

@@ -16,6 +16,12 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_download_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """URL sources cache archives under the user's home; tests keep theirs in a temp folder."""
+    os.environ["CHESTCT_DOWNLOAD_CACHE"] = str(tmp_path_factory.mktemp("downloads"))
+
+
 @pytest.fixture(scope="session")
 def tiny_project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
     """The whole pipeline reproduced once per session in a tiny copy: (root, environment).

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from chestct.settings import DOWNLOAD_CACHE_ENV, download_cache
 from chestct.sources import SourceError, layout_root, redact, resolve, safe_extract
 from helpers import image_bytes
 
@@ -156,8 +157,11 @@ class _Server:
         self.stall = False
         server = self
 
+        self.requests = 0
+
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:
+                server.requests += 1
                 if self.path.split("?")[0] != "/set.zip":
                     self.send_error(404, "Not Found")
                     return
@@ -215,6 +219,36 @@ def test_url_http_error_and_timeout(tmp_path: Path, server: _Server) -> None:
     with pytest.raises(SourceError, match=r"timed out .*ingest\.timeout_s"):
         resolve(f"{server.url}/set.zip", tmp_path, staging, "ab" * 32, 0.5)
     assert list((staging / "download").iterdir()) == []
+
+
+def test_url_download_cache_is_reused_verified_and_repaired(
+    tmp_path: Path, server: _Server
+) -> None:
+    digest = hashlib.sha256(server.payload).hexdigest()
+    cache = tmp_path / "cache"
+    url = f"{server.url}/set.zip"
+
+    def fetch(run: str) -> Path:
+        source = resolve(url, tmp_path, tmp_path / run, digest, 5, cache=cache)
+        assert (source.folder / "train" / "normal" / "a.png").is_file()
+        return cache / digest / "set.zip"
+
+    cached = fetch("first")
+    assert server.requests == 1 and cached.read_bytes() == server.payload
+    fetch("second")
+    assert server.requests == 1  # unpacked from the cache, no download
+    cached.write_bytes(b"damaged")
+    fetch("third")
+    assert server.requests == 2 and cached.read_bytes() == server.payload
+    assert sorted(p.name for p in (cache / digest).iterdir()) == ["set.zip"]  # no .part
+
+
+def test_download_cache_location(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv(DOWNLOAD_CACHE_ENV, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert download_cache() == tmp_path / "xdg" / "chestct" / "downloads"
+    monkeypatch.setenv(DOWNLOAD_CACHE_ENV, str(tmp_path / "mine"))
+    assert download_cache() == tmp_path / "mine"
 
 
 def test_url_needs_a_sha256(tmp_path: Path) -> None:

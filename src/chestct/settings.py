@@ -229,6 +229,7 @@ class Paths:
     model: Path
     params_file: Path
     audit_db: Path | None = None  # the predictor's audit log (config serving.audit_db)
+    downloads: Path | None = None  # verified URL-source archives, by sha256 (download_cache())
 
     def stage_dir(self, stage: str) -> Path:
         """Output folder of a stage: artifacts/<stage>/ (the stage's only writable place)."""
@@ -511,6 +512,19 @@ def _check_serving(serving: ServingConfig) -> None:
         raise SettingsError("serving.audit_db: set a file path when serving.audit_log is true")
 
 
+DOWNLOAD_CACHE_ENV = "CHESTCT_DOWNLOAD_CACHE"
+
+
+def download_cache() -> Path:
+    """Where URL sources keep their verified archives: $CHESTCT_DOWNLOAD_CACHE, else
+    $XDG_CACHE_HOME/chestct/downloads, else ~/.cache/chestct/downloads. Outside the project, so
+    clones share it and `git clean` keeps it."""
+    if os.environ.get(DOWNLOAD_CACHE_ENV):
+        return Path(os.environ[DOWNLOAD_CACHE_ENV]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or "~/.cache"
+    return Path(base).expanduser() / "chestct" / "downloads"
+
+
 def load_settings(root: Path | None = None) -> Settings:
     """Read config/config.yaml and params.yaml under `root` into validated settings."""
     root = (root or find_root()).resolve()
@@ -536,5 +550,6 @@ def load_settings(root: Path | None = None) -> Settings:
         model=root / config.model_dir,
         params_file=params_path,
         audit_db=root / config.serving.audit_db,
+        downloads=download_cache(),
     )
     return Settings(params=params, config=config, paths=paths)

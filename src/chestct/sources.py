@@ -295,7 +295,30 @@ def layout_root(folder: Path) -> Path:
         return folder
 
 
-def resolve(source: str, root: Path, staging: Path, sha256: str, timeout_s: float) -> Source:
+def _cached_download(url: str, name: str, sha256: str, timeout_s: float, cache: Path) -> Path:
+    """The archive from `cache` when a file with this digest is there, else downloaded into it.
+
+    The cache is keyed by the digest that params pin, so a hit is the same file whatever the
+    URL; it is hashed again before use, and a damaged copy is replaced.
+    """
+    path = cache / sha256.lower() / name
+    if path.is_file():
+        if sha256_file(path) == sha256.lower():
+            log.info("using the cached download %s (sha256 verified)", path)
+            return path
+        log.warning("cached download %s does not match its sha256; downloading again", path)
+        path.unlink()
+    return download(url, path, sha256, timeout_s)
+
+
+def resolve(
+    source: str,
+    root: Path,
+    staging: Path,
+    sha256: str,
+    timeout_s: float,
+    cache: Path | None = None,
+) -> Source:
     """Make `source` (params `ingest.source`) a local folder; archives land in `staging`.
 
     Args:
@@ -305,6 +328,8 @@ def resolve(source: str, root: Path, staging: Path, sha256: str, timeout_s: floa
         staging: an empty scratch folder the caller removes afterwards.
         sha256: the archive's expected digest ('' for local sources: then it is not checked).
         timeout_s: download timeout.
+        cache: keep downloaded archives here by digest and reuse them (None: download into
+            `staging` and drop the archive once unpacked).
     """
     if is_url(source):
         if not sha256:
@@ -312,9 +337,13 @@ def resolve(source: str, root: Path, staging: Path, sha256: str, timeout_s: floa
                 "ingest.sha256 is required for a URL source: set it to the archive's sha256"
             )
         name = Path(urllib.parse.urlsplit(source).path).name or "download"
-        archive = download(source, staging / "download" / name, sha256, timeout_s)
-        folder = safe_extract(archive, staging / "unpacked")
-        archive.unlink()
+        if cache is not None:
+            archive = _cached_download(source, name, sha256, timeout_s, cache)
+            folder = safe_extract(archive, staging / "unpacked")
+        else:
+            archive = download(source, staging / "download" / name, sha256, timeout_s)
+            folder = safe_extract(archive, staging / "unpacked")
+            archive.unlink()
         return Source("url", redact(source), layout_root(folder), sha256.lower())
     path = Path(source).expanduser()
     path = (path if path.is_absolute() else root / path).resolve()

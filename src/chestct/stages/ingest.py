@@ -170,12 +170,17 @@ def run_ingest(
     out_dir: Path,
     root: Path,
     workers: int | None = None,
+    download_cache: Path | None = None,
 ) -> tuple[pd.DataFrame, IngestSummary]:
     """Copy every decodable file of the source into out_dir/images and describe it.
 
     Undecodable files (corrupt, empty, truncated, not an image, DICOM without pixel data or in
     an unsupported transfer syntax) are reported and skipped; they never stop the stage. An
     empty source, or a class with no usable file, does.
+
+    Args:
+        download_cache: where a URL source's verified archive is kept and looked for
+            (settings `paths.downloads`); None downloads it afresh.
 
     Returns:
         The manifest (INGEST_COLUMNS) and a summary.
@@ -192,7 +197,12 @@ def run_ingest(
         else:
             try:
                 source = resolve(
-                    params.source, root, staging, params.sha256.strip(), params.timeout_s
+                    params.source,
+                    root,
+                    staging,
+                    params.sha256.strip(),
+                    params.timeout_s,
+                    cache=download_cache,
                 )
             except SourceError as exc:
                 raise StageFailed(str(exc)) from None
@@ -243,7 +253,13 @@ def run_ingest(
 def main() -> None:
     with stage_session("ingest") as session:
         s = session.settings
-        frame, summary = run_ingest(s.params.base, s.params.ingest, session.out_dir, s.paths.root)
+        frame, summary = run_ingest(
+            s.params.base,
+            s.params.ingest,
+            session.out_dir,
+            s.paths.root,
+            download_cache=s.paths.downloads,
+        )
         manifest = session.out_dir / "manifest.csv"
         write_manifest(manifest, frame)
         skipped = session.out_dir / "skipped.csv"

@@ -486,14 +486,14 @@ def main() -> None:
         f" {bare['cpu_ms'] * cores / 2 / served['cpu_ms']:7.2f}"
     )
     # Where a request's CPU goes, all figures from this run: the bare work, what gunicorn and
-    # Flask cost by themselves (GET /health under the same load), the rest of chestct's
-    # request (input checks, uncertainty, OOD, JSON, metrics), and the load generator, which
-    # shares the 2 cores here.
+    # Flask cost by themselves (GET /health under the same load), the rest (chestct's input
+    # checks, uncertainty, OOD, JSON and metrics, reading a 75 kB body through gunicorn, and
+    # two threads of a worker contending), and the load generator, which shares the 2 cores.
     app_ms = served["cpu_ms"] - bare["cpu_ms"] - served["http_cpu_ms"]
     print("CPU per /predict under 4 clients (ms):")
     print(f"  bare decode + inference         {bare['cpu_ms']:6.2f}")
     print(f"  gunicorn + Flask (GET /health)  {served['http_cpu_ms']:6.2f}")
-    print(f"  chestct checks, uncertainty ... {app_ms:6.2f}")
+    print(f"  the rest (checks, body, threads) {app_ms:5.2f}")
     print(f"  load generator (client)         {served['client_cpu_ms']:6.2f}")
     bound = cores * 1e3 / (served["cpu_ms"] + served["client_cpu_ms"])
     print(

@@ -8,7 +8,6 @@ the same way in training and in serving. DICOM files are windowed to 8-bit grey 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import io
 import multiprocessing
 import sys
@@ -325,12 +324,12 @@ def keep_image_buffers(limit_mb: int = 32) -> bool:
     `limit_mb` (per threshold) of freed memory for the next image: measured in the resize
     stage, 7x fewer page faults per image. A no-op (False) where the C library is not glibc.
     """
-    name = ctypes.util.find_library("c") if sys.platform.startswith("linux") else None
-    if not name:
+    if not sys.platform.startswith("linux"):
         return False
     try:
-        mallopt = ctypes.CDLL(name).mallopt
-    except (OSError, AttributeError):  # musl and others have no mallopt
+        # The process's own symbol table holds the C library's (no library search needed).
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # a C library without mallopt
         return False
     size = limit_mb * 1024 * 1024
     return bool(mallopt(_M_MMAP_THRESHOLD, size)) and bool(mallopt(_M_TRIM_THRESHOLD, 2 * size))

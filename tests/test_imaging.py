@@ -10,7 +10,15 @@ import cv2
 import numpy as np
 import pytest
 
-from chestct.imaging import ImageError, decode, encode_png, prepare, resize, sniff_format
+from chestct.imaging import (
+    ImageError,
+    decode,
+    encode_png,
+    jpeg_frame,
+    prepare,
+    resize,
+    sniff_format,
+)
 from helpers import encode, image_bytes, pixels, write_image
 
 
@@ -20,6 +28,27 @@ def test_jpeg_saved_under_a_png_name_is_decoded_as_jpeg(tmp_path) -> None:
     assert decoded.format == "jpeg"
     assert (decoded.width, decoded.height) == (30, 20)
     assert decoded.grey.shape == (20, 30)
+
+
+@pytest.mark.parametrize(("mode", "components"), [("L", 1), ("RGB", 3)])
+def test_jpeg_is_decoded_to_its_luma_with_the_stored_mode(mode: str, components: int) -> None:
+    grey = cv2.GaussianBlur(pixels(40, 24, "L", seed=2), (5, 5), 0)
+    img = grey if mode == "L" else cv2.cvtColor(grey, cv2.COLOR_GRAY2BGR)
+    data = encode(img, "jpeg")
+    assert jpeg_frame(data) == (40, 24, components)
+    decoded = decode(data)
+    assert (decoded.format, decoded.mode, decoded.width, decoded.height) == ("jpeg", mode, 40, 24)
+    # The luma plane itself, not colour decoded and converted back.
+    luma = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)
+    np.testing.assert_array_equal(decoded.grey, luma)
+    assert np.abs(decoded.grey.astype(int) - grey.astype(int)).max() <= 12  # JPEG is lossy
+
+
+def test_jpeg_frame_needs_a_frame_header_before_the_scan() -> None:
+    data = image_bytes(20, 10, fmt="jpeg")
+    assert jpeg_frame(data) == (20, 10, 1)
+    assert jpeg_frame(data[:4]) is None
+    assert jpeg_frame(b"\xff\xd8\xff\xda\x00\x02" + bytes(20)) is None  # scan, no frame
 
 
 @pytest.mark.parametrize("fmt", ["png", "jpeg", "bmp", "tiff"])

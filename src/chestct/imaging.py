@@ -82,6 +82,33 @@ def sniff_format(data: bytes) -> str:
     return "unknown"
 
 
+def jpeg_frame(data: bytes) -> tuple[int, int, int] | None:
+    """Width, height and number of components from a JPEG's frame header (SOF), found by
+    walking the segment list; None when the bytes reach the scan, or end, without one."""
+    pos = 2
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # no length field
+            pos += 2
+            continue
+        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            if pos + 10 > len(data):
+                return None
+            height = int.from_bytes(data[pos + 5 : pos + 7], "big")
+            width = int.from_bytes(data[pos + 7 : pos + 9], "big")
+            return width, height, data[pos + 9]
+        if marker == 0xDA:  # start of scan before any frame header
+            return None
+        pos += 2 + length
+    return None
+
+
 def _to_grey(img: np.ndarray) -> tuple[np.ndarray, str]:
     """Any decoded array to 8-bit grey, plus the mode it had."""
     depth16 = img.dtype == np.uint16
@@ -138,6 +165,19 @@ def decode(data: bytes, window: tuple[float, float] | None = None) -> Decoded:
         )
         raise ImageError(f"not a supported image (format by content: {fmt}){hint}")
     buf = np.frombuffer(data, dtype=np.uint8)
+    if fmt == "jpeg":
+        # JPEG keeps luma apart from colour: decoding straight to grey reads the luma plane and
+        # skips the colour planes (half the time on colour JPEGs), and it is the picture's own
+        # grey, without the rounding of colour decoding and converting back. EXIF orientation
+        # is ignored, as for every other format.
+        frame = jpeg_frame(data)
+        grey = cv2.imdecode(buf, cv2.IMREAD_GRAYSCALE | cv2.IMREAD_IGNORE_ORIENTATION)
+        if frame is None or grey is None or grey.size == 0:
+            raise ImageError("jpeg data could not be decoded (truncated or corrupt)")
+        height, width = grey.shape
+        return Decoded(
+            grey=grey, format=fmt, mode="L" if frame[2] == 1 else "RGB", width=width, height=height
+        )
     img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
     if img is None or img.size == 0:
         raise ImageError(f"{fmt} data could not be decoded (truncated or corrupt)")

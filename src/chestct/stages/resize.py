@@ -36,7 +36,7 @@ from chestct.settings import ResizeParams
 log = logging.getLogger(__name__)
 
 # Bump when `imaging.prepare` changes what it produces, so cached images are rebuilt.
-PREPROCESSING_VERSION = 2
+PREPROCESSING_VERSION = 3
 KEEP: tuple[str, ...] = ("images", "images.json")
 _PNG_END = b"IEND\xaeB`\x82"
 _PARALLEL_FROM = 32

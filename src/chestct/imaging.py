@@ -54,6 +54,11 @@ class Decoded:
     height: int
 
 
+def has_dicom_preamble(data: bytes) -> bool:
+    """A DICOM Part 10 file: 128 bytes of preamble, then "DICM"."""
+    return len(data) > 132 and data[128:132] == b"DICM"
+
+
 def _headerless_dicom(data: bytes) -> bool:
     """DICOM written without the 128-byte preamble and "DICM" (raw datasets from older
     systems): it opens on a little-endian element of group 0002 (file meta) or 0008
@@ -73,9 +78,7 @@ def sniff_format(data: bytes) -> str:
     for magic, name in _SIGNATURES:
         if data.startswith(magic):
             return name
-    if len(data) > 132 and data[128:132] == b"DICM":
-        return "dicom"
-    if _headerless_dicom(data):
+    if has_dicom_preamble(data) or _headerless_dicom(data):
         return "dicom"
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return "webp"
@@ -211,11 +214,10 @@ def decode_dicom(data: bytes, level: float, width: float) -> Decoded:
     from pydicom.errors import InvalidDicomError
     from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-    preamble = len(data) > 132 and data[128:132] == b"DICM"
     try:
         # force: a file without the preamble is read from its first element (sniff_format
         # has already checked that it opens like a DICOM dataset).
-        ds = pydicom.dcmread(io.BytesIO(data), force=not preamble)
+        ds = pydicom.dcmread(io.BytesIO(data), force=not has_dicom_preamble(data))
     except (InvalidDicomError, EOFError, ValueError, TypeError, KeyError, OSError) as exc:
         raise ImageError(f"not a readable DICOM file ({exc})") from None
     if "TransferSyntaxUID" not in ds.file_meta:

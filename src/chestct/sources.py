@@ -339,11 +339,11 @@ def resolve(
         name = Path(urllib.parse.urlsplit(source).path).name or "download"
         if cache is not None:
             archive = _cached_download(source, name, sha256, timeout_s, cache)
-            folder = safe_extract(archive, staging / "unpacked")
         else:
             archive = download(source, staging / "download" / name, sha256, timeout_s)
-            folder = safe_extract(archive, staging / "unpacked")
-            archive.unlink()
+        folder = safe_extract(archive, staging / "unpacked")
+        if cache is None:
+            archive.unlink()  # only the cache keeps archives
         return Source("url", redact(source), layout_root(folder), sha256.lower())
     path = Path(source).expanduser()
     path = (path if path.is_absolute() else root / path).resolve()

@@ -98,10 +98,13 @@ def _dicom_size(data: bytes) -> tuple[int, int] | None:
 
     import pydicom
 
-    preamble = len(data) > 132 and data[128:132] == b"DICM"
     try:
         # force for DICOM without the preamble, which imaging.sniff_format has recognised.
-        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=not preamble)
+        ds = pydicom.dcmread(
+            io.BytesIO(data),
+            stop_before_pixels=True,
+            force=not imaging.has_dicom_preamble(data),
+        )
         return int(ds.Columns), int(ds.Rows)
     except Exception:  # pydicom raises many types for bad headers; imaging reports them
         return None

@@ -1,7 +1,8 @@
 """gunicorn settings for the chestct predictor (`make serve`; README "Serving").
 
 Environment overrides: CHESTCT_BIND, CHESTCT_WORKERS, CHESTCT_THREADS, CHESTCT_TIMEOUT,
-CHESTCT_FORWARDED_ALLOW_IPS, CHESTCT_LOG_LEVEL. Metrics of all workers are summed through
+CHESTCT_FORWARDED_ALLOW_IPS, CHESTCT_LOG_LEVEL, OPENCV_IO_MAX_IMAGE_PIXELS (default:
+serving.max_image_pixels). Metrics of all workers are summed through
 PROMETHEUS_MULTIPROC_DIR, which this file points at a fresh private folder unless the
 environment sets one.
 """
@@ -45,6 +46,14 @@ capture_output = True
 # took 4x longer with OpenBLAS threads under load). Set before any worker imports NumPy.
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
+
+# OpenCV's own pixel limit per image, as a second guard behind chestct's header checks. OpenCV
+# reads it once, when a process first imports cv2, so it is set here in the master, before any
+# worker (which inherits the environment) imports it: serving.max_image_pixels.
+if "OPENCV_IO_MAX_IMAGE_PIXELS" not in os.environ:
+    from chestct.settings import load_settings
+
+    os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] = str(load_settings().config.serving.max_image_pixels)
 
 _OWN_METRICS_DIR = "PROMETHEUS_MULTIPROC_DIR" not in os.environ
 if _OWN_METRICS_DIR:

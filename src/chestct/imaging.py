@@ -10,11 +10,15 @@ from __future__ import annotations
 import ctypes
 import io
 import multiprocessing
+import os
+import struct
 import sys
+import zlib
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import cv2
 import numpy as np
@@ -52,6 +56,7 @@ class Decoded:
     mode: str  # as stored: L, LA, RGB, RGBA, I;16
     width: int
     height: int
+    colour_share: float | None = None  # share of clearly coloured pixels; None: stored grey
 
 
 def has_dicom_preamble(data: bytes) -> bool:
@@ -85,108 +90,495 @@ def sniff_format(data: bytes) -> str:
     return "unknown"
 
 
+@dataclass(frozen=True)
+class DecodeLimits:
+    """What one image may cost to decode, checked from its header before any pixel is made.
+
+    `max_pixels` is width x height; `max_bytes` is what the decoder will hold: width x height x
+    channels x bytes per sample as decoded, plus the decoder's own working buffers (a
+    progressive JPEG's coefficients, a TIFF strip or tile, a deflated DICOM dataset).
+    `max_dicom_elements` bounds the data elements a DICOM file may hold (each costs pydicom an
+    object, so a file of millions of empty elements is a memory bomb without a single pixel).
+    """
+
+    max_pixels: int = 16_777_216  # 4096 x 4096; a CT slice is 512 x 512 (0.26 Mpx)
+    max_bytes: int = 48 * 1024 * 1024
+    max_dicom_elements: int = 20_000
+
+    def __post_init__(self) -> None:
+        if self.max_pixels < 1024 or self.max_bytes < 4096 or self.max_dicom_elements < 16:
+            raise ValueError(f"decode limits are too small to decode any slice: {self}")
+
+
+DEFAULT_LIMITS = DecodeLimits()
+# The environment variable through which OpenCV bounds the pixels its decoders allocate. It is
+# read once, when OpenCV loads, so it must be set before `import cv2` (config/gunicorn.conf.py
+# and the Dockerfile do; see opencv_pixel_limit()).
+OPENCV_PIXELS_ENV = "OPENCV_IO_MAX_IMAGE_PIXELS"
+MAX_JPEG_SCANS = 64  # a progressive JPEG has about 10; each scan is a pass over the image
+COLOUR_SPREAD = 40  # channel spread (of 255) above which a pixel counts as coloured
+_STRIP = 256  # rows converted at a time: float temporaries stay a few MB whatever the image
+
+
+class ImageTooLarge(ImageError):
+    """A header that declares more pixels or bytes than the decode limits allow."""
+
+
+@dataclass(frozen=True)
+class Header:
+    """What a file's header declares, read without decoding a pixel."""
+
+    format: str
+    width: int
+    height: int
+    channels: int  # as the decoder will hold them
+    sample_bytes: int  # bytes per sample as decoded (1 or 2)
+    working_bytes: int = 0  # further buffers the decoder needs (see DecodeLimits)
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+    @property
+    def nbytes(self) -> int:
+        return self.pixels * self.channels * self.sample_bytes + self.working_bytes
+
+
+def opencv_pixel_limit() -> int | None:
+    """OpenCV's own per-image pixel limit as this process set it (None: OpenCV's default of
+    2^30, i.e. unset or unreadable)."""
+    raw = os.environ.get(OPENCV_PIXELS_ENV, "")
+    return int(raw) if raw.isdigit() else None
+
+
+def check_budget(header: Header, limits: DecodeLimits) -> None:
+    """Refuse a header whose image would cost more than `limits`.
+
+    Raises:
+        ImageTooLarge: naming the declared size, what it costs and the limit.
+    """
+    what = f"the {header.format.upper()} header declares {header.width} x {header.height} pixels"
+    if header.pixels > limits.max_pixels:
+        raise ImageTooLarge(
+            f"{what}, more than the limit of {limits.max_pixels:,} (serving.max_image_pixels); "
+            "send the slice at its native size (CT slices are about 512 x 512)"
+        )
+    if header.nbytes > limits.max_bytes:
+        raise ImageTooLarge(
+            f"{what} x {header.channels} channel(s) x {header.sample_bytes} byte(s)"
+            + (
+                f" + {header.working_bytes:,} bytes of decoder buffers"
+                if header.working_bytes
+                else ""
+            )
+            + f": {header.nbytes / 2**20:.0f} MB to decode, more than the limit of "
+            f"{limits.max_bytes / 2**20:.0f} MB (serving.max_decoded_mb); send the slice as "
+            "8-bit grey at its native size"
+        )
+
+
+# --------------------------------------------------------------------------- headers
+
+
+def _png_header(data: bytes) -> Header:
+    # The signature, then IHDR: length 13, "IHDR", width, height, depth, colour type, ...
+    if len(data) < 33 or data[8:16] != b"\x00\x00\x00\x0dIHDR":
+        raise ImageError("PNG header is truncated or does not start with an IHDR chunk")
+    width, height, depth, colour, comp, filt, interlace = struct.unpack(">IIBBBBB", data[16:29])
+    depths = {0: (1, 2, 4, 8, 16), 2: (8, 16), 3: (1, 2, 4, 8), 4: (8, 16), 6: (8, 16)}
+    if colour not in depths or depth not in depths[colour]:
+        raise ImageError(f"PNG header has an invalid bit depth {depth} for colour type {colour}")
+    if comp != 0 or filt != 0 or interlace > 1:
+        raise ImageError("PNG header names an unknown compression, filter or interlace method")
+    if not (0 < width < 2**31 and 0 < height < 2**31):
+        raise ImageError(f"PNG header declares an impossible size {width} x {height}")
+    # As OpenCV holds them: grey 1 channel, RGB 3, palette (maybe with tRNS) and alpha 4.
+    channels = {0: 1, 2: 3, 3: 4, 4: 4, 6: 4}[colour]
+    return Header("png", width, height, channels, 2 if depth == 16 else 1)
+
+
+@dataclass(frozen=True)
+class JpegInfo:
+    """A JPEG's frame header and scan count, from a walk over every marker."""
+
+    width: int
+    height: int
+    components: int
+    precision: int
+    progressive: bool
+    scans: int
+    junk_bytes: int  # bytes between markers that the decoder skips (with a warning)
+
+
+_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+def jpeg_info(data: bytes) -> JpegInfo:
+    """Walk a JPEG's markers as libjpeg does: junk between segments is skipped, entropy-coded
+    data after each SOS is stepped over, every SOF and SOS is seen.
+
+    Raises:
+        ImageError: no SOI, a second SOI or frame header, a scan before the frame header, a
+            bad segment length, a zero size, or more than MAX_JPEG_SCANS scans.
+    """
+    if not data.startswith(b"\xff\xd8"):
+        raise ImageError("JPEG does not start with SOI (FF D8)")
+    pos, size, junk, scans = 2, len(data), 0, 0
+    frame: tuple[int, int, int, int, bool] | None = None
+    while True:
+        nxt = data.find(b"\xff", pos)
+        if nxt < 0:
+            break
+        junk += nxt - pos
+        pos = nxt
+        while pos < size and data[pos] == 0xFF:  # fill bytes
+            pos += 1
+        if pos >= size:
+            break
+        marker = data[pos]
+        pos += 1
+        if marker == 0x00:  # a stuffed FF0 in junk: not a marker
+            junk += 2
+            continue
+        if marker == 0xD9:  # EOI
+            break
+        if marker == 0xD8:
+            raise ImageError("JPEG holds a second start-of-image marker (concatenated files?)")
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # TEM, RSTn: no length
+            continue
+        if pos + 2 > size:
+            break
+        length = int.from_bytes(data[pos : pos + 2], "big")
+        if length < 2:
+            raise ImageError(f"JPEG segment FF{marker:02X} has an invalid length {length}")
+        segment = data[pos + 2 : pos + length]
+        if marker in _SOF_MARKERS:
+            if frame is not None:
+                raise ImageError("JPEG holds two frame headers (SOF); the decoder refuses them")
+            if len(segment) < 6:
+                raise ImageError("JPEG frame header (SOF) is truncated")
+            precision, height, width, comps = struct.unpack(">BHHB", segment[:6])
+            if width == 0 or height == 0:
+                raise ImageError(
+                    f"JPEG frame header declares {width} x {height} pixels (a height set by a "
+                    "DNL marker is not supported)"
+                )
+            if comps not in (1, 3, 4) or precision not in (8, 12, 16):
+                raise ImageError(
+                    f"JPEG frame header declares {comps} components of {precision} bits; "
+                    "chestct reads 8/12/16-bit grey, colour or CMYK JPEG"
+                )
+            progressive = marker in (0xC2, 0xC6, 0xCA, 0xCE)
+            frame = (width, height, comps, precision, progressive)
+        pos += length
+        if marker == 0xDA:  # SOS: entropy-coded data follows up to the next real marker
+            if frame is None:
+                raise ImageError("JPEG has a scan (SOS) before any frame header (SOF)")
+            scans += 1
+            if scans > MAX_JPEG_SCANS:
+                raise ImageTooLarge(
+                    f"JPEG holds more than {MAX_JPEG_SCANS} scans; each is a pass over the "
+                    "whole image (a progressive JPEG has about 10): re-encode it"
+                )
+            while True:
+                pos = data.find(b"\xff", pos)
+                if pos < 0 or pos + 1 >= size:
+                    pos = size
+                    break
+                follow = data[pos + 1]
+                if follow == 0x00 or follow == 0xFF or 0xD0 <= follow <= 0xD7:
+                    pos += 1 if follow == 0xFF else 2
+                    continue
+                break
+    if frame is None:
+        raise ImageError("JPEG has no frame header (SOF): truncated or not an image")
+    return JpegInfo(*frame, scans=scans, junk_bytes=junk)
+
+
 def jpeg_frame(data: bytes) -> tuple[int, int, int] | None:
     """Width, height and number of components from a JPEG's frame header (SOF), found by
-    walking the segment list; None when the bytes reach the scan, or end, without one."""
-    pos = 2
-    while pos + 4 <= len(data):
-        if data[pos] != 0xFF:
-            return None
-        marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
-            continue
-        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # no length field
-            pos += 2
-            continue
-        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-            if pos + 10 > len(data):
-                return None
-            height = int.from_bytes(data[pos + 5 : pos + 7], "big")
-            width = int.from_bytes(data[pos + 7 : pos + 9], "big")
-            return width, height, data[pos + 9]
-        if marker == 0xDA:  # start of scan before any frame header
-            return None
-        pos += 2 + length
-    return None
+    walking every marker (jpeg_info); None when there is no usable one."""
+    try:
+        info = jpeg_info(data)
+    except ImageError:
+        return None
+    return info.width, info.height, info.components
 
 
-def _to_grey(img: np.ndarray) -> tuple[np.ndarray, str]:
-    """Any decoded array to 8-bit grey, plus the mode it had."""
+def _jpeg_header(data: bytes) -> Header:
+    info = jpeg_info(data)
+    sample = 1 if info.precision == 8 else 2
+    # Decoded straight to grey; a progressive file also keeps every component's DCT
+    # coefficients (2 bytes each) for the whole image; a colour one gets a half-size colour
+    # decode for the colour check.
+    working = info.width * info.height * info.components * 2 if info.progressive else 0
+    if info.components > 1:
+        working += (info.width // 2 + 1) * (info.height // 2 + 1) * 3
+    return Header("jpeg", info.width, info.height, 1, sample, working)
+
+
+def _bmp_header(data: bytes) -> Header:
+    if len(data) < 26:
+        raise ImageError("BMP header is truncated")
+    dib = int.from_bytes(data[14:18], "little")
+    if dib == 12:  # OS/2 core header
+        width, height, planes, bits = struct.unpack("<HHHH", data[18:26])
+        compression = 0
+    elif dib in (40, 52, 56, 64, 108, 124):
+        if len(data) < 14 + 40:
+            raise ImageError("BMP header is truncated")
+        width, height, planes, bits, compression = struct.unpack("<iiHHI", data[18:34])
+    else:
+        raise ImageError(f"BMP header has an unknown size {dib}; save it as a standard BMP")
+    if planes != 1 or bits not in (1, 4, 8, 16, 24, 32) or compression not in (0, 1, 2, 3):
+        raise ImageError(
+            f"BMP header declares {planes} planes, {bits} bits per pixel, compression "
+            f"{compression}; chestct reads uncompressed, RLE and bit-field BMP"
+        )
+    if width <= 0 or height == 0 or height == -(2**31):
+        raise ImageError(f"BMP header declares an impossible size {width} x {height}")
+    return Header("bmp", width, abs(height), 4 if bits == 32 else 3, 1)
+
+
+# TIFF field types (TIFF 6.0 + IFD): bytes per value.
+_TIFF_TYPES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8, 13: 4}
+_TIFF_INTS = {1: "B", 3: "H", 4: "I", 6: "b", 8: "h", 9: "i", 13: "I"}
+_TIFF_NAMES = {256: "ImageWidth", 257: "ImageLength", 258: "BitsPerSample", 259: "Compression",
+               262: "PhotometricInterpretation", 273: "StripOffsets", 277: "SamplesPerPixel",
+               278: "RowsPerStrip", 279: "StripByteCounts", 322: "TileWidth",
+               323: "TileLength", 324: "TileOffsets", 325: "TileByteCounts"}  # fmt: skip
+# Compression schemes OpenCV's libtiff reads: none, CCITT, LZW, (old) JPEG, deflate, PackBits.
+_TIFF_COMPRESSIONS = frozenset({1, 2, 3, 4, 5, 6, 7, 8, 32773, 32946})
+
+
+def _tiff_header(data: bytes) -> Header:
+    """The first IFD, read strictly: the decoder must not see what this cannot."""
+    order = "<" if data[:2] == b"II" else ">"
+    if len(data) < 8:
+        raise ImageError("TIFF header is truncated")
+    (ifd,) = struct.unpack(order + "I", data[4:8])
+    if ifd < 8 or ifd + 2 > len(data):
+        raise ImageError(f"TIFF first IFD offset {ifd} lies outside the file (truncated?)")
+    (count,) = struct.unpack(order + "H", data[ifd : ifd + 2])
+    if count == 0 or ifd + 2 + 12 * count > len(data):
+        raise ImageError(f"TIFF first IFD declares {count} entries that the file does not hold")
+    tags: dict[int, list[int]] = {}
+    for i in range(count):
+        entry = ifd + 2 + 12 * i
+        tag, kind, n = struct.unpack(order + "HHI", data[entry : entry + 8])
+        name = _TIFF_NAMES.get(tag, str(tag))
+        if kind not in _TIFF_TYPES:
+            raise ImageError(f"TIFF tag {name} has an unknown field type {kind}")
+        if tag in tags:
+            raise ImageError(
+                f"TIFF tag {name} appears twice in the first IFD; the file contradicts itself"
+            )
+        size = _TIFF_TYPES[kind] * n
+        at = entry + 8
+        if size > 4:
+            (at,) = struct.unpack(order + "I", data[entry + 8 : entry + 12])
+            if at + size > len(data):
+                raise ImageError(f"TIFF tag {name}'s values lie outside the file (truncated?)")
+        if tag in _TIFF_NAMES:
+            if kind not in _TIFF_INTS:
+                raise ImageError(f"TIFF tag {name} has non-integer field type {kind}")
+            if n > 1 << 20:
+                raise ImageError(f"TIFF tag {name} holds {n:,} values")
+            fmt = f"{order}{n}{_TIFF_INTS[kind]}"
+            tags[tag] = list(struct.unpack(fmt, data[at : at + size]))
+        else:
+            tags[tag] = []
+
+    def single(tag: int, default: int | None = None) -> int:
+        values = tags.get(tag)
+        if values is None:
+            if default is None:
+                raise ImageError(f"TIFF first IFD has no {_TIFF_NAMES[tag]} tag")
+            return default
+        if len(values) != 1:
+            raise ImageError(f"TIFF tag {_TIFF_NAMES[tag]} holds {len(values)} values, not one")
+        return values[0]
+
+    width, height = single(256), single(257)
+    spp = single(277, 1)
+    bits = tags.get(258, [1])
+    compression = single(259, 1)
+    if width <= 0 or height <= 0:
+        raise ImageError(f"TIFF header declares an impossible size {width} x {height}")
+    if not 1 <= spp <= 4:
+        raise ImageError(f"TIFF SamplesPerPixel is {spp}; chestct reads 1 to 4 samples")
+    if len(bits) not in (1, spp) or len(set(bits)) != 1 or bits[0] not in (1, 2, 4, 8, 16):
+        raise ImageError(
+            f"TIFF BitsPerSample {bits} contradicts SamplesPerPixel {spp} or is not 1-16 bits "
+            "the same for every sample"
+        )
+    if compression not in _TIFF_COMPRESSIONS:
+        raise ImageError(f"TIFF compression {compression} is not supported; save it with LZW")
+    strips, tiles = 273 in tags or 279 in tags, any(t in tags for t in (322, 323, 324, 325))
+    if strips and tiles:
+        raise ImageError("TIFF first IFD declares both strips and tiles; it contradicts itself")
+    sample = 2 if bits[0] == 16 else 1
+    if tiles:
+        tile_w, tile_h = single(322), single(323)
+        if tile_w <= 0 or tile_h <= 0 or len(tags.get(324, [])) != len(tags.get(325, [])):
+            raise ImageError("TIFF tile size or tile offsets/byte counts are inconsistent")
+        working = tile_w * tile_h * max(spp, 4) * sample
+    else:
+        rows = min(single(278, height), height)
+        if rows <= 0 or len(tags.get(273, [])) != len(tags.get(279, [])):
+            raise ImageError("TIFF RowsPerStrip or strip offsets/byte counts are inconsistent")
+        working = width * rows * max(spp, 4) * sample
+    channels = 1 if spp == 1 and single(262, 1) != 3 else (3 if spp == 3 else 4)
+    return Header("tiff", width, height, channels, sample, working)
+
+
+_HEADERS = {"png": _png_header, "jpeg": _jpeg_header, "bmp": _bmp_header, "tiff": _tiff_header}
+
+
+def read_header(data: bytes, fmt: str | None = None) -> Header:
+    """What the header of a PNG, JPEG, BMP or TIFF file declares (DICOM: `dicom_header`).
+
+    Raises:
+        ImageError: a header that cannot be read strictly, naming what is wrong.
+    """
+    fmt = fmt or sniff_format(data)
+    if fmt == "dicom":
+        return dicom_header(data)[0]
+    reader = _HEADERS.get(fmt)
+    if reader is None:
+        raise ImageError(f"no header reader for format {fmt!r}")
+    try:
+        return reader(data)
+    except struct.error:
+        raise ImageError(f"{fmt.upper()} header is truncated") from None
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def _colour_share(img: np.ndarray) -> float:
+    """Share of pixels whose colour channels (BGR first) differ by more than COLOUR_SPREAD."""
+    spread_at = COLOUR_SPREAD * (257 if img.dtype == np.uint16 else 1)
+    coloured = 0
+    for top in range(0, img.shape[0], _STRIP):
+        strip = img[top : top + _STRIP, :, :3]
+        spread = strip.max(axis=2).astype(np.int32) - strip.min(axis=2)
+        coloured += int(np.count_nonzero(spread > spread_at))
+    return coloured / max(1, img.shape[0] * img.shape[1])
+
+
+def _to_grey(img: np.ndarray) -> tuple[np.ndarray, str, float | None]:
+    """Any decoded array to 8-bit grey, the mode it had and its colour share (None for grey).
+
+    Converted a strip of rows at a time, so that the float temporaries of alpha blending and
+    16-bit scaling stay small whatever the image's size.
+    """
     depth16 = img.dtype == np.uint16
-    if img.ndim == 2:
-        mode = "I;16" if depth16 else "L"
-        grey = img
-    elif img.shape[2] == 4:
-        mode = "RGBA"
-        alpha = img[:, :, 3]
-        if alpha.min() == np.iinfo(img.dtype).max:
-            # Fully opaque (most exports): no blending, and no float copy of a large image.
-            grey = cv2.cvtColor(img, cv2.COLOR_BGRA2GRAY)
+    if img.ndim == 2 or img.shape[2] in (1, 2):
+        mode = ("I;16" if depth16 else "L") if img.ndim == 2 or img.shape[2] == 1 else "LA"
+        plane = img if img.ndim == 2 else img[:, :, 0]
+        if not depth16:
+            return np.ascontiguousarray(plane), mode, None
+        grey = np.empty(plane.shape, np.uint8)
+        for top in range(0, plane.shape[0], _STRIP):
+            grey[top : top + _STRIP] = _to_8bit(plane[top : top + _STRIP])
+        return grey, mode, None
+    channels = img.shape[2]
+    mode = "RGBA" if channels == 4 else "RGB"
+    opaque = channels == 3 or img[:, :, 3].min() == np.iinfo(img.dtype).max
+    grey = np.empty(img.shape[:2], np.uint8)
+    for top in range(0, img.shape[0], _STRIP):
+        strip = img[top : top + _STRIP]
+        if opaque:
+            plane = cv2.cvtColor(strip[:, :, :3], cv2.COLOR_BGR2GRAY)
         else:
             # Transparent pixels become black, the background of a CT slice.
-            weight = alpha[:, :, None].astype(np.float32) / (65535.0 if depth16 else 255.0)
-            bgr = (img[:, :, :3].astype(np.float32) * weight).astype(img.dtype)
-            grey = cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
-    elif img.shape[2] == 3:
-        mode = "RGB"
-        grey = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)
-    elif img.shape[2] == 2:
-        mode = "LA"
-        grey = img[:, :, 0]
-    else:
-        mode = "L"
-        grey = img[:, :, 0]
-    if grey.dtype != np.uint8:
-        grey = (grey.astype(np.float32) / 257.0).round().clip(0, 255).astype(np.uint8)
-    return grey, mode
+            weight = strip[:, :, 3:4].astype(np.float32) / (65535.0 if depth16 else 255.0)
+            bgr = (strip[:, :, :3].astype(np.float32) * weight).astype(img.dtype)
+            plane = cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
+        grey[top : top + _STRIP] = _to_8bit(plane) if depth16 else plane
+    return grey, mode, _colour_share(img)
 
 
-def decode(data: bytes, window: tuple[float, float] | None = None) -> Decoded:
+def _to_8bit(plane: np.ndarray) -> np.ndarray:
+    return (plane.astype(np.float32) / 257.0).round().clip(0, 255).astype(np.uint8)
+
+
+def _imdecode(buf: np.ndarray, flags: int, fmt: str) -> np.ndarray | None:
+    try:
+        return cv2.imdecode(buf, flags)
+    except cv2.error as exc:  # OpenCV's own size limit (OPENCV_IO_MAX_IMAGE_PIXELS) or asserts
+        raise ImageTooLarge(
+            f"{fmt} data refused by the decoder ({str(exc).strip().splitlines()[-1]})"
+        ) from None
+
+
+def decode(
+    data: bytes,
+    window: tuple[float, float] | None = None,
+    *,
+    limits: DecodeLimits = DEFAULT_LIMITS,
+) -> Decoded:
     """Decode image bytes (PNG, JPEG, BMP, TIFF; DICOM when given a window) into 8-bit grey.
+
+    The header is read strictly first and its declared cost checked against `limits`, so a
+    decompression bomb is refused before the decoder allocates anything.
 
     Args:
         data: the file's bytes; the format comes from the content, never from a name.
         window: (level, width) in Hounsfield units for DICOM files; without it a DICOM file
             is refused, because the same bytes would look different under another window.
+        limits: pixels, bytes and DICOM elements one image may cost.
 
     Raises:
-        ImageError: empty, truncated or non-image bytes, or a DICOM file without a window,
-            without pixel data or in a transfer syntax that cannot be decoded here.
+        ImageTooLarge: the header declares more than `limits`.
+        ImageError: empty, truncated or non-image bytes, a header that cannot be read, or a
+            DICOM file without a window, without pixel data or in a transfer syntax that
+            cannot be decoded here.
     """
     if not data:
         raise ImageError("empty file")
     fmt = sniff_format(data)
     if fmt == "dicom" and window is not None:
-        return decode_dicom(data, *window)
-    if fmt in ("unknown", "dicom", "gif"):
+        return decode_dicom(data, *window, limits=limits)
+    if fmt in ("unknown", "dicom", "gif", "webp"):
         hint = (
             "; DICOM needs a window (level, width) to become 8-bit grey"
             if fmt == "dicom"
             else "; use PNG, JPEG, BMP, TIFF or DICOM"
         )
         raise ImageError(f"not a supported image (format by content: {fmt}){hint}")
+    header = read_header(data, fmt)
+    check_budget(header, limits)
     buf = np.frombuffer(data, dtype=np.uint8)
     if fmt == "jpeg":
         # JPEG keeps luma apart from colour: decoding straight to grey reads the luma plane and
         # skips the colour planes (half the time on colour JPEGs), and it is the picture's own
         # grey, without the rounding of colour decoding and converting back. EXIF orientation
         # is ignored, as for every other format.
-        frame = jpeg_frame(data)
-        grey = cv2.imdecode(buf, cv2.IMREAD_GRAYSCALE | cv2.IMREAD_IGNORE_ORIENTATION)
-        if frame is None or grey is None or grey.size == 0:
+        grey = _imdecode(buf, cv2.IMREAD_GRAYSCALE | cv2.IMREAD_IGNORE_ORIENTATION, fmt)
+        if grey is None or grey.size == 0:
             raise ImageError("jpeg data could not be decoded (truncated or corrupt)")
+        if grey.dtype != np.uint8:  # 12/16-bit JPEG
+            grey = _to_8bit(grey)
+        colour = None
+        if header.working_bytes and jpeg_info(data).components > 1:
+            small = _imdecode(buf, cv2.IMREAD_REDUCED_COLOR_2 | cv2.IMREAD_IGNORE_ORIENTATION, fmt)
+            colour = None if small is None or small.ndim != 3 else _colour_share(small)
         height, width = grey.shape
-        return Decoded(
-            grey=grey, format=fmt, mode="L" if frame[2] == 1 else "RGB", width=width, height=height
-        )
-    img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+        mode = "L" if colour is None else "RGB"
+        return Decoded(grey, fmt, mode, width, height, colour)
+    img = _imdecode(buf, cv2.IMREAD_UNCHANGED, fmt)
     if img is None or img.size == 0:
         raise ImageError(f"{fmt} data could not be decoded (truncated or corrupt)")
-    grey, mode = _to_grey(img)
+    if img.dtype not in (np.uint8, np.uint16):
+        raise ImageError(f"{fmt} holds {img.dtype} samples; chestct reads 8 or 16-bit images")
+    if img.nbytes > limits.max_bytes:  # the decoder made more than the header declared
+        raise ImageTooLarge(f"{fmt} decoded to {img.nbytes:,} bytes, more than its header said")
+    grey, mode, colour = _to_grey(img)
+    del img
     height, width = grey.shape
-    return Decoded(grey=grey, format=fmt, mode=mode, width=width, height=height)
+    return Decoded(grey, fmt, mode, width, height, colour)
 
 
 def apply_window(values: np.ndarray, level: float, width: float) -> np.ndarray:
@@ -197,31 +589,217 @@ def apply_window(values: np.ndarray, level: float, width: float) -> np.ndarray:
     return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
 
 
-def decode_dicom(data: bytes, level: float, width: float) -> Decoded:
-    """A single-frame DICOM slice to 8-bit grey through Hounsfield units and a window.
+# --------------------------------------------------------------------------- DICOM
 
-    Stored values become Hounsfield units through RescaleSlope and RescaleIntercept (1 and 0 when
-    absent), then the window (level, width) maps them to 0..255. MONOCHROME1 is inverted so
-    that air is dark as in MONOCHROME2; colour DICOM is converted to grey without windowing.
+# Explicit VRs whose length field is 4 bytes (after 2 reserved ones).
+_LONG_VRS = frozenset(
+    {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+)
+_UNDEFINED = 0xFFFFFFFF
+_PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})
+DEFLATED_SYNTAX = "1.2.840.10008.1.2.1.99"
+# Attributes chestct reads from a dataset: each must hold a short single value.
+_DICOM_ATTRIBUTES = (
+    "Rows", "Columns", "SamplesPerPixel", "BitsAllocated", "BitsStored", "HighBit",
+    "PixelRepresentation", "NumberOfFrames", "PhotometricInterpretation", "RescaleSlope",
+    "RescaleIntercept", "PlanarConfiguration", "Modality", "SOPClassUID",
+)  # fmt: skip
+
+
+def _walk_dicom(data: bytes, pos: int, implicit: bool, limit: int, stop_group: int = 0) -> int:
+    """Step over a dataset's elements from `pos` without building any, items of sequences
+    included; returns where it stopped (the end, or the first element of a group above
+    `stop_group` when one is given).
 
     Raises:
-        ImageError: not DICOM, no pixel data, a transfer syntax without an available decoder,
-            several frames, or pixel data that cannot be decoded.
+        ImageError: an element that runs past the end, or more than `limit` elements.
     """
-    if width <= 0:
-        raise ImageError(f"DICOM window width must be > 0, got {width}")
-    import pydicom  # imported here: only DICOM sources and uploads pay for it
-    from pydicom.errors import InvalidDicomError
-    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+    from pydicom.datadict import dictionary_VR
 
+    end, count = len(data), 0
+    while pos < end:
+        if pos + 8 > end:
+            raise ImageError(f"DICOM data is truncated at byte {pos}")
+        group, elem, length = struct.unpack_from("<HHI", data, pos)
+        if stop_group and group > stop_group:
+            return pos
+        count += 1
+        if count > limit:
+            raise ImageTooLarge(
+                f"DICOM file holds more than {limit:,} data elements (a slice has a few "
+                "hundred); refusing to parse it"
+            )
+        tag, vr = (group << 16) | elem, b""
+        if group == 0xFFFE:  # item and delimiters: an item's elements follow
+            pos += 8
+            continue
+        if implicit:
+            pos += 8
+        else:
+            vr = data[pos + 4 : pos + 6]
+            if vr in _LONG_VRS:
+                if pos + 12 > end:
+                    raise ImageError(f"DICOM data is truncated at byte {pos}")
+                (length,) = struct.unpack_from("<I", data, pos + 8)
+                pos += 12
+            else:
+                (length,) = struct.unpack_from("<H", data, pos + 6)
+                pos += 8
+        if length == _UNDEFINED:
+            if tag in _PIXEL_TAGS or vr in (b"OB", b"OW"):
+                pos, fragments = _skip_fragments(data, pos)
+                count += fragments
+            elif vr == b"UN":  # a sequence in implicit VR: step to its end as bytes
+                close = data.find(b"\xfe\xff\xdd\xe0\x00\x00\x00\x00", pos)
+                if close < 0:
+                    raise ImageError(f"DICOM sequence at byte {pos} has no end")
+                count += (close - pos) // 8
+                pos = close + 8
+            continue  # a sequence: its items follow
+        if vr == b"SQ":
+            continue
+        if implicit and group % 2 == 0:
+            try:
+                if dictionary_VR(tag) == "SQ":
+                    continue
+            except KeyError:
+                pass
+        if pos + length > end and tag not in _PIXEL_TAGS:
+            raise ImageError(
+                f"DICOM element ({group:04X},{elem:04X}) declares {length:,} bytes past the end "
+                "of the file (truncated or forged)"
+            )
+        pos += length
+    return pos
+
+
+def _skip_fragments(data: bytes, pos: int) -> tuple[int, int]:
+    """Past encapsulated pixel data (items of bytes up to a sequence delimiter)."""
+    count = 0
+    while True:
+        if pos + 8 > len(data):
+            raise ImageError("DICOM encapsulated pixel data is truncated")
+        group, elem, length = struct.unpack_from("<HHI", data, pos)
+        pos += 8
+        count += 1
+        if (group, elem) == (0xFFFE, 0xE0DD):
+            return pos, count
+        if (group, elem) != (0xFFFE, 0xE000) or length == _UNDEFINED:
+            raise ImageError("DICOM encapsulated pixel data is malformed (not a fragment item)")
+        pos += length
+
+
+def _inflate(data: bytes, cap: int) -> bytes:
+    """A raw deflate stream, refused once it inflates past `cap` bytes (before allocating
+    more)."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
     try:
+        out = inflater.decompress(data, cap + 1)
+    except zlib.error as exc:
+        raise ImageError(f"DICOM deflated dataset is corrupt ({exc})") from None
+    if len(out) > cap or inflater.unconsumed_tail:
+        raise ImageTooLarge(
+            f"DICOM deflated dataset inflates to more than {cap / 2**20:.0f} MB "
+            "(serving.max_decoded_mb); refusing a decompression bomb"
+        )
+    if not inflater.eof:
+        raise ImageError("DICOM deflated dataset is truncated (the deflate stream does not end)")
+    return out
+
+
+def _read_dicom(data: bytes, limits: DecodeLimits) -> Any:
+    """The dataset, parsed by pydicom only after its structure was walked within `limits`;
+    a deflated dataset is inflated here, bounded, instead of by pydicom (which is not)."""
+    import pydicom
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.errors import InvalidDicomError
+    from pydicom.filereader import read_dataset
+
+    preamble = has_dicom_preamble(data)
+    start = 132 if preamble else 0
+    meta_end = start
+    if data[start : start + 2] == b"\x02\x00":  # file meta: always explicit VR little endian
+        meta_end = _walk_dicom(data, start, False, limits.max_dicom_elements, stop_group=2)
+    try:
+        meta = read_dataset(
+            io.BytesIO(data[start:meta_end]), is_implicit_VR=False, is_little_endian=True
+        )
+        syntax = str(meta.get("TransferSyntaxUID", "") or "")
+        if syntax == DEFLATED_SYNTAX:
+            body = _inflate(data[meta_end:], limits.max_bytes)
+            _walk_dicom(body, 0, False, limits.max_dicom_elements)
+            file_meta = FileMetaDataset(meta)
+            dataset = read_dataset(io.BytesIO(body), is_implicit_VR=False, is_little_endian=True)
+            return FileDataset(
+                "upload", dataset, preamble=data[:128] if preamble else None,
+                file_meta=file_meta, is_implicit_VR=False, is_little_endian=True,
+            )  # fmt: skip
+        vr = data[meta_end + 4 : meta_end + 6]
+        implicit = syntax == "1.2.840.10008.1.2" or (
+            not syntax and not (vr.isalpha() and vr.isupper())
+        )
+        if syntax == "1.2.840.10008.1.2.2":
+            raise ImageError(
+                "DICOM transfer syntax Explicit VR Big Endian (1.2.840.10008.1.2.2) is retired "
+                "and not supported; convert the file (`gdcmconv --raw in.dcm out.dcm`)"
+            )
+        _walk_dicom(data, meta_end, implicit, limits.max_dicom_elements)
         # force: a file without the preamble is read from its first element (sniff_format
         # has already checked that it opens like a DICOM dataset).
-        ds = pydicom.dcmread(io.BytesIO(data), force=not has_dicom_preamble(data))
-    except (InvalidDicomError, EOFError, ValueError, TypeError, KeyError, OSError) as exc:
-        raise ImageError(f"not a readable DICOM file ({exc})") from None
+        return pydicom.dcmread(io.BytesIO(data), force=not preamble)
+    except ImageError:
+        raise
+    except (InvalidDicomError, EOFError, ValueError, TypeError, KeyError, OSError,
+            struct.error, AttributeError, NotImplementedError) as exc:  # fmt: skip
+        raise ImageError(f"not a readable DICOM file ({type(exc).__name__}: {exc})") from None
+
+
+def _attribute(ds: Any, keyword: str, default: Any) -> Any:
+    """One attribute's value, refused unless it is a single short value."""
+    from pydicom.multival import MultiValue
+
+    try:
+        raw = ds.get_item(keyword)
+        if raw is None:
+            return default
+        length = getattr(raw, "length", None)
+        if length is None:
+            length = len(raw.value) if isinstance(raw.value, bytes | str) else 0
+        if length > 64:
+            raise ImageError(f"DICOM attribute {keyword} is {length:,} bytes; it holds one value")
+        value = ds.get(keyword, default)
+    except ImageError:
+        raise
+    except Exception as exc:  # pydicom converts values lazily and raises many types for them
+        raise ImageError(f"DICOM attribute {keyword} cannot be read ({exc})") from None
+    if isinstance(value, MultiValue | list | tuple):
+        raise ImageError(f"DICOM attribute {keyword} holds {len(value)} values; a slice has one")
+    return default if value is None or value == "" else value
+
+
+def _number(ds: Any, keyword: str, default: float) -> float:
+    value = _attribute(ds, keyword, default)
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ImageError(f"DICOM attribute {keyword} is {value!r}, not a number") from None
+    if not np.isfinite(number):
+        raise ImageError(f"DICOM attribute {keyword} is {value!r}, not a finite number")
+    return number
+
+
+def dicom_header(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> tuple[Header, Any]:
+    """The header of a DICOM file and its dataset, read within `limits`.
+
+    Raises:
+        ImageError: unreadable, no pixel data, several frames, or a transfer syntax chestct
+            does not decode (named).
+    """
+    ds = _read_dicom(data, limits)
     if "TransferSyntaxUID" not in ds.file_meta:
         # A raw dataset has no file meta; its encoding, as read, names the transfer syntax.
+        from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
         implicit, little = ds.original_encoding
         if not little:
             raise ImageError("big-endian DICOM without file meta is not supported; convert it")
@@ -229,29 +807,81 @@ def decode_dicom(data: bytes, level: float, width: float) -> Decoded:
             ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
         )
     if not any(tag in ds for tag in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
-        kind = getattr(ds, "Modality", "") or str(getattr(ds, "SOPClassUID", "")) or "unknown"
+        kind = (
+            _attribute(ds, "Modality", "") or str(_attribute(ds, "SOPClassUID", "")) or "unknown"
+        )
         raise ImageError(
             f"DICOM file has no pixel data (modality/class: {kind}): a report, a presentation "
             "state or a truncated file, not an image; leave it out"
         )
-    meta = getattr(ds, "file_meta", None)
-    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
-    frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+    syntax = ds.file_meta.TransferSyntaxUID
+    if syntax.is_compressed and not _decoder_available(syntax):
+        raise ImageError(
+            f"DICOM transfer syntax {syntax.name} ({syntax}) is not supported here (no "
+            "decoder installed); decompress the file first, e.g. `gdcmconv --raw in.dcm "
+            "out.dcm`"
+        )
+    frames = int(_number(ds, "NumberOfFrames", 1) or 1)
     if frames > 1:
         raise ImageError(
             f"DICOM file holds {frames} frames; chestct reads 2D slices: export one file per slice"
         )
+    rows, columns = int(_number(ds, "Rows", 0)), int(_number(ds, "Columns", 0))
+    if rows <= 0 or columns <= 0:
+        raise ImageError(f"DICOM Rows x Columns is {rows} x {columns}; not an image")
+    samples = int(_number(ds, "SamplesPerPixel", 1))
+    bits = int(_number(ds, "BitsAllocated", 16))
+    if samples not in (1, 3) or bits not in (1, 8, 16, 32, 64):
+        raise ImageError(
+            f"DICOM declares {samples} samples of {bits} bits; chestct reads 1 or 3 samples "
+            "of 8 or 16 bits"
+        )
+    sample = max(1, bits // 8)
+    # Working memory: the stored values, then float32 Hounsfield units a strip at a time.
+    header = Header("dicom", columns, rows, samples, sample, columns * rows * samples * sample)
+    return header, ds
+
+
+def decode_dicom(
+    data: bytes, level: float, width: float, *, limits: DecodeLimits = DEFAULT_LIMITS
+) -> Decoded:
+    """A single-frame DICOM slice to 8-bit grey through Hounsfield units and a window.
+
+    Stored values become Hounsfield units through RescaleSlope and RescaleIntercept (1 and 0 when
+    absent), then the window (level, width) maps them to 0..255. MONOCHROME1 is inverted so
+    that air is dark as in MONOCHROME2; colour DICOM is converted to grey without windowing.
+    The dataset's structure, a deflated dataset's size and the declared pixels are checked
+    against `limits` before pydicom parses or decodes anything.
+
+    Raises:
+        ImageTooLarge: more pixels, bytes or data elements than `limits`.
+        ImageError: not DICOM, no pixel data, a transfer syntax without an available decoder,
+            several frames, an attribute that is not one value, or undecodable pixel data.
+    """
+    if width <= 0:
+        raise ImageError(f"DICOM window width must be > 0, got {width}")
+    header, ds = dicom_header(data, limits)
+    check_budget(header, limits)
+    photometric = str(_attribute(ds, "PhotometricInterpretation", "MONOCHROME2")).upper()
+    slope = _number(ds, "RescaleSlope", 1.0) or 1.0
+    intercept = _number(ds, "RescaleIntercept", 0.0)
+    for keyword in ("BitsStored", "HighBit", "PixelRepresentation", "PlanarConfiguration"):
+        _attribute(ds, keyword, 0)  # read by pydicom's decoder: refuse odd values here
+    if ds.file_meta.TransferSyntaxUID.is_compressed:
+        # Pillow decodes JPEG and JPEG 2000 frames for pydicom: its own bomb check then
+        # refuses frames larger than ours, whatever the frame says against Rows x Columns.
+        from PIL import Image
+
+        Image.MAX_IMAGE_PIXELS = limits.max_pixels // 2
     try:
         pixels = ds.pixel_array
     except Exception as exc:  # pydicom raises many types for codecs; all mean the same here
-        if syntax is not None and syntax.is_compressed and not _decoder_available(syntax):
-            raise ImageError(
-                f"DICOM transfer syntax {syntax.name} ({syntax}) is not supported here (no "
-                "decoder installed); decompress the file first, e.g. `gdcmconv --raw in.dcm "
-                "out.dcm`"
-            ) from None
         raise ImageError(f"DICOM pixel data could not be decoded ({exc})") from None
-    photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).upper()
+    if pixels.nbytes > limits.max_bytes or pixels.shape[:2] != (header.height, header.width):
+        raise ImageError(
+            f"DICOM pixel data decoded to shape {pixels.shape}, not the {header.height} x "
+            f"{header.width} its header declares"
+        )
     if pixels.ndim == 3 and photometric not in ("MONOCHROME1", "MONOCHROME2"):
         rgb = pixels.astype(np.uint8) if pixels.dtype != np.uint8 else pixels
         if photometric.startswith("YBR"):
@@ -261,13 +891,15 @@ def decode_dicom(data: bytes, level: float, width: float) -> Decoded:
         grey = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2GRAY)
         mode = "RGB"
     elif pixels.ndim == 2:
-        slope = float(ds.get("RescaleSlope", 1) or 1)
-        intercept = float(ds.get("RescaleIntercept", 0) or 0)
-        hounsfield = pixels.astype(np.float32) * np.float32(slope) + np.float32(intercept)
-        grey = apply_window(hounsfield, level, width)
+        grey = np.empty(pixels.shape, np.uint8)
+        for top in range(0, pixels.shape[0], _STRIP):
+            strip = pixels[top : top + _STRIP].astype(np.float32)
+            grey[top : top + _STRIP] = apply_window(
+                strip * np.float32(slope) + np.float32(intercept), level, width
+            )
         if photometric == "MONOCHROME1":
             grey = 255 - grey
-        mode = "L" if int(getattr(ds, "BitsAllocated", 16)) <= 8 else "I;16"
+        mode = "L" if header.sample_bytes == 1 else "I;16"
     else:
         raise ImageError(
             f"DICOM pixel data has shape {pixels.shape} and photometric interpretation "

@@ -199,7 +199,8 @@ class ServingConfig:
 
     max_upload_mb: float = 10.0  # request body limit (413 above it)
     max_batch_files: int = 16  # files per /predict/batch request
-    max_image_pixels: int = 50_000_000  # width x height read from the header; more is a bomb
+    max_image_pixels: int = 16_777_216  # width x height from the header (4096 x 4096); more: 413
+    max_decoded_mb: float = 48.0  # w x h x channels x bytes per sample (+ decoder buffers); 413
     mc_dropout_samples: int = 30  # MC-dropout passes through the dense head (0 = off)
     reload_check_s: float = 1.0  # how often a worker looks for a new model/ (hot reload)
     inference_threads: int = 1  # LiteRT threads per worker (workers x threads <= cores)
@@ -504,6 +505,8 @@ def _check_serving(serving: ServingConfig) -> None:
         raise SettingsError("serving.max_batch_files: must be at least 1")
     if serving.max_image_pixels < 1024:
         raise SettingsError("serving.max_image_pixels: must be at least 1024 (32 x 32)")
+    if serving.max_decoded_mb < 1:
+        raise SettingsError("serving.max_decoded_mb: must be at least 1 (a 512 x 512 slice)")
     if serving.mc_dropout_samples < 0 or serving.reload_check_s < 0:
         raise SettingsError("serving.mc_dropout_samples and serving.reload_check_s: must be >= 0")
     if serving.inference_threads < 1:

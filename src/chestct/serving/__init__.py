@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import hmac
 import io
 import logging
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ from typing import Any
 from flask import Flask, Request, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
+from chestct import imaging
 from chestct.serving import inputs
 from chestct.serving.audit import AuditLog
 from chestct.serving.inputs import InputError, NotCTSlice, Upload
@@ -77,12 +80,32 @@ def problem_response(status: int, title: str, detail: str, **extra: Any) -> Resp
     return resp
 
 
+def content_security_policy(html: str) -> str:
+    """A policy for a self-contained page: nothing from elsewhere, its own inline script and
+    style by their sha256 (no 'unsafe-inline'), data: images for the heatmap, fetches to this
+    origin only, and no framing (clickjacking)."""
+
+    def hashes(tag: str) -> str:
+        bodies = re.findall(rf"<{tag}>(.*?)</{tag}>", html, flags=re.S)
+        return " ".join(
+            "'sha256-" + base64.b64encode(hashlib.sha256(b.encode()).digest()).decode() + "'"
+            for b in bodies
+        )
+
+    return (
+        f"default-src 'none'; script-src {hashes('script')}; style-src {hashes('style')}; "
+        "img-src 'self' data:; connect-src 'self'; form-action 'self'; base-uri 'none'; "
+        "frame-ancestors 'none'"
+    )
+
+
 def _serving_config(serving: ServingConfig, window: WindowParams) -> dict[str, Any]:
     """App config keys from the serving settings and the DICOM window."""
     return {
         "MAX_CONTENT_LENGTH": int(serving.max_upload_mb * MB),
         "MAX_BATCH_FILES": serving.max_batch_files,
         "MAX_IMAGE_PIXELS": serving.max_image_pixels,
+        "MAX_DECODED_MB": serving.max_decoded_mb,
         "MC_DROPOUT_SAMPLES": serving.mc_dropout_samples,
         "RELOAD_CHECK_S": serving.reload_check_s,
         "INFERENCE_THREADS": serving.inference_threads,
@@ -119,9 +142,9 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
 
     Settings come from config/config.yaml (serving.*) unless `test_config` names MODEL_DIR;
     `test_config` overrides any key (MODEL_DIR, MAX_CONTENT_LENGTH, MAX_BATCH_FILES,
-    MAX_IMAGE_PIXELS, MC_DROPOUT_SAMPLES, RELOAD_CHECK_S, INFERENCE_THREADS, AUDIT_LOG,
-    AUDIT_DB, HISTORY_TOKEN, DICOM_WINDOW, LOAD_MODEL). The model loads here, which under
-    gunicorn (preload_app off) happens in each worker after fork.
+    MAX_IMAGE_PIXELS, MAX_DECODED_MB, MC_DROPOUT_SAMPLES, RELOAD_CHECK_S, INFERENCE_THREADS,
+    AUDIT_LOG, AUDIT_DB, HISTORY_TOKEN, DICOM_WINDOW, LOAD_MODEL). The model loads here, which
+    under gunicorn (preload_app off) happens in each worker after fork.
     """
     app = Flask(__name__)
     app.request_class = InMemoryRequest
@@ -147,6 +170,20 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     if audit is not None:
         audit.open()
     app.extensions["chestct.predictor"] = predictor
+    budget = inputs.limits(
+        int(app.config["MAX_IMAGE_PIXELS"]), int(float(app.config["MAX_DECODED_MB"]) * MB)
+    )
+    opencv_limit = imaging.opencv_pixel_limit()
+    if opencv_limit is None or opencv_limit > budget.max_pixels:
+        # Only the environment before `import cv2` sets OpenCV's own limit (gunicorn.conf.py
+        # does); the header checks still hold without it.
+        log.warning(
+            "%s is %s: OpenCV's own pixel limit is not the serving limit (%d); start the "
+            "service with `make serve` or set it in the environment",
+            imaging.OPENCV_PIXELS_ENV,
+            opencv_limit or "unset",
+            budget.max_pixels,
+        )
     app.extensions["chestct.metrics"] = metrics
     if app.config["LOAD_MODEL"]:
         try:
@@ -275,9 +312,9 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         """Checks, decoding and the prediction for one image; raises InputError."""
         started = time.perf_counter()
         fmt = inputs.check_format(upload.data)
-        inputs.check_header(upload.data, fmt, int(app.config["MAX_IMAGE_PIXELS"]))
-        decoded = inputs.decode(upload.data, model.window)
-        inputs.check_slice(decoded, upload.data)
+        inputs.check_header(upload.data, fmt, budget)
+        decoded = inputs.decode(upload.data, model.window, budget)
+        inputs.check_slice(decoded)
         sha = input_sha256(upload.data)
         prepared = model.prepare(decoded)
         result = analyse(model, prepared, int(app.config["MC_DROPOUT_SAMPLES"]), seed_of(sha))
@@ -347,9 +384,15 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
 
     # ------------------------------------------------------------------ endpoints
 
+    page_policy = content_security_policy(INDEX_HTML)
+
     @app.get("/")
     def index() -> Response:
-        return Response(INDEX_HTML, mimetype="text/html")
+        resp = Response(INDEX_HTML, mimetype="text/html")
+        resp.headers["Content-Security-Policy"] = page_policy
+        resp.headers["X-Frame-Options"] = "DENY"  # for browsers without frame-ancestors
+        resp.headers["Referrer-Policy"] = "no-referrer"
+        return resp
 
     @app.get("/health")
     def health() -> Response:
@@ -392,6 +435,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
                 "max_upload_mb": app.config["MAX_CONTENT_LENGTH"] / MB,
                 "max_batch_files": app.config["MAX_BATCH_FILES"],
                 "max_image_pixels": app.config["MAX_IMAGE_PIXELS"],
+                "max_decoded_mb": app.config["MAX_DECODED_MB"],
             },
             notes=model.notes,
         )
@@ -441,6 +485,15 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
                     error["reason"] = exc.reason
                     metrics.ood.labels(exc.reason).inc()
                 results.append({"index": index, "filename": name, "ok": False, "error": error})
+            except Exception:  # a bug must not cost the other files their answers
+                log.exception("batch file %d (%r) failed unexpectedly", index, name)
+                error = {
+                    "status": 500,
+                    "title": "Internal error",
+                    "detail": "this file could not be processed (logged on the server); the "
+                    "others were",
+                }
+                results.append({"index": index, "filename": name, "ok": False, "error": error})
         return jsonify(
             results=results,
             count=len(results),
@@ -462,9 +515,9 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
             )
         started = time.perf_counter()
         fmt = inputs.check_format(upload.data)
-        inputs.check_header(upload.data, fmt, int(app.config["MAX_IMAGE_PIXELS"]))
-        decoded = inputs.decode(upload.data, model.window)
-        inputs.check_slice(decoded, upload.data)
+        inputs.check_header(upload.data, fmt, budget)
+        decoded = inputs.decode(upload.data, model.window, budget)
+        inputs.check_slice(decoded)
         prepared = model.prepare(decoded)
         result = analyse(model, prepared, 0, 0)
         predicted = model.classes[int(result.probabilities.argmax())]
@@ -510,8 +563,11 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
                 "History disabled",
                 f"no token is configured; set serving.history_token or {TOKEN_ENV}",
             )
-        given = request.headers.get("Authorization", "")
-        if not (given.startswith("Bearer ") and hmac.compare_digest(given[7:], token)):
+        # Compared as bytes: compare_digest refuses str with non-ASCII characters (a 500), and
+        # WSGI hands headers over as latin-1, which encodes back to the bytes that were sent.
+        given = request.headers.get("Authorization", "").encode("latin-1", "replace")
+        expected = b"Bearer " + str(token).encode("utf-8")
+        if not hmac.compare_digest(given, expected):
             resp = problem_response(
                 401,
                 "Unauthorized",
@@ -520,9 +576,14 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
             resp.headers["WWW-Authenticate"] = 'Bearer realm="chestct"'
             return resp
         raw = request.args.get("limit", "20")
-        if not raw.isdigit() or not 1 <= int(raw) <= HISTORY_MAX:
+        # isascii: "²" and other Unicode digits pass isdigit() but not int().
+        if not (
+            raw.isascii() and raw.isdigit() and len(raw) <= 6 and 1 <= int(raw) <= HISTORY_MAX
+        ):
             raise Problem(
-                400, "Bad limit", f"limit must be an integer from 1 to {HISTORY_MAX}, got {raw!r}"
+                400,
+                "Bad limit",
+                f"limit must be an integer from 1 to {HISTORY_MAX}, got {raw[:40]!r}",
             )
         entries = audit.latest(int(raw))
         return jsonify(entries=entries, count=len(entries))

@@ -22,10 +22,12 @@ import http.client
 import json
 import shutil
 import string
+import struct
 import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -191,6 +193,223 @@ def requests(draw: st.DrawFn, seeds: dict[str, bytes]) -> Request:
     if draw(st.integers(0, 9)) == 0:
         content_type = draw(st.sampled_from(CONTENT_TYPES) | st.none())
     return Request(method, path, content_type, body)
+
+
+# --------------------------------------------------------------------------- structured files
+# Files built field by field, so that the header readers and decoders see plausible headers
+# with hostile values (sizes up to 2^31, contradictory tags, odd transfer syntaxes) rather than
+# noise that fails at the first byte. Pixel data is a zlib stream of a constant row, so a
+# declared 6000 x 6000 image costs this process nothing and the decoder all of it.
+
+SIDES = st.one_of(
+    st.integers(1, 600), st.sampled_from([0, 4096, 4097, 6000, 65535, 65536, 2**31 - 1, 2**32 - 1])
+)
+
+
+def _png_chunk(kind: bytes, payload: bytes) -> bytes:
+    crc = zlib.crc32(kind + payload) & 0xFFFFFFFF
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", crc)
+
+
+def _rows(width: int, height: int, row_bytes: int, value: int, limit: int = 48 << 20) -> bytes:
+    """A zlib stream of `height` rows of `row_bytes` (each with a filter byte), cut at `limit`
+    raw bytes: real data for what a decoder will inflate."""
+    comp = zlib.compressobj(1)
+    row = b"\0" + bytes([value]) * row_bytes
+    out, total = [], 0
+    for _ in range(height):
+        out.append(comp.compress(row))
+        total += len(row)
+        if total > limit:
+            break
+    return b"".join(out) + comp.flush()
+
+
+@st.composite
+def png_files(draw: st.DrawFn) -> bytes:
+    width, height = draw(SIDES), draw(SIDES)
+    colour = draw(st.sampled_from([0, 2, 3, 4, 6, 1, 7]))
+    depth = draw(st.sampled_from([8, 16, 1, 2, 4, 3, 32]))
+    interlace = draw(st.sampled_from([0, 0, 1, 2]))
+    ihdr = struct.pack(">IIBBBBB", width % 2**32, height % 2**32, depth, colour, 0, 0, interlace)
+    channels = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}.get(colour, 1)
+    row_bytes = min(width * channels * max(1, depth // 8), 1 << 20)
+    chunks = [_png_chunk(b"IHDR", ihdr)]
+    if colour == 3 and draw(st.booleans()):
+        chunks.append(_png_chunk(b"PLTE", bytes(range(256)) * 3))
+    data = _rows(width, min(height, 70_000), row_bytes, draw(st.integers(0, 255)))
+    cut = draw(st.sampled_from([None, None, len(data) // 2, 3]))
+    chunks.append(_png_chunk(b"IDAT", data[:cut]))
+    if draw(st.booleans()):
+        chunks.append(_png_chunk(b"IHDR", ihdr))  # a second header
+    chunks.append(_png_chunk(b"IEND", b""))
+    return b"\x89PNG\r\n\x1a\n" + b"".join(draw(st.permutations(chunks)) if draw(
+        st.integers(0, 9)) == 0 else chunks)  # fmt: skip
+
+
+@st.composite
+def jpeg_files(draw: st.DrawFn, seed_jpeg: bytes) -> bytes:
+    """A real JPEG, its frame header patched, junk inserted before markers, segments
+    duplicated (a second SOF, many scans)."""
+    data = bytearray(seed_jpeg)
+    sof = data.index(b"\xff\xc0")
+    if draw(st.booleans()):
+        data[sof + 5 : sof + 9] = struct.pack(">HH", draw(SIDES) % 65536, draw(SIDES) % 65536)
+    if draw(st.booleans()):
+        data[sof + 1] = draw(st.sampled_from([0xC1, 0xC2, 0xC3, 0xC5, 0xC9, 0xCA, 0xCF]))
+    if draw(st.booleans()):
+        data[sof + 9] = draw(st.sampled_from([0, 1, 2, 3, 4, 5, 255]))
+    for _ in range(draw(st.integers(0, 3))):
+        at = draw(st.sampled_from([m for m in range(2, len(data) - 1) if data[m] == 0xFF][:40]))
+        data[at:at] = draw(st.binary(min_size=1, max_size=4))
+    if draw(st.integers(0, 4)) == 0:
+        sos = data.index(b"\xff\xda")
+        segment = bytes(data[sof : sof + 2 + int.from_bytes(data[sof + 2 : sof + 4], "big")])
+        data[sos:sos] = segment  # a second frame header
+    if draw(st.integers(0, 4)) == 0:
+        sos = data.index(b"\xff\xda")
+        length = int.from_bytes(data[sos + 2 : sos + 4], "big")
+        scan = bytes(data[sos : sos + 2 + length]) + b"\x00" * 8
+        data[sos:sos] = scan * draw(st.integers(1, 200))
+    return bytes(data)
+
+
+_TIFF_TAGS = [256, 257, 258, 259, 262, 273, 277, 278, 279, 322, 323, 324, 325, 284, 339]
+
+
+@st.composite
+def tiff_files(draw: st.DrawFn) -> bytes:
+    """A little- or big-endian TIFF with a drawn first IFD: tags from the ones decoders read,
+    with random types (some unknown), counts and values, duplicates, and a deflated strip."""
+    order = draw(st.sampled_from(["<", ">"]))
+    width, height = draw(SIDES) % 2**32, draw(SIDES) % 2**32
+    spp = draw(st.sampled_from([1, 1, 3, 4, 2, 0, 9]))
+    strip = zlib.compress(bytes(min(width * spp, 1 << 16)) * min(height, 64))
+    base = {
+        256: (4, width), 257: (4, height), 258: (3, draw(st.sampled_from([8, 16, 1, 12, 32]))),
+        259: (3, draw(st.sampled_from([1, 8, 5, 32773, 7, 99]))), 262: (3, 1),
+        273: (4, 0), 277: (3, spp), 278: (4, draw(st.sampled_from([height, 1, 0, 2**32 - 1]))),
+        279: (4, len(strip)),
+    }  # fmt: skip
+    entries = [(tag, kind, 1, value) for tag, (kind, value) in base.items()]
+    for _ in range(draw(st.integers(0, 4))):
+        entries.append(
+            (
+                draw(st.sampled_from(_TIFF_TAGS)),
+                draw(st.sampled_from([3, 4, 1, 0, 14, 99])),
+                draw(st.sampled_from([1, 1, 2, 1000, 2**31])),
+                draw(st.integers(0, 2**16)),
+            )
+        )
+    if draw(st.booleans()):
+        entries.sort(key=lambda e: e[0])
+    ifd = 8
+    strip_at = ifd + 2 + 12 * len(entries) + 4
+    out = bytearray((b"II*\x00" if order == "<" else b"MM\x00*") + struct.pack(order + "I", ifd))
+    out += struct.pack(order + "H", len(entries))
+    for tag, kind, count, value in entries:
+        value = strip_at if tag == 273 else value
+        field = struct.pack(order + ("HH" if kind == 3 else "I"), *(
+            (value % 65536, 0) if kind == 3 else (value % 2**32,)))  # fmt: skip
+        out += struct.pack(order + "HHI", tag, kind, count) + field
+    return bytes(out) + b"\0\0\0\0" + strip
+
+
+@st.composite
+def bmp_files(draw: st.DrawFn) -> bytes:
+    dib = draw(st.sampled_from([40, 40, 12, 124, 108, 64, 0, 200]))
+    width = draw(st.one_of(SIDES, st.integers(-(2**31), 0)))
+    height = draw(st.one_of(SIDES, st.integers(-(2**31), 0)))
+    bits = draw(st.sampled_from([24, 8, 32, 1, 4, 16, 0, 64]))
+    compression = draw(st.sampled_from([0, 0, 1, 2, 3, 4, 5]))
+    pixels = bytes(draw(st.integers(0, 1 << 16)))
+    offset = 14 + max(dib, 12)
+    head = b"BM" + struct.pack("<IHHI", offset + len(pixels), 0, 0, offset)
+    if dib == 12:
+        info = struct.pack("<IHHHH", 12, width % 65536, height % 65536, 1, bits)
+    else:
+        info = struct.pack(
+            "<IiiHHIIiiII", dib, max(-(2**31), min(width, 2**31 - 1)),
+            max(-(2**31), min(height, 2**31 - 1)), draw(st.sampled_from([1, 1, 0, 2])), bits,
+            compression, len(pixels), 2835, 2835, 0, 0,
+        )  # fmt: skip
+        info += bytes(max(0, dib - 40))
+    return head + info + pixels
+
+
+TRANSFER_SYNTAXES = (
+    "1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.2",
+    "1.2.840.10008.1.2.5", "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.90",
+    "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.70", "1.2.3.4.5.6",
+)  # fmt: skip
+
+
+@st.composite
+def dicom_files(draw: st.DrawFn) -> bytes:
+    """A CT dataset with drawn attribute values (sizes, bits, samples, photometric, rescale
+    with several values, frames) in a drawn transfer syntax, pixel data of a drawn length."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.encaps import encapsulate
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset, write_file_meta_info
+    from pydicom.uid import CTImageStorage
+
+    syntax = draw(st.sampled_from(TRANSFER_SYNTAXES[:3] * 2 + TRANSFER_SYNTAXES))
+    rows, columns = draw(SIDES) % 65536, draw(SIDES) % 65536
+    ds = Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = CTImageStorage, "1.2.3.4", "CT"
+    ds.Rows, ds.Columns = rows, columns
+    ds.SamplesPerPixel = draw(st.sampled_from([1, 1, 1, 1, 3, 0, 4]))
+    ds.PhotometricInterpretation = draw(
+        st.sampled_from(
+            ["MONOCHROME2"] * 4 + ["MONOCHROME1", "RGB", "YBR_FULL", "PALETTE COLOR", ""]
+        )
+    )
+    bits = draw(st.sampled_from([16, 16, 16, 8, 1, 12, 32, 0]))
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = bits, bits, max(0, bits - 1)
+    ds.PixelRepresentation = draw(st.sampled_from([0, 1, 1, 2]))
+    number = st.sampled_from(["1", "-1024", "1", "-1024", "0", "1e308", "NaN", "inf"])
+    several = st.lists(number, min_size=2, max_size=3)
+    ds.RescaleSlope = draw(st.one_of(number, number, number, several))
+    ds.RescaleIntercept = draw(st.one_of(number, number, number, several))
+    if draw(st.integers(0, 3)) == 0:
+        ds.NumberOfFrames = draw(st.sampled_from(["1", "2", "0", "1000000"]))
+    size = rows * columns * max(1, bits // 8) * max(1, ds.SamplesPerPixel)
+    length = draw(st.sampled_from([min(size, 1 << 20)] * 3 + [min(size, 1 << 20) // 2, 7, 0]))
+    pixels = bytes(length + length % 2)
+    compressed = syntax.startswith("1.2.840.10008.1.2.4") or syntax.endswith(".5")
+    ds.PixelData = encapsulate([pixels or b"\0\0"]) if compressed else pixels
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = CTImageStorage, "1.2.3.4"
+    meta.TransferSyntaxUID = syntax
+    head = DicomBytesIO()
+    head.is_little_endian, head.is_implicit_VR = True, False
+    write_file_meta_info(head, meta, enforce_standard=True)
+    body = DicomBytesIO()
+    body.is_little_endian = syntax != "1.2.840.10008.1.2.2"
+    body.is_implicit_VR = syntax == "1.2.840.10008.1.2"
+    write_dataset(body, ds)
+    dataset = body.getvalue()
+    if syntax.endswith(".99"):
+        comp = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+        dataset = comp.compress(dataset) + comp.flush()
+        if draw(st.integers(0, 3)) == 0:
+            at = draw(st.integers(0, max(0, len(dataset) - 1)))
+            dataset = dataset[:at] + b"\xff\xff\xff" + dataset[at + 3 :]
+    preamble = draw(st.sampled_from([b"\0" * 128 + b"DICM", b"\0" * 128 + b"DICM", b""]))
+    return preamble + (head.getvalue() if preamble else b"") + dataset
+
+
+def format_files(seeds: dict[str, bytes] | None = None) -> st.SearchStrategy[tuple[str, bytes]]:
+    """(format, file) drawn from the per-format strategies."""
+    seed_jpeg = (seeds or good_images())["jpeg"]
+    return st.one_of(
+        png_files().map(lambda d: ("png", d)),
+        jpeg_files(seed_jpeg).map(lambda d: ("jpeg", d)),
+        tiff_files().map(lambda d: ("tiff", d)),
+        bmp_files().map(lambda d: ("bmp", d)),
+        dicom_files().map(lambda d: ("dicom", d)),
+    )
 
 
 @dataclass

@@ -704,6 +704,11 @@ def _inflate(data: bytes, cap: int) -> bytes:
         )
     if not inflater.eof:
         raise ImageError("DICOM deflated dataset is truncated (the deflate stream does not end)")
+    if inflater.unused_data.strip(b"\0"):  # one pad byte makes the length even (PS3.5 A.5)
+        raise ImageError(
+            f"DICOM deflated dataset is corrupt (the deflate stream ends "
+            f"{len(inflater.unused_data):,} bytes before the file does)"
+        )
     return out
 
 
@@ -815,6 +820,11 @@ def dicom_header(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> tuple[He
             "state or a truncated file, not an image; leave it out"
         )
     syntax = ds.file_meta.TransferSyntaxUID
+    if not syntax.is_transfer_syntax:
+        raise ImageError(
+            f"DICOM transfer syntax {syntax!s:.64} is not a transfer syntax chestct knows; "
+            "convert the file to Explicit VR Little Endian (`gdcmconv --raw in.dcm out.dcm`)"
+        )
     if syntax.is_compressed and not _decoder_available(syntax):
         raise ImageError(
             f"DICOM transfer syntax {syntax.name} ({syntax}) is not supported here (no "

@@ -227,6 +227,15 @@ def _rows(width: int, height: int, row_bytes: int, value: int, limit: int = 48 <
 
 @st.composite
 def png_files(draw: st.DrawFn) -> bytes:
+    if draw(st.integers(0, 3)) == 0:  # a well-formed large image: the decoder will allocate it
+        width = height = draw(st.integers(1000, 4000))
+        colour, depth = draw(st.sampled_from([(0, 8), (0, 16), (2, 8), (6, 8), (6, 16)]))
+        channels = {0: 1, 2: 3, 6: 4}[colour]
+        data = _rows(width, height, width * channels * depth // 8, draw(st.integers(0, 255)))
+        ihdr = struct.pack(">IIBBBBB", width, height, depth, colour, 0, 0, 0)
+        return b"\x89PNG\r\n\x1a\n" + b"".join(
+            _png_chunk(k, v) for k, v in ((b"IHDR", ihdr), (b"IDAT", data), (b"IEND", b""))
+        )
     width, height = draw(SIDES), draw(SIDES)
     colour = draw(st.sampled_from([0, 2, 3, 4, 6, 1, 7]))
     depth = draw(st.sampled_from([8, 16, 1, 2, 4, 3, 32]))

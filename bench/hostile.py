@@ -232,12 +232,12 @@ def cases() -> list[Case]:
         Case("jpeg_junk_8000", lambda: [jpeg_with_junk(8000)], "issue: 400 after a decode"),
         Case("dicom_deflate_corrupt", lambda: [dicom_deflate_corrupt()], "issue: 500"),
         Case("dicom_slope_2_values", lambda: [dicom_multivalued_slope()], "issue: 500"),
-        Case("png16_rgba_2500", lambda: [png16_rgba(2500)], "at the byte budget"),
+        Case("png16_rgba_2048", lambda: [png16_rgba(2048)], "at the byte budget"),
         Case("png_grey_4096", lambda: [png_grey_gradient(4096)], "at the pixel cap"),
         Case("jpeg_junk_4096", lambda: [jpeg_with_junk(4096)], "at the pixel cap"),
         Case("jpeg_prog_rgb_2000", lambda: [jpeg_progressive_colour(2000)], "near the budget"),
-        Case("dicom_deflated_3500", lambda: [dicom_deflated_at_budget(3500)], "near the budget"),
-        Case("batch_16_png16_rgba_2500", lambda: [png16_rgba(2500)] * 16, "16 at the budget"),
+        Case("dicom_deflated_2800", lambda: [dicom_deflated_at_budget(2800)], "near the budget"),
+        Case("batch_16_png16_rgba_2048", lambda: [png16_rgba(2048)] * 16, "16 at the budget"),
     ]
 
 

@@ -67,7 +67,7 @@ def open_source(settings: Settings, source: str | None = None) -> Iterator[Path]
         source: as above; relative paths start at the project root; None means params.yaml's
             `ingest.source`.
     """
-    from chestct.sources import SourceError, resolve
+    from chestct.sources import SourceError, limits_from, resolve
 
     params = settings.params.ingest
     source = source or params.source
@@ -82,7 +82,14 @@ def open_source(settings: Settings, source: str | None = None) -> Iterator[Path]
         # The pinned digest belongs to params.yaml's source; another archive is not checked.
         sha256 = params.sha256.strip() if source == params.source else ""
         try:
-            resolved = resolve(source, settings.paths.root, staging, sha256, params.timeout_s)
+            resolved = resolve(
+                source,
+                settings.paths.root,
+                staging,
+                sha256,
+                params.timeout_s,
+                limits=limits_from(params),
+            )
         except SourceError as exc:
             raise EdaError(str(exc)) from None
         yield resolved.folder

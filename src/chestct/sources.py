@@ -6,22 +6,32 @@ land outside the target folder (`../`, an absolute path, a drive letter) or that
 device is refused, with its name. A URL needs the archive's sha256: the download goes to a
 `.part` file, is hashed on the way, and is renamed into place (and unpacked) only when the digest
 matches, so a failed or tampered download leaves nothing behind.
+
+Both are bounded (SourceLimits, params `ingest.*`): a download by its size, a total-time deadline
+and the hosts a redirect may lead to; an archive by its member count, its total unpacked size
+and its compression ratio, checked from the headers before anything is written. Secrets stay
+out of params (which DVC writes to dvc.lock and stages log to MLflow and pointer.json): a URL
+that needs a signature goes in the environment (`ingest.source: env:CHESTCT_SOURCE_URL`), a
+bearer token in CHESTCT_SOURCE_TOKEN.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
 import shutil
 import stat
 import tarfile
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from tqdm import tqdm
 
@@ -37,8 +47,55 @@ IGNORED_DIRS = frozenset({"__MACOSX", ".DS_Store", "@eaDir", "$RECYCLE.BIN"})
 _CHUNK = 1 << 20
 
 
+# Environment variables that carry what must not be written to params.yaml.
+TOKEN_ENV = "CHESTCT_SOURCE_TOKEN"  # sent as `Authorization: Bearer`, to the source's host only
+ENV_PREFIX = "env:"
+MB = 1024 * 1024
+
+
 class SourceError(ValueError):
     """A source that cannot be used; the message names it and says what to do."""
+
+
+@dataclass(frozen=True)
+class SourceLimits:
+    """What a source may cost (params ingest.deadline_s, max_download_mb, redirect_hosts,
+    max_members, max_unpacked_mb, max_ratio)."""
+
+    deadline_s: float = 3600.0
+    max_download_bytes: int = 10 * 1024 * MB
+    redirect_hosts: tuple[str, ...] = ()
+    max_members: int = 100_000
+    max_unpacked_bytes: int = 20 * 1024 * MB
+    max_ratio: float = 100.0
+
+
+def limits_from(ingest: Any) -> SourceLimits:
+    """SourceLimits from the ingest params (settings.IngestParams)."""
+    return SourceLimits(
+        deadline_s=float(ingest.deadline_s),
+        max_download_bytes=int(ingest.max_download_mb * MB),
+        redirect_hosts=tuple(ingest.redirect_hosts),
+        max_members=int(ingest.max_members),
+        max_unpacked_bytes=int(ingest.max_unpacked_mb * MB),
+        max_ratio=float(ingest.max_ratio),
+    )
+
+
+def source_url(source: str) -> str:
+    """`source` itself, or the URL in the environment variable an `env:NAME` source names."""
+    if not source.startswith(ENV_PREFIX):
+        return source
+    name = source[len(ENV_PREFIX) :]
+    value = os.environ.get(name, "").strip()
+    if not value:
+        raise SourceError(
+            f"ingest.source is {source!r} but the environment variable {name} is empty; "
+            "export it with the archive's URL"
+        )
+    if not is_url(value):
+        raise SourceError(f"{name} must hold an http(s) URL, got {redact(value)!r}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -110,7 +167,29 @@ def _check_space(total: int, target: Path, archive: Path) -> None:
         )
 
 
-def _extract_zip(archive: Path, target: Path) -> None:
+def _check_totals(
+    archive: Path, members: int, unpacked: int, limits: SourceLimits, packed: int | None = None
+) -> None:
+    """Refuse an archive over its member count, unpacked size or compression ratio."""
+    if members > limits.max_members:
+        raise SourceError(
+            f"{archive}: more than {limits.max_members:,} entries (ingest.max_members); "
+            "refusing to unpack it. Raise the limit if the archive is genuine"
+        )
+    if unpacked > limits.max_unpacked_bytes:
+        raise SourceError(
+            f"{archive}: unpacks to more than {limits.max_unpacked_bytes / MB:,.0f} MB "
+            "(ingest.max_unpacked_mb); refusing to unpack it"
+        )
+    size = archive.stat().st_size if packed is None else packed
+    if unpacked > 1 * MB and unpacked > limits.max_ratio * max(size, 1):
+        raise SourceError(
+            f"{archive}: {size:,} bytes unpack to {unpacked:,}, a ratio over "
+            f"{limits.max_ratio:g} (ingest.max_ratio): a decompression bomb? Refusing it"
+        )
+
+
+def _extract_zip(archive: Path, target: Path, limits: SourceLimits) -> None:
     try:
         zf = zipfile.ZipFile(archive)
     except (zipfile.BadZipFile, OSError) as exc:
@@ -130,6 +209,12 @@ def _extract_zip(archive: Path, target: Path) -> None:
                     f"{archive}: entry {info.filename!r} is encrypted; unpack it yourself and "
                     "point ingest.source at the folder"
                 )
+        _check_totals(archive, len(infos), sum(i.file_size for i in infos), limits)
+        for info in infos:  # one bomb member inside an otherwise plain archive
+            if info.file_size > MB and info.file_size > limits.max_ratio * max(
+                info.compress_size, 1
+            ):
+                _check_totals(archive, 1, info.file_size, limits, info.compress_size)
         _check_space(sum(i.file_size for i in infos), target, archive)
         try:
             for info in infos:
@@ -139,19 +224,34 @@ def _extract_zip(archive: Path, target: Path) -> None:
                     continue
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 with zf.open(info) as src, dest.open("wb") as out:
-                    shutil.copyfileobj(src, out, _CHUNK)
+                    # At most the declared size: a forged header cannot write more.
+                    while chunk := src.read(min(_CHUNK, info.file_size + 1 - out.tell())):
+                        out.write(chunk)
+                        if out.tell() > info.file_size:
+                            raise SourceError(
+                                f"{archive}: entry {info.filename!r} holds more than the "
+                                f"{info.file_size:,} bytes its header declares; refusing it"
+                            )
         except (zipfile.BadZipFile, EOFError, zipfile.LargeZipFile) as exc:
             raise SourceError(f"{archive}: corrupt zip archive ({exc})") from None
 
 
-def _extract_tar(archive: Path, target: Path) -> None:
+def _extract_tar(archive: Path, target: Path, limits: SourceLimits) -> None:
     try:
         tf = tarfile.open(archive, "r:*")  # noqa: SIM115 - closed by the `with tf` below
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise SourceError(f"{archive}: not a readable tar archive ({exc})") from None
     with tf:
+        # Headers one by one, the totals checked before the next header is looked for: in a
+        # compressed tar that means inflating the previous member's data, which a bomb makes
+        # endless.
+        members: list[tarfile.TarInfo] = []
+        unpacked = 0
         try:
-            members = tf.getmembers()
+            while (member := tf.next()) is not None:
+                members.append(member)
+                unpacked += member.size if member.isfile() else 0
+                _check_totals(archive, len(members), unpacked, limits)
         except (tarfile.TarError, EOFError, OSError) as exc:
             raise SourceError(f"{archive}: corrupt or truncated tar archive ({exc})") from None
         for member in members:
@@ -174,15 +274,17 @@ def _extract_tar(archive: Path, target: Path) -> None:
             raise SourceError(f"{archive}: corrupt or truncated tar archive ({exc})") from None
 
 
-def safe_extract(archive: Path, target: Path) -> Path:
+def safe_extract(archive: Path, target: Path, limits: SourceLimits | None = None) -> Path:
     """Unpack a zip or tar archive into `target` (which must not exist), atomically.
 
     Entries are checked first; the archive is unpacked into a temporary sibling folder that is
     renamed to `target` only when everything is out, and removed on any failure.
 
     Raises:
-        SourceError: not an archive, a refused entry, corrupt data, or too little disk space.
+        SourceError: not an archive, a refused entry, corrupt data, too little disk space, or
+            more entries, unpacked bytes or compression than `limits` allow.
     """
+    limits = limits or SourceLimits()
     kind = archive_kind(archive)
     if kind is None:
         raise SourceError(
@@ -194,7 +296,7 @@ def safe_extract(archive: Path, target: Path) -> Path:
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     try:
-        (_extract_zip if kind == "zip" else _extract_tar)(archive, tmp)
+        (_extract_zip if kind == "zip" else _extract_tar)(archive, tmp, limits)
         tmp.replace(target)
     finally:
         if tmp.exists():
@@ -202,23 +304,67 @@ def safe_extract(archive: Path, target: Path) -> Path:
     return target
 
 
-def download(url: str, dest: Path, sha256: str, timeout_s: float) -> Path:
+class _Redirects(urllib.request.HTTPRedirectHandler):
+    """Follow a redirect only to the same scheme and host, to https on the same host, or to a
+    host listed in params ingest.redirect_hosts (over https, or the scheme it came with)."""
+
+    def __init__(self, origin: str, allowed: tuple[str, ...]) -> None:
+        self.origin = urllib.parse.urlsplit(origin)
+        self.allowed = {h.lower() for h in allowed}
+
+    def redirect_request(  # type: ignore[override]
+        self, req: urllib.request.Request, fp: Any, code: int, msg: str, headers: Any, newurl: str
+    ) -> urllib.request.Request | None:
+        new = urllib.parse.urlsplit(urllib.parse.urljoin(req.full_url, newurl))
+        host = (new.hostname or "").lower()
+        same_host = host == (self.origin.hostname or "").lower()
+        scheme_ok = new.scheme == self.origin.scheme or new.scheme == "https"
+        if not (scheme_ok and (same_host or host in self.allowed)):
+            raise SourceError(
+                f"download of {redact(self.origin.geturl())} redirects ({code}) to "
+                f"{new.scheme}://{host}, another scheme or host; add {host!r} to "
+                "ingest.redirect_hosts if you trust it"
+            )
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def download(
+    url: str, dest: Path, sha256: str, timeout_s: float, limits: SourceLimits | None = None
+) -> Path:
     """Download `url` to `dest`, verifying its sha256 before `dest` appears.
 
+    `limits` bounds the download: its size (declared or received), the total time (checked
+    between reads, each of which waits at most `timeout_s`) and where redirects may lead. A
+    bearer token in CHESTCT_SOURCE_TOKEN is sent to the URL's own host (never on a redirect).
+
     Raises:
-        SourceError: HTTP error, timeout, unreachable host, short read, or a digest mismatch.
-            Nothing is left at `dest` or beside it.
+        SourceError: HTTP error, timeout, unreachable host, short read, a refused redirect, a
+            download over the size cap or the deadline, or a digest mismatch. Nothing is left
+            at `dest` or beside it.
     """
+    limits = limits or SourceLimits()
     shown = redact(url)
     part = dest.with_name(f"{dest.name}.part")
     dest.parent.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
     received = 0
     request = urllib.request.Request(url, headers={"User-Agent": "chestct-ingest"})
+    token = os.environ.get(TOKEN_ENV, "").strip()
+    if token:
+        request.add_unredirected_header("Authorization", f"Bearer {token}")
+    opener = urllib.request.build_opener(_Redirects(url, limits.redirect_hosts))
+    deadline = time.monotonic() + limits.deadline_s
+    cap = limits.max_download_bytes
     try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as resp, part.open("wb") as out:
+        with opener.open(request, timeout=timeout_s) as resp, part.open("wb") as out:
             length = resp.headers.get("Content-Length")
             total = int(length) if length and length.isdigit() else None
+            if total is not None and total > cap:
+                raise SourceError(
+                    f"download of {shown} declares {total:,} bytes, more than "
+                    f"ingest.max_download_mb ({cap / MB:,.0f} MB); raise it if the archive is "
+                    "genuine"
+                )
             with tqdm(
                 total=total, unit="B", unit_scale=True, desc=f"download {dest.name}", leave=False
             ) as bar:
@@ -227,6 +373,16 @@ def download(url: str, dest: Path, sha256: str, timeout_s: float) -> Path:
                     digest.update(chunk)
                     received += len(chunk)
                     bar.update(len(chunk))
+                    if received > cap:
+                        raise SourceError(
+                            f"download of {shown} passed ingest.max_download_mb "
+                            f"({cap / MB:,.0f} MB); stopped"
+                        )
+                    if time.monotonic() > deadline:
+                        raise SourceError(
+                            f"download of {shown} did not finish within ingest.deadline_s = "
+                            f"{limits.deadline_s:g} s ({received:,} bytes so far); stopped"
+                        )
         if total is not None and received != total:
             raise SourceError(
                 f"download of {shown} stopped after {received} of {total} bytes; try again"
@@ -253,7 +409,7 @@ def download(url: str, dest: Path, sha256: str, timeout_s: float) -> Path:
         raise SourceError(
             f"download of {shown} failed: {reason}; check the URL and network"
         ) from None
-    except BaseException:
+    except BaseException:  # SourceError above, or an interrupt: nothing stays behind
         part.unlink(missing_ok=True)
         raise
     actual = digest.hexdigest()
@@ -295,7 +451,9 @@ def layout_root(folder: Path) -> Path:
         return folder
 
 
-def _cached_download(url: str, name: str, sha256: str, timeout_s: float, cache: Path) -> Path:
+def _cached_download(
+    url: str, name: str, sha256: str, timeout_s: float, cache: Path, limits: SourceLimits
+) -> Path:
     """The archive from `cache` when a file with this digest is there, else downloaded into it.
 
     The cache is keyed by the digest that params pin, so a hit is the same file whatever the
@@ -308,7 +466,7 @@ def _cached_download(url: str, name: str, sha256: str, timeout_s: float, cache: 
             return path
         log.warning("cached download %s does not match its sha256; downloading again", path)
         path.unlink()
-    return download(url, path, sha256, timeout_s)
+    return download(url, path, sha256, timeout_s, limits)
 
 
 def resolve(
@@ -318,6 +476,7 @@ def resolve(
     sha256: str,
     timeout_s: float,
     cache: Path | None = None,
+    limits: SourceLimits | None = None,
 ) -> Source:
     """Make `source` (params `ingest.source`) a local folder; archives land in `staging`.
 
@@ -330,7 +489,11 @@ def resolve(
         timeout_s: download timeout.
         cache: keep downloaded archives here by digest and reuse them (None: download into
             `staging` and drop the archive once unpacked).
+        limits: caps on downloads and archives (defaults: SourceLimits()).
     """
+    limits = limits or SourceLimits()
+    named = source
+    source = source_url(source)
     if is_url(source):
         if not sha256:
             raise SourceError(
@@ -338,13 +501,14 @@ def resolve(
             )
         name = Path(urllib.parse.urlsplit(source).path).name or "download"
         if cache is not None:
-            archive = _cached_download(source, name, sha256, timeout_s, cache)
+            archive = _cached_download(source, name, sha256, timeout_s, cache, limits)
         else:
-            archive = download(source, staging / "download" / name, sha256, timeout_s)
-        folder = safe_extract(archive, staging / "unpacked")
+            archive = download(source, staging / "download" / name, sha256, timeout_s, limits)
+        folder = safe_extract(archive, staging / "unpacked", limits)
         if cache is None:
             archive.unlink()  # only the cache keeps archives
-        return Source("url", redact(source), layout_root(folder), sha256.lower())
+        origin = named if named != source else redact(source)
+        return Source("url", origin, layout_root(folder), sha256.lower())
     path = Path(source).expanduser()
     path = (path if path.is_absolute() else root / path).resolve()
     if path.is_dir():
@@ -362,7 +526,7 @@ def resolve(
                 f"{sha256.lower()}; the archive changed. Set ingest.sha256 to '' or to the "
                 "new digest"
             )
-        folder = safe_extract(path, staging / "unpacked")
+        folder = safe_extract(path, staging / "unpacked", limits)
         return Source("archive", str(path), layout_root(folder), actual)
     raise SourceError(
         f"ingest.source {str(path)!r} is not a folder, an archive or a URL (nothing exists "

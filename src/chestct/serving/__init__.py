@@ -198,6 +198,11 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     def start_timer() -> None:
         g.started = time.perf_counter()
 
+    @app.teardown_request
+    def release(exc: BaseException | None) -> None:
+        if request.method == "POST":  # an upload was decoded: hand its freed pages back
+            imaging.release_memory()
+
     @app.after_request
     def count(resp: Response) -> Response:
         endpoint = request.url_rule.rule if request.url_rule is not None else "unmatched"
@@ -476,6 +481,8 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         results: list[dict[str, Any]] = []
         for index, part in enumerate(parts):
             name = part.filename or f"file {index + 1}"
+            if index:
+                imaging.release_memory()  # the previous file's pages, before the next decode
             try:
                 result = predict_one(model, Upload(part.read(), name), "/predict/batch")
                 results.append({"index": index, "filename": name, "ok": True, **result})

@@ -27,7 +27,7 @@ from chestct.labels import CLASSES, label_for_folder
 from chestct.manifest import INGEST_COLUMNS, SPLITS, write_manifest
 from chestct.runner import StageFailed, run_main, stage_session
 from chestct.settings import BaseParams, IngestParams
-from chestct.sources import IGNORED_DIRS, Source, SourceError, resolve
+from chestct.sources import IGNORED_DIRS, Source, SourceError, limits_from, resolve
 from chestct.synthetic import generate_synthetic
 
 log = logging.getLogger(__name__)
@@ -203,6 +203,7 @@ def run_ingest(
                     params.sha256.strip(),
                     params.timeout_s,
                     cache=download_cache,
+                    limits=limits_from(params),
                 )
             except SourceError as exc:
                 raise StageFailed(str(exc)) from None

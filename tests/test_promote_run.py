@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from chestct.fsutil import sha256_file
 from chestct.labels import CLASSES
 from chestct.manifest import DATASET_COLUMNS
 from chestct.settings import BaseModelParams, PromoteParams
@@ -133,7 +134,10 @@ def test_first_candidate_is_promoted_with_the_serving_contract(champion, world) 
         "file": "ood.npz",
         "threshold": 12.5,
         "rule": "rule",
+        "sha256": sha256_file(model_dir / "ood.npz"),
     }
+    for key in ("inference", "cam"):  # every file the card names carries its digest
+        assert card[key]["sha256"] == sha256_file(model_dir / card[key]["file"])
     assert card["cam"]["file"] == "cam_head.npz"
     inference = card["inference"]
     assert inference["file"] == "model.tflite" and inference["runtime"] == "litert"

@@ -101,22 +101,29 @@ def _exchange(a: Path, b: Path) -> bool:
     return rc == 0
 
 
-def replace_dir(new: Path, target: Path) -> None:
-    """Put folder `new` in place of `target` so that readers see either the old or the new one.
+def swap_dir(new: Path, target: Path) -> Path | None:
+    """Put folder `new` in place of `target`, keeping what `target` held: returns the folder
+    that now holds it (None when `target` did not exist). Readers see either folder whole.
 
     On Linux the swap is a single renameat2 exchange; elsewhere two renames leave a window of
     microseconds in which `target` is missing, which the predictor tolerates.
     """
     if not target.exists():
         Path(new).replace(target)
-        return
+        return None
     if _exchange(new, target):
-        shutil.rmtree(new)  # `new` now holds the old contents
-        return
+        return Path(new)  # `new` now holds the old contents
     old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
     Path(target).replace(old)
     Path(new).replace(target)
-    shutil.rmtree(old)
+    return old
+
+
+def replace_dir(new: Path, target: Path) -> None:
+    """Put folder `new` in place of `target` (see swap_dir) and delete the old contents."""
+    old = swap_dir(new, target)
+    if old is not None:
+        shutil.rmtree(old)
 
 
 def reset_dir(path: Path) -> Path:

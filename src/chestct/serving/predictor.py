@@ -253,12 +253,21 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _file(folder: Path, name: Any, what: str) -> Path:
+def _file(folder: Path, name: Any, what: str, digest: Any = None) -> Path:
+    """A file the card names, checked against the sha256 the card gives for it (promote
+    writes one for every file; a card without it is served with a note)."""
     if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
         raise ModelRefused(f"card key {what} must be a plain file name, got {name!r}")
     path = folder / name
     if not path.is_file():
         raise ModelRefused(f"{what} names {name!r}, which is not in the model folder")
+    if digest is not None:
+        actual = _sha256(path)
+        if not isinstance(digest, str) or actual != digest.lower():
+            raise ModelRefused(
+                f"{name} does not match its sha256 in the card ({what}: card {digest!s:.16}…, "
+                f"file {actual[:16]}…): a partial copy or a file from another model"
+            )
     return path
 
 
@@ -390,9 +399,9 @@ def load_folder(
         inference = card.get("inference")
         head: CamHead | None = None
         if isinstance(inference, dict):
-            light_path = _file(folder, inference.get("file"), "inference.file")
-            if inference.get("sha256") and _sha256(light_path) != inference["sha256"]:
-                raise ModelRefused(f"{light_path.name} does not match its sha256 in the card")
+            light_path = _file(
+                folder, inference.get("file"), "inference.file", inference.get("sha256")
+            )
             runtime = inference.get("runtime", "litert")
             if runtime != "litert":
                 raise ModelRefused(
@@ -401,9 +410,9 @@ def load_folder(
             runner = _litert_runner(light_path, inference, threads)
             backend = "litert"
         else:
-            keras_path = _file(folder, card.get("model_file"), "model_file")
-            if card.get("model_sha256") and _sha256(keras_path) != card["model_sha256"]:
-                raise ModelRefused(f"{keras_path.name} does not match model_sha256 in the card")
+            keras_path = _file(
+                folder, card.get("model_file"), "model_file", card.get("model_sha256")
+            )
             log.warning(
                 "card has no `inference` entry: serving %s through Keras/TensorFlow "
                 "(slower, about 700 MB per worker); promote a model with a light artifact",
@@ -415,7 +424,7 @@ def load_folder(
 
         cam = card.get("cam")
         if isinstance(cam, dict):
-            head_path = _file(folder, cam.get("file"), "cam.file")
+            head_path = _file(folder, cam.get("file"), "cam.file", cam.get("sha256"))
             try:
                 head = CamHead.load(head_path)
             except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
@@ -430,7 +439,7 @@ def load_folder(
         if isinstance(ood_card, dict):
             if ood_card.get("method") != "mahalanobis_gap":
                 raise ModelRefused(f"card ood.method {ood_card.get('method')!r} is not served")
-            ood_path = _file(folder, ood_card.get("file"), "ood.file")
+            ood_path = _file(folder, ood_card.get("file"), "ood.file", ood_card.get("sha256"))
             try:
                 with np.load(ood_path) as npz:
                     mean = np.asarray(npz["mean"], np.float64)
@@ -444,6 +453,15 @@ def load_folder(
         else:
             notes.append("card has no `ood` entry: only the input checks guard against strangers")
 
+        unpinned = [
+            key
+            for key in ("inference", "cam", "ood")
+            if isinstance(card.get(key), dict) and not card[key].get("sha256")
+        ]
+        if unpinned:
+            notes.append(
+                f"card gives no sha256 for {', '.join(unpinned)}: those files are not checked"
+            )
         temperature = _number(card, ("temperature",))
         if temperature is None:
             temperature = 1.0

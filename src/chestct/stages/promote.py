@@ -4,9 +4,12 @@ The champion (model/, described by model/model.json) is re-scored on the current
 when the test data changed since it was promoted, so both are judged on the same images.
 A candidate that wins is exported to the light LiteRT artifact, checked for parity against
 Keras on the test split, written with its card, OOD statistics and CAM head to a new folder
-and swapped in for model/ atomically; it is registered in the MLflow registry with the alias
-`champion`. A candidate that loses (or fails parity) gets the alias `challenger` and leaves
-model/ untouched; the reason is in the pointer, decision.json and the MLflow run.
+and swapped in for model/ atomically, after its MLflow calls (registry, tags, card artifact)
+succeeded; if recording it fails after the swap, the previous model/ is put back. The card
+carries a sha256 of every file it names, which serving checks at each load. It is registered in
+the MLflow registry with the alias `champion`. A candidate that loses (or fails parity) gets the
+alias `challenger` and leaves model/ untouched; the reason is in the pointer, decision.json and
+the MLflow run.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from chestct.export import PARITY_TOLERANCE, ExportError, LightModel, export_light, parity
-from chestct.fsutil import atomic_write_json, replace_dir, sha256_file
+from chestct.fsutil import atomic_write_json, sha256_file, swap_dir
 from chestct.gradcam import CAM_FILE, CamHead
 from chestct.labels import CLASSES, DISPLAY_NAMES
 from chestct.manifest import DATASET_COLUMNS, read_manifest
@@ -235,6 +238,7 @@ def install_model(
     card: dict[str, Any],
     model_dir: Path,
     extras: Mapping[str, Path] | None = None,
+    after_swap: Callable[[], None] | None = None,
 ) -> None:
     """Write the new model folder beside model/, then swap it in atomically.
 
@@ -243,9 +247,13 @@ def install_model(
         card: written as model.json.
         model_dir: the folder to replace.
         extras: further files by their name inside the new folder (light model, OOD, CAM).
+        after_swap: what records the swap (the pointer, MLflow); if it raises, the previous
+            model/ is swapped back (or removed when there was none) before the error goes on,
+            so model/ never holds a model its run did not record.
     """
     staging = model_dir.with_name(f".{model_dir.name}.new-{uuid.uuid4().hex[:8]}")
     staging.mkdir(parents=True)
+    previous: Path | None = None
     try:
         shutil.copy2(model_path, staging / MODEL_FILE)
         for name, source in (extras or {}).items():
@@ -254,10 +262,36 @@ def install_model(
         for path in staging.iterdir():
             # Atomic writes create private (0600) files; the predictor may run as another user.
             path.chmod(0o644)
-        replace_dir(staging, model_dir)
+        previous = swap_dir(staging, model_dir)
+        try:
+            if after_swap is not None:
+                after_swap()
+        except BaseException:
+            if previous is not None:
+                failed = swap_dir(previous, model_dir)
+                previous = failed  # removed below
+            else:
+                shutil.rmtree(model_dir)
+            log.error(
+                "recording the promotion failed after model/ was swapped; the previous "
+                "model/ is back in place"
+            )
+            raise
     finally:
-        if staging.exists():
-            shutil.rmtree(staging)
+        for leftover in (staging, previous):
+            if leftover is not None and leftover.exists():
+                shutil.rmtree(leftover)
+
+
+def file_digests(card: dict[str, Any], folder_files: Mapping[str, Path]) -> dict[str, Any]:
+    """The card with a sha256 on every file entry it names (inference, cam, ood), from the
+    files that will be installed under those names; serving checks them at every load."""
+    out = json.loads(json.dumps(card))
+    for key in ("inference", "cam", "ood"):
+        entry = out.get(key)
+        if isinstance(entry, dict) and entry.get("file") in folder_files:
+            entry["sha256"] = sha256_file(folder_files[entry["file"]])
+    return out
 
 
 def run_promote(
@@ -273,6 +307,8 @@ def run_promote(
     work_dir: Path,
     register: Register,
     run_ids: Mapping[str, str | None] | None = None,
+    before_swap: Callable[[PromoteResult, Path | None], None] | None = None,
+    after_swap: Callable[[PromoteResult], None] | None = None,
 ) -> PromoteResult:
     """Decide, export and install (or leave model/ alone); returns what happened.
 
@@ -288,6 +324,10 @@ def run_promote(
         work_dir: scratch folder for the exported files (inside the stage's output folder).
         register: logs and registers the model under an alias (MLflow in main()).
         run_ids: MLflow run ids of the stages behind the candidate, for the card.
+        before_swap: called with the result and the new model's card file (None when
+            rejected) before model/ changes: the MLflow calls that may fail go here.
+        after_swap: called once model/ holds the outcome (the pointer); if it raises after
+            a swap, the previous model/ is put back (see install_model).
     """
     card = read_card(model_dir)
     champion_metrics, rescored = None, False
@@ -312,8 +352,13 @@ def run_promote(
     registered = register(candidate.model_path, "champion" if decision.promote else "challenger")
     if not decision.promote or inference is None:
         # DVC expects model/ to exist after the stage; an empty folder means "no champion".
+        rejected = PromoteResult(decision, registered, None)
+        if before_swap is not None:
+            before_swap(rejected, None)
         model_dir.mkdir(parents=True, exist_ok=True)
-        return PromoteResult(decision, registered, None)
+        if after_swap is not None:
+            after_swap(rejected)
+        return rejected
     new_card = build_card(
         params=params,
         image_size=image_size,
@@ -325,15 +370,23 @@ def run_promote(
         run_ids=run_ids or {},
         registered=registered,
     )
+    files = {
+        inference["file"]: work_dir / inference["file"],
+        CAM_FILE: work_dir / CAM_FILE,
+        OOD_FILE: candidate.ood_path,
+    }
+    new_card = file_digests(new_card, files)
+    result = PromoteResult(decision, registered, new_card)
+    if before_swap is not None:
+        card_file = work_dir / CARD_NAME
+        atomic_write_json(card_file, new_card)
+        before_swap(result, card_file)
     install_model(
         candidate.model_path,
         new_card,
         model_dir,
-        {
-            inference["file"]: work_dir / inference["file"],
-            CAM_FILE: work_dir / CAM_FILE,
-            OOD_FILE: candidate.ood_path,
-        },
+        files,
+        after_swap=None if after_swap is None else lambda: after_swap(result),
     )
     log.info(
         "promoted %s version %s into %s",
@@ -341,7 +394,7 @@ def run_promote(
         registered.get("version"),
         model_dir,
     )
-    return PromoteResult(decision, registered, new_card)
+    return result
 
 
 # --------------------------------------------------------------------------- MLflow
@@ -433,7 +486,48 @@ def main() -> None:
         from chestct.stages.evaluate import lineage_tags
 
         mlflow.set_tags(lineage_tags(s.paths, "promote"))
-        result = run_promote(
+        release = session.out_dir / "release"
+
+        def record(result: PromoteResult, card_file: Path | None) -> None:
+            """MLflow calls that may fail, made before model/ changes."""
+            decision = result.decision
+            mlflow.set_tags(
+                {
+                    "chestct.decision": "promoted" if decision.promote else "rejected",
+                    "chestct.decision_reason": decision.reason[:5000],
+                }
+            )
+            if card_file is not None and result.card is not None:
+                session.log_artifact(card_file, "model_card")
+                session.log_artifact(release / result.card["inference"]["file"], "model_card")
+
+        def finish(result: PromoteResult) -> None:
+            """The pointer (and its MLflow logging), once model/ holds the outcome; a failure
+            here puts the previous model/ back."""
+            decision = result.decision
+            outputs: dict[str, Path] = {}
+            if result.card is not None:
+                outputs["card"] = s.paths.model / CARD_NAME
+            decision_path = session.out_dir / "decision.json"
+            atomic_write_json(decision_path, {**asdict(decision), "registered": result.registered})
+            outputs["decision"] = decision_path
+            session.finish(
+                inputs=["validate", "train", "evaluate"],
+                outputs=outputs,
+                metrics={
+                    "promoted": int(decision.promote),
+                    "candidate": decision.candidate,
+                    **({"champion": decision.champion} if decision.champion is not None else {}),
+                    **(
+                        {"parity_max_abs_diff": result.card["inference"]["parity_max_abs_diff"]}
+                        if result.card
+                        else {}
+                    ),
+                },
+                details={"decision": asdict(decision), "registered": result.registered},
+            )
+
+        run_promote(
             candidate,
             test,
             params,
@@ -442,43 +536,15 @@ def main() -> None:
             batch_size=s.params.evaluate.batch_size,
             image_size=s.params.base.image_size,
             preprocessing=_preprocessing(s),
-            work_dir=session.out_dir / "release",
+            work_dir=release,
             register=lambda path, alias: mlflow_register(path, params.registered_model, alias),
             run_ids={
                 "train": train.mlflow.run_id,
                 "evaluate": evaluate.mlflow.run_id,
                 "promote": session.run_id,
             },
-        )
-        decision = result.decision
-        mlflow.set_tags(
-            {
-                "chestct.decision": "promoted" if decision.promote else "rejected",
-                "chestct.decision_reason": decision.reason[:5000],
-            }
-        )
-        outputs: dict[str, Path] = {}
-        if result.card is not None:
-            outputs["card"] = s.paths.model / CARD_NAME
-            session.log_artifact(s.paths.model / CARD_NAME, "model_card")
-            session.log_artifact(s.paths.model / result.card["inference"]["file"], "model_card")
-        decision_path = session.out_dir / "decision.json"
-        atomic_write_json(decision_path, {**asdict(decision), "registered": result.registered})
-        outputs["decision"] = decision_path
-        session.finish(
-            inputs=["validate", "train", "evaluate"],
-            outputs=outputs,
-            metrics={
-                "promoted": int(decision.promote),
-                "candidate": decision.candidate,
-                **({"champion": decision.champion} if decision.champion is not None else {}),
-                **(
-                    {"parity_max_abs_diff": result.card["inference"]["parity_max_abs_diff"]}
-                    if result.card
-                    else {}
-                ),
-            },
-            details={"decision": asdict(decision), "registered": result.registered},
+            before_swap=record,
+            after_swap=finish,
         )
 
 

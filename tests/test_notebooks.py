@@ -49,7 +49,7 @@ def test_scan_reads_labels_format_size_and_errors(scanned: pd.DataFrame) -> None
     assert set(scanned["label"]) == set(CLASSES)
     assert set(scanned["split"]) == {"train", "valid", "test"}
     broken = scanned[scanned["relative"].str.endswith("broken.png")]
-    assert len(broken) == 1 and "could not be decoded" in broken.iloc[0]["error"]
+    assert len(broken) == 1 and "PNG header is truncated" in broken.iloc[0]["error"]
     good = scanned[scanned["error"] == ""]
     assert (good["width"] >= 20).all() and set(good["mode"]) <= {"L", "RGB", "RGBA"}
     assert set(good["format"]) == {"png"}

@@ -105,7 +105,7 @@ def test_ingest_skips_and_reports_an_undecodable_file(tmp_path: Path) -> None:
     assert summary.files == len(frame) == 4 * 4
     reasons = {Path(s["path"]).name: s["reason"] for s in summary.skipped}
     assert set(reasons) == {"broken.png", "notes.txt"}
-    assert "could not be decoded" in reasons["broken.png"]
+    assert "PNG header is truncated" in reasons["broken.png"]  # named by the header reader
     assert "not a supported image" in reasons["notes.txt"]
     assert not frame["source_path"].str.contains("broken|notes|DS_Store").any()
 
@@ -315,7 +315,7 @@ def test_resize_records_failures(tmp_path: Path) -> None:
     )
     assert bool(good["ok"]) and good["error"] == ""
     assert not bad["ok"] and bad["resized"] == ""
-    assert "jpeg data could not be decoded" in bad["error"]
+    assert "JPEG has no frame header" in bad["error"]  # named by the header reader
     assert not gone["ok"] and gone["resized"] == ""
     assert "gone.png" in gone["error"]
     assert [p.name for p in (out / "images").iterdir()] == [f"{good.name}.png"]

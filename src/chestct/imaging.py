@@ -305,8 +305,8 @@ def jpeg_frame(data: bytes) -> tuple[int, int, int] | None:
     return info.width, info.height, info.components
 
 
-def _jpeg_header(data: bytes) -> Header:
-    info = jpeg_info(data)
+def _jpeg_header(data: bytes, info: JpegInfo | None = None) -> Header:
+    info = info or jpeg_info(data)
     sample = 1 if info.precision == 8 else 2
     # Decoded straight to grey; a progressive file also keeps every component's DCT
     # coefficients (2 bytes each) for the whole image; a colour one gets a half-size colour
@@ -548,10 +548,11 @@ def decode(
             else "; use PNG, JPEG, BMP, TIFF or DICOM"
         )
         raise ImageError(f"not a supported image (format by content: {fmt}){hint}")
-    header = read_header(data, fmt)
+    info = jpeg_info(data) if fmt == "jpeg" else None
+    header = _jpeg_header(data, info) if info is not None else read_header(data, fmt)
     check_budget(header, limits)
     buf = np.frombuffer(data, dtype=np.uint8)
-    if fmt == "jpeg":
+    if info is not None:
         # JPEG keeps luma apart from colour: decoding straight to grey reads the luma plane and
         # skips the colour planes (half the time on colour JPEGs), and it is the picture's own
         # grey, without the rounding of colour decoding and converting back. EXIF orientation
@@ -562,7 +563,7 @@ def decode(
         if grey.dtype != np.uint8:  # 12/16-bit JPEG
             grey = _to_8bit(grey)
         colour = None
-        if header.working_bytes and jpeg_info(data).components > 1:
+        if info.components > 1:
             small = _imdecode(buf, cv2.IMREAD_REDUCED_COLOR_2 | cv2.IMREAD_IGNORE_ORIENTATION, fmt)
             colour = None if small is None or small.ndim != 3 else _colour_share(small)
         height, width = grey.shape

@@ -82,7 +82,10 @@ def test_each_stage_writes_only_its_folder() -> None:
 
 def test_only_evaluate_writes_metrics_and_plots() -> None:
     dvc = _dvc()
-    assert dvc["metrics"] == ["artifacts/evaluate/metrics.json"]
+    assert dvc["metrics"] == [
+        "artifacts/evaluate/metrics.json",
+        "artifacts/evaluate/external.json",
+    ]
     for plot in dvc["plots"]:
         path = plot if isinstance(plot, str) else next(iter(plot))
         assert path.startswith("artifacts/evaluate/")

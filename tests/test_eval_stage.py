@@ -188,7 +188,7 @@ def test_cam_head_round_trips_and_refuses_a_wrong_map(tmp_path: Path) -> None:
 
 
 def test_score_prepares_images_at_the_models_own_size(project, tmp_path: Path) -> None:
-    from chestct.stages.evaluate import score
+    from chestct.scoring import score
 
     _, _, model_path = project
     small = write_split(tmp_path, "test", 1, 0, size=20)  # made for another image size
@@ -224,7 +224,7 @@ def light(project, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict
 def test_light_model_matches_keras_and_outputs_features(project, light) -> None:
     from chestct.export import PARITY_TOLERANCE, LightModel, parity
     from chestct.modeling import load_model
-    from chestct.stages.evaluate import load_images, model_outputs
+    from chestct.scoring import load_images, model_outputs
 
     root, splits, model_path = project
     path, info = light

@@ -84,7 +84,7 @@ def promote(world: dict[str, Any], cand, model_dir: Path, registry: Registry, **
     return run_promote(
         cand,
         world["test"],
-        PromoteParams(**{"minimum": 0.5, **params}),
+        PromoteParams(**{"minimum": 0.5, "metric": "macro_f1", **params}),
         model_dir=model_dir,
         root=world["root"],
         batch_size=4,

@@ -589,7 +589,7 @@ def test_class_weights() -> None:
 
 
 def test_evaluate_scores_every_test_image(trained, tiny_data) -> None:
-    from chestct.stages.evaluate import score
+    from chestct.scoring import score
 
     root, data = tiny_data
     test = data["test"]
@@ -616,7 +616,7 @@ def test_evaluate_scores_every_test_image(trained, tiny_data) -> None:
 
 @pytest.mark.parametrize(("score", "promoted"), [(0.49, False), (0.5, True), (0.9, True)])
 def test_decide_first_model_needs_the_minimum(score: float, promoted: bool) -> None:
-    decision = decide(PromoteParams(minimum=0.5), {"macro_f1": score}, None)
+    decision = decide(PromoteParams(metric="macro_f1", minimum=0.5), {"macro_f1": score}, None)
     assert decision.promote is promoted
     assert decision.champion is None
     assert decision.candidate == score
@@ -636,7 +636,7 @@ def test_decide_first_model_needs_the_minimum(score: float, promoted: bool) -> N
 def test_decide_against_a_champion(
     candidate: float, champion: float, margin: float, promoted: bool
 ) -> None:
-    params = PromoteParams(minimum=0.5, margin=margin)
+    params = PromoteParams(metric="macro_f1", minimum=0.5, margin=margin)
     decision = decide(params, {"macro_f1": candidate}, {"macro_f1": champion}, True)
     assert decision.promote is promoted
     assert (decision.candidate, decision.champion) == (candidate, champion)
@@ -653,7 +653,9 @@ def test_decide_uses_the_configured_metric() -> None:
 
 
 def test_decide_better_than_a_weak_champion_still_needs_the_minimum() -> None:
-    decision = decide(PromoteParams(minimum=0.5), {"macro_f1": 0.4}, {"macro_f1": 0.2})
+    decision = decide(
+        PromoteParams(metric="macro_f1", minimum=0.5), {"macro_f1": 0.4}, {"macro_f1": 0.2}
+    )
     assert not decision.promote
 
 

@@ -172,11 +172,15 @@ def expected_calibration_error(
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """Row-wise softmax of logits / temperature, computed stably in float64."""
+    """Softmax of logits / temperature over the last axis, computed stably in float64.
+
+    The one calibration formula: evaluate fits the temperature with it and the predictor
+    applies the card's temperature with it.
+    """
     z = np.asarray(logits, dtype=np.float64) / temperature
-    z -= z.max(axis=1, keepdims=True)
+    z = z - z.max(axis=-1, keepdims=True)
     e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
+    return e / e.sum(axis=-1, keepdims=True)
 
 
 def nll(y_true: np.ndarray, proba: np.ndarray) -> float:
@@ -240,9 +244,10 @@ def fit_temperature(y_true: np.ndarray, logits: np.ndarray) -> TemperatureFit:
 
 
 def normalised_entropy(proba: np.ndarray) -> np.ndarray:
-    """Predictive entropy divided by log(number of classes): 0 certain, 1 uniform."""
+    """Predictive entropy (over the last axis) divided by log(number of classes): 0 certain,
+    1 uniform. Evaluate sets the abstain threshold with it; the predictor applies it."""
     p = np.clip(np.asarray(proba, dtype=np.float64), 1e-12, 1.0)
-    return -(p * np.log(p)).sum(axis=1) / np.log(p.shape[1])
+    return -(p * np.log(p)).sum(axis=-1) / np.log(p.shape[-1])
 
 
 def abstain_threshold(y_true: np.ndarray, proba: np.ndarray, quantile: float) -> float:
@@ -279,3 +284,59 @@ class Mahalanobis:
         """Mahalanobis distance of each row of (n, C) features."""
         d = np.asarray(features, dtype=np.float64) - self.mean
         return np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", d, self.precision, d), 0.0))
+
+
+def robust_macro_f1(clean_macro_f1: float, worst_shift_macro_f1: float) -> float:
+    """The default selection metric: the mean of clean macro-F1 and the worst macro-F1 under
+    the shift-stress set (perturb.SHIFTS).
+
+    Clean macro-F1 alone rewards a model for any cue the test split shares with train, such
+    as how one class was acquired; the worst shift alone would prefer a model that is equally
+    poor everywhere. Their mean only rises when a model is both accurate and keeps its
+    accuracy when the acquisition changes.
+    """
+    return (float(clean_macro_f1) + float(worst_shift_macro_f1)) / 2.0
+
+
+# Metric names (the last part of a dotted key) where a smaller value is the better model.
+LOWER_IS_BETTER = frozenset(
+    {
+        "ece",
+        "ece_calibrated",
+        "nll",
+        "nll_calibrated",
+        "worst_ece",
+        "mean_ece",
+        "abstain_rate",
+        "ood_rate",
+    }
+)
+
+
+def lower_is_better(key: str) -> bool:
+    """Whether a smaller value of the (dotted) metric key is better (ECE, NLL, rates)."""
+    return key.split(".")[-1] in LOWER_IS_BETTER
+
+
+def numeric_keys(metrics: dict[str, Any], prefix: str = "") -> list[str]:
+    """Every key of a (nested) metrics dict that holds a number, dotted ("shift.blur.macro_f1")."""
+    keys = []
+    for key, value in metrics.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            keys.extend(numeric_keys(value, f"{name}."))
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            keys.append(name)
+    return keys
+
+
+def metric_value(metrics: dict[str, Any], key: str) -> float | None:
+    """The number at a dotted key of a nested metrics dict; None when absent or not a number."""
+    value: Any = metrics
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)

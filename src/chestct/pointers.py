@@ -236,3 +236,16 @@ def read_pointer(paths: Paths, stage: str, verify: bool = True) -> Pointer:
                     f"rerun `dvc repro {stage}`"
                 )
     return pointer
+
+
+def lineage_tags(paths: Paths, upto: str) -> dict[str, str]:
+    """MLflow tags naming the run of every upstream stage, so that one run leads to all."""
+    tags = {}
+    for stage in STAGES[: STAGES.index(upto)]:
+        try:
+            run_id = read_pointer(paths, stage, verify=False).mlflow.run_id
+        except PointerError:
+            continue
+        if run_id:
+            tags[f"chestct.run.{stage}"] = run_id
+    return tags

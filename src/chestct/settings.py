@@ -66,6 +66,9 @@ class IngestParams:
     max_unpacked_mb: float = 20480.0  # archive: total unpacked size
     max_ratio: float = 100.0  # archive: unpacked / packed bytes (a zip bomb is 1000+)
     window: WindowParams = field(default_factory=WindowParams)
+    # "" (off) | zoom | dark: the synthetic default draws one class at another zoom or grey
+    # level in every split, an acquisition shortcut for testing that promote cannot be fooled
+    synthetic_shortcut: Literal["", "zoom", "dark"] = ""
 
 
 @dataclass(frozen=True)
@@ -160,13 +163,15 @@ class EvaluateParams:
     abstain_quantile: float = 0.95  # of valid entropy over correct predictions: abstain above
     ood_quantile: float = 0.99  # of valid Mahalanobis distances: out of distribution above
     gallery_per_class: int = 2  # Grad-CAM gallery: top-confidence and worst images per class
+    # valid | valid_and_shifted: what the temperature is fitted on (shifted = perturb.SHIFTS)
+    calibrate_on: Literal["valid", "valid_and_shifted"] = "valid_and_shifted"
+    external: str = ""  # "" (off) | a folder or .zip/.tar.gz/.tgz archive of <class>/<image>
 
 
 @dataclass(frozen=True)
 class PromoteParams:
-    metric: Literal["accuracy", "balanced_accuracy", "macro_f1", "macro_f2", "roc_auc"] = (
-        "macro_f1"
-    )
+    # any number in evaluate's metrics.json, dotted for nested keys ("shift.blur.macro_f1")
+    metric: str = "robust_macro_f1"
     minimum: float = 0.5
     margin: float = 0.0
     registered_model: str = "chestct"
@@ -407,6 +412,17 @@ def _check_evaluate_and_promote(evaluate: EvaluateParams, promote: PromoteParams
         raise SettingsError("promote.minimum: must be in [0, 1] (the metric is a fraction)")
     if not -1 < promote.margin < 1:
         raise SettingsError("promote.margin: must be in (-1, 1), e.g. 0.01")
+    metric = promote.metric.strip()
+    if not metric or metric.split(".")[0] == "external":
+        raise SettingsError(
+            f"promote.metric {promote.metric!r}: "
+            + (
+                "the external test set is reported apart and never used for selection; "
+                if metric
+                else "must name a metric; "
+            )
+            + "choose a key of artifacts/evaluate/metrics.json such as robust_macro_f1"
+        )
     if not promote.registered_model.strip():
         raise SettingsError("promote.registered_model: must be a non-empty name")
 

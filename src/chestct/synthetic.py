@@ -3,7 +3,9 @@
 The real dataset cannot be shipped with the repository, so tests, CI and demo runs use these
 images instead. Each class carries a distinct lesion pattern a small CNN can learn, while the
 file metadata (pixel size, colour mode, byte size, mean intensity) is drawn independently of
-the class so that no shortcut exists outside the pixels of the lesion itself.
+the class so that no shortcut exists outside the pixels of the lesion itself. An acquisition
+shortcut can be switched on (params `ingest.synthetic_shortcut`, off by default) to test that
+evaluation and promotion see through one.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+
+from chestct.perturb import zoom_out
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +49,11 @@ SHORT_FOLDERS: dict[str, str] = {
 }
 
 _MODES: tuple[str, ...] = ("L", "RGB", "RGBA")
+
+# The optional acquisition shortcut (ingest.synthetic_shortcut): which class, and how.
+SHORTCUT_CLASS = "large_cell_carcinoma"
+SHORTCUT_ZOOM = 0.7  # share of the frame the slice keeps, on black
+SHORTCUT_GAIN = 0.6  # grey levels scaled by this
 # Fast zlib level with a fixed row filter: adaptive filtering dominated generation time.
 _PNG_PARAMS = [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_SUB]
 
@@ -408,9 +417,27 @@ def _write_atomic(path: Path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _make_one(path: Path, label: str, seq: np.random.SeedSequence) -> Path:
+def with_shortcut(grey: np.ndarray, label: str, shortcut: str) -> np.ndarray:
+    """The slice as the optional acquisition shortcut draws it (params ingest.synthetic_shortcut).
+
+    `zoom`: SHORTCUT_CLASS slices are zoomed out to SHORTCUT_ZOOM of the frame on black (a wider
+    field of view); `dark`: their grey levels are scaled by SHORTCUT_GAIN (a darker export).
+    The other classes, and every class with shortcut "", are left as they are. Applied in every
+    split alike, as when one class was collected on another scanner: a pooled test split then
+    rewards a model for recognising the acquisition instead of the lesion.
+    """
+    if not shortcut or label != SHORTCUT_CLASS:
+        return grey
+    if shortcut == "zoom":
+        return zoom_out(grey, SHORTCUT_ZOOM)
+    if shortcut == "dark":
+        return np.round(grey.astype(np.float32) * SHORTCUT_GAIN).astype(np.uint8)
+    raise ValueError(f"unknown synthetic shortcut {shortcut!r}; use '', 'zoom' or 'dark'")
+
+
+def _make_one(path: Path, label: str, seq: np.random.SeedSequence, shortcut: str = "") -> Path:
     render_seq, export_seq = seq.spawn(2)
-    grey = render_slice(label, np.random.default_rng(render_seq))
+    grey = with_shortcut(render_slice(label, np.random.default_rng(render_seq)), label, shortcut)
     img = _export(grey, np.random.default_rng(export_seq))
     ok, buf = cv2.imencode(".png", img, _PNG_PARAMS)
     if not ok:
@@ -419,7 +446,9 @@ def _make_one(path: Path, label: str, seq: np.random.SeedSequence) -> Path:
     return path
 
 
-def generate_synthetic(out_dir: Path, seed: int, per_class: Mapping[str, int]) -> list[Path]:
+def generate_synthetic(
+    out_dir: Path, seed: int, per_class: Mapping[str, int], shortcut: str = ""
+) -> list[Path]:
     """Write the synthetic dataset under `out_dir` in the Kaggle folder layout.
 
     Args:
@@ -427,6 +456,7 @@ def generate_synthetic(out_dir: Path, seed: int, per_class: Mapping[str, int]) -
         seed: Non-negative master seed; the same seed gives byte-identical files.
         per_class: Images per class for each split, e.g.
             ``{"train": 120, "valid": 20, "test": 30}``. Splits left out are skipped.
+        shortcut: "" (none), "zoom" or "dark": see `with_shortcut`.
 
     Returns:
         Sorted paths of the files written.
@@ -461,6 +491,6 @@ def generate_synthetic(out_dir: Path, seed: int, per_class: Mapping[str, int]) -
     # generator, so the result does not depend on scheduling.
     workers = max(1, min(4, os.cpu_count() or 1))
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        written = list(pool.map(lambda job: _make_one(*job), jobs))
+        written = list(pool.map(lambda job: _make_one(*job, shortcut), jobs))
     logger.info("wrote %d synthetic slices under %s (seed=%d)", len(written), out_dir, seed)
     return sorted(written)

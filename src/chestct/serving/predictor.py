@@ -35,6 +35,8 @@ import numpy as np
 
 from chestct import imaging
 from chestct.gradcam import CamHead
+from chestct.metrics import normalised_entropy as entropy
+from chestct.metrics import softmax
 from chestct.settings import WindowParams
 
 log = logging.getLogger(__name__)
@@ -129,18 +131,6 @@ class Analysis:
     features: np.ndarray  # (h, w, f), for Grad-CAM
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
-
-
-def entropy(p: np.ndarray) -> np.ndarray:
-    """Entropy normalised by log(classes), so 0 is certain and 1 is uniform."""
-    p = np.clip(p, 1e-12, 1.0)
-    return -(p * np.log(p)).sum(axis=-1) / np.log(p.shape[-1])
-
-
 def analyse(model: Loaded, image: np.ndarray, mc_samples: int, seed: int) -> Analysis:
     """Calibrated prediction, uncertainty and OOD score for one prepared image (s, s)."""
     out = model.run(image[None])
@@ -152,7 +142,7 @@ def analyse(model: Loaded, image: np.ndarray, mc_samples: int, seed: int) -> Ana
         logits = out.logits[0].astype(np.float64)
     else:
         logits = np.log(np.clip(out.probabilities[0].astype(np.float64), 1e-12, 1.0))
-    probs = softmax(logits / model.temperature)
+    probs = softmax(logits, model.temperature)
     ent = float(entropy(probs))
     abstain = None if model.abstain_threshold is None else ent > model.abstain_threshold
     mc_mean = mc_std = mutual = None
@@ -161,7 +151,7 @@ def analyse(model: Loaded, image: np.ndarray, mc_samples: int, seed: int) -> Ana
         keep = 1.0 - model.dropout_rate
         masks = rng.random((mc_samples, gap.size)) < keep
         sampled = softmax(
-            ((gap * masks / keep) @ model.head.kernel + model.head.bias) / model.temperature
+            (gap * masks / keep) @ model.head.kernel + model.head.bias, model.temperature
         )
         mc_mean = sampled.mean(axis=0)
         mc_std = sampled.std(axis=0)

@@ -13,129 +13,59 @@ from __future__ import annotations
 import json
 import logging
 import math
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import pandas as pd
 
 from chestct.fsutil import atomic_write_json, staged_file
 from chestct.gradcam import CamHead, overlay
-from chestct.imaging import prepare, resize
 from chestct.labels import CLASSES
 from chestct.manifest import DATASET_COLUMNS, read_manifest, write_manifest
 from chestct.metrics import (
     Mahalanobis,
     ReliabilityBin,
     abstain_threshold,
-    classification_metrics,
     confusion,
-    expected_calibration_error,
     fit_temperature,
-    nll,
     normalised_entropy,
     reliability,
     roc_curves,
     softmax,
 )
-from chestct.pointers import PointerError, read_pointer
+from chestct.perturb import SHIFTS
+from chestct.pointers import PointerError, lineage_tags, read_pointer
 from chestct.runner import StageFailed, run_main, stage_session
+from chestct.scoring import (
+    Preprocessing,
+    ScoringError,
+    external_set,
+    full_metrics,
+    label_indices,
+    load_images,
+    load_model,
+    model_outputs,
+    prediction_table,
+    score_external,
+    shift_logits,
+)
 from chestct.settings import STAGES, EvaluateParams
 from chestct.tracking import flatten
 
 log = logging.getLogger(__name__)
 
-PLOTS = ("confusion.png", "roc.png", "reliability.png", "misclassified.png", "gradcam.png")
-
-
-# --------------------------------------------------------------------------- predictions
-
-
-def _label_indices(labels: Sequence[str]) -> np.ndarray:
-    # TensorFlow loads on first use, after stage_session() has checked the tracking store.
-    from chestct.modeling import label_indices
-
-    return label_indices(labels)
-
-
-def _load_model(path: Path) -> Any:
-    from chestct.modeling import load_model
-
-    return load_model(path)
-
-
-def load_images(
-    frame: pd.DataFrame, root: Path, size: int, interpolation: str = "area"
-) -> np.ndarray:
-    """The images of a manifest as float32 (n, size, size, 1) in [0, 255].
-
-    Images already at `size` are used as they are. Others (a champion trained at another
-    base.image_size) are prepared again from the ingested original when the manifest names it,
-    else stretched from the resized copy.
-    """
-    out = np.empty((len(frame), size, size, 1), np.float32)
-    originals = frame["original"] if "original" in frame else pd.Series([None] * len(frame))
-    for i, (rel, original) in enumerate(zip(frame["path"], originals, strict=True)):
-        grey = cv2.imread(str(root / rel), cv2.IMREAD_GRAYSCALE)
-        if grey is None:
-            raise StageFailed(f"{root / rel}: cannot be read as an image; rerun `dvc repro`")
-        if grey.shape != (size, size):
-            if isinstance(original, str) and original and (root / original).is_file():
-                grey = prepare((root / original).read_bytes(), size, interpolation)
-            else:
-                grey = resize(grey, size, interpolation)
-        out[i, :, :, 0] = grey
-    return out
-
-
-def model_outputs(
-    model: Any, images: np.ndarray, batch_size: int, names: Sequence[str]
-) -> dict[str, np.ndarray]:
-    """The named layers' outputs (contract: features, gap, logits, probabilities) per image."""
-    import keras
-
-    try:
-        heads = keras.Model(model.inputs, [model.get_layer(n).output for n in names])
-    except ValueError as exc:
-        raise StageFailed(
-            f"model {model.name!r} lacks a layer the evaluation reads ({exc}); the layers "
-            f"{', '.join(names)} are part of the model contract (modeling.py)"
-        ) from None
-    if len(images) == 0:
-        return {n: np.zeros((0, *heads.get_layer(n).output.shape[1:]), np.float32) for n in names}
-    outs = heads.predict(images, batch_size=batch_size, verbose=0)
-    if len(names) == 1:
-        outs = [outs]
-    return {n: np.asarray(o, np.float32) for n, o in zip(names, outs, strict=True)}
-
-
-def prediction_table(test: pd.DataFrame, proba: np.ndarray) -> pd.DataFrame:
-    """One row per test image: path, actual, predicted, confidence and p_<class> columns."""
-    y_pred = proba.argmax(axis=1)
-    return pd.DataFrame(
-        {
-            "path": test["path"].to_numpy(),
-            "source_path": test["source_path"].to_numpy(),
-            "actual": test["label"].to_numpy(),
-            "predicted": [CLASSES[i] for i in y_pred],
-            "confidence": proba.max(axis=1),
-            **{f"p_{c}": proba[:, i] for i, c in enumerate(CLASSES)},
-        }
-    )
-
-
-def score(
-    model_path: Path, test: pd.DataFrame, batch_size: int, root: Path, interpolation: str = "area"
-) -> tuple[dict[str, Any], pd.DataFrame]:
-    """Metrics and predictions of a saved model on a split (promote re-scores with this)."""
-    model = _load_model(model_path)
-    images = load_images(test, root, int(model.input_shape[1]), interpolation)
-    proba = model_outputs(model, images, batch_size, ["probabilities"])["probabilities"]
-    y_true = _label_indices(list(test["label"]))
-    return classification_metrics(y_true, proba), prediction_table(test, proba)
+PLOTS = (
+    "confusion.png",
+    "roc.png",
+    "reliability.png",
+    "shift.png",
+    "misclassified.png",
+    "gradcam.png",
+)
 
 
 # --------------------------------------------------------------------------- the stage's work
@@ -154,6 +84,30 @@ class Evaluation:
     images: np.ndarray  # the test images, (n, s, s, 1)
     features: np.ndarray  # their last feature maps, (n, h, w, c)
     cam_head: CamHead
+    external: dict[str, Any]  # external.json: {"source": ""} when evaluate.external is off
+    external_predictions: pd.DataFrame | None = None
+
+
+def fit_calibration(
+    y_valid: np.ndarray,
+    valid_logits: np.ndarray,
+    shifted_valid: dict[str, np.ndarray],
+    calibrate_on: str,
+) -> tuple[Any, str]:
+    """The temperature fit (metrics.fit_temperature) on the data params `evaluate.calibrate_on`
+    names, and a sentence saying what it was fitted on.
+
+    `valid_and_shifted` fits one temperature on the valid split together with its copies under
+    every shift of the stress set: the served probabilities then stay calibrated when the
+    acquisition changes (a temperature fitted on clean valid alone is typically too low for
+    shifted images, where the model is wrong more often at the same confidence).
+    """
+    if calibrate_on == "valid":
+        return fit_temperature(y_valid, valid_logits), "the validation split"
+    logits = np.concatenate([valid_logits, *shifted_valid.values()])
+    y = np.concatenate([y_valid] * (1 + len(shifted_valid)))
+    fit = fit_temperature(y, logits)
+    return fit, f"the validation split and its {len(shifted_valid)} shifted copies"
 
 
 def run_evaluate(
@@ -161,47 +115,53 @@ def run_evaluate(
     splits: dict[str, pd.DataFrame],
     params: EvaluateParams,
     root: Path,
-    interpolation: str = "area",
+    preprocessing: Preprocessing | None = None,
+    class_map: dict[str, str] | None = None,
 ) -> Evaluation:
-    """Score the test split; fit temperature, abstention and OOD thresholds on valid/train.
+    """Score the test split, clean and under the shift-stress set; fit temperature, abstention
+    and OOD thresholds on valid/train; score the external set when params name one.
 
     Args:
         model_path: the trained .keras model.
         splits: DATASET_COLUMNS frames for "train", "valid" and "test".
         params: the evaluate params.
         root: the folder the manifests' paths are relative to.
-        interpolation: resize interpolation (only used for images not at the model's size).
+        preprocessing: how resize prepared the images (for shifted and external images, and
+            images not at the model's size).
+        class_map: params `ingest.class_map`, for the external set's folder names.
     """
     missing = {"train", "valid", "test"} - set(splits)
     if missing:
         raise StageFailed(f"evaluate needs the splits train, valid and test; missing {missing}")
     if splits["test"].empty or splits["valid"].empty:
         raise StageFailed("the test or valid split is empty; check the split stage's output")
-    model = _load_model(model_path)
+    prep = preprocessing or Preprocessing()
+    model = load_model(model_path)
     size = int(model.input_shape[1])
     names = ["logits", "probabilities", "gap", "features"]
-    test_images = load_images(splits["test"], root, size, interpolation)
+    test_images = load_images(splits["test"], root, size, prep)
     test = model_outputs(model, test_images, params.batch_size, names)
     valid = model_outputs(
-        model,
-        load_images(splits["valid"], root, size, interpolation),
-        params.batch_size,
-        ["logits", "gap"],
+        model, load_images(splits["valid"], root, size, prep), params.batch_size, ["logits", "gap"]
     )
     train_gap = model_outputs(
-        model,
-        load_images(splits["train"], root, size, interpolation),
-        params.batch_size,
-        ["gap"],
+        model, load_images(splits["train"], root, size, prep), params.batch_size, ["gap"]
     )["gap"]
+    shifted_test = shift_logits(model, splits["test"], root, params.batch_size, prep)
+    shifted_valid = (
+        shift_logits(model, splits["valid"], root, params.batch_size, prep)
+        if params.calibrate_on == "valid_and_shifted"
+        else {}
+    )
 
-    y_test = _label_indices(list(splits["test"]["label"]))
-    y_valid = _label_indices(list(splits["valid"]["label"]))
-    fit = fit_temperature(y_valid, valid["logits"])
+    y_test = label_indices(list(splits["test"]["label"]))
+    y_valid = label_indices(list(splits["valid"]["label"]))
+    fit, fitted_on = fit_calibration(y_valid, valid["logits"], shifted_valid, params.calibrate_on)
     if fit.fitted:
         log.info(
-            "temperature %.4f (valid NLL %.4f -> %.4f)",
+            "temperature %.4f fitted on %s (NLL %.4f -> %.4f)",
             fit.temperature,
+            fitted_on,
             fit.nll_before,
             fit.nll_after,
         )
@@ -221,12 +181,9 @@ def run_evaluate(
     ood_threshold = float(np.quantile(ood.distance(valid["gap"]), params.ood_quantile))
     test_distance = ood.distance(test["gap"])
 
-    metrics = classification_metrics(y_test, test["probabilities"])
+    metrics = full_metrics(y_test, test["logits"], t, shifted_test)
     metrics.update(
         {
-            "ece_calibrated": expected_calibration_error(y_test, calibrated_test),
-            "nll": nll(y_test, test["probabilities"]),
-            "nll_calibrated": nll(y_test, calibrated_test),
             "temperature": t,
             "abstain_rate": float(np.mean(normalised_entropy(calibrated_test) > abstain)),
             "ood_rate": float(np.mean(test_distance > ood_threshold)),
@@ -235,7 +192,10 @@ def run_evaluate(
     calibration = {
         "temperature": t,
         "temperature_fitted": fit.fitted,
-        "temperature_reason": fit.reason,
+        "temperature_reason": fit.reason
+        if not fit.fitted
+        else f"fitted on {fitted_on} (evaluate.calibrate_on: {params.calibrate_on})",
+        "temperature_fit_on": params.calibrate_on,
         "valid_nll_before": fit.nll_before,
         "valid_nll_after": fit.nll_after,
         "abstain_entropy": abstain,
@@ -249,20 +209,57 @@ def run_evaluate(
             "features to the train split's mean, with Ledoit-Wolf precision"
         ),
     }
-    predictions = prediction_table(splits["test"], test["probabilities"])
+    predictions = prediction_table(splits["test"], softmax(test["logits"]))
     predictions["entropy_calibrated"] = normalised_entropy(calibrated_test)
     predictions["ood_distance"] = test_distance
+    external, external_predictions = run_external(model, params, root, prep, t, class_map)
     return Evaluation(
         metrics=metrics,
         predictions=predictions,
         calibration=calibration,
         ood=ood,
-        reliability_before=reliability(y_test, test["probabilities"]),
+        reliability_before=reliability(y_test, softmax(test["logits"])),
         reliability_after=reliability(y_test, calibrated_test),
         images=test_images,
         features=test["features"],
         cam_head=CamHead.from_model(model),
+        external=external,
+        external_predictions=external_predictions,
     )
+
+
+def run_external(
+    model: Any,
+    params: EvaluateParams,
+    root: Path,
+    preprocessing: Preprocessing,
+    temperature: float,
+    class_map: dict[str, str] | None = None,
+) -> tuple[dict[str, Any], pd.DataFrame | None]:
+    """external.json's content and the predictions on params `evaluate.external`.
+
+    Reported apart from metrics.json and never used for selection, calibration or thresholds:
+    it is scored with the temperature fitted on valid, after everything else is decided.
+    """
+    if not params.external:
+        return {"source": "", "n": 0}, None
+    with tempfile.TemporaryDirectory(prefix="chestct-external-") as staging:
+        try:
+            found = external_set(params.external, root, Path(staging), class_map)
+            metrics, predictions = score_external(
+                model, found, preprocessing, params.batch_size, temperature, root
+            )
+        except ScoringError as exc:
+            raise StageFailed(str(exc)) from None
+    log.info(
+        "external set %s: %d images, macro-F1 %.4f, balanced accuracy %.4f, ECE %.4f",
+        found.origin,
+        metrics["n"],
+        metrics["macro_f1"],
+        metrics["balanced_accuracy"],
+        metrics["ece_calibrated"],
+    )
+    return {"source": found.origin, "digest": found.digest, **metrics}, predictions
 
 
 # --------------------------------------------------------------------------- plot data
@@ -271,7 +268,7 @@ def run_evaluate(
 def roc_table(predictions: pd.DataFrame) -> pd.DataFrame:
     """True-positive rate per class on a shared false-positive-rate grid (for dvc plots)."""
     proba = predictions[[f"p_{c}" for c in CLASSES]].to_numpy()
-    fpr, curves = roc_curves(_label_indices(list(predictions["actual"])), proba)
+    fpr, curves = roc_curves(label_indices(list(predictions["actual"])), proba)
     return pd.DataFrame({"fpr": fpr, **curves})
 
 
@@ -288,6 +285,29 @@ def reliability_table(before: list[ReliabilityBin], after: list[ReliabilityBin])
                 "count_calibrated": a.count,
                 "confidence_calibrated": a.confidence,
                 "accuracy_calibrated": a.accuracy,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def shift_table(metrics: dict[str, Any]) -> pd.DataFrame:
+    """One row per condition, the clean test split first, then each shift of perturb.SHIFTS."""
+    rows = [
+        {
+            "perturbation": "clean",
+            "macro_f1": metrics["macro_f1"],
+            "balanced_accuracy": metrics["balanced_accuracy"],
+            "ece_calibrated": metrics["ece_calibrated"],
+        }
+    ]
+    for shift in SHIFTS:
+        m = metrics["shift"][shift.name]
+        rows.append(
+            {
+                "perturbation": shift.name,
+                "macro_f1": m["macro_f1"],
+                "balanced_accuracy": m["balanced_accuracy"],
+                "ece_calibrated": m["ece_calibrated"],
             }
         )
     return pd.DataFrame(rows)
@@ -314,7 +334,7 @@ def _save(fig: Any, target: Path) -> None:
 def plot_confusion(predictions: pd.DataFrame, target: Path) -> None:
     plt = _pyplot()
     matrix = confusion(
-        _label_indices(list(predictions["actual"])), _label_indices(list(predictions["predicted"]))
+        label_indices(list(predictions["actual"])), label_indices(list(predictions["predicted"]))
     )
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
     ax.imshow(matrix, cmap="Blues")
@@ -375,6 +395,23 @@ def plot_reliability(table: pd.DataFrame, ece: tuple[float, float], target: Path
         ax.set_title(f"{title}: ECE {value:.3f}")
     axes[0].set_ylabel("accuracy")
     axes[0].legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    _save(fig, target)
+
+
+def plot_shift(table: pd.DataFrame, target: Path) -> None:
+    """Macro-F1 per condition, clean first; the dashed line is the clean figure."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    colours = ["#4c72b0"] + ["#dd8452"] * (len(table) - 1)
+    ax.bar(table["perturbation"], table["macro_f1"], color=colours, edgecolor="black")
+    ax.axhline(float(table["macro_f1"].iloc[0]), ls="--", color="grey", lw=0.8)
+    for i, value in enumerate(table["macro_f1"]):
+        ax.text(i, value + 0.01, f"{value:.2f}", ha="center", fontsize=7)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("macro-F1 (test split)")
+    ax.set_title("Shift stress: macro-F1 under acquisition perturbations")
+    ax.tick_params(axis="x", labelrotation=30, labelsize=8)
     fig.tight_layout()
     _save(fig, target)
 
@@ -446,8 +483,14 @@ def write_outputs(ev: Evaluation, out: Path, params: EvaluateParams) -> dict[str
         "confusion": out / "confusion.csv",
         "roc": out / "roc.csv",
         "reliability": out / "reliability.csv",
+        "shift": out / "shift.csv",
+        "external": out / "external.json",
     }
     atomic_write_json(files["metrics"], ev.metrics)
+    atomic_write_json(files["external"], ev.external)
+    if ev.external_predictions is not None:
+        files["external_predictions"] = out / "external_predictions.csv"
+        write_manifest(files["external_predictions"], ev.external_predictions)
     write_manifest(files["predictions"], ev.predictions)
     atomic_write_json(files["calibration"], ev.calibration)
     with staged_file(files["ood"]) as tmp, tmp.open("wb") as fh:
@@ -458,6 +501,9 @@ def write_outputs(ev: Evaluation, out: Path, params: EvaluateParams) -> dict[str
     write_manifest(files["roc"], roc)
     table = reliability_table(ev.reliability_before, ev.reliability_after)
     write_manifest(files["reliability"], table)
+    shifts = shift_table(ev.metrics)
+    write_manifest(files["shift"], shifts)
+    plot_shift(shifts, out / "shift.png")
 
     plot_confusion(ev.predictions, out / "confusion.png")
     plot_roc(roc, ev.metrics["roc_auc_per_class"], out / "roc.png")
@@ -475,19 +521,6 @@ def write_outputs(ev: Evaluation, out: Path, params: EvaluateParams) -> dict[str
         "Grad-CAM: top-confidence and worst cases per class",
     )
     return files
-
-
-def lineage_tags(paths: Any, upto: str) -> dict[str, str]:
-    """MLflow tags naming the run of every upstream stage, so that one run leads to all."""
-    tags = {}
-    for stage in STAGES[: STAGES.index(upto)]:
-        try:
-            run_id = read_pointer(paths, stage, verify=False).mlflow.run_id
-        except PointerError:
-            continue
-        if run_id:
-            tags[f"chestct.run.{stage}"] = run_id
-    return tags
 
 
 def upstream_params(paths: Any, upto: str, own: Sequence[str]) -> dict[str, str]:
@@ -509,6 +542,25 @@ def upstream_params(paths: Any, upto: str, own: Sequence[str]) -> dict[str, str]
     }
 
 
+def resize_preprocessing(paths: Any) -> Preprocessing:
+    """The preprocessing the resize stage really ran with (its pointer's params), so that
+    shifted and external images are prepared exactly like the training images."""
+    resize_params = read_pointer(paths, "resize", verify=False).params.get("resize", {})
+    try:
+        ingest = read_pointer(paths, "ingest", verify=False).params.get("ingest", {})
+    except PointerError:  # the window only matters for DICOM files of the external set
+        ingest = {}
+    return Preprocessing.from_spec({**resize_params, "window": ingest.get("window")})
+
+
+def ingested_class_map(paths: Any) -> dict[str, str]:
+    """params `ingest.class_map` as ingest ran, for the external set's folder names."""
+    try:
+        return dict(read_pointer(paths, "ingest", verify=False).params["ingest"]["class_map"])
+    except (PointerError, KeyError, TypeError):
+        return {}
+
+
 def main() -> None:
     with stage_session("evaluate") as session:
         s = session.settings
@@ -519,7 +571,14 @@ def main() -> None:
             name: read_manifest(validate.output_path(name, root), DATASET_COLUMNS)
             for name in ("train", "valid", "test")
         }
-        ev = run_evaluate(train.output_path("model", root), splits, s.params.evaluate, root)
+        ev = run_evaluate(
+            train.output_path("model", root),
+            splits,
+            s.params.evaluate,
+            root,
+            resize_preprocessing(s.paths),
+            ingested_class_map(s.paths),
+        )
         out = session.out_dir
         files = write_outputs(ev, out, s.params.evaluate)
 
@@ -529,19 +588,34 @@ def main() -> None:
         mlflow.log_params(upstream_params(s.paths, "evaluate", list(session.params)))
         for name in PLOTS:
             session.log_artifact(out / name, "plots")
-        for name in ("predictions", "calibration", "roc", "reliability"):
+        for name in ("predictions", "calibration", "roc", "reliability", "shift", "external"):
             session.log_artifact(files[name])
+        if ev.external_predictions is not None:
+            session.log_artifact(files["external_predictions"])
+            # Reported apart: prefixed, and never in metrics.json, which promote selects on.
+            session.log_metrics({"external": ev.external})
+        shift = ev.metrics["shift"]
         log.info(
-            "test: macro-F1 %.4f, balanced accuracy %.4f, ECE %.4f -> %.4f (T=%.3f)",
+            "test: macro-F1 %.4f, balanced accuracy %.4f, ECE %.4f -> %.4f (T=%.3f); shift "
+            "stress: worst macro-F1 %.4f (%s), mean %.4f, ECE worst %.4f mean %.4f; "
+            "robust macro-F1 %.4f",
             ev.metrics["macro_f1"],
             ev.metrics["balanced_accuracy"],
             ev.metrics["ece"],
             ev.metrics["ece_calibrated"],
             ev.metrics["temperature"],
+            shift["worst_macro_f1"],
+            shift["worst_shift"],
+            shift["mean_macro_f1"],
+            shift["worst_ece"],
+            shift["mean_ece"],
+            ev.metrics["robust_macro_f1"],
         )
         session.finish(
             inputs=["validate", "train"],
-            outputs={k: files[k] for k in ("metrics", "predictions", "calibration", "ood")},
+            outputs={
+                k: files[k] for k in ("metrics", "predictions", "calibration", "ood", "external")
+            },
             metrics=ev.metrics,
             details={"calibration": ev.calibration},
         )

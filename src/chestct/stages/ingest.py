@@ -192,7 +192,12 @@ def run_ingest(
     staging.mkdir(parents=True)
     try:
         if params.source == "synthetic":
-            generate_synthetic(staging / "synthetic", base.seed, params.synthetic_per_class)
+            generate_synthetic(
+                staging / "synthetic",
+                base.seed,
+                params.synthetic_per_class,
+                params.synthetic_shortcut,
+            )
             source = Source("synthetic", "synthetic", staging / "synthetic")
         else:
             try:

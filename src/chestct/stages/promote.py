@@ -31,8 +31,10 @@ from chestct.fsutil import atomic_write_json, sha256_file, swap_dir
 from chestct.gradcam import CAM_FILE, CamHead
 from chestct.labels import CLASSES, DISPLAY_NAMES
 from chestct.manifest import DATASET_COLUMNS, read_manifest
-from chestct.pointers import PointerError, git_state, now_utc, read_pointer
+from chestct.metrics import lower_is_better, metric_value, numeric_keys
+from chestct.pointers import PointerError, git_state, lineage_tags, now_utc, read_pointer
 from chestct.runner import StageFailed, run_main, stage_session
+from chestct.scoring import Preprocessing, ScoringError, load_images, model_outputs, score
 from chestct.settings import PromoteParams
 
 log = logging.getLogger(__name__)
@@ -92,34 +94,59 @@ def read_card(model_dir: Path) -> dict[str, Any] | None:
     return data
 
 
+def selection_value(metrics: dict[str, Any], metric: str, whose: str) -> float:
+    """The value of promote.metric (a dotted key of metrics.json) in `whose` metrics.
+
+    Raises:
+        StageFailed: the key names the external set (reported apart, never selected on) or
+            is not a number in the metrics; the message lists the keys that are.
+    """
+    if metric.split(".")[0] == "external":
+        raise StageFailed(
+            f"promote.metric {metric!r} points at the external test set, which is reported "
+            "apart and never used for selection; choose a key of metrics.json such as "
+            "robust_macro_f1"
+        )
+    value = metric_value(metrics, metric)
+    if value is None:
+        raise StageFailed(
+            f"promote.metric {metric!r} is not among the {whose}'s metrics (valid keys: "
+            f"{', '.join(numeric_keys(metrics))}); choose one of those or rerun evaluate"
+        )
+    return value
+
+
 def decide(
     params: PromoteParams,
     candidate: dict[str, Any],
     champion: dict[str, Any] | None,
     champion_rescored: bool = False,
 ) -> Decision:
-    """Compare on params.metric: first model needs `minimum`; later ones champion + margin."""
+    """Compare on params.metric: first model needs `minimum`; later ones champion + margin.
+
+    For a metric where lower is better (metrics.lower_is_better: ECE, NLL, rates) the
+    comparison turns round: the candidate must stay at or below `minimum` and below the
+    champion by the margin.
+    """
     metric = params.metric
-    if candidate.get(metric) is None:
-        raise StageFailed(
-            f"promote.metric {metric!r} is not among the candidate's metrics "
-            f"({', '.join(k for k, v in candidate.items() if isinstance(v, float))}); "
-            "choose one of those or rerun evaluate"
-        )
-    score = float(candidate[metric])
+    score = selection_value(candidate, metric, "candidate")
+    sign = -1.0 if lower_is_better(metric) else 1.0
+    bound = "maximum" if sign < 0 else "minimum"
     if champion is None:
-        ok = score >= params.minimum
+        ok = sign * score >= sign * params.minimum
         reason = (
             f"no champion; {metric} {score:.4f} "
-            f"{'meets' if ok else 'is below'} the minimum {params.minimum}"
+            f"{'meets' if ok else ('is below' if sign > 0 else 'is above')} the {bound} "
+            f"{params.minimum}"
         )
         return Decision(ok, metric, score, None, False, reason)
-    best = float(champion[metric])
-    needed = best + params.margin
-    ok = score >= needed and score >= params.minimum
+    best = selection_value(champion, metric, "champion")
+    needed = best + sign * params.margin
+    ok = sign * score >= sign * needed and sign * score >= sign * params.minimum
     reason = (
         f"candidate {metric} {score:.4f} vs champion {best:.4f} "
-        f"(+ margin {params.margin}): {'promoted' if ok else 'rejected'}"
+        f"({'+' if sign > 0 else '-'} margin {params.margin}): "
+        f"{'promoted' if ok else 'rejected'}"
     )
     return Decision(ok, metric, score, best, champion_rescored, reason)
 
@@ -127,17 +154,19 @@ def decide(
 def rescore_champion(
     model_dir: Path, card: dict[str, Any], test: pd.DataFrame, root: Path, batch_size: int
 ) -> dict[str, Any]:
-    """The champion's metrics on the current test split, prepared at the champion's own size."""
-    from chestct.stages.evaluate import score
-
-    interpolation = (card.get("preprocessing") or {}).get("interpolation", "area")
-    metrics, _ = score(
-        model_dir / str(card.get("model_file", MODEL_FILE)),
-        test,
-        batch_size,
-        root,
-        interpolation,
-    )
+    """The champion's metrics on the current test split (the candidate's keys, shift stress
+    included), prepared at the champion's own size, preprocessing and temperature."""
+    try:
+        metrics, _ = score(
+            model_dir / str(card.get("model_file", MODEL_FILE)),
+            test,
+            batch_size,
+            root,
+            Preprocessing.from_spec(card.get("preprocessing")),
+            temperature=float(card.get("temperature", 1.0)),
+        )
+    except ScoringError as exc:
+        raise StageFailed(f"re-scoring the champion in {model_dir}: {exc}") from None
     return metrics
 
 
@@ -154,7 +183,6 @@ def export_release(
             PARITY_TOLERANCE on some test image.
     """
     from chestct.modeling import load_model
-    from chestct.stages.evaluate import load_images, model_outputs
 
     model = load_model(model_path)
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -335,7 +363,7 @@ def run_promote(
         champion_metrics = card.get("metrics") or {}
         if (
             card.get("data_digest") != candidate.data_digest
-            or champion_metrics.get(params.metric) is None
+            or metric_value(champion_metrics, params.metric) is None
         ):
             log.info("test data or metric changed since the champion was promoted: re-scoring")
             champion_metrics = rescore_champion(model_dir, card, test, root, batch_size)
@@ -482,8 +510,6 @@ def main() -> None:
         test = read_manifest(validate.output_path("test", root), DATASET_COLUMNS)
 
         import mlflow
-
-        from chestct.stages.evaluate import lineage_tags
 
         mlflow.set_tags(lineage_tags(s.paths, "promote"))
         release = session.out_dir / "release"

@@ -1,0 +1,399 @@
+"""Scoring a saved model: on a split as it is, under the shift-stress set, and on an external set.
+
+A library module, so that evaluate (the candidate) and promote (re-scoring the champion) measure
+with the very same code and produce the same metric keys; stages never import each other.
+
+Shift stress (perturb.SHIFTS): every image of a split is taken back to its ingested original,
+perturbed there (before any preprocessing, as another scanner or export would have made it),
+and prepared again through `imaging.prepare`, exactly as resize and serving prepare an upload.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pandas as pd
+
+from chestct.imaging import ImageError, decode, prepare, resize
+from chestct.labels import CLASSES, label_for_folder
+from chestct.metrics import (
+    classification_metrics,
+    expected_calibration_error,
+    nll,
+    robust_macro_f1,
+    softmax,
+)
+from chestct.perturb import SHIFT_NAMES, apply_shift
+from chestct.sources import SPLIT_NAMES, SourceError, archive_kind, is_url, resolve
+
+log = logging.getLogger(__name__)
+
+# Lossless and fast: a perturbed slice is re-encoded only to take imaging.prepare's own path.
+_PNG_FAST = [cv2.IMWRITE_PNG_COMPRESSION, 0]
+
+
+class ScoringError(RuntimeError):
+    """Images or a model that cannot be scored; the message names the file and the fix."""
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a slice becomes the model's input: params `resize` (+ `ingest.window` for DICOM).
+
+    Built from what the resize stage really ran with (evaluate) or from a model card's
+    `preprocessing` entry (promote's champion), so that re-prepared images match the ones the
+    model was trained on.
+    """
+
+    interpolation: str = "area"
+    mode: str = "stretch"
+    window: tuple[float, float] | None = None
+
+    @classmethod
+    def from_spec(cls, spec: Mapping[str, Any] | None) -> Preprocessing:
+        """From a card's `preprocessing` entry ({"resize": mode, "interpolation", "window"})
+        or the resize params ({"mode", "interpolation"})."""
+        spec = spec or {}
+        window = spec.get("window")
+        if isinstance(window, Mapping):
+            window = (float(window["level"]), float(window["width"]))
+        return cls(
+            interpolation=str(spec.get("interpolation", "area")),
+            mode=str(spec.get("resize", spec.get("mode", "stretch"))),
+            window=tuple(window) if window else None,
+        )
+
+    def prepare(self, data: bytes, size: int) -> np.ndarray:
+        """File bytes -> uint8 (size, size), through imaging.prepare."""
+        return prepare(data, size, self.interpolation, mode=self.mode, window=self.window)
+
+    def prepare_grey(self, grey: np.ndarray, size: int) -> np.ndarray:
+        """A decoded (perturbed) slice through the same path as a file: lossless PNG first."""
+        ok, buf = cv2.imencode(".png", grey, _PNG_FAST)
+        if not ok:
+            raise ScoringError("OpenCV could not encode a perturbed slice as PNG")
+        return self.prepare(buf.tobytes(), size)
+
+
+# --------------------------------------------------------------------------- images and outputs
+
+
+def load_images(
+    frame: pd.DataFrame, root: Path, size: int, preprocessing: Preprocessing | None = None
+) -> np.ndarray:
+    """The images of a manifest as float32 (n, size, size, 1) in [0, 255].
+
+    Images already at `size` are used as they are. Others (a champion trained at another
+    base.image_size) are prepared again from the ingested original when the manifest names it,
+    else stretched from the resized copy.
+    """
+    prep = preprocessing or Preprocessing()
+    out = np.empty((len(frame), size, size, 1), np.float32)
+    originals = frame["original"] if "original" in frame else pd.Series([None] * len(frame))
+    for i, (rel, original) in enumerate(zip(frame["path"], originals, strict=True)):
+        grey = cv2.imread(str(root / rel), cv2.IMREAD_GRAYSCALE)
+        if grey is None:
+            raise ScoringError(f"{root / rel}: cannot be read as an image; rerun `dvc repro`")
+        if grey.shape != (size, size):
+            if isinstance(original, str) and original and (root / original).is_file():
+                grey = prep.prepare((root / original).read_bytes(), size)
+            else:
+                grey = resize(grey, size, prep.interpolation)
+        out[i, :, :, 0] = grey
+    return out
+
+
+def original_slices(frame: pd.DataFrame, root: Path) -> tuple[list[np.ndarray], int]:
+    """The decoded originals of a manifest's images (8-bit grey), and how many were missing.
+
+    A row without a readable original (a manifest written by hand, a moved file) falls back to
+    its resized copy: the shift is then applied after resizing, which is milder; the count says
+    how often that happened.
+    """
+    slices, missing = [], 0
+    originals = frame["original"] if "original" in frame else pd.Series([None] * len(frame))
+    for rel, original in zip(frame["path"], originals, strict=True):
+        if isinstance(original, str) and original and (root / original).is_file():
+            slices.append(decode((root / original).read_bytes()).grey)
+            continue
+        grey = cv2.imread(str(root / rel), cv2.IMREAD_GRAYSCALE)
+        if grey is None:
+            raise ScoringError(f"{root / rel}: cannot be read as an image; rerun `dvc repro`")
+        slices.append(grey)
+        missing += 1
+    return slices, missing
+
+
+def output_heads(model: Any, names: Sequence[str]) -> Any:
+    """A Keras model returning the named layers' outputs (contract: features, gap, logits,
+    probabilities); build it once and predict with it many times (each new one retraces)."""
+    import keras
+
+    try:
+        return keras.Model(model.inputs, [model.get_layer(n).output for n in names])
+    except ValueError as exc:
+        raise ScoringError(
+            f"model {model.name!r} lacks a layer the evaluation reads ({exc}); the layers "
+            f"{', '.join(names)} are part of the model contract (modeling.py)"
+        ) from None
+
+
+def model_outputs(
+    model: Any, images: np.ndarray, batch_size: int, names: Sequence[str], heads: Any = None
+) -> dict[str, np.ndarray]:
+    """The named layers' outputs per image (`heads`: from output_heads(model, names), reused)."""
+    heads = heads if heads is not None else output_heads(model, names)
+    if len(images) == 0:
+        return {n: np.zeros((0, *heads.get_layer(n).output.shape[1:]), np.float32) for n in names}
+    outs = heads.predict(images, batch_size=batch_size, verbose=0)
+    if len(names) == 1:
+        outs = [outs]
+    return {n: np.asarray(o, np.float32) for n, o in zip(names, outs, strict=True)}
+
+
+def label_indices(labels: Sequence[str]) -> np.ndarray:
+    """Class indices of label names (TensorFlow loads on first use, inside a stage's session)."""
+    from chestct.modeling import label_indices as indices
+
+    return indices(labels)
+
+
+def load_model(path: Path) -> Any:
+    from chestct.modeling import load_model as load
+
+    return load(path)
+
+
+def prediction_table(test: pd.DataFrame, proba: np.ndarray) -> pd.DataFrame:
+    """One row per test image: path, actual, predicted, confidence and p_<class> columns."""
+    y_pred = proba.argmax(axis=1)
+    return pd.DataFrame(
+        {
+            "path": test["path"].to_numpy(),
+            "source_path": test["source_path"].to_numpy(),
+            "actual": test["label"].to_numpy(),
+            "predicted": [CLASSES[i] for i in y_pred],
+            "confidence": proba.max(axis=1),
+            **{f"p_{c}": proba[:, i] for i, c in enumerate(CLASSES)},
+        }
+    )
+
+
+# --------------------------------------------------------------------------- shift stress
+
+
+def shift_logits(
+    model: Any,
+    frame: pd.DataFrame,
+    root: Path,
+    batch_size: int,
+    preprocessing: Preprocessing,
+    shifts: Sequence[str] = SHIFT_NAMES,
+) -> dict[str, np.ndarray]:
+    """The model's logits on every image of `frame` under each shift, keyed by shift name."""
+    size = int(model.input_shape[1])
+    slices, missing = original_slices(frame, root)
+    if missing:
+        log.warning(
+            "shift stress: %d of %d images have no ingested original; they are perturbed "
+            "after resizing instead",
+            missing,
+            len(frame),
+        )
+    keys = [str(k) for k in frame["sha256"]]
+    heads = output_heads(model, ["logits"])
+    out = {}
+    for name in shifts:
+        images = np.empty((len(slices), size, size, 1), np.float32)
+        for i, (grey, key) in enumerate(zip(slices, keys, strict=True)):
+            images[i, :, :, 0] = preprocessing.prepare_grey(apply_shift(name, grey, key), size)
+        out[name] = model_outputs(model, images, batch_size, ["logits"], heads)["logits"]
+    return out
+
+
+def shift_metrics(
+    y_true: np.ndarray, logits: Mapping[str, np.ndarray], temperature: float
+) -> dict[str, Any]:
+    """Per shift: macro_f1, balanced_accuracy, accuracy, ece (raw) and ece_calibrated (the
+    served probabilities); then the summary over shifts: worst_macro_f1 (and which shift),
+    mean_macro_f1, worst_balanced_accuracy, and worst_ece / mean_ece of the served
+    (calibrated) probabilities."""
+    out: dict[str, Any] = {}
+    for name, z in logits.items():
+        m = classification_metrics(y_true, softmax(z))
+        out[name] = {
+            "macro_f1": m["macro_f1"],
+            "balanced_accuracy": m["balanced_accuracy"],
+            "accuracy": m["accuracy"],
+            "ece": m["ece"],
+            "ece_calibrated": expected_calibration_error(y_true, softmax(z, temperature)),
+        }
+    per = {n: v for n, v in out.items()}
+    worst = min(per, key=lambda n: per[n]["macro_f1"])
+    out.update(
+        {
+            "worst_macro_f1": per[worst]["macro_f1"],
+            "worst_shift": worst,
+            "mean_macro_f1": float(np.mean([v["macro_f1"] for v in per.values()])),
+            "worst_balanced_accuracy": min(v["balanced_accuracy"] for v in per.values()),
+            "worst_ece": max(v["ece_calibrated"] for v in per.values()),
+            "mean_ece": float(np.mean([v["ece_calibrated"] for v in per.values()])),
+        }
+    )
+    return out
+
+
+def full_metrics(
+    y_true: np.ndarray,
+    logits: np.ndarray,
+    temperature: float,
+    shifted: Mapping[str, np.ndarray] | None,
+) -> dict[str, Any]:
+    """Every metric of one model on one split: classification metrics of the raw
+    probabilities, calibrated ECE and NLL, and (with `shifted` logits) the shift block and
+    robust_macro_f1. Evaluate and promote's champion re-scoring both write this shape."""
+    proba = softmax(logits)
+    calibrated = softmax(logits, temperature)
+    metrics = classification_metrics(y_true, proba)
+    metrics.update(
+        {
+            "ece_calibrated": expected_calibration_error(y_true, calibrated),
+            "nll": nll(y_true, proba),
+            "nll_calibrated": nll(y_true, calibrated),
+        }
+    )
+    if shifted:
+        metrics["shift"] = shift_metrics(y_true, shifted, temperature)
+        metrics["robust_macro_f1"] = robust_macro_f1(
+            metrics["macro_f1"], metrics["shift"]["worst_macro_f1"]
+        )
+    return metrics
+
+
+def score(
+    model_path: Path,
+    test: pd.DataFrame,
+    batch_size: int,
+    root: Path,
+    preprocessing: Preprocessing | None = None,
+    *,
+    temperature: float = 1.0,
+    shifts: bool = True,
+) -> tuple[dict[str, Any], pd.DataFrame]:
+    """Metrics (full_metrics) and predictions of a saved model on a split; promote re-scores
+    the champion with this, with the champion's own preprocessing and temperature."""
+    prep = preprocessing or Preprocessing()
+    model = load_model(model_path)
+    images = load_images(test, root, int(model.input_shape[1]), prep)
+    logits = model_outputs(model, images, batch_size, ["logits"])["logits"]
+    shifted = shift_logits(model, test, root, batch_size, prep) if shifts else None
+    y_true = label_indices(list(test["label"]))
+    metrics = full_metrics(y_true, logits, temperature, shifted)
+    return metrics, prediction_table(test, softmax(logits))
+
+
+# --------------------------------------------------------------------------- external test set
+
+
+@dataclass(frozen=True)
+class ExternalSet:
+    """Labelled files of an external test set, with a digest of their content."""
+
+    origin: str
+    files: list[tuple[str, Path]]  # (label, file)
+    digest: str  # sha256 over the sorted (label, file sha256) pairs
+
+
+def external_set(
+    source: str, root: Path, staging: Path, class_map: Mapping[str, str] | None = None
+) -> ExternalSet:
+    """The labelled files of params `evaluate.external`: a folder or a .zip/.tar.gz/.tgz
+    archive in the layout `[<split>/]<class>/<image>` (labels from the class folders; split
+    folders, if any, are all used; `class_map` is params `ingest.class_map`). `staging` is a
+    scratch folder the caller removes."""
+    if is_url(source):
+        raise ScoringError(
+            f"evaluate.external {source!r}: a URL is not accepted here; download the archive "
+            "and point evaluate.external at the file or its unpacked folder"
+        )
+    path = Path(source).expanduser()
+    path = path if path.is_absolute() else root / path
+    if path.is_file() and archive_kind(path) is None:
+        raise ScoringError(
+            f"evaluate.external {source!r} is a file but not a .zip, .tar.gz or .tgz archive; "
+            "point it at a folder <class>/<image> or an archive of one"
+        )
+    try:
+        found = resolve(source, root, staging, "", 0.0)
+    except SourceError as exc:
+        raise ScoringError(str(exc).replace("ingest.source", "evaluate.external")) from None
+    folder = found.folder
+    splits = [d for d in sorted(folder.iterdir()) if d.is_dir() and d.name in SPLIT_NAMES]
+    groups = splits or [folder]
+    files: list[tuple[str, Path]] = []
+    for group in groups:
+        for child in sorted(p for p in group.iterdir() if p.is_dir()):
+            if child.name.startswith(".") or child.name == "__MACOSX":
+                continue
+            label = label_for_folder(child.name, class_map)
+            if label is None:
+                raise ScoringError(
+                    f"evaluate.external: {child} does not name a class ({', '.join(CLASSES)}); "
+                    "rename the folder or move it out"
+                )
+            files.extend(
+                (label, f)
+                for f in sorted(child.rglob("*"))
+                if f.is_file() and not f.name.startswith(".")
+            )
+    if not files:
+        raise ScoringError(
+            f"evaluate.external {source!r}: no image files in class folders; expected "
+            f"[<split>/]<class>/<image> with classes {', '.join(CLASSES)}"
+        )
+    digest = hashlib.sha256()
+    for label, f in sorted(files, key=lambda x: (x[0], x[1].name)):
+        digest.update(f"{label}:{hashlib.sha256(f.read_bytes()).hexdigest()}\n".encode())
+    return ExternalSet(found.origin, files, digest.hexdigest())
+
+
+def score_external(
+    model: Any,
+    external: ExternalSet,
+    preprocessing: Preprocessing,
+    batch_size: int,
+    temperature: float,
+    root: Path | None = None,
+) -> tuple[dict[str, Any], pd.DataFrame]:
+    """Every metric (full_metrics, without the shift block) of the model on the external set,
+    and one prediction row per file. Files that do not decode are counted and named, not
+    scored."""
+    size = int(model.input_shape[1])
+    images, labels, names, skipped = [], [], [], []
+    for label, f in external.files:
+        try:
+            images.append(preprocessing.prepare(f.read_bytes(), size))
+        except ImageError as exc:
+            skipped.append({"path": f.name, "reason": str(exc)})
+            continue
+        labels.append(label)
+        names.append(str(f.relative_to(root)) if root and f.is_relative_to(root) else f.name)
+    if not images:
+        raise ScoringError(
+            f"evaluate.external {external.origin!r}: none of {len(external.files)} files could "
+            f"be decoded (first: {skipped[0]['path']}: {skipped[0]['reason']})"
+        )
+    batch = np.stack(images)[..., None].astype(np.float32)
+    logits = model_outputs(model, batch, batch_size, ["logits"])["logits"]
+    y_true = label_indices(labels)
+    metrics = full_metrics(y_true, logits, temperature, None)
+    metrics["skipped"] = len(skipped)
+    frame = pd.DataFrame({"path": names, "source_path": names, "label": labels})
+    return metrics, prediction_table(frame, softmax(logits))

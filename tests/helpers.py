@@ -145,3 +145,33 @@ def ok_index(manifests: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
         ],
         columns=list(INDEX_COLUMNS),
     )
+
+
+def synthetic_splits(
+    root: Path, size: int, per_class: Mapping[str, int], seed: int = 5, shortcut: str = ""
+) -> dict[str, pd.DataFrame]:
+    """Synthetic slices as validate hands them on: DATASET_COLUMNS frames whose `path` is the
+    image prepared at `size` and whose `original` is the generated file (relative to root)."""
+    from chestct.labels import label_for_folder
+    from chestct.manifest import DATASET_COLUMNS
+    from chestct.scoring import Preprocessing
+    from chestct.synthetic import generate_synthetic
+
+    folder = root / f"synthetic-{seed}-{shortcut or 'none'}"
+    rows: dict[str, list[dict[str, object]]] = {}
+    for f in generate_synthetic(folder / "original", seed, per_class, shortcut):
+        split = f.parts[-3]
+        data = f.read_bytes()
+        resized = folder / "resized" / split / f.name
+        resized.parent.mkdir(parents=True, exist_ok=True)
+        assert cv2.imwrite(str(resized), Preprocessing().prepare(data, size))
+        rows.setdefault(split, []).append(
+            {
+                "path": resized.relative_to(root).as_posix(),
+                "label": label_for_folder(f.parent.name),
+                "sha256": hashlib.sha256(data).hexdigest(),
+                "source_path": f.relative_to(root).as_posix(),
+                "original": f.relative_to(root).as_posix(),
+            }
+        )
+    return {s: pd.DataFrame(r, columns=list(DATASET_COLUMNS)) for s, r in rows.items()}

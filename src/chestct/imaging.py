@@ -977,7 +977,18 @@ def prepare(
     `mode` is params `resize.mode`; `window` is params `ingest.window` (level, width), used only
     for DICOM bytes.
     """
-    return resize(decode(data, window).grey, size, interpolation, mode)
+    return prepare_grey(decode(data, window).grey, size, interpolation, mode)
+
+
+def prepare_grey(
+    grey: np.ndarray, size: int, interpolation: str = "area", mode: str = "stretch"
+) -> np.ndarray:
+    """A decoded 8-bit grey slice -> uint8 (size, size): prepare's part after decoding.
+
+    For callers that hold the slice already: the predictor (it decodes once to read the
+    header) and evaluate's shift stress (it perturbs the decoded original first).
+    """
+    return resize(grey, size, interpolation, mode)
 
 
 @contextmanager

@@ -21,7 +21,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from chestct.imaging import ImageError, decode, prepare, resize
+from chestct.imaging import ImageError, decode, prepare, prepare_grey, resize
 from chestct.labels import CLASSES, label_for_folder
 from chestct.metrics import (
     classification_metrics,
@@ -34,9 +34,6 @@ from chestct.perturb import SHIFT_NAMES, apply_shift
 from chestct.sources import SPLIT_NAMES, SourceError, archive_kind, is_url, resolve
 
 log = logging.getLogger(__name__)
-
-# Lossless and fast: a perturbed slice is re-encoded only to take imaging.prepare's own path.
-_PNG_FAST = [cv2.IMWRITE_PNG_COMPRESSION, 0]
 
 
 class ScoringError(RuntimeError):
@@ -75,11 +72,8 @@ class Preprocessing:
         return prepare(data, size, self.interpolation, mode=self.mode, window=self.window)
 
     def prepare_grey(self, grey: np.ndarray, size: int) -> np.ndarray:
-        """A decoded (perturbed) slice through the same path as a file: lossless PNG first."""
-        ok, buf = cv2.imencode(".png", grey, _PNG_FAST)
-        if not ok:
-            raise ScoringError("OpenCV could not encode a perturbed slice as PNG")
-        return self.prepare(buf.tobytes(), size)
+        """A decoded (perturbed) slice -> uint8 (size, size), through imaging.prepare_grey."""
+        return prepare_grey(grey, size, self.interpolation, self.mode)
 
 
 # --------------------------------------------------------------------------- images and outputs

@@ -106,7 +106,9 @@ class Loaded:
 
     def prepare(self, decoded: imaging.Decoded) -> np.ndarray:
         """The model input (uint8 size x size), exactly as imaging.prepare makes it."""
-        return imaging.resize(decoded.grey, self.image_size, self.interpolation, self.resize_mode)
+        return imaging.prepare_grey(
+            decoded.grey, self.image_size, self.interpolation, self.resize_mode
+        )
 
     def run(self, images: np.ndarray) -> Outputs:
         """Run the model on uint8 or float images shaped (n, s, s); interpreters are not

@@ -138,15 +138,15 @@ def test_temperature_fitted_on_shifted_copies_covers_their_overconfidence() -> N
 def test_calibration_json_says_what_the_temperature_was_fitted_on(project, evaluation) -> None:
     from chestct.stages.evaluate import run_evaluate
 
-    assert evaluation.calibration["temperature_fit_on"] == "valid_and_shifted"
+    assert evaluation.calibration["temperature_fit_on"] == "valid"
     root, splits, model_path = project
-    valid_only = run_evaluate(
-        model_path, splits, EvaluateParams(batch_size=8, calibrate_on="valid"), root
+    shifted = run_evaluate(
+        model_path, splits, EvaluateParams(batch_size=8, calibrate_on="valid_and_shifted"), root
     )
-    assert valid_only.calibration["temperature_fit_on"] == "valid"
+    assert shifted.calibration["temperature_fit_on"] == "valid_and_shifted"
     # The clean figures do not depend on the calibration data; the shift block is there too.
-    assert valid_only.metrics["macro_f1"] == evaluation.metrics["macro_f1"]
-    assert set(valid_only.metrics["shift"]) == set(evaluation.metrics["shift"])
+    assert shifted.metrics["macro_f1"] == evaluation.metrics["macro_f1"]
+    assert set(shifted.metrics["shift"]) == set(evaluation.metrics["shift"])
 
 
 def test_serving_applies_the_calibration_formulas_evaluate_fits_with() -> None:

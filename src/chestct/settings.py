@@ -164,7 +164,7 @@ class EvaluateParams:
     ood_quantile: float = 0.99  # of valid Mahalanobis distances: out of distribution above
     gallery_per_class: int = 2  # Grad-CAM gallery: top-confidence and worst images per class
     # valid | valid_and_shifted: what the temperature is fitted on (shifted = perturb.SHIFTS)
-    calibrate_on: Literal["valid", "valid_and_shifted"] = "valid_and_shifted"
+    calibrate_on: Literal["valid", "valid_and_shifted"] = "valid"
     external: str = ""  # "" (off) | a folder or .zip/.tar.gz/.tgz archive of <class>/<image>
 
 

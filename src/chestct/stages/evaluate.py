@@ -1,12 +1,14 @@
-"""evaluate: score the trained model on the test split, calibrate it on the valid split and
-draw the pictures. The only stage that writes metrics and plots (artifacts/evaluate/).
+"""evaluate: score the trained model on the test split, clean and under the shift stress
+(chestct.perturb.SHIFTS applied to the ingested originals), calibrate it on the valid split,
+score the external test set when params name one, and draw the pictures. The only stage that
+writes metrics and plots (artifacts/evaluate/).
 
-Outputs: metrics.json (dvc metrics), predictions.csv (one row per test image), calibration.json
-(temperature, abstention and OOD thresholds for promote's model card), ood.npz (mean and
-precision of GAP features on the train split), and for `dvc plots`: confusion.csv, roc.csv,
-reliability.csv and the pictures confusion.png, roc.png, reliability.png, misclassified.png,
-gradcam.png.
-"""
+Outputs: metrics.json (dvc metrics: clean metrics, the `shift` block and robust_macro_f1),
+external.json (dvc metrics, reported apart; never selected on), predictions.csv (one row per
+test image), calibration.json (temperature, abstention and OOD thresholds for promote's model
+card), ood.npz (mean and precision of GAP features on the train split), and for `dvc plots`:
+confusion.csv, roc.csv, reliability.csv, shift.csv and the pictures confusion.png, roc.png,
+reliability.png, shift.png, misclassified.png, gradcam.png."""
 
 from __future__ import annotations
 

@@ -1,0 +1,112 @@
+"""Which calibration survives the shift stress? Compare ways of fitting the served temperature.
+
+Run in a project after `dvc repro evaluate` (it reads artifacts/validate and the trained model):
+
+    PYTHONPATH=src python bench/shift_calibration.py [project_root]
+
+For each scheme, fitted on the valid split (and, where said, its copies under every perturbation
+of chestct.perturb.SHIFTS), prints the ECE of the test split clean and under each perturbation
+(worst and mean), and per perturbation the model's accuracy and the median Mahalanobis distance
+of its pooled features (relative to valid's median). Schemes: no scaling; evaluate's temperature
+on valid; on valid + shifted copies (evaluate.calibrate_on: valid_and_shifted); the temperature
+minimising the mean ECE over the valid conditions; and, not in the product, a temperature growing
+with the OOD distance, T(d) = T0 + b * max(0, d / d0 - 1), fitted by NLL on valid + shifted.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def main(root: Path) -> None:
+    from scipy.optimize import minimize
+
+    from chestct.manifest import DATASET_COLUMNS, read_manifest
+    from chestct.metrics import (
+        Mahalanobis,
+        expected_calibration_error,
+        fit_temperature,
+        nll,
+        softmax,
+    )
+    from chestct.modeling import label_indices, load_model
+    from chestct.perturb import SHIFT_NAMES, apply_shift
+    from chestct.scoring import Preprocessing, load_images, original_slices, output_heads
+
+    splits = {
+        s: read_manifest(root / f"artifacts/validate/{s}.csv", DATASET_COLUMNS)
+        for s in ("train", "valid", "test")
+    }
+    model = load_model(root / "artifacts/train/model.keras")
+    size = int(model.input_shape[1])
+    heads = output_heads(model, ["logits", "gap"])
+    prep = Preprocessing()  # the embedded default's resize params
+
+    def run(images: np.ndarray) -> dict[str, np.ndarray]:
+        logits, gap = heads.predict(images, batch_size=64, verbose=0)
+        return {"logits": logits, "gap": gap}
+
+    def outputs(frame) -> dict[str, dict[str, np.ndarray]]:
+        res = {"clean": run(load_images(frame, root, size, prep))}
+        slices, _ = original_slices(frame, root)
+        for name in SHIFT_NAMES:
+            images = np.stack(
+                [
+                    prep.prepare_grey(apply_shift(name, g, k), size)
+                    for g, k in zip(slices, frame["sha256"], strict=True)
+                ]
+            )[..., None].astype(np.float32)
+            res[name] = run(images)
+        return res
+
+    ood = Mahalanobis.fit(run(load_images(splits["train"], root, size, prep))["gap"])
+    valid, test = outputs(splits["valid"]), outputs(splits["test"])
+    yv = label_indices(list(splits["valid"]["label"]))
+    yt = label_indices(list(splits["test"]["label"]))
+    d0 = float(np.median(ood.distance(valid["clean"]["gap"])))
+
+    def by_distance(o, t0, b):
+        t = t0 + b * np.maximum(0.0, ood.distance(o["gap"]) / d0 - 1.0)
+        return softmax(o["logits"] / t[:, None])
+
+    def report(name, probs):
+        ece = {k: expected_calibration_error(yt, probs(o)) for k, o in test.items()}
+        shifted = [ece[k] for k in SHIFT_NAMES]
+        worst = SHIFT_NAMES[int(np.argmax(shifted))]
+        print(
+            f"{name}: clean ECE {ece['clean']:.3f}, shifted worst {max(shifted):.3f} ({worst}), "
+            f"mean {np.mean(shifted):.3f}"
+        )
+
+    report("no scaling", lambda o: softmax(o["logits"]))
+    t_valid = fit_temperature(yv, valid["clean"]["logits"]).temperature
+    report(f"T on valid ({t_valid:.3f})", lambda o: softmax(o["logits"], t_valid))
+    pooled = np.concatenate([o["logits"] for o in valid.values()])
+    t_both = fit_temperature(np.concatenate([yv] * len(valid)), pooled).temperature
+    report(f"T on valid + shifted ({t_both:.3f})", lambda o: softmax(o["logits"], t_both))
+    grid = np.exp(np.linspace(np.log(0.3), np.log(10.0), 80))
+    mean_ece = [
+        np.mean([expected_calibration_error(yv, softmax(o["logits"], t)) for o in valid.values()])
+        for t in grid
+    ]
+    t_ece = float(grid[int(np.argmin(mean_ece))])
+    report(f"T minimising mean valid ECE ({t_ece:.3f})", lambda o: softmax(o["logits"], t_ece))
+    fit = minimize(
+        lambda p: np.mean([nll(yv, by_distance(o, p[0], p[1])) for o in valid.values()]),
+        [1.0, 1.0],
+        method="L-BFGS-B",
+        bounds=[(0.05, 20.0), (0.0, 50.0)],
+    )
+    t0, b = fit.x
+    report(f"T(d) on valid + shifted (T0 {t0:.3f}, b {b:.3f})", lambda o: by_distance(o, t0, b))
+    for k, o in test.items():
+        accuracy = float((o["logits"].argmax(axis=1) == yt).mean())
+        ratio = float(np.median(ood.distance(o["gap"])) / d0)
+        print(f"  {k}: accuracy {accuracy:.3f}, median distance / valid median {ratio:.2f}")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1] if len(sys.argv) > 1 else ".").resolve())

@@ -196,9 +196,8 @@ def test_external_folder_and_archive_are_scored_with_every_metric_and_kept_apart
         assert ev.calibration == evaluation.calibration
         assert ev.metrics == evaluation.metrics
         results[source] = ext
-        files = write_outputs(
-            ev, tmp_path / Path(source).name, EvaluateParams(gallery_per_class=0)
-        )
+        out = tmp_path / f"out-{len(results)}"
+        files = write_outputs(ev, out, EvaluateParams(gallery_per_class=0))
         written = json.loads(files["external"].read_text(encoding="utf-8"))
         assert written["macro_f1"] == ext["macro_f1"]
         assert len(pd.read_csv(files["external_predictions"])) == ext["n"]

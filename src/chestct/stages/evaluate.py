@@ -31,6 +31,7 @@ from chestct.manifest import DATASET_COLUMNS, read_manifest, write_manifest
 from chestct.metrics import (
     Mahalanobis,
     ReliabilityBin,
+    TemperatureFit,
     abstain_threshold,
     confusion,
     fit_temperature,
@@ -95,7 +96,7 @@ def fit_calibration(
     valid_logits: np.ndarray,
     shifted_valid: dict[str, np.ndarray],
     calibrate_on: str,
-) -> tuple[Any, str]:
+) -> tuple[TemperatureFit, str]:
     """The temperature fit (metrics.fit_temperature) on the data params `evaluate.calibrate_on`
     names, and a sentence saying what it was fitted on.
 

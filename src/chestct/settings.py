@@ -221,12 +221,28 @@ class ServingConfig:
 
 
 @dataclass(frozen=True)
+class MonitorConfig:
+    """Drift and performance monitoring (chestct.monitor, /metrics); README "Monitoring"."""
+
+    window_requests: int = 500  # the monitor's window when neither --last nor --since is given
+    min_requests: int = 50  # fewer predictions in a window: not judged (too noisy)
+    psi_threshold: float = 0.25  # a signal drifts at PSI >= this (and p < p_value)
+    p_value: float = 0.01  # significance of the two-sample and rate tests
+    rate_margin: float = 0.10  # abstain/OOD rate drifts above expected + this (and p < p_value)
+    min_labelled: int = 20  # live metrics are judged from this many labelled predictions on
+    performance_drop: float = 0.10  # live macro-F1 this far below the card's test figure: alarm
+    live_window: int = 200  # predictions per worker in the rolling window behind /metrics
+    report_dir: str = "monitoring"  # where the monitor writes report.json and report.html
+
+
+@dataclass(frozen=True)
 class Config:
     artifacts_dir: str = "artifacts"
     model_dir: str = "model"
     params_file: str = "params.yaml"
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     serving: ServingConfig = field(default_factory=ServingConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
 
 # --------------------------------------------------------------------------- paths
@@ -574,6 +590,21 @@ def _check_serving(serving: ServingConfig) -> None:
         raise SettingsError("serving.audit_db: set a file path when serving.audit_log is true")
 
 
+def _check_monitor(monitor: MonitorConfig) -> None:
+    """monitor.* values the monitor cannot judge with."""
+    for name in ("window_requests", "min_requests", "min_labelled", "live_window"):
+        if getattr(monitor, name) < 1:
+            raise SettingsError(f"monitor.{name}: must be at least 1")
+    if monitor.psi_threshold <= 0:
+        raise SettingsError("monitor.psi_threshold: must be > 0 (0.25 is a major shift)")
+    if not 0 < monitor.p_value < 1:
+        raise SettingsError("monitor.p_value: must be in (0, 1), e.g. 0.01")
+    if not 0 <= monitor.rate_margin < 1 or not 0 <= monitor.performance_drop < 1:
+        raise SettingsError("monitor.rate_margin and monitor.performance_drop: must be in [0, 1)")
+    if not monitor.report_dir:
+        raise SettingsError("monitor.report_dir: set a folder for the reports")
+
+
 DOWNLOAD_CACHE_ENV = "CHESTCT_DOWNLOAD_CACHE"
 
 
@@ -594,6 +625,7 @@ def load_settings(root: Path | None = None) -> Settings:
     try:
         config = build(Config, _read_yaml(config_path), "")
         _check_serving(config.serving)
+        _check_monitor(config.monitor)
     except SettingsError as exc:
         if str(exc).startswith(str(config_path)):
             raise

@@ -1,7 +1,7 @@
 """Flask app factory for the predictor service (see README "Serving").
 
-Endpoints: POST /predict, /predict/batch, /explain; GET /, /health, /ready, /metadata,
-/metrics, /history. Errors are RFC 9457 problem details (application/problem+json).
+Endpoints: POST /predict, /predict/batch, /explain, /feedback; GET /, /health, /ready,
+/metadata, /metrics, /history. Errors are RFC 9457 problem details (application/problem+json).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +23,10 @@ from flask import Flask, Request, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from chestct import imaging
+from chestct.monitoring import request_signals
 from chestct.serving import inputs
 from chestct.serving.audit import AuditLog
+from chestct.serving.feedback import bp as feedback_bp
 from chestct.serving.inputs import InputError, NotCTSlice, Upload
 from chestct.serving.metrics import ServiceMetrics
 from chestct.serving.page import INDEX_HTML
@@ -38,7 +41,7 @@ from chestct.serving.predictor import (
     overlay_png,
     seed_of,
 )
-from chestct.settings import ServingConfig, WindowParams
+from chestct.settings import MonitorConfig, ServingConfig, WindowParams
 
 log = logging.getLogger(__name__)
 
@@ -99,9 +102,13 @@ def content_security_policy(html: str) -> str:
     )
 
 
-def _serving_config(serving: ServingConfig, window: WindowParams) -> dict[str, Any]:
-    """App config keys from the serving settings and the DICOM window."""
+def _serving_config(
+    serving: ServingConfig, window: WindowParams, monitor: MonitorConfig
+) -> dict[str, Any]:
+    """App config keys from the serving and monitor settings and the DICOM window."""
     return {
+        "LIVE_WINDOW": monitor.live_window,
+        "DRIFT_MIN_REQUESTS": monitor.min_requests,
         "MAX_CONTENT_LENGTH": int(serving.max_upload_mb * MB),
         "MAX_BATCH_FILES": serving.max_batch_files,
         "MAX_IMAGE_PIXELS": serving.max_image_pixels,
@@ -121,7 +128,7 @@ def _defaults() -> dict[str, Any]:
 
     s = load_settings()
     return {
-        **_serving_config(s.config.serving, s.params.ingest.window),
+        **_serving_config(s.config.serving, s.params.ingest.window, s.config.monitor),
         "MODEL_DIR": str(s.paths.model),
         "AUDIT_DB": str(s.paths.audit_db),
     }
@@ -130,7 +137,7 @@ def _defaults() -> dict[str, Any]:
 def _static_defaults() -> dict[str, Any]:
     """Defaults when a test config names the model folder itself (no settings files read)."""
     return {
-        **_serving_config(ServingConfig(), WindowParams()),
+        **_serving_config(ServingConfig(), WindowParams(), MonitorConfig()),
         "AUDIT_LOG": False,
         "AUDIT_DB": "",
         "HISTORY_TOKEN": "",
@@ -143,8 +150,9 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     Settings come from config/config.yaml (serving.*) unless `test_config` names MODEL_DIR;
     `test_config` overrides any key (MODEL_DIR, MAX_CONTENT_LENGTH, MAX_BATCH_FILES,
     MAX_IMAGE_PIXELS, MAX_DECODED_MB, MC_DROPOUT_SAMPLES, RELOAD_CHECK_S, INFERENCE_THREADS,
-    AUDIT_LOG, AUDIT_DB, HISTORY_TOKEN, DICOM_WINDOW, LOAD_MODEL). The model loads here, which
-    under gunicorn (preload_app off) happens in each worker after fork.
+    AUDIT_LOG, AUDIT_DB, HISTORY_TOKEN, DICOM_WINDOW, LOAD_MODEL, LIVE_WINDOW,
+    DRIFT_MIN_REQUESTS). The model loads here, which under gunicorn (preload_app off) happens
+    in each worker after fork.
     """
     app = Flask(__name__)
     app.request_class = InMemoryRequest
@@ -165,7 +173,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         reload_check_s=float(app.config["RELOAD_CHECK_S"]),
         default_window=tuple(app.config["DICOM_WINDOW"]),
     )
-    metrics = ServiceMetrics()
+    metrics = ServiceMetrics(window=int(app.config["LIVE_WINDOW"]))
     audit = AuditLog(Path(app.config["AUDIT_DB"])) if app.config["AUDIT_LOG"] else None
     if audit is not None:
         audit.open()
@@ -185,6 +193,8 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
             budget.max_pixels,
         )
     app.extensions["chestct.metrics"] = metrics
+    app.extensions["chestct.audit"] = audit
+    app.register_blueprint(feedback_bp)
     if app.config["LOAD_MODEL"]:
         try:
             model = predictor.load()
@@ -326,6 +336,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         best = int(result.probabilities.argmax())
         label = model.classes[best]
         body = {
+            "id": uuid.uuid4().hex,  # for POST /feedback
             "label": label,
             "display_name": model.display_name(label),
             "display_names": {c: model.display_name(c) for c in model.classes},
@@ -380,9 +391,22 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
             metrics.abstentions.inc()
         if result.out_of_distribution:
             metrics.ood.labels("feature_distance").inc()
+        signals = request_signals(
+            result.probabilities,
+            result.entropy,
+            result.ood_score,
+            None if model.ood is None else model.ood.threshold,
+            prepared,
+        )
+        metrics.observe(
+            signals,
+            label,
+            {"abstain": result.abstain, "ood": result.out_of_distribution},
+            max(decoded.width, decoded.height),
+        )
         if audit is not None:
             try:
-                audit.record(endpoint, body)
+                audit.record(endpoint, body, signals)
             except Exception:  # a full disk must not take predictions down; it is logged
                 log.exception("could not write the audit log %s", audit.path)
         return body
@@ -447,7 +471,10 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
 
     @app.get("/metrics")
     def prometheus() -> Response:
-        payload, content_type = metrics.exposition()
+        reference = predictor.model.reference if predictor.ready else None
+        payload, content_type = metrics.exposition(
+            reference, int(app.config["DRIFT_MIN_REQUESTS"])
+        )
         return Response(payload, content_type=content_type)
 
     @app.post("/predict")

@@ -1,8 +1,10 @@
 """The audit log of predictions: SQLite, off by default, and never any pixels.
 
-A row holds the input's sha256, the label, the probabilities, the model's name and version,
-and the UTC time. Several gunicorn workers write to one file: WAL mode lets them, and each
-write opens its own short connection so that no connection crosses a thread or a fork.
+A row holds the prediction's id, the input's sha256, the label, the probabilities, the
+monitoring signals (chestct.monitoring: numbers only), the model's name and version, and the
+UTC time; a second table holds the true labels sent to POST /feedback. Several gunicorn
+workers write to one file: WAL mode lets them, and each write opens its own short connection
+so that no connection crosses a thread or a fork. `python -m chestct.monitor` reads it.
 """
 
 from __future__ import annotations
@@ -27,6 +29,15 @@ CREATE TABLE IF NOT EXISTS predictions (
     model_version TEXT NOT NULL
 )
 """
+# Columns added after the first release: an older file gets them on open().
+_ADDED = (("prediction_id", "TEXT"), ("signals", "TEXT"))
+_FEEDBACK = """
+CREATE TABLE IF NOT EXISTS feedback (
+    prediction_id TEXT PRIMARY KEY,
+    label TEXT NOT NULL,
+    time TEXT NOT NULL
+)
+"""
 
 
 class AuditLog:
@@ -43,12 +54,26 @@ class AuditLog:
     def open(self) -> None:
         """Create the folder, the file and the table (idempotent)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._connect() as conn:
-            conn.execute(_SCHEMA)
-        conn.close()
+        conn = self._connect()
+        try:
+            with conn:
+                conn.execute(_SCHEMA)
+                have = {row[1] for row in conn.execute("PRAGMA table_info(predictions)")}
+                for name, kind in _ADDED:
+                    if name not in have:
+                        conn.execute(f"ALTER TABLE predictions ADD COLUMN {name} {kind}")
+                conn.execute(
+                    "CREATE UNIQUE INDEX IF NOT EXISTS predictions_id "
+                    "ON predictions(prediction_id)"
+                )
+                conn.execute(_FEEDBACK)
+        finally:
+            conn.close()
 
-    def record(self, endpoint: str, result: dict[str, Any]) -> None:
-        """Store one prediction result as the service answered it."""
+    def record(
+        self, endpoint: str, result: dict[str, Any], signals: dict[str, Any] | None = None
+    ) -> None:
+        """Store one prediction result as the service answered it, with its signals."""
 
         def flag(value: Any) -> int | None:
             return None if value is None else int(bool(value))
@@ -63,18 +88,76 @@ class AuditLog:
             flag(result["ood"]["out_of_distribution"]),
             result["model"]["name"],
             str(result["model"]["version"]),
+            result.get("id"),
+            None if signals is None else json.dumps(signals, sort_keys=True),
         )
         conn = self._connect()
         try:
             with conn:
                 conn.execute(
                     "INSERT INTO predictions (time, endpoint, sha256, label, probabilities, "
-                    "abstain, out_of_distribution, model_name, model_version) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "abstain, out_of_distribution, model_name, model_version, prediction_id, "
+                    "signals) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     row,
                 )
         finally:
             conn.close()
+
+    def record_feedback(self, prediction_id: str, label: str) -> bool:
+        """Store the true label of a served prediction (a later one replaces it); False when
+        no prediction has that id."""
+        conn = self._connect()
+        try:
+            with conn:
+                known = conn.execute(
+                    "SELECT 1 FROM predictions WHERE prediction_id = ?", (prediction_id,)
+                ).fetchone()
+                if known is None:
+                    return False
+                conn.execute(
+                    "INSERT INTO feedback (prediction_id, label, time) VALUES (?, ?, ?) "
+                    "ON CONFLICT(prediction_id) DO UPDATE SET label = excluded.label, "
+                    "time = excluded.time",
+                    (prediction_id, label, datetime.now(UTC).isoformat(timespec="milliseconds")),
+                )
+                return True
+        finally:
+            conn.close()
+
+    def window(
+        self, last: int | None = None, since: str | None = None, model_version: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Predictions for the monitor, oldest first: the latest `last`, or those at or after
+        the ISO time `since` (both: the latest `last` of those), with their true labels."""
+        clauses, args = [], []
+        if since is not None:
+            clauses.append("p.time >= ?")
+            args.append(since)
+        if model_version is not None:
+            clauses.append("p.model_version = ?")
+            args.append(model_version)
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        limit = "LIMIT ?" if last is not None else ""
+        if last is not None:
+            args.append(last)
+        conn = self._connect()
+        try:
+            conn.row_factory = sqlite3.Row
+            rows = conn.execute(
+                "SELECT p.*, f.label AS true_label FROM predictions p "
+                f"LEFT JOIN feedback f ON f.prediction_id = p.prediction_id {where} "
+                f"ORDER BY p.id DESC {limit}",
+                args,
+            ).fetchall()
+        finally:
+            conn.close()
+        entries = []
+        for row in reversed(rows):
+            entry = dict(row)
+            entry["probabilities"] = json.loads(entry["probabilities"])
+            entry["signals"] = json.loads(entry["signals"]) if entry.get("signals") else {}
+            entries.append(entry)
+        return entries
 
     def latest(self, limit: int) -> list[dict[str, Any]]:
         """The newest `limit` rows, newest first."""
@@ -90,6 +173,7 @@ class AuditLog:
         for row in rows:
             entry = dict(row)
             entry["probabilities"] = json.loads(entry["probabilities"])
+            entry["signals"] = json.loads(entry["signals"]) if entry.get("signals") else None
             for key in ("abstain", "out_of_distribution"):
                 if entry[key] is not None:
                     entry[key] = bool(entry[key])

@@ -9,6 +9,10 @@ several apps in one process (tests) do not collide.
 from __future__ import annotations
 
 import os
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -19,6 +23,17 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from chestct.monitoring import (
+    CLASS_SIGNAL,
+    FLAGS,
+    INPUT_SIDE_EDGES,
+    SIGNALS,
+    bin_index,
+    psi,
+)
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # Latency buckets around the expected 5-50 ms of one prediction on a CPU.
@@ -28,7 +43,7 @@ BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0, 2.5
 class ServiceMetrics:
     """The service's counters, histograms and gauges."""
 
-    def __init__(self) -> None:
+    def __init__(self, window: int = 200) -> None:
         disable_created_metrics()  # *_created series only double the scrape size
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
@@ -67,6 +82,24 @@ class ServiceMetrics:
             registry=r,
             multiprocess_mode="livemax",
         )
+        # Per-request signals (chestct.monitoring): histograms for dashboards, with the same
+        # fixed bins the reference profile and the drift figures use.
+        self.signals = {
+            sig.name: Histogram(
+                f"chestct_signal_{sig.name}",
+                f"Per prediction: {sig.help}",
+                buckets=(*sig.edges, float("inf")),
+                registry=r,
+            )
+            for sig in SIGNALS
+        }
+        self.input_side = Histogram(
+            "chestct_input_side_pixels",
+            "Per prediction: the longer side of the image the client sent",
+            buckets=(*INPUT_SIDE_EDGES, float("inf")),
+            registry=r,
+        )
+        self.window = LiveWindow(r, window)
         self._served: tuple[str, str, str] | None = None
 
     def set_model(self, name: str, version: str, backend: str) -> None:
@@ -77,14 +110,160 @@ class ServiceMetrics:
         if self._served is not None:
             self.model_info.labels(*self._served).set(0)
         self.model_info.labels(*labels).set(1)
+        if self._served is not None:
+            self.window.clear()  # the drift window belongs to one model version
         self._served = labels
 
-    def exposition(self) -> tuple[bytes, str]:
-        """The text format: all workers' values when multiprocess mode is on."""
+    def observe(
+        self,
+        signals: Mapping[str, float | None],
+        label: str,
+        flags: Mapping[str, bool | None],
+        side: int,
+    ) -> None:
+        """Record one prediction's signals: histograms and the rolling drift window."""
+        bins: list[tuple[str, str]] = [(CLASS_SIGNAL, label)]
+        for sig in SIGNALS:
+            value = signals.get(sig.name)
+            if value is None:
+                continue
+            self.signals[sig.name].observe(value)
+            bins.append((sig.name, str(bin_index(sig.edges, value))))
+        for flag in FLAGS:
+            value = flags.get(flag)
+            if value is not None:
+                bins.append((flag, str(int(value))))
+        self.input_side.observe(side)
+        self.window.add(bins)
+
+    def exposition(
+        self, reference: dict[str, Any] | None = None, min_requests: int = 50
+    ) -> tuple[bytes, str]:
+        """The text format: all workers' values when multiprocess mode is on, plus the drift
+        figures of the summed window against `reference` (the served model's profile)."""
         if os.environ.get(MULTIPROC_ENV):
             from prometheus_client import multiprocess
 
-            registry = CollectorRegistry()
-            multiprocess.MultiProcessCollector(registry)
-            return generate_latest(registry), CONTENT_TYPE_LATEST
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+            source = CollectorRegistry()
+            multiprocess.MultiProcessCollector(source)
+        else:
+            source = self.registry
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(DriftCollector(source.collect, reference, min_requests))
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+WINDOW_METRIC = "chestct_window_count"
+
+
+class LiveWindow:
+    """The latest `size` predictions of this worker, as counts per (signal, bin).
+
+    The counts are gauges summed over live workers (multiprocess mode livesum), so any worker
+    answering a scrape sees the whole server's window; a worker's share leaves with it.
+    """
+
+    def __init__(self, registry: CollectorRegistry, size: int = 200) -> None:
+        self.size = size
+        self.gauge = Gauge(
+            WINDOW_METRIC,
+            "Predictions in the rolling drift window by signal and bin (latest "
+            "monitor.live_window per worker)",
+            ["signal", "bin"],
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self._children: dict[tuple[str, str], Any] = {}
+        self._recent: deque[list[tuple[str, str]]] = deque()
+        self._lock = threading.Lock()
+
+    def _child(self, key: tuple[str, str]) -> Any:
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = self.gauge.labels(*key)
+        return child
+
+    def add(self, bins: list[tuple[str, str]]) -> None:
+        with self._lock:
+            for key in bins:
+                self._child(key).inc()
+            self._recent.append(bins)
+            while len(self._recent) > self.size:
+                for key in self._recent.popleft():
+                    self._child(key).dec()
+
+    def clear(self) -> None:
+        with self._lock:
+            for child in self._children.values():
+                child.set(0)
+            self._recent.clear()
+
+
+class DriftCollector(Collector):
+    """Everything `collect` yields, plus the drift of the summed window from the reference:
+    chestct_drift_psi{signal}, chestct_window_predictions, chestct_window_rate{flag} and
+    chestct_reference_rate{flag}. Computed at scrape time, never on the request path."""
+
+    def __init__(
+        self,
+        collect: Callable[[], Iterator[Metric]],
+        reference: dict[str, Any] | None,
+        min_requests: int,
+    ) -> None:
+        self._collect = collect
+        self.reference = reference
+        self.min_requests = min_requests
+
+    def collect(self) -> Iterator[Metric]:
+        counts: dict[str, dict[str, float]] = {}
+        for family in self._collect():
+            if family.name == WINDOW_METRIC:
+                for sample in family.samples:
+                    per = counts.setdefault(sample.labels["signal"], {})
+                    key = sample.labels["bin"]
+                    per[key] = per.get(key, 0.0) + sample.value
+            yield family
+        n = sum(counts.get(CLASS_SIGNAL, {}).values())
+        size = GaugeMetricFamily(
+            "chestct_window_predictions",
+            "Predictions in the rolling drift window (summed over workers)",
+        )
+        size.add_metric([], n)
+        yield size
+        if self.reference is None:
+            return
+        rate = GaugeMetricFamily(
+            "chestct_window_rate", "Share of the window flagged abstain or ood", labels=["flag"]
+        )
+        expected = GaugeMetricFamily(
+            "chestct_reference_rate",
+            "Share evaluate expected to be flagged (reference profile)",
+            labels=["flag"],
+        )
+        for flag in FLAGS:
+            seen = counts.get(flag, {})
+            total = seen.get("0", 0.0) + seen.get("1", 0.0)
+            if total > 0:
+                rate.add_metric([flag], seen.get("1", 0.0) / total)
+            ref = (self.reference.get("rates") or {}).get(flag)
+            if ref is not None:
+                expected.add_metric([flag], float(ref))
+        yield rate
+        yield expected
+        if n < self.min_requests:
+            return  # too few requests: a PSI would be noise (monitor.min_requests)
+        drift = GaugeMetricFamily(
+            "chestct_drift_psi",
+            "Population stability index of the window against the reference, by signal",
+            labels=["signal"],
+        )
+        signals = self.reference["signals"]
+        for name, ref in signals.items():
+            seen = counts.get(name, {})
+            if name == CLASS_SIGNAL:
+                observed = [seen.get(c, 0.0) for c in ref["categories"]]
+            else:
+                observed = [seen.get(str(i), 0.0) for i in range(len(ref["fractions"]))]
+            if sum(observed) > 0:
+                drift.add_metric([name], psi(ref["fractions"], observed))
+        yield drift

@@ -37,6 +37,7 @@ from chestct import imaging
 from chestct.gradcam import CamHead
 from chestct.metrics import normalised_entropy as entropy
 from chestct.metrics import softmax
+from chestct.monitoring import check_reference
 from chestct.settings import WindowParams
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,7 @@ class Loaded:
     ood: OodModel | None
     notes: list[str]
     runner: Callable[[np.ndarray], Outputs]
+    reference: dict[str, Any] | None = None  # the monitoring profile (chestct.monitoring)
     loaded_at: float = field(default_factory=time.time)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -464,6 +466,7 @@ def load_folder(
         if threshold is None:
             notes.append("card has no thresholds.abstain_entropy: abstain is not decided")
         dropout = _dropout_rate(keras_file) if keras_file.is_file() else 0.0
+        reference = _reference(folder, card, notes)
 
         model = Loaded(
             card=card,
@@ -481,9 +484,26 @@ def load_folder(
             ood=ood,
             notes=notes,
             runner=runner,
+            reference=reference,
         )
         _warm_up(model)
         return model
+
+
+def _reference(folder: Path, card: dict[str, Any], notes: list[str]) -> dict[str, Any] | None:
+    """The reference profile the card names (`monitoring.file`, checked against its sha256)."""
+    entry = card.get("monitoring")
+    if not isinstance(entry, dict):
+        notes.append("card has no `monitoring` entry: /metrics carries no drift figures")
+        return None
+    path = _file(folder, entry.get("file"), "monitoring.file")
+    data = path.read_bytes()
+    if entry.get("sha256") and hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise ModelRefused(f"{path.name} does not match monitoring.sha256 in the card")
+    try:
+        return check_reference(json.loads(data), path.name)
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as exc:
+        raise ModelRefused(f"{path.name} is not a readable reference profile ({exc})") from None
 
 
 def _warm_up(model: Loaded) -> None:

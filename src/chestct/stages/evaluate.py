@@ -6,7 +6,8 @@ writes metrics and plots (artifacts/evaluate/).
 Outputs: metrics.json (dvc metrics: clean metrics, the `shift` block and robust_macro_f1),
 external.json (dvc metrics, reported apart; never selected on), predictions.csv (one row per
 test image), calibration.json (temperature, abstention and OOD thresholds for promote's model
-card), ood.npz (mean and precision of GAP features on the train split), and for `dvc plots`:
+card), ood.npz (mean and precision of GAP features on the train split), reference.json
+(the monitoring profile of the valid and test splits, chestct.monitoring), and for `dvc plots`:
 confusion.csv, roc.csv, reliability.csv, shift.csv and the pictures confusion.png, roc.png,
 reliability.png, shift.png, misclassified.png, gradcam.png."""
 
@@ -40,6 +41,7 @@ from chestct.metrics import (
     roc_curves,
     softmax,
 )
+from chestct.monitoring import REFERENCE_FILE, fit_reference
 from chestct.perturb import SHIFTS
 from chestct.pointers import PointerError, lineage_tags, read_pointer
 from chestct.runner import StageFailed, run_main, stage_session
@@ -87,6 +89,7 @@ class Evaluation:
     images: np.ndarray  # the test images, (n, s, s, 1)
     features: np.ndarray  # their last feature maps, (n, h, w, c)
     cam_head: CamHead
+    reference: dict[str, Any]  # the monitoring profile (chestct.monitoring)
     external: dict[str, Any]  # external.json: {"source": ""} when evaluate.external is off
     external_predictions: pd.DataFrame | None = None
 
@@ -144,9 +147,8 @@ def run_evaluate(
     names = ["logits", "probabilities", "gap", "features"]
     test_images = load_images(splits["test"], root, size, prep)
     test = model_outputs(model, test_images, params.batch_size, names)
-    valid = model_outputs(
-        model, load_images(splits["valid"], root, size, prep), params.batch_size, ["logits", "gap"]
-    )
+    valid_images = load_images(splits["valid"], root, size, prep)
+    valid = model_outputs(model, valid_images, params.batch_size, ["logits", "gap"])
     train_gap = model_outputs(
         model, load_images(splits["train"], root, size, prep), params.batch_size, ["gap"]
     )["gap"]
@@ -183,6 +185,15 @@ def run_evaluate(
     ood = Mahalanobis.fit(train_gap)
     ood_threshold = float(np.quantile(ood.distance(valid["gap"]), params.ood_quantile))
     test_distance = ood.distance(test["gap"])
+    reference = fit_reference(
+        classes=CLASSES,
+        probabilities=np.concatenate([calibrated_valid, calibrated_test]),
+        ood_distance=np.concatenate([ood.distance(valid["gap"]), test_distance]),
+        ood_threshold=ood_threshold,
+        abstain_threshold=abstain,
+        images=np.concatenate([valid_images, test_images]),
+        labels=[*splits["valid"]["label"], *splits["test"]["label"]],
+    )
 
     metrics = full_metrics(y_test, test["logits"], t, shifted_test)
     metrics.update(
@@ -226,6 +237,7 @@ def run_evaluate(
         images=test_images,
         features=test["features"],
         cam_head=CamHead.from_model(model),
+        reference=reference,
         external=external,
         external_predictions=external_predictions,
     )
@@ -483,6 +495,7 @@ def write_outputs(ev: Evaluation, out: Path, params: EvaluateParams) -> dict[str
         "predictions": out / "predictions.csv",
         "calibration": out / "calibration.json",
         "ood": out / "ood.npz",
+        "reference": out / REFERENCE_FILE,
         "confusion": out / "confusion.csv",
         "roc": out / "roc.csv",
         "reliability": out / "reliability.csv",
@@ -496,6 +509,7 @@ def write_outputs(ev: Evaluation, out: Path, params: EvaluateParams) -> dict[str
         write_manifest(files["external_predictions"], ev.external_predictions)
     write_manifest(files["predictions"], ev.predictions)
     atomic_write_json(files["calibration"], ev.calibration)
+    atomic_write_json(files["reference"], ev.reference)
     with staged_file(files["ood"]) as tmp, tmp.open("wb") as fh:
         np.savez(fh, mean=ev.ood.mean, precision=ev.ood.precision)
     # dvc plots' confusion template reads one row per image with these two columns.
@@ -617,7 +631,8 @@ def main() -> None:
         session.finish(
             inputs=["validate", "train"],
             outputs={
-                k: files[k] for k in ("metrics", "predictions", "calibration", "ood", "external")
+                k: files[k]
+                for k in ("metrics", "predictions", "calibration", "ood", "external", "reference")
             },
             metrics=ev.metrics,
             details={"calibration": ev.calibration},

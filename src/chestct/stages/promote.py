@@ -32,6 +32,7 @@ from chestct.gradcam import CAM_FILE, CamHead
 from chestct.labels import CLASSES, DISPLAY_NAMES
 from chestct.manifest import DATASET_COLUMNS, read_manifest
 from chestct.metrics import lower_is_better, metric_value, numeric_keys
+from chestct.monitoring import REFERENCE_FILE
 from chestct.pointers import PointerError, git_state, lineage_tags, now_utc, read_pointer
 from chestct.runner import StageFailed, run_main, stage_session
 from chestct.scoring import Preprocessing, ScoringError, load_images, model_outputs, score
@@ -66,6 +67,7 @@ class Candidate:
     calibration: dict[str, Any]  # evaluate's calibration.json
     ood_path: Path  # evaluate's ood.npz
     data_digest: str  # digest of the test split manifest
+    reference_path: Path | None = None  # evaluate's monitoring profile (reference.json)
 
 
 @dataclass(frozen=True)
@@ -250,6 +252,17 @@ def build_card(
             "threshold": float(cal["ood_threshold"]),
             "rule": cal.get("ood_rule", ""),
         },
+        **(
+            {
+                "monitoring": {
+                    "file": REFERENCE_FILE,
+                    "method": "signals of the valid and test splits (chestct.monitoring); "
+                    "python -m chestct.monitor compares served requests with it",
+                }
+            }
+            if candidate.reference_path is not None
+            else {}
+        ),
         "metrics": candidate.metrics,
         "selection_metric": params.metric,
         "data_digest": candidate.data_digest,
@@ -312,10 +325,11 @@ def install_model(
 
 
 def file_digests(card: dict[str, Any], folder_files: Mapping[str, Path]) -> dict[str, Any]:
-    """The card with a sha256 on every file entry it names (inference, cam, ood), from the
-    files that will be installed under those names; serving checks them at every load."""
+    """The card with a sha256 on every file entry it names (inference, cam, ood, monitoring),
+    from the files that will be installed under those names; serving checks them at every
+    load."""
     out = json.loads(json.dumps(card))
-    for key in ("inference", "cam", "ood"):
+    for key in ("inference", "cam", "ood", "monitoring"):
         entry = out.get(key)
         if isinstance(entry, dict) and entry.get("file") in folder_files:
             entry["sha256"] = sha256_file(folder_files[entry["file"]])
@@ -402,6 +416,7 @@ def run_promote(
         inference["file"]: work_dir / inference["file"],
         CAM_FILE: work_dir / CAM_FILE,
         OOD_FILE: candidate.ood_path,
+        **({REFERENCE_FILE: candidate.reference_path} if candidate.reference_path else {}),
     }
     new_card = file_digests(new_card, files)
     result = PromoteResult(decision, registered, new_card)
@@ -506,6 +521,7 @@ def main() -> None:
             calibration=calibration,
             ood_path=ood_path,
             data_digest=validate.outputs["test"].digest,
+            reference_path=evaluate.output_path("reference", root),
         )
         test = read_manifest(validate.output_path("test", root), DATASET_COLUMNS)
 

@@ -1,0 +1,402 @@
+"""Compare served requests with the model's reference profile: `python -m chestct.monitor`.
+
+    python -m chestct.monitor                    # the latest monitor.window_requests predictions
+    python -m chestct.monitor --last 1000
+    python -m chestct.monitor --since 24h        # or 30m, 7d, or an ISO time (UTC)
+    python -m chestct.monitor --db audit/predictions.sqlite --model-dir model --out monitoring
+
+Reads the audit log (serving.audit_db; the service must run with serving.audit_log: true),
+takes the predictions of the served model version in the window, and compares them with the
+reference profile evaluate fitted on the valid and test splits (model/reference.json, named in
+the card): PSI and a two-sample test per signal (Kolmogorov-Smirnov; chi-square for the
+predicted-class mix), abstain and OOD rates against evaluate's, and, for predictions labelled
+through POST /feedback, live accuracy, balanced accuracy and macro-F1 against the card's test
+figures. Writes report.json and report.html (pictures inline) to monitor.report_dir and prints
+a short verdict.
+
+Exit status: 0 no drift (or too few predictions to judge), 1 drift beyond the thresholds in
+config/config.yaml `monitor:`, 2 the monitor could not run (missing audit log, model or
+reference; bad arguments). A CLI like a stage: it reads the audit log through the web
+package's AuditLog, and no library module imports it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import html
+import io
+import json
+import re
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from chestct.fsutil import atomic_write_json, atomic_write_text
+from chestct.monitoring import (
+    BY_NAME,
+    CLASS_SIGNAL,
+    SIGNAL_NAMES,
+    Thresholds,
+    Window,
+    check_reference,
+    compare,
+)
+
+EXIT_OK, EXIT_DRIFT, EXIT_ERROR = 0, 1, 2
+DURATION = re.compile(r"^(\d+)([mhd])$")
+
+
+class MonitorError(RuntimeError):
+    """The monitor cannot run; the message says what is missing and how to fix it."""
+
+
+@dataclass(frozen=True)
+class Served:
+    """The served model: its card and its reference profile."""
+
+    card: dict[str, Any]
+    reference: dict[str, Any]
+
+
+def load_served(model_dir: Path) -> Served:
+    """The card and reference profile in `model_dir`, checked against the card's sha256."""
+    card_path = model_dir / "model.json"
+    if not card_path.is_file():
+        raise MonitorError(f"{card_path} not found; promote a model first (`make run`)")
+    try:
+        card = json.loads(card_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise MonitorError(f"{card_path} is not valid JSON ({exc})") from None
+    entry = card.get("monitoring") if isinstance(card, dict) else None
+    if not isinstance(entry, dict) or not isinstance(entry.get("file"), str):
+        raise MonitorError(
+            f"{card_path} has no `monitoring` entry: the model was promoted before reference "
+            "profiles existed; rerun `dvc repro evaluate promote` to write one"
+        )
+    ref_path = model_dir / Path(entry["file"]).name
+    if not ref_path.is_file():
+        raise MonitorError(f"{ref_path} (card monitoring.file) is missing; promote again")
+    data = ref_path.read_bytes()
+    if entry.get("sha256") and hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise MonitorError(f"{ref_path} does not match monitoring.sha256 in {card_path}")
+    try:
+        reference = check_reference(json.loads(data), str(ref_path))
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as exc:
+        raise MonitorError(str(exc)) from None
+    return Served(card, reference)
+
+
+def parse_since(text: str, now: datetime | None = None) -> str:
+    """`30m`, `24h`, `7d` or an ISO time -> the ISO UTC string the audit log is compared to."""
+    now = now or datetime.now(UTC)
+    match = DURATION.match(text.strip())
+    if match:
+        amount, unit = int(match.group(1)), match.group(2)
+        delta = {"m": timedelta(minutes=amount), "h": timedelta(hours=amount)}.get(
+            unit, timedelta(days=amount)
+        )
+        return (now - delta).isoformat(timespec="milliseconds")
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise MonitorError(
+            f"--since {text!r} is neither a duration (30m, 24h, 7d) nor an ISO time "
+            "(2026-11-29T08:00:00)"
+        ) from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return when.astimezone(UTC).isoformat(timespec="milliseconds")
+
+
+def read_window(
+    db: Path, last: int | None, since: str | None, version: str | None
+) -> tuple[Window, list[dict[str, Any]]]:
+    """The window's predictions from the audit log, as a monitoring.Window."""
+    from chestct.serving.audit import AuditLog
+
+    if not db.is_file():
+        raise MonitorError(
+            f"no audit log at {db}: run the service with serving.audit_log: true "
+            "(config/config.yaml) or point --db at the file"
+        )
+    rows = AuditLog(db).window(last=last, since=since, model_version=version)
+    signals: dict[str, list[float]] = {name: [] for name in SIGNAL_NAMES}
+    for row in rows:
+        for name in SIGNAL_NAMES:
+            value = row["signals"].get(name)
+            if value is not None:
+                signals[name].append(float(value))
+    feedback = []
+    for row in rows:
+        if row.get("true_label"):
+            probs = row["probabilities"]
+            feedback.append((row["true_label"], [float(v) for v in probs.values()]))
+    window = Window(
+        labels=[row["label"] for row in rows],
+        signals=signals,
+        abstain=[None if row["abstain"] is None else bool(row["abstain"]) for row in rows],
+        ood=[
+            None if row["out_of_distribution"] is None else bool(row["out_of_distribution"])
+            for row in rows
+        ],
+        start=rows[0]["time"] if rows else None,
+        end=rows[-1]["time"] if rows else None,
+        feedback=feedback,
+    )
+    return window, rows
+
+
+def run_monitor(
+    *,
+    db: Path,
+    model_dir: Path,
+    out_dir: Path,
+    thresholds: Thresholds,
+    last: int | None,
+    since: str | None,
+    all_versions: bool = False,
+) -> dict[str, Any]:
+    """Compare the window with the served model's reference; write report.json/.html."""
+    served = load_served(model_dir)
+    version = None if all_versions else str(served.card.get("version"))
+    window, _ = read_window(db, last, since, version)
+    classes = [str(c) for c in served.card.get("classes", [])]
+    # Probabilities are stored by class name in the card's order; feedback scoring needs it.
+    report = compare(served.reference, window, thresholds, classes, served.card.get("metrics"))
+    report["model"] = {
+        "name": served.card.get("name"),
+        "version": served.card.get("version"),
+        "versions_included": "all" if all_versions else version,
+    }
+    report["generated_at"] = datetime.now(UTC).isoformat(timespec="seconds")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out_dir / "report.json", report)
+    atomic_write_text(out_dir / "report.html", render_html(report))
+    return report
+
+
+# --------------------------------------------------------------------------- the report
+
+
+def verdict_lines(report: dict[str, Any]) -> list[str]:
+    """The short verdict printed on the terminal."""
+    w = report["window"]
+    lines = [
+        f"chestct monitor: {report['verdict'].upper()} — {w['n']} predictions "
+        f"({w['start'] or '-'} .. {w['end'] or '-'}) of model {report['model']['name']} "
+        f"v{report['model']['version']} vs {report['reference']['n']} reference images"
+    ]
+    if report["verdict"] == "insufficient":
+        lines.append(
+            f"  too few predictions to judge (need monitor.min_requests = "
+            f"{report['thresholds']['min_requests']})"
+        )
+    for name, s in report["signals"].items():
+        if not s.get("judged"):
+            continue
+        mark = "DRIFT" if s["drift"] else "ok"
+        lines.append(f"  {name:18} PSI {s['psi']:7.3f}  {s['test']} p={s['p_value']:.2g}  {mark}")
+    for flag, r in report["rates"].items():
+        if r.get("judged"):
+            mark = "DRIFT" if r["drift"] else "ok"
+            lines.append(
+                f"  {flag + ' rate':18} {r['observed']:.3f} vs expected {r['expected']:.3f}  "
+                f"p={r['p_value']:.2g}  {mark}"
+            )
+    perf = report["performance"]
+    if perf.get("live"):
+        live, test = perf["live"], perf["test"]
+        mark = "DEGRADED" if perf.get("degraded") else ("ok" if perf["judged"] else "not judged")
+        lines.append(
+            f"  live on {perf['labelled']} labelled: accuracy {live['accuracy']:.3f}, "
+            f"balanced accuracy {live['balanced_accuracy']:.3f}, macro-F1 "
+            f"{live['macro_f1']:.3f} (test {_fmt(test.get('macro_f1'))})  {mark}"
+        )
+    if report["drifted"]:
+        lines.append(f"  drifted: {', '.join(report['drifted'])}")
+    return lines
+
+
+def _fmt(value: Any) -> str:
+    return "-" if value is None else f"{float(value):.3f}"
+
+
+def _figure_png(
+    labels: Sequence[str], ref: Sequence[float], win: Sequence[float], title: str
+) -> str:
+    """Reference vs window fractions per bin as grouped bars, base64 PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    x = np.arange(len(labels))
+    fig, ax = plt.subplots(figsize=(6.4, 2.8))
+    ax.bar(x - 0.2, ref, width=0.4, label="reference", color="#7a9cc6")
+    ax.bar(x + 0.2, win, width=0.4, label="window", color="#c6714f")
+    ax.set_xticks(x, labels, rotation=30, ha="right", fontsize=7)
+    ax.set_ylabel("share")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _bin_labels(edges: Sequence[float]) -> list[str]:
+    labels, lower = [], None
+    for edge in edges:
+        labels.append(f"≤{edge:g}" if lower is None else f"{lower:g}–{edge:g}")
+        lower = edge
+    labels.append(f">{edges[-1]:g}")
+    return labels
+
+
+def render_html(report: dict[str, Any]) -> str:
+    """One self-contained HTML page: verdict, a table per signal and a picture each."""
+    esc = html.escape
+    rows, figures = [], []
+    for name, s in report["signals"].items():
+        if not s.get("judged"):
+            rows.append(
+                f"<tr><td>{esc(name)}</td><td colspan=5>not judged: {esc(s['why'])}</td></tr>"
+            )
+            continue
+        cls = "drift" if s["drift"] else ""
+        rows.append(
+            f"<tr class='{cls}'><td>{esc(name)}</td><td>{s['psi']:.3f}</td>"
+            f"<td>{esc(s['test'])}</td><td>{s['p_value']:.3g}</td><td>{s['n']}</td>"
+            f"<td>{'drift' if s['drift'] else 'ok'}</td></tr>"
+        )
+        if name == CLASS_SIGNAL:
+            labels = s["categories"]
+        else:
+            labels = _bin_labels(BY_NAME[name].edges)
+        png = _figure_png(
+            labels, s["reference_fractions"], s["window_fractions"], f"{name}: {s['help']}"
+        )
+        figures.append(
+            f"<figure><img alt='{esc(name)}: reference vs window' "
+            f"src='data:image/png;base64,{png}'><figcaption>{esc(name)}: PSI {s['psi']:.3f}"
+            f"</figcaption></figure>"
+        )
+    rate_rows = []
+    for flag, r in report["rates"].items():
+        if r.get("judged"):
+            rate_rows.append(
+                f"<tr class='{'drift' if r['drift'] else ''}'><td>{esc(flag)}</td>"
+                f"<td>{r['observed']:.3f}</td><td>{r['expected']:.3f}</td>"
+                f"<td>{r['p_value']:.3g}</td><td>{'drift' if r['drift'] else 'ok'}</td></tr>"
+            )
+        else:
+            rate_rows.append(f"<tr><td>{esc(flag)}</td><td colspan=4>not judged</td></tr>")
+    perf = report["performance"]
+    if perf.get("live"):
+        perf_html = "".join(
+            f"<tr><td>{k}</td><td>{perf['live'][k]:.3f}</td><td>{_fmt(perf['test'].get(k))}"
+            "</td></tr>"
+            for k in ("accuracy", "balanced_accuracy", "macro_f1")
+        )
+        perf_html = (
+            f"<p>{perf['labelled']} labelled predictions"
+            f"{'' if perf['judged'] else ' (too few to judge)'}"
+            f"{'; DEGRADED' if perf.get('degraded') else ''}.</p>"
+            f"<table><tr><th>metric</th><th>live</th><th>test (card)</th></tr>{perf_html}</table>"
+        )
+    else:
+        perf_html = "<p>No labelled predictions in the window (POST /feedback).</p>"
+    lines = "\n".join(esc(line) for line in verdict_lines(report))
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>chestct monitor: {esc(report["verdict"])}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; max-width: 62rem; margin: 2rem auto; padding: 0 1rem; }}
+table {{ border-collapse: collapse; margin: .5rem 0 1rem; }}
+td, th {{ border: 1px solid #ccc; padding: .2rem .6rem; text-align: left; }}
+tr.drift td {{ background: #f6d7a7; }}
+figure {{ display: inline-block; margin: .5rem; }}
+pre {{ background: #f4f4f4; padding: .6rem; }}
+</style></head><body>
+<h1>chestct monitor: {esc(report["verdict"])}</h1>
+<pre id="verdict">{lines}</pre>
+<h2>Signals</h2>
+<table><tr><th>signal</th><th>PSI</th><th>test</th><th>p-value</th><th>n</th><th></th></tr>
+{"".join(rows)}</table>
+<h2>Abstain and out-of-distribution rates</h2>
+<table><tr><th>flag</th><th>observed</th><th>expected</th><th>p-value</th><th></th></tr>
+{"".join(rate_rows)}</table>
+<h2>Live performance (labelled through POST /feedback)</h2>
+{perf_html}
+<h2>Distributions: reference (valid + test) vs window</h2>
+{"".join(figures)}
+<p>Thresholds: {esc(json.dumps(report["thresholds"]))}. Generated {esc(report["generated_at"])}.
+Research software; not a medical device.</p>
+</body></html>
+"""
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `python -m chestct.monitor`; returns the exit status."""
+    parser = argparse.ArgumentParser(
+        prog="python -m chestct.monitor",
+        description="Compare served predictions (audit log) with the model's reference profile.",
+    )
+    parser.add_argument("--last", type=int, help="the latest N predictions")
+    parser.add_argument("--since", help="predictions since a duration ago (30m, 24h, 7d) or ISO")
+    parser.add_argument("--db", type=Path, help="audit log (default: serving.audit_db)")
+    parser.add_argument("--model-dir", type=Path, help="served model folder (default: model/)")
+    parser.add_argument("--out", type=Path, help="report folder (default: monitor.report_dir)")
+    parser.add_argument(
+        "--all-versions",
+        action="store_true",
+        help="include predictions of earlier model versions (default: the served one only)",
+    )
+    args = parser.parse_args(argv)
+
+    from chestct.settings import SettingsError, load_settings
+
+    try:
+        if args.last is not None and args.last < 1:
+            raise MonitorError(f"--last must be at least 1, got {args.last}")
+        settings = load_settings()
+        cfg = settings.config.monitor
+        root = settings.paths.root
+        since = parse_since(args.since) if args.since else None
+        last = args.last if args.last is not None else (None if since else cfg.window_requests)
+        report = run_monitor(
+            db=args.db or settings.paths.audit_db or root / settings.config.serving.audit_db,
+            model_dir=args.model_dir or settings.paths.model,
+            out_dir=args.out or root / cfg.report_dir,
+            thresholds=Thresholds(
+                psi=cfg.psi_threshold,
+                p_value=cfg.p_value,
+                rate_margin=cfg.rate_margin,
+                min_requests=cfg.min_requests,
+                min_labelled=cfg.min_labelled,
+                performance_drop=cfg.performance_drop,
+            ),
+            last=last,
+            since=since,
+            all_versions=args.all_versions,
+        )
+    except (MonitorError, SettingsError) as exc:
+        print(f"chestct monitor: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    print("\n".join(verdict_lines(report)))
+    out = args.out or settings.paths.root / settings.config.monitor.report_dir
+    print(f"  report: {out / 'report.html'} and report.json")
+    return EXIT_DRIFT if report["verdict"] == "drift" else EXIT_OK
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,457 @@
+"""Monitoring after promotion: per-request signals, the reference profile and drift statistics.
+
+One implementation for every side: evaluate fits the reference profile on the valid and test
+splits with `fit_reference`; the predictor computes each request's signals with
+`image_signals` / `request_signals` and bins them with `bin_index` for the rolling drift
+figures on /metrics; `python -m chestct.monitor` compares a window of the audit log with the
+reference through `compare`. Only NumPy at import (the serving image has no SciPy); the
+two-sample tests import SciPy when they run.
+
+Continuous signals have fixed bin edges (the same for Prometheus histogram buckets, the
+reference fractions and the population stability index), so a profile fitted once can be
+compared with any window without refitting.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+REFERENCE_FILE = "reference.json"
+PROFILE_VERSION = 1
+# Grey level (0..255, model input) above which a pixel counts as body rather than air/lung:
+# the share of such pixels grows when a scanner zooms in on the chest.
+FOREGROUND_GREY = 48
+# Smoothing of empty bins in the PSI: a fraction of 0 would make ln(a / e) infinite.
+PSI_FLOOR = 1e-4
+
+
+@dataclass(frozen=True)
+class Signal:
+    """One continuous per-request signal and the fixed upper edges of its bins."""
+
+    name: str
+    help: str
+    edges: tuple[float, ...]  # upper bounds; a last open bin (+Inf) follows
+
+    def bins(self) -> int:
+        return len(self.edges) + 1
+
+
+SIGNALS: tuple[Signal, ...] = (
+    Signal(
+        "top_probability",
+        "calibrated probability of the predicted class",
+        (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99),
+    ),
+    Signal(
+        "entropy",
+        "normalised predictive entropy (0 certain, 1 uniform)",
+        (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
+    ),
+    Signal(
+        "ood_ratio",
+        "Mahalanobis distance of the pooled features over the model's OOD threshold "
+        "(above 1: out of distribution)",
+        (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0, 5.0),
+    ),
+    Signal(
+        "mean_grey",
+        "mean grey level (0..255) of the model input",
+        (32, 48, 64, 80, 96, 112, 128, 144, 160, 192),
+    ),
+    Signal(
+        "foreground",
+        f"share of model-input pixels above grey {FOREGROUND_GREY} (body in the frame)",
+        (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
+    ),
+)
+SIGNAL_NAMES: tuple[str, ...] = tuple(s.name for s in SIGNALS)
+BY_NAME: dict[str, Signal] = {s.name: s for s in SIGNALS}
+# Recorded per request (audit log, histogram) but not in the reference: evaluate sees the
+# resized copies, not the sizes clients send.
+INPUT_SIDE_EDGES: tuple[float, ...] = (64, 128, 256, 384, 512, 768, 1024, 2048)
+CLASS_SIGNAL = "predicted_class"
+FLAGS: tuple[str, ...] = ("abstain", "ood")
+
+
+# --------------------------------------------------------------------------- per request
+
+
+def image_signals(prepared: np.ndarray) -> dict[str, float]:
+    """Acquisition signals of one model input (uint8, size x size): mean grey and the share of
+    body pixels. The hook for richer acquisition features: add them here and to SIGNALS."""
+    flat = prepared.reshape(-1)
+    return {
+        "mean_grey": float(flat.mean()),
+        "foreground": float(np.count_nonzero(flat > FOREGROUND_GREY)) / flat.size,
+    }
+
+
+def request_signals(
+    probabilities: np.ndarray,
+    entropy: float,
+    ood_distance: float | None,
+    ood_threshold: float | None,
+    prepared: np.ndarray,
+) -> dict[str, float | None]:
+    """All continuous signals of one prediction, by SIGNALS name (None when not measured)."""
+    ratio = None
+    if ood_distance is not None and ood_threshold:
+        ratio = float(ood_distance) / float(ood_threshold)
+    return {
+        "top_probability": float(probabilities.max()),
+        "entropy": float(entropy),
+        "ood_ratio": ratio,
+        **image_signals(prepared),
+    }
+
+
+def bin_index(edges: Sequence[float], value: float) -> int:
+    """The bin of `value` among upper `edges` (le semantics, as Prometheus buckets)."""
+    return int(np.searchsorted(edges, value, side="left"))
+
+
+def bin_counts(edges: Sequence[float], values: np.ndarray) -> np.ndarray:
+    """Counts per bin (len(edges) + 1 bins) of finite values."""
+    values = np.asarray(values, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    idx = np.searchsorted(np.asarray(edges, dtype=np.float64), values, side="left")
+    return np.bincount(idx, minlength=len(edges) + 1)
+
+
+# --------------------------------------------------------------------------- reference
+
+
+def fit_reference(
+    *,
+    classes: Sequence[str],
+    probabilities: np.ndarray,
+    ood_distance: np.ndarray | None,
+    ood_threshold: float | None,
+    abstain_threshold: float | None,
+    images: np.ndarray,
+    labels: Sequence[str] | None = None,
+    source: str = "valid + test splits",
+) -> dict[str, Any]:
+    """The reference profile: what served requests should look like.
+
+    Args:
+        classes: the model's classes, in output order.
+        probabilities: calibrated probabilities (n, len(classes)), as served.
+        ood_distance: Mahalanobis distance of each image's pooled features (n,), or None.
+        ood_threshold: the card's OOD threshold.
+        abstain_threshold: the card's abstain entropy.
+        images: the model inputs (n, s, s) or (n, s, s, 1), grey 0..255.
+        labels: true labels (for the true class mix, reported beside the predicted one).
+        source: where the images came from, for the report.
+
+    Returns:
+        A JSON-ready dict: per signal the fixed edges, counts, fractions and the sorted values
+        (for two-sample tests), the predicted-class mix and the expected abstain and OOD rates.
+    """
+    from chestct.metrics import normalised_entropy
+
+    proba = np.asarray(probabilities, dtype=np.float64)
+    n = len(proba)
+    if n == 0 or proba.shape[1] != len(classes):
+        raise ValueError(
+            f"the reference needs probabilities of shape (n > 0, {len(classes)}), "
+            f"got {proba.shape}"
+        )
+    grey = np.asarray(images).reshape(n, -1)
+    entropy = normalised_entropy(proba)
+    values: dict[str, np.ndarray] = {
+        "top_probability": proba.max(axis=1),
+        "entropy": entropy,
+        "mean_grey": grey.mean(axis=1, dtype=np.float64),
+        "foreground": (grey > FOREGROUND_GREY).mean(axis=1),
+    }
+    if ood_distance is not None and ood_threshold:
+        values["ood_ratio"] = np.asarray(ood_distance, np.float64) / float(ood_threshold)
+    signals: dict[str, Any] = {}
+    for sig in SIGNALS:
+        if sig.name not in values:
+            continue
+        v = np.sort(values[sig.name])
+        counts = bin_counts(sig.edges, v)
+        signals[sig.name] = {
+            "kind": "continuous",
+            "help": sig.help,
+            "edges": list(sig.edges),
+            "counts": counts.tolist(),
+            "fractions": (counts / n).round(6).tolist(),
+            "mean": round(float(v.mean()), 6),
+            "values": [round(float(x), 6) for x in v],
+        }
+    predicted = np.bincount(proba.argmax(axis=1), minlength=len(classes))
+    signals[CLASS_SIGNAL] = {
+        "kind": "categorical",
+        "help": "predicted class",
+        "categories": list(classes),
+        "counts": predicted.tolist(),
+        "fractions": (predicted / n).round(6).tolist(),
+    }
+    rates: dict[str, float | None] = {
+        "abstain": None
+        if abstain_threshold is None
+        else round(float(np.mean(entropy > abstain_threshold)), 6),
+        "ood": None
+        if "ood_ratio" not in values
+        else round(float(np.mean(values["ood_ratio"] > 1)), 6),
+    }
+    profile: dict[str, Any] = {
+        "profile_version": PROFILE_VERSION,
+        "source": source,
+        "n": n,
+        "signals": signals,
+        "rates": rates,
+    }
+    if labels is not None:
+        actual = [list(labels).count(c) for c in classes]
+        profile["true_class_mix"] = {
+            c: round(k / n, 6) for c, k in zip(classes, actual, strict=True)
+        }
+    return profile
+
+
+def check_reference(profile: Any, where: str) -> dict[str, Any]:
+    """A loaded profile, or ValueError naming what is wrong with it and where."""
+    if not isinstance(profile, dict) or profile.get("profile_version") != PROFILE_VERSION:
+        raise ValueError(
+            f"{where} is not a chestct reference profile (version {PROFILE_VERSION}); "
+            "rerun `dvc repro evaluate promote` to write one"
+        )
+    signals = profile.get("signals")
+    if not isinstance(signals, dict) or CLASS_SIGNAL not in signals:
+        raise ValueError(f"{where} has no signals; rerun `dvc repro evaluate promote`")
+    for name, entry in signals.items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("fractions"), list):
+            raise ValueError(f"{where}: signal {name!r} has no fractions")
+        if name in BY_NAME and list(entry.get("edges", [])) != list(BY_NAME[name].edges):
+            raise ValueError(
+                f"{where}: signal {name!r} was binned with other edges than this chestct "
+                "version uses; rerun `dvc repro evaluate promote`"
+            )
+    return profile
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def psi(expected: Sequence[float], observed_counts: Sequence[float]) -> float:
+    """Population stability index of observed counts against expected fractions.
+
+    Conventional reading: below 0.1 stable, 0.1-0.25 a moderate shift, above 0.25 a major one.
+    """
+    e = np.maximum(np.asarray(expected, dtype=np.float64), PSI_FLOOR)
+    counts = np.asarray(observed_counts, dtype=np.float64)
+    total = counts.sum()
+    if total <= 0:
+        return float("nan")
+    a = np.maximum(counts / total, PSI_FLOOR)
+    e = e / e.sum()
+    a = a / a.sum()
+    return float(np.sum((a - e) * np.log(a / e)))
+
+
+def ks_test(reference: Sequence[float], window: Sequence[float]) -> tuple[float, float]:
+    """Two-sample Kolmogorov-Smirnov statistic and p-value."""
+    from scipy.stats import ks_2samp
+
+    res = ks_2samp(np.asarray(reference, np.float64), np.asarray(window, np.float64))
+    return float(res.statistic), float(res.pvalue)
+
+
+def chi_square_test(
+    reference_counts: Sequence[int], window_counts: Sequence[int]
+) -> tuple[float, float]:
+    """Chi-square test of homogeneity of two count vectors over the same categories."""
+    from scipy.stats import chi2_contingency
+
+    table = np.array([reference_counts, window_counts], dtype=np.float64)
+    table = table[:, table.sum(axis=0) > 0]
+    if table.shape[1] < 2 or (table.sum(axis=1) == 0).any():
+        return 0.0, 1.0
+    stat, p, _, _ = chi2_contingency(table)
+    return float(stat), float(p)
+
+
+def rate_test(count: int, n: int, expected: float) -> float:
+    """One-sided binomial p-value that the rate is above `expected`."""
+    from scipy.stats import binomtest
+
+    if n == 0:
+        return 1.0
+    expected = min(max(expected, 1e-6), 1 - 1e-6)
+    return float(binomtest(count, n, expected, alternative="greater").pvalue)
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """When a difference counts as drift (config/config.yaml `monitor:`)."""
+
+    psi: float = 0.25
+    p_value: float = 0.01
+    rate_margin: float = 0.10
+    min_requests: int = 50
+    min_labelled: int = 20
+    performance_drop: float = 0.10
+
+
+@dataclass
+class Window:
+    """Served predictions to compare with the reference (from the audit log)."""
+
+    labels: list[str]  # predicted class per request
+    signals: dict[str, list[float]]  # continuous signal values (missing ones left out)
+    abstain: list[bool | None]
+    ood: list[bool | None]
+    start: str | None = None
+    end: str | None = None
+    feedback: list[tuple[str, list[float]]] = field(default_factory=list)  # (true, probs)
+
+    @property
+    def n(self) -> int:
+        return len(self.labels)
+
+
+def compare(
+    profile: Mapping[str, Any],
+    window: Window,
+    thresholds: Thresholds,
+    classes: Sequence[str],
+    card_metrics: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Compare a window with the reference: per signal PSI and a two-sample test, the class
+    mix, abstain and OOD rates, and live performance on the labelled requests.
+
+    A signal drifts when its PSI is at least `thresholds.psi` AND its test's p-value is below
+    `thresholds.p_value` (magnitude and evidence); a rate drifts when it exceeds the expected
+    rate by more than `rate_margin` with a one-sided binomial p-value below `p_value`.
+    """
+    ref_signals = profile["signals"]
+    out_signals: dict[str, Any] = {}
+    for sig in SIGNALS:
+        ref = ref_signals.get(sig.name)
+        values = np.asarray(window.signals.get(sig.name, []), np.float64)
+        values = values[np.isfinite(values)]
+        if ref is None or len(values) == 0:
+            out_signals[sig.name] = {
+                "kind": "continuous",
+                "judged": False,
+                "why": "not in the reference" if ref is None else "not measured in the window",
+            }
+            continue
+        counts = bin_counts(sig.edges, values)
+        value = psi(ref["fractions"], counts)
+        stat, p = ks_test(ref["values"], values)
+        out_signals[sig.name] = {
+            "kind": "continuous",
+            "judged": True,
+            "help": sig.help,
+            "test": "ks",
+            "psi": round(value, 4),
+            "statistic": round(stat, 4),
+            "p_value": p,
+            "n": len(values),
+            "reference_mean": ref.get("mean"),
+            "window_mean": round(float(values.mean()), 6),
+            "edges": list(sig.edges),
+            "reference_fractions": ref["fractions"],
+            "window_fractions": (counts / counts.sum()).round(6).tolist(),
+            "drift": bool(value >= thresholds.psi and p < thresholds.p_value),
+        }
+    ref_cls = ref_signals[CLASS_SIGNAL]
+    categories = list(ref_cls["categories"])
+    counts = np.array([window.labels.count(c) for c in categories])
+    value = psi(ref_cls["fractions"], counts)
+    stat, p = chi_square_test(ref_cls["counts"], counts.tolist())
+    out_signals[CLASS_SIGNAL] = {
+        "kind": "categorical",
+        "judged": True,
+        "help": "predicted class mix",
+        "test": "chi_square",
+        "psi": round(value, 4),
+        "statistic": round(stat, 4),
+        "p_value": p,
+        "n": window.n,
+        "categories": categories,
+        "reference_fractions": ref_cls["fractions"],
+        "window_fractions": (counts / max(counts.sum(), 1)).round(6).tolist(),
+        "drift": bool(value >= thresholds.psi and p < thresholds.p_value),
+    }
+    rates: dict[str, Any] = {}
+    for flag, flags in (("abstain", window.abstain), ("ood", window.ood)):
+        known = [bool(f) for f in flags if f is not None]
+        expected = (profile.get("rates") or {}).get(flag)
+        if expected is None or not known:
+            rates[flag] = {"judged": False, "expected": expected, "n": len(known)}
+            continue
+        hits = sum(known)
+        observed = hits / len(known)
+        p = rate_test(hits, len(known), float(expected))
+        rates[flag] = {
+            "judged": True,
+            "expected": expected,
+            "observed": round(observed, 6),
+            "count": hits,
+            "n": len(known),
+            "p_value": p,
+            "drift": bool(observed > expected + thresholds.rate_margin and p < thresholds.p_value),
+        }
+    performance = live_performance(window.feedback, classes, card_metrics or {}, thresholds)
+    enough = window.n >= thresholds.min_requests
+    drifted = [name for name, s in out_signals.items() if s.get("drift")]
+    drifted += [f"{flag}_rate" for flag, r in rates.items() if r.get("drift")]
+    if performance.get("degraded"):
+        drifted.append("performance")
+    if not enough:
+        verdict = "insufficient"
+    elif drifted:
+        verdict = "drift"
+    else:
+        verdict = "no drift"
+    return {
+        "verdict": verdict,
+        "drifted": drifted if enough else [],
+        "window": {"n": window.n, "start": window.start, "end": window.end},
+        "reference": {"n": profile.get("n"), "source": profile.get("source")},
+        "thresholds": thresholds.__dict__,
+        "signals": out_signals,
+        "rates": rates,
+        "performance": performance,
+    }
+
+
+def live_performance(
+    feedback: Sequence[tuple[str, Sequence[float]]],
+    classes: Sequence[str],
+    card_metrics: Mapping[str, Any],
+    thresholds: Thresholds,
+) -> dict[str, Any]:
+    """Accuracy, balanced accuracy and macro-F1 of the labelled predictions, against the
+    card's test figures (chestct.metrics.classification_metrics: the same formulas)."""
+    from chestct.metrics import classification_metrics
+
+    usable = [(t, p) for t, p in feedback if t in classes]
+    result: dict[str, Any] = {"labelled": len(usable)}
+    test = {k: card_metrics.get(k) for k in ("accuracy", "balanced_accuracy", "macro_f1")}
+    result["test"] = test
+    if not usable:
+        result["judged"] = False
+        return result
+    y_true = np.array([list(classes).index(t) for t, _ in usable])
+    proba = np.array([p for _, p in usable], dtype=np.float64)
+    scored = classification_metrics(y_true, proba)
+    live = {k: round(float(scored[k]), 6) for k in ("accuracy", "balanced_accuracy", "macro_f1")}
+    result["live"] = live
+    result["judged"] = len(usable) >= thresholds.min_labelled and test["macro_f1"] is not None
+    if result["judged"]:
+        drop = float(test["macro_f1"]) - live["macro_f1"]
+        result["macro_f1_drop"] = round(drop, 6)
+        result["degraded"] = bool(drop > thresholds.performance_drop)
+    return result

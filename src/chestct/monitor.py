@@ -276,10 +276,7 @@ def render_html(report: dict[str, Any]) -> str:
             f"<td>{esc(s['test'])}</td><td>{s['p_value']:.3g}</td><td>{s['n']}</td>"
             f"<td>{'drift' if s['drift'] else 'ok'}</td></tr>"
         )
-        if name == CLASS_SIGNAL:
-            labels = s["categories"]
-        else:
-            labels = _bin_labels(BY_NAME[name].edges)
+        labels = s["categories"] if name == CLASS_SIGNAL else _bin_labels(BY_NAME[name].edges)
         png = _figure_png(
             labels, s["reference_fractions"], s["window_fractions"], f"{name}: {s['help']}"
         )
@@ -315,9 +312,11 @@ def render_html(report: dict[str, Any]) -> str:
         perf_html = "<p>No labelled predictions in the window (POST /feedback).</p>"
     lines = "\n".join(esc(line) for line in verdict_lines(report))
     return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>chestct monitor: {esc(report["verdict"])}</title>
+<html lang="en"><head><meta charset="utf-8">
+<title>chestct monitor: {esc(report["verdict"])}</title>
 <style>
-body {{ font-family: system-ui, sans-serif; max-width: 62rem; margin: 2rem auto; padding: 0 1rem; }}
+body {{ font-family: system-ui, sans-serif; max-width: 62rem; margin: 2rem auto;
+        padding: 0 1rem; }}
 table {{ border-collapse: collapse; margin: .5rem 0 1rem; }}
 td, th {{ border: 1px solid #ccc; padding: .2rem .6rem; text-align: left; }}
 tr.drift td {{ background: #f6d7a7; }}

@@ -114,7 +114,7 @@ def parse_since(text: str, now: datetime | None = None) -> str:
 
 
 def read_window(
-    db: Path, last: int | None, since: str | None, version: str | None
+    db: Path, last: int | None, since: str | None, version: str | None, classes: Sequence[str]
 ) -> tuple[Window, list[dict[str, Any]]]:
     """The window's predictions from the audit log, as a monitoring.Window."""
     from chestct.serving.audit import AuditLog
@@ -134,8 +134,9 @@ def read_window(
     feedback = []
     for row in rows:
         if row.get("true_label"):
+            # Stored by class name (sorted keys): back into the model's output order.
             probs = row["probabilities"]
-            feedback.append((row["true_label"], [float(v) for v in probs.values()]))
+            feedback.append((row["true_label"], [float(probs.get(c, 0.0)) for c in classes]))
     window = Window(
         labels=[row["label"] for row in rows],
         signals=signals,
@@ -164,9 +165,8 @@ def run_monitor(
     """Compare the window with the served model's reference; write report.json/.html."""
     served = load_served(model_dir)
     version = None if all_versions else str(served.card.get("version"))
-    window, _ = read_window(db, last, since, version)
     classes = [str(c) for c in served.card.get("classes", [])]
-    # Probabilities are stored by class name in the card's order; feedback scoring needs it.
+    window, _ = read_window(db, last, since, version, classes)
     report = compare(served.reference, window, thresholds, classes, served.card.get("metrics"))
     report["model"] = {
         "name": served.card.get("name"),

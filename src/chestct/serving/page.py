@@ -1,4 +1,9 @@
-"""The upload page served at GET /: one self-contained HTML file (no CDN, no build step)."""
+"""The upload page served at GET /: one self-contained HTML file (no CDN, no build step).
+
+Several slices at once (file picker or drag and drop), one row of results per slice: the
+label, the probabilities as bars, the abstain and out-of-distribution warnings in words and
+the Grad-CAM heatmap. The model's version and its test figures come from GET /metadata.
+"""
 
 INDEX_HTML = """<!doctype html>
 <html lang="en">
@@ -7,55 +12,58 @@ INDEX_HTML = """<!doctype html>
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>chestct predictor</title>
 <style>
-  body { font-family: system-ui, sans-serif; max-width: 60rem; margin: 2rem auto; padding: 0 1rem;
+  body { font-family: system-ui, sans-serif; max-width: 64rem; margin: 2rem auto; padding: 0 1rem;
          color: #1b1b1b; }
   h1 { font-size: 1.4rem; margin-bottom: .2rem; }
   .note { color: #8a1c1c; font-size: .9rem; }
-  form { margin: 1rem 0; display: flex; gap: .6rem; align-items: center; flex-wrap: wrap; }
+  #model { color: #444; font-size: .9rem; }
+  #drop { margin: 1rem 0; padding: 1.2rem; border: 2px dashed #9aa7b8; border-radius: .5rem;
+          display: flex; gap: .6rem; align-items: center; flex-wrap: wrap; }
+  #drop.over { background: #eef4fb; border-color: #2f6db5; }
   button { padding: .4rem 1rem; }
-  #result { display: none; gap: 2rem; flex-wrap: wrap; }
-  #result.shown { display: flex; }
-  .bars { min-width: 22rem; flex: 1; }
+  #error { color: #8a1c1c; white-space: pre-wrap; }
+  .row { display: flex; gap: 1.5rem; flex-wrap: wrap; border-top: 1px solid #ddd;
+         padding: .8rem 0; }
+  .main { min-width: 22rem; flex: 1; }
+  .file { color: #555; font-size: .85rem; }
+  .label { font-size: 1.2rem; font-weight: 600; }
   .bar { display: grid; grid-template-columns: 12rem 1fr 4rem; gap: .5rem; align-items: center;
-         margin: .3rem 0; }
+         margin: .25rem 0; }
   .track { background: #e6e6e6; height: .9rem; border-radius: .2rem; overflow: hidden; }
   .fill { background: #2f6db5; height: 100%; }
   .fill.top { background: #b5482f; }
-  #label { font-size: 1.3rem; font-weight: 600; }
-  #flags span { display: inline-block; margin: .3rem .4rem 0 0; padding: .1rem .5rem;
-                border-radius: .8rem; background: #eee; font-size: .85rem; }
-  #flags span.warn { background: #f6d7a7; }
-  figure { margin: 0; }
-  #heatmap { max-width: 100%; width: 24rem; image-rendering: auto; border: 1px solid #ccc; }
-  #error { color: #8a1c1c; white-space: pre-wrap; }
-  #model { color: #555; font-size: .85rem; }
+  .warn { background: #f6d7a7; border-radius: .3rem; padding: .3rem .6rem; margin: .3rem 0;
+          font-size: .9rem; }
+  .row .error { color: #8a1c1c; white-space: pre-wrap; }
+  .heatmap { width: 14rem; border: 1px solid #ccc; }
+  .meta { color: #666; font-size: .8rem; }
 </style>
 </head>
 <body>
 <h1>chestct: chest CT slice classifier</h1>
 <p class="note">Research and teaching software, not a medical device. Do not use it for
 diagnosis.</p>
+<p id="model">Loading the model's description…</p>
 <form id="upload">
-  <input id="file" name="file" type="file" accept="image/png,image/jpeg,.dcm,application/dicom"
-         required>
-  <button id="submit" type="submit">Classify</button>
+  <div id="drop">
+    <span>Drop chest CT slices here (PNG, JPEG, DICOM), or</span>
+    <input id="file" name="file" type="file" multiple
+           accept="image/png,image/jpeg,.dcm,application/dicom">
+    <button id="submit" type="submit">Classify</button>
+  </div>
 </form>
 <p id="error" role="alert"></p>
-<section id="result" aria-live="polite">
-  <div class="bars">
-    <div id="label"></div>
-    <div id="flags"></div>
-    <div id="bars"></div>
-    <p id="model"></p>
-  </div>
-  <figure>
-    <img id="heatmap" alt="Grad-CAM heatmap over the uploaded slice">
-    <figcaption>Grad-CAM of the predicted class over the slice</figcaption>
-  </figure>
-</section>
+<section id="results" aria-live="polite"></section>
 <script>
 "use strict";
 const $ = (id) => document.getElementById(id);
+const el = (tag, cls, text) => {
+  const e = document.createElement(tag);
+  if (cls) e.className = cls;
+  if (text !== undefined) e.textContent = text;
+  return e;
+};
+const fixed = (v, n) => (typeof v === "number" ? v.toFixed(n) : "–");
 
 function problemText(body, status) {
   if (body && body.title) return body.title + (body.detail ? ": " + body.detail : "");
@@ -72,68 +80,122 @@ async function post(url, file) {
   return body;
 }
 
-function showBars(result) {
-  const bars = $("bars");
-  bars.textContent = "";
-  const names = result.display_names || {};
-  for (const [cls, p] of Object.entries(result.probabilities)) {
-    const row = document.createElement("div");
-    row.className = "bar";
-    row.dataset.class = cls;
-    const name = document.createElement("span");
-    name.textContent = names[cls] || cls;
-    const track = document.createElement("div");
-    track.className = "track";
-    const fill = document.createElement("div");
-    fill.className = "fill" + (cls === result.label ? " top" : "");
-    fill.style.width = (100 * p).toFixed(1) + "%";
-    track.appendChild(fill);
-    const value = document.createElement("span");
-    value.textContent = (100 * p).toFixed(1) + " %";
-    row.append(name, track, value);
-    bars.appendChild(row);
+async function describeModel() {
+  try {
+    const resp = await fetch("/metadata");
+    const meta = await resp.json();
+    if (!resp.ok) throw new Error(problemText(meta, resp.status));
+    const m = meta.metrics || {};
+    let text = "Model " + meta.name + " version " + meta.version + " (" + meta.backend + ")";
+    if (typeof m.accuracy === "number") {
+      text += " · on its test split: accuracy " + fixed(m.accuracy, 3) +
+        ", balanced accuracy " + fixed(m.balanced_accuracy, 3) +
+        ", macro-F1 " + fixed(m.macro_f1, 3) + (m.n ? " (" + m.n + " slices)" : "");
+    }
+    $("model").textContent = text;
+    $("model").dataset.version = meta.version;
+  } catch (err) {
+    $("model").textContent = "No model description: " + err.message;
   }
 }
 
-function showFlags(result) {
-  const flags = $("flags");
-  flags.textContent = "";
-  const add = (text, warn) => {
-    const s = document.createElement("span");
-    s.textContent = text;
-    if (warn) s.className = "warn";
-    flags.appendChild(s);
-  };
+function warnings(result) {
+  const out = [];
   const u = result.uncertainty;
-  add("entropy " + u.entropy.toFixed(2), false);
-  if (u.abstain) add("uncertain: abstain", true);
-  if (result.ood.out_of_distribution) add("unlike the training data", true);
+  if (u.abstain) {
+    out.push(["abstain", "Uncertain: the answer's entropy (" + fixed(u.entropy, 2) +
+      ") is above the model's abstain threshold (" + fixed(u.abstain_threshold, 2) +
+      "), so the model abstains. Do not rely on this label."]);
+  }
+  const o = result.ood;
+  if (o.out_of_distribution) {
+    out.push(["ood", "Unlike the training data: this slice lies far from the images the " +
+      "model learnt from (distance " + fixed(o.score, 1) + ", threshold " +
+      fixed(o.threshold, 1) + "). The answer may be meaningless."]);
+  }
+  return out;
 }
 
-$("upload").addEventListener("submit", async (event) => {
-  event.preventDefault();
-  const file = $("file").files[0];
-  if (!file) return;
-  $("error").textContent = "";
-  $("submit").disabled = true;
+function bars(result) {
+  const box = el("div", "bars");
+  const names = result.display_names || {};
+  for (const [cls, p] of Object.entries(result.probabilities)) {
+    const row = el("div", "bar");
+    row.dataset.class = cls;
+    const track = el("div", "track");
+    const fill = el("div", "fill" + (cls === result.label ? " top" : ""));
+    fill.style.width = (100 * p).toFixed(1) + "%";
+    track.appendChild(fill);
+    row.append(el("span", "", names[cls] || cls), track, el("span", "", fixed(100 * p, 1) + " %"));
+    box.appendChild(row);
+  }
+  return box;
+}
+
+async function classify(file) {
+  const row = el("article", "row");
+  row.dataset.file = file.name;
+  const main = el("div", "main");
+  main.appendChild(el("div", "file", file.name));
+  row.appendChild(main);
+  $("results").appendChild(row);
   try {
     const result = await post("/predict", file);
-    $("label").textContent = result.display_name;
-    $("label").dataset.label = result.label;
-    showBars(result);
-    showFlags(result);
-    $("model").textContent = "model " + result.model.name + " v" + result.model.version +
-      " · " + result.time_ms + " ms";
+    row.dataset.label = result.label;
+    row.dataset.id = result.id;
+    main.appendChild(el("div", "label", result.display_name));
+    for (const [kind, text] of warnings(result)) {
+      const w = el("p", "warn " + kind, text);
+      w.setAttribute("role", "note");
+      main.appendChild(w);
+    }
+    main.appendChild(bars(result));
+    main.appendChild(el("p", "meta", "model " + result.model.name + " v" + result.model.version +
+      " · " + result.time_ms + " ms · id " + result.id));
     const explained = await post("/explain?format=json", file);
-    $("heatmap").src = "data:image/png;base64," + explained.heatmap_png;
-    $("result").classList.add("shown");
+    const img = el("img", "heatmap");
+    img.alt = "Grad-CAM heatmap of the predicted class over " + file.name;
+    img.src = "data:image/png;base64," + explained.heatmap_png;
+    const fig = el("figure");
+    fig.append(img, el("figcaption", "meta", "Grad-CAM of the predicted class"));
+    row.appendChild(fig);
+    row.dataset.done = "ok";
   } catch (err) {
-    $("result").classList.remove("shown");
-    $("error").textContent = err.message;
+    main.appendChild(el("p", "error", err.message));
+    row.dataset.done = "error";
+  }
+}
+
+async function classifyAll(files) {
+  $("error").textContent = "";
+  if (!files.length) {
+    $("error").textContent = "Choose or drop one or more slices first.";
+    return;
+  }
+  $("submit").disabled = true;
+  $("results").textContent = "";
+  try {
+    for (const file of files) await classify(file);  // one at a time: the server stays light
   } finally {
     $("submit").disabled = false;
   }
+}
+
+$("upload").addEventListener("submit", (event) => {
+  event.preventDefault();
+  classifyAll(Array.from($("file").files));
 });
+const drop = $("drop");
+for (const name of ["dragenter", "dragover"]) {
+  drop.addEventListener(name, (event) => { event.preventDefault(); drop.classList.add("over"); });
+}
+drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+drop.addEventListener("drop", (event) => {
+  event.preventDefault();
+  drop.classList.remove("over");
+  classifyAll(Array.from(event.dataTransfer.files));
+});
+describeModel();
 </script>
 </body>
 </html>

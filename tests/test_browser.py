@@ -15,7 +15,13 @@ import pytest
 
 from chestct.labels import CLASSES
 from chestct.serving import create_app
-from test_serving_support import encode, model_dir, slice_png  # noqa: F401
+from test_serving_support import (  # noqa: F401
+    ct_slice,
+    encode,
+    model_dir,
+    monitored_model,
+    slice_png,
+)
 
 CHROMIUM = Path("/usr/bin/chromium")
 
@@ -71,19 +77,18 @@ def test_upload_page_shows_label_bars_and_heatmap(base_url: str, page, tmp_path:
     image.write_bytes(slice_png(2, size=160))
     page.set_input_files("#file", str(image))
     page.click("#submit")
-    page.wait_for_function(
-        "() => document.getElementById('heatmap').complete && "
-        "document.getElementById('heatmap').naturalWidth > 0",
-        timeout=30_000,
-    )
-    label = page.get_attribute("#label", "data-label")
-    assert label in CLASSES
-    assert page.inner_text("#label").strip()
-    bars = page.query_selector_all("#bars .bar")
+    page.wait_for_selector(".row[data-done]", timeout=30_000)
+    row = page.query_selector(".row")
+    assert row.get_attribute("data-done") == "ok"
+    assert row.get_attribute("data-file") == "slice.png"
+    assert row.get_attribute("data-label") in CLASSES
+    assert row.query_selector(".label").inner_text().strip()
+    bars = row.query_selector_all(".bar")
     assert [b.get_attribute("data-class") for b in bars] == sorted(CLASSES)
-    assert page.eval_on_selector("#heatmap", "img => img.naturalWidth") == 160
-    assert page.get_attribute("#heatmap", "src").startswith("data:image/png;base64,")
-    assert page.is_visible("#result")
+    heatmap = row.query_selector("img.heatmap")
+    assert heatmap.evaluate("img => img.naturalWidth") == 160
+    assert heatmap.get_attribute("src").startswith("data:image/png;base64,")
+    assert "Model chestct version 1 (litert)" in page.inner_text("#model")
     assert external == [], external  # no CDN, nothing outside the service
 
 
@@ -95,6 +100,82 @@ def test_upload_page_shows_the_problem_for_a_blank_image(
     blank.write_bytes(encode(np.zeros((128, 128), np.uint8)))
     page.set_input_files("#file", str(blank))
     page.click("#submit")
-    page.wait_for_function("() => document.getElementById('error').textContent.length > 0")
-    assert page.inner_text("#error").startswith("Not a chest CT slice")
-    assert not page.is_visible("#result")
+    page.wait_for_selector(".row[data-done]")
+    row = page.query_selector(".row")
+    assert row.get_attribute("data-done") == "error"
+    assert row.query_selector(".error").inner_text().startswith("Not a chest CT slice")
+    assert row.query_selector("img.heatmap") is None
+
+
+@pytest.fixture
+def monitored_url(monitored_model: Path):  # noqa: F811
+    from werkzeug.serving import make_server
+
+    app = create_app({"MODEL_DIR": str(monitored_model)})
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        thread.join(timeout=10)
+
+
+DROP = """async (files) => {
+  const transfer = new DataTransfer();
+  for (const [name, b64] of files) {
+    const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+    transfer.items.add(new File([bytes], name, { type: "image/png" }));
+  }
+  const zone = document.getElementById("drop");
+  zone.dispatchEvent(new DragEvent("dragover", { dataTransfer: transfer, bubbles: true }));
+  zone.dispatchEvent(new DragEvent("drop", { dataTransfer: transfer, bubbles: true }));
+}"""
+
+
+def test_dropped_slices_get_one_row_each_with_warnings_in_words(
+    monitored_url: str,
+    monitored_model: Path,  # noqa: F811
+    page,
+) -> None:
+    import base64
+
+    from test_monitoring import zoomed
+
+    page.goto(monitored_url + "/")
+    page.wait_for_function("() => document.getElementById('model').dataset.version")
+    model_line = page.inner_text("#model")
+    # Version and the card's test figures.
+    assert "version 1" in model_line
+    assert "accuracy 0.600" in model_line and "macro-F1 0.580" in model_line
+    files = [
+        ("a.png", ct_slice(11, "normal", size=96)),
+        ("zoomed.png", zoomed(ct_slice(12, "normal", size=96), 0.45)),
+        ("blank.png", np.zeros((96, 96), np.uint8)),
+    ]
+    payload = [(name, base64.b64encode(encode(img)).decode("ascii")) for name, img in files]
+    page.evaluate(DROP, payload)
+    page.wait_for_function(
+        "() => document.querySelectorAll('.row[data-done]').length === 3", timeout=30_000
+    )
+    rows = page.query_selector_all(".row")
+    assert [r.get_attribute("data-file") for r in rows] == ["a.png", "zoomed.png", "blank.png"]
+    assert [r.get_attribute("data-done") for r in rows] == ["ok", "ok", "error"]
+    ood = rows[1].query_selector(".warn.ood")  # a strong zoom is far from the training set
+    assert ood is not None and ood.inner_text().startswith("Unlike the training data")
+    assert all(len(r.query_selector_all(".bar")) == len(CLASSES) for r in rows[:2])
+    assert rows[2].query_selector(".error").inner_text().startswith("Not a chest CT slice")
+    # The warnings, in words, exactly where the API raises the flags.
+    client = create_app({"MODEL_DIR": str(monitored_model)}).test_client()
+    abstained = 0
+    for row, (_, img) in zip(rows[:2], files[:2], strict=True):
+        answer = client.post("/predict", data=encode(img), content_type="image/png").get_json()
+        warn = row.query_selector(".warn.abstain")
+        assert (warn is not None) == bool(answer["uncertainty"]["abstain"])
+        if warn is not None:
+            assert warn.inner_text().startswith("Uncertain:")
+            abstained += 1
+        flagged = row.query_selector(".warn.ood") is not None
+        assert flagged == bool(answer["ood"]["out_of_distribution"])
+    assert abstained >= 1  # the trained test model abstains on most slices (threshold 0.97)

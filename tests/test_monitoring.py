@@ -34,13 +34,12 @@ from chestct.monitoring import (
     psi,
 )
 from chestct.serving import create_app
-from test_serving_support import _session_model, ct_slice, encode, model_dir  # noqa: F401
+from test_serving_support import ct_slice, encode, model_dir, monitored_model  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
 MONITORING = REPO / "config" / "monitoring"
 PROMTOOL = shutil.which("promtool")
 TOKEN = "s3cret-token"
-N_REFERENCE = 200
 N_WINDOW = 80
 
 if PROMTOOL is None and os.environ.get("CHESTCT_REQUIRE_PROMTOOL"):
@@ -56,52 +55,6 @@ needs_promtool = pytest.mark.skipif(
 
 
 # --------------------------------------------------------------------------- model folders
-
-
-def add_reference(folder: Path, n: int = N_REFERENCE, seed0: int = 50_000) -> dict[str, Any]:
-    """Fit the reference profile on in-distribution slices through the served model itself
-    (the function evaluate calls), write it and name it in the card as promote does."""
-    from chestct.fsutil import sha256_file
-    from chestct.serving import inputs
-    from chestct.serving.predictor import analyse, load_folder
-
-    model = load_folder(folder)
-    probs, dist, images, labels = [], [], [], []
-    for i in range(n):
-        label = CLASSES[i % len(CLASSES)]
-        data = encode(ct_slice(seed0 + i, label))
-        prepared = model.prepare(inputs.decode(data, model.window))
-        result = analyse(model, prepared, 0, 0)
-        probs.append(result.probabilities)
-        dist.append(result.ood_score)
-        images.append(prepared)
-        labels.append(label)
-    profile = fit_reference(
-        classes=model.classes,
-        probabilities=np.array(probs),
-        ood_distance=np.array(dist),
-        ood_threshold=model.ood.threshold,
-        abstain_threshold=model.abstain_threshold,
-        images=np.array(images),
-        labels=labels,
-        source="synthetic in-distribution slices",
-    )
-    (folder / REFERENCE_FILE).write_text(json.dumps(profile), encoding="utf-8")
-    card = json.loads((folder / "model.json").read_text(encoding="utf-8"))
-    card["monitoring"] = {"file": REFERENCE_FILE, "sha256": sha256_file(folder / REFERENCE_FILE)}
-    card["metrics"] = {"accuracy": 0.6, "balanced_accuracy": 0.6, "macro_f1": 0.58, "n": 40}
-    (folder / "model.json").write_text(json.dumps(card), encoding="utf-8")
-    return profile
-
-
-@pytest.fixture(scope="session")
-def monitored_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A model trained a little on synthetic slices (so that the predicted class follows the
-    slice's class), with its reference profile."""
-    folder = _session_model(tmp_path_factory, "trained64", size=64, train_epochs=30)
-    if not (folder / REFERENCE_FILE).is_file():
-        add_reference(folder)
-    return folder
 
 
 def zoomed(img: np.ndarray, keep: float = 0.6) -> np.ndarray:

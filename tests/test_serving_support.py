@@ -4,7 +4,8 @@ tiny untrained Keras model and converted with chestct.export (as promote does), 
 Model folders are built in a child process, so that TensorFlow never enters the pytest process
 through these fixtures (a process that holds TensorFlow hangs when later tests fork workers).
 
-Imported by the test_serving*, test_gunicorn and test_browser modules; holds no tests.
+Imported by the test_serving*, test_gunicorn, test_browser and test_monitoring modules; holds
+no tests.
 """
 
 from __future__ import annotations
@@ -199,3 +200,50 @@ def second_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def multipart(data: bytes, name: str = "slice.png", field: str = "file") -> dict[str, Any]:
     return {"data": {field: (io.BytesIO(data), name)}, "content_type": "multipart/form-data"}
+
+
+def add_reference(folder: Path, n: int = 200, seed0: int = 50_000) -> dict[str, Any]:
+    """Fit the reference profile on in-distribution slices through the served model itself
+    (the function evaluate calls), write it and name it in the card as promote does."""
+    from chestct.fsutil import sha256_file
+    from chestct.monitoring import REFERENCE_FILE, fit_reference
+    from chestct.serving import inputs
+    from chestct.serving.predictor import analyse, load_folder
+
+    model = load_folder(folder)
+    probs, dist, images, labels = [], [], [], []
+    for i in range(n):
+        label = CLASSES[i % len(CLASSES)]
+        data = encode(ct_slice(seed0 + i, label))
+        prepared = model.prepare(inputs.decode(data, model.window))
+        result = analyse(model, prepared, 0, 0)
+        probs.append(result.probabilities)
+        dist.append(result.ood_score)
+        images.append(prepared)
+        labels.append(label)
+    profile = fit_reference(
+        classes=model.classes,
+        probabilities=np.array(probs),
+        ood_distance=np.array(dist),
+        ood_threshold=model.ood.threshold,
+        abstain_threshold=model.abstain_threshold,
+        images=np.array(images),
+        labels=labels,
+        source="synthetic in-distribution slices",
+    )
+    (folder / REFERENCE_FILE).write_text(json.dumps(profile), encoding="utf-8")
+    card = json.loads((folder / "model.json").read_text(encoding="utf-8"))
+    card["monitoring"] = {"file": REFERENCE_FILE, "sha256": sha256_file(folder / REFERENCE_FILE)}
+    card["metrics"] = {"accuracy": 0.6, "balanced_accuracy": 0.6, "macro_f1": 0.58, "n": 40}
+    (folder / "model.json").write_text(json.dumps(card), encoding="utf-8")
+    return profile
+
+
+@pytest.fixture(scope="session")
+def monitored_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model trained a little on synthetic slices (so that the predicted class follows the
+    slice's class), with its reference profile."""
+    folder = _session_model(tmp_path_factory, "trained64", size=64, train_epochs=30)
+    if not (folder / "reference.json").is_file():
+        add_reference(folder)
+    return folder

@@ -203,7 +203,7 @@ def _steps(workflow: dict) -> list[dict]:
 
 def test_workflows_pass_actionlint() -> None:
     files = sorted(str(p) for p in WORKFLOWS.glob("*.yml"))
-    assert {Path(f).name for f in files} >= {"ci.yml", "cd.yml"}
+    assert {Path(f).name for f in files} >= {"ci.yml", "cd.yml", "retrain.yml"}
     proc = subprocess.run(
         [str(BIN / "actionlint"), "-no-color", *files],
         cwd=REPO,
@@ -214,7 +214,7 @@ def test_workflows_pass_actionlint() -> None:
     assert proc.returncode == 0, f"actionlint found problems:\n{proc.stdout}{proc.stderr}"
 
 
-@pytest.mark.parametrize("name", ["ci.yml", "cd.yml"])
+@pytest.mark.parametrize("name", ["ci.yml", "cd.yml", "retrain.yml"])
 def test_every_action_is_pinned_to_a_release(name: str) -> None:
     uses = [step["uses"] for step in _steps(_workflow(name)) if "uses" in step]
     assert uses
@@ -254,6 +254,21 @@ def test_cd_pushes_the_serve_image_to_ghcr_on_version_tags() -> None:
     assert build["target"] == "serve" and build["push"] is True
     # Nothing secret is handed to the build: no build-args or secrets inputs at all.
     assert not {"build-args", "secrets", "secret-files"} & set(build)
+
+
+def test_retrain_is_manual_or_scheduled_and_reports_metrics_and_decision() -> None:
+    retrain = _workflow("retrain.yml")
+    # Started from the Actions tab or by the clock; nothing the service exposes can start it.
+    assert set(retrain["on"]) == {"workflow_dispatch", "schedule"}
+    assert retrain["on"]["schedule"][0]["cron"]
+    assert retrain["permissions"] == {"contents": "read"}
+    steps = _steps(retrain)
+    script = "\n".join(step.get("run", "") for step in steps)
+    assert "dvc pull" in script and "dvc exp run" in script
+    summary = next(s["run"] for s in steps if "GITHUB_STEP_SUMMARY" in s.get("run", ""))
+    assert "dvc metrics diff --md" in summary and "decision.json" in summary
+    # Workflow inputs reach the shell through env, never spliced into the script.
+    assert "${{" not in script
 
 
 # --------------------------------------------------------------------------- README diagram

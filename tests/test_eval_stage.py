@@ -115,6 +115,16 @@ def test_write_outputs_writes_every_metric_table_and_picture(evaluation, tmp_pat
     with np.load(files["ood"]) as ood:
         c = evaluation.features.shape[-1]
         assert ood["mean"].shape == (c,) and ood["precision"].shape == (c, c)
+    # The monitoring reference: every signal of the valid + test images, and evaluate's rates.
+    from chestct.monitoring import CLASS_SIGNAL, SIGNALS, check_reference
+
+    reference = check_reference(json.loads(files["reference"].read_text()), "reference.json")
+    assert reference == evaluation.reference
+    assert set(reference["signals"]) == {s.name for s in SIGNALS} | {CLASS_SIGNAL}
+    # write_split(root, "valid", 3, …) holds 3 images per class.
+    assert reference["n"] == len(evaluation.predictions) + 3 * len(CLASSES)
+    assert reference["true_class_mix"] == {c: 0.25 for c in CLASSES}
+    assert reference["rates"]["ood"] is not None and reference["rates"]["abstain"] is not None
 
     confusion = pd.read_csv(files["confusion"])
     assert list(confusion.columns) == ["actual", "predicted"]

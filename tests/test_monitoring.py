@@ -175,7 +175,7 @@ def test_fit_reference_records_every_signal_and_the_rates() -> None:
 # --------------------------------------------------------------------------- the service
 
 
-def test_in_distribution_slices_show_no_drift(monitored_model: Path, tmp_path: Path) -> None:
+def test_in_distribution_slices_show_no_drift(monitored_model: Path, tmp_path: Path) -> None:  # noqa: F811
     client = serve(monitored_model, tmp_path)
     answers = send(client, N_WINDOW, lambda img: img, balanced)
     assert all(re.fullmatch(r"[0-9a-f]{32}", a["id"]) for a in answers)
@@ -232,7 +232,9 @@ def run_promtool(tmp_path: Path, test: dict[str, Any]) -> subprocess.CompletedPr
 @needs_promtool
 @pytest.mark.parametrize("scenario", sorted(SCENARIOS))
 def test_shifted_slices_are_flagged_by_monitor_and_alert(
-    monitored_model: Path, tmp_path: Path, scenario: str
+    monitored_model: Path,  # noqa: F811
+    tmp_path: Path,
+    scenario: str,
 ) -> None:
     transform, label_of, expected = SCENARIOS[scenario]
     client = serve(monitored_model, tmp_path)
@@ -288,7 +290,7 @@ def test_shifted_slices_are_flagged_by_monitor_and_alert(
 
 
 @needs_promtool
-def test_ood_rate_alert_fires_on_exported_rates(monitored_model: Path, tmp_path: Path) -> None:
+def test_ood_rate_alert_fires_on_exported_rates(monitored_model: Path, tmp_path: Path) -> None:  # noqa: F811
     client = serve(monitored_model, tmp_path)
     send(client, N_WINDOW, lambda img: zoomed(img, 0.45), balanced)
     text = client.get("/metrics").get_data(as_text=True)
@@ -325,7 +327,7 @@ def test_ood_rate_alert_fires_on_exported_rates(monitored_model: Path, tmp_path:
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def test_feedback_gives_live_metrics(monitored_model: Path, tmp_path: Path) -> None:
+def test_feedback_gives_live_metrics(monitored_model: Path, tmp_path: Path) -> None:  # noqa: F811
     from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
 
     client = serve(monitored_model, tmp_path)
@@ -359,7 +361,7 @@ def test_feedback_gives_live_metrics(monitored_model: Path, tmp_path: Path) -> N
     assert "live on 40 labelled" in done.stdout
 
 
-def test_feedback_refuses_bad_requests(monitored_model: Path, tmp_path: Path) -> None:
+def test_feedback_refuses_bad_requests(monitored_model: Path, tmp_path: Path) -> None:  # noqa: F811
     client = serve(monitored_model, tmp_path)
     (answer,) = send(client, 1, lambda img: img, balanced)
     auth = {"Authorization": f"Bearer {TOKEN}"}
@@ -382,7 +384,7 @@ def test_feedback_refuses_bad_requests(monitored_model: Path, tmp_path: Path) ->
 
 
 def test_monitor_errors_name_the_fix(
-    monitored_model: Path,
+    monitored_model: Path,  # noqa: F811
     model_dir: Path,  # noqa: F811
     tmp_path: Path,
 ) -> None:
@@ -398,7 +400,8 @@ def test_monitor_errors_name_the_fix(
 
 
 def test_card_reference_is_checked_against_its_sha256(
-    monitored_model: Path, tmp_path: Path
+    monitored_model: Path,  # noqa: F811
+    tmp_path: Path,
 ) -> None:
     from chestct.serving.predictor import ModelRefused, load_folder
 
@@ -452,7 +455,8 @@ def metric_names_in(expr: str) -> set[str]:
 
 
 def test_dashboard_panels_use_only_metrics_the_app_exports(
-    monitored_model: Path, tmp_path: Path
+    monitored_model: Path,  # noqa: F811
+    tmp_path: Path,
 ) -> None:
     client = serve(monitored_model, tmp_path)
     send(client, 60, lambda img: img, balanced)

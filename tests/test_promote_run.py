@@ -153,6 +153,25 @@ def test_first_candidate_is_promoted_with_the_serving_contract(champion, world) 
     assert heat.shape == out["features"].shape[1:3]
 
 
+def test_the_monitoring_reference_is_copied_and_recorded_in_the_card(
+    world, tmp_path: Path
+) -> None:
+    from dataclasses import replace
+
+    from chestct.fsutil import sha256_file
+
+    reference = tmp_path / "reference.json"
+    reference.write_text(json.dumps({"profile_version": 1, "n": 3}), encoding="utf-8")
+    cand = replace(candidate(world, 0, 0.8), reference_path=reference)
+    model_dir = tmp_path / "model"
+    result = promote(world, cand, model_dir, Registry())
+    assert result.decision.promote
+    assert (model_dir / "reference.json").read_bytes() == reference.read_bytes()
+    entry = result.card["monitoring"]
+    assert entry["file"] == "reference.json"
+    assert entry["sha256"] == sha256_file(model_dir / "reference.json")
+
+
 @pytest.mark.parametrize(("score", "margin"), [(0.79, 0.0), (0.6, 0.0), (0.82, 0.05)])
 def test_a_worse_candidate_never_replaces_the_champion(
     champion, world, tmp_path: Path, score: float, margin: float

@@ -157,6 +157,10 @@ def test_readme_curl_examples_against_gunicorn(server, tmp_path: Path) -> None:
         for m in re.finditer(r"^chestct_predictions_total\{[^}]*\} (\S+)$", metrics, re.M)
     )
     assert total == 6.0
+    # The drift window is summed over both workers too (monitoring, README "Monitoring").
+    assert re.search(r"^chestct_window_predictions 6\.0$", metrics, re.M), metrics
+    feedback = json.loads(next(v for k, v in outputs.items() if "/feedback" in k))
+    assert feedback["recorded"] is True and feedback["label"] == "normal"
 
     # The light runtime serves: no worker has TensorFlow mapped into its memory.
     for pid in worker_pids(proc.pid):

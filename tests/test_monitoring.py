@@ -477,3 +477,44 @@ def test_dashboard_panels_use_only_metrics_the_app_exports(
     for rule in (r for g in rules["groups"] for r in g["rules"]):
         assert metric_names_in(rule["expr"]) <= exported, rule["alert"]
     assert "chestct_drift_psi" in used
+
+
+@pytest.mark.parametrize(
+    ("monitor", "message"),
+    [
+        ({"psi_threshold": 0}, "monitor.psi_threshold"),
+        ({"p_value": 1.5}, "monitor.p_value"),
+        ({"min_requests": 0}, "monitor.min_requests"),
+        ({"rate_margin": 1.0}, "monitor.rate_margin"),
+        ({"psi": 0.2}, "unknown key 'psi'"),
+    ],
+)
+def test_bad_monitor_settings_name_the_key(tmp_path: Path, monitor: dict, message: str) -> None:
+    from chestct.settings import SettingsError, load_settings
+
+    (tmp_path / "config").mkdir()
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    (tmp_path / "config" / "config.yaml").write_text(
+        json.dumps({"monitor": monitor}), encoding="utf-8"
+    )
+    with pytest.raises(SettingsError, match=message):
+        load_settings(tmp_path)
+
+
+def test_metadata_and_settings_reach_the_monitoring(
+    monitored_model: Path,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch,
+) -> None:
+    (tmp_path / "config").mkdir()
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    config = {"model_dir": str(monitored_model), "monitor": {"live_window": 7}}
+    (tmp_path / "config" / "config.yaml").write_text(json.dumps(config), encoding="utf-8")
+    monkeypatch.setenv("CHESTCT_ROOT", str(tmp_path))
+    client = create_app().test_client()
+    meta = client.get("/metadata").get_json()["monitoring"]
+    assert meta["live_window"] == 7 and meta["reference_images"] == 200
+    send(client, 10, lambda img: img, balanced)
+    # Each worker keeps only its latest monitor.live_window predictions in the drift window.
+    text = client.get("/metrics").get_data(as_text=True)
+    assert scraped(text, "chestct_window_predictions") == [({}, 7.0)]

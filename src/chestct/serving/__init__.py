@@ -454,6 +454,13 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
             if model.ood is None
             else {"method": "mahalanobis_gap", "threshold": model.ood.threshold},
             explain=model.head is not None,
+            monitoring=None
+            if model.reference is None
+            else {
+                "reference_images": model.reference.get("n"),
+                "expected_rates": model.reference.get("rates"),
+                "live_window": app.config["LIVE_WINDOW"],
+            },
             metrics=card.get("metrics"),
             mlflow_run_ids=card.get("mlflow_run_ids"),
             promoted_at=card.get("promoted_at"),

@@ -15,7 +15,7 @@ compared with any window without refitting.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -420,7 +420,7 @@ def compare(
         "drifted": drifted if enough else [],
         "window": {"n": window.n, "start": window.start, "end": window.end},
         "reference": {"n": profile.get("n"), "source": profile.get("source")},
-        "thresholds": thresholds.__dict__,
+        "thresholds": asdict(thresholds),
         "signals": out_signals,
         "rates": rates,
         "performance": performance,

@@ -159,7 +159,7 @@ def test_fit_reference_records_every_signal_and_the_rates() -> None:
         ood_distance=rng.uniform(0, 2, 50),
         ood_threshold=1.0,
         abstain_threshold=0.9,
-        images=images,
+        greys=list(images),
         labels=[CLASSES[i % 4] for i in range(50)],
     )
     assert set(profile["signals"]) == {s.name for s in SIGNALS} | {CLASS_SIGNAL}
@@ -170,6 +170,26 @@ def test_fit_reference_records_every_signal_and_the_rates() -> None:
     assert 0 < profile["rates"]["ood"] < 1
     assert profile["true_class_mix"] == {c: 0.26 if i < 2 else 0.24 for i, c in enumerate(CLASSES)}
     json.dumps(profile)  # JSON-ready
+
+
+def test_reference_signals_come_from_the_originals_as_served(tmp_path: Path) -> None:
+    """evaluate reads the ingested originals (not the resized, possibly normalised model
+    inputs) so that the reference's acquisition signals match what serving measures."""
+    from chestct.monitoring import decoded_greys, image_signals
+
+    original = ct_slice(3, size=256)
+    (tmp_path / "a.png").write_bytes(encode(original))
+    fallback = np.full((2, 32, 32, 1), 200, np.float32)
+    greys = decoded_greys(["a.png", ""], tmp_path, fallback)
+    np.testing.assert_array_equal(greys[0], original)
+    assert greys[1].shape == (32, 32) and greys[1].max() == 200
+    assert image_signals(original) == image_signals(greys[0])
+    # A zoom raises the body share; a brighter scanner the mean grey level.
+    base = image_signals(original)
+    assert image_signals(zoomed(original))["foreground"] > base["foreground"] + 0.2
+    assert image_signals(brighter(original))["mean_grey"] == pytest.approx(
+        base["mean_grey"] + 40, abs=3
+    )
 
 
 # --------------------------------------------------------------------------- the service

@@ -215,11 +215,11 @@ def add_reference(folder: Path, n: int = 200, seed0: int = 50_000) -> dict[str, 
     for i in range(n):
         label = CLASSES[i % len(CLASSES)]
         data = encode(ct_slice(seed0 + i, label))
-        prepared = model.prepare(inputs.decode(data, model.window))
-        result = analyse(model, prepared, 0, 0)
+        decoded = inputs.decode(data, model.window)
+        result = analyse(model, model.prepare(decoded), 0, 0)
         probs.append(result.probabilities)
         dist.append(result.ood_score)
-        images.append(prepared)
+        images.append(decoded.grey)
         labels.append(label)
     profile = fit_reference(
         classes=model.classes,
@@ -227,7 +227,7 @@ def add_reference(folder: Path, n: int = 200, seed0: int = 50_000) -> dict[str, 
         ood_distance=np.array(dist),
         ood_threshold=model.ood.threshold,
         abstain_threshold=model.abstain_threshold,
-        images=np.array(images),
+        greys=images,
         labels=labels,
         source="synthetic in-distribution slices",
     )

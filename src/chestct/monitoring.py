@@ -16,15 +16,21 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+if TYPE_CHECKING:
+    from pathlib import Path
+
 REFERENCE_FILE = "reference.json"
 PROFILE_VERSION = 1
-# Grey level (0..255, model input) above which a pixel counts as body rather than air/lung:
+# Grey level (0..255, decoded slice) above which a pixel counts as body rather than air/lung:
 # the share of such pixels grows when a scanner zooms in on the chest.
 FOREGROUND_GREY = 48
+# The acquisition signals read a grid of about this many pixels a side of the decoded slice:
+# means and shares need no more, and a 512 x 512 slice then costs a few microseconds.
+SAMPLE_SIDE = 128
 # Smoothing of empty bins in the PSI: a fraction of 0 would make ln(a / e) infinite.
 PSI_FLOOR = 1e-4
 
@@ -60,12 +66,12 @@ SIGNALS: tuple[Signal, ...] = (
     ),
     Signal(
         "mean_grey",
-        "mean grey level (0..255) of the model input",
+        "mean grey level (0..255) of the decoded slice",
         (32, 48, 64, 80, 96, 112, 128, 144, 160, 192),
     ),
     Signal(
         "foreground",
-        f"share of model-input pixels above grey {FOREGROUND_GREY} (body in the frame)",
+        f"share of the slice's pixels above grey {FOREGROUND_GREY} (body in the frame)",
         (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
     ),
 )
@@ -81,14 +87,38 @@ FLAGS: tuple[str, ...] = ("abstain", "ood")
 # --------------------------------------------------------------------------- per request
 
 
-def image_signals(prepared: np.ndarray) -> dict[str, float]:
-    """Acquisition signals of one model input (uint8, size x size): mean grey and the share of
-    body pixels. The hook for richer acquisition features: add them here and to SIGNALS."""
-    flat = prepared.reshape(-1)
+def image_signals(grey: np.ndarray) -> dict[str, float]:
+    """Acquisition signals of one decoded slice (uint8 H x W, before the model's resizing and
+    any normalisation, which would hide a zoom or a grey-level change): mean grey and the
+    share of body pixels. The hook for richer acquisition features (chestct.acquisition's
+    body share and grey percentiles, at about 1 ms a slice): add them here and to SIGNALS."""
+    grey = np.asarray(grey)
+    if grey.ndim == 3:
+        grey = grey[..., 0]
+    step = max(1, max(grey.shape) // SAMPLE_SIDE)
+    sample = grey[::step, ::step]
     return {
-        "mean_grey": float(flat.mean()),
-        "foreground": float(np.count_nonzero(flat > FOREGROUND_GREY)) / flat.size,
+        "mean_grey": float(sample.mean()),
+        "foreground": float(np.count_nonzero(sample > FOREGROUND_GREY)) / sample.size,
     }
+
+
+def decoded_greys(originals: Sequence[Any], root: Path, fallback: np.ndarray) -> list[np.ndarray]:
+    """The slices as serving decodes them: each ingested original (a path relative to `root`)
+    through chestct.imaging, else the model input at the same index of `fallback`."""
+    from chestct.imaging import ImageError, decode
+
+    greys = []
+    for i, original in enumerate(originals):
+        path = root / original if isinstance(original, str) and original else None
+        try:
+            if path is not None and path.is_file():
+                greys.append(decode(path.read_bytes()).grey)
+                continue
+        except ImageError:  # e.g. a DICOM original: its window is ingest's business
+            pass
+        greys.append(np.asarray(fallback[i]).squeeze())
+    return greys
 
 
 def request_signals(
@@ -96,7 +126,7 @@ def request_signals(
     entropy: float,
     ood_distance: float | None,
     ood_threshold: float | None,
-    prepared: np.ndarray,
+    grey: np.ndarray,
 ) -> dict[str, float | None]:
     """All continuous signals of one prediction, by SIGNALS name (None when not measured)."""
     ratio = None
@@ -106,7 +136,7 @@ def request_signals(
         "top_probability": float(probabilities.max()),
         "entropy": float(entropy),
         "ood_ratio": ratio,
-        **image_signals(prepared),
+        **image_signals(grey),
     }
 
 
@@ -133,7 +163,7 @@ def fit_reference(
     ood_distance: np.ndarray | None,
     ood_threshold: float | None,
     abstain_threshold: float | None,
-    images: np.ndarray,
+    greys: Sequence[np.ndarray],
     labels: Sequence[str] | None = None,
     source: str = "valid + test splits",
 ) -> dict[str, Any]:
@@ -145,7 +175,7 @@ def fit_reference(
         ood_distance: Mahalanobis distance of each image's pooled features (n,), or None.
         ood_threshold: the card's OOD threshold.
         abstain_threshold: the card's abstain entropy.
-        images: the model inputs (n, s, s) or (n, s, s, 1), grey 0..255.
+        greys: the decoded slices (uint8 H x W each), as serving sees them before resizing.
         labels: true labels (for the true class mix, reported beside the predicted one).
         source: where the images came from, for the report.
 
@@ -162,13 +192,15 @@ def fit_reference(
             f"the reference needs probabilities of shape (n > 0, {len(classes)}), "
             f"got {proba.shape}"
         )
-    grey = np.asarray(images).reshape(n, -1)
+    if len(greys) != n:
+        raise ValueError(f"the reference has {n} probabilities but {len(greys)} slices")
     entropy = normalised_entropy(proba)
+    acquired = [image_signals(g) for g in greys]
     values: dict[str, np.ndarray] = {
         "top_probability": proba.max(axis=1),
         "entropy": entropy,
-        "mean_grey": grey.mean(axis=1, dtype=np.float64),
-        "foreground": (grey > FOREGROUND_GREY).mean(axis=1),
+        "mean_grey": np.array([a["mean_grey"] for a in acquired]),
+        "foreground": np.array([a["foreground"] for a in acquired]),
     }
     if ood_distance is not None and ood_threshold:
         values["ood_ratio"] = np.asarray(ood_distance, np.float64) / float(ood_threshold)

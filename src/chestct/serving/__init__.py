@@ -396,7 +396,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
             result.entropy,
             result.ood_score,
             None if model.ood is None else model.ood.threshold,
-            prepared,
+            decoded.grey,
         )
         metrics.observe(
             signals,

@@ -41,7 +41,7 @@ from chestct.metrics import (
     roc_curves,
     softmax,
 )
-from chestct.monitoring import REFERENCE_FILE, fit_reference
+from chestct.monitoring import REFERENCE_FILE, decoded_greys, fit_reference
 from chestct.perturb import SHIFTS
 from chestct.pointers import PointerError, lineage_tags, read_pointer
 from chestct.runner import StageFailed, run_main, stage_session
@@ -185,13 +185,17 @@ def run_evaluate(
     ood = Mahalanobis.fit(train_gap)
     ood_threshold = float(np.quantile(ood.distance(valid["gap"]), params.ood_quantile))
     test_distance = ood.distance(test["gap"])
+    frames = (splits["valid"], splits["test"])
+    originals = [
+        o for f in frames for o in (f["original"] if "original" in f else [None] * len(f))
+    ]
     reference = fit_reference(
         classes=CLASSES,
         probabilities=np.concatenate([calibrated_valid, calibrated_test]),
         ood_distance=np.concatenate([ood.distance(valid["gap"]), test_distance]),
         ood_threshold=ood_threshold,
         abstain_threshold=abstain,
-        images=np.concatenate([valid_images, test_images]),
+        greys=decoded_greys(originals, root, np.concatenate([valid_images, test_images])),
         labels=[*splits["valid"]["label"], *splits["test"]["label"]],
     )
 

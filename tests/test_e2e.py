@@ -98,3 +98,48 @@ def test_predict_on_the_promoted_model(project) -> None:
     )
     assert resp.status_code == 200
     assert resp.get_json()["label"] in CLASSES
+
+
+def test_monitor_agrees_with_evaluates_reference(project, tmp_path: Path) -> None:
+    """evaluate's reference (Keras outputs, the ingested originals) and what serving measures
+    (LiteRT, the decoded upload) agree: slices from the same generator do not drift in the
+    acquisition signals, zoomed ones do."""
+    import json
+
+    from chestct.fsutil import sha256_file
+    from chestct.monitor import run_monitor
+    from chestct.monitoring import Thresholds
+    from chestct.serving import create_app
+    from chestct.synthetic import render_slice
+
+    root, _ = project
+    model = root / "model"
+    card = json.loads((model / "model.json").read_text(encoding="utf-8"))
+    assert card["monitoring"]["sha256"] == sha256_file(model / card["monitoring"]["file"])
+
+    def zoomed(img: np.ndarray) -> np.ndarray:
+        n = img.shape[0]
+        k, o = int(n * 0.6), (n - int(n * 0.6)) // 2
+        return cv2.resize(img[o : o + k, o : o + k], (n, n), interpolation=cv2.INTER_LINEAR)
+
+    reports = {}
+    for name, transform in (("same", lambda img: img), ("zoom", zoomed)):
+        db = tmp_path / name / "audit.sqlite"
+        app = create_app({"MODEL_DIR": str(model), "AUDIT_LOG": True, "AUDIT_DB": str(db)})
+        client = app.test_client()
+        for i in range(60):
+            img = transform(render_slice(CLASSES[i % 4], np.random.default_rng(700_000 + i)))
+            ok, buf = cv2.imencode(".png", img)
+            assert ok
+            resp = client.post("/predict", data=buf.tobytes(), content_type="image/png")
+            assert resp.status_code == 200, resp.get_json()
+        reports[name] = run_monitor(
+            db=db,
+            model_dir=model,
+            out_dir=tmp_path / name,
+            thresholds=Thresholds(),
+            last=None,
+            since=None,
+        )
+    assert not {"mean_grey", "foreground"} & set(reports["same"]["drifted"]), reports["same"]
+    assert "foreground" in reports["zoom"]["drifted"], reports["zoom"]["drifted"]

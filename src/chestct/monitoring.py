@@ -70,6 +70,11 @@ SIGNALS: tuple[Signal, ...] = (
         (32, 48, 64, 80, 96, 112, 128, 144, 160, 192),
     ),
     Signal(
+        "input_side",
+        "the longer side, in pixels, of the slice as sent",
+        (64, 128, 256, 384, 512, 768, 1024, 2048),
+    ),
+    Signal(
         "foreground",
         f"share of the slice's pixels above grey {FOREGROUND_GREY} (body in the frame)",
         (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
@@ -77,9 +82,6 @@ SIGNALS: tuple[Signal, ...] = (
 )
 SIGNAL_NAMES: tuple[str, ...] = tuple(s.name for s in SIGNALS)
 BY_NAME: dict[str, Signal] = {s.name: s for s in SIGNALS}
-# Recorded per request (audit log, histogram) but not in the reference: evaluate sees the
-# resized copies, not the sizes clients send.
-INPUT_SIDE_EDGES: tuple[float, ...] = (64, 128, 256, 384, 512, 768, 1024, 2048)
 CLASS_SIGNAL = "predicted_class"
 FLAGS: tuple[str, ...] = ("abstain", "ood")
 
@@ -98,6 +100,7 @@ def image_signals(grey: np.ndarray) -> dict[str, float]:
     step = max(1, max(grey.shape) // SAMPLE_SIDE)
     sample = grey[::step, ::step]
     return {
+        "input_side": float(max(grey.shape)),
         "mean_grey": float(sample.mean()),
         "foreground": float(np.count_nonzero(sample > FOREGROUND_GREY)) / sample.size,
     }
@@ -199,8 +202,7 @@ def fit_reference(
     values: dict[str, np.ndarray] = {
         "top_probability": proba.max(axis=1),
         "entropy": entropy,
-        "mean_grey": np.array([a["mean_grey"] for a in acquired]),
-        "foreground": np.array([a["foreground"] for a in acquired]),
+        **{k: np.array([a[k] for a in acquired]) for k in acquired[0]},
     }
     if ood_distance is not None and ood_threshold:
         values["ood_ratio"] = np.asarray(ood_distance, np.float64) / float(ood_threshold)

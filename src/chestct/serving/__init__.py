@@ -402,7 +402,6 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
             signals,
             label,
             {"abstain": result.abstain, "ood": result.out_of_distribution},
-            max(decoded.width, decoded.height),
         )
         if audit is not None:
             try:

@@ -29,7 +29,6 @@ from prometheus_client.registry import Collector
 from chestct.monitoring import (
     CLASS_SIGNAL,
     FLAGS,
-    INPUT_SIDE_EDGES,
     SIGNALS,
     bin_index,
     psi,
@@ -93,12 +92,6 @@ class ServiceMetrics:
             )
             for sig in SIGNALS
         }
-        self.input_side = Histogram(
-            "chestct_input_side_pixels",
-            "Per prediction: the longer side of the image the client sent",
-            buckets=(*INPUT_SIDE_EDGES, float("inf")),
-            registry=r,
-        )
         self.window = LiveWindow(r, window)
         self._served: tuple[str, str, str] | None = None
 
@@ -119,7 +112,6 @@ class ServiceMetrics:
         signals: Mapping[str, float | None],
         label: str,
         flags: Mapping[str, bool | None],
-        side: int,
     ) -> None:
         """Record one prediction's signals: histograms and the rolling drift window."""
         bins: list[tuple[str, str]] = [(CLASS_SIGNAL, label)]
@@ -133,7 +125,6 @@ class ServiceMetrics:
             value = flags.get(flag)
             if value is not None:
                 bins.append((flag, str(int(value))))
-        self.input_side.observe(side)
         self.window.add(bins)
 
     def exposition(

@@ -8,6 +8,7 @@ the same way in training and in serving. DICOM files are windowed to 8-bit grey 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import io
 import multiprocessing
 import os
@@ -927,6 +928,133 @@ def _decoder_available(syntax: object) -> bool:
         return bool(get_decoder(syntax).is_available)
     except (NotImplementedError, ValueError, KeyError):
         return False
+
+
+# Body crop (params `resize.crop`). The mask is worked out on a copy whose longer side is at most
+# this many pixels: the box is coarse by nature and this keeps it a fraction of a decode's cost.
+_BODY_WORK_SIDE = 256
+# Components at least this share of the largest are kept (both halves of a split body).
+BODY_KEEP_SHARE = 0.25
+# A body box smaller than this share of the frame is a speck, not a body: the frame is kept.
+BODY_MIN_SHARE = 0.02
+# The smallest side (pixels) a slice needs before looking for a body makes sense.
+BODY_MIN_SIDE = 16
+
+
+@dataclass(frozen=True)
+class BodyBox:
+    """Where the body lies in a slice, in that slice's pixel coordinates.
+
+    `reason` is empty when a body was found; otherwise the box is the whole frame and
+    `reason` says why (blank slice, nothing stood out, only a speck...).
+    """
+
+    x: int
+    y: int
+    w: int
+    h: int
+    reason: str = ""
+
+    @property
+    def found(self) -> bool:
+        return not self.reason
+
+    def crop(self, grey: np.ndarray) -> np.ndarray:
+        """The part of `grey` inside the box."""
+        return grey[self.y : self.y + self.h, self.x : self.x + self.w]
+
+
+def _fill_holes(mask: np.ndarray) -> np.ndarray:
+    """A 0/255 mask with every region the background cannot reach filled (the dark lungs
+    inside the body), so the body is one solid blob."""
+    padded = cv2.copyMakeBorder(mask, 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
+    reach = padded.copy()
+    flood = np.zeros((padded.shape[0] + 2, padded.shape[1] + 2), np.uint8)
+    cv2.floodFill(reach, flood, (0, 0), 255)
+    return (padded | ~reach)[1:-1, 1:-1]
+
+
+def body_box(grey: np.ndarray, margin: float = 0.02) -> BodyBox:
+    """The bounding box of the body in a grey CT slice, or the whole frame and why.
+
+    The body is what stands out from the dark surround: a light blur and an Otsu threshold,
+    then a round opening that removes thin strokes (burned-in text, rulers, the scanner table
+    seen edge-on), the holes (lungs) filled, and a tall thin opening that removes any band
+    flatter than about 6 % of the frame (a thicker table under the body) while the filled body
+    is far taller. Connected components at least `BODY_KEEP_SHARE` of the largest
+    are kept together, so a body the threshold split in two keeps both halves.
+
+    Args:
+        grey: uint8 H x W.
+        margin: added on every side, as a share of the box's side, clipped to the frame.
+    """
+    height, width = grey.shape[:2]
+    whole = BodyBox(0, 0, width, height)
+    if min(height, width) < BODY_MIN_SIDE:
+        return dataclasses.replace(
+            whole, reason=f"slice too small ({width}x{height} px) to look for a body"
+        )
+    scale = min(1.0, _BODY_WORK_SIDE / max(height, width))
+    small = (
+        cv2.resize(
+            grey,
+            (max(1, round(width * scale)), max(1, round(height * scale))),
+            interpolation=cv2.INTER_AREA,
+        )
+        if scale < 1.0
+        else grey
+    )
+    small = cv2.GaussianBlur(small, (5, 5), 0)
+    low, high = int(small.min()), int(small.max())
+    if high - low < 10:
+        level = "black" if high < 128 else "bright"
+        return dataclasses.replace(
+            whole,
+            reason=f"slice is uniformly {level} (grey {low:.0f}..{high:.0f}): no body to find",
+        )
+    _, mask = cv2.threshold(small, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    share = float(np.count_nonzero(mask)) / mask.size
+    if share > 0.97:
+        return dataclasses.replace(
+            whole, reason=f"{share:.0%} of the slice is bright: no dark surround around a body"
+        )
+    # Thin strokes go before the holes are filled, so a table that touches the body cannot
+    # close a pocket under it that the filling would then count as body.
+    round_k = max(3, round(min(small.shape) * 0.03) | 1)
+    mask = cv2.morphologyEx(
+        mask, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (round_k, round_k))
+    )
+    mask = _fill_holes(mask)
+    tall_k = max(3, round(small.shape[0] * 0.06) | 1)
+    mask = cv2.morphologyEx(
+        mask, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_RECT, (1, tall_k))
+    )
+    count, _, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    if count <= 1:
+        return dataclasses.replace(
+            whole, reason="nothing but thin strokes stood out from the background: no body"
+        )
+    areas = stats[1:, cv2.CC_STAT_AREA]
+    keep = stats[1:][areas >= BODY_KEEP_SHARE * areas.max()]
+    left = int(keep[:, cv2.CC_STAT_LEFT].min())
+    top = int(keep[:, cv2.CC_STAT_TOP].min())
+    right = int((keep[:, cv2.CC_STAT_LEFT] + keep[:, cv2.CC_STAT_WIDTH]).max())
+    bottom = int((keep[:, cv2.CC_STAT_TOP] + keep[:, cv2.CC_STAT_HEIGHT]).max())
+    # Back to the slice's own pixels, rounding outwards.
+    x0, y0 = int(np.floor(left / scale)), int(np.floor(top / scale))
+    x1 = min(width, int(np.ceil(right / scale)))
+    y1 = min(height, int(np.ceil(bottom / scale)))
+    box_share = (x1 - x0) * (y1 - y0) / (width * height)
+    if box_share < BODY_MIN_SHARE:
+        return dataclasses.replace(
+            whole,
+            reason=f"the largest bright region covers only {box_share:.1%} of the slice: "
+            "too small to be a body",
+        )
+    pad_x, pad_y = round((x1 - x0) * margin), round((y1 - y0) * margin)
+    x0, y0 = max(0, x0 - pad_x), max(0, y0 - pad_y)
+    x1, y1 = min(width, x1 + pad_x), min(height, y1 + pad_y)
+    return BodyBox(x0, y0, x1 - x0, y1 - y0)
 
 
 def resize(

@@ -937,6 +937,8 @@ _BODY_WORK_SIDE = 256
 BODY_KEEP_SHARE = 0.25
 # A body box smaller than this share of the frame is a speck, not a body: the frame is kept.
 BODY_MIN_SHARE = 0.02
+# Where the body threshold lies between the darkest level (0) and Otsu's (1).
+BODY_LEVEL = 0.5
 # The smallest side (pixels) a slice needs before looking for a body makes sense.
 BODY_MIN_SIDE = 16
 
@@ -1012,7 +1014,10 @@ def body_box(grey: np.ndarray, margin: float = 0.02) -> BodyBox:
             whole,
             reason=f"slice is uniformly {level} (grey {low:.0f}..{high:.0f}): no body to find",
         )
-    _, mask = cv2.threshold(small, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    otsu, _ = cv2.threshold(small, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    # Below Otsu's level, nearer the background: Otsu alone splits a soft-tissue-window slice
+    # between fat and muscle and keeps only the mediastinum of a body with a mottled fat rim.
+    mask = np.where(small > low + (otsu - low) * BODY_LEVEL, np.uint8(255), np.uint8(0))
     share = float(np.count_nonzero(mask)) / mask.size
     if share > 0.97:
         return dataclasses.replace(

@@ -15,7 +15,7 @@ import os
 import struct
 import sys
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -1097,6 +1097,151 @@ def resize(
     raise ValueError(f"resize mode {mode!r} is not one of {', '.join(RESIZE_MODES)}")
 
 
+# Params `resize.crop` and `resize.intensity`.
+CROPS: tuple[str, ...] = ("body", "none")
+INTENSITIES: tuple[str, ...] = ("percentile", "clahe", "none")
+CLAHE_TILES = 8  # tiles per side of the prepared image
+
+
+@dataclass(frozen=True)
+class Normalise:
+    """What makes slices from different acquisitions alike before the model sees them.
+
+    The defaults here do nothing (the behaviour of models made before these settings existed);
+    params `resize` and the model card choose what a pipeline and a served model use.
+    """
+
+    crop: str = "none"  # body: cut to `body_box` first; none: the whole frame
+    crop_margin: float = 0.02  # share of the body box's side added on every side
+    intensity: str = "none"  # percentile | clahe | none
+    percentiles: tuple[float, float] = (1.0, 99.5)  # percentile: this window -> 0..255
+    clahe_clip: float = 2.0  # clahe: contrast limit
+
+    def __post_init__(self) -> None:
+        if self.crop not in CROPS:
+            raise ValueError(f"crop {self.crop!r} is not one of {', '.join(CROPS)}")
+        if self.intensity not in INTENSITIES:
+            raise ValueError(
+                f"intensity {self.intensity!r} is not one of {', '.join(INTENSITIES)}"
+            )
+        low, high = self.percentiles
+        if not 0.0 <= low < high <= 100.0:
+            raise ValueError(
+                f"percentiles {list(self.percentiles)} must be 0 <= low < high <= 100"
+            )
+        if not 0.0 <= self.crop_margin <= 0.5:
+            raise ValueError(f"crop_margin {self.crop_margin} must be within 0..0.5")
+        if self.clahe_clip <= 0:
+            raise ValueError(f"clahe_clip {self.clahe_clip} must be > 0")
+
+    def card(self) -> dict[str, object]:
+        """The settings as the model card records them."""
+        return {
+            "crop": self.crop,
+            "crop_margin": self.crop_margin,
+            "intensity": self.intensity,
+            "percentiles": list(self.percentiles),
+            "clahe_clip": self.clahe_clip,
+        }
+
+    @classmethod
+    def from_spec(cls, spec: Mapping[str, object]) -> Normalise:
+        """From a card's `preprocessing` or params `resize` (same key names). A card without
+        these keys gets no normalisation, which is how its model was trained."""
+        pair = spec.get("percentiles", (1.0, 99.5))
+        if not isinstance(pair, list | tuple) or len(pair) != 2:
+            raise ValueError(f"percentiles {pair!r} must be a pair [low, high]")
+        low, high = pair
+        return cls(
+            crop=str(spec.get("crop", "none")),
+            crop_margin=float(spec.get("crop_margin", cls.crop_margin)),  # type: ignore[arg-type]
+            intensity=str(spec.get("intensity", "none")),
+            percentiles=(float(low), float(high)),
+            clahe_clip=float(spec.get("clahe_clip", cls.clahe_clip)),  # type: ignore[arg-type]
+        )
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """The model input and where in the original slice it came from."""
+
+    image: np.ndarray  # uint8 size x size
+    box: BodyBox  # the region of the original slice that was resized (whole frame: no crop)
+
+
+def percentile_window(grey: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Stretch grey levels so the `low`..`high` percentiles span 0..255 (clipped outside).
+
+    Percentiles come from the histogram (uint8 has 256 levels), far cheaper than sorting."""
+    hist = np.bincount(grey.ravel(), minlength=256).cumsum()
+    total = hist[-1]
+    lo = int(np.searchsorted(hist, total * low / 100.0, side="left"))
+    hi = int(np.searchsorted(hist, total * high / 100.0, side="left"))
+    if hi <= lo:  # a flat slice: nothing to stretch
+        return grey
+    lut = np.clip(np.rint((np.arange(256) - lo) * (255.0 / (hi - lo))), 0, 255).astype(np.uint8)
+    return cv2.LUT(grey, lut)
+
+
+def normalise_intensity(grey: np.ndarray, normalise: Normalise) -> np.ndarray:
+    """The grey-level normalisation of `normalise.intensity` on a prepared slice."""
+    if normalise.intensity == "percentile":
+        return percentile_window(grey, *normalise.percentiles)
+    if normalise.intensity == "clahe":
+        tiles = max(1, min(CLAHE_TILES, min(grey.shape) // 8))
+        clahe = cv2.createCLAHE(clipLimit=normalise.clahe_clip, tileGridSize=(tiles, tiles))
+        return clahe.apply(grey)
+    return grey
+
+
+def prepare_slice(
+    grey: np.ndarray,
+    size: int,
+    interpolation: str = "area",
+    mode: str = "stretch",
+    normalise: Normalise = Normalise(),
+) -> Prepared:
+    """A decoded grey slice -> the model input: body crop, resize, intensity normalisation.
+
+    The intensity is normalised after resizing: the percentiles of the small image are those of
+    the crop within a grey level, at a fraction of the cost.
+    """
+    if normalise.crop == "body":
+        box = body_box(grey, normalise.crop_margin)
+    else:
+        box = BodyBox(0, 0, grey.shape[1], grey.shape[0], reason="crop: none")
+    image = resize(box.crop(grey), size, interpolation, mode)
+    return Prepared(normalise_intensity(image, normalise), box)
+
+
+def map_to_frame(
+    values: np.ndarray, box: BodyBox, frame: tuple[int, ...], mode: str = "stretch"
+) -> np.ndarray:
+    """A map over a prepared image (e.g. a class activation map, any square resolution) put
+    back into the original slice's coordinates: float32 (H, W), zero outside what the model saw.
+
+    The inverse of `prepare_slice`'s geometry: the square covers the body box stretched (stretch),
+    the box fitted between black bands (pad) or the box's centred square (crop).
+    """
+    height, width = frame[:2]
+    out = np.zeros((height, width), np.float32)
+    values = values.astype(np.float32)
+    if mode == "crop" and box.w != box.h:
+        side = min(box.w, box.h)
+        left, top = box.x + (box.w - side) // 2, box.y + (box.h - side) // 2
+        out[top : top + side, left : left + side] = cv2.resize(values, (side, side))
+    elif mode == "pad" and box.w != box.h:
+        side = max(box.w, box.h)
+        full = cv2.resize(values, (side, side))
+        top, left = (side - box.h) // 2, (side - box.w) // 2
+        out[box.y : box.y + box.h, box.x : box.x + box.w] = full[
+            top : top + box.h, left : left + box.w
+        ]
+    else:
+        out[box.y : box.y + box.h, box.x : box.x + box.w] = cv2.resize(values, (box.w, box.h))
+    return out
+
+
 def prepare(
     data: bytes,
     size: int,
@@ -1104,24 +1249,29 @@ def prepare(
     *,
     mode: str = "stretch",
     window: tuple[float, float] | None = None,
+    normalise: Normalise = Normalise(),
 ) -> np.ndarray:
     """Raw bytes -> uint8 (size, size) grey: the one preprocessing of training and serving.
 
-    `mode` is params `resize.mode`; `window` is params `ingest.window` (level, width), used only
-    for DICOM bytes.
+    `mode` is params `resize.mode`, `normalise` params `resize.crop`/`intensity`/...; `window`
+    is params `ingest.window` (level, width), used only for DICOM bytes.
     """
-    return prepare_grey(decode(data, window).grey, size, interpolation, mode)
+    return prepare_slice(decode(data, window).grey, size, interpolation, mode, normalise).image
 
 
 def prepare_grey(
-    grey: np.ndarray, size: int, interpolation: str = "area", mode: str = "stretch"
+    grey: np.ndarray,
+    size: int,
+    interpolation: str = "area",
+    mode: str = "stretch",
+    normalise: Normalise = Normalise(),
 ) -> np.ndarray:
     """A decoded 8-bit grey slice -> uint8 (size, size): prepare's part after decoding.
 
-    For callers that hold the slice already: the predictor (it decodes once to read the
-    header) and evaluate's shift stress (it perturbs the decoded original first).
+    For callers that hold the slice already: evaluate's shift stress (it perturbs the decoded
+    original first); the predictor uses `prepare_slice` to keep the crop box for /explain.
     """
-    return resize(grey, size, interpolation, mode)
+    return prepare_slice(grey, size, interpolation, mode, normalise).image
 
 
 @contextmanager

@@ -327,8 +327,49 @@ def _load_png(path: tf.Tensor) -> tf.Tensor:
     return tf.cast(image, tf.float32)
 
 
+class RandomIntensity(keras.layers.Layer):
+    """Per-image grey-level jitter of [0, 255] images: gamma, then a window clipped and
+    stretched back, then additive Gaussian noise, clipped to [0, 255].
+
+    Each draws from the layer's own seed, so a seeded run repeats exactly.
+    """
+
+    def __init__(
+        self, gamma: float = 0.0, window: float = 0.0, noise: float = 0.0, seed: int = 0, **kw
+    ) -> None:
+        super().__init__(**kw)
+        self.gamma, self.window, self.noise = gamma, window, noise
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def call(self, images: tf.Tensor, training: bool = True) -> tf.Tensor:
+        if not training:
+            return images
+        ops = keras.ops
+        n = ops.shape(images)[0]
+        x = ops.clip(images, 0.0, 255.0)
+        if self.gamma > 0:
+            span = float(np.log1p(self.gamma))
+            log_g = keras.random.uniform((n, 1, 1, 1), -span, span, seed=self.seed_generator)
+            x = 255.0 * ops.power(x / 255.0, ops.exp(log_g))
+        if self.window > 0:
+            low = keras.random.uniform((n, 1, 1, 1), 0.0, self.window, seed=self.seed_generator)
+            high = 1.0 - keras.random.uniform(
+                (n, 1, 1, 1), 0.0, self.window, seed=self.seed_generator
+            )
+            x = (x / 255.0 - low) / (high - low) * 255.0
+        if self.noise > 0:
+            sd = keras.random.uniform((n, 1, 1, 1), 0.0, self.noise, seed=self.seed_generator)
+            x = x + sd * keras.random.normal(ops.shape(x), seed=self.seed_generator)
+        return ops.clip(x, 0.0, 255.0)
+
+
 def augmenter(params: AugmentParams, seed: int) -> keras.Sequential:
-    """Random flip, rotation, zoom and contrast, applied in the input pipeline only."""
+    """The random transforms of params `train.augment`, applied in the input pipeline only.
+
+    Geometry first (flip, rotation, scale jitter, zoom-out into a black margin, aspect,
+    translation; all fill with black, the background of a slice), then grey levels
+    (contrast, gamma, window, noise) and blur. Each layer has its own seed from `seed`.
+    """
     layers: list[keras.layers.Layer] = []
     if params.flip:
         layers.append(keras.layers.RandomFlip("horizontal", seed=seed))
@@ -338,10 +379,40 @@ def augmenter(params: AugmentParams, seed: int) -> keras.Sequential:
         )
     if params.zoom > 0:
         layers.append(keras.layers.RandomZoom(params.zoom, fill_mode="constant", seed=seed + 2))
+    if params.zoom_out > 0:
+        # A positive factor zooms out: the slice shrinks, keeping its aspect, in a black frame.
+        layers.append(
+            keras.layers.RandomZoom((0.0, params.zoom_out), fill_mode="constant", seed=seed + 4)
+        )
+    if params.aspect > 0:
+        layers.append(
+            keras.layers.RandomZoom(
+                (-params.aspect, params.aspect), (0.0, 0.0), fill_mode="constant", seed=seed + 5
+            )
+        )
+    if params.translation > 0:
+        layers.append(
+            keras.layers.RandomTranslation(
+                params.translation, params.translation, fill_mode="constant", seed=seed + 6
+            )
+        )
     if params.contrast > 0:
         # RandomContrast expects [0, 255] inputs with value_range given explicitly.
         layers.append(
             keras.layers.RandomContrast(params.contrast, value_range=(0, 255), seed=seed + 3)
+        )
+    if params.gamma > 0 or params.window > 0 or params.noise > 0:
+        layers.append(RandomIntensity(params.gamma, params.window, params.noise, seed=seed + 7))
+    if params.blur > 0:
+        kernel = 2 * int(np.ceil(2 * params.blur)) + 1  # covers +-2 sigma
+        layers.append(
+            keras.layers.RandomGaussianBlur(
+                1.0,
+                kernel_size=kernel,
+                sigma=(0.0, params.blur),
+                value_range=(0, 255),
+                seed=seed + 8,
+            )
         )
     return keras.Sequential(layers, name="augment")
 

@@ -21,7 +21,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from chestct.imaging import ImageError, decode, prepare, prepare_grey, resize
+from chestct.imaging import ImageError, Normalise, decode, prepare, prepare_grey, resize
 from chestct.labels import CLASSES, label_for_folder
 from chestct.metrics import (
     classification_metrics,
@@ -52,6 +52,7 @@ class Preprocessing:
     interpolation: str = "area"
     mode: str = "stretch"
     window: tuple[float, float] | None = None
+    normalise: Normalise = Normalise()  # body crop and intensity (none: a card without them)
 
     @classmethod
     def from_spec(cls, spec: Mapping[str, Any] | None) -> Preprocessing:
@@ -65,15 +66,23 @@ class Preprocessing:
             interpolation=str(spec.get("interpolation", "area")),
             mode=str(spec.get("resize", spec.get("mode", "stretch"))),
             window=tuple(window) if window else None,
+            normalise=Normalise.from_spec(spec),
         )
 
     def prepare(self, data: bytes, size: int) -> np.ndarray:
         """File bytes -> uint8 (size, size), through imaging.prepare."""
-        return prepare(data, size, self.interpolation, mode=self.mode, window=self.window)
+        return prepare(
+            data,
+            size,
+            self.interpolation,
+            mode=self.mode,
+            window=self.window,
+            normalise=self.normalise,
+        )
 
     def prepare_grey(self, grey: np.ndarray, size: int) -> np.ndarray:
         """A decoded (perturbed) slice -> uint8 (size, size), through imaging.prepare_grey."""
-        return prepare_grey(grey, size, self.interpolation, self.mode)
+        return prepare_grey(grey, size, self.interpolation, self.mode, self.normalise)
 
 
 # --------------------------------------------------------------------------- images and outputs

@@ -85,6 +85,24 @@ class ResizeParams:
     interpolation: Literal["area", "linear", "cubic"] = "area"
     mode: Literal["stretch", "pad", "crop"] = "stretch"
     workers: int = 0  # processes; 0 = all cores
+    # Acquisition normalisation (imaging.Normalise; README "Acquisition shift").
+    crop: Literal["body", "none"] = "body"
+    crop_margin: float = 0.02
+    intensity: Literal["percentile", "clahe", "none"] = "percentile"
+    percentiles: list[float] = field(default_factory=lambda: [1.0, 99.5])
+    clahe_clip: float = 2.0
+
+    def __post_init__(self) -> None:
+        pair = self.percentiles
+        if len(pair) != 2 or not 0.0 <= pair[0] < pair[1] <= 100.0:
+            raise SettingsError(
+                f"resize.percentiles: expected [low, high] with 0 <= low < high <= 100, got "
+                f"{self.percentiles}"
+            )
+        if not 0.0 <= self.crop_margin <= 0.5:
+            raise SettingsError(f"resize.crop_margin: expected 0..0.5, got {self.crop_margin}")
+        if self.clahe_clip <= 0:
+            raise SettingsError(f"resize.clahe_clip: expected > 0, got {self.clahe_clip}")
 
 
 @dataclass(frozen=True)
@@ -117,10 +135,32 @@ class BaseModelParams:
 
 @dataclass(frozen=True)
 class AugmentParams:
+    """Random transforms of training batches (modeling.augmenter); 0 turns one off."""
+
     flip: bool = True
-    rotation: float = 0.05
-    zoom: float = 0.1
-    contrast: float = 0.1
+    rotation: float = 0.05  # fraction of a full turn, either way
+    zoom: float = 0.1  # scale jitter: zoom in or out by up to this share
+    contrast: float = 0.1  # contrast jitter around the image mean, by up to this share
+    # Acquisition shift (README "Acquisition shift"):
+    zoom_out: float = 0.0  # shrink by up to this share, inside a black margin (a wider field)
+    aspect: float = 0.0  # stretch the height alone by up to this share either way
+    translation: float = 0.0  # shift by up to this share of the side, black fill
+    gamma: float = 0.0  # grey-level gamma in [1/(1+g), 1+g], log-uniform
+    window: float = 0.0  # clip up to this share of the grey range at each end, stretch back
+    blur: float = 0.0  # Gaussian blur, sigma up to this many pixels
+    noise: float = 0.0  # additive Gaussian noise, sd up to this many grey levels
+
+    def __post_init__(self) -> None:
+        limits = {"zoom_out": 1.0, "window": 0.5}  # the image would vanish at these
+        for item in dataclasses.fields(self):
+            value = getattr(self, item.name)
+            if item.name == "flip":
+                continue
+            if value < 0 or value >= limits.get(item.name, float("inf")):
+                bound = f" and < {limits[item.name]}" if item.name in limits else ""
+                raise SettingsError(
+                    f"train.augment.{item.name}: expected >= 0{bound} (0 = off), got {value}"
+                )
 
 
 @dataclass(frozen=True)

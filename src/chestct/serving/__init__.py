@@ -558,8 +558,8 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         inputs.check_header(upload.data, fmt, budget)
         decoded = inputs.decode(upload.data, model.window, budget)
         inputs.check_slice(decoded)
-        prepared = model.prepare(decoded)
-        result = analyse(model, prepared, 0, 0)
+        prepared = model.prepare_with_box(decoded)
+        result = analyse(model, prepared.image, 0, 0)
         predicted = model.classes[int(result.probabilities.argmax())]
         wanted = request.args.get("class", predicted)
         if wanted not in model.classes:

@@ -82,6 +82,7 @@ class Loaded:
     image_size: int
     interpolation: str
     resize_mode: str
+    normalise: imaging.Normalise
     window: tuple[float, float]
     backend: str
     temperature: float
@@ -108,8 +109,12 @@ class Loaded:
 
     def prepare(self, decoded: imaging.Decoded) -> np.ndarray:
         """The model input (uint8 size x size), exactly as imaging.prepare makes it."""
-        return imaging.prepare_grey(
-            decoded.grey, self.image_size, self.interpolation, self.resize_mode
+        return self.prepare_with_box(decoded).image
+
+    def prepare_with_box(self, decoded: imaging.Decoded) -> imaging.Prepared:
+        """The model input and the region of the upload it was made from."""
+        return imaging.prepare_slice(
+            decoded.grey, self.image_size, self.interpolation, self.resize_mode, self.normalise
         )
 
     def run(self, images: np.ndarray) -> Outputs:
@@ -192,19 +197,20 @@ def class_activation(model: Loaded, features: np.ndarray, class_index: int) -> n
 
 
 def overlay_png(
-    model: Loaded, decoded: imaging.Decoded, prepared: np.ndarray, cam: np.ndarray
+    model: Loaded, decoded: imaging.Decoded, prepared: imaging.Prepared, cam: np.ndarray
 ) -> bytes:
-    """The heatmap over the image as PNG: over the client's own image when the model saw it
-    stretched (the map then maps back exactly), over the model input otherwise."""
-    if model.resize_mode == "stretch":
-        base = decoded.grey
-        scale = min(1.0, 512.0 / max(base.shape))
-        if scale < 1.0:
-            size = (round(base.shape[1] * scale), round(base.shape[0] * scale))
-            base = cv2.resize(base, size, interpolation=cv2.INTER_AREA)
-    else:
-        base = cv2.resize(prepared, (384, 384), interpolation=cv2.INTER_LINEAR)
-    heat = cv2.resize(cam.astype(np.float32), (base.shape[1], base.shape[0]))
+    """The heatmap over the client's own image, as PNG (longer side at most 512 px).
+
+    The map covers what the model saw (the body crop, squared by the resize mode); it is put
+    back where that came from in the upload, and is zero (the picture shows through) outside.
+    """
+    heat = imaging.map_to_frame(cam, prepared.box, decoded.grey.shape, model.resize_mode)
+    base = decoded.grey
+    scale = min(1.0, 512.0 / max(base.shape))
+    if scale < 1.0:
+        size = (round(base.shape[1] * scale), round(base.shape[0] * scale))
+        base = cv2.resize(base, size, interpolation=cv2.INTER_AREA)
+        heat = cv2.resize(heat, size, interpolation=cv2.INTER_AREA)
     heat8 = np.clip(heat * 255.0, 0, 255).astype(np.uint8)
     colour = cv2.applyColorMap(heat8, cv2.COLORMAP_JET)
     grey_bgr = cv2.cvtColor(base, cv2.COLOR_GRAY2BGR)
@@ -371,6 +377,7 @@ def load_folder(
             prep = card.get("preprocessing", {})
             interpolation = prep.get("interpolation", "area")
             resize_mode = prep.get("resize", "stretch")
+            normalise = imaging.Normalise.from_spec(prep)
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise ModelRefused(f"{CARD_NAME} is not a valid model card ({exc!r})") from None
         if interpolation not in imaging.INTERPOLATIONS or resize_mode not in (
@@ -475,6 +482,7 @@ def load_folder(
             image_size=size,
             interpolation=interpolation,
             resize_mode=resize_mode,
+            normalise=normalise,
             window=window,
             backend=backend,
             temperature=temperature,

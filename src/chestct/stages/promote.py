@@ -29,6 +29,7 @@ import pandas as pd
 from chestct.export import PARITY_TOLERANCE, ExportError, LightModel, export_light, parity
 from chestct.fsutil import atomic_write_json, sha256_file, swap_dir
 from chestct.gradcam import CAM_FILE, CamHead
+from chestct.imaging import Normalise
 from chestct.labels import CLASSES, DISPLAY_NAMES
 from chestct.manifest import DATASET_COLUMNS, read_manifest
 from chestct.metrics import lower_is_better, metric_value, numeric_keys
@@ -489,6 +490,9 @@ def _preprocessing(settings: Any) -> dict[str, Any]:
         "resize": resize.get("mode", "stretch"),
         "interpolation": resize.get("interpolation", "area"),
         "input": "float32 in [0, 255], shape (image_size, image_size, 1)",
+        # The body crop and intensity normalisation (serving reads them back with
+        # imaging.Normalise.from_spec; a resize run from before them recorded none).
+        **Normalise.from_spec(resize).card(),
     }
     try:
         ingest = read_pointer(settings.paths, "ingest", verify=False).params.get("ingest", {})

@@ -6,14 +6,15 @@ a file present in two splits (a leak that validate reports) is resized once.
 
 The stage is incremental: `images/` survives between runs (dvc.yaml marks the output
 `persist: true`, and the stage session keeps it), and `images.json` records the settings that
-made it (image size, interpolation, mode, preprocessing version). While those are unchanged, an
-image whose source digest already has a complete PNG is not redone; when they change, the
-folder is rebuilt. Images no longer in any split are pruned so the folder holds exactly what the
-index lists.
+made it (image size, interpolation, mode, crop and intensity settings, preprocessing version).
+While those are unchanged, an image whose source digest already has a complete PNG is not
+redone; when they change, the folder is rebuilt. Images no longer in any split are pruned so
+the folder holds exactly what the index lists.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -27,7 +28,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from chestct.fsutil import atomic_write_json
-from chestct.imaging import ImageError, prepare, worker_pool
+from chestct.imaging import ImageError, Normalise, prepare, worker_pool
 from chestct.manifest import INDEX_COLUMNS, INGEST_COLUMNS, SPLITS, read_manifest, write_manifest
 from chestct.pointers import read_pointer
 from chestct.runner import run_main, stage_session
@@ -36,7 +37,7 @@ from chestct.settings import ResizeParams
 log = logging.getLogger(__name__)
 
 # Bump when `imaging.prepare` changes what it produces, so cached images are rebuilt.
-PREPROCESSING_VERSION = 3
+PREPROCESSING_VERSION = 4  # 4: body crop and intensity normalisation
 KEEP: tuple[str, ...] = ("images", "images.json")
 _PNG_END = b"IEND\xaeB`\x82"
 _PARALLEL_FROM = 32
@@ -49,6 +50,7 @@ class _Job:
     size: int
     interpolation: str
     mode: str
+    normalise: Normalise
     reuse: bool  # the target is a complete PNG made with the same settings
 
 
@@ -89,7 +91,13 @@ def _resize_one(job: _Job) -> _Result:
         if grey is not None and grey.shape == (job.size, job.size):
             return (True, "", *_stats(grey), True)
     try:
-        grey = prepare(job.source.read_bytes(), job.size, job.interpolation, mode=job.mode)
+        grey = prepare(
+            job.source.read_bytes(),
+            job.size,
+            job.interpolation,
+            mode=job.mode,
+            normalise=job.normalise,
+        )
     except (ImageError, OSError) as exc:
         return (False, str(exc), float("nan"), float("nan"), False)
     # OpenCV encodes and writes in one call (no copy through Python); the temporary name
@@ -102,11 +110,17 @@ def _resize_one(job: _Job) -> _Result:
     return (True, "", *_stats(grey), False)
 
 
+def normalise_of(params: ResizeParams) -> Normalise:
+    """The acquisition normalisation that params `resize` ask for."""
+    return Normalise.from_spec(dataclasses.asdict(params))
+
+
 def _fingerprint(params: ResizeParams, image_size: int) -> dict[str, object]:
     return {
         "image_size": image_size,
         "interpolation": params.interpolation,
         "mode": params.mode,
+        **normalise_of(params).card(),
         "preprocessing_version": PREPROCESSING_VERSION,
     }
 
@@ -142,6 +156,7 @@ def run_resize(
     # settings, which the next run may reuse.
     atomic_write_json(stamp, fingerprint)
 
+    normalise = normalise_of(params)
     wanted = {f"{sha}.png" for sha in rows["sha256"]}
     pruned = 0
     for path in images.iterdir():
@@ -155,6 +170,7 @@ def run_resize(
             image_size,
             params.interpolation,
             params.mode,
+            normalise,
             reuse=_complete_png(images / f"{sha}.png"),
         )
         for sha, p in zip(rows["sha256"], rows["path"], strict=True)

@@ -1,0 +1,347 @@
+"""Acquisition shift: the body crop and intensity normalisation of imaging.prepare, their
+params, card and serving round trip, the heatmap in the upload's coordinates, and the shift
+augmentation of train."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+
+from chestct import imaging
+from chestct.imaging import BodyBox, Normalise, map_to_frame, prepare, prepare_grey
+from chestct.settings import AugmentParams, ResizeParams, SettingsError, build
+from test_body_crop import chest
+from test_serving_support import SIZE, model_dir  # noqa: F401  (fixture)
+
+NORMALISED = Normalise(crop="body", intensity="percentile")
+
+
+def textured(seed: int = 0) -> np.ndarray:
+    """`chest()` with vessels and noise in the lungs, so that resizing errors show."""
+    grey = chest().astype(np.float32)
+    rng = np.random.default_rng(seed)
+    grey += cv2.GaussianBlur(rng.normal(0, 12, grey.shape).astype(np.float32), (3, 3), 0)
+    grey[grey < 12] = 0  # the surround stays black
+    return np.clip(grey, 0, 255).astype(np.uint8)
+
+
+def zoomed_out(grey: np.ndarray, share: float, left: float = 0.5, top: float = 0.5) -> np.ndarray:
+    """The same slice shrunk to `share` of the frame inside a black margin (a wider field)."""
+    height, width = grey.shape
+    small = cv2.resize(grey, (round(width * share), round(height * share)), cv2.INTER_AREA)
+    out = np.zeros_like(grey)
+    y = round((height - small.shape[0]) * top)
+    x = round((width - small.shape[1]) * left)
+    out[y : y + small.shape[0], x : x + small.shape[1]] = small
+    return out
+
+
+def gap(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean absolute grey-level difference."""
+    return float(np.abs(a.astype(np.float32) - b.astype(np.float32)).mean())
+
+
+# --------------------------------------------------------------------------- normalisation
+
+
+@pytest.mark.parametrize(("share", "left", "top"), [(0.6, 0.5, 0.5), (0.75, 0.1, 0.8)])
+def test_a_wider_field_gives_nearly_the_same_prepared_slice(
+    share: float, left: float, top: float
+) -> None:
+    grey = textured()
+    wide = zoomed_out(grey, share, left, top)
+    plain = gap(prepare_grey(grey, 64).image, prepare_grey(wide, 64).image)
+    normalised = gap(
+        prepare_grey(grey, 64, normalise=NORMALISED).image,
+        prepare_grey(wide, 64, normalise=NORMALISED).image,
+    )
+    assert normalised < 6.0, normalised
+    assert normalised < plain / 4, (normalised, plain)
+
+
+def test_another_contrast_and_brightness_gives_the_same_prepared_slice() -> None:
+    grey = textured()
+    # Another linear grey scale for the whole slice (an export with another window).
+    dimmer = np.clip(grey.astype(np.float32) * 0.6 + 20, 0, 255).astype(np.uint8)
+    plain = gap(prepare_grey(grey, 64).image, prepare_grey(dimmer, 64).image)
+    normalised = gap(
+        prepare_grey(grey, 64, normalise=NORMALISED).image,
+        prepare_grey(dimmer, 64, normalise=NORMALISED).image,
+    )
+    assert normalised < 3.0, normalised
+    assert normalised < plain / 5, (normalised, plain)
+
+
+@pytest.mark.parametrize("gamma", [0.7, 1.4])
+@pytest.mark.parametrize("intensity", ["percentile", "clahe"])
+def test_another_gamma_stays_close_after_normalisation(gamma: float, intensity: str) -> None:
+    grey = textured()
+    other = (255.0 * (grey / 255.0) ** gamma).astype(np.uint8)
+    spec = Normalise(crop="body", intensity=intensity)
+    plain = gap(prepare_grey(grey, 64).image, prepare_grey(other, 64).image)
+    normalised = gap(
+        prepare_grey(grey, 64, normalise=spec).image, prepare_grey(other, 64, normalise=spec).image
+    )
+    # Neither a percentile window (linear) nor CLAHE undoes a gamma, and stretching the range
+    # scales the difference up with it (measured: about 2x the un-normalised gap): the prepared
+    # slices stay within 8 % of the grey range; train.augment.gamma covers the rest.
+    assert normalised < 20.0, (normalised, plain)
+
+
+def test_percentile_window_spans_the_full_range() -> None:
+    grey = np.linspace(50, 150, 10_000).astype(np.uint8).reshape(100, 100)
+    out = imaging.percentile_window(grey, 1.0, 99.0)
+    assert out.min() == 0 and out.max() == 255
+    flat = np.full((8, 8), 90, np.uint8)
+    np.testing.assert_array_equal(imaging.percentile_window(flat, 1.0, 99.5), flat)
+
+
+def test_no_normalisation_is_the_old_preprocessing() -> None:
+    grey = textured()
+    ok, buf = cv2.imencode(".png", grey)
+    assert ok
+    np.testing.assert_array_equal(prepare(buf.tobytes(), 48), imaging.resize(grey, 48))
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ({"crop": "lungs"}, "crop 'lungs'"),
+        ({"intensity": "hist"}, "intensity 'hist'"),
+        ({"percentiles": [99.0, 1.0]}, "percentiles"),
+        ({"percentiles": [1.0]}, "pair"),
+        ({"crop_margin": 0.9}, "crop_margin"),
+    ],
+)
+def test_a_bad_normalisation_spec_names_the_key(spec: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Normalise.from_spec(spec)
+
+
+# --------------------------------------------------------------------------- params and card
+
+
+def test_card_round_trip_and_old_cards() -> None:
+    spec = Normalise(crop="body", crop_margin=0.05, intensity="clahe", percentiles=(2.0, 98.0))
+    card = json.loads(json.dumps(spec.card()))
+    assert Normalise.from_spec(card) == spec
+    # A card written before these keys existed: the model was trained without them.
+    assert Normalise.from_spec({"resize": "stretch", "interpolation": "area"}) == Normalise()
+    # params `resize` uses the same key names.
+    params = ResizeParams(crop="body", intensity="percentile", percentiles=[0.5, 99.0])
+    assert Normalise.from_spec(dataclasses.asdict(params)) == Normalise(
+        crop="body", intensity="percentile", percentiles=(0.5, 99.0)
+    )
+
+
+@pytest.mark.parametrize(
+    ("group", "message"),
+    [
+        ({"crop": "lungs"}, "resize.crop"),
+        ({"percentiles": [50, 10]}, "resize.percentiles"),
+        ({"crop_margin": -0.1}, "resize.crop_margin"),
+        ({"clahe_clip": 0}, "resize.clahe_clip"),
+    ],
+)
+def test_bad_resize_params_name_the_key(group: dict, message: str) -> None:
+    with pytest.raises(SettingsError, match=message):
+        build(ResizeParams, group, "resize")
+
+
+@pytest.mark.parametrize(
+    ("group", "message"),
+    [
+        ({"zoom_out": 1.0}, "train.augment.zoom_out"),
+        ({"window": 0.5}, "train.augment.window"),
+        ({"noise": -1}, "train.augment.noise"),
+    ],
+)
+def test_bad_augment_params_name_the_key(group: dict, message: str) -> None:
+    with pytest.raises(SettingsError, match=message):
+        build(AugmentParams, group, "train.augment")
+
+
+# --------------------------------------------------------------------------- serving
+
+
+def normalised_model(source: Path, folder: Path, spec: Normalise, mode: str = "stretch") -> Path:
+    """A copy of a served model folder whose card asks for `spec`."""
+    shutil.copytree(source, folder)
+    card_path = folder / "model.json"
+    card = json.loads(card_path.read_text(encoding="utf-8"))
+    card["preprocessing"].update(spec.card(), resize=mode)
+    card_path.write_text(json.dumps(card), encoding="utf-8")
+    return folder
+
+
+def test_serving_prepares_like_the_resize_stage(
+    tmp_path: Path,
+    model_dir: Path,  # noqa: F811
+) -> None:
+    from chestct.serving.predictor import load_folder
+    from chestct.stages.resize import normalise_of, run_resize
+
+    params = ResizeParams(mode="pad", crop="body", intensity="percentile", workers=1)
+    ok, buf = cv2.imencode(".png", zoomed_out(textured(3), 0.7, 0.2, 0.6))
+    assert ok
+    data = buf.tobytes()
+    (tmp_path / "slice.png").write_bytes(data)
+    manifest = pd.DataFrame(
+        [{"path": "slice.png", "label": "normal", "sha256": "a" * 64, "source_path": "s"}]
+    )
+    index, _ = run_resize({"train": manifest}, params, SIZE, tmp_path / "out", tmp_path)
+    made = cv2.imread(str(tmp_path / index["resized"][0]), cv2.IMREAD_GRAYSCALE)
+
+    model = load_folder(
+        normalised_model(model_dir, tmp_path / "model", normalise_of(params), mode="pad")
+    )
+    served = model.prepare(imaging.decode(data))
+    np.testing.assert_array_equal(served, made)
+    assert not np.array_equal(served, prepare(data, SIZE, mode="pad"))  # the crop did work
+
+
+def test_explain_heatmap_lies_over_the_body_in_the_upload(
+    tmp_path: Path,
+    model_dir: Path,  # noqa: F811
+) -> None:
+    from chestct.serving import create_app
+
+    folder = normalised_model(model_dir, tmp_path / "model", NORMALISED)
+    client = create_app({"MODEL_DIR": str(folder)}).test_client()
+    # The body in the lower left of a wide black frame.
+    upload = zoomed_out(textured(1), 0.6, 0.05, 0.9)
+    # Faint detector noise over the black surround, as on a real slice.
+    noise = np.random.default_rng(0).integers(0, 6, upload.shape)
+    upload = np.clip(upload.astype(int) + noise, 0, 255).astype(np.uint8)
+    box = imaging.body_box(upload, NORMALISED.crop_margin)
+    ok, buf = cv2.imencode(".png", upload)
+    assert ok
+    resp = client.post(
+        "/explain",
+        data={"file": (__import__("io").BytesIO(buf.tobytes()), "s.png")},
+        content_type="multipart/form-data",
+    )
+    assert resp.status_code == 200, resp.get_json()
+    overlay = cv2.imdecode(np.frombuffer(resp.data, np.uint8), cv2.IMREAD_COLOR).astype(int)
+    assert overlay.shape[:2] == upload.shape  # the upload's own frame, not the model input
+    coloured = (np.abs(overlay[:, :, 0] - overlay[:, :, 2]) > 8) | (
+        np.abs(overlay[:, :, 1] - overlay[:, :, 2]) > 8
+    )
+    ys, xs = np.nonzero(coloured)
+    assert len(xs) > 0
+    assert xs.min() >= box.x and xs.max() < box.x + box.w
+    assert ys.min() >= box.y and ys.max() < box.y + box.h
+
+
+@pytest.mark.parametrize("mode", ["stretch", "pad", "crop"])
+def test_map_to_frame_puts_each_input_pixel_back_where_it_came_from(mode: str) -> None:
+    # A frame whose body box is 60 x 30 at (100, 50): an input-space map marking the top-left
+    # quarter of the (squared) body must land on the top-left of what that mode kept.
+    box = BodyBox(100, 50, 60, 30)
+    frame = np.zeros((200, 300), np.uint8)
+    frame[50:80, 100:160] = np.arange(60, dtype=np.uint8)[None, :] * 4
+    prepared = imaging.resize(box.crop(frame), 64, "linear", mode)
+    back = map_to_frame(prepared.astype(np.float32), box, frame.shape, mode)
+    assert back.shape == frame.shape
+    assert back[:50].max() == 0 and back[:, :100].max() == 0  # nothing outside the box
+    assert back[81:].max() == 0 and back[:, 161:].max() == 0
+    kept = back[50:80, 100:160]
+    if mode == "crop":  # only the centred 30 x 30 was seen
+        seen = frame[50:80, 115:145].astype(np.float32)
+        assert kept[:, :15].max() == 0 and kept[:, 45:].max() == 0
+        assert np.abs(kept[:, 15:45] - seen).mean() < 6
+    else:
+        assert np.abs(kept - frame[50:80, 100:160]).mean() < 6
+
+
+# --------------------------------------------------------------------------- augmentation
+
+SHIFT = {
+    "zoom_out": 0.4,
+    "aspect": 0.3,
+    "translation": 0.2,
+    "gamma": 0.5,
+    "window": 0.2,
+    "blur": 1.5,
+    "noise": 8.0,
+}
+OFF = AugmentParams(flip=False, rotation=0.0, zoom=0.0, contrast=0.0)
+
+
+def batch() -> np.ndarray:
+    """Eight 48 px slices, float32 in [0, 255] as the input pipeline gives them."""
+    return np.stack([cv2.resize(textured(i), (48, 48))[:, :, None] for i in range(8)]).astype(
+        np.float32
+    )
+
+
+@pytest.mark.parametrize("key", list(SHIFT))
+def test_each_shift_augmentation_changes_the_image_within_its_bounds(key: str) -> None:
+    import tensorflow as tf
+
+    from chestct.modeling import augmenter
+
+    x = batch()
+    params = dataclasses.replace(OFF, **{key: SHIFT[key]})
+    out = augmenter(params, seed=3)(tf.constant(x), training=True).numpy()
+    again = augmenter(params, seed=3)(tf.constant(x), training=True).numpy()
+    other = augmenter(params, seed=4)(tf.constant(x), training=True).numpy()
+    np.testing.assert_array_equal(out, again)  # seeded
+    assert not np.array_equal(out, other)
+    assert out.shape == x.shape
+    assert out.min() >= 0.0 and out.max() <= 255.0
+    changed = gap(out, x)
+    assert changed > 0.2, changed
+    if key == "zoom_out":
+        # Never zoomed in: what is bright covers no more than before, inside a black rim.
+        assert (out > 30).sum() <= (x > 30).sum()
+        assert out[:, 0, :, 0].max() <= x[:, 0, :, 0].max() + 1e-3
+    if key == "translation":
+        # The body moves: its centre of brightness shifts in some image.
+        weights = x[:, :, :, 0].sum(axis=1)
+        moved = out[:, :, :, 0].sum(axis=1)
+        cols = np.arange(x.shape[2])
+        shift = np.abs(
+            (moved * cols).sum(1) / moved.sum(1) - (weights * cols).sum(1) / weights.sum(1)
+        )
+        assert shift.max() > 1.0
+    if key == "gamma":
+        # A monotone map per image: the order of grey levels is kept.
+        for a, b in zip(x[:, :, :, 0], out[:, :, :, 0], strict=True):
+            order = np.argsort(a.ravel(), kind="stable")
+            assert np.all(np.diff(b.ravel()[order]) >= -1e-3)
+    if key == "noise":
+        assert changed < SHIFT["noise"]
+    if key == "blur":
+        # Blur lowers the local contrast.
+        assert np.abs(np.diff(out, axis=2)).mean() < np.abs(np.diff(x, axis=2)).mean()
+
+
+def test_all_augmentations_off_leave_no_layer() -> None:
+    from chestct.modeling import augmenter
+
+    assert augmenter(OFF, 0).layers == []
+
+
+def test_training_with_every_shift_augmentation_is_repeatable(tmp_path: Path) -> None:
+    from chestct.settings import BaseModelParams, TrainParams
+    from test_model_train import base_file, train, write_split
+
+    root = tmp_path / "data"
+    data = (root, write_split(root, "train", 3, 0), write_split(root, "valid", 2, 500))
+    base = base_file(tmp_path, BaseModelParams(filters=[4, 8]))
+    params = TrainParams(
+        epochs=2, batch_size=4, augment=AugmentParams(**SHIFT), deterministic=True
+    )
+    first = train(data, base, params)
+    second = train(data, base, params)
+    pd.testing.assert_frame_equal(first.history, second.history, check_exact=True)
+    for a, b in zip(first.model.get_weights(), second.model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)

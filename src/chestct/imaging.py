@@ -933,7 +933,8 @@ def _decoder_available(syntax: object) -> bool:
 
 
 # Body crop (params `resize.crop`). The mask is worked out on a copy whose longer side is at most
-# this many pixels: the box is coarse by nature and this keeps it a fraction of a decode's cost.
+# this many pixels: the box is coarse by nature, and the kernel sizes below were checked on the
+# real slices at this scale (a larger work copy left a mottled fat rim outside the box).
 _BODY_WORK_SIDE = 256
 # Components at least this share of the largest are kept (both halves of a split body).
 BODY_KEEP_SHARE = 0.25
@@ -1044,7 +1045,7 @@ def body_box(grey: np.ndarray, margin: float = 0.02) -> BodyBox:
     otsu, _ = cv2.threshold(small, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
     # Below Otsu's level, nearer the background: Otsu alone splits a soft-tissue-window slice
     # between fat and muscle and keeps only the mediastinum of a body with a mottled fat rim.
-    mask = np.where(small > low + (otsu - low) * BODY_LEVEL, np.uint8(255), np.uint8(0))
+    _, mask = cv2.threshold(small, low + (otsu - low) * BODY_LEVEL, 255, cv2.THRESH_BINARY)
     share = float(np.count_nonzero(mask)) / mask.size
     if share > 0.97:
         return dataclasses.replace(
@@ -1061,7 +1062,8 @@ def body_box(grey: np.ndarray, margin: float = 0.02) -> BodyBox:
     mask = cv2.morphologyEx(
         mask, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_RECT, (1, tall_k))
     )
-    count, _, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    # 4-connectivity: half the time of 8 here, and the opened mask has no diagonal-only links.
+    count, _, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=4)
     if count <= 1:
         return dataclasses.replace(
             whole, reason="nothing but thin strokes stood out from the background: no body"

@@ -1130,6 +1130,8 @@ def resize(
 CROPS: tuple[str, ...] = ("body", "none")
 INTENSITIES: tuple[str, ...] = ("percentile", "clahe", "none")
 CLAHE_TILES = 8  # tiles per side of the prepared image
+# A slice whose percentile window spans fewer grey levels is near-blank and left as it is.
+PERCENTILE_MIN_SPREAD = 32
 
 
 @dataclass(frozen=True)
@@ -1206,7 +1208,9 @@ def percentile_window(grey: np.ndarray, low: float, high: float) -> np.ndarray:
     total = hist[-1]
     lo = int(np.searchsorted(hist, total * low / 100.0, side="left"))
     hi = int(np.searchsorted(hist, total * high / 100.0, side="left"))
-    if hi <= lo:  # a flat slice: nothing to stretch
+    if hi - lo < PERCENTILE_MIN_SPREAD:
+        # A near-blank slice: stretching would turn its noise into contrast, and validate's
+        # near-blank check (the std of the resized slice) would no longer see it.
         return grey
     lut = np.clip(np.rint((np.arange(256) - lo) * (255.0 / (hi - lo))), 0, 255).astype(np.uint8)
     return cv2.LUT(grey, lut)

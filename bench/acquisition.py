@@ -103,8 +103,8 @@ def main() -> None:
         for name, spec in SETTINGS.items():
             gaps = []
             for grey in greys:
-                a = prepare_grey(grey, args.size, normalise=spec).image.astype(np.float32)
-                b = prepare_grey(apply(grey), args.size, normalise=spec).image.astype(np.float32)
+                a = prepare_grey(grey, args.size, normalise=spec).astype(np.float32)
+                b = prepare_grey(apply(grey), args.size, normalise=spec).astype(np.float32)
                 gaps.append(float(np.abs(a - b).mean() / max(a.std(), 1.0)))
             value = 100 * statistics.mean(gaps)
             totals[name].append(value)

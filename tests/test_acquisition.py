@@ -57,10 +57,10 @@ def test_a_wider_field_gives_nearly_the_same_prepared_slice(
 ) -> None:
     grey = textured()
     wide = zoomed_out(grey, share, left, top)
-    plain = gap(prepare_grey(grey, 64).image, prepare_grey(wide, 64).image)
+    plain = gap(prepare_grey(grey, 64), prepare_grey(wide, 64))
     normalised = gap(
-        prepare_grey(grey, 64, normalise=NORMALISED).image,
-        prepare_grey(wide, 64, normalise=NORMALISED).image,
+        prepare_grey(grey, 64, normalise=NORMALISED),
+        prepare_grey(wide, 64, normalise=NORMALISED),
     )
     assert normalised < 6.0, normalised
     assert normalised < plain / 4, (normalised, plain)
@@ -70,10 +70,10 @@ def test_another_contrast_and_brightness_gives_the_same_prepared_slice() -> None
     grey = textured()
     # Another linear grey scale for the whole slice (an export with another window).
     dimmer = np.clip(grey.astype(np.float32) * 0.6 + 20, 0, 255).astype(np.uint8)
-    plain = gap(prepare_grey(grey, 64).image, prepare_grey(dimmer, 64).image)
+    plain = gap(prepare_grey(grey, 64), prepare_grey(dimmer, 64))
     normalised = gap(
-        prepare_grey(grey, 64, normalise=NORMALISED).image,
-        prepare_grey(dimmer, 64, normalise=NORMALISED).image,
+        prepare_grey(grey, 64, normalise=NORMALISED),
+        prepare_grey(dimmer, 64, normalise=NORMALISED),
     )
     assert normalised < 3.0, normalised
     assert normalised < plain / 5, (normalised, plain)
@@ -85,9 +85,9 @@ def test_another_gamma_stays_close_after_normalisation(gamma: float, intensity: 
     grey = textured()
     other = (255.0 * (grey / 255.0) ** gamma).astype(np.uint8)
     spec = Normalise(crop="body", intensity=intensity)
-    plain = gap(prepare_grey(grey, 64).image, prepare_grey(other, 64).image)
+    plain = gap(prepare_grey(grey, 64), prepare_grey(other, 64))
     normalised = gap(
-        prepare_grey(grey, 64, normalise=spec).image, prepare_grey(other, 64, normalise=spec).image
+        prepare_grey(grey, 64, normalise=spec), prepare_grey(other, 64, normalise=spec)
     )
     # Neither a percentile window (linear) nor CLAHE undoes a gamma, and stretching the range
     # scales the difference up with it (measured: about 2x the un-normalised gap): the prepared
@@ -105,7 +105,7 @@ def test_percentile_window_spans_the_full_range() -> None:
     # so validate's near-blank check still sees it.
     noisy = (90 + np.random.default_rng(0).integers(-3, 4, (64, 64))).astype(np.uint8)
     np.testing.assert_array_equal(imaging.percentile_window(noisy, 1.0, 99.5), noisy)
-    out = prepare_grey(noisy, 32, normalise=NORMALISED).image
+    out = prepare_grey(noisy, 32, normalise=NORMALISED)
     assert out.std() < 2.0
 
 

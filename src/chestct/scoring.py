@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +52,7 @@ class Preprocessing:
     interpolation: str = "area"
     mode: str = "stretch"
     window: tuple[float, float] | None = None
-    normalise: Normalise = Normalise()  # body crop and intensity (none: a card without them)
+    normalise: Normalise = field(default_factory=Normalise)  # crop, intensity (card: none)
 
     @classmethod
     def from_spec(cls, spec: Mapping[str, Any] | None) -> Preprocessing:

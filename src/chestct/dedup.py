@@ -71,7 +71,9 @@ def is_hash(value: str) -> bool:
     return len(value) == HEX_DIGITS and all(c in "0123456789abcdef" for c in value)
 
 
-class _UnionFind:
+class UnionFind:
+    """Disjoint sets over 0..n-1 (path halving; the smaller index becomes the root)."""
+
     def __init__(self, n: int) -> None:
         self.parent = list(range(n))
 
@@ -101,7 +103,7 @@ def duplicate_groups(
             near-duplicate grouping off.
     """
     n = len(digests)
-    uf = _UnionFind(n)
+    uf = UnionFind(n)
     first: dict[str, int] = {}
     for i, digest in enumerate(digests):
         uf.union(first.setdefault(digest, i), i)

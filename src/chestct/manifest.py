@@ -24,6 +24,10 @@ INGEST_COLUMNS: tuple[str, ...] = (
     "format",
     "bytes",
     "phash",  # 256-bit perceptual hash (64 hex digits) of the decoded slice: near duplicates
+    # Who the slice belongs to, as salt-free sha256 prefixes (chestct.grouping), "" if unknown:
+    "patient_hash",  # DICOM PatientID
+    "study_hash",  # DICOM StudyInstanceUID
+    "group_hash",  # the `group` column of a CSV listing source
 )
 
 
@@ -50,7 +54,14 @@ def read_manifest(path: Path, required: tuple[str, ...] = ()) -> pd.DataFrame:
         raise ManifestError(f"{path}: manifest not found")
     frame = pd.read_csv(
         path,
-        dtype={"split": "string", "sha256": "string", "phash": "string"},
+        dtype={
+            "split": "string",
+            "sha256": "string",
+            "phash": "string",
+            "patient_hash": "string",
+            "study_hash": "string",
+            "group_hash": "string",
+        },
         keep_default_na=False,
     )
     missing = [c for c in required if c not in frame.columns]

@@ -7,6 +7,15 @@ local folder, a .zip/.tar.gz/.tgz archive, or an http(s) URL of an archive (with
 normalised to the four canonical labels. Every file is decoded by content: PNG, JPEG, BMP, TIFF,
 and DICOM (windowed to 8-bit grey through `ingest.window`, stored as PNG). Files that cannot be
 decoded are reported by path and skipped.
+
+A source may also be a CSV listing (a file ending in `.csv`): one row per image with columns
+`path` (relative to the CSV's folder, or absolute), `label` (a class or class-folder name) and,
+optionally, `split` (train | valid | test, on every row or on none) and `group` (any id: slices
+sharing it are kept in one split). `relpath` and `class` are accepted for `path` and `label`.
+
+Who a slice belongs to is recorded per file as a salt-free sha256 prefix (chestct.grouping):
+the DICOM `PatientID` and `StudyInstanceUID`, and the listing's `group`. Raw ids are never
+written.
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ from tqdm import tqdm
 
 from chestct.dedup import phash
 from chestct.fsutil import sha256_bytes
+from chestct.grouping import dicom_identity, hash_id
 from chestct.imaging import ImageError, decode, encode_png, worker_pool
 from chestct.labels import CLASSES, label_for_folder
 from chestct.manifest import INGEST_COLUMNS, SPLITS, write_manifest
@@ -53,6 +63,7 @@ class _Job:
     source_name: str
     images_dir: Path
     window: tuple[float, float]
+    group_hash: str = ""  # hashed `group` of a CSV listing
 
 
 def _hidden(path: Path) -> bool:
@@ -116,6 +127,78 @@ def scan_source(source: Path, class_map: dict[str, str]) -> list[tuple[str, str,
     return files
 
 
+# Accepted names of a CSV listing's columns (the first found is used).
+LISTING_COLUMNS: dict[str, tuple[str, ...]] = {
+    "path": ("path", "relpath"),
+    "label": ("label", "class"),
+    "split": ("split",),
+    "group": ("group",),
+}
+
+
+def is_listing(source: str) -> bool:
+    """True when `ingest.source` names a CSV listing rather than a folder or an archive."""
+    return source.lower().endswith(".csv")
+
+
+def scan_listing(listing: Path, class_map: dict[str, str]) -> list[tuple[str, str, Path, str]]:
+    """(split, label, file, group) for every row of a CSV listing (see the module docstring)."""
+    if not listing.is_file():
+        raise StageFailed(
+            f"ingest.source {str(listing)!r}: CSV listing not found; give the path of a CSV "
+            "with columns path,label[,split][,group] (relative paths are relative to the "
+            "project root)"
+        )
+    try:
+        table = pd.read_csv(listing, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise StageFailed(f"{listing}: not a readable CSV listing ({exc})") from None
+    table.columns = [str(c).strip().lower() for c in table.columns]
+    found = {
+        role: next((n for n in names if n in table.columns), None)
+        for role, names in LISTING_COLUMNS.items()
+    }
+    missing = [role for role in ("path", "label") if found[role] is None]
+    if missing:
+        raise StageFailed(
+            f"{listing}: CSV listing has no {' or '.join(missing)} column (columns: "
+            f"{', '.join(table.columns)}); it needs path,label and optionally split and group"
+        )
+    if table.empty:
+        raise StageFailed(f"{listing}: CSV listing has a header but no rows")
+    splits = table[found["split"]].str.strip() if found["split"] else pd.Series("", table.index)
+    bad_split = sorted(set(splits) - {"", *SPLITS})
+    if bad_split:
+        raise StageFailed(
+            f"{listing}: split column has {bad_split[0]!r}; use train, valid or test"
+        )
+    if splits.eq("").any() and splits.ne("").any():
+        raise StageFailed(
+            f"{listing}: row {int(splits.eq('').to_numpy().argmax()) + 2} has no split while "
+            "others do; give every row a split, or none (split then carves them)"
+        )
+    rows: list[tuple[str, str, Path, str]] = []
+    for number, (rel, name, split) in enumerate(
+        zip(table[found["path"]], table[found["label"]], splits, strict=True), start=2
+    ):
+        label = label_for_folder(name.strip(), class_map)
+        if label not in CLASSES:
+            raise StageFailed(
+                f"{listing}: row {number}: label {name!r} does not name a class "
+                f"({', '.join(CLASSES)}); fix it or map it under ingest.class_map"
+            )
+        path = Path(rel.strip()).expanduser()
+        path = path if path.is_absolute() else listing.parent / path
+        if not rel.strip() or not path.is_file():
+            raise StageFailed(
+                f"{listing}: row {number}: file {rel!r} not found (paths are relative to "
+                f"{listing.parent})"
+            )
+        group = table.at[number - 2, found["group"]] if found["group"] else ""
+        rows.append((split, label, path, group))
+    return rows
+
+
 def _write_new(path: Path, data: bytes) -> None:
     """Write beside and rename: two workers writing one name never interleave. The stage's
     output is thrown away on failure, so a crash needs no fsync here."""
@@ -137,6 +220,7 @@ def _ingest_one(job: _Job) -> dict[str, object]:
     # DICOM is stored windowed, as PNG: every later stage and the model see 8-bit grey.
     stored = encode_png(info.grey) if info.format == "dicom" else data
     name = job.path.name if info.format != "dicom" else f"{job.path.stem or 'slice'}.png"
+    patient, study = dicom_identity(data) if info.format == "dicom" else ("", "")
     digest = sha256_bytes(stored)
     target = job.images_dir / (job.split or "all") / job.label / f"{digest[:12]}_{name}"
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -153,6 +237,9 @@ def _ingest_one(job: _Job) -> dict[str, object]:
         "format": info.format,
         "bytes": len(data),
         "phash": phash(info.grey),
+        "patient_hash": patient,
+        "study_hash": study,
+        "group_hash": job.group_hash,
     }
 
 
@@ -191,6 +278,7 @@ def run_ingest(
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
     try:
+        listed: list[tuple[str, str, Path, str]] | None = None
         if params.source == "synthetic":
             generate_synthetic(
                 staging / "synthetic",
@@ -199,6 +287,11 @@ def run_ingest(
                 params.synthetic_shortcut,
             )
             source = Source("synthetic", "synthetic", staging / "synthetic")
+        elif is_listing(params.source):
+            listing = Path(params.source).expanduser()
+            listing = (listing if listing.is_absolute() else root / listing).resolve()
+            listed = scan_listing(listing, params.class_map)
+            source = Source("listing", str(listing), listing.parent)
         else:
             try:
                 source = resolve(
@@ -212,7 +305,11 @@ def run_ingest(
                 )
             except SourceError as exc:
                 raise StageFailed(str(exc)) from None
-        files = scan_source(source.folder, params.class_map)
+        if listed is None:
+            listed = [
+                (s, lbl, p, "") for s, lbl, p in scan_source(source.folder, params.class_map)
+            ]
+        files = listed
         window = (params.window.level, params.window.width)
         jobs = [
             _Job(
@@ -221,11 +318,14 @@ def run_ingest(
                 path,
                 path.relative_to(source.folder).as_posix()
                 if source.kind == "synthetic"
+                else str(path)
+                if source.kind == "listing"
                 else source.describe(path),
                 images_dir,
                 window,
+                hash_id(group),
             )
-            for split, label, path in files
+            for split, label, path, group in files
         ]
         results = _map(jobs, workers or os.cpu_count() or 1)
     finally:

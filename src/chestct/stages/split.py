@@ -1,12 +1,16 @@
 """split: train/valid/test manifests in which a group of copies never straddles two splits.
 
-Files are first grouped: exact copies (same sha256) and near-duplicates (perceptual hashes at
-most `split.near_duplicate_distance` bits apart, transitively) form one group.
+Files are first grouped: exact copies (same sha256), near-duplicates (perceptual hashes at
+most `split.near_duplicate_distance` bits apart) and slices of one patient (DICOM PatientID,
+else StudyInstanceUID, or the `group` column of a CSV listing; see chestct.grouping) form one
+group, transitively: the union of all these constraints.
 
 - `split.mode: keep` keeps the source's splits. A split the source lacks is carved out of the
   source's train files (out of everything when the source has no split folders). Groups that the
-  source itself spreads over two splits are reported; with `split.dedupe: drop` their members in
-  the later split (train < valid < test) are removed.
+  source itself spreads over two splits are reported; with `split.dedupe: drop` the copies in
+  the later split (train < valid < test) are removed. A patient, study or user group that the
+  source spreads over two splits is reported (never dropped: they are not copies); validate
+  warns about it.
 - `split.mode: pool` re-splits everything.
 
 Carving is stratified by class (a group's class is its most common label), seeded, and moves
@@ -25,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from chestct.dedup import group_files
+from chestct.grouping import identity_leaks, split_groups
 from chestct.manifest import INGEST_COLUMNS, SPLITS, read_manifest, write_manifest
 from chestct.pointers import read_pointer
 from chestct.runner import StageFailed, run_main, stage_session
@@ -41,8 +46,9 @@ class SplitSummary:
     mode: str  # keep | pool
     counts: dict[str, dict[str, int]]
     carved: list[str] = field(default_factory=list)  # splits made here rather than kept
-    groups: dict[str, int] = field(default_factory=dict)  # exact / near group counts
-    cross_split: list[dict[str, Any]] = field(default_factory=list)  # groups over two splits
+    groups: dict[str, int] = field(default_factory=dict)  # exact / near / identity counts
+    cross_split: list[dict[str, Any]] = field(default_factory=list)  # copies over two splits
+    cross_split_identities: list[dict[str, Any]] = field(default_factory=list)  # patients...
     dropped: list[dict[str, str]] = field(default_factory=list)
 
 
@@ -80,7 +86,10 @@ def run_split(
 ) -> tuple[dict[str, pd.DataFrame], SplitSummary]:
     """Split the ingest manifest; returns one frame per split (ingest columns) and a summary."""
     frame = ingest_manifest.copy()
-    frame["group"] = group_files(frame, params.near_duplicate_distance)
+    # Copies decide what dedupe drops; the union with patients/studies/user groups decides
+    # what moves together.
+    frame["copies"] = group_files(frame, params.near_duplicate_distance)
+    frame["group"], sources = split_groups(frame, params.near_duplicate_distance)
     frame["split"] = frame["split"].astype(str).replace({"<NA>": "", "nan": ""})
     present = [s for s in SPLITS if (frame["split"] == s).any()]
     if params.mode == "pool" or not present:
@@ -103,8 +112,9 @@ def run_split(
         log.info("carved %s out of %d files", " and ".join(carved), int(pool_mask.sum()))
 
     cross, dropped, drop_index = _cross_split_groups(frame, params.dedupe == "drop")
+    identities = identity_leaks(frame)
     kept = frame.drop(index=drop_index)
-    columns = [c for c in ingest_manifest.columns if c != "group"]
+    columns = [c for c in ingest_manifest.columns if c not in ("group", "copies")]
     out = {s: kept[kept["split"] == s][columns].reset_index(drop=True) for s in SPLITS}
     for split, part in out.items():
         if part.empty:
@@ -116,29 +126,38 @@ def run_split(
         s: {k: int(v) for k, v in p["label"].value_counts().sort_index().items()}
         for s, p in out.items()
     }
-    sizes = frame.groupby("group").agg(n=("sha256", "size"), distinct=("sha256", "nunique"))
+    sizes = frame.groupby("copies").agg(n=("sha256", "size"), distinct=("sha256", "nunique"))
     groups = {
         "files": len(frame),
-        "groups": len(sizes),
+        "groups": int(frame["group"].nunique()),
         "exact_copy_groups": int((frame.groupby("sha256").size() > 1).sum()),
         "near_duplicate_groups": int((sizes["distinct"] > 1).sum()),
+        **{k: v for k, v in sources.items() if k.startswith("groups_from_")},
+        "files_without_identity": sources["files_without_identity"],
     }
     mode = "pool" if params.mode == "pool" or not present else "keep"
     return out, SplitSummary(
-        mode=mode, counts=counts, carved=carved, groups=groups, cross_split=cross, dropped=dropped
+        mode=mode,
+        counts=counts,
+        carved=carved,
+        groups=groups,
+        cross_split=cross,
+        cross_split_identities=identities,
+        dropped=dropped,
     )
 
 
 def _cross_split_groups(
     frame: pd.DataFrame, drop: bool
 ) -> tuple[list[dict[str, Any]], list[dict[str, str]], list[Any]]:
-    """Groups over more than one split; with `drop`, the rows to remove from later splits."""
-    spread = frame.groupby("group")["split"].nunique()
+    """Copy groups over more than one split; with `drop`, the rows to remove from later
+    splits."""
+    spread = frame.groupby("copies")["split"].nunique()
     cross: list[dict[str, Any]] = []
     dropped: list[dict[str, str]] = []
     drop_index: list[Any] = []
     for group in spread[spread > 1].index:
-        members = frame[frame["group"] == group]
+        members = frame[frame["copies"] == group]
         # Later split first: the copy that leaks is what a reader looks for.
         members = members.iloc[np.argsort([-_ORDER[s] for s in members["split"]], kind="stable")]
         first = min(members["split"], key=_ORDER.__getitem__)
@@ -184,6 +203,17 @@ def main() -> None:
             outputs["dropped"], pd.DataFrame(summary.dropped, columns=list(DROPPED_COLUMNS))
         )
         log.info("split (%s): %s", summary.mode, summary.counts)
+        log.info(
+            "split groups: %d from %d files; ids from the group column %d, DICOM PatientID %d, "
+            "DICOM StudyInstanceUID %d; copy groups %d exact, %d near",
+            summary.groups["groups"],
+            summary.groups["files"],
+            summary.groups["groups_from_group"],
+            summary.groups["groups_from_patient"],
+            summary.groups["groups_from_study"],
+            summary.groups["exact_copy_groups"],
+            summary.groups["near_duplicate_groups"],
+        )
         if summary.cross_split:
             log.warning(
                 "%d group(s) of copies span two splits in the source (%s): %s",
@@ -193,6 +223,16 @@ def main() -> None:
                 else "reported; validate checks them, split.dedupe: drop removes them",
                 "; ".join(f"{g['files'][0]} ~ {g['files'][-1]}" for g in summary.cross_split[:3]),
             )
+        if summary.cross_split_identities:
+            log.warning(
+                "%d patient/study/group id(s) span two splits in the source (reported; "
+                "validate warns): %s",
+                len(summary.cross_split_identities),
+                "; ".join(
+                    f"{g['kind']} {g['key']} in {'+'.join(g['splits'])}"
+                    for g in summary.cross_split_identities[:3]
+                ),
+            )
         session.finish(
             inputs=["ingest"],
             outputs=outputs,
@@ -200,6 +240,7 @@ def main() -> None:
                 "counts": summary.counts,
                 **{f"{k}_files": len(v) for k, v in parts.items()},
                 "cross_split_groups": len(summary.cross_split),
+                "cross_split_identities": len(summary.cross_split_identities),
                 "dropped": len(summary.dropped),
                 **summary.groups,
             },
@@ -207,6 +248,7 @@ def main() -> None:
                 "mode": summary.mode,
                 "carved": summary.carved,
                 "cross_split": summary.cross_split,
+                "cross_split_identities": summary.cross_split_identities,
             },
         )
 

@@ -6,7 +6,8 @@ Every check has a default severity (`CHECKS`; `validate.severities` overrides it
   format_mismatch (info: e.g. JPEG data under a .png name);
 - copies: duplicate_within_split (warning), near_duplicate (info), label_conflict (error),
   near_label_conflict (warning), cross_split_duplicate (error: leakage),
-  cross_split_near_duplicate (warning);
+  cross_split_near_duplicate (warning), cross_split_identity (warning: one patient, study or
+  user group in two splits; chestct.grouping);
 - the dataset: class_count (error), class_imbalance (warning), and shortcut (warning): a model
   on file metadata alone that predicts the class well above chance.
 
@@ -26,6 +27,7 @@ import pandas as pd
 
 from chestct.dedup import group_files
 from chestct.fsutil import atomic_write_json, atomic_write_text, staged_file
+from chestct.grouping import identity_keys, identity_leaks, split_groups
 from chestct.labels import CLASSES
 from chestct.manifest import (
     DATASET_COLUMNS,
@@ -58,6 +60,10 @@ CHECKS: dict[str, tuple[str, str]] = {
     "near_label_conflict": ("warning", "near-identical files filed under two classes"),
     "cross_split_duplicate": ("error", "identical files in two splits (leakage)"),
     "cross_split_near_duplicate": ("warning", "near-identical files in two splits (leakage)"),
+    "cross_split_identity": (
+        "warning",
+        "slices of one patient, study or group-column id in two splits (leakage)",
+    ),
     "class_count": ("error", "classes with fewer than validate.min_class_count images"),
     "class_imbalance": ("warning", "largest / smallest class above validate.max_imbalance"),
     "shortcut": ("warning", "file metadata alone predicts the class (cross-validated)"),
@@ -405,6 +411,26 @@ class _Checker:
                 ][:6],
             )
 
+    def identity_checks(self) -> None:
+        f = self.frame[self.frame["ok"].astype(bool)]
+        leaks = identity_leaks(f)
+        if leaks:
+            kinds = pd.Series([g["kind"] for g in leaks]).value_counts()
+            # The slices in a later split than their id's first are the ones to quarantine.
+            keys = identity_keys(f)[0]
+            order = f["split"].map({s: i for i, s in enumerate(SPLITS)})
+            leaked = keys.isin({f"{g['kind']}:{g['key']}" for g in leaks})
+            rows = list(f.index[leaked & (order > order.groupby(keys).transform("min"))])
+            self.add(
+                "cross_split_identity",
+                f"{len(leaks)} id(s) have slices in more than one split ("
+                + ", ".join(f"{n} {kind}" for kind, n in kinds.items())
+                + "): a model is then scored on patients it trained on. Use split.mode: pool "
+                "(groups move together) or fix the source's splits",
+                [f"{g['kind']} {g['key']}: {path}" for g in leaks for path in g["files"]],
+                rows,
+            )
+
     def dataset_checks(self, good: pd.DataFrame, seed: int) -> tuple[dict, ShortcutResult | None]:
         p = self.params
         counts = {
@@ -441,8 +467,10 @@ class _Checker:
                 f"skipped: {len(good)} images, fewer than validate.shortcut_min_images"
             )
         else:
+            # Folds keep copies and slices of one patient/study/group on one side.
+            cohorts = split_groups(good, p.near_duplicate_distance)[0]
             shortcut = detect_shortcut(
-                good, good["group"], seed, family_margin=min(p.shortcut_margin, 0.1)
+                good, cohorts, seed, family_margin=min(p.shortcut_margin, 0.1)
             )
             if shortcut is None:
                 self.results["shortcut"] = "skipped: too few images per class for two folds"
@@ -494,6 +522,7 @@ def run_validate(
     checker = _Checker(frame, params)
     checker.file_checks(skipped or [])
     checker.copy_checks()
+    checker.identity_checks()
 
     quarantine: dict[Any, list[str]] = {}
     if params.quarantine:

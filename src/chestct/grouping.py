@@ -3,7 +3,7 @@
 Slices of one patient look alike without being copies; a split that puts some in train and
 some in test measures how well a model recognises the patient. Ingest records, per file, who
 it belongs to, as salt-free sha256 prefixes so that raw identifiers never reach an artifact,
-MLflow or dvc.lock:
+MLflow or dvc.lock (`hash_id`; ingest reads the two DICOM tags):
 
 - `patient_hash`: the DICOM `PatientID` (empty for other formats or when the tag is absent);
 - `study_hash`: the DICOM `StudyInstanceUID`;
@@ -19,7 +19,6 @@ it keeps identifiers out of files, it does not anonymise.
 from __future__ import annotations
 
 import hashlib
-import io
 from typing import Any
 
 import pandas as pd
@@ -45,27 +44,6 @@ def hash_id(value: object) -> str:
     if not text:
         return ""
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:ID_DIGITS]
-
-
-def dicom_identity(data: bytes) -> tuple[str, str]:
-    """(hashed PatientID, hashed StudyInstanceUID) of DICOM bytes; '' for an absent tag.
-
-    Only these two tags are read (no pixels); a file pydicom cannot parse gives ('', '').
-    """
-    import pydicom  # imported here: only DICOM sources pay for it
-
-    from chestct.imaging import has_dicom_preamble
-
-    try:
-        ds = pydicom.dcmread(
-            io.BytesIO(data),
-            force=not has_dicom_preamble(data),
-            stop_before_pixels=True,
-            specific_tags=["PatientID", "StudyInstanceUID"],
-        )
-    except Exception:  # any parse failure means "no identity", never a crash
-        return "", ""
-    return hash_id(ds.get("PatientID", "")), hash_id(ds.get("StudyInstanceUID", ""))
 
 
 def _column(frame: pd.DataFrame, name: str) -> pd.Series:

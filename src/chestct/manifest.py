@@ -31,6 +31,20 @@ INGEST_COLUMNS: tuple[str, ...] = (
 )
 
 
+# One row per distinct content, written by ingest: chestct.acquisition's features of the slice.
+ACQUISITION_COLUMNS: tuple[str, ...] = (
+    "sha256",
+    "width",
+    "height",
+    "body_share",
+    "body_aspect",
+    "body_found",
+    "background",
+    "body_p05",
+    "body_p50",
+    "body_p95",
+)
+
 # One row per distinct content, written by resize.
 INDEX_COLUMNS: tuple[str, ...] = ("sha256", "resized", "ok", "error", "mean", "std")
 

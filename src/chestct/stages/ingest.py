@@ -20,6 +20,7 @@ written.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import shutil
@@ -29,12 +30,13 @@ from pathlib import Path
 import pandas as pd
 from tqdm import tqdm
 
+from chestct.acquisition import acquisition_features
 from chestct.dedup import phash
 from chestct.fsutil import sha256_bytes
-from chestct.grouping import dicom_identity, hash_id
-from chestct.imaging import ImageError, decode, encode_png, worker_pool
+from chestct.grouping import hash_id
+from chestct.imaging import ImageError, decode, encode_png, has_dicom_preamble, worker_pool
 from chestct.labels import CLASSES, label_for_folder
-from chestct.manifest import INGEST_COLUMNS, SPLITS, write_manifest
+from chestct.manifest import ACQUISITION_COLUMNS, INGEST_COLUMNS, SPLITS, write_manifest
 from chestct.runner import StageFailed, run_main, stage_session
 from chestct.settings import BaseParams, IngestParams
 from chestct.sources import IGNORED_DIRS, Source, SourceError, limits_from, resolve
@@ -53,6 +55,8 @@ class IngestSummary:
     skipped: list[dict[str, str]]
     counts: dict[str, dict[str, int]]  # split -> label -> files
     source: dict[str, str | None] = field(default_factory=dict)  # kind, origin, sha256
+    # ACQUISITION_COLUMNS, one row per distinct content (chestct.acquisition)
+    acquisition: pd.DataFrame | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -199,6 +203,25 @@ def scan_listing(listing: Path, class_map: dict[str, str]) -> list[tuple[str, st
     return rows
 
 
+def dicom_identity(data: bytes) -> tuple[str, str]:
+    """(hashed PatientID, hashed StudyInstanceUID) of DICOM bytes; '' for an absent tag.
+
+    Only these two tags are read (no pixels); a file pydicom cannot parse gives ('', '').
+    """
+    import pydicom  # imported here: only DICOM sources pay for it
+
+    try:
+        ds = pydicom.dcmread(
+            io.BytesIO(data),
+            force=not has_dicom_preamble(data),
+            stop_before_pixels=True,
+            specific_tags=["PatientID", "StudyInstanceUID"],
+        )
+    except Exception:  # any parse failure means "no identity", never a crash
+        return "", ""
+    return hash_id(ds.get("PatientID", "")), hash_id(ds.get("StudyInstanceUID", ""))
+
+
 def _write_new(path: Path, data: bytes) -> None:
     """Write beside and rename: two workers writing one name never interleave. The stage's
     output is thrown away on failure, so a crash needs no fsync here."""
@@ -240,6 +263,7 @@ def _ingest_one(job: _Job) -> dict[str, object]:
         "patient_hash": patient,
         "study_hash": study,
         "group_hash": job.group_hash,
+        "acquisition": acquisition_features(info.grey),
     }
 
 
@@ -270,7 +294,7 @@ def run_ingest(
             (settings `paths.downloads`); None downloads it afresh.
 
     Returns:
-        The manifest (INGEST_COLUMNS) and a summary.
+        The manifest (INGEST_COLUMNS) and a summary (with the acquisition features).
     """
     images_dir = out_dir / "images"
     staging = out_dir / ".source"
@@ -341,6 +365,12 @@ def run_ingest(
             f"{source.origin}: none of {len(files)} files could be decoded (first: "
             f"{skipped[0]['path']}: {skipped[0]['reason']})"
         )
+    acquisition = (
+        pd.DataFrame([{"sha256": r["sha256"], **r["acquisition"]} for r in rows])
+        .drop_duplicates("sha256")
+        .sort_values("sha256")
+        .reset_index(drop=True)[list(ACQUISITION_COLUMNS)]
+    )
     frame = pd.DataFrame(rows, columns=list(INGEST_COLUMNS))
     frame["path"] = [Path(p).relative_to(root).as_posix() for p in frame["path"]]
     missing = [c for c in CLASSES if c not in set(frame["label"])]
@@ -353,7 +383,9 @@ def run_ingest(
     for (split, label), n in frame.groupby(["split", "label"]).size().items():
         counts.setdefault(split or "all", {})[label] = int(n)
     info = {"kind": source.kind, "origin": source.origin, "sha256": source.archive_sha256}
-    return frame, IngestSummary(files=len(frame), skipped=skipped, counts=counts, source=info)
+    return frame, IngestSummary(
+        files=len(frame), skipped=skipped, counts=counts, source=info, acquisition=acquisition
+    )
 
 
 def main() -> None:
@@ -368,6 +400,8 @@ def main() -> None:
         )
         manifest = session.out_dir / "manifest.csv"
         write_manifest(manifest, frame)
+        acquisition = session.out_dir / "acquisition.csv"
+        write_manifest(acquisition, summary.acquisition)
         skipped = session.out_dir / "skipped.csv"
         write_manifest(skipped, pd.DataFrame(summary.skipped, columns=list(SKIPPED_COLUMNS)))
         log.info(
@@ -382,6 +416,7 @@ def main() -> None:
             inputs=[],
             outputs={
                 "manifest": manifest,
+                "acquisition": acquisition,
                 "skipped": skipped,
                 "images": session.out_dir / "images",
             },

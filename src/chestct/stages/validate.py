@@ -8,8 +8,11 @@ Every check has a default severity (`CHECKS`; `validate.severities` overrides it
   near_label_conflict (warning), cross_split_duplicate (error: leakage),
   cross_split_near_duplicate (warning), cross_split_identity (warning: one patient, study or
   user group in two splits; chestct.grouping);
-- the dataset: class_count (error), class_imbalance (warning), and shortcut (warning): a model
-  on file metadata alone that predicts the class well above chance.
+- the dataset: class_count (error), class_imbalance (warning), shortcut (warning): a model
+  on file metadata and acquisition cues that predicts the class well above chance, and
+  acquisition_shortcut (warning): the pixels' acquisition cues alone (how much of the frame the
+  body fills, its aspect, background and body grey levels; chestct.acquisition, measured at
+  ingest) predict it. The report names the features that give the class away on their own.
 
 `validate.quarantine: true` leaves the files that a warning or error names out of the
 downstream manifests (the source is never touched; `quarantine.csv` lists them and why); a
@@ -30,6 +33,7 @@ from chestct.fsutil import atomic_write_json, atomic_write_text, staged_file
 from chestct.grouping import identity_keys, identity_leaks, split_groups
 from chestct.labels import CLASSES
 from chestct.manifest import (
+    ACQUISITION_COLUMNS,
     DATASET_COLUMNS,
     INDEX_COLUMNS,
     INGEST_COLUMNS,
@@ -40,7 +44,7 @@ from chestct.manifest import (
 from chestct.pointers import read_pointer
 from chestct.runner import StageFailed, run_main, stage_session
 from chestct.settings import ValidateParams
-from chestct.shortcuts import ShortcutResult, detect_shortcut
+from chestct.shortcuts import PIXEL_FEATURES, ShortcutResult, detect_shortcut
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +70,14 @@ CHECKS: dict[str, tuple[str, str]] = {
     ),
     "class_count": ("error", "classes with fewer than validate.min_class_count images"),
     "class_imbalance": ("warning", "largest / smallest class above validate.max_imbalance"),
-    "shortcut": ("warning", "file metadata alone predicts the class (cross-validated)"),
+    "shortcut": (
+        "warning",
+        "file metadata and acquisition cues predict the class (cross-validated)",
+    ),
+    "acquisition_shortcut": (
+        "warning",
+        "body framing and grey levels in the pixels alone predict the class (cross-validated)",
+    ),
 }
 QUARANTINE_COLUMNS: tuple[str, ...] = ("split", "label", "source_path", "sha256", "checks")
 _EXTENSIONS = {
@@ -174,11 +185,17 @@ class Report:
                 "",
                 "## Shortcut detector",
                 "",
-                f"Balanced accuracy of a random forest on file metadata alone "
-                f"({s['folds']}-fold, grouped by duplicates, {s['images']} images): "
+                f"Balanced accuracy of a random forest on file metadata and acquisition cues "
+                f"({s['folds']}-fold, grouped by copies and patients, {s['images']} images): "
                 f"**{s['score']:.2f}** (chance {s['chance']:.2f}).",
                 "",
             ]
+            if s.get("pixels") is not None:
+                lines += [
+                    f"The pixels' acquisition cues alone ({', '.join(PIXEL_FEATURES)}): "
+                    f"**{s['pixels']:.2f}**.",
+                    "",
+                ]
             if s["by_family"]:
                 lines += [
                     "",
@@ -186,8 +203,17 @@ class Report:
                     "|---|---|",
                     *(f"| {k} | {v:.2f} |" for k, v in s["by_family"].items()),
                 ]
+            if s.get("by_feature"):
+                lines += [
+                    "",
+                    "| one feature alone | balanced accuracy |",
+                    "|---|---|",
+                    *(f"| `{k}` | {v:.2f} |" for k, v in s["by_feature"].items()),
+                ]
             if "shortcut" in self.pictures:
                 lines += ["", f"![shortcut]({self.pictures['shortcut']})"]
+            if "acquisition" in self.pictures:
+                lines += ["", f"![acquisition]({self.pictures['acquisition']})"]
         if self.quarantined:
             lines += [
                 "",
@@ -478,10 +504,11 @@ class _Checker:
                 leak = shortcut.strongest()
                 self.add(
                     "shortcut",
-                    f"file metadata alone predicts the class: balanced accuracy "
+                    f"file metadata and acquisition cues predict the class: balanced accuracy "
                     f"{shortcut.score:.2f} against chance {shortcut.chance:.2f} "
                     f"({shortcut.folds}-fold); strongest alone: {leak} "
-                    f"({shortcut.by_family[leak]:.2f}). A model can learn this instead of the "
+                    f"({shortcut.by_family[leak]:.2f}); features alone: "
+                    f"{shortcut.top_features(3)}. A model can learn this instead of the "
                     "anatomy: compare models only on resized images, prefer resize.mode "
                     "stretch or crop (pad bands show the aspect ratio), and build test sets "
                     "without this bias",
@@ -493,7 +520,36 @@ class _Checker:
                     f"passed: balanced accuracy {shortcut.score:.2f} "
                     f"(chance {shortcut.chance:.2f})"
                 )
+            self.acquisition_check(shortcut)
+        if "acquisition_shortcut" not in self.results and shortcut is None:
+            self.results["acquisition_shortcut"] = self.results["shortcut"]
         return counts, shortcut
+
+    def acquisition_check(self, shortcut: ShortcutResult | None) -> None:
+        """The pixel cues alone (chestct.acquisition) against validate.shortcut_margin."""
+        margin = self.params.shortcut_margin
+        if shortcut is None:
+            return
+        if shortcut.pixels is None:
+            self.results["acquisition_shortcut"] = (
+                "skipped: no acquisition features (rerun ingest to measure them)"
+            )
+        elif shortcut.pixels_leak(margin):
+            self.add(
+                "acquisition_shortcut",
+                f"how the slices were acquired predicts the class: the pixels' framing and grey "
+                f"levels alone reach a balanced accuracy of {shortcut.pixels:.2f} against chance "
+                f"{shortcut.chance:.2f} ({shortcut.folds}-fold); on their own: "
+                f"{shortcut.top_features(3, PIXEL_FEATURES)}. A model can learn the scanner or "
+                "the export instead of the anatomy: crop to the body and normalise grey levels "
+                "before resizing, and test on data acquired elsewhere",
+                [],
+                [],
+            )
+        else:
+            self.results["acquisition_shortcut"] = (
+                f"passed: balanced accuracy {shortcut.pixels:.2f} (chance {shortcut.chance:.2f})"
+            )
 
 
 def run_validate(
@@ -503,6 +559,7 @@ def run_validate(
     *,
     seed: int = 0,
     skipped: list[dict[str, str]] | None = None,
+    acquisition: pd.DataFrame | None = None,
 ) -> tuple[dict[str, pd.DataFrame], Report]:
     """Run the checks; returns per-split datasets (decodable, not quarantined) and the report.
 
@@ -512,10 +569,15 @@ def run_validate(
         params: validate params.
         seed: for the shortcut detector's folds.
         skipped: files ingest could not decode ({path, reason}), reported as undecodable.
+        acquisition: ingest's acquisition features (ACQUISITION_COLUMNS, by sha256); without
+            them the acquisition_shortcut check is skipped.
     """
     frame = pd.concat([m.assign(split=s) for s, m in manifests.items()], ignore_index=True).merge(
         index, on="sha256", how="left", validate="many_to_one"
     )
+    if acquisition is not None:
+        pixels = acquisition[["sha256", *PIXEL_FEATURES]].drop_duplicates("sha256")
+        frame = frame.merge(pixels, on="sha256", how="left", validate="many_to_one")
     frame["ok"] = frame["ok"].fillna(False).astype(bool)
     frame["resized"] = frame["resized"].fillna("").astype(str)
     frame["group"] = group_files(frame, params.near_duplicate_distance)
@@ -590,8 +652,12 @@ def run_validate(
             "folds": shortcut.folds,
             "images": shortcut.images,
             "by_family": shortcut.by_family,
+            "pixels": shortcut.pixels,
+            "by_feature": shortcut.by_feature,
         },
-        metadata=good[["label", "width", "height"]].copy(),
+        metadata=good[
+            ["label", "width", "height", *[c for c in PIXEL_FEATURES if c in good.columns]]
+        ].copy(),
     )
     return datasets, report
 
@@ -655,6 +721,24 @@ def write_pictures(report: Report, out_dir: Path, root: Path) -> dict[str, str]:
             fig.savefig(tmp, dpi=90)
         plt.close(fig)
         pictures["shortcut"] = target.relative_to(out_dir).as_posix()
+    fired = any(f.check == "acquisition_shortcut" for f in report.findings)
+    if fired and meta is not None and all(c in meta.columns for c in PIXEL_FEATURES):
+        fig, axes = plt.subplots(1, len(PIXEL_FEATURES), figsize=(3.0 * len(PIXEL_FEATURES), 3.6))
+        present = [c for c in CLASSES if (meta["label"] == c).any()]
+        for ax, feature in zip(axes, PIXEL_FEATURES, strict=True):
+            ax.boxplot(
+                [meta.loc[meta["label"] == c, feature].astype(float) for c in present],
+                showfliers=False,
+            )
+            ax.set_xticks(range(1, len(present) + 1), [c[:10] for c in present], fontsize=6)
+            ax.set_title(feature, fontsize=8)
+        fig.suptitle("Acquisition cues by class: what a model can learn instead of anatomy")
+        fig.tight_layout()
+        target = folder / "acquisition.png"
+        with staged_file(target) as tmp:
+            fig.savefig(tmp, dpi=90)
+        plt.close(fig)
+        pictures["acquisition"] = target.relative_to(out_dir).as_posix()
     report.pictures = pictures
     return pictures
 
@@ -670,8 +754,18 @@ def main() -> None:
         }
         index = read_manifest(resize.output_path("index", s.paths.root), INDEX_COLUMNS)
         skipped = list(ingest.details.get("skipped", []))
+        acquisition = None
+        if "acquisition" in ingest.outputs:
+            acquisition = read_manifest(
+                ingest.output_path("acquisition", s.paths.root), ACQUISITION_COLUMNS
+            )
         datasets, report = run_validate(
-            manifests, index, s.params.validate, seed=s.params.base.seed, skipped=skipped
+            manifests,
+            index,
+            s.params.validate,
+            seed=s.params.base.seed,
+            skipped=skipped,
+            acquisition=acquisition,
         )
         out = session.out_dir
         write_pictures(report, out, s.paths.root)
@@ -715,6 +809,11 @@ def main() -> None:
                 **{f"{n}_images": len(d) for n, d in datasets.items()},
                 **{k: v for k, v in report.summary.items() if isinstance(v, int)},
                 **({"shortcut_score": report.shortcut["score"]} if report.shortcut else {}),
+                **(
+                    {"acquisition_shortcut_score": report.shortcut["pixels"]}
+                    if report.shortcut and report.shortcut["pixels"] is not None
+                    else {}
+                ),
             },
             details={"checks": sorted({f.check for f in report.findings})},
         )

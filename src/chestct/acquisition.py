@@ -1,0 +1,101 @@
+"""How a slice was acquired, read from its pixels: framing, zoom and grey levels.
+
+Classes collected on different scanners or exported differently can be told apart without
+looking at the anatomy: the body fills less of the frame in one source (a wider zoom, the
+scanner table in view), or one class was exported darker. `acquisition_features` measures
+those cues per slice so that validate's shortcut detector (chestct.shortcuts) can ask whether
+they alone predict the class, and so that serving can watch them per request.
+
+Every feature is computed on a copy whose longer side is at most `WORK_SIDE` pixels (the body
+box and grey-level percentiles are coarse by nature), so one slice costs about a millisecond
+whatever its size (bench/acquisition.py measures it).
+
+Features (all floats):
+
+- `width`, `height`: the slice's size in pixels;
+- `body_share`: area of the body's bounding box (`imaging.body_box`, no margin) over the frame's;
+- `body_aspect`: the body box's width over its height;
+- `body_found`: 1 when a body was found, 0 when the box fell back to the whole frame;
+- `background`: mean grey level (0..255) outside the body box (the 1st percentile of the frame
+  when the box fills it);
+- `body_p05`, `body_p50`, `body_p95`: grey-level percentiles inside the body box.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from chestct.imaging import body_box
+
+WORK_SIDE = 256
+FEATURES: tuple[str, ...] = (
+    "width",
+    "height",
+    "body_share",
+    "body_aspect",
+    "body_found",
+    "background",
+    "body_p05",
+    "body_p50",
+    "body_p95",
+)
+# What only the pixels show (width and height are file metadata too).
+PIXEL_FEATURES: tuple[str, ...] = FEATURES[2:]
+# Below this share of the frame outside the body box, "background" is the frame's darkest grey.
+_MIN_OUTSIDE = 0.01
+
+
+def _percentiles(values: np.ndarray, quantiles: tuple[float, ...]) -> list[float]:
+    """Percentiles of uint8 values through a histogram (cheaper than sorting)."""
+    counts = np.bincount(values.reshape(-1), minlength=256)
+    cumulative = np.cumsum(counts)
+    total = int(cumulative[-1])
+    return [float(np.searchsorted(cumulative, q * total, side="left")) for q in quantiles]
+
+
+def acquisition_features(grey: np.ndarray) -> dict[str, float]:
+    """Acquisition cues of one 8-bit grey slice (see the module docstring for each feature).
+
+    Args:
+        grey: uint8 H x W (as `imaging.decode` returns it).
+
+    Raises:
+        ValueError: not a 2-D uint8 array.
+    """
+    if grey.ndim != 2 or grey.dtype != np.uint8 or grey.size == 0:
+        raise ValueError(
+            f"acquisition_features needs a 2-D uint8 grey slice, got {grey.dtype} {grey.shape}"
+        )
+    height, width = grey.shape
+    scale = min(1.0, WORK_SIDE / max(height, width))
+    small = (
+        cv2.resize(
+            grey,
+            (max(1, round(width * scale)), max(1, round(height * scale))),
+            interpolation=cv2.INTER_AREA,
+        )
+        if scale < 1.0
+        else grey
+    )
+    box = body_box(small, margin=0.0)
+    inside = box.crop(small)
+    outside = small.size - inside.size
+    if outside >= _MIN_OUTSIDE * small.size:
+        background = (float(small.sum(dtype=np.int64)) - float(inside.sum(dtype=np.int64))) / (
+            outside
+        )
+    else:
+        background = _percentiles(small, (0.01,))[0]
+    p05, p50, p95 = _percentiles(inside, (0.05, 0.50, 0.95))
+    return {
+        "width": float(width),
+        "height": float(height),
+        "body_share": round(inside.size / small.size, 4),
+        "body_aspect": round(box.w / max(box.h, 1), 4),
+        "body_found": float(box.found),
+        "background": round(background, 3),
+        "body_p05": p05,
+        "body_p50": p50,
+        "body_p95": p95,
+    }

@@ -131,6 +131,23 @@ def test_dicom_files_decode_through_ingests_window(tmp_path: Path) -> None:
     assert "window" in refused[refused["relative"] == "normal/slice.dcm"].iloc[0]["error"]
 
 
+def test_acquisition_table_summary_plot_and_classifier(scanned: pd.DataFrame) -> None:
+    table = eda.acquisition_table(scanned)
+    assert len(table) == (scanned["error"] == "").sum()
+    assert {"body_share", "body_aspect", "background", "body_p05", "body_p95"} <= set(table)
+    assert table["body_share"].between(0, 1).all()
+    summary = eda.acquisition_by_class(table)
+    assert list(summary.index) == list(CLASSES) and "body found" in summary.columns
+    assert len(eda.acquisition_plot(table).axes) == 8
+    result = eda.acquisition_shortcut(table, seed=0)
+    assert result is not None and result.pixels is not None
+    # Scored always in the notebook, not only when there is a leak to explain.
+    assert set(result.by_family) >= {"body box", "grey levels"}
+    assert list(result.by_feature) and result.top_features(1)
+    grid = eda.body_box_grid(scanned, per_class=2, seed=1)
+    assert sum(bool(ax.patches) for ax in grid.axes) == len(CLASSES) * 2
+
+
 # --------------------------------------------------------------------------- error analysis
 
 
@@ -268,3 +285,34 @@ def test_error_analysis_notebook_runs_on_the_promoted_model(
     metrics = json.loads((reproduced / "artifacts/evaluate/metrics.json").read_text())
     accuracy = float(text.split("test images; accuracy ")[1].split(",")[0])
     assert accuracy == pytest.approx(metrics["accuracy"], abs=1e-3)
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_acquisition_notebook_shows_no_shortcut_on_synthetic_and_one_on_a_zoomed_class(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from chestct.synthetic import generate_synthetic
+    from test_data_acquisition import _zoom_out
+
+    # CHESTCT_DATA unset: the embedded synthetic default at the tiny project's sizes.
+    root = project_copy(tmp_path / "project")
+    monkeypatch.delenv("CHESTCT_DATA", raising=False)
+    book = execute("03-acquisition-shortcut.ipynb", {"CHESTCT_ROOT": str(root)}, monkeypatch)
+    text = _text(book)
+    assert "source:  synthetic" in text
+    assert "56 slices measured, 0 undecodable" in text  # 4 classes x (8 + 3 + 3)
+    assert "-> no shortcut at validate.shortcut_margin 0.15" in text
+    assert _pictures(book) >= 2  # the body boxes and the distributions
+
+    # One class drawn at 60 % zoom with a black margin: the notebook shows the shortcut.
+    data = tmp_path / "zoomed"
+    generate_synthetic(data, 7, {"train": 10, "valid": 2, "test": 2})
+    for path in (data / split / "normal" for split in ("train", "valid", "test")):
+        for image in path.glob("*.png"):
+            _zoom_out(image, 0.6)
+    env = {"CHESTCT_ROOT": str(root), "CHESTCT_DATA": str(data)}
+    text = _text(execute("03-acquisition-shortcut.ipynb", env, monkeypatch))
+    assert f"source:  {data}" in text
+    assert "-> a shortcut at validate.shortcut_margin 0.15" in text
+    assert "best single features: body_share" in text

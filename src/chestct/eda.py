@@ -3,7 +3,9 @@
 The notebook only calls these functions, so that what it shows is tested code: a scan of the
 source as ingest sees it (labels from folder names, format by content), class counts, image
 size and mode by class, intensity by class, exact and pixel-identical duplicates, and a sample
-grid per class.
+grid per class. research/03-acquisition-shortcut.ipynb adds the acquisition cues of each slice
+(chestct.acquisition), their distribution per class, a classifier on those cues alone
+(chestct.shortcuts) and the body boxes drawn on sample slices.
 """
 
 from __future__ import annotations
@@ -20,14 +22,17 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from chestct.acquisition import FEATURES, acquisition_features
 from chestct.fsutil import sha256_bytes
-from chestct.imaging import ImageError, decode
+from chestct.imaging import ImageError, body_box, decode
 from chestct.labels import CLASSES
 from chestct.manifest import SPLITS
 from chestct.settings import Settings
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+
+    from chestct.shortcuts import ShortcutResult
 
 log = logging.getLogger(__name__)
 
@@ -284,4 +289,98 @@ def sample_grid(
             va="center",
             fontsize=8,
         )
+    return fig
+
+
+# --------------------------------------------------------------------------- acquisition cues
+
+
+def acquisition_table(
+    frame: pd.DataFrame, window: tuple[float, float] | None = None
+) -> pd.DataFrame:
+    """The scan's decodable rows with each slice's acquisition features (chestct.acquisition)
+    added; DICOM files through `window`, as in `scan`."""
+    good = _decoded(frame).reset_index(drop=True)
+    rows = []
+    for path in tqdm(good["path"], desc="acquisition", unit="file", leave=False):
+        grey = decode(Path(path).read_bytes(), window).grey
+        features = acquisition_features(grey)
+        rows.append({k: v for k, v in features.items() if k not in ("width", "height")})
+    return pd.concat([good, pd.DataFrame(rows, index=good.index)], axis=1)
+
+
+def acquisition_by_class(table: pd.DataFrame) -> pd.DataFrame:
+    """Median (and interquartile range) of each acquisition feature, one row per class."""
+    columns = [c for c in FEATURES if c != "body_found"]
+    grouped = table.groupby("label")[columns]
+    median, q1, q3 = grouped.median(), grouped.quantile(0.25), grouped.quantile(0.75)
+    out = pd.DataFrame(index=median.index)
+    for column in columns:
+        out[column] = [
+            f"{m:.3g} ({a:.3g}..{b:.3g})"
+            for m, a, b in zip(median[column], q1[column], q3[column], strict=True)
+        ]
+    out["body found"] = table.groupby("label")["body_found"].mean().map("{:.0%}".format)
+    return out.reindex([c for c in CLASSES if c in out.index])
+
+
+def acquisition_plot(table: pd.DataFrame) -> Figure:
+    """Box plots of each acquisition feature per class: where classes separate, a model can
+    learn the acquisition instead of the anatomy."""
+    from matplotlib.figure import Figure
+
+    columns = [c for c in FEATURES if c != "body_found"]
+    present = [c for c in CLASSES if (table["label"] == c).any()]
+    fig = Figure(figsize=(2.6 * 4, 2.6 * 2), layout="constrained")
+    axes = fig.subplots(2, 4).reshape(-1)
+    for ax, column in zip(axes, columns, strict=True):
+        ax.boxplot([table.loc[table["label"] == c, column] for c in present], showfliers=False)
+        ax.set_xticks(range(1, len(present) + 1), [c.split("_")[0][:8] for c in present])
+        ax.tick_params(labelsize=7)
+        ax.set_title(column, fontsize=9)
+    fig.suptitle("Acquisition cues per class", fontsize=10)
+    return fig
+
+
+def acquisition_shortcut(table: pd.DataFrame, seed: int = 0) -> ShortcutResult | None:
+    """validate's shortcut detector on a scan: metadata and acquisition cues together, the
+    pixel cues together, each family and each feature alone (always, not only on a leak).
+    Files with identical pixels stay on one side of every fold. None: too few per class."""
+    from chestct.shortcuts import detect_shortcut
+
+    groups = pd.Series(pd.factorize(table["pixel_sha256"])[0], index=table.index)
+    return detect_shortcut(table, groups, seed, family_margin=-1.0)
+
+
+def body_box_grid(
+    frame: pd.DataFrame,
+    per_class: int = 4,
+    seed: int = 0,
+    window: tuple[float, float] | None = None,
+) -> Figure:
+    """Random decodable slices of each class (one row per class) with the body box that the
+    acquisition features measure drawn on them, titled with its share of the frame."""
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+
+    if per_class < 1:
+        raise EdaError(f"per_class must be at least 1, got {per_class}")
+    good = _decoded(frame)
+    fig = Figure(figsize=(2.0 * per_class, 2.0 * len(CLASSES)), layout="constrained")
+    axes = fig.subplots(len(CLASSES), per_class, squeeze=False)
+    rng = np.random.default_rng(seed)
+    for row, label in zip(axes, CLASSES, strict=True):
+        part = good[good["label"] == label]
+        picks = part.iloc[rng.permutation(len(part))[:per_class]] if len(part) else part
+        for i, ax in enumerate(row):
+            ax.set_axis_off()
+            if i < len(picks):
+                grey = decode(Path(picks.iloc[i]["path"]).read_bytes(), window).grey
+                box = body_box(grey, margin=0.0)
+                ax.imshow(grey, cmap="gray", vmin=0, vmax=255)
+                ax.add_patch(
+                    Rectangle((box.x, box.y), box.w, box.h, fill=False, color="orange", lw=1)
+                )
+                share = box.w * box.h / grey.size
+                ax.set_title(f"{label.split('_')[0][:8]}: body {share:.0%}", fontsize=7)
     return fig

@@ -1,0 +1,65 @@
+"""Time per slice of `chestct.acquisition.acquisition_features` (validate's and serving's
+acquisition cues).
+
+    python bench/acquisition_features.py [--source FOLDER] [--repeat 3]
+
+Without --source, 200 chest-CT-like slices of the embedded synthetic default (mixed sizes and
+modes) are generated in a temporary folder. Slices are decoded once beforehand; only the
+feature computation is timed, single-threaded (OpenCV runs one thread, as in a worker). Reported:
+wall-clock milliseconds per slice (median over the rounds, with the range), the process's CPU
+time per slice (less sensitive to other load on the machine), and the share of slices where a
+body was found.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+
+from chestct.acquisition import acquisition_features
+from chestct.imaging import decode
+from chestct.synthetic import generate_synthetic
+
+SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--source", type=Path, help="folder of slices (default: synthetic)")
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    cv2.setNumThreads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = args.source
+        if folder is None:
+            folder = Path(tmp)
+            generate_synthetic(folder, 0, {"train": 50, "valid": 0, "test": 0})
+        files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in SUFFIXES)
+        greys = [decode(p.read_bytes()).grey for p in files]
+    if not greys:
+        raise SystemExit(f"{folder}: no image files")
+    rounds, cpu = [], []
+    found = 0.0
+    for _ in range(args.repeat):
+        start, start_cpu = time.perf_counter(), time.process_time()
+        features = [acquisition_features(g) for g in greys]
+        rounds.append((time.perf_counter() - start) / len(greys) * 1000)
+        cpu.append((time.process_time() - start_cpu) / len(greys) * 1000)
+        found = sum(f["body_found"] for f in features) / len(features)
+    sides = sorted(max(g.shape) for g in greys)
+    print(
+        f"{len(greys)} slices (longer side {sides[0]}..{sides[-1]} px, median "
+        f"{sides[len(sides) // 2]}): {statistics.median(rounds):.2f} ms per slice "
+        f"(range {min(rounds):.2f}..{max(rounds):.2f} over {args.repeat} rounds; CPU time "
+        f"{statistics.median(cpu):.2f} ms); "
+        f"body found in {found:.0%}"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -51,7 +51,8 @@ class WindowParams:
 
 @dataclass(frozen=True)
 class IngestParams:
-    # synthetic | a folder | a .zip/.tar.gz/.tgz archive | an http(s):// URL to an archive
+    # synthetic | a folder | a .zip/.tar.gz/.tgz archive | an http(s):// URL to an archive |
+    # a .csv listing (path,label[,split][,group]; chestct.stages.ingest)
     source: str = "synthetic"
     synthetic_per_class: dict[str, int] = field(
         default_factory=lambda: {"train": 120, "valid": 20, "test": 30}

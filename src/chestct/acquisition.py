@@ -8,7 +8,7 @@ they alone predict the class, and so that serving can watch them per request.
 
 Every feature is computed on a copy whose longer side is at most `WORK_SIDE` pixels (the body
 box and grey-level percentiles are coarse by nature), so one slice costs about a millisecond
-whatever its size (bench/acquisition.py measures it).
+whatever its size (bench/acquisition_features.py measures it).
 
 Features (all floats):
 

@@ -13,10 +13,11 @@ import pytest
 
 from chestct.acquisition import FEATURES, acquisition_features
 from chestct.labels import CLASSES
-from chestct.manifest import ACQUISITION_COLUMNS, INDEX_COLUMNS
-from chestct.settings import BaseParams, IngestParams, SplitParams, ValidateParams
+from chestct.manifest import ACQUISITION_COLUMNS
+from chestct.settings import BaseParams, IngestParams, ResizeParams, SplitParams, ValidateParams
 from chestct.shortcuts import PIXEL_FEATURES
 from chestct.stages.ingest import run_ingest
+from chestct.stages.resize import run_resize
 from chestct.stages.split import run_split
 from chestct.stages.validate import run_validate, write_pictures
 from chestct.synthetic import generate_synthetic
@@ -86,7 +87,7 @@ def _zoom_out(path: Path, scale: float) -> None:
 
 
 def _pipeline(root: Path, source: str) -> tuple[object, dict[str, pd.DataFrame], pd.DataFrame]:
-    """ingest -> split -> (a resize index from the stored files) -> validate."""
+    """ingest -> split -> resize -> validate, with the stages' default params."""
     frame, summary = run_ingest(
         BaseParams(seed=42, image_size=32),
         IngestParams(source=source, synthetic_per_class=PER_CLASS),
@@ -96,20 +97,7 @@ def _pipeline(root: Path, source: str) -> tuple[object, dict[str, pd.DataFrame],
     assert list(summary.acquisition.columns) == list(ACQUISITION_COLUMNS)
     assert len(summary.acquisition) == frame["sha256"].nunique()
     parts, _ = run_split(frame, SplitParams(), seed=42)
-    index = pd.DataFrame(
-        [
-            {
-                "sha256": r.sha256,
-                "resized": r.path,
-                "ok": True,
-                "error": "",
-                "mean": float(cv2.imread(str(root / r.path), cv2.IMREAD_GRAYSCALE).mean()),
-                "std": 50.0,
-            }
-            for r in frame.drop_duplicates("sha256").itertuples()
-        ],
-        columns=list(INDEX_COLUMNS),
-    )
+    index, _ = run_resize(parts, ResizeParams(), 32, root / "artifacts" / "resize", root)
     datasets, report = run_validate(
         parts, index, ValidateParams(), seed=42, acquisition=summary.acquisition
     )

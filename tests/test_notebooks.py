@@ -138,7 +138,7 @@ def test_acquisition_table_summary_plot_and_classifier(scanned: pd.DataFrame) ->
     assert table["body_share"].between(0, 1).all()
     summary = eda.acquisition_by_class(table)
     assert list(summary.index) == list(CLASSES) and "body found" in summary.columns
-    assert len(eda.acquisition_plot(table).axes) == 8
+    assert len(eda.acquisition_plot(table).axes) == 9
     result = eda.acquisition_shortcut(table, seed=0)
     assert result is not None and result.pixels is not None
     # Scored always in the notebook, not only when there is a leak to explain.

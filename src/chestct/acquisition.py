@@ -8,11 +8,12 @@ they alone predict the class, and so that serving can watch them per request.
 
 Every feature is computed on a copy whose longer side is at most `WORK_SIDE` pixels (the body
 box and grey-level percentiles are coarse by nature), so one slice costs about a millisecond
-whatever its size (bench/acquisition_features.py measures it).
+of CPU time whatever its size (bench/acquisition_features.py measures it).
 
 Features (all floats):
 
 - `width`, `height`: the slice's size in pixels;
+- `frame_mean`: the slice's mean grey level (0..255) as stored, before any preprocessing;
 - `body_share`: area of the body's bounding box (`imaging.body_box`, no margin) over the frame's;
 - `body_aspect`: the body box's width over its height;
 - `body_found`: 1 when a body was found, 0 when the box fell back to the whole frame;
@@ -32,6 +33,7 @@ WORK_SIDE = 256
 FEATURES: tuple[str, ...] = (
     "width",
     "height",
+    "frame_mean",
     "body_share",
     "body_aspect",
     "body_found",
@@ -40,8 +42,6 @@ FEATURES: tuple[str, ...] = (
     "body_p50",
     "body_p95",
 )
-# What only the pixels show (width and height are file metadata too).
-PIXEL_FEATURES: tuple[str, ...] = FEATURES[2:]
 # Below this share of the frame outside the body box, "background" is the frame's darkest grey.
 _MIN_OUTSIDE = 0.01
 
@@ -91,6 +91,7 @@ def acquisition_features(grey: np.ndarray) -> dict[str, float]:
     return {
         "width": float(width),
         "height": float(height),
+        "frame_mean": round(float(small.mean()), 3),
         "body_share": round(inside.size / small.size, 4),
         "body_aspect": round(box.w / max(box.h, 1), 4),
         "body_found": float(box.found),

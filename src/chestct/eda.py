@@ -331,8 +331,8 @@ def acquisition_plot(table: pd.DataFrame) -> Figure:
 
     columns = [c for c in FEATURES if c != "body_found"]
     present = [c for c in CLASSES if (table["label"] == c).any()]
-    fig = Figure(figsize=(2.6 * 4, 2.6 * 2), layout="constrained")
-    axes = fig.subplots(2, 4).reshape(-1)
+    fig = Figure(figsize=(2.6 * 3, 2.4 * 3), layout="constrained")
+    axes = fig.subplots(3, 3).reshape(-1)
     for ax, column in zip(axes, columns, strict=True):
         ax.boxplot([table.loc[table["label"] == c, column] for c in present], showfliers=False)
         ax.set_xticks(range(1, len(present) + 1), [c.split("_")[0][:8] for c in present])

@@ -36,6 +36,7 @@ ACQUISITION_COLUMNS: tuple[str, ...] = (
     "sha256",
     "width",
     "height",
+    "frame_mean",
     "body_share",
     "body_aspect",
     "body_found",

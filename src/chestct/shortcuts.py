@@ -68,14 +68,21 @@ class ShortcutResult:
 
 
 def metadata_features(frame: pd.DataFrame) -> pd.DataFrame:
-    """Numeric features from manifest columns (width, height, mode, format, bytes), `mean`, and
-    the pixel acquisition features (PIXEL_FEATURES) when the frame has them."""
+    """Numeric features from manifest columns (width, height, mode, format, bytes), the mean
+    grey level (`frame_mean`, the stored slice's, when the frame has it; else the resized
+    slice's `mean`), and the pixel acquisition features (PIXEL_FEATURES) when present."""
     out = pd.DataFrame(index=frame.index)
     out["width"] = frame["width"].astype(float)
     out["height"] = frame["height"].astype(float)
     out["aspect"] = out["width"] / out["height"].clip(lower=1)
     out["log_bytes"] = np.log1p(frame["bytes"].astype(float))
-    out["mean"] = frame["mean"].astype(float).fillna(0.0)
+    # The slice's mean grey as stored (ingest) when known: the resized slice's mean says
+    # nothing about acquisition once preprocessing normalises grey levels over the body.
+    stored = frame["frame_mean"] if "frame_mean" in frame.columns else None
+    if stored is not None and pd.to_numeric(stored, errors="coerce").notna().all():
+        out["mean"] = stored.astype(float)
+    else:
+        out["mean"] = frame["mean"].astype(float).fillna(0.0)
     for column in ("mode", "format"):
         dummies = pd.get_dummies(frame[column].astype(str), prefix=column, dtype=float)
         out = out.join(dummies)

@@ -576,7 +576,7 @@ def run_validate(
         index, on="sha256", how="left", validate="many_to_one"
     )
     if acquisition is not None:
-        pixels = acquisition[["sha256", *PIXEL_FEATURES]].drop_duplicates("sha256")
+        pixels = acquisition[["sha256", "frame_mean", *PIXEL_FEATURES]].drop_duplicates("sha256")
         frame = frame.merge(pixels, on="sha256", how="left", validate="many_to_one")
     frame["ok"] = frame["ok"].fillna(False).astype(bool)
     frame["resized"] = frame["resized"].fillna("").astype(str)

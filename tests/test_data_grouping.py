@@ -229,3 +229,11 @@ def test_identity_leaks_name_hashes_only() -> None:
         "splits": ["train", "test"],
         "files": ["train: a.dcm", "test: b.dcm"],
     }
+
+
+def test_patients_too_big_for_the_fractions_stop_naming_the_groups(tmp_path: Path) -> None:
+    _dicom_tree(tmp_path, slices=5)
+    frame = _ingest(tmp_path, "dicom")
+    # 15 slices a class, a share of 2: no patient of 5 slices fits, so nothing is carved.
+    with pytest.raises(StageFailed, match=r"12 groups of up to 5 that move as one"):
+        run_split(frame, SplitParams(mode="pool"), seed=0)

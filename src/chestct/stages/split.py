@@ -118,9 +118,12 @@ def run_split(
     out = {s: kept[kept["split"] == s][columns].reset_index(drop=True) for s in SPLITS}
     for split, part in out.items():
         if part.empty:
+            largest = int(frame.groupby("group").size().max())
             raise StageFailed(
                 f"split {split!r} is empty: the source has too few images "
-                f"({len(frame)}) for split.valid_fraction/test_fraction"
+                f"({len(frame)}, in {frame['group'].nunique()} groups of up to {largest} that "
+                "move as one: copies and slices of one patient, study or group id) for "
+                "split.valid_fraction/test_fraction; add data or raise the fractions"
             )
     counts = {
         s: {k: int(v) for k, v in p["label"].value_counts().sort_index().items()}

@@ -38,6 +38,7 @@ from chestct.settings import SplitParams
 log = logging.getLogger(__name__)
 
 _ORDER = {s: i for i, s in enumerate(SPLITS)}
+_LISTED = 10  # files named per identity in the pointer
 DROPPED_COLUMNS: tuple[str, ...] = ("split", "label", "source_path", "sha256", "kept_in", "reason")
 
 
@@ -251,7 +252,11 @@ def main() -> None:
                 "mode": summary.mode,
                 "carved": summary.carved,
                 "cross_split": summary.cross_split,
-                "cross_split_identities": summary.cross_split_identities,
+                # A patient has hundreds of slices: the pointer names a few of each.
+                "cross_split_identities": [
+                    {**g, "files": g["files"][:_LISTED], "file_count": len(g["files"])}
+                    for g in summary.cross_split_identities
+                ],
             },
         )
 

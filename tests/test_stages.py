@@ -255,7 +255,8 @@ def test_split_pool_is_deterministic_for_a_seed(pooled_source: pd.DataFrame) -> 
 def test_split_fails_when_a_split_would_be_empty(tmp_path: Path) -> None:
     make_kaggle_folder(tmp_path / "kaggle", {"train": 1})
     frame, _ = ingest_folder(tmp_path)
-    with pytest.raises(StageFailed, match=r"split '(train|valid)' is empty.*too few images \(4\)"):
+    message = r"split '(train|valid)' is empty.*too few images \(4, in 4 groups"
+    with pytest.raises(StageFailed, match=message):
         run_split(frame, SplitParams(), seed=0)
 
 

@@ -86,11 +86,15 @@ def _zoom_out(path: Path, scale: float) -> None:
     cv2.imwrite(str(path), out)
 
 
-def _pipeline(root: Path, source: str) -> tuple[object, dict[str, pd.DataFrame], pd.DataFrame]:
+def _pipeline(
+    root: Path, source: str, synthetic_shortcut: str = ""
+) -> tuple[object, dict[str, pd.DataFrame], pd.DataFrame]:
     """ingest -> split -> resize -> validate, with the stages' default params."""
     frame, summary = run_ingest(
         BaseParams(seed=42, image_size=32),
-        IngestParams(source=source, synthetic_per_class=PER_CLASS),
+        IngestParams(
+            source=source, synthetic_per_class=PER_CLASS, synthetic_shortcut=synthetic_shortcut
+        ),
         root / "artifacts" / "ingest",
         root,
     )
@@ -138,3 +142,17 @@ def test_the_embedded_synthetic_default_raises_no_shortcut_alarm(tmp_path: Path)
     assert set(CLASSES) == {
         lbl for s in datasets.values() for lbl in s["label"]
     }  # all four classes reached validate
+
+
+@pytest.mark.parametrize(
+    ("shortcut", "cues"),
+    [("zoom", {"body_share"}), ("dark", {"background", "body_p05", "body_p95"})],
+)
+def test_the_synthetic_shortcut_option_is_caught_by_the_cue_it_plants(
+    tmp_path: Path, shortcut: str, cues: set[str]
+) -> None:
+    """`ingest.synthetic_shortcut` (large-cell slices zoomed out, or darker, in every split)."""
+    report, _, _ = _pipeline(tmp_path, "synthetic", synthetic_shortcut=shortcut)
+    assert any(f.check == "acquisition_shortcut" for f in report.findings)
+    best_pixel = next(k for k in report.shortcut["by_feature"] if k in PIXEL_FEATURES)
+    assert best_pixel in cues

@@ -351,3 +351,25 @@ def test_training_with_every_shift_augmentation_is_repeatable(tmp_path: Path) ->
     pd.testing.assert_frame_equal(first.history, second.history, check_exact=True)
     for a, b in zip(first.model.get_weights(), second.model.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("gamma", [0.7, 1.4])
+def test_equalize_undoes_a_gamma_the_percentile_window_does_not(gamma: float) -> None:
+    grey = textured()
+    other = (255.0 * (grey / 255.0) ** gamma).astype(np.uint8)
+    gaps = {}
+    for intensity in ("percentile", "equalize"):
+        spec = Normalise(crop="body", intensity=intensity)
+        gaps[intensity] = gap(
+            prepare_grey(grey, 64, normalise=spec), prepare_grey(other, 64, normalise=spec)
+        )
+    # Ranks survive any increasing grey-level map; what is left comes from levels that the
+    # gamma merged or split in uint8.
+    assert gaps["equalize"] < 4.0, gaps
+    assert gaps["equalize"] < gaps["percentile"] / 2, gaps
+
+
+def test_equalize_leaves_a_near_blank_slice_as_it_is() -> None:
+    noisy = (90 + np.random.default_rng(0).integers(-3, 4, (64, 64))).astype(np.uint8)
+    np.testing.assert_array_equal(imaging.equalize(noisy), noisy)
+    assert prepare_grey(noisy, 32, normalise=Normalise(intensity="equalize")).std() < 2.0

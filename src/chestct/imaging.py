@@ -1128,7 +1128,7 @@ def resize(
 
 # Params `resize.crop` and `resize.intensity`.
 CROPS: tuple[str, ...] = ("body", "none")
-INTENSITIES: tuple[str, ...] = ("percentile", "clahe", "none")
+INTENSITIES: tuple[str, ...] = ("percentile", "equalize", "clahe", "none")
 CLAHE_TILES = 8  # tiles per side of the prepared image
 # A slice whose percentile window spans fewer grey levels is near-blank and left as it is.
 PERCENTILE_MIN_SPREAD = 32
@@ -1144,7 +1144,7 @@ class Normalise:
 
     crop: str = "none"  # body: cut to `body_box` first; none: the whole frame
     crop_margin: float = 0.02  # share of the body box's side added on every side
-    intensity: str = "none"  # percentile | clahe | none
+    intensity: str = "none"  # percentile | equalize | clahe | none
     percentiles: tuple[float, float] = (1.0, 99.5)  # percentile: this window -> 0..255
     clahe_clip: float = 2.0  # clahe: contrast limit
 
@@ -1216,10 +1216,27 @@ def percentile_window(grey: np.ndarray, low: float, high: float) -> np.ndarray:
     return cv2.LUT(grey, lut)
 
 
+def equalize(grey: np.ndarray) -> np.ndarray:
+    """Histogram equalisation: each grey level becomes its rank in the slice.
+
+    A rank does not change under any increasing grey-level map, so a gamma, window or contrast
+    change of the acquisition leaves the output nearly as it was; the percentile window undoes
+    only linear ones. A near-blank slice is left as it is, as in `percentile_window`."""
+    hist = np.bincount(grey.ravel(), minlength=256).cumsum()
+    total = hist[-1]
+    lo = int(np.searchsorted(hist, total * 0.01, side="left"))
+    hi = int(np.searchsorted(hist, total * 0.995, side="left"))
+    if hi - lo < PERCENTILE_MIN_SPREAD:
+        return grey
+    return cv2.equalizeHist(grey)
+
+
 def normalise_intensity(grey: np.ndarray, normalise: Normalise) -> np.ndarray:
     """The grey-level normalisation of `normalise.intensity` on a prepared slice."""
     if normalise.intensity == "percentile":
         return percentile_window(grey, *normalise.percentiles)
+    if normalise.intensity == "equalize":
+        return equalize(grey)
     if normalise.intensity == "clahe":
         tiles = max(1, min(CLAHE_TILES, min(grey.shape) // 8))
         clahe = cv2.createCLAHE(clipLimit=normalise.clahe_clip, tileGridSize=(tiles, tiles))

@@ -89,7 +89,7 @@ class ResizeParams:
     # Acquisition normalisation (imaging.Normalise; README "Acquisition shift").
     crop: Literal["body", "none"] = "body"
     crop_margin: float = 0.02
-    intensity: Literal["percentile", "clahe", "none"] = "percentile"
+    intensity: Literal["percentile", "equalize", "clahe", "none"] = "percentile"
     percentiles: list[float] = field(default_factory=lambda: [1.0, 99.5])
     clahe_clip: float = 2.0
 

@@ -659,6 +659,13 @@ def download_cache() -> Path:
     return Path(base).expanduser() / "chestct" / "downloads"
 
 
+def validate_params(data: dict[str, Any]) -> Params:
+    """A params.yaml mapping -> checked Params (the same checks load_settings makes)."""
+    params = build(Params, data, "")
+    _check_params(params)
+    return params
+
+
 def load_settings(root: Path | None = None) -> Settings:
     """Read config/config.yaml and params.yaml under `root` into validated settings."""
     root = (root or find_root()).resolve()
@@ -673,8 +680,7 @@ def load_settings(root: Path | None = None) -> Settings:
         raise SettingsError(f"{config_path}: {exc}") from None
     params_path = root / config.params_file
     try:
-        params = build(Params, _read_yaml(params_path), "")
-        _check_params(params)
+        params = validate_params(_read_yaml(params_path))
     except SettingsError as exc:
         if str(exc).startswith(str(params_path)):
             raise

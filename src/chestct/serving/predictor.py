@@ -43,6 +43,9 @@ from chestct.settings import WindowParams
 log = logging.getLogger(__name__)
 
 CARD_NAME = "model.json"
+# Written by promote beside the card: registry version, MLflow run ids, time. Absent when the
+# folder came from a DVC remote (DVC does not track it); the card alone is then served.
+PROMOTION_NAME = "promotion.json"
 DEFAULT_WINDOW: tuple[float, float] = (WindowParams().level, WindowParams().width)
 HEAD_TOLERANCE = 1e-3  # |softmax(head(gap)) - model probabilities| above this: wrong head file
 
@@ -101,7 +104,11 @@ class Loaded:
 
     @property
     def version(self) -> str:
-        return str(self.card.get("version"))
+        """The registry version from promotion.json; without one (a folder pulled from a DVC
+        remote), the model's content digest, so that replicas of one model agree."""
+        if self.card.get("version") is not None:
+            return str(self.card["version"])
+        return f"sha256-{str(self.card.get('model_sha256') or 'unknown')[:12]}"
 
     def display_name(self, cls: str) -> str:
         return self.card.get("display_names", {}).get(cls, cls)
@@ -341,6 +348,21 @@ def _number(card: dict[str, Any], keys: tuple[str, ...]) -> float | None:
     return float(node)
 
 
+def _with_promotion(folder: Path, card: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
+    """The card with promotion.json's keys added (the card wins on a clash), and its bytes."""
+    try:
+        raw = (folder / PROMOTION_NAME).read_bytes()
+    except FileNotFoundError:
+        return card, b""
+    try:
+        promotion = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelRefused(f"{PROMOTION_NAME} is not valid JSON ({exc})") from None
+    if not isinstance(promotion, dict):
+        raise ModelRefused(f"{PROMOTION_NAME} is not a JSON object")
+    return {**promotion, **card}, raw
+
+
 def load_folder(
     model_dir: Path, threads: int = 1, default_window: tuple[float, float] = DEFAULT_WINDOW
 ) -> Loaded:
@@ -373,6 +395,7 @@ def load_folder(
             resize_mode = prep.get("resize", "stretch")
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise ModelRefused(f"{CARD_NAME} is not a valid model card ({exc!r})") from None
+        card, promotion_bytes = _with_promotion(folder, card)
         if interpolation not in imaging.INTERPOLATIONS or resize_mode not in (
             "stretch",
             "pad",
@@ -470,7 +493,7 @@ def load_folder(
 
         model = Loaded(
             card=card,
-            card_sha=hashlib.sha256(card_bytes).hexdigest(),
+            card_sha=hashlib.sha256(card_bytes + promotion_bytes).hexdigest(),
             classes=classes,
             image_size=size,
             interpolation=interpolation,

@@ -29,6 +29,7 @@ from chestct.modeling import (
     label_indices,
     load_model,
     make_dataset,
+    save_model,
     set_seed,
     with_dtype_policy,
 )
@@ -398,9 +399,7 @@ def main() -> None:
             on_epoch=lambda m, e: session.log_metrics(m, step=e),
         )
         out = session.out_dir
-        model_path = out / "model.keras"
-        with staged_file(model_path) as tmp:
-            result.model.save(tmp)
+        model_path = save_model(result.model, out / "model.keras")
         write_manifest(out / "history.csv", result.history)
         plot_history(result.history, out / "curves.png")
         session.log_artifact(out / "curves.png")

@@ -7,6 +7,7 @@ and params with the first run's dvc.lock committed, as a teammate's clone would 
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -32,6 +33,10 @@ def test_saved_model_bytes_do_not_depend_on_the_time(tmp_path: Path, monkeypatch
     assert first == second
     with zipfile.ZipFile(tmp_path / "b" / "model.keras") as zf:
         assert {i.date_time for i in zf.infolist()} == {(1980, 1, 1, 0, 0, 0)}
+        config = zf.read("config.json").decode("utf-8")
+    # Keras names shared objects by memory address, which differs in every process.
+    shared = {int(n) for n in re.findall(r'"shared_object_id": (\d+)', config)}
+    assert shared and shared == set(range(1, len(shared) + 1))
     assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["model.keras"]  # no temp left
     back = load_model(tmp_path / "b" / "model.keras")
     assert [w.tolist() for w in back.get_weights()] == [w.tolist() for w in model.get_weights()]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ import pandas as pd
 import tensorflow as tf
 from sklearn.utils.class_weight import compute_class_weight
 
+from chestct.distributed import WorkerRole, worker_role
 from chestct.fsutil import staged_file
 from chestct.labels import CLASSES
 from chestct.manifest import DATASET_COLUMNS, read_manifest, write_manifest
@@ -35,7 +37,7 @@ from chestct.modeling import (
 )
 from chestct.pointers import read_pointer
 from chestct.runner import StageFailed, run_main, stage_session
-from chestct.settings import TrainParams
+from chestct.settings import TrainParams, load_settings
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +154,8 @@ def distribution_strategy(name: str) -> tf.distribute.Strategy:
     """The tf.distribute strategy for `train.strategy`.
 
     mirrored: synchronous data parallelism over the local devices (GPUs, else the CPU).
-    multi_worker: the same across machines described by the TF_CONFIG environment variable.
+    multi_worker: the same across the processes that the TF_CONFIG environment variable
+    lists, each on its own machine (or port); every one of them must run this stage.
     """
     if name == "mirrored":
         return tf.distribute.MirroredStrategy()
@@ -243,6 +246,7 @@ def run_train(
     seed: int,
     root: Path,
     on_epoch: EpochSink | None = None,
+    strategy: tf.distribute.Strategy | None = None,
 ) -> TrainResult:
     """Fit the base model; returns it with the best validation weights restored.
 
@@ -254,9 +258,11 @@ def run_train(
         seed: seeds weights, shuffling and augmentation.
         root: folder the manifest paths are relative to.
         on_epoch: called with (metrics, epoch index) after every epoch of both phases.
+        strategy: the tf.distribute strategy, when the caller made it (multi-worker
+            collectives must be set up before other TF work); else one for params.strategy.
     """
-    # The strategy comes first: multi-worker collectives must be set up before other TF work.
-    strategy = distribution_strategy(params.strategy)
+    if strategy is None:
+        strategy = distribution_strategy(params.strategy)
     if params.deterministic:
         tf.config.experimental.enable_op_determinism()
     set_seed(seed)
@@ -378,7 +384,58 @@ def plot_history(history: pd.DataFrame, target: Path) -> None:
     plt.close(fig)
 
 
+def run_worker(role: WorkerRole, strategy: tf.distribute.Strategy) -> TrainResult:
+    """A non-chief worker of a multi-worker run: train in step with the chief, write nothing.
+
+    It reads the same inputs as the chief (through the pointers, which must match their
+    digests: the machines share them through a DVC remote) and takes part in every gradient
+    step; the chief alone writes artifacts/train/, the pointer and the MLflow run.
+    """
+    settings = load_settings()
+    paths = settings.paths
+    validate = read_pointer(paths, "validate")
+    base = read_pointer(paths, "base-model")
+    train = read_manifest(validate.output_path("train", paths.root), DATASET_COLUMNS)
+    valid = read_manifest(validate.output_path("valid", paths.root), DATASET_COLUMNS)
+    log.info(
+        "worker %s:%d of %d workers: training on %d images; the chief writes the outputs",
+        role.task_type,
+        role.index,
+        role.workers,
+        len(train),
+    )
+    result = run_train(
+        base.output_path("model", paths.root),
+        train,
+        valid,
+        settings.params.train,
+        settings.params.base.seed,
+        paths.root,
+        strategy=strategy,
+    )
+    log.info(
+        "worker %s:%d done: %d epochs, best epoch %d; nothing written",
+        role.task_type,
+        role.index,
+        len(result.history),
+        result.best_epoch,
+    )
+    return result
+
+
 def main() -> None:
+    settings = load_settings()
+    role = worker_role(settings.params.train.strategy)
+    # Before anything else touches TensorFlow: multi-worker collectives start with the program.
+    strategy = distribution_strategy(settings.params.train.strategy)
+    if not role.chief:
+        logging.basicConfig(
+            level=logging.INFO,
+            stream=sys.stderr,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        )
+        run_worker(role, strategy)
+        return
     with stage_session("train") as session:
         s = session.settings
         root = s.paths.root
@@ -397,6 +454,7 @@ def main() -> None:
             s.params.base.seed,
             root,
             on_epoch=lambda m, e: session.log_metrics(m, step=e),
+            strategy=strategy,
         )
         out = session.out_dir
         model_path = save_model(result.model, out / "model.keras")

@@ -63,8 +63,10 @@ serve: venv
 ui: venv
 	mlflow ui --backend-store-uri sqlite:///mlflow.db
 
+# The server's job runner (GenAI evaluation jobs, unused by chestct) would start ~5 more
+# processes: off.
 tracking-server: venv
-	mlflow server --backend-store-uri '$(TRACKING_BACKEND)' \
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow server --backend-store-uri '$(TRACKING_BACKEND)' \
 		--serve-artifacts --artifacts-destination '$(TRACKING_ARTIFACTS)' \
 		--host $(TRACKING_HOST) --port $(TRACKING_PORT) --workers $(TRACKING_WORKERS)
 

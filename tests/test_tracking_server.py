@@ -26,8 +26,9 @@ from services import free_port, require_program, service
 pytestmark = pytest.mark.e2e
 
 
-def server_command(**variables: str) -> list[str]:
-    """The command `make tracking-server` runs with these variables, as make prints it."""
+def server_command(**variables: str) -> tuple[list[str], dict[str, str]]:
+    """The command `make tracking-server` runs with these variables, as make prints it, and
+    the environment it sets (leading NAME=value words)."""
     args = [f"{k}={v}" for k, v in variables.items()]
     proc = subprocess.run(
         ["make", "--no-print-directory", "-n", "-o", "venv", "tracking-server", *args],
@@ -36,21 +37,27 @@ def server_command(**variables: str) -> list[str]:
         text=True,
         check=True,
     )
-    cmd = shlex.split(proc.stdout.replace("\\\n", " "))
-    assert cmd[:2] == ["mlflow", "server"], proc.stdout
-    return [str(BIN / "mlflow"), *cmd[1:]]
+    words = shlex.split(proc.stdout.replace("\\\n", " "))
+    assignments = {}
+    while "=" in words[0] and not words[0].startswith("-"):
+        name, value = words.pop(0).split("=", 1)
+        assignments[name] = value
+    assert words[:2] == ["mlflow", "server"], proc.stdout
+    return [str(BIN / "mlflow"), *words[1:]], assignments
 
 
-def _server_env() -> dict[str, str]:
+def _server_env(assignments: dict[str, str]) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    return env | {"PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}"}
+    return env | assignments | {"PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}"}
 
 
 def _copy(tiny_project: tuple[Path, dict[str, str]], where: Path) -> Path:
-    """A copy of the reproduced tiny project with no champion in model/."""
+    """A copy of the reproduced tiny project with no champion in model/ and no local store."""
     root = where / "chestct"
     shutil.copytree(tiny_project[0], root, symlinks=True)
-    shutil.rmtree(root / "model")
+    for name in ("model", "mlruns"):
+        shutil.rmtree(root / name)
+    (root / "mlflow.db").unlink()
     return root
 
 
@@ -61,7 +68,8 @@ def _set_epochs(root: Path, epochs: int) -> None:
 
 
 def test_make_tracking_server_binds_to_localhost_with_sql_and_proxied_artifacts() -> None:
-    cmd = server_command()
+    cmd, env = server_command()
+    assert env == {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     assert cmd[cmd.index("--host") + 1] == "127.0.0.1"
     assert cmd[cmd.index("--backend-store-uri") + 1].startswith("sqlite:///")
     assert "--serve-artifacts" in cmd and "--artifacts-destination" in cmd
@@ -75,14 +83,15 @@ def sqlite_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[st
     """(url, artifacts folder) of a live server with a sqlite backend."""
     where = tmp_path_factory.mktemp("tracking")
     port = free_port()
-    cmd = server_command(
+    cmd, assignments = server_command(
         TRACKING_PORT=str(port),
         TRACKING_BACKEND=f"sqlite:///{where / 'server.db'}",
         TRACKING_ARTIFACTS=str(where / "artifacts"),
         TRACKING_WORKERS="1",
     )
     url = f"http://127.0.0.1:{port}"
-    with service(cmd, where / "server.log", f"{url}/health", env=_server_env(), cwd=where):
+    env = _server_env(assignments)
+    with service(cmd, where / "server.log", f"{url}/health", env=env, cwd=where):
         yield url, where / "artifacts"
 
 
@@ -145,11 +154,11 @@ def test_registry_versions_and_aliases_live_on_the_server(two_runs) -> None:
 
     root, _, url = two_runs
     client = MlflowClient(tracking_uri=url, registry_uri=url)
-    versions = {v.version: v for v in client.search_model_versions("name='chestct'")}
-    assert set(versions) == {"1", "2"}
+    versions = {v.version for v in client.search_model_versions("name='chestct'")}
+    assert versions == {"1", "2"}
     champion = client.get_model_version_by_alias("chestct", "champion")
     # The first run had no champion in model/ and was promoted; the second beat it or not.
-    aliases = {v: versions[v].aliases for v in versions}
+    aliases = {v: client.get_model_version("chestct", v).aliases for v in versions}
     assert aliases in ({"1": ["champion"], "2": ["challenger"]}, {"1": [], "2": ["champion"]})
     promotion = json.loads((root / "model" / "promotion.json").read_text(encoding="utf-8"))
     assert promotion["version"] == champion.version
@@ -204,7 +213,8 @@ def postgres() -> Iterator[str]:
         try:
             pg(str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres",
                "mlflow")  # fmt: skip
-            yield f"postgresql://postgres@127.0.0.1:{port}/mlflow"
+            # SQLAlchemy 2.1 takes psycopg (3) for a bare postgresql://; psycopg2 is pinned.
+            yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/mlflow"
         finally:
             pg(str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop")
     finally:
@@ -221,7 +231,7 @@ def test_postgres_backend_holds_runs_and_the_registry(
 
     where = tmp_path_factory.mktemp("tracking-pg")
     port = free_port()
-    cmd = server_command(
+    cmd, assignments = server_command(
         TRACKING_PORT=str(port),
         TRACKING_BACKEND=postgres,
         TRACKING_ARTIFACTS=str(where / "artifacts"),
@@ -230,14 +240,15 @@ def test_postgres_backend_holds_runs_and_the_registry(
     url = f"http://127.0.0.1:{port}"
     root = _copy(tiny_project, where)
     env = pipeline_env(root) | {"TRACKING_PORT": str(port)}
-    with service(cmd, where / "server.log", f"{url}/health", env=_server_env(), cwd=where):
+    server_env = _server_env(assignments)
+    with service(cmd, where / "server.log", f"{url}/health", env=server_env, cwd=where):
         out = run_block("tracking-run", root, env).stdout  # promote reruns: model/ is gone
         assert "Running stage 'promote'" in out
         client = MlflowClient(tracking_uri=url, registry_uri=url)
         champion = client.get_model_version_by_alias("chestct", "champion")
         assert champion.version == "1"
         run_id = champion.run_id
-    with psycopg2.connect(postgres) as conn, conn.cursor() as cur:
+    with psycopg2.connect(postgres.replace("+psycopg2", "")) as conn, conn.cursor() as cur:
         cur.execute("SELECT name, alias, version FROM registered_model_aliases")
         assert cur.fetchall() == [("chestct", "champion", 1)]
         cur.execute("SELECT count(*) FROM runs WHERE run_uuid = %s", (run_id,))

@@ -21,6 +21,7 @@ class WorkerRole:
     task_type: str
     index: int
     workers: int  # processes that train (chief included)
+    has_chief: bool = False  # the cluster names a `chief` task
 
     @property
     def chief(self) -> bool:
@@ -28,7 +29,9 @@ class WorkerRole:
 
         TensorFlow's rule: the `chief` task if the cluster names one, else worker 0.
         """
-        return self.task_type == "chief" or (self.task_type == "worker" and self.index == 0)
+        if self.has_chief:
+            return self.task_type == "chief"
+        return self.task_type == "worker" and self.index == 0
 
 
 def worker_role(strategy: str, tf_config: str | None = None) -> WorkerRole:
@@ -40,7 +43,7 @@ def worker_role(strategy: str, tf_config: str | None = None) -> WorkerRole:
     """
     raw = os.environ.get("TF_CONFIG") if tf_config is None else tf_config
     if strategy != "multi_worker" or not raw:
-        return WorkerRole("chief", 0, 1)
+        return WorkerRole("chief", 0, 1, has_chief=True)
     example = (
         'e.g. {"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
         '"task": {"type": "worker", "index": 0}}'
@@ -60,4 +63,4 @@ def worker_role(strategy: str, tf_config: str | None = None) -> WorkerRole:
             f"TF_CONFIG task {task_type}:{index} is not in its cluster ({sizes}); {example}"
         )
     workers = len(members.get("chief", [])) + len(members.get("worker", []))
-    return WorkerRole(task_type, index, workers)
+    return WorkerRole(task_type, index, workers, has_chief="chief" in members)

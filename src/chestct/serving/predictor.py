@@ -37,15 +37,13 @@ from chestct import imaging
 from chestct.gradcam import CamHead
 from chestct.metrics import normalised_entropy as entropy
 from chestct.metrics import softmax
+from chestct.modelcard import card_version, with_promotion
 from chestct.monitoring import check_reference
 from chestct.settings import WindowParams
 
 log = logging.getLogger(__name__)
 
 CARD_NAME = "model.json"
-# Written by promote beside the card: registry version, MLflow run ids, time. Absent when the
-# folder came from a DVC remote (DVC does not track it); the card alone is then served.
-PROMOTION_NAME = "promotion.json"
 DEFAULT_WINDOW: tuple[float, float] = (WindowParams().level, WindowParams().width)
 HEAD_TOLERANCE = 1e-3  # |softmax(head(gap)) - model probabilities| above this: wrong head file
 
@@ -106,9 +104,7 @@ class Loaded:
     def version(self) -> str:
         """The registry version from promotion.json; without one (a folder pulled from a DVC
         remote), the model's content digest, so that replicas of one model agree."""
-        if self.card.get("version") is not None:
-            return str(self.card["version"])
-        return f"sha256-{str(self.card.get('model_sha256') or 'unknown')[:12]}"
+        return card_version(self.card)
 
     def display_name(self, cls: str) -> str:
         return self.card.get("display_names", {}).get(cls, cls)
@@ -349,18 +345,11 @@ def _number(card: dict[str, Any], keys: tuple[str, ...]) -> float | None:
 
 
 def _with_promotion(folder: Path, card: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
-    """The card with promotion.json's keys added (the card wins on a clash), and its bytes."""
+    """The card with promotion.json's keys added (chestct.modelcard), or ModelRefused."""
     try:
-        raw = (folder / PROMOTION_NAME).read_bytes()
-    except FileNotFoundError:
-        return card, b""
-    try:
-        promotion = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelRefused(f"{PROMOTION_NAME} is not valid JSON ({exc})") from None
-    if not isinstance(promotion, dict):
-        raise ModelRefused(f"{PROMOTION_NAME} is not a JSON object")
-    return {**promotion, **card}, raw
+        return with_promotion(folder, card)
+    except ValueError as exc:
+        raise ModelRefused(str(exc)) from None
 
 
 def load_folder(

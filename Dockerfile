@@ -39,7 +39,8 @@ RUN pip install --no-cache-dir -r requirements.txt
 COPY pyproject.toml README.md ./
 COPY src ./src
 RUN pip install --no-cache-dir --no-deps -e .
-COPY dvc.yaml params.yaml app.py .dvcignore ./
+# dvc.lock: `dvc pull` needs it to fetch outputs from a remote (deploy/k8s/training/).
+COPY dvc.yaml dvc.lock params.yaml app.py .dvcignore ./
 COPY config ./config
 COPY .dvc/config ./.dvc/config
 # Without a mounted git checkout, DVC runs the image's own copy without git; a mounted

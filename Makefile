@@ -6,6 +6,13 @@ BIN := $(abspath $(VENV))/bin
 STAMP := $(VENV)/.installed-stamp
 HOST ?= 127.0.0.1
 PORT ?= 8000
+# make tracking-server: an MLflow server for a team (README "Scaling out"). The SQL backend
+# holds runs and the registry; artifacts are proxied (clients need no storage credentials).
+TRACKING_HOST ?= 127.0.0.1
+TRACKING_PORT ?= 5000
+TRACKING_BACKEND ?= sqlite:///mlflow-server.db
+TRACKING_ARTIFACTS ?= mlartifacts
+TRACKING_WORKERS ?= 2
 
 # Stages call `python -m chestct.stages.*`: put the project's environment first on PATH.
 export PATH := $(BIN):$(PATH)
@@ -14,13 +21,14 @@ export DO_NOT_TRACK := true
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: venv run test serve lint format ui clean help
+.PHONY: venv run test serve lint format ui tracking-server clean help
 
 help:
 	@echo "make run    - set up .venv and run the whole pipeline (dvc repro)"
 	@echo "make test   - set up .venv and run the test suite"
 	@echo "make serve  - serve model/ with gunicorn on http://$(HOST):$(PORT)"
 	@echo "make ui     - open the MLflow UI on the local sqlite store"
+	@echo "make tracking-server - MLflow server (SQL backend, proxied artifacts) on $(TRACKING_HOST):$(TRACKING_PORT)"
 	@echo "make lint   - ruff"
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
@@ -54,6 +62,13 @@ serve: venv
 
 ui: venv
 	mlflow ui --backend-store-uri sqlite:///mlflow.db
+
+# The server's job runner (GenAI evaluation jobs, unused by chestct) would start ~5 more
+# processes: off.
+tracking-server: venv
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow server --backend-store-uri '$(TRACKING_BACKEND)' \
+		--serve-artifacts --artifacts-destination '$(TRACKING_ARTIFACTS)' \
+		--host $(TRACKING_HOST) --port $(TRACKING_PORT) --workers $(TRACKING_WORKERS)
 
 lint: venv
 	ruff check .

@@ -196,7 +196,7 @@ def drill_train(scratch: Path) -> dict:
     )
     started = time.monotonic()
     train_dir = root / "artifacts" / "train"
-    stage_log = train_dir / "stage.log"
+    stage_log = root / "artifacts" / "runs" / "train.log"
     while time.monotonic() - started < 120 and proc.poll() is None:
         if stage_log.exists() and "training on" in stage_log.read_text(errors="replace"):
             break

@@ -39,7 +39,8 @@ def project_copy(root: Path, override: dict | None = None) -> Path:
     for name in ("dvc.yaml", "app.py", ".gitignore", ".dvcignore"):
         shutil.copy2(REPO / name, root / name)
     (root / ".dvc").mkdir()
-    shutil.copy2(REPO / ".dvc" / "config", root / ".dvc" / "config")
+    for name in ("config", ".gitignore"):  # as a clone has them: cache and tmp stay untracked
+        shutil.copy2(REPO / ".dvc" / name, root / ".dvc" / name)
     params = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
     params = merge(params, TINY if override is None else override)
     (root / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")

@@ -24,18 +24,20 @@ def project(tiny_project: tuple[Path, dict[str, str]]) -> tuple[Path, dict[str, 
 
 
 def test_every_stage_left_a_valid_pointer_and_mlflow_run(project) -> None:
-    from chestct.pointers import read_pointer
+    from chestct.pointers import read_pointer, read_run_record
     from chestct.settings import load_settings
 
     root, _ = project
     settings = load_settings(root)
     run_ids = set()
     for stage in STAGES:
-        pointer = read_pointer(settings.paths, stage)  # validates schema and output digests
-        assert pointer.git.sha and pointer.git.dirty is not None
-        assert pointer.mlflow.run_id
-        run_ids.add(pointer.mlflow.run_id)
-        assert (settings.paths.stage_dir(stage) / "stage.log").stat().st_size > 0
+        read_pointer(settings.paths, stage)  # validates schema and output digests
+        record = read_run_record(settings.paths, stage)  # the run that wrote this pointer
+        assert record is not None and record.git.sha and record.git.dirty is not None
+        assert record.mlflow.run_id
+        run_ids.add(record.mlflow.run_id)
+        assert settings.paths.stage_log(stage).stat().st_size > 0
+        assert settings.paths.stage_log(stage).parent == root / "artifacts" / "runs"
     assert len(run_ids) == len(STAGES)
     train = read_pointer(settings.paths, "train")
     assert {i.stage for i in train.inputs} == {"validate", "base-model"}
@@ -52,7 +54,8 @@ def test_every_stage_left_a_valid_pointer_and_mlflow_run(project) -> None:
     train_run = next(r for r in runs if r.data.tags["chestct.stage"] == "train")
     assert train_run.data.params["train.epochs"] == "2"
     assert len(client.get_metric_history(train_run.info.run_id, "val_loss")) == 2
-    assert "stage.log" in {a.path for a in client.list_artifacts(train_run.info.run_id)}
+    artifacts = {a.path for a in client.list_artifacts(train_run.info.run_id)}
+    assert {"train.log", "train.json", "pointer.json"} <= artifacts
     version = client.get_model_version_by_alias("chestct", "champion")
     assert str(version.version) == "1"
 
@@ -64,9 +67,10 @@ def test_model_folder_holds_the_promoted_model_and_card(project) -> None:
     card = json.loads((root / "model" / "model.json").read_text(encoding="utf-8"))
     assert card["classes"] == list(CLASSES)
     assert card["image_size"] == 32
-    assert card["version"] == "1"
+    promotion = json.loads((root / "model" / "promotion.json").read_text(encoding="utf-8"))
+    assert promotion["version"] == "1" and promotion["git_sha"]
     assert {"accuracy", "balanced_accuracy", "macro_f1"} <= set(card["metrics"])
-    assert len(card["data_digest"]) == 64 and card["git_sha"]
+    assert len(card["data_digest"]) == 64
     assert (root / "model" / card["model_file"]).is_file()
     metrics = json.loads((root / "artifacts/evaluate/metrics.json").read_text(encoding="utf-8"))
     assert set(metrics["sensitivity"]) == set(CLASSES)

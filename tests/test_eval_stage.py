@@ -291,7 +291,13 @@ def test_export_refuses_a_model_without_the_contract_layers(tmp_path: Path) -> N
 
 
 def test_lineage_tags_and_upstream_params_come_from_the_pointers(tmp_path: Path) -> None:
-    from chestct.pointers import GitState, Pointer, TrackingRef, now_utc, write_pointer
+    from chestct.pointers import (
+        Pointer,
+        TrackingRef,
+        make_run_record,
+        write_pointer,
+        write_run_record,
+    )
     from chestct.settings import Paths
     from chestct.stages.evaluate import lineage_tags, upstream_params
 
@@ -311,18 +317,12 @@ def test_lineage_tags_and_upstream_params_come_from_the_pointers(tmp_path: Path)
         ("evaluate", "e" * 32, {"evaluate": {"batch_size": 3}}),  # not upstream of evaluate
     ]:
         pointer = Pointer(
-            stage=stage,
-            created_at=now_utc(),
-            git=GitState(None, None),
-            params=params,
-            inputs=[],
-            outputs={},
-            metrics={},
-            mlflow=TrackingRef("sqlite:///x.db", "chestct", run),
-            details={},
+            stage=stage, params=params, inputs=[], outputs={}, metrics={}, details={}
         )
         paths.stage_dir(stage).mkdir(parents=True)
         write_pointer(paths.pointer(stage), pointer)
+        tracking = TrackingRef("sqlite:///x.db", "chestct", run)
+        write_run_record(paths, make_run_record(stage, paths.pointer(stage), tracking, tmp_path))
 
     assert lineage_tags(paths, "evaluate") == {
         "chestct.run.base-model": "b" * 32,

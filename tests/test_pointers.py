@@ -1,4 +1,5 @@
-"""Pointers: written only when valid, read back only when valid and matching their files."""
+"""Pointers: written only when valid, read back only when valid and matching their files;
+byte-identical for identical inputs, with the run-specific record beside them."""
 
 from __future__ import annotations
 
@@ -11,16 +12,18 @@ import pytest
 
 from chestct.fsutil import sha256_file
 from chestct.pointers import (
-    GitState,
     Output,
     Pointer,
     PointerError,
     TrackingRef,
     make_input,
     make_output,
-    now_utc,
+    make_run_record,
     read_pointer,
+    read_run_record,
+    run_id_of,
     write_pointer,
+    write_run_record,
 )
 from chestct.settings import Paths
 
@@ -43,8 +46,6 @@ def make_pointer(paths: Paths, stage: str, /, **changes: Any) -> Pointer:
     (out / "images" / "a.png").write_bytes(b"not really a png")
     fields: dict[str, Any] = {
         "stage": stage,
-        "created_at": now_utc(),
-        "git": GitState(sha="0" * 40, dirty=False),
         "params": {"base": {"seed": 1, "image_size": 32}},
         "inputs": [],
         "outputs": {
@@ -52,7 +53,6 @@ def make_pointer(paths: Paths, stage: str, /, **changes: Any) -> Pointer:
             "images": make_output(out / "images", paths.root),
         },
         "metrics": {"files": 1, "counts": {"train": {"normal": 1}}},
-        "mlflow": TrackingRef("sqlite:///mlflow.db", "chestct", "a" * 32),
         "details": {"source": "synthetic"},
     }
     fields.update(changes)
@@ -119,16 +119,14 @@ def _set(*keys: str, value: Any) -> Callable[[dict[str, Any]], None]:
     ("change", "expected"),
     [
         (_drop("outputs"), "missing key 'outputs'"),
-        (_drop("mlflow"), "missing key 'mlflow'"),
+        (_drop("params"), "missing key 'params'"),
         (_set("inputs", value={}), "key 'inputs' has the wrong type (dict)"),
         (_set("metrics", value=[1]), "key 'metrics' has the wrong type (list)"),
         (_set("schema_version", value=True), "key 'schema_version' has the wrong type (bool)"),
-        (_set("schema_version", value=2), "schema_version 2 is not 1"),
+        (_set("schema_version", value=1), "schema_version 1 is not 2; rerun the stage"),
         (_set("stage", value="deploy"), "unknown stage 'deploy'"),
-        (_set("created_at", value="yesterday"), "created_at 'yesterday' is not UTC ISO"),
         (_set("extra", value=1), "unknown key 'extra'"),
-        (_set("git", "sha", value=1), "git: key 'sha' has the wrong type (int)"),
-        (_set("mlflow", "run_id", value=7), "mlflow: key 'run_id' has the wrong type"),
+        (_set("created_at", value="2024-01-01T00:00:00.0Z"), "unknown key 'created_at'"),
         (_set("outputs", "manifest", "path", value="/etc/passwd"), "must be relative"),
         (_set("outputs", "manifest", "path", value="../../x.csv"), "must be relative"),
         (_set("outputs", "manifest", "path", value="artifacts/../../x"), "must be relative"),
@@ -207,11 +205,11 @@ def _absolute_output(paths: Paths) -> Pointer:
     return make_pointer(paths, "ingest", outputs={"x": Output("/tmp/x.csv", "0" * 64)})
 
 
-def _bad_created_at(paths: Paths) -> Pointer:
-    return make_pointer(paths, "ingest", created_at="2024-01-01")
+def _bad_digest(paths: Paths) -> Pointer:
+    return make_pointer(paths, "ingest", outputs={"x": Output("x.csv", "0" * 10)})
 
 
-@pytest.mark.parametrize("build", [_bad_stage, _absolute_output, _bad_created_at])
+@pytest.mark.parametrize("build", [_bad_stage, _absolute_output, _bad_digest])
 def test_write_pointer_refuses_an_invalid_pointer_and_writes_nothing(
     paths: Paths, build: Callable[[Paths], Pointer]
 ) -> None:
@@ -240,4 +238,57 @@ def test_refused_pointer_leaves_the_previous_one_intact(paths: Paths, written: P
 def test_written_pointer_is_plain_json(paths: Paths, written: Pointer) -> None:
     data = json.loads(paths.pointer("ingest").read_text(encoding="utf-8"))
     assert data == written.to_dict()
-    assert data["schema_version"] == 1
+    assert data["schema_version"] == 2
+
+
+def test_same_outputs_give_the_same_pointer_bytes(paths: Paths, written: Pointer) -> None:
+    """Nothing in a pointer depends on when, where or by which run it was written."""
+    first = paths.pointer("ingest").read_bytes()
+    write_pointer(paths.pointer("ingest"), make_pointer(paths, "ingest"))
+    assert paths.pointer("ingest").read_bytes() == first
+    assert not {"created_at", "git", "mlflow", "host"} & set(json.loads(first))
+
+
+def _record(paths: Paths, stage: str = "ingest", run_id: str = "a" * 32) -> Path:
+    tracking = TrackingRef("sqlite:///mlflow.db", "chestct", run_id)
+    return write_run_record(
+        paths, make_run_record(stage, paths.pointer(stage), tracking, paths.root)
+    )
+
+
+def test_run_record_lies_outside_the_stage_output_and_names_its_run(
+    paths: Paths, written: Pointer
+) -> None:
+    path = _record(paths)
+    assert path == paths.artifacts / "runs" / "ingest.json"
+    assert paths.stage_dir("ingest") not in path.parents
+    record = read_run_record(paths, "ingest")
+    assert record is not None and record.mlflow.run_id == "a" * 32
+    assert record.pointer_digest == sha256_file(paths.pointer("ingest"))
+    assert record.created_at.endswith("Z") and record.host
+    assert run_id_of(paths, "ingest") == "a" * 32
+
+
+def test_run_record_of_another_pointer_is_not_believed(paths: Paths, written: Pointer) -> None:
+    """After `dvc pull` or `dvc checkout` the outputs are not the ones this record's run made."""
+    _record(paths)
+    changed = make_pointer(paths, "ingest", metrics={"files": 2})
+    write_pointer(paths.pointer("ingest"), changed)
+    assert read_run_record(paths, "ingest") is None
+    assert run_id_of(paths, "ingest") is None
+
+
+def test_missing_run_record_means_unknown_run(paths: Paths, written: Pointer) -> None:
+    assert read_run_record(paths, "ingest") is None
+
+
+def test_malformed_run_record_is_refused_naming_the_file(paths: Paths, written: Pointer) -> None:
+    path = _record(paths)
+    path.write_text("{", encoding="utf-8")
+    with pytest.raises(PointerError, match=r"ingest.json: not valid JSON"):
+        read_run_record(paths, "ingest")
+    data = json.loads(_record(paths).read_text(encoding="utf-8"))
+    data["created_at"] = "yesterday"
+    path.write_text(json.dumps(data), encoding="utf-8")
+    with pytest.raises(PointerError, match="created_at 'yesterday' is not UTC ISO"):
+        read_run_record(paths, "ingest")

@@ -122,10 +122,11 @@ def test_first_candidate_is_promoted_with_the_serving_contract(champion, world) 
         "model.keras",
         "model.tflite",
         "ood.npz",
+        "promotion.json",
     ]
     card = json.loads((model_dir / "model.json").read_text(encoding="utf-8"))
     assert card == result.card
-    assert card["version"] == "1" and card["classes"] == list(CLASSES)
+    assert card["classes"] == list(CLASSES)
     assert card["image_size"] == SIZE and card["preprocessing"] == PREPROCESSING
     assert card["temperature"] == 1.5
     assert card["thresholds"]["abstain_entropy"] == 0.8
@@ -145,7 +146,12 @@ def test_first_candidate_is_promoted_with_the_serving_contract(champion, world) 
     assert 0 <= inference["parity_max_abs_diff"] <= PARITY_TOLERANCE
     assert inference["parity_images"] == len(world["test"])
     assert card["metrics"]["macro_f1"] == 0.8 and card["data_digest"] == "d1"
-    assert card["mlflow_run_ids"] == {"train": "t" * 32}
+    # What is run-specific is beside the card, not in it (DVC hashes model.json).
+    assert not {"version", "mlflow_run_ids", "git_sha", "promoted_at", "registered"} & set(card)
+    promotion = json.loads((model_dir / "promotion.json").read_text(encoding="utf-8"))
+    assert promotion == result.promotion
+    assert promotion["version"] == "1" and promotion["mlflow_run_ids"] == {"train": "t" * 32}
+    assert promotion["registered"]["alias"] == "champion" and promotion["promoted_at"]
 
     light = LightModel.load(model_dir / "model.tflite")
     out = light.run(np.zeros((1, SIZE, SIZE, 1), np.float32))

@@ -11,9 +11,11 @@ named "backbone".
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import threading
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +26,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from chestct.fsutil import staged_file
 from chestct.labels import CLASSES
 from chestct.settings import AugmentParams, BaseModelParams
 
@@ -517,3 +520,60 @@ def predict_proba(model: keras.Model, paths: Sequence[Path], batch_size: int) ->
 def load_model(path: Path) -> keras.Model:
     """A saved model, uncompiled."""
     return keras.models.load_model(path, compile=False)
+
+
+# A .keras file is a zip: Keras stamps the weights entry with the time of saving, writes the
+# date into metadata.json, and names objects shared between layers in config.json by their
+# memory address (`shared_object_id`), which differs in every process. The dates are replaced
+# by a fixed one and the addresses by their order of appearance, so that the same weights give
+# the same bytes (DVC hashes the file; the model card carries its sha256).
+_FIXED_ZIP_TIME = (1980, 1, 1, 0, 0, 0)
+_FIXED_DATE_SAVED = "1980-01-01@00:00:00"
+
+
+def save_model(model: keras.Model, target: Path) -> Path:
+    """Save `model` as a .keras file atomically, byte-identical for identical weights."""
+    with staged_file(target) as stable:
+        raw = stable.with_name(f"{stable.stem}.raw.keras")
+        try:
+            model.save(raw)
+            _restamp_keras_zip(raw, stable)
+        finally:
+            raw.unlink(missing_ok=True)
+    return target
+
+
+def _restamp_keras_zip(source: Path, target: Path) -> None:
+    with zipfile.ZipFile(source) as zin, zipfile.ZipFile(target, "w") as zout:
+        for info in zin.infolist():
+            data = zin.read(info)
+            if info.filename == "metadata.json":
+                meta = json.loads(data)
+                meta["date_saved"] = _FIXED_DATE_SAVED
+                data = json.dumps(meta).encode("utf-8")
+            elif info.filename == "config.json":
+                data = json.dumps(_renumber_shared_objects(json.loads(data))).encode("utf-8")
+            fixed = zipfile.ZipInfo(info.filename, date_time=_FIXED_ZIP_TIME)
+            fixed.compress_type = info.compress_type
+            fixed.external_attr = info.external_attr
+            zout.writestr(fixed, data)
+
+
+def _renumber_shared_objects(config: Any, ids: dict[int, int] | None = None) -> Any:
+    """`config` with every shared_object_id replaced by 1, 2, ... in order of appearance.
+
+    Keras only matches these ids with each other when loading, so any consistent renaming
+    keeps the model; the order of appearance makes the renaming the same in every process.
+    """
+    ids = {} if ids is None else ids
+    if isinstance(config, dict):
+        out = {}
+        for key, value in config.items():
+            if key == "shared_object_id" and isinstance(value, int):
+                out[key] = ids.setdefault(value, len(ids) + 1)
+            else:
+                out[key] = _renumber_shared_objects(value, ids)
+        return out
+    if isinstance(config, list):
+        return [_renumber_shared_objects(item, ids) for item in config]
+    return config

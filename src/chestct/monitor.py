@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from chestct.fsutil import atomic_write_json, atomic_write_text
+from chestct.modelcard import card_version, with_promotion
 from chestct.monitoring import (
     BY_NAME,
     CLASS_SIGNAL,
@@ -70,8 +71,12 @@ def load_served(model_dir: Path) -> Served:
         raise MonitorError(f"{card_path} not found; promote a model first (`make run`)")
     try:
         card = json.loads(card_path.read_text(encoding="utf-8"))
+        # The registry version is in promotion.json beside the card (chestct.modelcard).
+        card = with_promotion(model_dir, card)[0] if isinstance(card, dict) else card
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise MonitorError(f"{card_path} is not valid JSON ({exc})") from None
+    except ValueError as exc:
+        raise MonitorError(f"{model_dir}: {exc}") from None
     entry = card.get("monitoring") if isinstance(card, dict) else None
     if not isinstance(entry, dict) or not isinstance(entry.get("file"), str):
         raise MonitorError(
@@ -164,13 +169,13 @@ def run_monitor(
 ) -> dict[str, Any]:
     """Compare the window with the served model's reference; write report.json/.html."""
     served = load_served(model_dir)
-    version = None if all_versions else str(served.card.get("version"))
+    version = None if all_versions else card_version(served.card)
     classes = [str(c) for c in served.card.get("classes", [])]
     window, _ = read_window(db, last, since, version, classes)
     report = compare(served.reference, window, thresholds, classes, served.card.get("metrics"))
     report["model"] = {
         "name": served.card.get("name"),
-        "version": served.card.get("version"),
+        "version": card_version(served.card),
         "versions_included": "all" if all_versions else version,
     }
     report["generated_at"] = datetime.now(UTC).isoformat(timespec="seconds")

@@ -1,14 +1,21 @@
-"""The JSON artifact pointer each stage leaves in artifacts/<stage>/pointer.json.
+"""The JSON artifact pointer each stage leaves in artifacts/<stage>/pointer.json, and the run
+record beside it in artifacts/runs/<stage>.json.
 
 A pointer says what a stage made (relative paths with content digests), from what (the upstream
-pointers it consumed, with their digests), with which params and code (git SHA), and where its
-MLflow run is. Downstream stages find their inputs only through it. It is validated on write and
-on read, and written atomically.
+pointers it consumed, with their digests) and with which params. Downstream stages find their
+inputs only through it. It is validated on write and on read, and written atomically. It holds
+nothing run-specific, so that it is a function of the stage's deps and params: DVC hashes it,
+and the same inputs on any machine give the same bytes.
+
+What is run-specific (UTC time, git SHA, host, MLflow run) goes to the run record, which DVC does
+not track: it names the digest of the pointer it belongs to, so a record left by another run of
+the stage (or missing after `dvc pull`) is recognised as such.
 """
 
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -18,7 +25,8 @@ from typing import Any
 from chestct.fsutil import atomic_write_json, digest_of, sha256_file
 from chestct.settings import STAGES, Paths
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+RUN_SCHEMA_VERSION = 1
 
 
 class PointerError(RuntimeError):
@@ -54,13 +62,10 @@ class TrackingRef:
 @dataclass(frozen=True)
 class Pointer:
     stage: str
-    created_at: str
-    git: GitState
     params: dict[str, Any]
     inputs: list[Input]
     outputs: dict[str, Output]
     metrics: dict[str, Any]
-    mlflow: TrackingRef
     details: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
 
@@ -118,13 +123,10 @@ def make_input(paths: Paths, stage: str) -> Input:
 _REQUIRED: dict[str, type | tuple[type, ...]] = {
     "schema_version": int,
     "stage": str,
-    "created_at": str,
-    "git": dict,
     "params": dict,
     "inputs": list,
     "outputs": dict,
     "metrics": dict,
-    "mlflow": dict,
 }
 
 
@@ -141,25 +143,19 @@ def from_dict(data: Any, where: str = "pointer") -> Pointer:
     """Validate a decoded pointer and build it; raises PointerError naming the first problem."""
     if not isinstance(data, dict):
         raise PointerError(f"{where}: expected a JSON object")
-    for key, kind in _REQUIRED.items():
-        _require(data, key, kind, where)
-    unknown = set(data) - set(_REQUIRED) - {"details"}
-    if unknown:
-        raise PointerError(f"{where}: unknown key {sorted(unknown)[0]!r}")
+    _require(data, "schema_version", int, where)
     if data["schema_version"] != SCHEMA_VERSION:
         raise PointerError(
             f"{where}: schema_version {data['schema_version']} is not {SCHEMA_VERSION}; "
             "rerun the stage with this version of chestct"
         )
+    for key, kind in _REQUIRED.items():
+        _require(data, key, kind, where)
+    unknown = set(data) - set(_REQUIRED) - {"details"}
+    if unknown:
+        raise PointerError(f"{where}: unknown key {sorted(unknown)[0]!r}")
     if data["stage"] not in STAGES:
         raise PointerError(f"{where}: unknown stage {data['stage']!r}")
-    try:
-        datetime.strptime(data["created_at"], "%Y-%m-%dT%H:%M:%S.%fZ")
-    except ValueError:
-        raise PointerError(f"{where}: created_at {data['created_at']!r} is not UTC ISO") from None
-    git = data["git"]
-    _require(git, "sha", (str, type(None)), f"{where}.git")
-    _require(git, "dirty", (bool, type(None)), f"{where}.git")
     outputs = {}
     for name, out in data["outputs"].items():
         if not isinstance(out, dict):
@@ -182,21 +178,12 @@ def from_dict(data: Any, where: str = "pointer") -> Pointer:
                 digest=_require(item, "digest", str, f"{where}.inputs[{i}]"),
             )
         )
-    ml = data["mlflow"]
-    tracking = TrackingRef(
-        tracking_uri=_require(ml, "tracking_uri", str, f"{where}.mlflow"),
-        experiment=_require(ml, "experiment", str, f"{where}.mlflow"),
-        run_id=_require(ml, "run_id", (str, type(None)), f"{where}.mlflow"),
-    )
     return Pointer(
         stage=data["stage"],
-        created_at=data["created_at"],
-        git=GitState(sha=git["sha"], dirty=git["dirty"]),
         params=data["params"],
         inputs=inputs,
         outputs=outputs,
         metrics=data["metrics"],
-        mlflow=tracking,
         details=data.get("details", {}),
         schema_version=data["schema_version"],
     )
@@ -238,12 +225,114 @@ def read_pointer(paths: Paths, stage: str, verify: bool = True) -> Pointer:
     return pointer
 
 
+# --------------------------------------------------------------------------- run records
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """What one execution of a stage was: when, from which commit, where, which MLflow run."""
+
+    stage: str
+    created_at: str
+    git: GitState
+    host: str
+    mlflow: TrackingRef
+    pointer_digest: str  # sha256 of the pointer.json this run wrote
+    schema_version: int = RUN_SCHEMA_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def make_run_record(
+    stage: str, pointer_file: Path, tracking: TrackingRef, root: Path
+) -> RunRecord:
+    """The record of the run that has just written `pointer_file`."""
+    return RunRecord(
+        stage=stage,
+        created_at=now_utc(),
+        git=git_state(root),
+        host=socket.gethostname(),
+        mlflow=tracking,
+        pointer_digest=sha256_file(pointer_file),
+    )
+
+
+def write_run_record(paths: Paths, record: RunRecord) -> Path:
+    """Write artifacts/runs/<stage>.json atomically; returns its path."""
+    path = paths.run_record(record.stage)
+    atomic_write_json(path, record.to_dict())
+    return path
+
+
+def _run_record_from_dict(data: Any, where: str) -> RunRecord:
+    if not isinstance(data, dict):
+        raise PointerError(f"{where}: expected a JSON object")
+    if data.get("schema_version") != RUN_SCHEMA_VERSION:
+        raise PointerError(f"{where}: schema_version is not {RUN_SCHEMA_VERSION}")
+    try:
+        datetime.strptime(_require(data, "created_at", str, where), "%Y-%m-%dT%H:%M:%S.%fZ")
+    except ValueError:
+        raise PointerError(f"{where}: created_at {data['created_at']!r} is not UTC ISO") from None
+    git = _require(data, "git", dict, where)
+    ml = _require(data, "mlflow", dict, where)
+    return RunRecord(
+        stage=_require(data, "stage", str, where),
+        created_at=data["created_at"],
+        git=GitState(
+            sha=_require(git, "sha", (str, type(None)), f"{where}.git"),
+            dirty=_require(git, "dirty", (bool, type(None)), f"{where}.git"),
+        ),
+        host=_require(data, "host", str, where),
+        mlflow=TrackingRef(
+            tracking_uri=_require(ml, "tracking_uri", str, f"{where}.mlflow"),
+            experiment=_require(ml, "experiment", str, f"{where}.mlflow"),
+            run_id=_require(ml, "run_id", (str, type(None)), f"{where}.mlflow"),
+        ),
+        pointer_digest=_require(data, "pointer_digest", str, where),
+    )
+
+
+def read_run_record(paths: Paths, stage: str) -> RunRecord | None:
+    """The record of the run that wrote the current pointer of `stage`, or None.
+
+    None when there is no record (outputs restored by `dvc pull` or `dvc checkout`), or when
+    the record belongs to another pointer (the outputs were restored after a later run): the
+    run behind these outputs is then unknown here, and saying so beats naming the wrong one.
+    A record that is not valid JSON or lacks a key is an error naming the file.
+    """
+    path = paths.run_record(stage)
+    pointer = paths.pointer(stage)
+    if not path.is_file() or not pointer.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise PointerError(
+            f"{path}: not valid JSON ({exc}); delete it or rerun the stage"
+        ) from exc
+    record = _run_record_from_dict(data, str(path))
+    if record.stage != stage or record.pointer_digest != sha256_file(pointer):
+        return None
+    return record
+
+
+def run_id_of(paths: Paths, stage: str) -> str | None:
+    """MLflow run id of the run behind `stage`'s current outputs, when it is known here."""
+    record = read_run_record(paths, stage)
+    return None if record is None else record.mlflow.run_id
+
+
 def lineage_tags(paths: Paths, upto: str) -> dict[str, str]:
-    """MLflow tags naming the run of every upstream stage, so that one run leads to all."""
+    """MLflow tags naming the run of every upstream stage, so that one run leads to all.
+
+    Run ids come from the run records; a stage whose outputs were pulled rather than run here
+    has none and gets no tag.
+    """
     tags = {}
     for stage in STAGES[: STAGES.index(upto)]:
         try:
-            run_id = read_pointer(paths, stage, verify=False).mlflow.run_id
+            run_id = run_id_of(paths, stage)
         except PointerError:
             continue
         if run_id:

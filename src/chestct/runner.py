@@ -1,5 +1,6 @@
-"""What every stage's main() shares: settings, a clean output folder, logging, the MLflow run
-and the pointer. A stage's real work lives in its run_<stage>() function, which knows none of this.
+"""What every stage's main() shares: settings, a clean output folder, logging, the MLflow run,
+the pointer and the run record. A stage's real work lives in its run_<stage>() function, which
+knows none of this.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ from chestct.pointers import (
     git_state,
     make_input,
     make_output,
-    now_utc,
+    make_run_record,
     write_pointer,
+    write_run_record,
 )
 from chestct.settings import Settings, SettingsError, load_settings
 from chestct.tracking import (
@@ -64,7 +66,8 @@ def configure_logging(log_file: Path) -> None:
         root.removeHandler(handler)
     console = logging.StreamHandler(sys.stderr)
     console.setFormatter(fmt)
-    file_handler = logging.FileHandler(log_file, encoding="utf-8")
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    file_handler = logging.FileHandler(log_file, mode="w", encoding="utf-8")
     file_handler.setFormatter(fmt)
     root.addHandler(console)
     root.addHandler(file_handler)
@@ -106,27 +109,35 @@ class StageSession:
         metrics: dict[str, Any],
         details: dict[str, Any] | None = None,
     ) -> Pointer:
-        """Log metrics, write the pointer atomically, attach both to the MLflow run."""
+        """Log metrics, write the pointer and then the run record atomically, attach both to
+        the MLflow run.
+
+        The pointer holds only what deps and params determine (DVC hashes it); the time, git
+        SHA, host and MLflow run go to the run record in artifacts/runs/, which DVC ignores.
+        """
         paths = self.settings.paths
-        git = git_state(paths.root)
         pointer = Pointer(
             stage=self.stage,
-            created_at=now_utc(),
-            git=git,
             params=self.params,
             inputs=[make_input(paths, s) for s in inputs],
             outputs={name: make_output(p, paths.root) for name, p in outputs.items()},
             metrics=metrics,
-            mlflow=TrackingRef(
-                tracking_uri=self.settings.tracking_uri,
-                experiment=self.settings.config.tracking.experiment,
-                run_id=self.run_id,
-            ),
             details=details or {},
         )
         self.log_metrics(metrics)
         write_pointer(paths.pointer(self.stage), pointer)
+        record = make_run_record(
+            self.stage,
+            paths.pointer(self.stage),
+            TrackingRef(
+                tracking_uri=self.settings.tracking_uri,
+                experiment=self.settings.config.tracking.experiment,
+                run_id=self.run_id,
+            ),
+            paths.root,
+        )
         self.log_artifact(paths.pointer(self.stage))
+        self.log_artifact(write_run_record(paths, record))
         self.finished = True
         log.info("%s done in %.1f s", self.stage, time.monotonic() - self.started)
         return pointer

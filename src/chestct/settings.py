@@ -309,8 +309,19 @@ class Paths:
     def pointer(self, stage: str) -> Path:
         return self.stage_dir(stage) / "pointer.json"
 
+    @property
+    def runs(self) -> Path:
+        """artifacts/runs/: what is run-specific (time, git SHA, MLflow run, log). It lies
+        outside every stage's DVC output, so DVC hashes none of it."""
+        return self.artifacts / "runs"
+
+    def run_record(self, stage: str) -> Path:
+        self.stage_dir(stage)  # validates the name
+        return self.runs / f"{stage}.json"
+
     def stage_log(self, stage: str) -> Path:
-        return self.stage_dir(stage) / "stage.log"
+        self.stage_dir(stage)
+        return self.runs / f"{stage}.log"
 
 
 @dataclass(frozen=True)

@@ -62,7 +62,7 @@ def check_store(uri: str, timeout_s: float) -> None:
         except (urllib.error.URLError, TimeoutError, OSError) as exc:
             raise TrackingError(
                 f"MLflow tracking server {uri} is unreachable ({exc}). Start it "
-                "(e.g. `mlflow server --backend-store-uri sqlite:///mlflow.db --port 5000`) or "
+                '(`make tracking-server`, README "Scaling out") or '
                 "unset MLFLOW_TRACKING_URI to use the local sqlite store."
             ) from exc
     elif parsed.scheme == "sqlite":

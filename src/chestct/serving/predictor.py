@@ -37,6 +37,7 @@ from chestct import imaging
 from chestct.gradcam import CamHead
 from chestct.metrics import normalised_entropy as entropy
 from chestct.metrics import softmax
+from chestct.modelcard import card_version, with_promotion
 from chestct.monitoring import check_reference
 from chestct.settings import WindowParams
 
@@ -102,7 +103,9 @@ class Loaded:
 
     @property
     def version(self) -> str:
-        return str(self.card.get("version"))
+        """The registry version from promotion.json; without one (a folder pulled from a DVC
+        remote), the model's content digest, so that replicas of one model agree."""
+        return card_version(self.card)
 
     def display_name(self, cls: str) -> str:
         return self.card.get("display_names", {}).get(cls, cls)
@@ -347,6 +350,14 @@ def _number(card: dict[str, Any], keys: tuple[str, ...]) -> float | None:
     return float(node)
 
 
+def _with_promotion(folder: Path, card: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
+    """The card with promotion.json's keys added (chestct.modelcard), or ModelRefused."""
+    try:
+        return with_promotion(folder, card)
+    except ValueError as exc:
+        raise ModelRefused(str(exc)) from None
+
+
 def load_folder(
     model_dir: Path, threads: int = 1, default_window: tuple[float, float] = DEFAULT_WINDOW
 ) -> Loaded:
@@ -380,6 +391,7 @@ def load_folder(
             normalise = imaging.Normalise.from_spec(prep)
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise ModelRefused(f"{CARD_NAME} is not a valid model card ({exc!r})") from None
+        card, promotion_bytes = _with_promotion(folder, card)
         if interpolation not in imaging.INTERPOLATIONS or resize_mode not in (
             "stretch",
             "pad",
@@ -477,7 +489,7 @@ def load_folder(
 
         model = Loaded(
             card=card,
-            card_sha=hashlib.sha256(card_bytes).hexdigest(),
+            card_sha=hashlib.sha256(card_bytes + promotion_bytes).hexdigest(),
             classes=classes,
             image_size=size,
             interpolation=interpolation,

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from chestct.fsutil import sha256_file, staged_file
-from chestct.modeling import WeightsError, build_model, frozen_backbone
+from chestct.fsutil import sha256_file
+from chestct.modeling import WeightsError, build_model, frozen_backbone, save_model
 from chestct.runner import StageFailed, run_main, stage_session
 from chestct.settings import BaseModelParams
 
@@ -42,9 +42,7 @@ def build_and_save(
         model = build_model(params, image_size, seed, root=root)
     except WeightsError as exc:
         raise StageFailed(str(exc)) from None
-    target = out_dir / "model.keras"
-    with staged_file(target) as tmp:
-        model.save(tmp)
+    target = save_model(model, out_dir / "model.keras")
     trainable = int(sum(int(_size(w)) for w in model.trainable_weights))
     details: dict[str, Any] = {
         "architecture": params.architecture,

@@ -10,6 +10,11 @@ carries a sha256 of every file it names, which serving checks at each load. It i
 the MLflow registry with the alias `champion`. A candidate that loses (or fails parity) gets the
 alias `challenger` and leaves model/ untouched; the reason is in the pointer, decision.json and
 the MLflow run.
+
+model.json holds only what the candidate's inputs determine, so that DVC sees the same model/
+for the same inputs on any machine. The registry version, MLflow run ids, git SHA and time of
+the promotion go to model/promotion.json, which .dvcignore keeps out of DVC's hash; serving
+reads both.
 """
 
 from __future__ import annotations
@@ -34,7 +39,14 @@ from chestct.labels import CLASSES, DISPLAY_NAMES
 from chestct.manifest import DATASET_COLUMNS, read_manifest
 from chestct.metrics import lower_is_better, metric_value, numeric_keys
 from chestct.monitoring import REFERENCE_FILE
-from chestct.pointers import PointerError, git_state, lineage_tags, now_utc, read_pointer
+from chestct.pointers import (
+    PointerError,
+    git_state,
+    lineage_tags,
+    now_utc,
+    read_pointer,
+    run_id_of,
+)
 from chestct.runner import StageFailed, run_main, stage_session
 from chestct.scoring import Preprocessing, ScoringError, load_images, model_outputs, score
 from chestct.settings import PromoteParams
@@ -42,6 +54,7 @@ from chestct.settings import PromoteParams
 log = logging.getLogger(__name__)
 
 CARD_NAME = "model.json"
+PROMOTION_NAME = "promotion.json"  # run-specific; listed in .dvcignore
 MODEL_FILE = "model.keras"
 OOD_FILE = "ood.npz"
 
@@ -76,6 +89,7 @@ class PromoteResult:
     decision: Decision
     registered: dict[str, Any]
     card: dict[str, Any] | None  # the new champion's card; None when rejected
+    promotion: dict[str, Any] | None = None  # its promotion.json; None when rejected
 
 
 def read_card(model_dir: Path) -> dict[str, Any] | None:
@@ -219,15 +233,15 @@ def build_card(
     candidate: Candidate,
     inference: dict[str, Any],
     model_sha: str,
-    git_sha: str | None,
-    run_ids: Mapping[str, str | None],
-    registered: dict[str, Any],
 ) -> dict[str, Any]:
-    """The model card: what serving needs to reproduce, calibrate and explain predictions."""
+    """The model card: what serving needs to reproduce, calibrate and explain predictions.
+
+    Only what the candidate and params determine: no registry version, run id or time (those
+    are in build_promotion()), so that the same inputs give the same card.
+    """
     cal = candidate.calibration
     return {
         "name": params.registered_model,
-        "version": registered.get("version"),
         "registered_model": params.registered_model,
         "classes": list(CLASSES),
         "display_names": DISPLAY_NAMES,
@@ -267,11 +281,20 @@ def build_card(
         "metrics": candidate.metrics,
         "selection_metric": params.metric,
         "data_digest": candidate.data_digest,
+        "intended_use": "research and education only; not a medical device",
+    }
+
+
+def build_promotion(
+    registered: dict[str, Any], git_sha: str | None, run_ids: Mapping[str, str | None]
+) -> dict[str, Any]:
+    """promotion.json: which registry version this is and which runs made it, and when."""
+    return {
+        "version": registered.get("version"),
+        "registered": registered,
         "git_sha": git_sha,
         "mlflow_run_ids": dict(run_ids),
-        "registered": registered,
         "promoted_at": now_utc(),
-        "intended_use": "research and education only; not a medical device",
     }
 
 
@@ -281,6 +304,7 @@ def install_model(
     model_dir: Path,
     extras: Mapping[str, Path] | None = None,
     after_swap: Callable[[], None] | None = None,
+    promotion: dict[str, Any] | None = None,
 ) -> None:
     """Write the new model folder beside model/, then swap it in atomically.
 
@@ -292,6 +316,7 @@ def install_model(
         after_swap: what records the swap (the pointer, MLflow); if it raises, the previous
             model/ is swapped back (or removed when there was none) before the error goes on,
             so model/ never holds a model its run did not record.
+        promotion: written as promotion.json (registry version, run ids, time).
     """
     staging = model_dir.with_name(f".{model_dir.name}.new-{uuid.uuid4().hex[:8]}")
     staging.mkdir(parents=True)
@@ -301,6 +326,8 @@ def install_model(
         for name, source in (extras or {}).items():
             shutil.copy2(source, staging / name)
         atomic_write_json(staging / CARD_NAME, card)
+        if promotion is not None:
+            atomic_write_json(staging / PROMOTION_NAME, promotion)
         for path in staging.iterdir():
             # Atomic writes create private (0600) files; the predictor may run as another user.
             path.chmod(0o644)
@@ -409,10 +436,8 @@ def run_promote(
         candidate=candidate,
         inference=inference,
         model_sha=sha256_file(candidate.model_path),
-        git_sha=git_state(root).sha,
-        run_ids=run_ids or {},
-        registered=registered,
     )
+    promotion = build_promotion(registered, git_state(root).sha, run_ids or {})
     files = {
         inference["file"]: work_dir / inference["file"],
         CAM_FILE: work_dir / CAM_FILE,
@@ -420,7 +445,7 @@ def run_promote(
         **({REFERENCE_FILE: candidate.reference_path} if candidate.reference_path else {}),
     }
     new_card = file_digests(new_card, files)
-    result = PromoteResult(decision, registered, new_card)
+    result = PromoteResult(decision, registered, new_card, promotion)
     if before_swap is not None:
         card_file = work_dir / CARD_NAME
         atomic_write_json(card_file, new_card)
@@ -431,6 +456,7 @@ def run_promote(
         model_dir,
         files,
         after_swap=None if after_swap is None else lambda: after_swap(result),
+        promotion=promotion,
     )
     log.info(
         "promoted %s version %s into %s",
@@ -543,8 +569,10 @@ def main() -> None:
                     "chestct.decision_reason": decision.reason[:5000],
                 }
             )
+            mlflow.log_dict(result.registered, "registered.json")
             if card_file is not None and result.card is not None:
                 session.log_artifact(card_file, "model_card")
+                mlflow.log_dict(result.promotion, f"model_card/{PROMOTION_NAME}")
                 session.log_artifact(release / result.card["inference"]["file"], "model_card")
 
         def finish(result: PromoteResult) -> None:
@@ -555,7 +583,9 @@ def main() -> None:
             if result.card is not None:
                 outputs["card"] = s.paths.model / CARD_NAME
             decision_path = session.out_dir / "decision.json"
-            atomic_write_json(decision_path, {**asdict(decision), "registered": result.registered})
+            # The registry version is store state, not a function of the inputs: it goes to
+            # the MLflow run and model/promotion.json, not to this DVC output.
+            atomic_write_json(decision_path, asdict(decision))
             outputs["decision"] = decision_path
             session.finish(
                 inputs=["validate", "train", "evaluate"],
@@ -570,7 +600,7 @@ def main() -> None:
                         else {}
                     ),
                 },
-                details={"decision": asdict(decision), "registered": result.registered},
+                details={"decision": asdict(decision)},
             )
 
         run_promote(
@@ -585,8 +615,8 @@ def main() -> None:
             work_dir=release,
             register=lambda path, alias: mlflow_register(path, params.registered_model, alias),
             run_ids={
-                "train": train.mlflow.run_id,
-                "evaluate": evaluate.mlflow.run_id,
+                "train": run_id_of(s.paths, "train"),
+                "evaluate": run_id_of(s.paths, "evaluate"),
                 "promote": session.run_id,
             },
             before_swap=record,

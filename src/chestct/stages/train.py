@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ import pandas as pd
 import tensorflow as tf
 from sklearn.utils.class_weight import compute_class_weight
 
+from chestct.distributed import WorkerRole, worker_role
 from chestct.fsutil import staged_file
 from chestct.labels import CLASSES
 from chestct.manifest import DATASET_COLUMNS, read_manifest, write_manifest
@@ -29,12 +31,13 @@ from chestct.modeling import (
     label_indices,
     load_model,
     make_dataset,
+    save_model,
     set_seed,
     with_dtype_policy,
 )
 from chestct.pointers import read_pointer
 from chestct.runner import StageFailed, run_main, stage_session
-from chestct.settings import TrainParams
+from chestct.settings import TrainParams, load_settings
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +154,8 @@ def distribution_strategy(name: str) -> tf.distribute.Strategy:
     """The tf.distribute strategy for `train.strategy`.
 
     mirrored: synchronous data parallelism over the local devices (GPUs, else the CPU).
-    multi_worker: the same across machines described by the TF_CONFIG environment variable.
+    multi_worker: the same across the processes that the TF_CONFIG environment variable
+    lists, each on its own machine (or port); every one of them must run this stage.
     """
     if name == "mirrored":
         return tf.distribute.MirroredStrategy()
@@ -234,6 +238,130 @@ def _callbacks(
     ]
 
 
+def _fit(
+    model: keras.Model,
+    strategy: tf.distribute.Strategy,
+    train_ds: tf.data.Dataset,
+    valid_ds: tf.data.Dataset,
+    *,
+    initial_epoch: int,
+    epochs: int,
+    class_weight: dict[int, float] | None,
+    callbacks: list[keras.callbacks.Callback],
+    label_smoothing: float,
+) -> None:
+    """model.fit(), or the same loop written out for MultiWorkerMirroredStrategy.
+
+    Keras 3's fit() fails under MultiWorkerMirroredStrategy with more than one worker (it
+    reduces an input batch across workers before the first step; keras-team/keras#20585), so
+    multi-worker training runs the loop below: the same loss, class weights, callbacks and
+    logged metrics, with each step's gradients summed over all workers.
+    """
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        model.fit(
+            train_ds,
+            validation_data=valid_ds,
+            initial_epoch=initial_epoch,
+            epochs=epochs,
+            class_weight=class_weight,
+            callbacks=callbacks,
+            verbose=2,
+        )
+        return
+    classes = len(CLASSES)
+    per_class = [1.0] * classes
+    for index, weight in (class_weight or {}).items():
+        per_class[index] = weight
+    sample_weights = tf.constant(per_class, tf.float32)
+    loss_fn = keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing, reduction=None)
+
+    def replica_step(images: tf.Tensor, targets: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        context = tf.distribute.get_replica_context()
+        global_batch = context.all_reduce(
+            tf.distribute.ReduceOp.SUM, tf.cast(tf.shape(images)[0], tf.float32)
+        )
+        with tf.GradientTape() as tape:
+            probabilities = model(images, training=True)
+            truth = tf.argmax(targets, axis=1)
+            weighted = loss_fn(targets, probabilities) * tf.gather(sample_weights, truth)
+            loss = tf.math.divide_no_nan(tf.reduce_sum(weighted), global_batch)
+        grads = tape.gradient(loss, model.trainable_variables)
+        model.optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=True))
+        confusion = tf.math.confusion_matrix(
+            truth, tf.argmax(probabilities, axis=1), num_classes=classes, dtype=tf.float32
+        )
+        return loss, confusion
+
+    @tf.function
+    def train_step(batch: tuple) -> tuple[tf.Tensor, tf.Tensor]:
+        loss, confusion = strategy.run(replica_step, args=batch)
+        return (
+            strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None),
+            strategy.reduce(tf.distribute.ReduceOp.SUM, confusion, axis=None),
+        )
+
+    @tf.function
+    def predict(images: tf.Tensor) -> tf.Tensor:
+        return model(images, training=False)
+
+    distributed = strategy.experimental_distribute_dataset(train_ds)
+    hooks = keras.callbacks.CallbackList(callbacks, model=model)
+    model.stop_training = False
+    hooks.on_train_begin()
+    for epoch in range(initial_epoch, epochs):
+        hooks.on_epoch_begin(epoch)
+        losses, confusion = [], np.zeros((classes, classes))
+        for batch in distributed:
+            loss, step_confusion = train_step(batch)
+            losses.append(float(loss))
+            confusion += step_confusion.numpy()
+        # Every worker validates on the whole valid split with the same weights, so every
+        # worker's callbacks (early stopping, learning rate) decide alike without a reduction.
+        hooks.on_test_begin()
+        val_losses, val_confusion, seen = 0.0, np.zeros((classes, classes)), 0
+        for images, targets in valid_ds:
+            probabilities = predict(images)
+            val_losses += float(tf.reduce_sum(loss_fn(targets, probabilities)))
+            seen += int(images.shape[0])
+            val_confusion += tf.math.confusion_matrix(
+                tf.argmax(targets, axis=1),
+                tf.argmax(probabilities, axis=1),
+                num_classes=classes,
+                dtype=tf.float32,
+            ).numpy()
+        hooks.on_test_end()
+        logs = {
+            "loss": float(np.mean(losses)),
+            **_confusion_metrics(confusion, ""),
+            "val_loss": val_losses / max(seen, 1),
+            **_confusion_metrics(val_confusion, "val_"),
+        }
+        log.info(
+            "epoch %d/%d: %s",
+            epoch + 1,
+            epochs,
+            ", ".join(f"{k} {v:.4f}" for k, v in logs.items()),
+        )
+        hooks.on_epoch_end(epoch, logs)
+        if model.stop_training:
+            break
+    hooks.on_train_end()
+
+
+def _confusion_metrics(confusion: np.ndarray, prefix: str) -> dict[str, float]:
+    """Accuracy and macro-F1 (as Keras' F1Score(average="macro")) from a confusion matrix."""
+    tp = np.diag(confusion)
+    fp = confusion.sum(axis=0) - tp
+    fn = confusion.sum(axis=1) - tp
+    denominator = 2 * tp + fp + fn
+    f1 = np.divide(2 * tp, denominator, out=np.zeros_like(tp), where=denominator > 0)
+    total = confusion.sum()
+    return {
+        f"{prefix}accuracy": float(tp.sum() / total) if total else 0.0,
+        f"{prefix}macro_f1": float(f1.mean()),
+    }
+
+
 def run_train(
     base_model: Path,
     train: pd.DataFrame,
@@ -242,6 +370,7 @@ def run_train(
     seed: int,
     root: Path,
     on_epoch: EpochSink | None = None,
+    strategy: tf.distribute.Strategy | None = None,
 ) -> TrainResult:
     """Fit the base model; returns it with the best validation weights restored.
 
@@ -253,9 +382,11 @@ def run_train(
         seed: seeds weights, shuffling and augmentation.
         root: folder the manifest paths are relative to.
         on_epoch: called with (metrics, epoch index) after every epoch of both phases.
+        strategy: the tf.distribute strategy, when the caller made it (multi-worker
+            collectives must be set up before other TF work); else one for params.strategy.
     """
-    # The strategy comes first: multi-worker collectives must be set up before other TF work.
-    strategy = distribution_strategy(params.strategy)
+    if strategy is None:
+        strategy = distribution_strategy(params.strategy)
     if params.deterministic:
         tf.config.experimental.enable_op_determinism()
     set_seed(seed)
@@ -294,13 +425,16 @@ def run_train(
 
     rows: list[dict[str, float]] = []
     best = BestWeights(params.monitor)
-    model.fit(
+    _fit(
+        model,
+        strategy,
         train_ds,
-        validation_data=valid_ds,
+        valid_ds,
+        initial_epoch=0,
         epochs=params.epochs,
         class_weight=weights,
         callbacks=_callbacks(params, best, _EpochLogger(on_epoch, rows, 1), recalibration),
-        verbose=2,
+        label_smoothing=params.label_smoothing,
     )
     best.restore()
     phase1_epochs = len(rows)
@@ -314,14 +448,16 @@ def run_train(
             opened,
             params.fine_tune.learning_rate,
         )
-        model.fit(
+        _fit(
+            model,
+            strategy,
             train_ds,
-            validation_data=valid_ds,
+            valid_ds,
             initial_epoch=phase1_epochs,
             epochs=phase1_epochs + params.fine_tune.epochs,
             class_weight=weights,
             callbacks=_callbacks(params, best, _EpochLogger(on_epoch, rows, 2), recalibration),
-            verbose=2,
+            label_smoothing=params.label_smoothing,
         )
         best.restore()
 
@@ -377,7 +513,58 @@ def plot_history(history: pd.DataFrame, target: Path) -> None:
     plt.close(fig)
 
 
+def run_worker(role: WorkerRole, strategy: tf.distribute.Strategy) -> TrainResult:
+    """A non-chief worker of a multi-worker run: train in step with the chief, write nothing.
+
+    It reads the same inputs as the chief (through the pointers, which must match their
+    digests: the machines share them through a DVC remote) and takes part in every gradient
+    step; the chief alone writes artifacts/train/, the pointer and the MLflow run.
+    """
+    settings = load_settings()
+    paths = settings.paths
+    validate = read_pointer(paths, "validate")
+    base = read_pointer(paths, "base-model")
+    train = read_manifest(validate.output_path("train", paths.root), DATASET_COLUMNS)
+    valid = read_manifest(validate.output_path("valid", paths.root), DATASET_COLUMNS)
+    log.info(
+        "worker %s:%d of %d workers: training on %d images; the chief writes the outputs",
+        role.task_type,
+        role.index,
+        role.workers,
+        len(train),
+    )
+    result = run_train(
+        base.output_path("model", paths.root),
+        train,
+        valid,
+        settings.params.train,
+        settings.params.base.seed,
+        paths.root,
+        strategy=strategy,
+    )
+    log.info(
+        "worker %s:%d done: %d epochs, best epoch %d; nothing written",
+        role.task_type,
+        role.index,
+        len(result.history),
+        result.best_epoch,
+    )
+    return result
+
+
 def main() -> None:
+    settings = load_settings()
+    role = worker_role(settings.params.train.strategy)
+    # Before anything else touches TensorFlow: multi-worker collectives start with the program.
+    strategy = distribution_strategy(settings.params.train.strategy)
+    if not role.chief:
+        logging.basicConfig(
+            level=logging.INFO,
+            stream=sys.stderr,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        )
+        run_worker(role, strategy)
+        return
     with stage_session("train") as session:
         s = session.settings
         root = s.paths.root
@@ -396,11 +583,10 @@ def main() -> None:
             s.params.base.seed,
             root,
             on_epoch=lambda m, e: session.log_metrics(m, step=e),
+            strategy=strategy,
         )
         out = session.out_dir
-        model_path = out / "model.keras"
-        with staged_file(model_path) as tmp:
-            result.model.save(tmp)
+        model_path = save_model(result.model, out / "model.keras")
         write_manifest(out / "history.csv", result.history)
         plot_history(result.history, out / "curves.png")
         session.log_artifact(out / "curves.png")

@@ -239,6 +239,24 @@ def test_same_test_data_uses_the_champions_card(champion, world, tmp_path: Path)
     assert result.decision.champion == 0.8
 
 
+def test_a_tie_keeps_the_champion_and_registers_nothing(champion, world, tmp_path: Path) -> None:
+    import shutil
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(champion[0], model_dir)
+    before = snapshot(model_dir)
+    registry = Registry()
+
+    # The champion's own model and score again: what rerunning an unchanged baseline does.
+    result = promote(world, candidate(world, 0, 0.8), model_dir, registry)
+
+    assert not result.decision.promote
+    assert result.decision.rule == "tie with the champion"
+    assert result.decision.reason.startswith("kept the champion (tie with the champion)")
+    assert result.registered == {} and registry.calls == []
+    assert snapshot(model_dir) == before
+
+
 def test_parity_failure_rejects_and_leaves_the_champion(
     champion, world, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -254,6 +272,10 @@ def test_parity_failure_rejects_and_leaves_the_champion(
     result = promote(world, candidate(world, 1, 0.95), model_dir, registry)
     assert not result.decision.promote
     assert "parity failed" in result.decision.reason and "0.25" in result.decision.reason
+    assert result.decision.rule == "light model export failed"
+    assert result.decision.reason.startswith(
+        "rejected (light model export failed): candidate macro_f1 0.9500 > champion 0.8000"
+    )
     assert registry.calls[-1][1] == "challenger"
     assert snapshot(model_dir) == before
 

@@ -625,28 +625,51 @@ def test_decide_first_model_needs_the_minimum(score: float, promoted: bool) -> N
     assert decision.promote is promoted
     assert decision.champion is None
     assert decision.candidate == score
-    assert ("meets" if promoted else "is below") in decision.reason
+    if promoted:
+        assert decision.rule == "first model"
+        assert decision.reason.startswith("promoted (first model): no champion")
+    else:
+        assert decision.rule == "below promote.minimum"
+        assert decision.reason == (
+            "rejected (below promote.minimum): candidate macro_f1 0.4900 < promote.minimum 0.5"
+            " (no champion)"
+        )
 
 
 @pytest.mark.parametrize(
-    ("candidate", "champion", "margin", "promoted"),
+    ("candidate", "champion", "margin", "promoted", "rule"),
     [
-        (0.60, 0.70, 0.0, False),  # worse
-        (0.80, 0.70, 0.0, True),  # better
-        (0.70, 0.70, 0.0, True),  # as good
-        (0.74, 0.70, 0.05, False),  # better, but by less than the margin
-        (0.76, 0.70, 0.05, True),  # better by more than the margin
+        (0.60, 0.70, 0.0, False, "not better than champion + margin"),
+        (0.80, 0.70, 0.0, True, "better than champion + margin"),
+        (0.70, 0.70, 0.0, False, "tie with the champion"),
+        (0.70, 0.70, -0.05, False, "tie with the champion"),  # a tie whatever the margin
+        (0.74, 0.70, 0.05, False, "not better than champion + margin"),
+        (0.76, 0.70, 0.05, True, "better than champion + margin"),
+        (0.40, 0.20, 0.0, False, "below promote.minimum"),  # better, yet below the minimum
     ],
 )
 def test_decide_against_a_champion(
-    candidate: float, champion: float, margin: float, promoted: bool
+    candidate: float, champion: float, margin: float, promoted: bool, rule: str
 ) -> None:
     params = PromoteParams(metric="macro_f1", minimum=0.5, margin=margin)
     decision = decide(params, {"macro_f1": candidate}, {"macro_f1": champion}, True)
     assert decision.promote is promoted
     assert (decision.candidate, decision.champion) == (candidate, champion)
     assert decision.champion_rescored is True
-    assert decision.reason.endswith("promoted" if promoted else "rejected")
+    assert decision.rule == rule
+    verdict = "promoted" if promoted else "kept the champion" if "tie" in rule else "rejected"
+    assert decision.reason.startswith(f"{verdict} ({rule}): candidate macro_f1 {candidate:.4f}")
+
+
+def test_decide_reason_names_the_minimum_not_the_champion() -> None:
+    # The example: 0.375 beats a 0.1667 champion but is below promote.minimum.
+    params = PromoteParams(metric="macro_f1", minimum=0.5)
+    decision = decide(params, {"macro_f1": 0.375}, {"macro_f1": 0.1667})
+    assert not decision.promote
+    assert decision.reason == (
+        "rejected (below promote.minimum): candidate macro_f1 0.3750 < promote.minimum 0.5"
+        " (champion 0.1667)"
+    )
 
 
 def test_decide_uses_the_configured_metric() -> None:
@@ -655,13 +678,6 @@ def test_decide_uses_the_configured_metric() -> None:
     decision = decide(params, candidate, {"accuracy": 0.8, "macro_f1": 0.9})
     assert decision.promote
     assert decision.metric == "accuracy"
-
-
-def test_decide_better_than_a_weak_champion_still_needs_the_minimum() -> None:
-    decision = decide(
-        PromoteParams(metric="macro_f1", minimum=0.5), {"macro_f1": 0.4}, {"macro_f1": 0.2}
-    )
-    assert not decision.promote
 
 
 def test_rescore_champion_after_image_size_changed(tmp_path: Path, base_model: Path) -> None:

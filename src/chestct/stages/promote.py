@@ -1,4 +1,4 @@
-"""promote: put the candidate in model/ only if it is at least as good as the champion.
+"""promote: put the candidate in model/ only if it is better than the champion.
 
 The champion (model/, described by model/model.json) is re-scored on the current test split
 when the test data changed since it was promoted, so both are judged on the same images.
@@ -8,8 +8,8 @@ and swapped in for model/ atomically, after its MLflow calls (registry, tags, ca
 succeeded; if recording it fails after the swap, the previous model/ is put back. The card
 carries a sha256 of every file it names, which serving checks at each load. It is registered in
 the MLflow registry with the alias `champion`. A candidate that loses (or fails parity) gets the
-alias `challenger` and leaves model/ untouched; the reason is in the pointer, decision.json and
-the MLflow run.
+alias `challenger` and leaves model/ untouched; a tie leaves model/ and the registry untouched.
+The reason, naming the rule that decided, is in the pointer, decision.json and the MLflow run.
 
 model.json holds only what the candidate's inputs determine, so that DVC sees the same model/
 for the same inputs on any machine. The registry version, MLflow run ids, git SHA and time of
@@ -69,7 +69,8 @@ class Decision:
     candidate: float
     champion: float | None
     champion_rescored: bool
-    reason: str
+    reason: str  # "<verdict> (<rule>): <the figures compared>"
+    rule: str  # the RULE_* that decided
 
 
 @dataclass(frozen=True)
@@ -133,39 +134,76 @@ def selection_value(metrics: dict[str, Any], metric: str, whose: str) -> float:
     return value
 
 
+# The rules promote applies, in this order; Decision.rule names the one that decided.
+RULE_BELOW_MINIMUM = "below promote.minimum"
+RULE_ABOVE_MAXIMUM = "above promote.minimum"  # a metric where lower is better
+RULE_FIRST_MODEL = "first model"
+RULE_TIE = "tie with the champion"
+RULE_BETTER = "better than champion + margin"
+RULE_NOT_BETTER = "not better than champion + margin"
+RULE_BETTER_LOWER = "better than champion - margin"  # lower is better
+RULE_NOT_BETTER_LOWER = "not better than champion - margin"
+RULE_EXPORT_FAILED = "light model export failed"
+# Equal scores computed from the same test images: a tie, whatever the margin.
+TIE_TOLERANCE = 1e-9
+
+
 def decide(
     params: PromoteParams,
     candidate: dict[str, Any],
     champion: dict[str, Any] | None,
     champion_rescored: bool = False,
 ) -> Decision:
-    """Compare on params.metric: first model needs `minimum`; later ones champion + margin.
+    """Compare on params.metric and name the rule that decided.
 
+    A candidate worse than `promote.minimum` is rejected; without a champion it is promoted;
+    otherwise it must be strictly better than the champion by more than `promote.margin`. A
+    tie (equal scores) keeps the champion: rerunning an unchanged pipeline promotes nothing.
     For a metric where lower is better (metrics.lower_is_better: ECE, NLL, rates) the
-    comparison turns round: the candidate must stay at or below `minimum` and below the
-    champion by the margin.
+    comparison turns round: `minimum` is a maximum and the candidate must be below the
+    champion - margin.
     """
     metric = params.metric
     score = selection_value(candidate, metric, "candidate")
-    sign = -1.0 if lower_is_better(metric) else 1.0
-    bound = "maximum" if sign < 0 else "minimum"
-    if champion is None:
-        ok = sign * score >= sign * params.minimum
-        reason = (
-            f"no champion; {metric} {score:.4f} "
-            f"{'meets' if ok else ('is below' if sign > 0 else 'is above')} the {bound} "
-            f"{params.minimum}"
+    higher = not lower_is_better(metric)
+    sign = 1.0 if higher else -1.0
+    best = None if champion is None else selection_value(champion, metric, "champion")
+    against = "no champion" if best is None else f"champion {best:.4f}"
+    plus, beats, fails = ("+", ">", "<=") if higher else ("-", "<", ">=")
+    if sign * score < sign * params.minimum:
+        rule = RULE_BELOW_MINIMUM if higher else RULE_ABOVE_MAXIMUM
+        ok = False
+        detail = (
+            f"candidate {metric} {score:.4f} {'<' if higher else '>'} promote.minimum "
+            f"{params.minimum} ({against}{'' if higher else '; a maximum: lower is better'})"
         )
-        return Decision(ok, metric, score, None, False, reason)
-    best = selection_value(champion, metric, "champion")
-    needed = best + sign * params.margin
-    ok = sign * score >= sign * needed and sign * score >= sign * params.minimum
-    reason = (
-        f"candidate {metric} {score:.4f} vs champion {best:.4f} "
-        f"({'+' if sign > 0 else '-'} margin {params.margin}): "
-        f"{'promoted' if ok else 'rejected'}"
-    )
-    return Decision(ok, metric, score, best, champion_rescored, reason)
+    elif best is None:
+        rule, ok = RULE_FIRST_MODEL, True
+        detail = (
+            f"no champion; candidate {metric} {score:.4f} {'>=' if higher else '<='} "
+            f"promote.minimum {params.minimum}"
+        )
+    elif abs(score - best) <= TIE_TOLERANCE:
+        rule, ok = RULE_TIE, False
+        detail = (
+            f"candidate {metric} {score:.4f} = champion {best:.4f}; the champion stays and "
+            "nothing is registered"
+        )
+    elif sign * score > sign * (best + sign * params.margin):
+        rule, ok = (RULE_BETTER if higher else RULE_BETTER_LOWER), True
+        detail = (
+            f"candidate {metric} {score:.4f} {beats} champion {best:.4f} {plus} promote.margin "
+            f"{params.margin}"
+        )
+    else:
+        rule, ok = (RULE_NOT_BETTER if higher else RULE_NOT_BETTER_LOWER), False
+        detail = (
+            f"candidate {metric} {score:.4f} {fails} champion {best:.4f} {plus} promote.margin "
+            f"{params.margin}"
+        )
+    verdict = "promoted" if ok else ("kept the champion" if rule == RULE_TIE else "rejected")
+    reason = f"{verdict} ({rule}): {detail}"
+    return Decision(ok, metric, score, best, champion_rescored, reason, rule)
 
 
 def rescore_champion(
@@ -417,9 +455,19 @@ def run_promote(
             inference = export_release(candidate.model_path, test, root, batch_size, work_dir)
         except ExportError as exc:
             log.error("%s", exc)
-            decision = replace(decision, promote=False, reason=f"{decision.reason}; but {exc}")
+            decision = replace(
+                decision,
+                promote=False,
+                rule=RULE_EXPORT_FAILED,
+                # Keep the figures that won, then say why the win does not count.
+                reason=f"rejected ({RULE_EXPORT_FAILED}): "
+                f"{decision.reason.split(': ', 1)[1]}; but {exc}",
+            )
     log.info("decision: %s", decision.reason)
-    registered = register(candidate.model_path, "champion" if decision.promote else "challenger")
+    registered: dict[str, Any] = {}
+    if decision.rule != RULE_TIE:  # a tie is the champion again: no new registry version
+        alias = "champion" if decision.promote else "challenger"
+        registered = register(candidate.model_path, alias)
     if not decision.promote or inference is None:
         # DVC expects model/ to exist after the stage; an empty folder means "no champion".
         rejected = PromoteResult(decision, registered, None)
@@ -501,6 +549,12 @@ def mlflow_register(model_path: Path, name: str, alias: str) -> dict[str, Any]:
     return {"name": name, "version": version, "alias": alias, "model_uri": info.model_uri}
 
 
+def _decision_tag(decision: Decision) -> str:
+    if decision.promote:
+        return "promoted"
+    return "tie" if decision.rule == RULE_TIE else "rejected"
+
+
 def _version(pkg: str) -> str:
     from importlib import metadata
 
@@ -565,7 +619,8 @@ def main() -> None:
             decision = result.decision
             mlflow.set_tags(
                 {
-                    "chestct.decision": "promoted" if decision.promote else "rejected",
+                    "chestct.decision": _decision_tag(decision),
+                    "chestct.decision_rule": decision.rule,
                     "chestct.decision_reason": decision.reason[:5000],
                 }
             )

@@ -21,13 +21,15 @@ export DO_NOT_TRACK := true
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: venv run test serve lint format ui tracking-server clean help
+.PHONY: venv run repro plan test serve lint format ui tracking-server clean help
 
 help:
 	@echo "make run    - set up .venv and run the whole pipeline (dvc repro)"
+	@echo "make plan   - print which stages 'dvc repro' would rerun, and why; run nothing"
+	@echo "make repro  - check params and the tracking store, then dvc repro \$$ARGS"
 	@echo "make test   - set up .venv and run the test suite"
 	@echo "make serve  - serve model/ with gunicorn on http://$(HOST):$(PORT)"
-	@echo "make ui     - open the MLflow UI on the local sqlite store"
+	@echo "make ui     - the MLflow UI on the local sqlite store (http://$(HOST):5000; PORT=)"
 	@echo "make tracking-server - MLflow server (SQL backend, proxied artifacts) on $(TRACKING_HOST):$(TRACKING_PORT)"
 	@echo "make lint   - ruff"
 
@@ -42,7 +44,10 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 
 venv: $(STAMP)
 
+# DVC deletes a stage's outputs before running it: check what a stage would check first, so
+# that a params typo or an unreachable tracking server stops here with artifacts/ untouched.
 run: venv
+	python -m chestct.preflight
 	dvc repro
 	@echo
 	@echo "Pipeline done. Promotion decision:"
@@ -53,6 +58,15 @@ run: venv
 	@echo "  curl -F file=@slice.png http://$(HOST):$(PORT)/predict"
 	@echo "  $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db   # compare runs"
 
+# `make repro ARGS="train"` or ARGS="-s train": dvc repro with the same check as `make run`.
+repro: venv
+	python -m chestct.preflight
+	dvc repro $(ARGS)
+
+# What `dvc repro` would rerun, including the downstream stages `dvc repro --dry` leaves out.
+plan: venv
+	@python -m chestct.plan
+
 test: venv
 	python -m pytest $(PYTEST_ARGS)
 
@@ -60,8 +74,10 @@ serve: venv
 	@test -f model/model.json || { echo "no model in model/: run 'make run' first"; exit 1; }
 	CHESTCT_BIND=$(HOST):$(PORT) gunicorn -c config/gunicorn.conf.py app:app
 
+# PORT/HOST given on the command line or in the environment win; else MLflow's usual 5000.
+UI_PORT := $(if $(filter command line environment,$(origin PORT)),$(PORT),5000)
 ui: venv
-	mlflow ui --backend-store-uri sqlite:///mlflow.db
+	mlflow ui --backend-store-uri sqlite:///mlflow.db --host $(HOST) --port $(UI_PORT)
 
 # The server's job runner (GenAI evaluation jobs, unused by chestct) would start ~5 more
 # processes: off.

@@ -69,10 +69,19 @@ def on_starting(server):
 
 
 def post_fork(server, worker):
-    """In the worker, before the app loads: OpenCV's own pool to one thread, as BLAS above."""
+    """In the worker, before the app loads: OpenCV's own pool to one thread, as BLAS above;
+    chestct's log lines (model loads and hot swaps) go to gunicorn's error log."""
+    import logging
+
     import cv2
 
     cv2.setNumThreads(1)
+    chestct_log = logging.getLogger("chestct")
+    if not chestct_log.handlers:
+        for handler in server.log.error_log.handlers:
+            chestct_log.addHandler(handler)
+        chestct_log.setLevel(server.log.error_log.level)
+        chestct_log.propagate = False
 
 
 def child_exit(server, worker):

@@ -116,7 +116,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, model_dir: Path):  # noqa: 
 
 
 def test_readme_curl_examples_against_gunicorn(server, tmp_path: Path) -> None:
-    base, proc, _ = server
+    base, proc, live = server
     work = tmp_path / "client"
     work.mkdir()
     # The README's way to get sample files: `python -m chestct.samples` in the current folder.
@@ -171,6 +171,15 @@ def test_readme_curl_examples_against_gunicorn(server, tmp_path: Path) -> None:
     status, body = get(f"{base}/predict")
     assert status == 405 and json.loads(body)["status"] == 405
 
+    # Each worker said in the server log which model it loaded, from which run and folder.
+    loads = [
+        line
+        for line in (live.parent / "gunicorn.log").read_text().splitlines()
+        if "serving model chestct version 1" in line
+    ]
+    assert len(loads) == 2, loads
+    assert all(f"(train run {0:032d}, litert) from {live}" in line for line in loads)
+
 
 def test_workers_switch_to_a_new_champion_without_restart(
     server,
@@ -189,3 +198,9 @@ def test_workers_switch_to_a_new_champion_without_restart(
         streak = streak + 1 if status == 200 and json.loads(body)["version"] == "2" else 0
         time.sleep(0.1)
     assert worker_pids(proc.pid) == workers  # no restart
+    log = (live.parent / "gunicorn.log").read_text()
+    swaps = [line for line in log.splitlines() if "replacing version 1" in line]
+    assert swaps and all(
+        f"serving model chestct version 2 (train run {7:032d}, litert) from {live}" in line
+        for line in swaps
+    ), swaps

@@ -36,4 +36,8 @@ def test_unknown_label_names_the_choices(tmp_path: Path) -> None:
 def test_cli_writes_into_the_folder_asked(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     main(["--out", str(tmp_path / "out"), "--label", "adenocarcinoma"])
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["slice.dcm", "slice.png"]
-    assert "slice.png" in capsys.readouterr().out
+    out = capsys.readouterr().out.splitlines()
+    assert out == [
+        f"{tmp_path / 'out' / 'slice.png'}: a synthetic adenocarcinoma slice (seed 0)",
+        f"{tmp_path / 'out' / 'slice.dcm'}: a synthetic adenocarcinoma slice (seed 0)",
+    ]

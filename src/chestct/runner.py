@@ -218,6 +218,20 @@ def run_main(stage: str, body: Any) -> None:
     try:
         body()
     except (SettingsError, TrackingError, StageFailed, PointerError, ManifestError) as exc:
-        logging.getLogger("chestct").error("%s failed: %s", stage, exc)
-        print(f"chestct {stage}: {exc}", file=sys.stderr)
+        report_failure(stage, exc)
         raise SystemExit(1) from None
+
+
+def report_failure(stage: str, exc: BaseException) -> None:
+    """Print the error once on stderr, and into stage.log when logging is set up.
+
+    Logging it through the console handler as well (or, before logging is configured, through
+    Python's last-resort handler) would show the same message twice.
+    """
+    record = log.makeRecord(
+        log.name, logging.ERROR, __file__, 0, "%s failed: %s", (stage, exc), None
+    )
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+    print(f"chestct {stage}: {exc}", file=sys.stderr)

@@ -42,8 +42,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path.cwd())
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    # Say which class was written: the service's answer can then be checked against it.
     for path in write_samples(args.out, args.label, args.seed):
-        print(path)
+        print(f"{path}: a synthetic {args.label} slice (seed {args.seed})")
 
 
 if __name__ == "__main__":

@@ -619,11 +619,14 @@ class Predictor:
         self._model, self._identity, self.last_error = model, identity, None
         for note in model.notes:
             log.warning("model %s v%s: %s", model.name, model.version, note)
+        # One line per load and per hot swap: which model answers from now on, and from where.
         log.info(
-            "serving model %s version %s (%s)%s",
+            "serving model %s version %s (train run %s, %s) from %s%s",
             model.name,
             model.version,
+            (model.card.get("mlflow_run_ids") or {}).get("train") or "unknown",
             model.backend,
+            self.model_dir,
             f", replacing version {old.version}" if old else "",
         )
 

@@ -1,0 +1,202 @@
+"""Every command line in the README's ```bash blocks is run somewhere, or says why it cannot be.
+
+RUN_BY maps a README command to what runs it: a test (`tests/<file>.py::<test>`, which must
+exist and take its commands from the README or spell them, unless `— <note>` says how it runs
+the same thing) or a CI script (`.ci/run`, `.github/workflows/<file>.yml`, which must contain
+the command). NOT_RUNNABLE maps a command to
+the reason it cannot run on a test machine (a cloud account, a Docker engine, the real dataset).
+A README command in neither fails `test_every_readme_command_is_run_or_excused`, so a new
+command cannot drift from the product unnoticed.
+
+Commands are compared as written, with `\\` continuations joined, a trailing `# comment` cut
+and runs of spaces made one.
+"""
+
+# ruff: noqa: E501  (the registry spells README commands on one line each, as the README does)
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+README = REPO / "README.md"
+
+_HEADING_OR_BLOCK = re.compile(r"^(?P<h>#{2,3} [^\n]*)$|^```bash\n(?P<b>.*?)^```", re.S | re.M)
+
+
+def normalise(line: str) -> str:
+    """A command as the registry spells it: no trailing comment, single spaces."""
+    line = re.sub(r"\s+#\s.*$", "", line).strip()
+    return re.sub(r"\s+", " ", line)
+
+
+def readme_commands(section: str | None = None) -> list[tuple[str, str]]:
+    """(heading, command) for every command line of the README's bash blocks, in order.
+
+    Args:
+        section: only blocks under a heading that starts with this text (e.g. "## Quick start",
+            "### Dry runs"); sub-headings of a `##` section count as part of it.
+    """
+    text = README.read_text(encoding="utf-8")
+    found: list[tuple[str, str]] = []
+    heading, top = "", ""
+    for match in _HEADING_OR_BLOCK.finditer(text):
+        if match.group("h"):
+            heading = match.group("h")
+            if heading.startswith("## "):
+                top = heading
+            continue
+        if section is not None and not (
+            heading.startswith(section) or (section.startswith("## ") and top.startswith(section))
+        ):
+            continue
+        for line in match.group("b").replace("\\\n", " ").splitlines():
+            command = normalise(line)
+            if command and not command.startswith("#"):
+                found.append((heading, command))
+    return found
+
+
+E2E = "tests/test_readme_path.py"
+
+RUN_BY: dict[str, str] = {
+    # Quick start, in a temporary copy of the project (make run builds it; make serve serves it)
+    "make run": f"{E2E}::test_make_run_reproduces_and_prints_the_decision",
+    "make test": ".ci/run",
+    "make serve": f"{E2E}::test_quick_start_serve_samples_curl_and_mlflow_ui",
+    ".venv/bin/python -m chestct.samples": f"{E2E}::test_quick_start_serve_samples_curl_and_mlflow_ui",
+    "curl -F file=@slice.png http://127.0.0.1:8000/predict": f"{E2E}::test_quick_start_serve_samples_curl_and_mlflow_ui",
+    ".venv/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db": f"{E2E}::test_quick_start_serve_samples_curl_and_mlflow_ui",
+    # Dry runs, single stages and resuming; Troubleshooting
+    "make plan": f"{E2E}::test_make_plan_names_the_downstream_stages_and_runs_nothing",
+    "dvc status": f"{E2E}::test_make_plan_names_the_downstream_stages_and_runs_nothing",
+    "dvc repro --dry": f"{E2E}::test_make_plan_names_the_downstream_stages_and_runs_nothing",
+    "make repro": f"{E2E}::test_a_params_typo_through_make_repro_leaves_artifacts_intact",
+    "dvc checkout train": f"{E2E}::test_dvc_repro_after_a_typo_loses_train_and_dvc_checkout_restores",
+    "dvc repro train": f"{E2E}::test_dry_run_block_on_an_up_to_date_pipeline",
+    "dvc repro -s train": f"{E2E}::test_dry_run_block_on_an_up_to_date_pipeline",
+    "dvc repro --downstream train": f"{E2E}::test_dry_run_block_on_an_up_to_date_pipeline",
+    "dvc repro --keep-going": f"{E2E}::test_dry_run_block_on_an_up_to_date_pipeline",
+    "dvc metrics show": f"{E2E}::test_dry_run_block_on_an_up_to_date_pipeline",
+    "dvc plots show": f"{E2E}::test_dry_run_block_on_an_up_to_date_pipeline",
+    "dvc repro": f"{E2E}::test_dry_run_block_on_an_up_to_date_pipeline",
+    "dvc repro -f -s ingest": f"{E2E}::test_forced_ingest_reruns_ingest_alone",
+    # Experiments and the way back
+    "dvc exp run -S train.learning_rate=0.0003": f"{E2E}::test_an_experiment_and_the_way_back",
+    "dvc exp show --only-metrics --drop '.*_per_class|sensitivity|specificity|precision'": f"{E2E}::test_an_experiment_and_the_way_back",
+    "dvc exp apply <name>": f"{E2E}::test_an_experiment_and_the_way_back",
+    "git checkout HEAD -- params.yaml dvc.lock && dvc checkout": f"{E2E}::test_an_experiment_and_the_way_back",
+    # Serving: the curl lines run verbatim against real gunicorn
+    "curl -s http://127.0.0.1:8000/health": "tests/test_gunicorn.py::test_readme_curl_examples_against_gunicorn",
+    "curl -s http://127.0.0.1:8000/ready": "tests/test_gunicorn.py::test_readme_curl_examples_against_gunicorn",
+    "curl -s http://127.0.0.1:8000/metadata": "tests/test_gunicorn.py::test_readme_curl_examples_against_gunicorn",
+    "curl -s -F file=@slice.png http://127.0.0.1:8000/predict": "tests/test_gunicorn.py::test_readme_curl_examples_against_gunicorn",
+    'curl -s -H "Content-Type: image/png" --data-binary @slice.png http://127.0.0.1:8000/predict': "tests/test_gunicorn.py::test_readme_curl_examples_against_gunicorn",
+    'curl -s -H "Content-Type: application/dicom" --data-binary @slice.dcm http://127.0.0.1:8000/predict': "tests/test_gunicorn.py::test_readme_curl_examples_against_gunicorn",
+    'curl -s -H "Content-Type: application/json" -d "{\\"image\\": \\"$(base64 -w0 slice.png)\\"}" http://127.0.0.1:8000/predict': "tests/test_gunicorn.py::test_readme_curl_examples_against_gunicorn",
+    "curl -s -F files=@slice.png -F files=@slice.dcm http://127.0.0.1:8000/predict/batch": "tests/test_gunicorn.py::test_readme_curl_examples_against_gunicorn",
+    "curl -s -F file=@slice.png -o heatmap.png http://127.0.0.1:8000/explain": "tests/test_gunicorn.py::test_readme_curl_examples_against_gunicorn",
+    'curl -s -F file=@slice.png "http://127.0.0.1:8000/explain?format=json&class=normal"': "tests/test_gunicorn.py::test_readme_curl_examples_against_gunicorn",
+    "curl -s http://127.0.0.1:8000/metrics": "tests/test_gunicorn.py::test_readme_curl_examples_against_gunicorn",
+    'curl -s -H "Authorization: Bearer $CHESTCT_HISTORY_TOKEN" "http://127.0.0.1:8000/history?limit=5"': "tests/test_gunicorn.py::test_readme_curl_examples_against_gunicorn",
+    # Research notebooks: executed by nbclient, the library `jupyter execute` runs
+    ".venv/bin/jupyter execute research/01-eda.ipynb": "tests/test_notebooks.py::test_eda_notebook_runs_on_the_embedded_default_and_on_a_data_path — through nbclient, which `jupyter execute` runs",
+    ".venv/bin/jupyter execute --output=/tmp/errors.ipynb research/02-error-analysis.ipynb": "tests/test_notebooks.py::test_error_analysis_notebook_runs_on_the_promoted_model — through nbclient, which `jupyter execute` runs",
+    # Development
+    "make lint": ".ci/run",
+}
+
+NO_DOCKER = (
+    "no Docker engine on the machines chestct is tested on; the CI job `images` "
+    "(.github/workflows/ci.yml) builds both targets and probes /ready and /predict"
+)
+NOT_RUNNABLE: dict[str, str] = {
+    "dvc exp run --queue -S 'train.learning_rate=0.003,0.0003' -S 'base_model.dropout=0.2,0.5' evaluate": "four trainings through DVC's queue: longer than the suite's budget on 2 cores; tried by hand on a scratch copy (README, Experiments)",
+    "export MLFLOW_TRACKING_URI=sqlite:///$PWD/mlflow.db": "part of the queued grid above",
+    "dvc queue start -j 1": "part of the queued grid above",
+    "dvc queue status": "part of the queued grid above",
+    "dvc exp show": "part of the queued grid above",
+    "dvc exp apply <name> && dvc repro promote": "part of the queued grid above",
+    "pip install kaggle": "needs the Python package index (no internet on test machines)",
+    "kaggle datasets download -d mohamedhanyyy/chest-ctscan-images -p data/": "needs a Kaggle account and internet",
+    "sha256sum data/chest-ctscan-images.zip": "needs the Kaggle download above",
+    "dvc exp run -n real-data -S 'ingest.source=/path/to/chest-ct' -S split.mode=pool -S validate.fail_on=never -S train.epochs=25 -S train.monitor=val_macro_f1 -S train.patience=8": "needs the real Kaggle dataset (never in tests) and about 20 minutes of training",
+    "CHESTCT_EDA_DATA=/data/chest-ct .venv/bin/jupyter execute --output=/tmp/eda.ipynb research/01-eda.ipynb": "needs the real dataset; tests/test_notebooks.py runs the same notebook on a generated data folder",
+    "docker build -t chestct:serve .": NO_DOCKER,
+    "docker run --rm -p 8000:8000 chestct:serve": NO_DOCKER,
+    "docker build --target train -t chestct:train .": NO_DOCKER,
+    "docker run --rm chestct:train": NO_DOCKER,
+    'docker run --rm -v "$PWD":/app --user "$(id -u):$(id -g)" chestct:train': NO_DOCKER,
+    "git tag v0.1.0 && git push origin v0.1.0": "publishes a release to GitHub (CD workflow)",
+    "docker pull ghcr.io/<owner>/<repo>:0.1.0": "needs a published image on ghcr.io and a Docker engine",
+    "pip install dvc-s3": "needs the Python package index (no internet on test machines)",
+    "dvc remote add -d storage s3://my-bucket/chestct": "needs an S3 bucket and its credentials",
+    "dvc remote modify --local storage access_key_id …": "needs an S3 bucket and its credentials",
+    "dvc push": "needs a DVC remote (an S3 bucket and its credentials)",
+    "dvc pull": "needs a DVC remote (an S3 bucket and its credentials)",
+    "pip install psycopg2-binary": "needs the Python package index (no internet on test machines)",
+    "mlflow server --backend-store-uri postgresql://mlflow:…@db.internal:5432/mlflow --artifacts-destination s3://my-bucket/mlflow-artifacts --host 0.0.0.0 --port 5000": "needs a PostgreSQL server and an S3 bucket",
+    "export MLFLOW_TRACKING_URI=http://mlflow.internal:5000": "names a tracking server of your own",
+}
+
+HOW_TO_FIX = """
+How to fix: for each command above, either
+  - run it in a test (take it from the README with `readme_commands("<section heading>")`
+    from tests/test_readme_commands.py, as tests/test_readme_path.py does) and add
+        "<command>": "tests/<file>.py::<test name>",
+    to RUN_BY in tests/test_readme_commands.py; or run it in .ci/run or a workflow and name
+    that file instead; or
+  - if it cannot run on a test machine, add
+        "<command>": "<why: needs a cloud account, the real dataset, a Docker engine, ...>",
+    to NOT_RUNNABLE there.
+The command key is the line as written, without a trailing `# comment`, with single spaces.
+"""
+
+
+def test_every_readme_command_is_run_or_excused() -> None:
+    missing = [
+        f"  {command!r}   (under {heading!r})"
+        for heading, command in readme_commands()
+        if command not in RUN_BY and command not in NOT_RUNNABLE
+    ]
+    assert not missing, (
+        "README command(s) that no test or CI script runs:\n" + "\n".join(missing) + HOW_TO_FIX
+    )
+
+
+def test_the_registry_names_only_commands_the_readme_has() -> None:
+    present = {command for _, command in readme_commands()}
+    stale = sorted((RUN_BY.keys() | NOT_RUNNABLE.keys()) - present)
+    assert not stale, (
+        "tests/test_readme_commands.py lists commands the README no longer has; remove them "
+        f"(or fix their spelling): {stale}"
+    )
+    assert not RUN_BY.keys() & NOT_RUNNABLE.keys()
+
+
+def test_each_runner_exists_and_runs_readme_commands() -> None:
+    problems = []
+    for command, runner in RUN_BY.items():
+        target, _, note = runner.partition(" — ")
+        path, _, test = target.partition("::")
+        source = REPO / path
+        if not source.is_file():
+            problems.append(f"{command!r}: {path} does not exist")
+            continue
+        text = source.read_text(encoding="utf-8")
+        if test:
+            if f"def {test}(" not in text:
+                problems.append(f"{command!r}: {path} has no test {test}")
+            elif not note and command not in text and not re.search(r"\breadme_\w+\(", text):
+                problems.append(f"{command!r}: {path} neither spells it nor reads the README")
+        elif command not in text:
+            problems.append(f"{command!r}: {path} does not run it")
+    assert not problems, "\n".join(problems)
+
+
+def test_readme_commands_parses_continuations_and_comments() -> None:
+    commands = dict((c, h) for h, c in readme_commands())
+    assert commands["make run"] == "## Quick start"
+    preset = [c for c in commands if c.startswith("dvc exp run -n real-data")]
+    assert preset and preset[0].endswith("-S train.patience=8")  # a `\` continuation joined
+    assert all(" # " not in c for c in commands)

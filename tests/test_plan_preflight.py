@@ -47,11 +47,8 @@ def test_an_up_to_date_pipeline_plans_nothing() -> None:
 
 
 def test_changed_params_are_named_key_by_key(tmp_path: Path) -> None:
-    lock = {
-        "stages": {
-            "train": {"params": {"params.yaml": {"train": {"epochs": 2, "augment": {"flip": True}}}}}
-        }
-    }
+    recorded = {"train": {"epochs": 2, "augment": {"flip": True}}}
+    lock = {"stages": {"train": {"params": {"params.yaml": recorded}}}}
     (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock), encoding="utf-8")
     params = {"train": {"epochs": 3, "augment": {"flip": True}, "label_smoothing": 0.1}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")

@@ -47,10 +47,18 @@ def test_an_up_to_date_pipeline_plans_nothing() -> None:
 
 
 def test_changed_params_are_named_key_by_key(tmp_path: Path) -> None:
-    recorded = {"train": {"epochs": 2, "augment": {"flip": True}}}
+    # dvc.lock writes 0.00001 as 1e-05, which PyYAML reads as a string: still equal.
+    recorded = {"train": {"epochs": 2, "augment": {"flip": True}, "learning_rate": "1e-05"}}
     lock = {"stages": {"train": {"params": {"params.yaml": recorded}}}}
     (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock), encoding="utf-8")
-    params = {"train": {"epochs": 3, "augment": {"flip": True}, "label_smoothing": 0.1}}
+    params = {
+        "train": {
+            "epochs": 3,
+            "augment": {"flip": True},
+            "learning_rate": 0.00001,
+            "label_smoothing": 0.1,
+        }
+    }
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
     assert changed_params(tmp_path, "train", "train") == [
         "train.epochs (2 -> 3)",

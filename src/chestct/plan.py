@@ -78,6 +78,12 @@ def _flat(value: Any, prefix: str) -> dict[str, Any]:
         for key, item in value.items():
             out |= _flat(item, f"{prefix}.{key}")
         return out
+    if isinstance(value, str):
+        # PyYAML reads `1e-05` (how dvc.lock writes 0.00001) as a string: compare numbers.
+        try:
+            return {prefix: float(value)}
+        except ValueError:
+            pass
     return {prefix: value}
 
 

@@ -60,7 +60,7 @@ run: venv
 
 # `make repro ARGS="train"` or ARGS="-s train": dvc repro with the same check as `make run`.
 repro: venv
-	python -m chestct.preflight
+	python -m chestct.preflight $(ARGS)
 	dvc repro $(ARGS)
 
 # What `dvc repro` would rerun, including the downstream stages `dvc repro --dry` leaves out.

@@ -107,6 +107,21 @@ def test_preflight_names_an_unreachable_tracking_server(tmp_path: Path, monkeypa
         preflight(tmp_path)
 
 
+def test_preflight_of_a_single_stage_needs_its_upstream_pointers(
+    tmp_path: Path, monkeypatch
+) -> None:
+    from chestct.pointers import PointerError
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    root = _project(tmp_path)
+    monkeypatch.chdir(root)
+    with pytest.raises(PointerError, match="stage 'base-model' has not run here"):
+        preflight(root, single=("train",))
+    with pytest.raises(SettingsError, match=r"no stage 'trian' in dvc\.yaml"):
+        preflight(root, single=("trian",))
+    assert "the inputs of ingest are in place" in preflight(root, single=("ingest",))
+
+
 def _stderr_of(module: str, root: Path) -> subprocess.CompletedProcess:
     env = {
         "PATH": str(Path(sys.executable).parent),

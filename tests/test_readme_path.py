@@ -266,7 +266,7 @@ def test_an_experiment_and_the_way_back(project) -> None:
     baseline = snapshot(root)
     section = "## Experiments and comparison"
     (way_back,) = readme(section, "git checkout HEAD -- ")
-    (apply,) = readme(section, "dvc exp apply ")
+    apply = readme_one(section, "dvc exp apply <name>")
 
     shell(readme_one(section, "dvc exp run -S train.learning_rate=0.0003"), root, env)
     (show,) = readme(section, "dvc exp show ")

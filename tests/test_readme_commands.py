@@ -85,6 +85,7 @@ RUN_BY: dict[str, str] = {
     "dvc exp run -S train.learning_rate=0.0003": f"{E2E}::test_an_experiment_and_the_way_back",
     "dvc exp show --drop '.*' --keep '^(Experiment|Created|macro_f1|balanced_accuracy|roc_auc|ece_calibrated|train\\.learning_rate)$'": f"{E2E}::test_an_experiment_and_the_way_back",
     "dvc exp apply <name>": f"{E2E}::test_an_experiment_and_the_way_back",
+    "dvc exp show": f"{E2E}::test_an_experiment_and_the_way_back",
     "git checkout HEAD -- params.yaml dvc.lock && dvc checkout": f"{E2E}::test_an_experiment_and_the_way_back",
     # Serving: the curl lines run verbatim against real gunicorn
     "curl -s http://127.0.0.1:8000/health": "tests/test_gunicorn.py::test_readme_curl_examples_against_gunicorn",
@@ -115,7 +116,6 @@ NOT_RUNNABLE: dict[str, str] = {
     "export MLFLOW_TRACKING_URI=sqlite:///$PWD/mlflow.db": "part of the queued grid above",
     "dvc queue start -j 1": "part of the queued grid above",
     "dvc queue status": "part of the queued grid above",
-    "dvc exp show": "part of the queued grid above",
     "dvc exp apply <name> && dvc repro promote": "part of the queued grid above",
     "pip install kaggle": "needs the Python package index (no internet on test machines)",
     "kaggle datasets download -d mohamedhanyyy/chest-ctscan-images -p data/": "needs a Kaggle account and internet",

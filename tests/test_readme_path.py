@@ -273,6 +273,8 @@ def test_an_experiment_and_the_way_back(project) -> None:
     # A wide terminal, as a user reading it would have; DVC cuts columns to $COLUMNS.
     table = shell(show + " --no-pager", root, {**env, "COLUMNS": "250"}).stdout
     assert "macro_f1" in table and "train.learning_rate" in table and "sensitivity" not in table
+    everything = shell(readme_one(section, "dvc exp show"), root, {**env, "COLUMNS": "250"})
+    assert "Experiment" in everything.stdout  # the full table, cut to the terminal's width
     assert "params.yaml" in git_status(root, env)  # the experiment stays in the workspace
     shell(way_back, root, env)
     assert git_status(root, env) == ""

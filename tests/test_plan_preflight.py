@@ -146,3 +146,22 @@ def test_a_params_error_is_printed_once(tmp_path: Path, module: str) -> None:
     assert done.returncode == 1
     assert done.stderr.count("split.mode: 'kept' is not allowed") == 1, done.stderr
     assert not (root / "artifacts").exists()  # nothing was emptied or created
+
+
+def test_make_ui_takes_port_and_host() -> None:
+    def dry(*args: str) -> str:
+        cmd = ["make", "-n", "-o", "venv", "ui", *args]
+        env = {"PATH": "/usr/bin:/bin"}  # no PORT/HOST inherited from the caller
+        return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True).stdout
+
+    default = "mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000"
+    assert default in dry()
+    assert "--host 0.0.0.0 --port 5001" in dry("PORT=5001", "HOST=0.0.0.0")
+
+
+def test_what_the_readme_examples_write_is_git_ignored() -> None:
+    names = ["slice.png", "slice.dcm", "heatmap.png", "dvc_plots/index.html", ".venv"]
+    done = subprocess.run(
+        ["git", "check-ignore", "--no-index", *names], cwd=REPO, capture_output=True, text=True
+    )
+    assert sorted(done.stdout.split()) == sorted(names)

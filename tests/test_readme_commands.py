@@ -100,6 +100,12 @@ RUN_BY: dict[str, str] = {
     'curl -s -F file=@slice.png "http://127.0.0.1:8000/explain?format=json&class=normal"': "tests/test_gunicorn.py::test_readme_curl_examples_against_gunicorn",
     "curl -s http://127.0.0.1:8000/metrics": "tests/test_gunicorn.py::test_readme_curl_examples_against_gunicorn",
     'curl -s -H "Authorization: Bearer $CHESTCT_HISTORY_TOKEN" "http://127.0.0.1:8000/history?limit=5"': "tests/test_gunicorn.py::test_readme_curl_examples_against_gunicorn",
+    'curl -s -H "Authorization: Bearer $CHESTCT_HISTORY_TOKEN" -H "Content-Type: application/json" -d "{\\"id\\": \\"$(curl -s -F file=@slice.png http://127.0.0.1:8000/predict | python3 -c \'import json, sys; print(json.load(sys.stdin)["id"])\')\\", \\"label\\": \\"normal\\"}" http://127.0.0.1:8000/feedback': "tests/test_gunicorn.py::test_readme_curl_examples_against_gunicorn",
+    # Monitoring: the same CLI, with --db/--model-dir/--out naming the test's files
+    ".venv/bin/python -m chestct.monitor": "tests/test_monitoring.py::test_in_distribution_slices_show_no_drift — run_monitor_cli, with the test's --db/--model-dir/--out",
+    ".venv/bin/python -m chestct.monitor --last 1000": "tests/test_monitoring.py::test_in_distribution_slices_show_no_drift — run_monitor_cli with --last over the test's window",
+    ".venv/bin/python -m chestct.monitor --since 24h": "tests/test_monitoring.py::test_monitor_errors_name_the_fix — run_monitor_cli with --since 1h",
+    ".venv/bin/python -m chestct.monitor --db audit/predictions.sqlite --model-dir model --out monitoring": "tests/test_monitoring.py::test_in_distribution_slices_show_no_drift — run_monitor_cli passes --db, --model-dir and --out",
     # Research notebooks: executed by nbclient, the library `jupyter execute` runs
     ".venv/bin/jupyter execute research/01-eda.ipynb": "tests/test_notebooks.py::test_eda_notebook_runs_on_the_embedded_default_and_on_a_data_path — through nbclient, which `jupyter execute` runs",
     ".venv/bin/jupyter execute --output=/tmp/errors.ipynb research/02-error-analysis.ipynb": "tests/test_notebooks.py::test_error_analysis_notebook_runs_on_the_promoted_model — through nbclient, which `jupyter execute` runs",

@@ -124,7 +124,7 @@ def test_make_run_reproduces_and_prints_the_decision(project) -> None:
     assert "chestct preflight: params.yaml and config/config.yaml are valid" in out
     assert "Promotion decision:\n  promoted (first model): no champion" in out
     assert "python -m chestct.samples" in out
-    assert json.loads((root / "model" / "model.json").read_text())["version"] == "1"
+    assert json.loads((root / "model" / "promotion.json").read_text())["version"] == "1"
     assert git_status(root, env) == ""
 
 

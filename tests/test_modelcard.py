@@ -34,3 +34,16 @@ def test_a_broken_promotion_record_is_refused(tmp_path: Path, content: bytes) ->
     (tmp_path / "promotion.json").write_bytes(content)
     with pytest.raises(ValueError, match=r"promotion\.json is not"):
         with_promotion(tmp_path, CARD)
+
+
+def test_a_promotion_record_of_another_model_is_ignored(tmp_path: Path) -> None:
+    """After `dvc checkout` restores an older model/, promotion.json (not tracked by DVC) is
+    the experiment's: its version must not be reported for the restored model."""
+    stale = {"model_sha256": "cd" * 32, "version": "7"}
+    (tmp_path / "promotion.json").write_text(json.dumps(stale), encoding="utf-8")
+    card, raw = with_promotion(tmp_path, CARD)
+    assert card == CARD and raw == b""
+    assert card_version(card) == "sha256-" + "ab" * 6
+    own = {"model_sha256": CARD["model_sha256"], "version": "8"}
+    (tmp_path / "promotion.json").write_text(json.dumps(own), encoding="utf-8")
+    assert card_version(with_promotion(tmp_path, CARD)[0]) == "8"

@@ -18,6 +18,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from runbook import blocks
+
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
 
@@ -111,11 +113,40 @@ RUN_BY: dict[str, str] = {
     ".venv/bin/jupyter execute --output=/tmp/errors.ipynb research/02-error-analysis.ipynb": "tests/test_notebooks.py::test_error_analysis_notebook_runs_on_the_promoted_model — through nbclient, which `jupyter execute` runs",
     # Development
     "make lint": ".ci/run",
+    # The real-data preset: the same preset and --set arguments through presets.main
+    "python -m chestct.presets config/presets/real-data.yaml --set ingest.source=/path/to/chest-ct/train --set evaluate.external=/path/to/chest-ct/valid": "tests/test_presets.py::test_the_real_data_preset_merges_with_its_two_paths — presets.main with the same preset and two --set paths",
+    # Scaling out, outside the runbook blocks
+    "make tracking-server": "tests/test_tracking_server.py::test_make_tracking_server_binds_to_localhost_with_sql_and_proxied_artifacts — server_command() reads the command `make tracking-server` runs",
+    "make tracking-server TRACKING_BACKEND=postgresql+psycopg2://mlflow:secret@127.0.0.1:5432/mlflow": "tests/test_tracking_server.py::test_postgres_backend_holds_runs_and_the_registry — the same make variables on a throw-away PostgreSQL cluster",
+    "sudo -u postgres createuser --pwprompt mlflow": "tests/test_tracking_server.py::test_postgres_backend_holds_runs_and_the_registry — createuser/createdb on its own initdb cluster, without the password prompt",
+    "sudo -u postgres createdb --owner mlflow mlflow": "tests/test_tracking_server.py::test_postgres_backend_holds_runs_and_the_registry — createuser/createdb on its own initdb cluster",
+}
+
+# A README block after `<!-- runbook: NAME -->` runs verbatim in these tests (tests/runbook.py),
+# so each of its command lines counts as run.
+RUNBOOK_BY: dict[str, str] = {
+    "remote-push": "tests/test_remote.py::test_push_put_the_cache_in_the_bucket",
+    "remote-pull": "tests/test_remote.py::test_the_pulled_clone_is_up_to_date_and_reruns_nothing",
+    "tracking-run": "tests/test_tracking_server.py::test_stages_log_runs_metrics_and_proxied_artifacts_to_the_server",
+    "tracking-compare": "tests/test_tracking_server.py::test_compare_reads_the_server",
+    "multi-worker-chief": "tests/test_multi_worker.py::test_both_workers_train_in_one_cluster",
+    "multi-worker-worker": "tests/test_multi_worker.py::test_both_workers_train_in_one_cluster",
 }
 
 NO_DOCKER = (
     "no Docker engine on the machines chestct is tested on; the CI job `images` "
     "(.github/workflows/ci.yml) builds both targets and probes /ready and /predict"
+)
+NO_GCS = "needs a Google Cloud account and bucket (only the S3 remote is exercised, against moto)"
+NO_AZURE = "needs an Azure storage account (only the S3 remote is exercised, against moto)"
+NO_SSH = "needs an SSH storage host (only the S3 remote is exercised, against moto)"
+NO_MACHINES = (
+    "names other machines; tests/test_multi_worker.py builds the same TF_CONFIG for two "
+    "processes on 127.0.0.1"
+)
+NO_K8S = (
+    "needs a Kubernetes cluster; tests/test_deploy.py validates every manifest against the "
+    "Kubernetes schemas and runs the Deployment's command, environment and probes on gunicorn"
 )
 NOT_RUNNABLE: dict[str, str] = {
     "dvc exp run --queue -S 'train.learning_rate=0.003,0.0003' -S 'base_model.dropout=0.2,0.5' evaluate": "four trainings through DVC's queue: longer than the suite's budget on 2 cores; tried by hand on a scratch copy (README, Experiments)",
@@ -136,6 +167,28 @@ NOT_RUNNABLE: dict[str, str] = {
     "docker pull ghcr.io/<owner>/<repo>:0.1.0": "needs a published image on ghcr.io and a Docker engine",
     "dvc push": "needs a DVC remote (an S3 bucket and its credentials)",
     "dvc pull": "needs a DVC remote (an S3 bucket and its credentials)",
+    "CHESTCT_DATA=/data/chest-ct .venv/bin/jupyter execute --output=/tmp/shortcut.ipynb research/03-acquisition-shortcut.ipynb": "needs the real dataset; tests/test_notebooks.py runs the same notebook on synthetic data with and without a planted zoom cue",
+    "dvc remote add -d storage gs://my-bucket/chestct": NO_GCS,
+    "dvc remote modify --local storage credentialpath /path/to/service-account.json": NO_GCS,
+    "dvc remote add -d storage azure://my-container/chestct": NO_AZURE,
+    "dvc remote modify --local storage account_name mystorageaccount": NO_AZURE,
+    'dvc remote modify --local storage connection_string "$AZURE_STORAGE_CONNECTION_STRING"': NO_AZURE,
+    "dvc remote add -d storage ssh://storage.internal/srv/dvc/chestct": NO_SSH,
+    'dvc remote modify --local storage user "$USER"': NO_SSH,
+    "dvc remote modify --local storage keyfile ~/.ssh/id_ed25519": NO_SSH,
+    "make tracking-server TRACKING_HOST=0.0.0.0 TRACKING_BACKEND=postgresql+psycopg2://mlflow:secret@db.internal:5432/mlflow TRACKING_ARTIFACTS=s3://my-bucket/mlflow-artifacts": "binds every interface and names a database host and a bucket elsewhere; tests bind 127.0.0.1 only (the 127.0.0.1 PostgreSQL form is run)",
+    "pip install psycopg2-binary==2.9.13": "installs on the tracking server's machine; requirements-dev.txt pins the same version and `make venv` installs it for the tests",
+    """export TF_CONFIG='{"cluster": {"worker": ["trainer-0.internal:12345", "trainer-1.internal:12345"]},""": NO_MACHINES,
+    """"task": {"type": "worker", "index": 0}}'""": NO_MACHINES,
+    "dvc pull --allow-missing": "needs a DVC remote; tests/test_remote.py runs dvc pull against moto's S3 server",
+    "kubectl apply -f deploy/k8s/training/multi-worker.yaml": NO_K8S,
+    "kubectl logs -f job/chestct-train --all-containers": NO_K8S,
+    "cd deploy/k8s": NO_K8S,
+    "kustomize edit set image chestct-serve=ghcr.io/your-org/chestct:1.0.0": NO_K8S,
+    "kubectl apply -k .": NO_K8S,
+    "kubectl rollout status deployment/chestct": NO_K8S,
+    "docker compose -f deploy/compose/compose.yaml up -d --build": NO_DOCKER
+    + "; tests/test_deploy.py parses the compose file",
 }
 
 HOW_TO_FIX = """
@@ -152,11 +205,21 @@ The command key is the line as written, without a trailing `# comment`, with sin
 """
 
 
+def runbook_commands() -> set[str]:
+    """Every command line of the README's runbook blocks that RUNBOOK_BY names."""
+    found = set()
+    for name, body in blocks(README).items():
+        if name in RUNBOOK_BY:
+            found |= {normalise(line) for line in body.replace("\\\n", " ").splitlines()}
+    return found - {""}
+
+
 def test_every_readme_command_is_run_or_excused() -> None:
+    covered = RUN_BY.keys() | NOT_RUNNABLE.keys() | runbook_commands()
     missing = [
         f"  {command!r}   (under {heading!r})"
         for heading, command in readme_commands()
-        if command not in RUN_BY and command not in NOT_RUNNABLE
+        if command not in covered
     ]
     assert not missing, (
         "README command(s) that no test or CI script runs:\n" + "\n".join(missing) + HOW_TO_FIX
@@ -171,6 +234,19 @@ def test_the_registry_names_only_commands_the_readme_has() -> None:
         f"(or fix their spelling): {stale}"
     )
     assert not RUN_BY.keys() & NOT_RUNNABLE.keys()
+
+
+def test_every_runbook_block_has_its_test() -> None:
+    names = set(blocks(README))
+    assert names == RUNBOOK_BY.keys(), (
+        f"runbook blocks without a test in RUNBOOK_BY: {sorted(names - RUNBOOK_BY.keys())}; "
+        f"RUNBOOK_BY names blocks the README no longer has: {sorted(RUNBOOK_BY.keys() - names)}"
+    )
+    for name, runner in RUNBOOK_BY.items():
+        path, _, test = runner.partition("::")
+        text = (REPO / path).read_text(encoding="utf-8")
+        assert f"def {test}(" in text, f"{runner} does not exist"
+        assert name in text, f"{path} does not run runbook block {name!r}"
 
 
 def test_each_runner_exists_and_runs_readme_commands() -> None:

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from chestct.labels import CLASSES
+from chestct.modelcard import card_version, with_promotion
 from project_copy import pipeline_env, project_copy, run
 from test_readme_commands import readme_commands
 
@@ -58,14 +59,25 @@ def shell(command: str, root: Path, env: dict[str, str], ok: bool = True):
     return done
 
 
+# Run-specific records that DVC does not track (README "Scaling out"): a way back restores
+# everything else byte for byte, and these are read only when they match what was restored.
+UNTRACKED = ("artifacts/runs/", "model/promotion.json")
+
+
 def snapshot(root: Path) -> dict[str, str]:
-    """sha256 of every file under artifacts/ and model/."""
+    """sha256 of every file under artifacts/ and model/ that DVC tracks."""
     return {
         str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
         for folder in ("artifacts", "model")
         for p in sorted((root / folder).rglob("*"))
-        if p.is_file()
+        if p.is_file() and not str(p.relative_to(root)).startswith(UNTRACKED)
     }
+
+
+def served_version(root: Path) -> str:
+    """The version the predictor would report for model/."""
+    card = json.loads((root / "model" / "model.json").read_text())
+    return card_version(with_promotion(root / "model", card)[0])
 
 
 def git_status(root: Path, env: dict[str, str]) -> str:
@@ -293,9 +305,13 @@ def test_an_experiment_and_the_way_back(project) -> None:
     assert decision["promote"], decision["reason"]
     won = snapshot(root)
     assert won["model/model.keras"] != baseline["model/model.keras"]
+    won_version = served_version(root)
+    assert not won_version.startswith("sha256-")
     shell(way_back, root, env)
     assert git_status(root, env) == ""
     assert snapshot(root) == baseline
+    # promotion.json still describes the experiment's model: it must not name the restored one.
+    assert served_version(root) != won_version
 
     shell(apply.replace("<name>", "won"), root, env)
     assert snapshot(root) == won

@@ -3,8 +3,10 @@ promotion record beside it (promotion.json), and the version that follows from b
 
 promote writes model.json with only what the candidate's inputs determine (DVC hashes it) and
 promotion.json with the registry version, MLflow run ids and time (.dvcignore keeps it out of
-DVC). A folder pulled from a DVC remote has no promotion.json; its version is then the model's
-content digest, so that every replica and report names it alike.
+DVC). A folder pulled from a DVC remote has no promotion.json, and one whose promotion.json
+belongs to another model (its `model_sha256` differs, e.g. after `dvc checkout`) is read without
+it; the version is then the model's content digest, so that every replica and report names it
+alike.
 """
 
 from __future__ import annotations
@@ -32,6 +34,10 @@ def with_promotion(folder: Path, card: dict[str, Any]) -> tuple[dict[str, Any], 
         raise ValueError(f"{PROMOTION_NAME} is not valid JSON ({exc})") from None
     if not isinstance(promotion, dict):
         raise ValueError(f"{PROMOTION_NAME} is not a JSON object")
+    if promotion.get("model_sha256") not in (None, card.get("model_sha256")):
+        # A record left from another model (model/ was restored by `dvc checkout` or pulled
+        # over): its version and runs describe that model, not this one.
+        return card, b""
     return {**promotion, **card}, raw
 
 

@@ -324,10 +324,17 @@ def build_card(
 
 
 def build_promotion(
-    registered: dict[str, Any], git_sha: str | None, run_ids: Mapping[str, str | None]
+    registered: dict[str, Any],
+    git_sha: str | None,
+    run_ids: Mapping[str, str | None],
+    model_sha: str,
 ) -> dict[str, Any]:
-    """promotion.json: which registry version this is and which runs made it, and when."""
+    """promotion.json: which registry version this is and which runs made it, and when.
+
+    `model_sha256` ties the record to the card it was written with: after `dvc checkout`
+    brings back another model/, the left-over record no longer matches and is ignored."""
     return {
+        "model_sha256": model_sha,
         "version": registered.get("version"),
         "registered": registered,
         "git_sha": git_sha,
@@ -485,7 +492,9 @@ def run_promote(
         inference=inference,
         model_sha=sha256_file(candidate.model_path),
     )
-    promotion = build_promotion(registered, git_state(root).sha, run_ids or {})
+    promotion = build_promotion(
+        registered, git_state(root).sha, run_ids or {}, new_card["model_sha256"]
+    )
     files = {
         inference["file"]: work_dir / inference["file"],
         CAM_FILE: work_dir / CAM_FILE,

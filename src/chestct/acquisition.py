@@ -24,24 +24,14 @@ Features (all floats):
 
 from __future__ import annotations
 
-import cv2
 import numpy as np
 
-from chestct.imaging import body_box
+from chestct.imaging import body_box, shrink
+from chestct.manifest import ACQUISITION_COLUMNS
 
 WORK_SIDE = 256
-FEATURES: tuple[str, ...] = (
-    "width",
-    "height",
-    "frame_mean",
-    "body_share",
-    "body_aspect",
-    "body_found",
-    "background",
-    "body_p05",
-    "body_p50",
-    "body_p95",
-)
+# The columns ingest writes beside each content's sha256 (one list: manifest.py).
+FEATURES: tuple[str, ...] = ACQUISITION_COLUMNS[1:]
 # Below this share of the frame outside the body box, "background" is the frame's darkest grey.
 _MIN_OUTSIDE = 0.01
 
@@ -68,16 +58,7 @@ def acquisition_features(grey: np.ndarray) -> dict[str, float]:
             f"acquisition_features needs a 2-D uint8 grey slice, got {grey.dtype} {grey.shape}"
         )
     height, width = grey.shape
-    scale = min(1.0, WORK_SIDE / max(height, width))
-    small = (
-        cv2.resize(
-            grey,
-            (max(1, round(width * scale)), max(1, round(height * scale))),
-            interpolation=cv2.INTER_AREA,
-        )
-        if scale < 1.0
-        else grey
-    )
+    small, _ = shrink(grey, WORK_SIDE)
     box = body_box(small, margin=0.0)
     inside = box.crop(small)
     outside = small.size - inside.size

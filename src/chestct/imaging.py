@@ -1002,6 +1002,17 @@ def _fill_holes(mask: np.ndarray) -> np.ndarray:
     return (padded | ~reach)[1:-1, 1:-1]
 
 
+def shrink(grey: np.ndarray, side: int) -> tuple[np.ndarray, float]:
+    """`grey` scaled down (area interpolation) so its longer side is at most `side`, and the
+    scale used (1.0: returned as it is)."""
+    height, width = grey.shape[:2]
+    scale = min(1.0, side / max(height, width))
+    if scale >= 1.0:
+        return grey, 1.0
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return cv2.resize(grey, size, interpolation=cv2.INTER_AREA), scale
+
+
 def body_box(grey: np.ndarray, margin: float = 0.02) -> BodyBox:
     """The bounding box of the body in a grey CT slice, or the whole frame and why.
 
@@ -1024,16 +1035,7 @@ def body_box(grey: np.ndarray, margin: float = 0.02) -> BodyBox:
         return dataclasses.replace(
             whole, reason=f"slice too small ({width}x{height} px) to look for a body"
         )
-    scale = min(1.0, _BODY_WORK_SIDE / max(height, width))
-    small = (
-        cv2.resize(
-            grey,
-            (max(1, round(width * scale)), max(1, round(height * scale))),
-            interpolation=cv2.INTER_AREA,
-        )
-        if scale < 1.0
-        else grey
-    )
+    small, scale = shrink(grey, _BODY_WORK_SIDE)
     small = cv2.GaussianBlur(small, (5, 5), 0)
     low, high = int(small.min()), int(small.max())
     if high - low < 10:

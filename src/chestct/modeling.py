@@ -331,7 +331,20 @@ def _load_png(path: tf.Tensor) -> tf.Tensor:
     return tf.cast(image, tf.float32)
 
 
-class RandomIntensity(keras.layers.Layer):
+class _SeededAugment(keras.layers.Layer):
+    """A random transform of training batches drawn from the layer's own seed; identity at
+    inference."""
+
+    def __init__(self, seed: int = 0, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def call(self, images: tf.Tensor, training: bool = True) -> tf.Tensor:
+        # Each subclass defines augment(images): the transform it draws.
+        return self.augment(images) if training else images
+
+
+class RandomIntensity(_SeededAugment):
     """Per-image grey-level jitter of [0, 255] images: gamma, then a window clipped and
     stretched back, then additive Gaussian noise, clipped to [0, 255].
 
@@ -339,20 +352,12 @@ class RandomIntensity(keras.layers.Layer):
     """
 
     def __init__(
-        self,
-        gamma: float = 0.0,
-        window: float = 0.0,
-        noise: float = 0.0,
-        seed: int = 0,
-        **kw: Any,
+        self, gamma: float = 0.0, window: float = 0.0, noise: float = 0.0, seed: int = 0, **kw: Any
     ) -> None:
-        super().__init__(**kw)
+        super().__init__(seed, **kw)
         self.gamma, self.window, self.noise = gamma, window, noise
-        self.seed_generator = keras.random.SeedGenerator(seed)
 
-    def call(self, images: tf.Tensor, training: bool = True) -> tf.Tensor:
-        if not training:
-            return images
+    def augment(self, images: tf.Tensor) -> tf.Tensor:
         ops = keras.ops
         n = ops.shape(images)[0]
         x = ops.clip(images, 0.0, 255.0)
@@ -372,7 +377,7 @@ class RandomIntensity(keras.layers.Layer):
         return ops.clip(x, 0.0, 255.0)
 
 
-class RandomAcquisitionGeometry(keras.layers.Layer):
+class RandomAcquisitionGeometry(_SeededAugment):
     """Per-image zoom-out into a black margin, aspect and translation, in one affine warp.
 
     One warp instead of a Keras layer each: three separate warps cost about 140 ms per batch of
@@ -387,13 +392,10 @@ class RandomAcquisitionGeometry(keras.layers.Layer):
         seed: int = 0,
         **kw: Any,
     ) -> None:
-        super().__init__(**kw)
+        super().__init__(seed, **kw)
         self.zoom_out, self.aspect, self.translation = zoom_out, aspect, translation
-        self.seed_generator = keras.random.SeedGenerator(seed)
 
-    def call(self, images: tf.Tensor, training: bool = True) -> tf.Tensor:
-        if not training:
-            return images
+    def augment(self, images: tf.Tensor) -> tf.Tensor:
         ops = keras.ops
         n = ops.shape(images)[0]
         height = ops.cast(ops.shape(images)[1], "float32")

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from chestct.settings import STAGES
 from project_copy import BIN, pipeline_env, project_copy, run
 
 
@@ -72,16 +73,7 @@ def test_a_fresh_clone_reproduces_the_committed_dvc_lock(second: tuple[Path, Pat
     ours = yaml.safe_load((root / "dvc.lock").read_text(encoding="utf-8"))
     theirs = yaml.safe_load((first / "dvc.lock").read_text(encoding="utf-8"))
     assert _outs(ours) == _outs(theirs)
-    assert set(_outs(ours)) == {
-        "ingest",
-        "split",
-        "resize",
-        "validate",
-        "base-model",
-        "train",
-        "evaluate",
-        "promote",
-    }
+    assert set(_outs(ours)) == set(STAGES)
     assert run(["git", "status", "--porcelain"], root, env).stdout == ""
     assert "up to date" in run([str(BIN / "dvc"), "status"], root, env).stdout
 

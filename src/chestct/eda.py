@@ -13,10 +13,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -249,24 +249,23 @@ def duplicate_groups(frame: pd.DataFrame, key: str = "sha256") -> pd.DataFrame:
     )
 
 
-def sample_grid(
+def _class_grid(
     frame: pd.DataFrame,
-    per_class: int = 6,
-    seed: int = 0,
-    window: tuple[float, float] | None = None,
+    per_class: int,
+    seed: int,
+    window: tuple[float, float] | None,
+    side: float,
+    draw: Callable[[Any, pd.Series, np.ndarray, str], None],
 ) -> Figure:
-    """A figure with up to `per_class` random decodable images of each class, one row per class.
-
-    Images are shown as stored (aspect kept), in grey, titled with their size and mode; DICOM
-    files through `window`, as in `scan`.
-    """
+    """One row per class of up to `per_class` random decodable slices; `draw(ax, item, grey,
+    label)` fills each panel. A bare Figure, not pyplot: no global backend or figure registry is
+    touched."""
     from matplotlib.figure import Figure
 
     if per_class < 1:
         raise EdaError(f"per_class must be at least 1, got {per_class}")
     good = _decoded(frame)
-    # A bare Figure, not pyplot: no global backend or figure registry is touched.
-    fig = Figure(figsize=(1.8 * per_class, 1.9 * len(CLASSES)), layout="constrained")
+    fig = Figure(figsize=(side * per_class, side * len(CLASSES)), layout="constrained")
     axes = fig.subplots(len(CLASSES), per_class, squeeze=False)
     rng = np.random.default_rng(seed)
     for row, label in zip(axes, CLASSES, strict=True):
@@ -276,9 +275,7 @@ def sample_grid(
             ax.set_axis_off()
             if i < len(picks):
                 item = picks.iloc[i]
-                grey = decode(Path(item["path"]).read_bytes(), window).grey
-                ax.imshow(grey, cmap="gray", vmin=0, vmax=255)
-                ax.set_title(f"{item['width']}x{item['height']} {item['mode']}", fontsize=7)
+                draw(ax, item, decode(Path(item["path"]).read_bytes(), window).grey, label)
         row[0].text(
             -0.08,
             0.5,
@@ -290,6 +287,25 @@ def sample_grid(
             fontsize=8,
         )
     return fig
+
+
+def sample_grid(
+    frame: pd.DataFrame,
+    per_class: int = 6,
+    seed: int = 0,
+    window: tuple[float, float] | None = None,
+) -> Figure:
+    """A figure with up to `per_class` random decodable images of each class, one row per class.
+
+    Images are shown as stored (aspect kept), in grey, titled with their size and mode; DICOM
+    files through `window`, as in `scan`.
+    """
+
+    def draw(ax: Any, item: pd.Series, grey: np.ndarray, label: str) -> None:
+        ax.imshow(grey, cmap="gray", vmin=0, vmax=255)
+        ax.set_title(f"{item['width']}x{item['height']} {item['mode']}", fontsize=7)
+
+    return _class_grid(frame, per_class, seed, window, 1.8, draw)
 
 
 # --------------------------------------------------------------------------- acquisition cues
@@ -360,27 +376,13 @@ def body_box_grid(
 ) -> Figure:
     """Random decodable slices of each class (one row per class) with the body box that the
     acquisition features measure drawn on them, titled with its share of the frame."""
-    from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
 
-    if per_class < 1:
-        raise EdaError(f"per_class must be at least 1, got {per_class}")
-    good = _decoded(frame)
-    fig = Figure(figsize=(2.0 * per_class, 2.0 * len(CLASSES)), layout="constrained")
-    axes = fig.subplots(len(CLASSES), per_class, squeeze=False)
-    rng = np.random.default_rng(seed)
-    for row, label in zip(axes, CLASSES, strict=True):
-        part = good[good["label"] == label]
-        picks = part.iloc[rng.permutation(len(part))[:per_class]] if len(part) else part
-        for i, ax in enumerate(row):
-            ax.set_axis_off()
-            if i < len(picks):
-                grey = decode(Path(picks.iloc[i]["path"]).read_bytes(), window).grey
-                box = body_box(grey, margin=0.0)
-                ax.imshow(grey, cmap="gray", vmin=0, vmax=255)
-                ax.add_patch(
-                    Rectangle((box.x, box.y), box.w, box.h, fill=False, color="orange", lw=1)
-                )
-                share = box.w * box.h / grey.size
-                ax.set_title(f"{label.split('_')[0][:8]}: body {share:.0%}", fontsize=7)
-    return fig
+    def draw(ax: Any, item: pd.Series, grey: np.ndarray, label: str) -> None:
+        box = body_box(grey, margin=0.0)
+        ax.imshow(grey, cmap="gray", vmin=0, vmax=255)
+        ax.add_patch(Rectangle((box.x, box.y), box.w, box.h, fill=False, color="orange", lw=1))
+        share = box.w * box.h / grey.size
+        ax.set_title(f"{label.split('_')[0][:8]}: body {share:.0%}", fontsize=7)
+
+    return _class_grid(frame, per_class, seed, window, 2.0, draw)

@@ -1,4 +1,4 @@
-"""research/ notebooks and the code they call (chestct.eda, chestct.error_analysis).
+"""research/ notebooks and the code they call (chestct.research: eda, error_analysis).
 
 The notebooks are executed headless, top to bottom, with nbclient on a tiny pipeline run in a
 temporary copy of the project; the functions are tested directly on small hand-made data.
@@ -15,9 +15,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from chestct import eda
-from chestct import error_analysis as ea
 from chestct.labels import CLASSES
+from chestct.research import eda
+from chestct.research import error_analysis as ea
 from chestct.settings import load_settings
 from helpers import make_kaggle_folder, write_image
 from project_copy import project_copy
@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 RESEARCH = REPO / "research"
 
-# --------------------------------------------------------------------------- chestct.eda
+# --------------------------------------------------------------------------- eda
 
 
 @pytest.fixture

@@ -1,9 +1,10 @@
 """Where ingest finds its images: a local folder, an archive, or an archive behind a URL.
 
 Every source ends as a folder in the Kaggle layout (`[train|valid|test/]<class>/<file>`) that
-ingest scans. Archives are checked entry by entry before anything is written: an entry that would
-land outside the target folder (`../`, an absolute path, a drive letter) or that is a link or a
-device is refused, with its name. A URL needs the archive's sha256: the download goes to a
+`scan_source` lists, for ingest and for the research helpers (chestct.research.eda). Archives
+are checked entry by entry before anything is written: an entry that would land outside the
+target folder (`../`, an absolute path, a drive letter) or that is a link or a device is refused,
+with its name. A URL needs the archive's sha256: the download goes to a
 `.part` file, is hashed on the way, and is renamed into place (and unpacked) only when the digest
 matches, so a failed or tampered download leaves nothing behind.
 
@@ -36,7 +37,7 @@ from typing import Any
 from tqdm import tqdm
 
 from chestct.fsutil import sha256_file
-from chestct.labels import label_for_folder
+from chestct.labels import CLASSES, label_for_folder
 
 log = logging.getLogger(__name__)
 
@@ -425,12 +426,70 @@ def download(
     return dest
 
 
+def _hidden(path: Path) -> bool:
+    """Dot files and the folders archivers and desktops add (IGNORED_DIRS): never data."""
+    return path.name.startswith(".") or path.name in IGNORED_DIRS
+
+
 def _visible_dirs(folder: Path) -> list[Path]:
-    return sorted(
-        p
-        for p in folder.iterdir()
-        if p.is_dir() and not p.name.startswith(".") and p.name not in IGNORED_DIRS
-    )
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not _hidden(p))
+
+
+def _class_folders(folder: Path, class_map: dict[str, str]) -> list[tuple[Path, str]]:
+    found = []
+    for child in _visible_dirs(folder):
+        label = label_for_folder(child.name, class_map)
+        if label is None:
+            raise SourceError(
+                f"{child}: folder name does not name a class ({', '.join(CLASSES)}); rename it "
+                "or map it in params.yaml under ingest.class_map"
+            )
+        if label not in CLASSES:
+            raise SourceError(
+                f"ingest.class_map maps {child.name!r} to {label!r}, which is not one of "
+                f"{', '.join(CLASSES)}"
+            )
+        found.append((child, label))
+    return found
+
+
+def _files_under(folder: Path) -> list[Path]:
+    """Every visible file below `folder` (any extension: DICOM files often have none)."""
+    files = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not _hidden(Path(d)))
+        files.extend(Path(dirpath) / f for f in sorted(filenames) if not f.startswith("."))
+    return files
+
+
+def scan_source(source: Path, class_map: dict[str, str]) -> list[tuple[str, str, Path]]:
+    """(split, label, file) for every file in a Kaggle-layout folder.
+
+    Split folders are optional: a folder with class folders directly in it has no splits ("").
+    """
+    if not source.is_dir():
+        raise SourceError(
+            f"ingest.source {str(source)!r} is not a folder; use `synthetic` or a folder in the "
+            "layout [train|valid|test/]<class>/<image>"
+        )
+    split_dirs = [source / s for s in SPLIT_NAMES if (source / s).is_dir()]
+    groups = [(d.name, d) for d in split_dirs] if split_dirs else [("", source)]
+    files: list[tuple[str, str, Path]] = []
+    for split, folder in groups:
+        class_dirs = _class_folders(folder, class_map)
+        if not class_dirs:
+            raise SourceError(
+                f"{folder}: no class folders in it; expected [train|valid|test/]<class>/<image> "
+                f"with classes {', '.join(CLASSES)}"
+            )
+        for class_dir, label in class_dirs:
+            images = _files_under(class_dir)
+            if not images:
+                raise SourceError(f"{class_dir}: class folder has no files")
+            files.extend((split, label, p) for p in images)
+    if not files:
+        raise SourceError(f"{source}: no image files found")
+    return files
 
 
 def layout_root(folder: Path) -> Path:

@@ -39,7 +39,7 @@ from chestct.labels import CLASSES, label_for_folder
 from chestct.manifest import ACQUISITION_COLUMNS, INGEST_COLUMNS, SPLITS, write_manifest
 from chestct.runner import StageFailed, run_main, stage_session
 from chestct.settings import BaseParams, IngestParams
-from chestct.sources import IGNORED_DIRS, Source, SourceError, limits_from, resolve
+from chestct.sources import Source, SourceError, limits_from, resolve, scan_source
 from chestct.synthetic import generate_synthetic
 
 log = logging.getLogger(__name__)
@@ -68,67 +68,6 @@ class _Job:
     images_dir: Path
     window: tuple[float, float]
     group_hash: str = ""  # hashed `group` of a CSV listing
-
-
-def _hidden(path: Path) -> bool:
-    return path.name.startswith(".") or path.name in IGNORED_DIRS
-
-
-def _class_folders(folder: Path, class_map: dict[str, str]) -> list[tuple[Path, str]]:
-    found = []
-    for child in sorted(p for p in folder.iterdir() if p.is_dir() and not _hidden(p)):
-        label = label_for_folder(child.name, class_map)
-        if label is None:
-            raise StageFailed(
-                f"{child}: folder name does not name a class ({', '.join(CLASSES)}); rename it "
-                "or map it in params.yaml under ingest.class_map"
-            )
-        if label not in CLASSES:
-            raise StageFailed(
-                f"ingest.class_map maps {child.name!r} to {label!r}, which is not one of "
-                f"{', '.join(CLASSES)}"
-            )
-        found.append((child, label))
-    return found
-
-
-def _files_under(folder: Path) -> list[Path]:
-    """Every visible file below `folder` (any extension: DICOM files often have none)."""
-    files = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = sorted(d for d in dirnames if not _hidden(Path(d)))
-        files.extend(Path(dirpath) / f for f in sorted(filenames) if not f.startswith("."))
-    return files
-
-
-def scan_source(source: Path, class_map: dict[str, str]) -> list[tuple[str, str, Path]]:
-    """(split, label, file) for every file in a Kaggle-layout folder.
-
-    Split folders are optional: a folder with class folders directly in it has no splits ("").
-    """
-    if not source.is_dir():
-        raise StageFailed(
-            f"ingest.source {str(source)!r} is not a folder; use `synthetic` or a folder in the "
-            "layout [train|valid|test/]<class>/<image>"
-        )
-    split_dirs = [source / s for s in SPLITS if (source / s).is_dir()]
-    groups = [(d.name, d) for d in split_dirs] if split_dirs else [("", source)]
-    files: list[tuple[str, str, Path]] = []
-    for split, folder in groups:
-        class_dirs = _class_folders(folder, class_map)
-        if not class_dirs:
-            raise StageFailed(
-                f"{folder}: no class folders in it; expected [train|valid|test/]<class>/<image> "
-                f"with classes {', '.join(CLASSES)}"
-            )
-        for class_dir, label in class_dirs:
-            images = _files_under(class_dir)
-            if not images:
-                raise StageFailed(f"{class_dir}: class folder has no files")
-            files.extend((split, label, p) for p in images)
-    if not files:
-        raise StageFailed(f"{source}: no image files found")
-    return files
 
 
 # Accepted names of a CSV listing's columns (the first found is used).
@@ -330,9 +269,11 @@ def run_ingest(
             except SourceError as exc:
                 raise StageFailed(str(exc)) from None
         if listed is None:
-            listed = [
-                (s, lbl, p, "") for s, lbl, p in scan_source(source.folder, params.class_map)
-            ]
+            try:
+                scanned = scan_source(source.folder, params.class_map)
+            except SourceError as exc:
+                raise StageFailed(str(exc)) from None
+            listed = [(s, lbl, p, "") for s, lbl, p in scanned]
         files = listed
         window = (params.window.level, params.window.width)
         jobs = [

@@ -117,12 +117,11 @@ def scan(
     DICOM files decode through `window` (level, width), as in ingest, and are undecodable
     without one.
     """
-    from chestct.runner import StageFailed
-    from chestct.stages.ingest import scan_source
+    from chestct.sources import SourceError, scan_source
 
     try:
         files = scan_source(folder, dict(class_map or {}))
-    except StageFailed as exc:
+    except SourceError as exc:
         raise EdaError(str(exc)) from None
     rows = []
     for split, label, path in tqdm(files, desc="scan", unit="file", leave=False):

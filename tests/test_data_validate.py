@@ -10,12 +10,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from chestct.checks import CHECKS, fails
 from chestct.labels import CLASSES
 from chestct.manifest import INDEX_COLUMNS, INGEST_COLUMNS, SPLITS
 from chestct.runner import StageFailed
 from chestct.settings import ValidateParams
 from chestct.shortcuts import detect_shortcut
-from chestct.stages.validate import CHECKS, fails, run_validate, write_pictures
+from chestct.stages.validate import run_validate, write_pictures
 from helpers import ingest_row
 
 _RNG = np.random.default_rng(11)

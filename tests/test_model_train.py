@@ -209,7 +209,7 @@ def test_fine_tuning_a_model_without_backbone_is_refused(data, tmp_path: Path) -
 
 
 def test_training_curves_picture(data, tmp_path: Path) -> None:
-    from chestct.stages.train import plot_history
+    from chestct.plots import plot_history
 
     history = pd.DataFrame(
         {

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from chestct import plots
 from chestct.labels import CLASSES
 from chestct.research import eda
 from chestct.research import error_analysis as ea
@@ -87,11 +88,11 @@ def test_pixel_duplicates_catch_lossless_reencoding(tmp_path: Path) -> None:
 
 
 def test_sample_grid_has_a_row_per_class(scanned: pd.DataFrame) -> None:
-    fig = eda.sample_grid(scanned, per_class=3, seed=1)
+    fig = plots.class_grid(eda.sample_panels(scanned, per_class=3, seed=1))
     assert len(fig.axes) == len(CLASSES) * 3
     assert sum(bool(ax.images) for ax in fig.axes) == len(CLASSES) * 3
     with pytest.raises(eda.EdaError, match="per_class"):
-        eda.sample_grid(scanned, per_class=0)
+        eda.sample_panels(scanned, per_class=0)
 
 
 def test_open_source_names_a_missing_folder(tmp_path: Path) -> None:
@@ -138,13 +139,13 @@ def test_acquisition_table_summary_plot_and_classifier(scanned: pd.DataFrame) ->
     assert table["body_share"].between(0, 1).all()
     summary = eda.acquisition_by_class(table)
     assert list(summary.index) == list(CLASSES) and "body found" in summary.columns
-    assert len(eda.acquisition_plot(table).axes) == 9
+    assert len(plots.cue_boxes(table, eda.CUES).axes) == 9
     result = eda.acquisition_shortcut(table, seed=0)
     assert result is not None and result.pixels is not None
     # Scored always in the notebook, not only when there is a leak to explain.
     assert set(result.by_family) >= {"body box", "grey levels"}
     assert list(result.by_feature) and result.top_features(1)
-    grid = eda.body_box_grid(scanned, per_class=2, seed=1)
+    grid = plots.class_grid(eda.body_box_panels(scanned, per_class=2, seed=1), side=2.0)
     assert sum(bool(ax.patches) for ax in grid.axes) == len(CLASSES) * 2
 
 

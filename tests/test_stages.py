@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from chestct.checks import Report, fails
 from chestct.fsutil import sha256_file
 from chestct.imaging import prepare
 from chestct.labels import CLASSES
@@ -32,7 +33,7 @@ from chestct.stages.ingest import IngestSummary, run_ingest
 from chestct.stages.promote import decide, install_model, read_card
 from chestct.stages.resize import normalise_of, run_resize
 from chestct.stages.split import run_split
-from chestct.stages.validate import Report, fails, run_validate
+from chestct.stages.validate import run_validate
 from helpers import (
     LONG_FOLDERS,
     SHORT_FOLDERS,

@@ -16,8 +16,8 @@ a short verdict.
 
 Exit status: 0 no drift (or too few predictions to judge), 1 drift beyond the thresholds in
 config/config.yaml `monitor:`, 2 the monitor could not run (missing audit log, model or
-reference; bad arguments). A CLI like a stage: it reads the audit log through the web
-package's AuditLog, and no library module imports it.
+reference; bad arguments). A CLI like a stage: no library module imports it. It reads the
+audit log through chestct.audit, the same AuditLog the service writes with.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ import argparse
 import base64
 import hashlib
 import html
-import io
 import json
 import re
 import sys
@@ -122,7 +121,7 @@ def read_window(
     db: Path, last: int | None, since: str | None, version: str | None, classes: Sequence[str]
 ) -> tuple[Window, list[dict[str, Any]]]:
     """The window's predictions from the audit log, as a monitoring.Window."""
-    from chestct.serving.audit import AuditLog
+    from chestct.audit import AuditLog
 
     if not db.is_file():
         raise MonitorError(
@@ -231,29 +230,11 @@ def _fmt(value: Any) -> str:
     return "-" if value is None else f"{float(value):.3f}"
 
 
-def _figure_png(
-    labels: Sequence[str], ref: Sequence[float], win: Sequence[float], title: str
-) -> str:
-    """Reference vs window fractions per bin as grouped bars, base64 PNG."""
-    import matplotlib
+def _png_b64(labels: Sequence[str], ref: Sequence[float], win: Sequence[float], title: str) -> str:
+    """Reference vs window fractions per bin (chestct.plots), as base64 PNG for the page."""
+    from chestct.plots import shares_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    x = np.arange(len(labels))
-    fig, ax = plt.subplots(figsize=(6.4, 2.8))
-    ax.bar(x - 0.2, ref, width=0.4, label="reference", color="#7a9cc6")
-    ax.bar(x + 0.2, win, width=0.4, label="window", color="#c6714f")
-    ax.set_xticks(x, labels, rotation=30, ha="right", fontsize=7)
-    ax.set_ylabel("share")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
-    plt.close(fig)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
+    return base64.b64encode(shares_png(labels, ref, win, title)).decode("ascii")
 
 
 def _bin_labels(edges: Sequence[float]) -> list[str]:
@@ -282,7 +263,7 @@ def render_html(report: dict[str, Any]) -> str:
             f"<td>{'drift' if s['drift'] else 'ok'}</td></tr>"
         )
         labels = s["categories"] if name == CLASS_SIGNAL else _bin_labels(BY_NAME[name].edges)
-        png = _figure_png(
+        png = _png_b64(
             labels, s["reference_fractions"], s["window_fractions"], f"{name}: {s['help']}"
         )
         figures.append(

@@ -1,11 +1,11 @@
 """Exploratory data analysis of a source of chest CT slices (research/01-eda.ipynb).
 
-The notebook only calls these functions, so that what it shows is tested code: a scan of the
-source as ingest sees it (labels from folder names, format by content), class counts, image
-size and mode by class, intensity by class, exact and pixel-identical duplicates, and a sample
-grid per class. research/03-acquisition-shortcut.ipynb adds the acquisition cues of each slice
-(chestct.acquisition), their distribution per class, a classifier on those cues alone
-(chestct.shortcuts) and the body boxes drawn on sample slices.
+The notebook only calls these functions (and chestct.plots to draw), so that what it shows is
+tested code: a scan of the source as ingest sees it (labels from folder names, format by
+content), class counts, image size and mode by class, intensity by class, exact and
+pixel-identical duplicates, and sample slices per class. research/03-acquisition-shortcut.ipynb
+adds the acquisition cues of each slice (chestct.acquisition), their distribution per class, a
+classifier on those cues alone (chestct.shortcuts) and the body boxes of sample slices.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -30,8 +30,7 @@ from chestct.manifest import SPLITS
 from chestct.settings import Settings
 
 if TYPE_CHECKING:
-    from matplotlib.figure import Figure
-
+    from chestct.plots import Panel
     from chestct.shortcuts import ShortcutResult
 
 log = logging.getLogger(__name__)
@@ -52,6 +51,10 @@ SCAN_COLUMNS: tuple[str, ...] = (
     "std",
     "error",  # "" when the file decoded
 )
+
+
+# The acquisition features drawn and summarised per class (body_found is a share, shown apart).
+CUES: tuple[str, ...] = tuple(c for c in FEATURES if c != "body_found")
 
 
 class EdaError(ValueError):
@@ -248,63 +251,46 @@ def duplicate_groups(frame: pd.DataFrame, key: str = "sha256") -> pd.DataFrame:
     )
 
 
-def _class_grid(
-    frame: pd.DataFrame,
-    per_class: int,
-    seed: int,
-    window: tuple[float, float] | None,
-    side: float,
-    draw: Callable[[Any, pd.Series, np.ndarray, str], None],
-) -> Figure:
-    """One row per class of up to `per_class` random decodable slices; `draw(ax, item, grey,
-    label)` fills each panel. A bare Figure, not pyplot: no global backend or figure registry is
-    touched."""
-    from matplotlib.figure import Figure
-
+def _class_picks(
+    frame: pd.DataFrame, per_class: int, seed: int, window: tuple[float, float] | None
+) -> list[tuple[str, list[tuple[pd.Series, np.ndarray]]]]:
+    """Per class (in CLASSES order), up to `per_class` random decodable rows with their grey
+    pixels; DICOM files through `window`, as in `scan`."""
     if per_class < 1:
         raise EdaError(f"per_class must be at least 1, got {per_class}")
     good = _decoded(frame)
-    fig = Figure(figsize=(side * per_class, side * len(CLASSES)), layout="constrained")
-    axes = fig.subplots(len(CLASSES), per_class, squeeze=False)
     rng = np.random.default_rng(seed)
-    for row, label in zip(axes, CLASSES, strict=True):
+    picked = []
+    for label in CLASSES:
         part = good[good["label"] == label]
         picks = part.iloc[rng.permutation(len(part))[:per_class]] if len(part) else part
-        for i, ax in enumerate(row):
-            ax.set_axis_off()
-            if i < len(picks):
-                item = picks.iloc[i]
-                draw(ax, item, decode(Path(item["path"]).read_bytes(), window).grey, label)
-        row[0].text(
-            -0.08,
-            0.5,
-            label.replace("_", " "),
-            transform=row[0].transAxes,
-            rotation=90,
-            ha="right",
-            va="center",
-            fontsize=8,
+        picked.append(
+            (
+                label,
+                [
+                    (item, decode(Path(item["path"]).read_bytes(), window).grey)
+                    for _, item in picks.iterrows()
+                ],
+            )
         )
-    return fig
+    return picked
 
 
-def sample_grid(
+def sample_panels(
     frame: pd.DataFrame,
     per_class: int = 6,
     seed: int = 0,
     window: tuple[float, float] | None = None,
-) -> Figure:
-    """A figure with up to `per_class` random decodable images of each class, one row per class.
+) -> list[tuple[str, list[Panel]]]:
+    """Up to `per_class` random decodable images of each class for `plots.class_grid`.
 
     Images are shown as stored (aspect kept), in grey, titled with their size and mode; DICOM
     files through `window`, as in `scan`.
     """
-
-    def draw(ax: Any, item: pd.Series, grey: np.ndarray, label: str) -> None:
-        ax.imshow(grey, cmap="gray", vmin=0, vmax=255)
-        ax.set_title(f"{item['width']}x{item['height']} {item['mode']}", fontsize=7)
-
-    return _class_grid(frame, per_class, seed, window, 1.8, draw)
+    return [
+        (label, [(grey, f"{i['width']}x{i['height']} {i['mode']}", None) for i, grey in picks])
+        for label, picks in _class_picks(frame, per_class, seed, window)
+    ]
 
 
 # --------------------------------------------------------------------------- acquisition cues
@@ -326,7 +312,7 @@ def acquisition_table(
 
 def acquisition_by_class(table: pd.DataFrame) -> pd.DataFrame:
     """Median (and interquartile range) of each acquisition feature, one row per class."""
-    columns = [c for c in FEATURES if c != "body_found"]
+    columns = list(CUES)
     grouped = table.groupby("label")[columns]
     median, q1, q3 = grouped.median(), grouped.quantile(0.25), grouped.quantile(0.75)
     out = pd.DataFrame(index=median.index)
@@ -339,24 +325,6 @@ def acquisition_by_class(table: pd.DataFrame) -> pd.DataFrame:
     return out.reindex([c for c in CLASSES if c in out.index])
 
 
-def acquisition_plot(table: pd.DataFrame) -> Figure:
-    """Box plots of each acquisition feature per class: where classes separate, a model can
-    learn the acquisition instead of the anatomy."""
-    from matplotlib.figure import Figure
-
-    columns = [c for c in FEATURES if c != "body_found"]
-    present = [c for c in CLASSES if (table["label"] == c).any()]
-    fig = Figure(figsize=(2.6 * 3, 2.4 * 3), layout="constrained")
-    axes = fig.subplots(3, 3).reshape(-1)
-    for ax, column in zip(axes, columns, strict=True):
-        ax.boxplot([table.loc[table["label"] == c, column] for c in present], showfliers=False)
-        ax.set_xticks(range(1, len(present) + 1), [c.split("_")[0][:8] for c in present])
-        ax.tick_params(labelsize=7)
-        ax.set_title(column, fontsize=9)
-    fig.suptitle("Acquisition cues per class", fontsize=10)
-    return fig
-
-
 def acquisition_shortcut(table: pd.DataFrame, seed: int = 0) -> ShortcutResult | None:
     """validate's shortcut detector on a scan: metadata and acquisition cues together, the
     pixel cues together, each family and each feature alone (always, not only on a leak).
@@ -367,21 +335,21 @@ def acquisition_shortcut(table: pd.DataFrame, seed: int = 0) -> ShortcutResult |
     return detect_shortcut(table, groups, seed, family_margin=-1.0)
 
 
-def body_box_grid(
+def body_box_panels(
     frame: pd.DataFrame,
     per_class: int = 4,
     seed: int = 0,
     window: tuple[float, float] | None = None,
-) -> Figure:
-    """Random decodable slices of each class (one row per class) with the body box that the
-    acquisition features measure drawn on them, titled with its share of the frame."""
-    from matplotlib.patches import Rectangle
-
-    def draw(ax: Any, item: pd.Series, grey: np.ndarray, label: str) -> None:
-        box = body_box(grey, margin=0.0)
-        ax.imshow(grey, cmap="gray", vmin=0, vmax=255)
-        ax.add_patch(Rectangle((box.x, box.y), box.w, box.h, fill=False, color="orange", lw=1))
-        share = box.w * box.h / grey.size
-        ax.set_title(f"{label.split('_')[0][:8]}: body {share:.0%}", fontsize=7)
-
-    return _class_grid(frame, per_class, seed, window, 2.0, draw)
+) -> list[tuple[str, list[Panel]]]:
+    """Random decodable slices of each class for `plots.class_grid`, with the body box that
+    the acquisition features measure, titled with its share of the frame."""
+    rows = []
+    for label, picks in _class_picks(frame, per_class, seed, window):
+        panels: list[Panel] = []
+        for _, grey in picks:
+            box = body_box(grey, margin=0.0)
+            share = box.w * box.h / grey.size
+            title = f"{label.split('_')[0][:8]}: body {share:.0%}"
+            panels.append((grey, title, (box.x, box.y, box.w, box.h)))
+        rows.append((label, panels))
+    return rows

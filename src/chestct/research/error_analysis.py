@@ -3,8 +3,8 @@
 The promoted model (model/) is loaded by the serving predictor itself and every test image goes
 through what /predict does: decode by content, the card's resize, the served model, temperature
 scaling, abstention and the out-of-distribution score. The functions below turn those answers
-into tables and figures: per-class precision and recall, the confusion matrix, the most
-confident mistakes, abstention and OOD among right and wrong answers, and calibration.
+into tables: per-class precision and recall, the confusion matrix, the most confident mistakes,
+abstention and OOD among right and wrong answers, and calibration; chestct.plots draws them.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from chestct.pointers import read_pointer
 from chestct.settings import Settings
 
 if TYPE_CHECKING:
-    from matplotlib.figure import Figure
 
     from chestct.serving.predictor import Loaded
 
@@ -213,67 +212,15 @@ def calibration(pred: pd.DataFrame, bins: int = 10) -> tuple[pd.DataFrame, float
     return table, ece
 
 
-def _figure(width: float, height: float) -> Figure:
-    # A bare Figure, not pyplot: no global backend or figure registry is touched.
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=(width, height), layout="constrained")
-
-
-def plot_confusion(pred: pd.DataFrame) -> Figure:
-    """Counts and row-normalised confusion matrices side by side."""
-    fig = _figure(11, 4.5)
-    axes = fig.subplots(1, 2)
-    for ax, normalise in zip(axes, (False, True), strict=True):
-        table = confusion_table(pred, normalise)
-        ax.imshow(table.to_numpy(), cmap="Blues", vmin=0)
-        ticks = range(len(CLASSES))
-        names = [c.replace("_", " ") for c in CLASSES]
-        ax.set_xticks(ticks, names, rotation=30, ha="right", fontsize=8)
-        ax.set_yticks(ticks, names, fontsize=8)
-        ax.set_xlabel("predicted")
-        ax.set_ylabel("actual")
-        ax.set_title("share of the actual class" if normalise else "images")
-        top = table.to_numpy().max() or 1
-        for (i, j), v in np.ndenumerate(table.to_numpy()):
-            text = f"{v:.2f}" if normalise else str(int(v))
-            color = "white" if v > top / 2 else "black"
-            ax.text(j, i, text, ha="center", va="center", color=color, fontsize=8)
-    return fig
-
-
-def plot_reliability(table: pd.DataFrame, ece: float) -> Figure:
-    """Accuracy against mean confidence per bin, with the diagonal of perfect calibration."""
-    fig = _figure(4.5, 4.5)
-    ax = fig.subplots()
-    used = table[table["count"] > 0]
-    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfectly calibrated")
-    ax.plot(used["mean_confidence"], used["accuracy"], marker="o", label="promoted model")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
-    ax.set_xlabel("mean confidence")
-    ax.set_ylabel("accuracy")
-    ax.set_title(f"reliability (ECE {ece:.3f})")
-    ax.legend(loc="upper left", fontsize=8)
-    return fig
-
-
-def error_grid(errors: pd.DataFrame, root: Path, columns: int = 6) -> Figure:
-    """The given wrong predictions as a grid: image, actual, predicted and confidence."""
-    n = max(len(errors), 1)
-    rows = (n + columns - 1) // columns
-    fig = _figure(2 * columns, 2.3 * rows)
-    axes = fig.subplots(rows, columns, squeeze=False)
-    for ax in axes.flat:
-        ax.set_axis_off()
-    if errors.empty:
-        axes[0][0].text(0, 0.5, "no wrong prediction", fontsize=10)
-    for ax, (_, item) in zip(axes.flat, errors.iterrows(), strict=False):
-        ax.imshow(decode((root / item["path"]).read_bytes()).grey, cmap="gray", vmin=0, vmax=255)
-        ax.set_title(
+def error_tiles(errors: pd.DataFrame, root: Path) -> list[tuple[np.ndarray, str]]:
+    """The given wrong predictions as (grey image, caption) for `plots.error_grid`: actual,
+    predicted and confidence."""
+    return [
+        (
+            decode((root / item["path"]).read_bytes()).grey,
             f"is {SHORT_NAMES.get(item['actual'], item['actual'])}\n"
             f"said {SHORT_NAMES.get(item['predicted'], item['predicted'])} "
             f"({item['confidence']:.2f})",
-            fontsize=7,
         )
-    return fig
+        for _, item in errors.iterrows()
+    ]

@@ -23,9 +23,9 @@ from flask import Flask, Request, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from chestct import imaging
+from chestct.audit import AuditLog
 from chestct.monitoring import request_signals
 from chestct.serving import inputs
-from chestct.serving.audit import AuditLog
 from chestct.serving.feedback import bp as feedback_bp
 from chestct.serving.inputs import InputError, NotCTSlice, Upload
 from chestct.serving.metrics import ServiceMetrics

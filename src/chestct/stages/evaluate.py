@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -43,6 +42,7 @@ from chestct.metrics import (
 )
 from chestct.monitoring import REFERENCE_FILE, decoded_greys, fit_reference
 from chestct.perturb import SHIFTS
+from chestct.plots import plot_confusion, plot_gallery, plot_reliability, plot_roc, plot_shift
 from chestct.pointers import PointerError, lineage_tags, read_pointer
 from chestct.runner import StageFailed, run_main, stage_session
 from chestct.scoring import (
@@ -335,130 +335,6 @@ def shift_table(metrics: dict[str, Any]) -> pd.DataFrame:
 # --------------------------------------------------------------------------- pictures
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig: Any, target: Path) -> None:
-    with staged_file(target) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    _pyplot().close(fig)
-
-
-def plot_confusion(predictions: pd.DataFrame, target: Path) -> None:
-    plt = _pyplot()
-    matrix = confusion(
-        label_indices(list(predictions["actual"])), label_indices(list(predictions["predicted"]))
-    )
-    fig, ax = plt.subplots(figsize=(5.5, 4.5))
-    ax.imshow(matrix, cmap="Blues")
-    ax.set_xticks(range(len(CLASSES)), CLASSES, rotation=30, ha="right", fontsize=8)
-    ax.set_yticks(range(len(CLASSES)), CLASSES, fontsize=8)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("actual")
-    for (i, j), n in np.ndenumerate(matrix):
-        colour = "white" if n > matrix.max() / 2 else "black"
-        ax.text(j, i, str(n), ha="center", va="center", color=colour)
-    ax.set_title("Confusion matrix (test split)")
-    fig.tight_layout()
-    _save(fig, target)
-
-
-def plot_roc(roc: pd.DataFrame, auc: dict[str, float | None], target: Path) -> None:
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5, 4.5))
-    for name in CLASSES:
-        if name in roc:
-            ax.plot(roc["fpr"], roc[name], label=f"{name} (AUC {auc[name]:.3f})")
-    ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=0.8)
-    ax.set_xlabel("false positive rate")
-    ax.set_ylabel("true positive rate")
-    ax.set_title("ROC, one class vs rest (test split)")
-    ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    _save(fig, target)
-
-
-def plot_reliability(table: pd.DataFrame, ece: tuple[float, float], target: Path) -> None:
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(9, 4), sharey=True)
-    for ax, suffix, title, value in zip(
-        axes, ("", "_calibrated"), ("before", "after temperature scaling"), ece, strict=True
-    ):
-        shown = table[table[f"count{suffix}"] > 0]
-        ax.bar(
-            shown["bin_mid"],
-            shown[f"accuracy{suffix}"],
-            width=1 / len(table),
-            alpha=0.7,
-            edgecolor="black",
-            label="accuracy",
-        )
-        ax.plot(
-            shown["bin_mid"],
-            shown[f"confidence{suffix}"],
-            "o",
-            color="red",
-            ms=4,
-            label="mean confidence",
-        )
-        ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=0.8)
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1)
-        ax.set_xlabel("top-class probability")
-        ax.set_title(f"{title}: ECE {value:.3f}")
-    axes[0].set_ylabel("accuracy")
-    axes[0].legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
-    _save(fig, target)
-
-
-def plot_shift(table: pd.DataFrame, target: Path) -> None:
-    """Macro-F1 per condition, clean first; the dashed line is the clean figure."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4))
-    colours = ["#4c72b0"] + ["#dd8452"] * (len(table) - 1)
-    ax.bar(table["perturbation"], table["macro_f1"], color=colours, edgecolor="black")
-    ax.axhline(float(table["macro_f1"].iloc[0]), ls="--", color="grey", lw=0.8)
-    for i, value in enumerate(table["macro_f1"]):
-        ax.text(i, value + 0.01, f"{value:.2f}", ha="center", fontsize=7)
-    ax.set_ylim(0, 1.05)
-    ax.set_ylabel("macro-F1 (test split)")
-    ax.set_title("Shift stress: macro-F1 under acquisition perturbations")
-    ax.tick_params(axis="x", labelrotation=30, labelsize=8)
-    fig.tight_layout()
-    _save(fig, target)
-
-
-def plot_gallery(
-    tiles: list[tuple[np.ndarray, str]], target: Path, title: str, columns: int = 4
-) -> None:
-    """A grid of images (grey or RGB uint8) with a caption each; a note when there are none."""
-    plt = _pyplot()
-    rows = max(1, math.ceil(len(tiles) / columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(2.6 * columns, 2.9 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, (image, caption) in zip(axes.flat, tiles, strict=False):
-        ax.imshow(
-            image.squeeze(),
-            cmap="gray" if image.ndim == 2 or image.shape[-1] == 1 else None,
-            vmin=0,
-            vmax=255,
-        )
-        ax.set_title(caption, fontsize=7)
-    if not tiles:
-        axes[0, 0].text(0, 0.5, "nothing to show", fontsize=10)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    _save(fig, target)
-
-
 def misclassified_tiles(ev: Evaluation, limit: int = 16) -> list[tuple[np.ndarray, str]]:
     """The most confident mistakes first."""
     p = ev.predictions
@@ -526,7 +402,8 @@ def write_outputs(ev: Evaluation, out: Path, params: EvaluateParams) -> dict[str
     write_manifest(files["shift"], shifts)
     plot_shift(shifts, out / "shift.png")
 
-    plot_confusion(ev.predictions, out / "confusion.png")
+    actual, predicted = (label_indices(list(ev.predictions[c])) for c in ("actual", "predicted"))
+    plot_confusion(confusion(actual, predicted), out / "confusion.png")
     plot_roc(roc, ev.metrics["roc_auc_per_class"], out / "roc.png")
     plot_reliability(
         table, (ev.metrics["ece"], ev.metrics["ece_calibrated"]), out / "reliability.png"

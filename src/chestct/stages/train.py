@@ -22,7 +22,6 @@ import tensorflow as tf
 from sklearn.utils.class_weight import compute_class_weight
 
 from chestct.distributed import WorkerRole, worker_role
-from chestct.fsutil import staged_file
 from chestct.labels import CLASSES
 from chestct.manifest import DATASET_COLUMNS, read_manifest, write_manifest
 from chestct.modeling import (
@@ -35,6 +34,7 @@ from chestct.modeling import (
     set_seed,
     with_dtype_policy,
 )
+from chestct.plots import plot_history
 from chestct.pointers import read_pointer
 from chestct.runner import StageFailed, run_main, stage_session
 from chestct.settings import TrainParams, load_settings
@@ -483,34 +483,6 @@ def run_train(
         best_value=best.best,
         details=details,
     )
-
-
-def plot_history(history: pd.DataFrame, target: Path) -> None:
-    """Loss, accuracy, macro-F1 and learning rate per epoch, train against valid."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 4, figsize=(15, 3.5))
-    epochs = history["epoch"]
-    for ax, metric in zip(axes, ("loss", "accuracy", "macro_f1"), strict=False):
-        ax.plot(epochs, history[metric], label="train")
-        ax.plot(epochs, history[f"val_{metric}"], label="valid")
-        ax.set_title(metric)
-    axes[3].plot(epochs, history["learning_rate"], color="tab:green")
-    axes[3].set_yscale("log")
-    axes[3].set_title("learning rate")
-    second = history.loc[history["phase"] == 2, "epoch"]
-    for ax in axes:
-        ax.set_xlabel("epoch")
-        if len(second):
-            ax.axvline(second.iloc[0] - 0.5, color="grey", linestyle=":", label="fine-tune")
-    axes[0].legend()
-    fig.tight_layout()
-    with staged_file(target) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
 
 
 def run_worker(role: WorkerRole, strategy: tf.distribute.Strategy) -> TrainResult:

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from chestct.external import external_set, score_external
 from chestct.fsutil import atomic_write_json, staged_file
 from chestct.gradcam import CamHead, overlay
 from chestct.labels import CLASSES
@@ -48,14 +49,12 @@ from chestct.runner import StageFailed, run_main, stage_session
 from chestct.scoring import (
     Preprocessing,
     ScoringError,
-    external_set,
     full_metrics,
     label_indices,
     load_images,
     load_model,
     model_outputs,
     prediction_table,
-    score_external,
     shift_logits,
 )
 from chestct.settings import STAGES, EvaluateParams

@@ -20,7 +20,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from chestct.imaging import Normalise, decode, prepare_grey
+from chestct.imaging import Normalise, decode, prepare_slice
 
 SETTINGS: dict[str, Normalise] = {
     "none / none": Normalise(),
@@ -103,8 +103,8 @@ def main() -> None:
         for name, spec in SETTINGS.items():
             gaps = []
             for grey in greys:
-                a = prepare_grey(grey, args.size, normalise=spec).astype(np.float32)
-                b = prepare_grey(apply(grey), args.size, normalise=spec).astype(np.float32)
+                a = prepare_slice(grey, args.size, normalise=spec).image.astype(np.float32)
+                b = prepare_slice(apply(grey), args.size, normalise=spec).image.astype(np.float32)
                 gaps.append(float(np.abs(a - b).mean() / max(a.std(), 1.0)))
             value = 100 * statistics.mean(gaps)
             totals[name].append(value)

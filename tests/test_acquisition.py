@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from chestct import imaging
-from chestct.imaging import BodyBox, Normalise, map_to_frame, prepare, prepare_grey
+from chestct.imaging import BodyBox, Normalise, map_to_frame, prepare, prepare_slice
 from chestct.settings import AugmentParams, ResizeParams, SettingsError, build
 from test_body_crop import chest
 from test_serving_support import SIZE, model_dir  # noqa: F401  (fixture)
@@ -57,10 +57,10 @@ def test_a_wider_field_gives_nearly_the_same_prepared_slice(
 ) -> None:
     grey = textured()
     wide = zoomed_out(grey, share, left, top)
-    plain = gap(prepare_grey(grey, 64), prepare_grey(wide, 64))
+    plain = gap(prepare_slice(grey, 64).image, prepare_slice(wide, 64).image)
     normalised = gap(
-        prepare_grey(grey, 64, normalise=NORMALISED),
-        prepare_grey(wide, 64, normalise=NORMALISED),
+        prepare_slice(grey, 64, normalise=NORMALISED).image,
+        prepare_slice(wide, 64, normalise=NORMALISED).image,
     )
     assert normalised < 6.0, normalised
     assert normalised < plain / 4, (normalised, plain)
@@ -70,10 +70,10 @@ def test_another_contrast_and_brightness_gives_the_same_prepared_slice() -> None
     grey = textured()
     # Another linear grey scale for the whole slice (an export with another window).
     dimmer = np.clip(grey.astype(np.float32) * 0.6 + 20, 0, 255).astype(np.uint8)
-    plain = gap(prepare_grey(grey, 64), prepare_grey(dimmer, 64))
+    plain = gap(prepare_slice(grey, 64).image, prepare_slice(dimmer, 64).image)
     normalised = gap(
-        prepare_grey(grey, 64, normalise=NORMALISED),
-        prepare_grey(dimmer, 64, normalise=NORMALISED),
+        prepare_slice(grey, 64, normalise=NORMALISED).image,
+        prepare_slice(dimmer, 64, normalise=NORMALISED).image,
     )
     assert normalised < 3.0, normalised
     assert normalised < plain / 5, (normalised, plain)
@@ -85,9 +85,10 @@ def test_another_gamma_stays_close_after_normalisation(gamma: float, intensity: 
     grey = textured()
     other = (255.0 * (grey / 255.0) ** gamma).astype(np.uint8)
     spec = Normalise(crop="body", intensity=intensity)
-    plain = gap(prepare_grey(grey, 64), prepare_grey(other, 64))
+    plain = gap(prepare_slice(grey, 64).image, prepare_slice(other, 64).image)
     normalised = gap(
-        prepare_grey(grey, 64, normalise=spec), prepare_grey(other, 64, normalise=spec)
+        prepare_slice(grey, 64, normalise=spec).image,
+        prepare_slice(other, 64, normalise=spec).image,
     )
     # Neither a percentile window (linear) nor CLAHE undoes a gamma, and stretching the range
     # scales the difference up with it (measured: about 2x the un-normalised gap): the prepared
@@ -105,7 +106,7 @@ def test_percentile_window_spans_the_full_range() -> None:
     # so validate's near-blank check still sees it.
     noisy = (90 + np.random.default_rng(0).integers(-3, 4, (64, 64))).astype(np.uint8)
     np.testing.assert_array_equal(imaging.percentile_window(noisy, 1.0, 99.5), noisy)
-    out = prepare_grey(noisy, 32, normalise=NORMALISED)
+    out = prepare_slice(noisy, 32, normalise=NORMALISED).image
     assert out.std() < 2.0
 
 
@@ -361,7 +362,8 @@ def test_equalize_undoes_a_gamma_the_percentile_window_does_not(gamma: float) ->
     for intensity in ("percentile", "equalize"):
         spec = Normalise(crop="body", intensity=intensity)
         gaps[intensity] = gap(
-            prepare_grey(grey, 64, normalise=spec), prepare_grey(other, 64, normalise=spec)
+            prepare_slice(grey, 64, normalise=spec).image,
+            prepare_slice(other, 64, normalise=spec).image,
         )
     # Ranks survive any increasing grey-level map; what is left comes from levels that the
     # gamma merged or split in uint8.
@@ -372,4 +374,4 @@ def test_equalize_undoes_a_gamma_the_percentile_window_does_not(gamma: float) ->
 def test_equalize_leaves_a_near_blank_slice_as_it_is() -> None:
     noisy = (90 + np.random.default_rng(0).integers(-3, 4, (64, 64))).astype(np.uint8)
     np.testing.assert_array_equal(imaging.equalize(noisy), noisy)
-    assert prepare_grey(noisy, 32, normalise=Normalise(intensity="equalize")).std() < 2.0
+    assert prepare_slice(noisy, 32, normalise=Normalise(intensity="equalize")).image.std() < 2.0

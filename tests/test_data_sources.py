@@ -14,8 +14,10 @@ from pathlib import Path
 import pytest
 
 from chestct.settings import DOWNLOAD_CACHE_ENV, download_cache
-from chestct.sources import SourceError, layout_root, redact, resolve, safe_extract
+from chestct.sources import SourceError, SourceLimits, layout_root, redact, resolve, safe_extract
 from helpers import image_bytes
+
+QUICK = SourceLimits(timeout_s=5)  # a local server answers at once
 
 
 def _zip(path: Path, entries: dict[str, bytes], links: dict[str, str] | None = None) -> Path:
@@ -56,7 +58,7 @@ def _kaggle_entries(prefix: str = "Data/") -> dict[str, bytes]:
 def test_archive_is_unpacked_and_its_wrapper_folder_descended(tmp_path: Path, kind: str) -> None:
     archive = tmp_path / f"set.{kind}"
     (_zip if kind == "zip" else _tgz)(archive, _kaggle_entries())
-    source = resolve(str(archive), tmp_path, tmp_path / "staging", "", 5)
+    source = resolve(str(archive), tmp_path, tmp_path / "staging", limits=QUICK)
     assert source.kind == "archive"
     assert source.folder == tmp_path / "staging" / "unpacked" / "Data"
     assert (source.folder / "train" / "normal" / "a.png").read_bytes() == image_bytes(seed=1)
@@ -117,20 +119,20 @@ def test_corrupt_and_non_archives_are_refused_clearly(tmp_path: Path) -> None:
     notes = tmp_path / "notes.txt"
     notes.write_text("hello", encoding="utf-8")
     with pytest.raises(SourceError, match=r"is a file but not a \.zip, \.tar\.gz or \.tgz"):
-        resolve(str(notes), tmp_path, tmp_path / "staging", "", 5)
+        resolve(str(notes), tmp_path, tmp_path / "staging", limits=QUICK)
     assert not (tmp_path / "out").exists()
 
 
 def test_local_archive_with_a_wrong_sha256_is_refused(tmp_path: Path) -> None:
     archive = _zip(tmp_path / "set.zip", _kaggle_entries())
     with pytest.raises(SourceError, match="the archive changed"):
-        resolve(str(archive), tmp_path, tmp_path / "staging", "0" * 64, 5)
+        resolve(str(archive), tmp_path, tmp_path / "staging", "0" * 64, limits=QUICK)
     assert not (tmp_path / "staging").exists()
 
 
 def test_missing_source_names_the_choices(tmp_path: Path) -> None:
     with pytest.raises(SourceError, match="is not a folder, an archive or a URL"):
-        resolve("nowhere", tmp_path, tmp_path / "staging", "", 5)
+        resolve("nowhere", tmp_path, tmp_path / "staging", limits=QUICK)
 
 
 def test_layout_root_stops_at_split_or_class_folders(tmp_path: Path) -> None:
@@ -193,7 +195,7 @@ def server(tmp_path: Path) -> Iterator[_Server]:
 def test_url_download_is_verified_then_unpacked(tmp_path: Path, server: _Server) -> None:
     digest = hashlib.sha256(server.payload).hexdigest()
     staging = tmp_path / "staging"
-    source = resolve(f"{server.url}/set.zip?token=secret", tmp_path, staging, digest, 5)
+    source = resolve(f"{server.url}/set.zip?token=secret", tmp_path, staging, digest, limits=QUICK)
     assert source.kind == "url"
     assert source.origin == f"{server.url}/set.zip"  # the token is not recorded
     assert (source.folder / "train" / "normal" / "a.png").is_file()
@@ -203,7 +205,7 @@ def test_url_download_is_verified_then_unpacked(tmp_path: Path, server: _Server)
 def test_url_with_a_wrong_sha256_unpacks_nothing(tmp_path: Path, server: _Server) -> None:
     staging = tmp_path / "staging"
     with pytest.raises(SourceError) as info:
-        resolve(f"{server.url}/set.zip", tmp_path, staging, "ab" * 32, 5)
+        resolve(f"{server.url}/set.zip", tmp_path, staging, "ab" * 32, limits=QUICK)
     message = str(info.value)
     assert hashlib.sha256(server.payload).hexdigest() in message
     assert "Nothing was unpacked" in message
@@ -214,10 +216,11 @@ def test_url_with_a_wrong_sha256_unpacks_nothing(tmp_path: Path, server: _Server
 def test_url_http_error_and_timeout(tmp_path: Path, server: _Server) -> None:
     staging = tmp_path / "staging"
     with pytest.raises(SourceError, match="HTTP 404"):
-        resolve(f"{server.url}/other.zip", tmp_path, staging, "ab" * 32, 5)
+        resolve(f"{server.url}/other.zip", tmp_path, staging, "ab" * 32, limits=QUICK)
     server.stall = True
     with pytest.raises(SourceError, match=r"timed out .*ingest\.timeout_s"):
-        resolve(f"{server.url}/set.zip", tmp_path, staging, "ab" * 32, 0.5)
+        url, slow = f"{server.url}/set.zip", SourceLimits(timeout_s=0.5)
+        resolve(url, tmp_path, staging, "ab" * 32, limits=slow)
     assert list((staging / "download").iterdir()) == []
 
 
@@ -229,7 +232,7 @@ def test_url_download_cache_is_reused_verified_and_repaired(
     url = f"{server.url}/set.zip"
 
     def fetch(run: str) -> Path:
-        source = resolve(url, tmp_path, tmp_path / run, digest, 5, cache=cache)
+        source = resolve(url, tmp_path, tmp_path / run, digest, cache=cache, limits=QUICK)
         assert (source.folder / "train" / "normal" / "a.png").is_file()
         return cache / digest / "set.zip"
 
@@ -253,7 +256,7 @@ def test_download_cache_location(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 
 def test_url_needs_a_sha256(tmp_path: Path) -> None:
     with pytest.raises(SourceError, match=r"ingest\.sha256 is required"):
-        resolve("https://example.invalid/set.zip", tmp_path, tmp_path / "s", "", 5)
+        resolve("https://example.invalid/set.zip", tmp_path, tmp_path / "s", limits=QUICK)
 
 
 def test_redact_drops_credentials_and_query() -> None:

@@ -88,11 +88,11 @@ def test_pixel_duplicates_catch_lossless_reencoding(tmp_path: Path) -> None:
 
 
 def test_sample_grid_has_a_row_per_class(scanned: pd.DataFrame) -> None:
-    fig = plots.class_grid(eda.sample_panels(scanned, per_class=3, seed=1))
+    fig = plots.class_grid(eda.class_panels(scanned, per_class=3, seed=1))
     assert len(fig.axes) == len(CLASSES) * 3
     assert sum(bool(ax.images) for ax in fig.axes) == len(CLASSES) * 3
     with pytest.raises(eda.EdaError, match="per_class"):
-        eda.sample_panels(scanned, per_class=0)
+        eda.class_panels(scanned, per_class=0)
 
 
 def test_open_source_names_a_missing_folder(tmp_path: Path) -> None:
@@ -145,7 +145,7 @@ def test_acquisition_table_summary_plot_and_classifier(scanned: pd.DataFrame) ->
     # Scored always in the notebook, not only when there is a leak to explain.
     assert set(result.by_family) >= {"body box", "grey levels"}
     assert list(result.by_feature) and result.top_features(1)
-    grid = plots.class_grid(eda.body_box_panels(scanned, per_class=2, seed=1), side=2.0)
+    grid = plots.class_grid(eda.class_panels(scanned, per_class=2, seed=1, boxes=True), side=2.0)
     assert sum(bool(ax.patches) for ax in grid.axes) == len(CLASSES) * 2
 
 

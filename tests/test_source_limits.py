@@ -79,7 +79,8 @@ def server(tmp_path: Path) -> Iterator[_Server]:
 
 def _fetch(server: _Server, url: str, tmp_path: Path, **limits: object):
     digest = hashlib.sha256(server.payload).hexdigest()
-    return resolve(url, tmp_path, tmp_path / "staging", digest, 5, limits=SourceLimits(**limits))
+    caps = SourceLimits(timeout_s=5, **limits)
+    return resolve(url, tmp_path, tmp_path / "staging", digest, limits=caps)
 
 
 def test_redirect_to_another_host_is_refused_unless_allowed(

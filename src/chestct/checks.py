@@ -84,6 +84,10 @@ _EXTENSIONS = {
 _MAX_LISTED = 20
 
 
+def _fields(obj: Any, names: str) -> dict[str, Any]:
+    return {name: getattr(obj, name) for name in names.split()}
+
+
 @dataclass
 class Finding:
     check: str
@@ -99,15 +103,8 @@ class Finding:
     examples: list[list[tuple[str, str]]] = field(default_factory=list, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "check": self.check,
-            "severity": self.severity,
-            "message": self.message,
-            "files": self.files,
-            "quarantined": self.quarantined,
-            "resolved": self.resolved,
-            "picture": self.picture,
-        }
+        """What report.json holds of a finding (not the rows and example groups)."""
+        return _fields(self, "check severity message files quarantined resolved picture")
 
 
 @dataclass
@@ -128,15 +125,12 @@ class Report:
         return {v: k for k, v in SEVERITY_RANK.items()}[max(ranks, default=0)]
 
     def to_dict(self) -> dict[str, Any]:
+        """report.json: the status, then the report's fields (not the metadata frame)."""
         return {
             "status": self.worst,
-            "counts": self.counts,
-            "summary": self.summary,
-            "checks": self.checks,
+            **_fields(self, "counts summary checks"),
             "findings": [f.to_dict() for f in self.findings],
-            "quarantined": self.quarantined,
-            "shortcut": self.shortcut,
-            "pictures": self.pictures,
+            **_fields(self, "quarantined shortcut pictures"),
         }
 
     def to_markdown(self) -> str:

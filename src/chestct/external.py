@@ -59,7 +59,7 @@ def external_set(
             "point it at a folder <class>/<image> or an archive of one"
         )
     try:
-        found = resolve(source, root, staging, "", 0.0)
+        found = resolve(source, root, staging)
     except SourceError as exc:
         raise ScoringError(str(exc).replace("ingest.source", "evaluate.external")) from None
     folder = found.folder

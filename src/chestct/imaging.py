@@ -1322,21 +1322,6 @@ def prepare(
     return prepare_slice(decode(data, window).grey, size, interpolation, mode, normalise).image
 
 
-def prepare_grey(
-    grey: np.ndarray,
-    size: int,
-    interpolation: str = "area",
-    mode: str = "stretch",
-    normalise: Normalise = Normalise(),
-) -> np.ndarray:
-    """A decoded 8-bit grey slice -> uint8 (size, size): prepare's part after decoding.
-
-    For callers that hold the slice already: evaluate's shift stress (it perturbs the decoded
-    original first); the predictor uses `prepare_slice` to keep the crop box for /explain.
-    """
-    return prepare_slice(grey, size, interpolation, mode, normalise).image
-
-
 @contextmanager
 def single_threaded() -> Iterator[None]:
     """OpenCV on one thread while the block runs, restored after.

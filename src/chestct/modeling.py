@@ -333,11 +333,23 @@ def _load_png(path: tf.Tensor) -> tf.Tensor:
 
 class _SeededAugment(keras.layers.Layer):
     """A random transform of training batches drawn from the layer's own seed; identity at
-    inference."""
+    inference.
 
-    def __init__(self, seed: int = 0, **kw: Any) -> None:
+    A subclass names its strengths in STRENGTHS (each 0 = off); they are given in that order or
+    by name, and set as attributes of the same names.
+    """
+
+    STRENGTHS: tuple[str, ...] = ()
+
+    def __init__(self, *strengths: float, seed: int = 0, **kw: Any) -> None:
+        if len(strengths) > len(self.STRENGTHS):
+            raise TypeError(f"{type(self).__name__} takes the strengths {self.STRENGTHS}")
+        values = dict(zip(self.STRENGTHS, strengths, strict=False))
+        values.update({name: kw.pop(name) for name in self.STRENGTHS if name in kw})
         super().__init__(**kw)
         self.seed_generator = keras.random.SeedGenerator(seed)
+        for name in self.STRENGTHS:
+            setattr(self, name, values.get(name, 0.0))
 
     def call(self, images: tf.Tensor, training: bool = True) -> tf.Tensor:
         # Each subclass defines augment(images): the transform it draws.
@@ -351,11 +363,7 @@ class RandomIntensity(_SeededAugment):
     Each draws from the layer's own seed, so a seeded run repeats exactly.
     """
 
-    def __init__(
-        self, gamma: float = 0.0, window: float = 0.0, noise: float = 0.0, seed: int = 0, **kw: Any
-    ) -> None:
-        super().__init__(seed, **kw)
-        self.gamma, self.window, self.noise = gamma, window, noise
+    STRENGTHS = ("gamma", "window", "noise")
 
     def augment(self, images: tf.Tensor) -> tf.Tensor:
         ops = keras.ops
@@ -384,16 +392,7 @@ class RandomAcquisitionGeometry(_SeededAugment):
     32 at 128 px here, this one about a tenth of it, and it interpolates once.
     """
 
-    def __init__(
-        self,
-        zoom_out: float = 0.0,
-        aspect: float = 0.0,
-        translation: float = 0.0,
-        seed: int = 0,
-        **kw: Any,
-    ) -> None:
-        super().__init__(seed, **kw)
-        self.zoom_out, self.aspect, self.translation = zoom_out, aspect, translation
+    STRENGTHS = ("zoom_out", "aspect", "translation")
 
     def augment(self, images: tf.Tensor) -> tf.Tensor:
         ops = keras.ops

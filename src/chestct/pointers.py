@@ -196,6 +196,14 @@ def write_pointer(path: Path, pointer: Pointer) -> None:
     atomic_write_json(path, data)
 
 
+def _read_json(path: Path, fix: str) -> Any:
+    """The JSON in `path`; a PointerError naming the file and `fix` when it is not JSON."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise PointerError(f"{path}: not valid JSON ({exc}); {fix}") from exc
+
+
 def read_pointer(paths: Paths, stage: str, verify: bool = True) -> Pointer:
     """Read and validate the pointer of `stage`; with `verify`, check every output's digest."""
     path = paths.pointer(stage)
@@ -203,12 +211,7 @@ def read_pointer(paths: Paths, stage: str, verify: bool = True) -> Pointer:
         raise PointerError(
             f"{path}: no pointer; stage {stage!r} has not run here (run `dvc repro {stage}`)"
         )
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise PointerError(
-            f"{path}: not valid JSON ({exc}); rerun `dvc repro -f {stage}`"
-        ) from exc
+    data = _read_json(path, f"rerun `dvc repro -f {stage}`")
     pointer = from_dict(data, where=str(path))
     if pointer.stage != stage:
         raise PointerError(f"{path}: pointer is for stage {pointer.stage!r}, not {stage!r}")
@@ -305,12 +308,7 @@ def read_run_record(paths: Paths, stage: str) -> RunRecord | None:
     pointer = paths.pointer(stage)
     if not path.is_file() or not pointer.is_file():
         return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise PointerError(
-            f"{path}: not valid JSON ({exc}); delete it or rerun the stage"
-        ) from exc
+    data = _read_json(path, "delete it or rerun the stage")
     record = _run_record_from_dict(data, str(path))
     if record.stage != stage or record.pointer_digest != sha256_file(pointer):
         return None

@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from chestct.imaging import Normalise, decode, prepare, prepare_grey, resize
+from chestct.imaging import Normalise, decode, prepare, prepare_slice, resize
 from chestct.labels import CLASSES
 from chestct.metrics import (
     classification_metrics,
@@ -81,8 +81,8 @@ class Preprocessing:
         )
 
     def prepare_grey(self, grey: np.ndarray, size: int) -> np.ndarray:
-        """A decoded (perturbed) slice -> uint8 (size, size), through imaging.prepare_grey."""
-        return prepare_grey(grey, size, self.interpolation, self.mode, self.normalise)
+        """A decoded (perturbed) slice -> uint8 (size, size), through imaging.prepare_slice."""
+        return prepare_slice(grey, size, self.interpolation, self.mode, self.normalise).image
 
 
 # --------------------------------------------------------------------------- images and outputs

@@ -60,9 +60,10 @@ class SourceError(ValueError):
 
 @dataclass(frozen=True)
 class SourceLimits:
-    """What a source may cost (params ingest.deadline_s, max_download_mb, redirect_hosts,
-    max_members, max_unpacked_mb, max_ratio)."""
+    """What a source may cost (params ingest.timeout_s, deadline_s, max_download_mb,
+    redirect_hosts, max_members, max_unpacked_mb, max_ratio)."""
 
+    timeout_s: float = 60.0  # a download's wait for each answer
     deadline_s: float = 3600.0
     max_download_bytes: int = 10 * 1024 * MB
     redirect_hosts: tuple[str, ...] = ()
@@ -74,6 +75,7 @@ class SourceLimits:
 def limits_from(ingest: Any) -> SourceLimits:
     """SourceLimits from the ingest params (settings.IngestParams)."""
     return SourceLimits(
+        timeout_s=float(ingest.timeout_s),
         deadline_s=float(ingest.deadline_s),
         max_download_bytes=int(ingest.max_download_mb * MB),
         redirect_hosts=tuple(ingest.redirect_hosts),
@@ -329,14 +331,13 @@ class _Redirects(urllib.request.HTTPRedirectHandler):
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
-def download(
-    url: str, dest: Path, sha256: str, timeout_s: float, limits: SourceLimits | None = None
-) -> Path:
+def download(url: str, dest: Path, sha256: str, limits: SourceLimits | None = None) -> Path:
     """Download `url` to `dest`, verifying its sha256 before `dest` appears.
 
     `limits` bounds the download: its size (declared or received), the total time (checked
-    between reads, each of which waits at most `timeout_s`) and where redirects may lead. A
-    bearer token in CHESTCT_SOURCE_TOKEN is sent to the URL's own host (never on a redirect).
+    between reads, each of which waits at most `limits.timeout_s`) and where redirects may
+    lead. A bearer token in CHESTCT_SOURCE_TOKEN is sent to the URL's own host (never on a
+    redirect).
 
     Raises:
         SourceError: HTTP error, timeout, unreachable host, short read, a refused redirect, a
@@ -357,7 +358,7 @@ def download(
     deadline = time.monotonic() + limits.deadline_s
     cap = limits.max_download_bytes
     try:
-        with opener.open(request, timeout=timeout_s) as resp, part.open("wb") as out:
+        with opener.open(request, timeout=limits.timeout_s) as resp, part.open("wb") as out:
             length = resp.headers.get("Content-Length")
             total = int(length) if length and length.isdigit() else None
             if total is not None and total > cap:
@@ -396,8 +397,8 @@ def download(
     except TimeoutError as exc:
         part.unlink(missing_ok=True)
         raise SourceError(
-            f"download of {shown} timed out (no answer within ingest.timeout_s = {timeout_s:g} "
-            f"s: {exc}); check the network or raise ingest.timeout_s"
+            f"download of {shown} timed out (no answer within ingest.timeout_s = "
+            f"{limits.timeout_s:g} s: {exc}); check the network or raise ingest.timeout_s"
         ) from None
     except (urllib.error.URLError, OSError) as exc:
         part.unlink(missing_ok=True)
@@ -405,7 +406,7 @@ def download(
         if isinstance(reason, TimeoutError):
             raise SourceError(
                 f"download of {shown} timed out (no connection within ingest.timeout_s = "
-                f"{timeout_s:g} s); check the network or raise ingest.timeout_s"
+                f"{limits.timeout_s:g} s); check the network or raise ingest.timeout_s"
             ) from None
         raise SourceError(
             f"download of {shown} failed: {reason}; check the URL and network"
@@ -510,9 +511,7 @@ def layout_root(folder: Path) -> Path:
         return folder
 
 
-def _cached_download(
-    url: str, name: str, sha256: str, timeout_s: float, cache: Path, limits: SourceLimits
-) -> Path:
+def _cached_download(url: str, name: str, sha256: str, cache: Path, limits: SourceLimits) -> Path:
     """The archive from `cache` when a file with this digest is there, else downloaded into it.
 
     The cache is keyed by the digest that params pin, so a hit is the same file whatever the
@@ -525,15 +524,14 @@ def _cached_download(
             return path
         log.warning("cached download %s does not match its sha256; downloading again", path)
         path.unlink()
-    return download(url, path, sha256, timeout_s, limits)
+    return download(url, path, sha256, limits)
 
 
 def resolve(
     source: str,
     root: Path,
     staging: Path,
-    sha256: str,
-    timeout_s: float,
+    sha256: str = "",
     cache: Path | None = None,
     limits: SourceLimits | None = None,
 ) -> Source:
@@ -545,7 +543,6 @@ def resolve(
         root: project root.
         staging: an empty scratch folder the caller removes afterwards.
         sha256: the archive's expected digest ('' for local sources: then it is not checked).
-        timeout_s: download timeout.
         cache: keep downloaded archives here by digest and reuse them (None: download into
             `staging` and drop the archive once unpacked).
         limits: caps on downloads and archives (defaults: SourceLimits()).
@@ -560,9 +557,9 @@ def resolve(
             )
         name = Path(urllib.parse.urlsplit(source).path).name or "download"
         if cache is not None:
-            archive = _cached_download(source, name, sha256, timeout_s, cache, limits)
+            archive = _cached_download(source, name, sha256, cache, limits)
         else:
-            archive = download(source, staging / "download" / name, sha256, timeout_s, limits)
+            archive = download(source, staging / "download" / name, sha256, limits)
         folder = safe_extract(archive, staging / "unpacked", limits)
         if cache is None:
             archive.unlink()  # only the cache keeps archives

@@ -21,18 +21,14 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from chestct.labels import CLASSES
 from chestct.perturb import zoom_out
 
 logger = logging.getLogger(__name__)
 
 SPLITS: tuple[str, ...] = ("train", "valid", "test")
 
-LABELS: tuple[str, ...] = (
-    "adenocarcinoma",
-    "large_cell_carcinoma",
-    "squamous_cell_carcinoma",
-    "normal",
-)
+LABELS: tuple[str, ...] = CLASSES  # generated in this order (seeds depend on it)
 
 LONG_FOLDERS: dict[str, str] = {
     "adenocarcinoma": "adenocarcinoma_left.lower.lobe_T2_N0_M0_Ib",

@@ -95,7 +95,6 @@ def open_source(settings: Settings, source: str | None = None) -> Iterator[Path]
                 settings.paths.root,
                 staging,
                 sha256,
-                params.timeout_s,
                 limits=limits_from(params),
             )
         except SourceError as exc:
@@ -276,21 +275,33 @@ def _class_picks(
     return picked
 
 
-def sample_panels(
+def class_panels(
     frame: pd.DataFrame,
     per_class: int = 6,
     seed: int = 0,
     window: tuple[float, float] | None = None,
+    *,
+    boxes: bool = False,
 ) -> list[tuple[str, list[Panel]]]:
-    """Up to `per_class` random decodable images of each class for `plots.class_grid`.
+    """Up to `per_class` random decodable slices of each class, for `plots.class_grid`.
 
-    Images are shown as stored (aspect kept), in grey, titled with their size and mode; DICOM
-    files through `window`, as in `scan`.
+    Slices are shown as stored (aspect kept), in grey, titled with their size and mode; DICOM
+    files through `window`, as in `scan`. With `boxes`, each carries the body box that the
+    acquisition features measure instead, titled with its share of the frame.
     """
-    return [
-        (label, [(grey, f"{i['width']}x{i['height']} {i['mode']}", None) for i, grey in picks])
-        for label, picks in _class_picks(frame, per_class, seed, window)
-    ]
+    rows = []
+    for label, picks in _class_picks(frame, per_class, seed, window):
+        panels: list[Panel] = []
+        for item, grey in picks:
+            if not boxes:
+                panels.append((grey, f"{item['width']}x{item['height']} {item['mode']}", None))
+                continue
+            box = body_box(grey, margin=0.0)
+            share = box.w * box.h / grey.size
+            title = f"{label.split('_')[0][:8]}: body {share:.0%}"
+            panels.append((grey, title, (box.x, box.y, box.w, box.h)))
+        rows.append((label, panels))
+    return rows
 
 
 # --------------------------------------------------------------------------- acquisition cues
@@ -333,23 +344,3 @@ def acquisition_shortcut(table: pd.DataFrame, seed: int = 0) -> ShortcutResult |
 
     groups = pd.Series(pd.factorize(table["pixel_sha256"])[0], index=table.index)
     return detect_shortcut(table, groups, seed, family_margin=-1.0)
-
-
-def body_box_panels(
-    frame: pd.DataFrame,
-    per_class: int = 4,
-    seed: int = 0,
-    window: tuple[float, float] | None = None,
-) -> list[tuple[str, list[Panel]]]:
-    """Random decodable slices of each class for `plots.class_grid`, with the body box that
-    the acquisition features measure, titled with its share of the frame."""
-    rows = []
-    for label, picks in _class_picks(frame, per_class, seed, window):
-        panels: list[Panel] = []
-        for _, grey in picks:
-            box = body_box(grey, margin=0.0)
-            share = box.w * box.h / grey.size
-            title = f"{label.split('_')[0][:8]}: body {share:.0%}"
-            panels.append((grey, title, (box.x, box.y, box.w, box.h)))
-        rows.append((label, panels))
-    return rows

@@ -262,7 +262,6 @@ def run_ingest(
                     root,
                     staging,
                     params.sha256.strip(),
-                    params.timeout_s,
                     cache=download_cache,
                     limits=limits_from(params),
                 )

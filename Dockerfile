@@ -54,7 +54,7 @@ CMD ["dvc", "repro"]
 
 # --------------------------------------------------------------------------- serve
 FROM base AS serve
-# Exactly what serving needs (tests/test_delivery.py starts the app from a fresh virtual
+# Exactly what serving needs (tests/e2e/test_delivery.py starts the app from a fresh virtual
 # environment built from this file alone).
 COPY requirements-serve.txt ./
 RUN pip install --no-cache-dir -r requirements-serve.txt

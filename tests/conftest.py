@@ -1,18 +1,28 @@
-"""Shared fixtures: a tiny promoted model folder for serving tests."""
+"""Shared fixtures: environment, the tiny reproduced project, and the model folders every tier
+serves."""
 
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from chestct.labels import CLASSES, DISPLAY_NAMES
+from model_folder import add_reference, write_model_folder
+
 REPO = Path(__file__).resolve().parents[1]
+
 
 # Keep TF and MLflow quiet and offline in every test process.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+
 os.environ.setdefault("DO_NOT_TRACK", "true")
 
 
@@ -36,7 +46,6 @@ def tiny_project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[s
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """model/ as promote writes it, with an untrained 32x32 model (enough to test serving)."""
-    from chestct.labels import CLASSES, DISPLAY_NAMES
     from chestct.modeling import build_model
     from chestct.settings import BaseModelParams
 
@@ -55,4 +64,35 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "mlflow_run_ids": {"train": "0" * 32},
     }
     (folder / "model.json").write_text(json.dumps(card), encoding="utf-8")
+    return folder
+
+
+def _session_model(factory: pytest.TempPathFactory, name: str, **options: Any) -> Path:
+    """Build once per test session: each module that imports a fixture from here gets its own
+    copy of the fixture, so the folder is kept under the session's base temp folder."""
+    folder = factory.getbasetemp() / "serving-models" / name / "model"
+    if not (folder / "model.json").is_file():
+        write_model_folder(folder, **options)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A complete model folder (light artifact, temperature, thresholds, cam, ood)."""
+    return _session_model(tmp_path_factory, "v1")
+
+
+@pytest.fixture(scope="session")
+def second_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Version 2 of the model folder: other weights, so its answers differ from version 1."""
+    return _session_model(tmp_path_factory, "v2", version="2", seed=7)
+
+
+@pytest.fixture(scope="session")
+def monitored_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model trained a little on synthetic slices (so that the predicted class follows the
+    slice's class), with its reference profile."""
+    folder = _session_model(tmp_path_factory, "trained64", size=64, train_epochs=30)
+    if not (folder / "reference.json").is_file():
+        add_reference(folder)
     return folder

@@ -5,19 +5,37 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
 import pandas as pd
 
+from chestct.fsutil import sha256_file
+from chestct.imaging import Normalise
 from chestct.labels import CLASSES
-from chestct.manifest import INDEX_COLUMNS, INGEST_COLUMNS, SPLITS
+from chestct.manifest import (
+    DATASET_COLUMNS,
+    INDEX_COLUMNS,
+    INGEST_COLUMNS,
+    SPLITS,
+)
+from chestct.modeling import build_model
+from chestct.settings import (
+    BaseModelParams,
+    BaseParams,
+    IngestParams,
+    TrainParams,
+)
+from chestct.stages.ingest import IngestSummary, run_ingest
 
 # Folder names as the Kaggle "Chest CT-Scan images" set spells them: long in train/valid,
 # short in test (the synthetic default uses the same).
-from chestct.synthetic import LONG_FOLDERS, SHORT_FOLDERS
+from chestct.synthetic import LONG_FOLDERS, SHORT_FOLDERS, generate_synthetic
 
 _CHANNELS = {"L": 1, "RGB": 3, "RGBA": 4}
+
+
 _EXTENSIONS = {"png": ".png", "jpeg": ".jpg", "bmp": ".bmp", "tiff": ".tiff"}
 
 
@@ -155,7 +173,6 @@ def synthetic_splits(
     from chestct.labels import label_for_folder
     from chestct.manifest import DATASET_COLUMNS
     from chestct.scoring import Preprocessing
-    from chestct.synthetic import generate_synthetic
 
     folder = root / f"synthetic-{seed}-{shortcut or 'none'}"
     rows: dict[str, list[dict[str, object]]] = {}
@@ -175,3 +192,154 @@ def synthetic_splits(
             }
         )
     return {s: pd.DataFrame(r, columns=list(DATASET_COLUMNS)) for s, r in rows.items()}
+
+
+# The crafted body: an ellipse centred at (CX, CY) with semi-axes (AX, AY) in a FRAME_W x FRAME_H
+# frame, so its true box is [CX-AX, CX+AX] x [CY-AY, CY+AY].
+FRAME_W, FRAME_H = 320, 240
+
+
+CX, CY, AX, AY = 150, 110, 100, 70
+
+
+def chest(frame: tuple[int, int] = (FRAME_W, FRAME_H)) -> np.ndarray:
+    """A CT-like slice: grey soft tissue, two dark lungs, a bright spine, black around."""
+    width, height = frame
+    grey = np.zeros((height, width), np.uint8)
+    cv2.ellipse(grey, (CX, CY), (AX, AY), 0, 0, 360, 120, -1)
+    cv2.ellipse(grey, (CX - 45, CY - 5), (35, 45), 0, 0, 360, 25, -1)
+    cv2.ellipse(grey, (CX + 45, CY - 5), (35, 45), 0, 0, 360, 25, -1)
+    cv2.circle(grey, (CX, CY + 50), 12, 230, -1)
+    return grey
+
+
+SIZE = 32
+
+
+def write_split(root: Path, split: str, per_class: int, seed: int) -> pd.DataFrame:
+    """Grey PNGs whose brightness band tells the class, and their manifest."""
+    rows = []
+    for c, label in enumerate(CLASSES):
+        for i in range(per_class):
+            rel = f"data/{split}/{label}/{i}.png"
+            rng = np.random.default_rng(seed + 100 * c + i)
+            img = (rng.integers(0, 60, (SIZE, SIZE)) + 60 * c).astype(np.uint8)
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            ok, buf = cv2.imencode(".png", img)
+            assert ok
+            (root / rel).write_bytes(buf.tobytes())
+            rows.append(
+                {"path": rel, "label": label, "sha256": f"{split}{c}{i}", "source_path": rel}
+            )
+    return pd.DataFrame(rows, columns=list(DATASET_COLUMNS))
+
+
+def base_file(folder: Path, params: BaseModelParams, seed: int = 0) -> Path:
+    path = folder / "base.keras"
+    build_model(params, SIZE, seed).save(path)
+    return path
+
+
+def train(data, base: Path, params: TrainParams, seed: int = 0, sink=None):
+    from chestct.stages.train import run_train
+
+    root, train_split, valid_split = data
+    return run_train(base, train_split, valid_split, params, seed, root, on_epoch=sink)
+
+
+def zoomed(img: np.ndarray, keep: float = 0.6) -> np.ndarray:
+    """A scanner zoomed in: the central `keep` of the field of view at the same pixel size."""
+    n = img.shape[0]
+    k = int(n * keep)
+    o = (n - k) // 2
+    return cv2.resize(img[o : o + k, o : o + k], (n, n), interpolation=cv2.INTER_LINEAR)
+
+
+def _zoom_out(path: Path, scale: float) -> None:
+    """Redraw a slice at `scale` of its frame, centred, with a black margin."""
+    img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    height, width = img.shape[:2]
+    small = cv2.resize(img, (round(width * scale), round(height * scale)), cv2.INTER_AREA)
+    out = np.zeros_like(img)
+    if out.ndim == 3 and out.shape[2] == 4:
+        out[:, :, 3] = 255
+    top, left = (height - small.shape[0]) // 2, (width - small.shape[1]) // 2
+    out[top : top + small.shape[0], left : left + small.shape[1]] = small
+    cv2.imwrite(str(path), out)
+
+
+IMAGE_SIZE = 32
+
+
+TINY_MODEL = BaseModelParams(filters=[4, 8])
+
+
+def ingest_folder(
+    root: Path, source: str = "kaggle", **params: Any
+) -> tuple[pd.DataFrame, IngestSummary]:
+    """run_ingest on root/<source> into root/artifacts/ingest."""
+    return run_ingest(
+        BaseParams(seed=3, image_size=IMAGE_SIZE),
+        IngestParams(source=source, **params),
+        root / "artifacts" / "ingest",
+        root,
+    )
+
+
+def tiny_split(root: Path, split: str, per_class: int, seed: int) -> pd.DataFrame:
+    """A DATASET_COLUMNS frame of 32x32 grey PNGs whose brightness depends on the class."""
+    rows = []
+    for c, label in enumerate(CLASSES):
+        for i in range(per_class):
+            rel = f"data/{split}/{label}/{i}.png"
+            img = np.random.default_rng(seed + 100 * c + i).integers(0, 60, (32, 32))
+            img = (img + 60 * c).astype(np.uint8)
+            path = root / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            ok, buf = cv2.imencode(".png", img)
+            assert ok
+            path.write_bytes(buf.tobytes())
+            rows.append(
+                {
+                    "path": rel,
+                    "label": label,
+                    "sha256": sha256_file(path),
+                    "source_path": rel,
+                    "original": rel,
+                }
+            )
+    return pd.DataFrame(rows, columns=list(DATASET_COLUMNS))
+
+
+NORMALISED = Normalise(crop="body", intensity="percentile")
+
+
+def textured(seed: int = 0) -> np.ndarray:
+    """`chest()` with vessels and noise in the lungs, so that resizing errors show."""
+    grey = chest().astype(np.float32)
+    rng = np.random.default_rng(seed)
+    grey += cv2.GaussianBlur(rng.normal(0, 12, grey.shape).astype(np.float32), (3, 3), 0)
+    grey[grey < 12] = 0  # the surround stays black
+    return np.clip(grey, 0, 255).astype(np.uint8)
+
+
+def zoomed_out(grey: np.ndarray, share: float, left: float = 0.5, top: float = 0.5) -> np.ndarray:
+    """The same slice shrunk to `share` of the frame inside a black margin (a wider field)."""
+    height, width = grey.shape
+    small = cv2.resize(grey, (round(width * share), round(height * share)), cv2.INTER_AREA)
+    out = np.zeros_like(grey)
+    y = round((height - small.shape[0]) * top)
+    x = round((width - small.shape[1]) * left)
+    out[y : y + small.shape[0], x : x + small.shape[1]] = small
+    return out
+
+
+SHIFT = {
+    "zoom_out": 0.4,
+    "aspect": 0.3,
+    "translation": 0.2,
+    "gamma": 0.5,
+    "window": 0.2,
+    "blur": 1.5,
+    "noise": 8.0,
+}

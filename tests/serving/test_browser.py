@@ -1,0 +1,175 @@
+"""The upload page in headless Chromium (Debian's /usr/bin/chromium driven by Playwright).
+
+.ci/run installs Chromium with apt-get so that this runs in CI; Playwright's own browser
+download is not used.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from chestct.labels import CLASSES
+from chestct.serving import create_app
+from model_folder import ct_slice, encode, slice_png
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+if not CHROMIUM.exists() and os.environ.get("CHESTCT_REQUIRE_BROWSER"):
+    # CI sets CHESTCT_REQUIRE_BROWSER after installing Chromium: a silent skip would hide a
+    # broken install.
+    raise RuntimeError("CHESTCT_REQUIRE_BROWSER is set but /usr/bin/chromium is absent")
+
+pytestmark = pytest.mark.skipif(
+    not CHROMIUM.exists(),
+    reason="/usr/bin/chromium is absent: install it with `apt-get install chromium` "
+    "(.ci/run does)",
+)
+
+
+@pytest.fixture
+def base_url(model_dir: Path):
+    from werkzeug.serving import make_server
+
+    app = create_app({"MODEL_DIR": str(model_dir)})
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        thread.join(timeout=10)
+
+
+@pytest.fixture
+def page():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(
+            executable_path=str(CHROMIUM), headless=True, args=["--no-sandbox"]
+        )
+        try:
+            yield browser.new_page()
+        finally:
+            browser.close()
+
+
+def test_upload_page_shows_label_bars_and_heatmap(base_url: str, page, tmp_path: Path) -> None:
+    external: list[str] = []
+    page.on(
+        "request",
+        lambda req: external.append(req.url) if not req.url.startswith(base_url) else None,
+    )
+    page.goto(base_url + "/")
+    image = tmp_path / "slice.png"
+    image.write_bytes(slice_png(2, size=160))
+    page.set_input_files("#file", str(image))
+    page.click("#submit")
+    page.wait_for_selector(".row[data-done]", timeout=30_000)
+    row = page.query_selector(".row")
+    assert row.get_attribute("data-done") == "ok"
+    assert row.get_attribute("data-file") == "slice.png"
+    assert row.get_attribute("data-label") in CLASSES
+    assert row.query_selector(".label").inner_text().strip()
+    bars = row.query_selector_all(".bar")
+    assert [b.get_attribute("data-class") for b in bars] == sorted(CLASSES)
+    heatmap = row.query_selector("img.heatmap")
+    assert heatmap.evaluate("img => img.naturalWidth") == 160
+    assert heatmap.get_attribute("src").startswith("data:image/png;base64,")
+    assert "Model chestct version 1 (litert)" in page.inner_text("#model")
+    assert external == [], external  # no CDN, nothing outside the service
+
+
+def test_upload_page_shows_the_problem_for_a_blank_image(
+    base_url: str, page, tmp_path: Path
+) -> None:
+    page.goto(base_url + "/")
+    blank = tmp_path / "blank.png"
+    blank.write_bytes(encode(np.zeros((128, 128), np.uint8)))
+    page.set_input_files("#file", str(blank))
+    page.click("#submit")
+    page.wait_for_selector(".row[data-done]")
+    row = page.query_selector(".row")
+    assert row.get_attribute("data-done") == "error"
+    assert row.query_selector(".error").inner_text().startswith("Not a chest CT slice")
+    assert row.query_selector("img.heatmap") is None
+
+
+@pytest.fixture
+def monitored_url(monitored_model: Path):
+    from werkzeug.serving import make_server
+
+    app = create_app({"MODEL_DIR": str(monitored_model)})
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        thread.join(timeout=10)
+
+
+DROP = """async (files) => {
+  const transfer = new DataTransfer();
+  for (const [name, b64] of files) {
+    const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+    transfer.items.add(new File([bytes], name, { type: "image/png" }));
+  }
+  const zone = document.getElementById("drop");
+  zone.dispatchEvent(new DragEvent("dragover", { dataTransfer: transfer, bubbles: true }));
+  zone.dispatchEvent(new DragEvent("drop", { dataTransfer: transfer, bubbles: true }));
+}"""
+
+
+def test_dropped_slices_get_one_row_each_with_warnings_in_words(
+    monitored_url: str,
+    monitored_model: Path,
+    page,
+) -> None:
+    import base64
+
+    from helpers import zoomed
+
+    page.goto(monitored_url + "/")
+    page.wait_for_function("() => document.getElementById('model').dataset.version")
+    model_line = page.inner_text("#model")
+    # Version and the card's test figures.
+    assert "version 1" in model_line
+    assert "accuracy 0.600" in model_line and "macro-F1 0.580" in model_line
+    files = [
+        ("a.png", ct_slice(11, "normal", size=96)),
+        ("zoomed.png", zoomed(ct_slice(12, "normal", size=96), 0.45)),
+        ("blank.png", np.zeros((96, 96), np.uint8)),
+    ]
+    payload = [(name, base64.b64encode(encode(img)).decode("ascii")) for name, img in files]
+    page.evaluate(DROP, payload)
+    page.wait_for_function(
+        "() => document.querySelectorAll('.row[data-done]').length === 3", timeout=30_000
+    )
+    rows = page.query_selector_all(".row")
+    assert [r.get_attribute("data-file") for r in rows] == ["a.png", "zoomed.png", "blank.png"]
+    assert [r.get_attribute("data-done") for r in rows] == ["ok", "ok", "error"]
+    ood = rows[1].query_selector(".warn.ood")  # a strong zoom is far from the training set
+    assert ood is not None and ood.inner_text().startswith("Unlike the training data")
+    assert all(len(r.query_selector_all(".bar")) == len(CLASSES) for r in rows[:2])
+    assert rows[2].query_selector(".error").inner_text().startswith("Not a chest CT slice")
+    # The warnings, in words, exactly where the API raises the flags.
+    client = create_app({"MODEL_DIR": str(monitored_model)}).test_client()
+    abstained = 0
+    for row, (_, img) in zip(rows[:2], files[:2], strict=True):
+        answer = client.post("/predict", data=encode(img), content_type="image/png").get_json()
+        warn = row.query_selector(".warn.abstain")
+        assert (warn is not None) == bool(answer["uncertainty"]["abstain"])
+        if warn is not None:
+            assert warn.inner_text().startswith("Uncertain:")
+            abstained += 1
+        flagged = row.query_selector(".warn.ood") is not None
+        assert flagged == bool(answer["ood"]["out_of_distribution"])
+    assert abstained >= 1  # the trained test model abstains on most slices (threshold 0.97)

@@ -1,0 +1,87 @@
+"""Serving prepares an upload as the resize stage does (body crop, normalisation) and puts
+the explanation heatmap back over the body in the upload's coordinates."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+
+from chestct import imaging
+from chestct.imaging import Normalise, prepare
+from chestct.settings import ResizeParams
+from helpers import NORMALISED, textured, zoomed_out
+from model_folder import SIZE
+
+
+def normalised_model(source: Path, folder: Path, spec: Normalise, mode: str = "stretch") -> Path:
+    """A copy of a served model folder whose card asks for `spec`."""
+    shutil.copytree(source, folder)
+    card_path = folder / "model.json"
+    card = json.loads(card_path.read_text(encoding="utf-8"))
+    card["preprocessing"].update(spec.card(), resize=mode)
+    card_path.write_text(json.dumps(card), encoding="utf-8")
+    return folder
+
+
+def test_serving_prepares_like_the_resize_stage(
+    tmp_path: Path,
+    model_dir: Path,
+) -> None:
+    from chestct.serving.predictor import load_folder
+    from chestct.stages.resize import normalise_of, run_resize
+
+    params = ResizeParams(mode="pad", crop="body", intensity="percentile", workers=1)
+    ok, buf = cv2.imencode(".png", zoomed_out(textured(3), 0.7, 0.2, 0.6))
+    assert ok
+    data = buf.tobytes()
+    (tmp_path / "slice.png").write_bytes(data)
+    manifest = pd.DataFrame(
+        [{"path": "slice.png", "label": "normal", "sha256": "a" * 64, "source_path": "s"}]
+    )
+    index, _ = run_resize({"train": manifest}, params, SIZE, tmp_path / "out", tmp_path)
+    made = cv2.imread(str(tmp_path / index["resized"][0]), cv2.IMREAD_GRAYSCALE)
+
+    model = load_folder(
+        normalised_model(model_dir, tmp_path / "model", normalise_of(params), mode="pad")
+    )
+    served = model.prepare(imaging.decode(data))
+    np.testing.assert_array_equal(served, made)
+    assert not np.array_equal(served, prepare(data, SIZE, mode="pad"))  # the crop did work
+
+
+def test_explain_heatmap_lies_over_the_body_in_the_upload(
+    tmp_path: Path,
+    model_dir: Path,
+) -> None:
+    from chestct.serving import create_app
+
+    folder = normalised_model(model_dir, tmp_path / "model", NORMALISED)
+    client = create_app({"MODEL_DIR": str(folder)}).test_client()
+    # The body in the lower left of a wide black frame.
+    upload = zoomed_out(textured(1), 0.6, 0.05, 0.9)
+    # Faint detector noise over the black surround, as on a real slice.
+    noise = np.random.default_rng(0).integers(0, 6, upload.shape)
+    upload = np.clip(upload.astype(int) + noise, 0, 255).astype(np.uint8)
+    box = imaging.body_box(upload, NORMALISED.crop_margin)
+    ok, buf = cv2.imencode(".png", upload)
+    assert ok
+    resp = client.post(
+        "/explain",
+        data={"file": (__import__("io").BytesIO(buf.tobytes()), "s.png")},
+        content_type="multipart/form-data",
+    )
+    assert resp.status_code == 200, resp.get_json()
+    overlay = cv2.imdecode(np.frombuffer(resp.data, np.uint8), cv2.IMREAD_COLOR).astype(int)
+    assert overlay.shape[:2] == upload.shape  # the upload's own frame, not the model input
+    coloured = (np.abs(overlay[:, :, 0] - overlay[:, :, 2]) > 8) | (
+        np.abs(overlay[:, :, 1] - overlay[:, :, 2]) > 8
+    )
+    ys, xs = np.nonzero(coloured)
+    assert len(xs) > 0
+    assert xs.min() >= box.x and xs.max() < box.x + box.w
+    assert ys.min() >= box.y and ys.max() < box.y + box.h

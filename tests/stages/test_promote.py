@@ -1,0 +1,440 @@
+"""promote (run_promote, decide, install_model, read_card): the champion is replaced only by a
+better candidate, with the light artifact, CAM head, OOD statistics and a card that serving can
+rely on (MLflow replaced by a recorder)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+
+from chestct.fsutil import sha256_file
+from chestct.labels import CLASSES
+from chestct.manifest import DATASET_COLUMNS
+from chestct.runner import StageFailed
+from chestct.settings import (
+    BaseModelParams,
+    PromoteParams,
+)
+from chestct.stages.promote import decide, install_model, read_card
+from helpers import (
+    IMAGE_SIZE,
+    tiny_split,
+)
+
+SIZE = 32
+
+
+PREPROCESSING = {"resize": "stretch", "interpolation": "area"}
+
+
+class Registry:
+    """Stands in for MLflow: numbers versions and remembers aliases."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Path, str]] = []
+
+    def __call__(self, path: Path, alias: str) -> dict[str, Any]:
+        self.calls.append((path, alias))
+        return {"name": "chestct", "version": str(len(self.calls)), "alias": alias}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Two untrained models, a test split and evaluate-like outputs."""
+    from chestct.modeling import build_model
+
+    root = tmp_path_factory.mktemp("promote")
+    rows = []
+    for c, label in enumerate(CLASSES):
+        for i in range(2):
+            rel = f"test/{label}/{i}.png"
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            img = np.random.default_rng(10 * c + i).integers(0, 255, (SIZE, SIZE))
+            assert cv2.imwrite(str(root / rel), img.astype(np.uint8))
+            rows.append(
+                {"path": rel, "label": label, "sha256": rel, "source_path": rel, "original": ""}
+            )
+    test = pd.DataFrame(rows, columns=list(DATASET_COLUMNS))
+    models = {}
+    for seed in (0, 1):
+        models[seed] = root / f"model{seed}.keras"
+        build_model(BaseModelParams(filters=[4, 8]), SIZE, seed=seed).save(models[seed])
+    ood = root / "ood.npz"
+    np.savez(ood, mean=np.zeros(8), precision=np.eye(8))
+    return {"root": root, "test": test, "models": models, "ood": ood}
+
+
+def candidate(world: dict[str, Any], seed: int, macro_f1: float, digest: str = "d1"):
+    from chestct.stages.promote import Candidate
+
+    return Candidate(
+        model_path=world["models"][seed],
+        metrics={"macro_f1": macro_f1, "accuracy": macro_f1},
+        calibration={
+            "temperature": 1.5,
+            "temperature_reason": "fitted",
+            "abstain_entropy": 0.8,
+            "abstain_rule": "rule",
+            "ood_threshold": 12.5,
+            "ood_rule": "rule",
+        },
+        ood_path=world["ood"],
+        data_digest=digest,
+    )
+
+
+def promote(world: dict[str, Any], cand, model_dir: Path, registry: Registry, **params):
+    from chestct.stages.promote import run_promote
+
+    return run_promote(
+        cand,
+        world["test"],
+        PromoteParams(**{"minimum": 0.5, "metric": "macro_f1", **params}),
+        model_dir=model_dir,
+        root=world["root"],
+        batch_size=4,
+        image_size=SIZE,
+        preprocessing=PREPROCESSING,
+        work_dir=model_dir.parent / "work",
+        register=registry,
+        run_ids={"train": "t" * 32},
+    )
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def champion(world, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any, Registry]:
+    """model/ after promoting the first candidate (macro-F1 0.8)."""
+    model_dir = tmp_path_factory.mktemp("champion") / "model"
+    registry = Registry()
+    result = promote(world, candidate(world, 0, 0.8), model_dir, registry)
+    return model_dir, result, registry
+
+
+def test_first_candidate_is_promoted_with_the_serving_contract(champion, world) -> None:
+    from chestct.export import PARITY_TOLERANCE, LightModel
+    from chestct.gradcam import CamHead
+
+    model_dir, result, registry = champion
+    assert result.decision.promote
+    assert registry.calls == [(world["models"][0], "champion")]
+    assert sorted(p.name for p in model_dir.iterdir()) == [
+        "cam_head.npz",
+        "model.json",
+        "model.keras",
+        "model.tflite",
+        "ood.npz",
+        "promotion.json",
+    ]
+    card = json.loads((model_dir / "model.json").read_text(encoding="utf-8"))
+    assert card == result.card
+    assert card["classes"] == list(CLASSES)
+    assert card["image_size"] == SIZE and card["preprocessing"] == PREPROCESSING
+    assert card["temperature"] == 1.5
+    assert card["thresholds"]["abstain_entropy"] == 0.8
+    assert card["ood"] == {
+        "method": "mahalanobis_gap",
+        "file": "ood.npz",
+        "threshold": 12.5,
+        "rule": "rule",
+        "sha256": sha256_file(model_dir / "ood.npz"),
+    }
+    for key in ("inference", "cam"):  # every file the card names carries its digest
+        assert card[key]["sha256"] == sha256_file(model_dir / card[key]["file"])
+    assert card["cam"]["file"] == "cam_head.npz"
+    inference = card["inference"]
+    assert inference["file"] == "model.tflite" and inference["runtime"] == "litert"
+    assert set(inference["outputs"]) >= {"probabilities", "features"}
+    assert 0 <= inference["parity_max_abs_diff"] <= PARITY_TOLERANCE
+    assert inference["parity_images"] == len(world["test"])
+    assert card["metrics"]["macro_f1"] == 0.8 and card["data_digest"] == "d1"
+    # What is run-specific is beside the card, not in it (DVC hashes model.json).
+    assert not {"version", "mlflow_run_ids", "git_sha", "promoted_at", "registered"} & set(card)
+    promotion = json.loads((model_dir / "promotion.json").read_text(encoding="utf-8"))
+    assert promotion == result.promotion
+    assert promotion["version"] == "1" and promotion["mlflow_run_ids"] == {"train": "t" * 32}
+    assert promotion["registered"]["alias"] == "champion" and promotion["promoted_at"]
+
+    light = LightModel.load(model_dir / "model.tflite")
+    out = light.run(np.zeros((1, SIZE, SIZE, 1), np.float32))
+    heat = CamHead.load(model_dir / "cam_head.npz").cam(out["features"][0], 0)
+    assert heat.shape == out["features"].shape[1:3]
+
+
+def test_the_monitoring_reference_is_copied_and_recorded_in_the_card(
+    world, tmp_path: Path
+) -> None:
+    from dataclasses import replace
+
+    from chestct.fsutil import sha256_file
+
+    reference = tmp_path / "reference.json"
+    reference.write_text(json.dumps({"profile_version": 1, "n": 3}), encoding="utf-8")
+    cand = replace(candidate(world, 0, 0.8), reference_path=reference)
+    model_dir = tmp_path / "model"
+    result = promote(world, cand, model_dir, Registry())
+    assert result.decision.promote
+    assert (model_dir / "reference.json").read_bytes() == reference.read_bytes()
+    entry = result.card["monitoring"]
+    assert entry["file"] == "reference.json"
+    assert entry["sha256"] == sha256_file(model_dir / "reference.json")
+
+
+@pytest.mark.parametrize(("score", "margin"), [(0.79, 0.0), (0.6, 0.0), (0.82, 0.05)])
+def test_a_worse_candidate_never_replaces_the_champion(
+    champion, world, tmp_path: Path, score: float, margin: float
+) -> None:
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(champion[0], model_dir)
+    before = snapshot(model_dir)
+    registry = Registry()
+
+    result = promote(world, candidate(world, 1, score), model_dir, registry, margin=margin)
+
+    assert not result.decision.promote
+    assert result.card is None
+    assert "rejected" in result.decision.reason
+    assert registry.calls == [(world["models"][1], "challenger")]
+    assert snapshot(model_dir) == before  # byte for byte
+    assert not (model_dir.parent / "work" / "model.tflite").exists()  # nothing exported
+
+
+def test_a_better_candidate_replaces_the_champion(champion, world, tmp_path: Path) -> None:
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(champion[0], model_dir)
+    result = promote(world, candidate(world, 1, 0.9), model_dir, Registry())
+    assert result.decision.promote
+    assert (model_dir / "model.keras").read_bytes() == world["models"][1].read_bytes()
+    card = json.loads((model_dir / "model.json").read_text(encoding="utf-8"))
+    assert card["metrics"]["macro_f1"] == 0.9
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".model")]
+    assert leftovers == []
+
+
+def test_champion_is_rescored_when_the_test_data_changed(champion, world, tmp_path) -> None:
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(champion[0], model_dir)
+    before = snapshot(model_dir)
+    # The card says 0.8, but on the new test data the untrained champion scores far lower;
+    # a candidate at 0.7 must be judged against the re-scored figure, not the card's.
+    result = promote(world, candidate(world, 1, 0.7, digest="d2"), model_dir, Registry())
+    decision = result.decision
+    assert decision.champion_rescored
+    assert decision.champion is not None and decision.champion < 0.7
+    assert decision.promote
+    assert snapshot(model_dir) != before
+
+
+def test_same_test_data_uses_the_champions_card(champion, world, tmp_path: Path) -> None:
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(champion[0], model_dir)
+    result = promote(world, candidate(world, 1, 0.7, digest="d1"), model_dir, Registry())
+    assert not result.decision.champion_rescored
+    assert result.decision.champion == 0.8
+
+
+def test_a_tie_keeps_the_champion_and_registers_nothing(champion, world, tmp_path: Path) -> None:
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(champion[0], model_dir)
+    before = snapshot(model_dir)
+    registry = Registry()
+
+    # The champion's own model and score again: what rerunning an unchanged baseline does.
+    result = promote(world, candidate(world, 0, 0.8), model_dir, registry)
+
+    assert not result.decision.promote
+    assert result.decision.rule == "tie with the champion"
+    assert result.decision.reason.startswith("kept the champion (tie with the champion)")
+    assert result.registered == {} and registry.calls == []
+    assert snapshot(model_dir) == before
+
+
+def test_parity_failure_rejects_and_leaves_the_champion(
+    champion, world, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+
+    from chestct.stages import promote as promote_module
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(champion[0], model_dir)
+    before = snapshot(model_dir)
+    monkeypatch.setattr(promote_module, "parity", lambda a, b: 0.25)
+    registry = Registry()
+    result = promote(world, candidate(world, 1, 0.95), model_dir, registry)
+    assert not result.decision.promote
+    assert "parity failed" in result.decision.reason and "0.25" in result.decision.reason
+    assert result.decision.rule == "light model export failed"
+    assert result.decision.reason.startswith(
+        "rejected (light model export failed): candidate macro_f1 0.9500 > champion 0.8000"
+    )
+    assert registry.calls[-1][1] == "challenger"
+    assert snapshot(model_dir) == before
+
+
+def test_a_first_candidate_below_the_minimum_leaves_an_empty_model_folder(world, tmp_path) -> None:
+    model_dir = tmp_path / "model"
+    registry = Registry()
+    result = promote(world, candidate(world, 0, 0.3), model_dir, registry)
+    assert not result.decision.promote
+    assert model_dir.is_dir() and list(model_dir.iterdir()) == []
+    assert registry.calls[0][1] == "challenger"
+
+
+def test_an_unknown_metric_is_a_clear_error(world, tmp_path: Path) -> None:
+
+    with pytest.raises(StageFailed, match=r"promote\.metric 'roc_auc' is not among"):
+        promote(world, candidate(world, 0, 0.9), tmp_path / "model", Registry(), metric="roc_auc")
+
+
+@pytest.mark.parametrize(("score", "promoted"), [(0.49, False), (0.5, True), (0.9, True)])
+def test_decide_first_model_needs_the_minimum(score: float, promoted: bool) -> None:
+    decision = decide(PromoteParams(metric="macro_f1", minimum=0.5), {"macro_f1": score}, None)
+    assert decision.promote is promoted
+    assert decision.champion is None
+    assert decision.candidate == score
+    if promoted:
+        assert decision.rule == "first model"
+        assert decision.reason.startswith("promoted (first model): no champion")
+    else:
+        assert decision.rule == "below promote.minimum"
+        assert decision.reason == (
+            "rejected (below promote.minimum): candidate macro_f1 0.4900 < promote.minimum 0.5"
+            " (no champion)"
+        )
+
+
+@pytest.mark.parametrize(
+    ("candidate", "champion", "margin", "promoted", "rule"),
+    [
+        (0.60, 0.70, 0.0, False, "not better than champion + margin"),
+        (0.80, 0.70, 0.0, True, "better than champion + margin"),
+        (0.70, 0.70, 0.0, False, "tie with the champion"),
+        (0.70, 0.70, -0.05, False, "tie with the champion"),  # a tie whatever the margin
+        (0.74, 0.70, 0.05, False, "not better than champion + margin"),
+        (0.76, 0.70, 0.05, True, "better than champion + margin"),
+        (0.40, 0.20, 0.0, False, "below promote.minimum"),  # better, yet below the minimum
+    ],
+)
+def test_decide_against_a_champion(
+    candidate: float, champion: float, margin: float, promoted: bool, rule: str
+) -> None:
+    params = PromoteParams(metric="macro_f1", minimum=0.5, margin=margin)
+    decision = decide(params, {"macro_f1": candidate}, {"macro_f1": champion}, True)
+    assert decision.promote is promoted
+    assert (decision.candidate, decision.champion) == (candidate, champion)
+    assert decision.champion_rescored is True
+    assert decision.rule == rule
+    verdict = "promoted" if promoted else "kept the champion" if "tie" in rule else "rejected"
+    assert decision.reason.startswith(f"{verdict} ({rule}): candidate macro_f1 {candidate:.4f}")
+
+
+def test_decide_reason_names_the_minimum_not_the_champion() -> None:
+    # The issue's example: 0.375 beats a 0.1667 champion but is below promote.minimum.
+    params = PromoteParams(metric="macro_f1", minimum=0.5)
+    decision = decide(params, {"macro_f1": 0.375}, {"macro_f1": 0.1667})
+    assert not decision.promote
+    assert decision.reason == (
+        "rejected (below promote.minimum): candidate macro_f1 0.3750 < promote.minimum 0.5"
+        " (champion 0.1667)"
+    )
+
+
+def test_decide_uses_the_configured_metric() -> None:
+    params = PromoteParams(metric="accuracy", minimum=0.0)
+    candidate = {"accuracy": 0.9, "macro_f1": 0.1}
+    decision = decide(params, candidate, {"accuracy": 0.8, "macro_f1": 0.9})
+    assert decision.promote
+    assert decision.metric == "accuracy"
+
+
+def test_rescore_champion_after_image_size_changed(tmp_path: Path, base_model: Path) -> None:
+    from chestct.stages.promote import rescore_champion
+
+    model_dir = tmp_path / "model"
+    install_model(base_model, {"image_size": IMAGE_SIZE, "model_file": "model.keras"}, model_dir)
+    test = tiny_split(tmp_path, "test", 1, 0)  # 32x32 images ...
+    for path in test["path"]:  # ... now made at a new base.image_size of 16
+        grey = cv2.imread(str(tmp_path / path), cv2.IMREAD_GRAYSCALE)
+        cv2.imwrite(str(tmp_path / path), cv2.resize(grey, (16, 16)))
+    metrics = rescore_champion(model_dir, read_card(model_dir), test, tmp_path, batch_size=4)
+    assert 0.0 <= metrics["macro_f1"] <= 1.0
+
+
+def staging_leftovers(model_dir: Path) -> list[str]:
+    return [p.name for p in model_dir.parent.iterdir() if p.name.startswith(f".{model_dir.name}")]
+
+
+def test_install_model_first_and_replacing(tmp_path: Path) -> None:
+    model_dir = tmp_path / "model"
+    first = tmp_path / "first.keras"
+    first.write_bytes(b"model one")
+    install_model(first, {"version": "1", "model_file": "model.keras"}, model_dir)
+    assert (model_dir / "model.keras").read_bytes() == b"model one"
+    assert read_card(model_dir) == {"version": "1", "model_file": "model.keras"}
+    assert staging_leftovers(model_dir) == []
+
+    (model_dir / "stale.txt").write_text("from the old champion", encoding="utf-8")
+    second = tmp_path / "second.keras"
+    second.write_bytes(b"model two")
+    install_model(second, {"version": "2", "model_file": "model.keras"}, model_dir)
+    assert sorted(p.name for p in model_dir.iterdir()) == ["model.json", "model.keras"]
+    assert (model_dir / "model.keras").read_bytes() == b"model two"
+    assert read_card(model_dir)["version"] == "2"
+    assert staging_leftovers(model_dir) == []
+
+
+def test_install_model_over_an_empty_model_folder(tmp_path: Path) -> None:
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()  # what a rejected first promote leaves
+    assert read_card(model_dir) is None
+    candidate = tmp_path / "c.keras"
+    candidate.write_bytes(b"m")
+    install_model(candidate, {"version": "1"}, model_dir)
+    assert read_card(model_dir) == {"version": "1"}
+    assert staging_leftovers(model_dir) == []
+
+
+def test_install_model_failure_leaves_the_champion(tmp_path: Path) -> None:
+    model_dir = tmp_path / "model"
+    first = tmp_path / "first.keras"
+    first.write_bytes(b"model one")
+    install_model(first, {"version": "1"}, model_dir)
+    with pytest.raises(FileNotFoundError):
+        install_model(tmp_path / "missing.keras", {"version": "2"}, model_dir)
+    assert (model_dir / "model.keras").read_bytes() == b"model one"
+    assert read_card(model_dir) == {"version": "1"}
+    assert staging_leftovers(model_dir) == []
+
+
+def test_read_card_treats_broken_cards_as_no_champion(tmp_path: Path) -> None:
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "model.json").write_text("{not json", encoding="utf-8")
+    (model_dir / "model.keras").write_bytes(b"m")
+    assert read_card(model_dir) is None
+    (model_dir / "model.json").write_text('{"model_file": "other.keras"}', encoding="utf-8")
+    assert read_card(model_dir) is None  # names a file that is not there
+
+
+@pytest.mark.parametrize("content", ["null", "[]", '"model"'])
+def test_read_card_treats_a_non_object_card_as_no_champion(tmp_path: Path, content: str) -> None:
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "model.json").write_text(content, encoding="utf-8")
+    (model_dir / "model.keras").write_bytes(b"m")
+    assert read_card(model_dir) is None

@@ -1,0 +1,53 @@
+"""The README documents what users touch."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import yaml
+
+from chestct.settings import Params
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _leaf_keys(cls: type, prefix: str = "") -> list[str]:
+    keys = []
+    for f in dataclasses.fields(cls):
+        name = f"{prefix}{f.name}"
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+        if dataclasses.is_dataclass(default):
+            keys += _leaf_keys(type(default), f"{name}.")
+        else:
+            keys.append(name)
+    return keys
+
+
+def test_every_params_key_is_documented_in_readme() -> None:
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    missing = [k for k in _leaf_keys(Params) if f"`{k}`" not in readme]
+    assert not missing, f"params keys missing from README: {missing}"
+
+
+def test_params_yaml_sets_every_key_the_code_knows() -> None:
+    data = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
+
+    def flat(d: dict, prefix: str = "") -> set[str]:
+        out = set()
+        for k, v in d.items():
+            if isinstance(v, dict) and v and k not in ("synthetic_per_class", "class_map"):
+                out |= flat(v, f"{prefix}{k}.")
+            else:
+                out.add(f"{prefix}{k}")
+        return out
+
+    assert flat(data) == set(_leaf_keys(Params))
+
+
+def test_readme_front_door_commands_come_first() -> None:
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    quick = readme.index("## Quick start")
+    assert readme.index("make run", quick) < readme.index("##", quick + 5)
+    assert readme.index("make test", quick) < readme.index("##", quick + 5)
+    assert "not a medical device" in readme.lower()

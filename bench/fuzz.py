@@ -11,12 +11,13 @@ application/problem+json. After the run the service must still answer a good /pr
     python bench/fuzz.py [--examples 1500] [--seed 0]
 
 Exits 1 when the property fails, printing the offending requests. The strategies are also
-used by tests/serving/test_fuzz.py through Flask's test client (100 examples), so CI exercises them.
+used by tests/serving/test_fuzz.py through Flask's test client (100 examples), so CI exercises
+them.
 
 `format_files()` draws structured files per format instead (PNG, JPEG, TIFF, BMP, DICOM with
-drawn attribute values and transfer syntaxes; see "structured files" below): tests/serving/test_fuzz.py
-sends them through the app with small decode limits (150 by default, 1500 in the slow tier) and
-bench/hostile.py measures each against gunicorn.
+drawn attribute values and transfer syntaxes; see "structured files" below):
+tests/serving/test_fuzz.py sends them through the app with small decode limits (150 by default,
+1500 in the slow tier) and bench/hostile.py measures each against gunicorn.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """A newcomer's first hour, in a temporary copy of the project: the README's commands for the
 Quick start, dry runs, a failed stage, an experiment and the way back, run as printed.
 
-Commands are taken from the README (tests/unit/test_readme_commands.py lists which test runs which).
+Commands are taken from the README (tests/unit/test_readme_commands.py lists which test
+runs which).
 Two things differ from a user's shell, both for the shared test machine: `make` gets
 `-o venv` (the copy's `.venv` is a link to this environment, which must not be reinstalled), and
 servers get a free port instead of 8000/5000. The tests run in file order on one copy.

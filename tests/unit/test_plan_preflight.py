@@ -1,5 +1,6 @@
 """`make plan` (chestct.plan) and `make run`/`make repro`'s check before DVC (chestct.preflight),
-and the one-line error a stage prints. The DVC side of both runs in tests/e2e/test_readme_path.py."""
+and the one-line error a stage prints. The DVC side of both runs in
+tests/e2e/test_readme_path.py."""
 
 from __future__ import annotations
 

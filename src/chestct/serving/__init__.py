@@ -36,6 +36,7 @@ from chestct.serving.predictor import (
     ModelRefused,
     Predictor,
     analyse,
+    analyse_outputs,
     class_activation,
     input_sha256,
     overlay_png,
@@ -49,6 +50,28 @@ PROBLEM = "application/problem+json"
 TOKEN_ENV = "CHESTCT_HISTORY_TOKEN"
 HISTORY_MAX = 1000
 MB = 1024 * 1024
+# A request whose body or declared decode cost reaches this hands freed memory back to the
+# kernel afterwards (imaging.release_memory): below it the freed buffers are reused by the next
+# request, and trimming them would cost each 512 x 512 slice about 0.5 ms of page faults.
+RELEASE_BYTES = 4 * MB
+
+
+class Stopwatch:
+    """Milliseconds per named step of one request, for its Server-Timing header (browsers show
+    it beside the request; bench/serve.py reads it for its breakdown)."""
+
+    def __init__(self) -> None:
+        self.steps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        """Charge the time since the previous lap (or the start) to `name`."""
+        now = time.perf_counter()
+        self.steps[name] = self.steps.get(name, 0.0) + (now - self._last) * 1000
+        self._last = now
+
+    def header(self) -> str:
+        return ", ".join(f"{name};dur={ms:.3f}" for name, ms in self.steps.items())
 
 
 class Problem(Exception):
@@ -207,11 +230,12 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     @app.before_request
     def start_timer() -> None:
         g.started = time.perf_counter()
+        g.watch = Stopwatch()
 
     @app.teardown_request
     def release(exc: BaseException | None) -> None:
-        if request.method == "POST":  # an upload was decoded: hand its freed pages back
-            imaging.release_memory()
+        if g.get("large_upload") or (request.content_length or 0) >= RELEASE_BYTES:
+            imaging.release_memory()  # a large upload's freed pages go back to the kernel
 
     @app.after_request
     def count(resp: Response) -> Response:
@@ -219,6 +243,8 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         metrics.requests.labels(endpoint, str(resp.status_code)).inc()
         elapsed = time.perf_counter() - g.get("started", time.perf_counter())
         metrics.latency.labels(endpoint).observe(elapsed)
+        if g.watch.steps:
+            resp.headers["Server-Timing"] = g.watch.header()
         resp.headers.setdefault("Cache-Control", "no-store")
         resp.headers.setdefault("X-Content-Type-Options", "nosniff")
         return resp
@@ -326,13 +352,23 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     def predict_one(model: Loaded, upload: Upload, endpoint: str) -> dict[str, Any]:
         """Checks, decoding and the prediction for one image; raises InputError."""
         started = time.perf_counter()
+        watch = g.watch
+        watch.lap("receive")
         fmt = inputs.check_format(upload.data)
-        inputs.check_header(upload.data, fmt, budget)
+        if inputs.check_header(upload.data, fmt, budget).nbytes >= RELEASE_BYTES:
+            g.large_upload = True
+        watch.lap("checks")
         decoded = inputs.decode(upload.data, model.window, budget)
+        watch.lap("decode")
         inputs.check_slice(decoded)
         sha = input_sha256(upload.data)
+        watch.lap("checks")
         prepared = model.prepare(decoded)
-        result = analyse(model, prepared, int(app.config["MC_DROPOUT_SAMPLES"]), seed_of(sha))
+        watch.lap("prepare")
+        outputs = model.run(prepared[None])
+        watch.lap("infer")
+        samples = int(app.config["MC_DROPOUT_SAMPLES"])
+        result = analyse_outputs(model, outputs, samples, seed_of(sha))
         best = int(result.probabilities.argmax())
         label = model.classes[best]
         body = {
@@ -386,6 +422,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
             },
             "time_ms": round((time.perf_counter() - started) * 1000, 2),
         }
+        watch.lap("analyse")
         metrics.predictions.labels(label).inc()
         if result.abstain:
             metrics.abstentions.inc()
@@ -408,6 +445,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
                 audit.record(endpoint, body, signals)
             except Exception:  # a full disk must not take predictions down; it is logged
                 log.exception("could not write the audit log %s", audit.path)
+        watch.lap("monitor")
         return body
 
     # ------------------------------------------------------------------ endpoints
@@ -514,7 +552,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         results: list[dict[str, Any]] = []
         for index, part in enumerate(parts):
             name = part.filename or f"file {index + 1}"
-            if index:
+            if g.pop("large_upload", False):
                 imaging.release_memory()  # the previous file's pages, before the next decode
             try:
                 result = predict_one(model, Upload(part.read(), name), "/predict/batch")
@@ -555,7 +593,8 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
             )
         started = time.perf_counter()
         fmt = inputs.check_format(upload.data)
-        inputs.check_header(upload.data, fmt, budget)
+        if inputs.check_header(upload.data, fmt, budget).nbytes >= RELEASE_BYTES:
+            g.large_upload = True
         decoded = inputs.decode(upload.data, model.window, budget)
         inputs.check_slice(decoded)
         prepared = model.prepare_with_box(decoded)

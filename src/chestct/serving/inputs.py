@@ -79,10 +79,13 @@ def limits(max_pixels: int, max_bytes: int) -> imaging.DecodeLimits:
     return imaging.DecodeLimits(max_pixels=max_pixels, max_bytes=max_bytes)
 
 
-def check_header(data: bytes, fmt: str, budget: imaging.DecodeLimits) -> None:
+def check_header(data: bytes, fmt: str, budget: imaging.DecodeLimits) -> imaging.Header:
     """Read the header strictly and refuse a decompression bomb, before decoding.
 
     A DICOM header is the dataset without its pixels, read within the same limits.
+
+    Returns:
+        What the header declares (its `nbytes` is what decoding will cost).
 
     Raises:
         InputError: 413 when the declared size or decoded bytes exceed `budget`, 400 when
@@ -94,6 +97,7 @@ def check_header(data: bytes, fmt: str, budget: imaging.DecodeLimits) -> None:
         else:
             header = imaging.read_header(data, fmt)
         imaging.check_budget(header, budget)
+        return header
     except imaging.ImageTooLarge as exc:
         raise InputError(413, "Image too large", str(exc)) from None
     except imaging.ImageError as exc:

@@ -176,12 +176,19 @@ class LiveWindow:
 
     def add(self, bins: list[tuple[str, str]]) -> None:
         with self._lock:
-            for key in bins:
-                self._child(key).inc()
             self._recent.append(bins)
-            while len(self._recent) > self.size:
-                for key in self._recent.popleft():
-                    self._child(key).dec()
+            if len(self._recent) <= self.size:
+                for key in bins:
+                    self._child(key).inc()
+                return
+            # A full window: one prediction in, the oldest out. Only bins whose count changes
+            # are written (each write is a shared-file update in multiprocess mode).
+            delta = dict.fromkeys(bins, 1)
+            for key in self._recent.popleft():
+                delta[key] = delta.get(key, 0) - 1
+            for key, change in delta.items():
+                if change:
+                    self._child(key).inc(change)
 
     def clear(self) -> None:
         with self._lock:

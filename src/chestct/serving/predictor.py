@@ -145,9 +145,15 @@ class Analysis:
 
 def analyse(model: Loaded, image: np.ndarray, mc_samples: int, seed: int) -> Analysis:
     """Calibrated prediction, uncertainty and OOD score for one prepared image (s, s)."""
-    out = model.run(image[None])
+    return analyse_outputs(model, model.run(image[None]), mc_samples, seed)
+
+
+def analyse_outputs(model: Loaded, out: Outputs, mc_samples: int, seed: int) -> Analysis:
+    """`analyse` from the model's outputs for one image (a batch of one)."""
     features = out.features[0]
-    gap = features.mean(axis=(0, 1), dtype=np.float64)  # accumulate in float64, no copy
+    h, w, c = features.shape
+    # Pooled in float64 through one reduction (np.mean would add several Python-level steps).
+    gap = np.add.reduce(features.reshape(h * w, c), axis=0, dtype=np.float64) / (h * w)
     if model.head is not None:
         logits = gap @ model.head.kernel + model.head.bias
     elif out.logits is not None:
@@ -162,8 +168,9 @@ def analyse(model: Loaded, image: np.ndarray, mc_samples: int, seed: int) -> Ana
         rng = np.random.default_rng(seed)
         keep = 1.0 - model.dropout_rate
         masks = rng.random((mc_samples, gap.size)) < keep
+        # Dropout on the pooled features, then the head: (masks * gap / keep) @ kernel.
         sampled = softmax(
-            (gap * masks / keep) @ model.head.kernel + model.head.bias, model.temperature
+            masks @ (gap[:, None] * model.head.kernel) / keep + model.head.bias, model.temperature
         )
         mc_mean = sampled.mean(axis=0)
         mc_std = sampled.std(axis=0)

@@ -6,15 +6,19 @@ promotion.json with the registry version, MLflow run ids and time (.dvcignore ke
 DVC). A folder pulled from a DVC remote has no promotion.json, and one whose promotion.json
 belongs to another model (its `model_sha256` differs, e.g. after `dvc checkout`) is read without
 it; the version is then the model's content digest, so that every replica and report names it
-alike.
+alike. `ModelCard` is the card as one typed record: promote checks what it writes through it
+and the inference core (chestct.inference) reads folders with it.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+CARD_NAME = "model.json"
 PROMOTION_NAME = "promotion.json"
 
 
@@ -28,12 +32,7 @@ def with_promotion(folder: Path, card: dict[str, Any]) -> tuple[dict[str, Any], 
         raw = (folder / PROMOTION_NAME).read_bytes()
     except FileNotFoundError:
         return card, b""
-    try:
-        promotion = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{PROMOTION_NAME} is not valid JSON ({exc})") from None
-    if not isinstance(promotion, dict):
-        raise ValueError(f"{PROMOTION_NAME} is not a JSON object")
+    promotion = _json_object(raw, PROMOTION_NAME)
     if promotion.get("model_sha256") not in (None, card.get("model_sha256")):
         # A record left from another model (model/ was restored by `dvc checkout` or pulled
         # over): its version and runs describe that model, not this one.
@@ -41,8 +40,163 @@ def with_promotion(folder: Path, card: dict[str, Any]) -> tuple[dict[str, Any], 
     return {**promotion, **card}, raw
 
 
+def read_card(folder: Path) -> tuple[ModelCard, bytes]:
+    """A model folder's card with promotion.json's keys added, and the bytes both came from
+    (their digest tells one installed card from another).
+
+    Raises:
+        FileNotFoundError: the folder has no model.json.
+        ValueError: model.json or promotion.json is not a JSON object, or the card is not a
+            valid ModelCard (the message names the file or the key).
+    """
+    card_bytes = (folder / CARD_NAME).read_bytes()
+    merged, promotion_bytes = with_promotion(folder, _json_object(card_bytes, CARD_NAME))
+    return ModelCard.from_dict(merged), card_bytes + promotion_bytes
+
+
+def _json_object(data: bytes, name: str) -> dict[str, Any]:
+    try:
+        value = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{name} is not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{name} is not a JSON object")
+    return value
+
+
 def card_version(card: dict[str, Any]) -> str:
     """The registry version, else `sha256-` and the first 12 digits of the model's digest."""
     if card.get("version") is not None:
         return str(card["version"])
     return f"sha256-{str(card.get('model_sha256') or 'unknown')[:12]}"
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """An entry of the card that names a file in the model folder (inference, cam, ood,
+    monitoring): the file's name, its sha256 (None when the card does not pin it) and the
+    entry's other keys (method, threshold, outputs, ...)."""
+
+    file: Any  # checked as a plain file name when the folder is loaded
+    sha256: str | None
+    info: Mapping[str, Any]
+
+    @classmethod
+    def read(cls, card: Mapping[str, Any], key: str) -> FileEntry | None:
+        entry = card.get(key)
+        if entry is None:
+            return None
+        if not isinstance(entry, Mapping):
+            raise ValueError(f"card key {key} must be an object, got {entry!r}")
+        digest = entry.get("sha256")
+        if digest is not None and not isinstance(digest, str):
+            raise ValueError(f"card key {key}.sha256 must be a hex string, got {digest!r}")
+        return cls(entry.get("file"), digest or None, entry)
+
+    def number(self, key: str, where: str) -> float | None:
+        """A numeric key of the entry (None when absent)."""
+        return _number(self.info.get(key), f"{where}.{key}")
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """model.json (with promotion.json's keys) as one typed record.
+
+    promote builds the card as a JSON object and checks it through `from_dict` before writing
+    it; the inference core reads folders with `from_dict`. `to_dict()` gives the JSON back
+    unchanged, so cards written before this type existed load and round-trip as they are.
+    """
+
+    name: str
+    version: str
+    classes: tuple[str, ...]
+    display_names: Mapping[str, str]
+    image_size: int
+    preprocessing: Mapping[str, Any]
+    model_file: str
+    model_sha256: str | None
+    temperature: float | None
+    abstain_entropy: float | None
+    inference: FileEntry | None
+    cam: FileEntry | None
+    ood: FileEntry | None
+    monitoring: FileEntry | None
+    metrics: Mapping[str, Any] | None
+    mlflow_run_ids: Mapping[str, Any]
+    promoted_at: str | None
+    intended_use: str
+    raw: Mapping[str, Any] = field(repr=False)
+
+    @classmethod
+    def from_dict(cls, card: Mapping[str, Any]) -> ModelCard:
+        """Check and type a card.
+
+        Raises:
+            ValueError: naming the key that is missing or has the wrong type.
+        """
+        if not isinstance(card, Mapping):
+            raise ValueError(f"a model card is a JSON object, got {type(card).__name__}")
+        try:
+            classes = tuple(str(c) for c in card["classes"])
+            size = int(card["image_size"])
+        except KeyError as exc:
+            raise ValueError(f"card key {exc.args[0]} is missing") from None
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"card classes / image_size are not valid ({exc})") from None
+        if not classes or size < 1:
+            raise ValueError("card needs at least one class and an image_size >= 1")
+        prep = card.get("preprocessing", {})
+        names = card.get("display_names", {})
+        thresholds = card.get("thresholds", {})
+        for key, value in (
+            ("preprocessing", prep),
+            ("display_names", names),
+            ("thresholds", thresholds),
+        ):
+            if not isinstance(value, Mapping):
+                raise ValueError(f"card key {key} must be an object, got {value!r}")
+        runs = card.get("mlflow_run_ids") or {}
+        abstain = thresholds.get("abstain_entropy")
+        return cls(
+            name=str(card.get("name", "chestct")),
+            version=card_version(dict(card)),
+            classes=classes,
+            display_names=names,
+            image_size=size,
+            preprocessing=prep,
+            model_file=str(card.get("model_file", "model.keras")),
+            model_sha256=card.get("model_sha256"),
+            temperature=_number(card.get("temperature"), "temperature"),
+            abstain_entropy=_number(abstain, "thresholds.abstain_entropy"),
+            inference=FileEntry.read(card, "inference"),
+            cam=FileEntry.read(card, "cam"),
+            ood=FileEntry.read(card, "ood"),
+            monitoring=FileEntry.read(card, "monitoring"),
+            metrics=card.get("metrics"),
+            mlflow_run_ids=runs if isinstance(runs, Mapping) else {},
+            promoted_at=card.get("promoted_at"),
+            intended_use=str(
+                card.get("intended_use", "research and education only; not a medical device")
+            ),
+            raw=card,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The card as JSON, exactly as it was read or built."""
+        return dict(self.raw)
+
+    def display_name(self, cls: str) -> str:
+        return str(self.display_names.get(cls, cls))
+
+    @property
+    def train_run_id(self) -> str | None:
+        return self.mlflow_run_ids.get("train")
+
+
+def _number(value: Any, key: str) -> float | None:
+    """A card number (None when absent); booleans and strings are refused."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"card key {key} must be a number, got {value!r}")
+    return float(value)

@@ -190,7 +190,7 @@ def fit_reference(
         A JSON-ready dict: per signal the fixed edges, counts, fractions and the sorted values
         (for two-sample tests), the predicted-class mix and the expected abstain and OOD rates.
     """
-    from chestct.metrics import normalised_entropy
+    from chestct.metrics import abstains, normalised_entropy
 
     proba = np.asarray(probabilities, dtype=np.float64)
     n = len(proba)
@@ -236,7 +236,7 @@ def fit_reference(
     rates: dict[str, float | None] = {
         "abstain": None
         if abstain_threshold is None
-        else round(float(np.mean(entropy > abstain_threshold)), 6),
+        else round(float(np.mean(abstains(entropy, abstain_threshold))), 6),
         "ood": None
         if "ood_ratio" not in values
         else round(float(np.mean(values["ood_ratio"] > 1)), 6),

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from chestct.fsutil import replace_dir, sha256_file
+from chestct.inference import ModelRefused, load_folder
 from chestct.serving import create_app
-from chestct.serving.predictor import ModelRefused, load_folder
 from chestct.stages.promote import file_digests, install_model, read_card
 from model_folder import multipart, slice_png
 

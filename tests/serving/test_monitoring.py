@@ -416,7 +416,7 @@ def test_card_reference_is_checked_against_its_sha256(
     monitored_model: Path,
     tmp_path: Path,
 ) -> None:
-    from chestct.serving.predictor import ModelRefused, load_folder
+    from chestct.inference import ModelRefused, load_folder
 
     folder = tmp_path / "model"
     shutil.copytree(monitored_model, folder)

@@ -32,7 +32,7 @@ def test_serving_prepares_like_the_resize_stage(
     tmp_path: Path,
     model_dir: Path,
 ) -> None:
-    from chestct.serving.predictor import load_folder
+    from chestct.inference import load_folder
     from chestct.stages.resize import normalise_of, run_resize
 
     params = ResizeParams(mode="pad", crop="body", intensity="percentile", workers=1)

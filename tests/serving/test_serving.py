@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from chestct import imaging
+from chestct.inference import load_folder, softmax
 from chestct.labels import CLASSES
 from chestct.serving import create_app
-from chestct.serving.predictor import load_folder, softmax
 from model_folder import (
     ABSTAIN,
     SIZE,
@@ -445,10 +445,11 @@ def test_settings_reach_the_app(tmp_path: Path, model_dir: Path, monkeypatch) ->
     monkeypatch.setenv("CHESTCT_ROOT", str(tmp_path))
     monkeypatch.setenv("CHESTCT_HISTORY_TOKEN", "from-env")
     app = create_app()
+    settings = app.extensions["chestct"].settings  # typed, as config/config.yaml gave them
     assert app.config["MAX_CONTENT_LENGTH"] == 2 * 1024 * 1024
-    assert app.config["MAX_BATCH_FILES"] == 3
-    assert app.config["HISTORY_TOKEN"] == "from-env"
-    assert app.config["AUDIT_DB"] == str(tmp_path / "audit" / "predictions.sqlite")
+    assert settings.serving.max_batch_files == 3
+    assert settings.serving.history_token == "from-env"
+    assert settings.audit_db == tmp_path / "audit" / "predictions.sqlite"
     assert app.test_client().get("/ready").status_code == 200
 
 

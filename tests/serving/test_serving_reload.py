@@ -87,7 +87,7 @@ def test_broken_new_model_is_refused_and_old_keeps_serving(
         card = json.loads((staged / "model.json").read_text(encoding="utf-8"))
         (staged / "model.json").write_text(json.dumps({**card, "version": "2b"}), "utf-8")
     replace_dir(staged, live)
-    with caplog.at_level(logging.ERROR, logger="chestct.serving.predictor"):
+    with caplog.at_level(logging.ERROR, logger="chestct.inference"):
         assert _version(client) == "1"
         assert _version(client) == "1"
     refused = [r for r in caplog.records if "refused the new model" in r.getMessage()]
@@ -112,7 +112,7 @@ def test_old_card_degrades_clearly(
     for key in ("inference", "cam", "ood", "temperature", "thresholds"):
         del card[key]
     (folder / "model.json").write_text(json.dumps(card), encoding="utf-8")
-    with caplog.at_level(logging.WARNING, logger="chestct.serving.predictor"):
+    with caplog.at_level(logging.WARNING, logger="chestct.inference"):
         client = _client(folder)
     assert any("through Keras/TensorFlow" in r.getMessage() for r in caplog.records)
     body = client.post("/predict", **multipart(slice_png(1))).get_json()

@@ -150,11 +150,13 @@ def test_calibration_json_says_what_the_temperature_was_fitted_on(project, evalu
 
 
 def test_serving_applies_the_calibration_formulas_evaluate_fits_with() -> None:
-    from chestct import metrics
-    from chestct.serving import predictor
+    from chestct import inference, metrics
 
-    assert predictor.softmax is metrics.softmax
-    assert predictor.entropy is metrics.normalised_entropy
+    assert inference.softmax is metrics.softmax
+    assert inference.entropy is metrics.normalised_entropy
+    assert inference.abstains is metrics.abstains
+    assert inference.out_of_distribution is metrics.out_of_distribution
+    assert inference.Mahalanobis is metrics.Mahalanobis
     logits = np.array([2.0, 0.5, -1.0, 0.0])
     np.testing.assert_allclose(
         metrics.softmax(logits, 1.7), metrics.softmax(logits[None], 1.7)[0], rtol=1e-12

@@ -47,3 +47,44 @@ def test_a_promotion_record_of_another_model_is_ignored(tmp_path: Path) -> None:
     own = {"model_sha256": CARD["model_sha256"], "version": "8"}
     (tmp_path / "promotion.json").write_text(json.dumps(own), encoding="utf-8")
     assert card_version(with_promotion(tmp_path, CARD)[0]) == "8"
+
+
+def test_model_card_types_a_card_and_gives_it_back_unchanged(tmp_path: Path) -> None:
+    from chestct.modelcard import ModelCard
+
+    card = {
+        **CARD,
+        "image_size": 64,
+        "temperature": 1.5,
+        "thresholds": {"abstain_entropy": 0.8, "abstain_rule": "q"},
+        "ood": {"method": "mahalanobis_gap", "file": "ood.npz", "sha256": "cd" * 32}
+        | {"threshold": 9},
+        "display_names": {"a": "A"},
+        "future_key": [1, 2],
+    }
+    typed = ModelCard.from_dict(card)
+    assert typed.classes == ("a",) and typed.image_size == 64 and typed.temperature == 1.5
+    assert typed.abstain_entropy == 0.8 and typed.display_name("a") == "A"
+    assert typed.ood is not None and typed.ood.file == "ood.npz" and typed.ood.sha256 == "cd" * 32
+    assert typed.ood.number("threshold", "ood") == 9.0
+    assert typed.cam is None and typed.version == "sha256-" + "ab" * 6
+    assert typed.to_dict() == card  # cards round-trip, keys it does not type included
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"classes": None}, "classes"),
+        ({"temperature": "1.5"}, "temperature must be a number"),
+        ({"thresholds": {"abstain_entropy": True}}, "thresholds.abstain_entropy"),
+        ({"cam": "cam_head.npz"}, "cam must be an object"),
+    ],
+)
+def test_model_card_names_the_bad_key(change: dict, message: str) -> None:
+    from chestct.modelcard import ModelCard
+
+    card = {**CARD, "image_size": 64, **change}
+    if change.get("classes", "") is None:
+        del card["classes"]
+    with pytest.raises(ValueError, match=message):
+        ModelCard.from_dict(card)

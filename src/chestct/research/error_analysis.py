@@ -1,10 +1,11 @@
 """Error analysis of the promoted model on the test split (research/02-error-analysis.ipynb).
 
-The promoted model (model/) is loaded by the serving predictor itself and every test image goes
-through what /predict does: decode by content, the card's resize, the served model, temperature
-scaling, abstention and the out-of-distribution score. The functions below turn those answers
-into tables: per-class precision and recall, the confusion matrix, the most confident mistakes,
-abstention and OOD among right and wrong answers, and calibration; chestct.plots draws them.
+The promoted model (model/) is loaded by the inference core the service runs on
+(chestct.inference) and every test image goes through what /predict does: decode by content,
+the card's resize, the served model, temperature scaling, abstention and the
+out-of-distribution score. The functions below turn those answers into tables: per-class
+precision and recall, the confusion matrix, the most confident mistakes, abstention and OOD
+among right and wrong answers, and calibration; chestct.plots draws them.
 """
 
 from __future__ import annotations
@@ -24,8 +25,7 @@ from chestct.pointers import read_pointer
 from chestct.settings import Settings
 
 if TYPE_CHECKING:
-
-    from chestct.serving.predictor import Loaded
+    from chestct.inference import Loaded
 
 log = logging.getLogger(__name__)
 
@@ -52,14 +52,14 @@ class Promoted:
 
 
 def load_promoted(settings: Settings) -> Promoted:
-    """Load model/ through the serving predictor (refused folders raise its ModelRefused)."""
+    """Load model/ through the inference core (refused folders raise its ModelRefused)."""
     folder = settings.paths.model
     if not (folder / "model.json").is_file():
         raise AnalysisError(
             f"{folder / 'model.json'} not found: no model has been promoted; run `dvc repro` "
             "(or `make run`)"
         )
-    from chestct.serving.predictor import load_folder
+    from chestct.inference import load_folder
 
     served = load_folder(folder)
     return Promoted(card=served.card, served=served, folder=folder)
@@ -79,7 +79,7 @@ def predict_split(promoted: Promoted, split: pd.DataFrame, root: Path) -> pd.Dat
         probability), correct, entropy (normalised), abstain and out_of_distribution (None when
         the card has no threshold for them), ood_score, and p_<class> for every class.
     """
-    from chestct.serving.predictor import analyse
+    from chestct.inference import analyse
 
     served = promoted.served
     names = [f"p_{c}" for c in served.classes]

@@ -10,23 +10,19 @@ from __future__ import annotations
 import hmac
 import re
 
-from flask import Blueprint, Response, current_app, jsonify, request
+from flask import Blueprint, Response, jsonify, request
+
+from chestct.serving.problems import problem_response as _problem
+from chestct.serving.service import TOKEN_ENV, current_service
 
 bp = Blueprint("feedback", __name__)
 
-TOKEN_ENV = "CHESTCT_HISTORY_TOKEN"
 PREDICTION_ID = re.compile(r"^[0-9a-f]{32}$")
-
-
-def _problem(status: int, title: str, detail: str) -> Response:
-    from chestct.serving import problem_response  # the app module imports this blueprint
-
-    return problem_response(status, title, detail)
 
 
 def _token_refusal() -> Response | None:
     """None when the request carries the configured bearer token, else the error answer."""
-    token = current_app.config["HISTORY_TOKEN"]
+    token = current_service().settings.serving.history_token
     if not token:
         return _problem(
             403,
@@ -46,7 +42,8 @@ def _token_refusal() -> Response | None:
 @bp.post("/feedback")
 def feedback() -> Response:
     """Record `{"id": "<prediction id>", "label": "<class>"}`; a second label replaces it."""
-    audit = current_app.extensions.get("chestct.audit")
+    service = current_service()
+    audit = service.audit
     if audit is None:
         return _problem(
             404,
@@ -70,7 +67,7 @@ def feedback() -> Response:
         return _problem(
             400, "Bad prediction id", "'id' must be the 32-hex-digit id that /predict answered"
         )
-    predictor = current_app.extensions["chestct.predictor"]
+    predictor = service.predictor
     classes = predictor.model.classes if predictor.ready else None
     if not isinstance(label, str) or (classes is not None and label not in classes):
         names = ", ".join(classes) if classes else "the model's classes (GET /metadata)"

@@ -34,9 +34,11 @@ from chestct.metrics import (
     ReliabilityBin,
     TemperatureFit,
     abstain_threshold,
+    abstains,
     confusion,
     fit_temperature,
     normalised_entropy,
+    out_of_distribution,
     reliability,
     roc_curves,
     softmax,
@@ -202,8 +204,8 @@ def run_evaluate(
     metrics.update(
         {
             "temperature": t,
-            "abstain_rate": float(np.mean(normalised_entropy(calibrated_test) > abstain)),
-            "ood_rate": float(np.mean(test_distance > ood_threshold)),
+            "abstain_rate": float(np.mean(abstains(normalised_entropy(calibrated_test), abstain))),
+            "ood_rate": float(np.mean(out_of_distribution(test_distance, ood_threshold))),
         }
     )
     calibration = {

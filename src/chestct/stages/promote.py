@@ -38,6 +38,7 @@ from chestct.imaging import Normalise
 from chestct.labels import CLASSES, DISPLAY_NAMES
 from chestct.manifest import DATASET_COLUMNS, read_manifest
 from chestct.metrics import lower_is_better, metric_value, numeric_keys
+from chestct.modelcard import ModelCard
 from chestct.monitoring import REFERENCE_FILE
 from chestct.pointers import (
     PointerError,
@@ -275,10 +276,12 @@ def build_card(
     """The model card: what serving needs to reproduce, calibrate and explain predictions.
 
     Only what the candidate and params determine: no registry version, run id or time (those
-    are in build_promotion()), so that the same inputs give the same card.
+    are in build_promotion()), so that the same inputs give the same card. It goes through
+    chestct.modelcard.ModelCard, the type the inference core reads it as, so that a card the
+    service would refuse is never written.
     """
     cal = candidate.calibration
-    return {
+    card = {
         "name": params.registered_model,
         "registered_model": params.registered_model,
         "classes": list(CLASSES),
@@ -321,6 +324,10 @@ def build_card(
         "data_digest": candidate.data_digest,
         "intended_use": "research and education only; not a medical device",
     }
+    try:
+        return ModelCard.from_dict(card).to_dict()
+    except ValueError as exc:
+        raise StageFailed(f"the model card promote built is not valid: {exc}") from None
 
 
 def build_promotion(

@@ -1,4 +1,13 @@
-"""The predictor: serves model/ through its light artifact, and switches to a new one live.
+"""The inference core: a promoted model folder loaded, checked and run, with the maths evaluate
+fitted applied by the very same functions (no web framework here; chestct.serving, the research
+helpers and bench/ call it).
+
+A promoted folder holds the card (model.json, read as a `chestct.modelcard.ModelCard`), the
+light model, the dense head and the OOD statistics, each pinned by its sha256 in the card
+(checked with `chestct.fsutil.sha256_file` at every load). Preprocessing is
+`chestct.imaging.prepare_slice` with the card's settings; calibration, entropy, the abstain and
+out-of-distribution rules and the Mahalanobis distance come from `chestct.metrics`, where
+evaluate fits them.
 
 A model folder is read through one open directory handle, so that a folder swapped in by
 promote (renameat2 exchange) is seen whole: the card and the files it names always come from
@@ -18,7 +27,6 @@ GAP -> dense head is the class activation map with the head's weights.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -33,17 +41,17 @@ from typing import Any
 import cv2
 import numpy as np
 
-from chestct import imaging
+from chestct import imaging, modelcard
+from chestct.fsutil import sha256_bytes, sha256_file
 from chestct.gradcam import CamHead
+from chestct.metrics import Mahalanobis, abstains, out_of_distribution, softmax
 from chestct.metrics import normalised_entropy as entropy
-from chestct.metrics import softmax
-from chestct.modelcard import card_version, with_promotion
+from chestct.modelcard import CARD_NAME, FileEntry, ModelCard
 from chestct.monitoring import check_reference
 from chestct.settings import WindowParams
 
 log = logging.getLogger(__name__)
 
-CARD_NAME = "model.json"
 DEFAULT_WINDOW: tuple[float, float] = (WindowParams().level, WindowParams().width)
 HEAD_TOLERANCE = 1e-3  # |softmax(head(gap)) - model probabilities| above this: wrong head file
 
@@ -58,11 +66,10 @@ class ModelRefused(RuntimeError):
 
 @dataclass(frozen=True)
 class OodModel:
-    """Gaussian of the training set's pooled features (evaluate's ood.npz): a Mahalanobis
-    distance (not squared, as evaluate computes it) above `threshold` is out of distribution."""
+    """Gaussian of the training set's pooled features (evaluate's ood.npz, the statistics
+    evaluate fitted): a Mahalanobis distance above `threshold` is out of distribution."""
 
-    mean: np.ndarray
-    precision: np.ndarray
+    stats: Mahalanobis
     threshold: float
 
 
@@ -77,7 +84,7 @@ class Outputs:
 class Loaded:
     """One model version, ready to run."""
 
-    card: dict[str, Any]
+    card: ModelCard
     card_sha: str
     classes: list[str]
     image_size: int
@@ -99,16 +106,16 @@ class Loaded:
 
     @property
     def name(self) -> str:
-        return str(self.card.get("name", "chestct"))
+        return self.card.name
 
     @property
     def version(self) -> str:
         """The registry version from promotion.json; without one (a folder pulled from a DVC
         remote), the model's content digest, so that replicas of one model agree."""
-        return card_version(self.card)
+        return self.card.version
 
     def display_name(self, cls: str) -> str:
-        return self.card.get("display_names", {}).get(cls, cls)
+        return self.card.display_name(cls)
 
     def prepare(self, decoded: imaging.Decoded) -> np.ndarray:
         """The model input (uint8 size x size), exactly as imaging.prepare makes it."""
@@ -162,7 +169,9 @@ def analyse_outputs(model: Loaded, out: Outputs, mc_samples: int, seed: int) -> 
         logits = np.log(np.clip(out.probabilities[0].astype(np.float64), 1e-12, 1.0))
     probs = softmax(logits, model.temperature)
     ent = float(entropy(probs))
-    abstain = None if model.abstain_threshold is None else ent > model.abstain_threshold
+    abstain = (
+        None if model.abstain_threshold is None else bool(abstains(ent, model.abstain_threshold))
+    )
     mc_mean = mc_std = mutual = None
     if model.head is not None and model.dropout_rate > 0 and mc_samples > 0:
         rng = np.random.default_rng(seed)
@@ -179,9 +188,8 @@ def analyse_outputs(model: Loaded, out: Outputs, mc_samples: int, seed: int) -> 
         mutual = float(max(entropy(mc_mean) - entropy(sampled).mean(), 0.0))
     score = verdict = None
     if model.ood is not None:
-        diff = gap - model.ood.mean
-        score = float(np.sqrt(max(diff @ model.ood.precision @ diff, 0.0)))
-        verdict = score > model.ood.threshold
+        score = float(model.ood.stats.distance(gap[None])[0])
+        verdict = bool(out_of_distribution(score, model.ood.threshold))
     return Analysis(
         probabilities=probs,
         entropy=ent,
@@ -255,12 +263,9 @@ def _folder(model_dir: Path) -> Iterator[Path]:
         os.close(fd)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+def _entry_file(folder: Path, entry: FileEntry, what: str) -> Path:
+    """The file a card entry names, checked against the entry's sha256."""
+    return _file(folder, entry.file, f"{what}.file", entry.sha256)
 
 
 def _file(folder: Path, name: Any, what: str, digest: Any = None) -> Path:
@@ -272,7 +277,7 @@ def _file(folder: Path, name: Any, what: str, digest: Any = None) -> Path:
     if not path.is_file():
         raise ModelRefused(f"{what} names {name!r}, which is not in the model folder")
     if digest is not None:
-        actual = _sha256(path)
+        actual = sha256_file(path)
         if not isinstance(digest, str) or actual != digest.lower():
             raise ModelRefused(
                 f"{name} does not match its sha256 in the card ({what}: card {digest!s:.16}…, "
@@ -346,23 +351,19 @@ def _keras_runner(path: Path) -> tuple[Callable, CamHead]:
     return run, head
 
 
-def _number(card: dict[str, Any], keys: tuple[str, ...]) -> float | None:
-    node: Any = card
-    for key in keys:
-        if not isinstance(node, dict) or key not in node:
-            return None
-        node = node[key]
-    if isinstance(node, bool) or not isinstance(node, int | float):
-        raise ModelRefused(f"card key {'.'.join(keys)} must be a number, got {node!r}")
-    return float(node)
+def read_card(folder: Path) -> tuple[ModelCard, bytes]:
+    """The folder's card (chestct.modelcard.read_card) and the bytes it was read from.
 
-
-def _with_promotion(folder: Path, card: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
-    """The card with promotion.json's keys added (chestct.modelcard), or ModelRefused."""
+    Raises:
+        ModelNotReady: no model.json.
+        ModelRefused: a card or promotion record that is not valid (the message says which).
+    """
     try:
-        return with_promotion(folder, card)
+        return modelcard.read_card(folder)
+    except FileNotFoundError:
+        raise ModelNotReady(f"{CARD_NAME} not found; run `make run` to promote a model") from None
     except ValueError as exc:
-        raise ModelRefused(str(exc)) from None
+        raise ModelRefused(f"not a valid model card: {exc}") from None
 
 
 def load_folder(
@@ -381,31 +382,22 @@ def load_folder(
         ModelRefused: a card or file that is malformed, truncated or inconsistent.
     """
     with _folder(model_dir) as folder:
-        card_path = folder / CARD_NAME
         try:
-            card_bytes = card_path.read_bytes()
-        except FileNotFoundError:
+            card, identity_bytes = read_card(folder)
+        except ModelNotReady:
             raise ModelNotReady(
                 f"{model_dir / CARD_NAME} not found; run `make run` to promote a model"
             ) from None
+        prep = card.preprocessing
+        interpolation = prep.get("interpolation", "area")
+        resize_mode = prep.get("resize", "stretch")
         try:
-            card = json.loads(card_bytes)
-            classes = [str(c) for c in card["classes"]]
-            size = int(card["image_size"])
-            prep = card.get("preprocessing", {})
-            interpolation = prep.get("interpolation", "area")
-            resize_mode = prep.get("resize", "stretch")
             normalise = imaging.Normalise.from_spec(prep)
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        except (TypeError, ValueError) as exc:
             raise ModelRefused(f"{CARD_NAME} is not a valid model card ({exc!r})") from None
-        card, promotion_bytes = _with_promotion(folder, card)
-        if interpolation not in imaging.INTERPOLATIONS or resize_mode not in (
-            "stretch",
-            "pad",
-            "crop",
-        ):
+        if interpolation not in imaging.INTERPOLATIONS or resize_mode not in imaging.RESIZE_MODES:
             raise ModelRefused(
-                f"card preprocessing {prep!r} is not one chestct.imaging can reproduce"
+                f"card preprocessing {dict(prep)!r} is not one chestct.imaging can reproduce"
             )
         notes: list[str] = []
         window_card = prep.get("window")
@@ -415,24 +407,19 @@ def load_folder(
             window = default_window
             notes.append("card has no preprocessing.window: DICOM uses params ingest.window")
 
-        keras_file = folder / str(card.get("model_file", "model.keras"))
-        inference = card.get("inference")
+        keras_file = folder / card.model_file
         head: CamHead | None = None
-        if isinstance(inference, dict):
-            light_path = _file(
-                folder, inference.get("file"), "inference.file", inference.get("sha256")
-            )
-            runtime = inference.get("runtime", "litert")
+        if card.inference is not None:
+            light_path = _entry_file(folder, card.inference, "inference")
+            runtime = card.inference.info.get("runtime", "litert")
             if runtime != "litert":
                 raise ModelRefused(
                     f"card inference.runtime {runtime!r} is not served here; use litert"
                 )
-            runner = _litert_runner(light_path, inference, threads)
+            runner = _litert_runner(light_path, card.inference.info, threads)
             backend = "litert"
         else:
-            keras_path = _file(
-                folder, card.get("model_file"), "model_file", card.get("model_sha256")
-            )
+            keras_path = _file(folder, card.raw.get("model_file"), "model_file", card.model_sha256)
             log.warning(
                 "card has no `inference` entry: serving %s through Keras/TensorFlow "
                 "(slower, about 700 MB per worker); promote a model with a light artifact",
@@ -442,9 +429,8 @@ def load_folder(
             backend = "keras"
             notes.append("no light artifact in the card: served through Keras")
 
-        cam = card.get("cam")
-        if isinstance(cam, dict):
-            head_path = _file(folder, cam.get("file"), "cam.file", cam.get("sha256"))
+        if card.cam is not None:
+            head_path = _entry_file(folder, card.cam, "cam")
             try:
                 head = CamHead.load(head_path)
             except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
@@ -454,41 +440,26 @@ def load_folder(
         elif head is None:
             notes.append("card has no `cam` entry: /explain and MC-dropout are unavailable")
 
-        ood: OodModel | None = None
-        ood_card = card.get("ood")
-        if isinstance(ood_card, dict):
-            if ood_card.get("method") != "mahalanobis_gap":
-                raise ModelRefused(f"card ood.method {ood_card.get('method')!r} is not served")
-            ood_path = _file(folder, ood_card.get("file"), "ood.file", ood_card.get("sha256"))
-            try:
-                with np.load(ood_path) as npz:
-                    mean = np.asarray(npz["mean"], np.float64)
-                    precision = np.asarray(npz["precision"], np.float64)
-            except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
-                raise ModelRefused(f"{ood_path.name} is not a readable OOD file ({exc})") from None
-            threshold = _number(card, ("ood", "threshold"))
-            if threshold is None or precision.shape != (mean.size, mean.size):
-                raise ModelRefused("card ood needs a threshold and a square precision matrix")
-            ood = OodModel(mean, precision, threshold)
-        else:
+        ood = _ood(folder, card.ood) if card.ood is not None else None
+        if ood is None:
             notes.append("card has no `ood` entry: only the input checks guard against strangers")
 
         unpinned = [
             key
-            for key in ("inference", "cam", "ood")
-            if isinstance(card.get(key), dict) and not card[key].get("sha256")
+            for key, entry in (("inference", card.inference), ("cam", card.cam), ("ood", card.ood))
+            if entry is not None and not entry.sha256
         ]
         if unpinned:
             notes.append(
                 f"card gives no sha256 for {', '.join(unpinned)}: those files are not checked"
             )
-        temperature = _number(card, ("temperature",))
+        temperature = card.temperature
         if temperature is None:
             temperature = 1.0
             notes.append("card has no temperature: probabilities are not calibrated")
         if temperature <= 0:
             raise ModelRefused(f"card temperature must be > 0, got {temperature}")
-        threshold = _number(card, ("thresholds", "abstain_entropy"))
+        threshold = card.abstain_entropy
         if threshold is None:
             notes.append("card has no thresholds.abstain_entropy: abstain is not decided")
         dropout = _dropout_rate(keras_file) if keras_file.is_file() else 0.0
@@ -496,9 +467,9 @@ def load_folder(
 
         model = Loaded(
             card=card,
-            card_sha=hashlib.sha256(card_bytes + promotion_bytes).hexdigest(),
-            classes=classes,
-            image_size=size,
+            card_sha=sha256_bytes(identity_bytes),
+            classes=list(card.classes),
+            image_size=card.image_size,
             interpolation=interpolation,
             resize_mode=resize_mode,
             normalise=normalise,
@@ -517,15 +488,35 @@ def load_folder(
         return model
 
 
-def _reference(folder: Path, card: dict[str, Any], notes: list[str]) -> dict[str, Any] | None:
+def _ood(folder: Path, entry: FileEntry) -> OodModel:
+    """The OOD statistics the card names (evaluate's ood.npz) and the card's threshold."""
+    if entry.info.get("method") != "mahalanobis_gap":
+        raise ModelRefused(f"card ood.method {entry.info.get('method')!r} is not served")
+    path = _entry_file(folder, entry, "ood")
+    try:
+        with np.load(path) as npz:
+            mean = np.asarray(npz["mean"], np.float64)
+            precision = np.asarray(npz["precision"], np.float64)
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+        raise ModelRefused(f"{path.name} is not a readable OOD file ({exc})") from None
+    try:
+        threshold = entry.number("threshold", "ood")
+    except ValueError as exc:
+        raise ModelRefused(str(exc)) from None
+    if threshold is None or precision.shape != (mean.size, mean.size):
+        raise ModelRefused("card ood needs a threshold and a square precision matrix")
+    return OodModel(Mahalanobis(mean, precision), threshold)
+
+
+def _reference(folder: Path, card: ModelCard, notes: list[str]) -> dict[str, Any] | None:
     """The reference profile the card names (`monitoring.file`, checked against its sha256)."""
-    entry = card.get("monitoring")
-    if not isinstance(entry, dict):
+    entry = card.monitoring
+    if entry is None:
         notes.append("card has no `monitoring` entry: /metrics carries no drift figures")
         return None
-    path = _file(folder, entry.get("file"), "monitoring.file")
+    path = _file(folder, entry.file, "monitoring.file")
     data = path.read_bytes()
-    if entry.get("sha256") and hashlib.sha256(data).hexdigest() != entry["sha256"]:
+    if entry.sha256 and sha256_bytes(data) != entry.sha256:
         raise ModelRefused(f"{path.name} does not match monitoring.sha256 in the card")
     try:
         return check_reference(json.loads(data), path.name)
@@ -631,7 +622,7 @@ class Predictor:
             "serving model %s version %s (train run %s, %s) from %s%s",
             model.name,
             model.version,
-            (model.card.get("mlflow_run_ids") or {}).get("train") or "unknown",
+            model.card.train_run_id or "unknown",
             model.backend,
             self.model_dir,
             f", replacing version {old.version}" if old else "",
@@ -673,10 +664,6 @@ class Predictor:
                 return False
             self._install(model, identity)
             return True
-
-
-def input_sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def seed_of(sha: str) -> int:

@@ -1,0 +1,323 @@
+"""The prediction routes: POST /predict, /predict/batch and /explain.
+
+Each image goes through one checked-input path (`checked_input`: format, header budget,
+decoding, not-a-CT-slice checks) and then the inference core (chestct.inference).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from flask import Blueprint, Response, g, jsonify, request
+
+from chestct import imaging
+from chestct.fsutil import sha256_bytes
+from chestct.inference import (
+    Loaded,
+    analyse,
+    analyse_outputs,
+    class_activation,
+    overlay_png,
+    seed_of,
+)
+from chestct.monitoring import request_signals
+from chestct.serving import inputs
+from chestct.serving.inputs import InputError, NotCTSlice, Upload
+from chestct.serving.problems import Problem
+from chestct.serving.service import Service, current_service
+
+log = logging.getLogger(__name__)
+
+bp = Blueprint("prediction", __name__)
+
+MB = 1024 * 1024
+# A request whose body or declared decode cost reaches this hands freed memory back to the
+# kernel afterwards (imaging.release_memory): below it the freed buffers are reused by the next
+# request, and trimming them would cost each 512 x 512 slice about 0.5 ms of page faults.
+RELEASE_BYTES = 4 * MB
+
+
+@dataclass(frozen=True)
+class CheckedInput:
+    """An upload that passed every input check, decoded."""
+
+    upload: Upload
+    format: str
+    decoded: imaging.Decoded
+
+
+def checked_input(service: Service, model: Loaded, upload: Upload) -> CheckedInput:
+    """Format by content, the header's declared cost, decoding within the limits, then the
+    not-a-CT-slice checks; raises InputError (answered as problem details)."""
+    watch = g.watch
+    fmt = inputs.check_format(upload.data)
+    if inputs.check_header(upload.data, fmt, service.budget).nbytes >= RELEASE_BYTES:
+        g.large_upload = True
+    watch.lap("checks")
+    decoded = inputs.decode(upload.data, model.window, service.budget)
+    watch.lap("decode")
+    inputs.check_slice(decoded)
+    watch.lap("checks")
+    return CheckedInput(upload, fmt, decoded)
+
+
+def single_upload() -> Upload:
+    """The one image of a request: multipart `file`, a raw image body, or JSON base64."""
+    mimetype = request.mimetype
+    if mimetype == "multipart/form-data":
+        part = request.files.get("file")
+        if part is None:
+            raise Problem(
+                400,
+                "Missing file",
+                "send the image as multipart form field 'file' "
+                "(curl -F file=@slice.png …/predict)",
+            )
+        return Upload(part.read(), part.filename or "file")
+    if mimetype == "application/json":
+        try:
+            body = request.get_json(silent=True)
+        except RecursionError:
+            # silent=True covers malformed JSON, not nesting deeper than the parser's stack.
+            body = None
+        if not isinstance(body, dict) or not isinstance(body.get("image"), str):
+            raise Problem(
+                400,
+                "Bad JSON",
+                'send a JSON object {"image": "<base64 of the file>"}',
+            )
+        text = body["image"]
+        if text.startswith("data:") and "," in text:
+            text = text.split(",", 1)[1]  # a data: URL from a browser
+        try:
+            data = base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            raise Problem(
+                400,
+                "Bad base64",
+                "the 'image' field is not valid base64; encode the file's bytes "
+                "(base64 -w0 slice.png)",
+            ) from None
+        return Upload(data, "image")
+    if mimetype in inputs.RAW_TYPES:
+        return Upload(request.get_data(cache=False), "body")
+    raise Problem(
+        415,
+        "Unsupported media type",
+        f"Content-Type {mimetype or '(none)'} is not accepted; send multipart/form-data "
+        "with a 'file' field, a raw body typed image/png, image/jpeg or "
+        'application/dicom, or application/json {"image": "<base64>"}',
+    )
+
+
+def _by_class(model: Loaded, values: Any) -> dict[str, float]:
+    return {c: round(float(v), 6) for c, v in zip(model.classes, values, strict=True)}
+
+
+def predict_one(service: Service, model: Loaded, upload: Upload, endpoint: str) -> dict[str, Any]:
+    """Checks, decoding and the prediction for one image; raises InputError."""
+    started = time.perf_counter()
+    watch = g.watch
+    watch.lap("receive")
+    checked = checked_input(service, model, upload)
+    decoded = checked.decoded
+    sha = sha256_bytes(upload.data)
+    watch.lap("checks")
+    prepared = model.prepare(decoded)
+    watch.lap("prepare")
+    outputs = model.run(prepared[None])
+    watch.lap("infer")
+    samples = service.settings.serving.mc_dropout_samples
+    result = analyse_outputs(model, outputs, samples, seed_of(sha))
+    label = model.classes[int(result.probabilities.argmax())]
+    body = {
+        "id": uuid.uuid4().hex,  # for POST /feedback
+        "label": label,
+        "display_name": model.display_name(label),
+        "display_names": {c: model.display_name(c) for c in model.classes},
+        "probabilities": _by_class(model, result.probabilities),
+        "uncertainty": {
+            "entropy": round(result.entropy, 6),
+            "abstain_threshold": model.abstain_threshold,
+            "abstain": result.abstain,
+            "method": "mc_dropout" if result.mc_mean is not None else "entropy",
+            "mc_dropout": None
+            if result.mc_mean is None
+            else {
+                "samples": samples,
+                "dropout_rate": model.dropout_rate,
+                "mutual_information": round(float(result.mutual_information), 6),
+                "mean": _by_class(model, result.mc_mean),
+                "std": _by_class(model, result.mc_std),
+            },
+        },
+        "ood": {
+            "input_checks": "passed",
+            "method": "mahalanobis_gap" if model.ood is not None else None,
+            "score": None if result.ood_score is None else round(result.ood_score, 4),
+            "threshold": None if model.ood is None else model.ood.threshold,
+            "out_of_distribution": result.out_of_distribution,
+        },
+        "model": {
+            "name": model.name,
+            "version": model.version,
+            "run_id": model.card.train_run_id,
+            "backend": model.backend,
+        },
+        "input": {
+            "sha256": sha,
+            "format": checked.format,
+            "width": decoded.width,
+            "height": decoded.height,
+        },
+        "time_ms": round((time.perf_counter() - started) * 1000, 2),
+    }
+    watch.lap("analyse")
+    _record(service, model, endpoint, body, result, decoded)
+    watch.lap("monitor")
+    return body
+
+
+def _record(
+    service: Service,
+    model: Loaded,
+    endpoint: str,
+    body: dict[str, Any],
+    result: Any,
+    decoded: imaging.Decoded,
+) -> None:
+    """Metrics, monitoring signals and the audit log of one answer."""
+    metrics, audit = service.metrics, service.audit
+    metrics.predictions.labels(body["label"]).inc()
+    if result.abstain:
+        metrics.abstentions.inc()
+    if result.out_of_distribution:
+        metrics.ood.labels("feature_distance").inc()
+    signals = request_signals(
+        result.probabilities,
+        result.entropy,
+        result.ood_score,
+        None if model.ood is None else model.ood.threshold,
+        decoded.grey,
+    )
+    flags = {"abstain": result.abstain, "ood": result.out_of_distribution}
+    metrics.observe(signals, body["label"], flags)
+    if audit is not None:
+        try:
+            audit.record(endpoint, body, signals)
+        except Exception:  # a full disk must not take predictions down; it is logged
+            log.exception("could not write the audit log %s", audit.path)
+
+
+@bp.post("/predict")
+def predict() -> Response:
+    upload = single_upload()
+    service = current_service()
+    model = service.current_model()
+    return jsonify(predict_one(service, model, upload, "/predict"))
+
+
+@bp.post("/predict/batch")
+def predict_batch() -> Response:
+    if request.mimetype != "multipart/form-data":
+        raise Problem(
+            415,
+            "Unsupported media type",
+            "send the files as multipart/form-data fields named 'files' "
+            "(curl -F files=@a.png -F files=@b.png …/predict/batch)",
+        )
+    parts = request.files.getlist("files") + request.files.getlist("file")
+    if not parts:
+        raise Problem(400, "Missing files", "send one or more multipart fields 'files'")
+    service = current_service()
+    limit = service.settings.serving.max_batch_files
+    if len(parts) > limit:
+        raise Problem(
+            413,
+            "Too many files",
+            f"{len(parts)} files sent; the limit is {limit} per request "
+            "(serving.max_batch_files): split the batch",
+        )
+    model = service.current_model()
+    started = time.perf_counter()
+    results: list[dict[str, Any]] = []
+    for index, part in enumerate(parts):
+        name = part.filename or f"file {index + 1}"
+        if g.pop("large_upload", False):
+            imaging.release_memory()  # the previous file's pages, before the next decode
+        try:
+            result = predict_one(service, model, Upload(part.read(), name), "/predict/batch")
+            results.append({"index": index, "filename": name, "ok": True, **result})
+        except InputError as exc:
+            error = {"status": exc.status, "title": exc.title, "detail": exc.detail}
+            if isinstance(exc, NotCTSlice):
+                error["reason"] = exc.reason
+                service.metrics.ood.labels(exc.reason).inc()
+            results.append({"index": index, "filename": name, "ok": False, "error": error})
+        except Exception:  # a bug must not cost the other files their answers
+            log.exception("batch file %d (%r) failed unexpectedly", index, name)
+            error = {
+                "status": 500,
+                "title": "Internal error",
+                "detail": "this file could not be processed (logged on the server); the "
+                "others were",
+            }
+            results.append({"index": index, "filename": name, "ok": False, "error": error})
+    return jsonify(
+        results=results,
+        count=len(results),
+        failed=sum(not r["ok"] for r in results),
+        model={"name": model.name, "version": model.version},
+        time_ms=round((time.perf_counter() - started) * 1000, 2),
+    )
+
+
+@bp.post("/explain")
+def explain() -> Response:
+    upload = single_upload()
+    service = current_service()
+    model = service.current_model()
+    if model.head is None:
+        raise Problem(
+            501,
+            "Explanation unavailable",
+            "the served model's card has no `cam` head weights; promote a model "
+            "exported with them",
+        )
+    started = time.perf_counter()
+    decoded = checked_input(service, model, upload).decoded
+    prepared = model.prepare_with_box(decoded)
+    result = analyse(model, prepared.image, 0, 0)
+    predicted = model.classes[int(result.probabilities.argmax())]
+    wanted = request.args.get("class", predicted)
+    if wanted not in model.classes:
+        raise Problem(
+            400,
+            "Unknown class",
+            f"class {wanted!r} is not one of {', '.join(model.classes)}",
+        )
+    cam = class_activation(model, result.features, model.classes.index(wanted))
+    png = overlay_png(model, decoded, prepared, cam)
+    wants_json = request.args.get("format") == "json" or (
+        request.accept_mimetypes.best == "application/json"
+    )
+    if wants_json:
+        return jsonify(
+            label=predicted,
+            explained_class=wanted,
+            probability=round(float(result.probabilities[model.classes.index(wanted)]), 6),
+            method="grad-cam",
+            heatmap_png=base64.b64encode(png).decode("ascii"),
+            model={"name": model.name, "version": model.version},
+            time_ms=round((time.perf_counter() - started) * 1000, 2),
+        )
+    resp = Response(png, mimetype="image/png")
+    resp.headers["X-Chestct-Label"] = predicted
+    resp.headers["X-Chestct-Explained-Class"] = wanted
+    return resp

@@ -44,7 +44,7 @@ class AnalysisError(RuntimeError):
 
 @dataclass(frozen=True)
 class Promoted:
-    """The promoted model as the predictor serves it, with its card."""
+    """The promoted model as the inference core serves it, with its card (as JSON)."""
 
     card: dict[str, Any]
     served: Loaded
@@ -62,7 +62,7 @@ def load_promoted(settings: Settings) -> Promoted:
     from chestct.inference import load_folder
 
     served = load_folder(folder)
-    return Promoted(card=served.card, served=served, folder=folder)
+    return Promoted(card=served.card.to_dict(), served=served, folder=folder)
 
 
 def load_test_split(settings: Settings) -> pd.DataFrame:

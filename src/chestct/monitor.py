@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import hashlib
 import html
 import json
 import re
@@ -35,8 +34,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from chestct.fsutil import atomic_write_json, atomic_write_text
-from chestct.modelcard import card_version, with_promotion
+from chestct.fsutil import atomic_write_json, atomic_write_text, sha256_bytes
+from chestct.modelcard import CARD_NAME, ModelCard, read_card
 from chestct.monitoring import (
     BY_NAME,
     CLASS_SIGNAL,
@@ -59,34 +58,31 @@ class MonitorError(RuntimeError):
 class Served:
     """The served model: its card and its reference profile."""
 
-    card: dict[str, Any]
+    card: ModelCard
     reference: dict[str, Any]
 
 
 def load_served(model_dir: Path) -> Served:
-    """The card and reference profile in `model_dir`, checked against the card's sha256."""
-    card_path = model_dir / "model.json"
-    if not card_path.is_file():
-        raise MonitorError(f"{card_path} not found; promote a model first (`make run`)")
+    """The card (read as the inference core reads it, chestct.modelcard) and the reference
+    profile in `model_dir`, checked against the card's sha256."""
+    card_path = model_dir / CARD_NAME
     try:
-        card = json.loads(card_path.read_text(encoding="utf-8"))
-        # The registry version is in promotion.json beside the card (chestct.modelcard).
-        card = with_promotion(model_dir, card)[0] if isinstance(card, dict) else card
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise MonitorError(f"{card_path} is not valid JSON ({exc})") from None
+        card = read_card(model_dir)[0]
+    except FileNotFoundError:
+        raise MonitorError(f"{card_path} not found; promote a model first (`make run`)") from None
     except ValueError as exc:
         raise MonitorError(f"{model_dir}: {exc}") from None
-    entry = card.get("monitoring") if isinstance(card, dict) else None
-    if not isinstance(entry, dict) or not isinstance(entry.get("file"), str):
+    entry = card.monitoring
+    if entry is None or not isinstance(entry.file, str):
         raise MonitorError(
             f"{card_path} has no `monitoring` entry: the model was promoted before reference "
             "profiles existed; rerun `dvc repro evaluate promote` to write one"
         )
-    ref_path = model_dir / Path(entry["file"]).name
+    ref_path = model_dir / Path(entry.file).name
     if not ref_path.is_file():
         raise MonitorError(f"{ref_path} (card monitoring.file) is missing; promote again")
     data = ref_path.read_bytes()
-    if entry.get("sha256") and hashlib.sha256(data).hexdigest() != entry["sha256"]:
+    if entry.sha256 and sha256_bytes(data) != entry.sha256:
         raise MonitorError(f"{ref_path} does not match monitoring.sha256 in {card_path}")
     try:
         reference = check_reference(json.loads(data), str(ref_path))
@@ -168,13 +164,14 @@ def run_monitor(
 ) -> dict[str, Any]:
     """Compare the window with the served model's reference; write report.json/.html."""
     served = load_served(model_dir)
-    version = None if all_versions else card_version(served.card)
-    classes = [str(c) for c in served.card.get("classes", [])]
+    version = None if all_versions else served.card.version
+    classes = list(served.card.classes)
     window, _ = read_window(db, last, since, version, classes)
-    report = compare(served.reference, window, thresholds, classes, served.card.get("metrics"))
+    metrics = None if served.card.metrics is None else dict(served.card.metrics)
+    report = compare(served.reference, window, thresholds, classes, metrics)
     report["model"] = {
-        "name": served.card.get("name"),
-        "version": card_version(served.card),
+        "name": served.card.name,
+        "version": served.card.version,
         "versions_included": "all" if all_versions else version,
     }
     report["generated_at"] = datetime.now(UTC).isoformat(timespec="seconds")

@@ -1,5 +1,4 @@
-"""Shared fixtures: environment, the tiny reproduced project, and the model folders every tier
-serves."""
+"""Fixtures of every tier: the environment, the tiny reproduced project, the model folders."""
 
 from __future__ import annotations
 
@@ -10,19 +9,13 @@ from typing import Any
 
 import pytest
 
-from chestct.labels import CLASSES, DISPLAY_NAMES
 from model_folder import add_reference, write_model_folder
 
 REPO = Path(__file__).resolve().parents[1]
 
-
 # Keep TF and MLflow quiet and offline in every test process.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-
-
 os.environ.setdefault("DO_NOT_TRACK", "true")
 
 
@@ -46,6 +39,7 @@ def tiny_project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[s
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """model/ as promote writes it, with an untrained 32x32 model (enough to test serving)."""
+    from chestct.labels import CLASSES, DISPLAY_NAMES
     from chestct.modeling import build_model
     from chestct.settings import BaseModelParams
 
@@ -68,8 +62,8 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _session_model(factory: pytest.TempPathFactory, name: str, **options: Any) -> Path:
-    """Build once per test session: each module that imports a fixture from here gets its own
-    copy of the fixture, so the folder is kept under the session's base temp folder."""
+    """Build once per test session, under the session's base temp folder (a child process
+    builds it: see model_folder)."""
     folder = factory.getbasetemp() / "serving-models" / name / "model"
     if not (folder / "model.json").is_file():
         write_model_folder(folder, **options)

@@ -20,7 +20,6 @@ from chestct.manifest import (
     INGEST_COLUMNS,
     SPLITS,
 )
-from chestct.modeling import build_model
 from chestct.settings import (
     BaseModelParams,
     BaseParams,
@@ -31,11 +30,9 @@ from chestct.stages.ingest import IngestSummary, run_ingest
 
 # Folder names as the Kaggle "Chest CT-Scan images" set spells them: long in train/valid,
 # short in test (the synthetic default uses the same).
-from chestct.synthetic import LONG_FOLDERS, SHORT_FOLDERS, generate_synthetic
+from chestct.synthetic import LONG_FOLDERS, SHORT_FOLDERS
 
 _CHANNELS = {"L": 1, "RGB": 3, "RGBA": 4}
-
-
 _EXTENSIONS = {"png": ".png", "jpeg": ".jpg", "bmp": ".bmp", "tiff": ".tiff"}
 
 
@@ -173,6 +170,7 @@ def synthetic_splits(
     from chestct.labels import label_for_folder
     from chestct.manifest import DATASET_COLUMNS
     from chestct.scoring import Preprocessing
+    from chestct.synthetic import generate_synthetic
 
     folder = root / f"synthetic-{seed}-{shortcut or 'none'}"
     rows: dict[str, list[dict[str, object]]] = {}
@@ -235,12 +233,16 @@ def write_split(root: Path, split: str, per_class: int, seed: int) -> pd.DataFra
 
 
 def base_file(folder: Path, params: BaseModelParams, seed: int = 0) -> Path:
+    """An initial model for run_train, saved as base-model saves it."""
+    from chestct.modeling import build_model
+
     path = folder / "base.keras"
     build_model(params, SIZE, seed).save(path)
     return path
 
 
 def train(data, base: Path, params: TrainParams, seed: int = 0, sink=None):
+    """run_train on (root, train split, valid split) from `base`."""
     from chestct.stages.train import run_train
 
     root, train_split, valid_split = data
@@ -255,7 +257,7 @@ def zoomed(img: np.ndarray, keep: float = 0.6) -> np.ndarray:
     return cv2.resize(img[o : o + k, o : o + k], (n, n), interpolation=cv2.INTER_LINEAR)
 
 
-def _zoom_out(path: Path, scale: float) -> None:
+def zoom_out_file(path: Path, scale: float) -> None:
     """Redraw a slice at `scale` of its frame, centred, with a black margin."""
     img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     height, width = img.shape[:2]

@@ -4,8 +4,8 @@ tiny untrained Keras model and converted with chestct.export (as promote does), 
 Model folders are built in a child process, so that TensorFlow never enters the pytest process
 through these fixtures (a process that holds TensorFlow hangs when later tests fork workers).
 
-Imported by the test_serving*, test_gunicorn, test_browser and test_monitoring modules; holds
-no tests.
+Shared by every tier (tests/conftest.py builds the session's model folders with it); holds no
+tests.
 """
 
 from __future__ import annotations
@@ -24,11 +24,7 @@ import numpy as np
 from chestct.labels import CLASSES, DISPLAY_NAMES
 
 SIZE = 32
-
-
 TEMPERATURE = 1.5
-
-
 ABSTAIN = 0.97
 
 

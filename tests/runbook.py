@@ -12,8 +12,6 @@ import subprocess
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-
-
 _BLOCK = re.compile(r"<!-- runbook: ([\w-]+) -->\s*\n```bash\n(.*?)\n```", re.DOTALL)
 
 

@@ -1,7 +1,7 @@
-"""research/ notebooks and the code they call (chestct.research: eda, error_analysis).
+"""research/ notebooks executed headless (the code they call: tests/unit/test_research.py).
 
 The notebooks are executed headless, top to bottom, with nbclient on a tiny pipeline run in a
-temporary copy of the project; the functions are tested directly on small hand-made data.
+temporary copy of the project.
 """
 
 from __future__ import annotations
@@ -18,12 +18,10 @@ from helpers import make_kaggle_folder
 from project_copy import project_copy
 
 REPO = Path(__file__).resolve().parents[2]
-
-
 BIN = Path(sys.executable).parent
-
-
 RESEARCH = REPO / "research"
+
+# --------------------------------------------------------------------------- notebooks
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +107,7 @@ def test_acquisition_notebook_shows_no_shortcut_on_synthetic_and_one_on_a_zoomed
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from chestct.synthetic import generate_synthetic
-    from helpers import _zoom_out
+    from helpers import zoom_out_file
 
     # CHESTCT_DATA unset: the embedded synthetic default at the tiny project's sizes.
     root = project_copy(tmp_path / "project")
@@ -126,7 +124,7 @@ def test_acquisition_notebook_shows_no_shortcut_on_synthetic_and_one_on_a_zoomed
     generate_synthetic(data, 7, {"train": 10, "valid": 2, "test": 2})
     for path in (data / split / "normal" for split in ("train", "valid", "test")):
         for image in path.glob("*.png"):
-            _zoom_out(image, 0.6)
+            zoom_out_file(image, 0.6)
     env = {"CHESTCT_ROOT": str(root), "CHESTCT_DATA": str(data)}
     text = _text(execute("03-acquisition-shortcut.ipynb", env, monkeypatch))
     assert f"source:  {data}" in text

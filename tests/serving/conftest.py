@@ -17,6 +17,7 @@ import pytest
 from services import free_port, get, worker_pids
 
 REPO = Path(__file__).resolve().parents[2]
+TOKEN = "gunicorn-test-token"
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +72,3 @@ def server(tmp_path_factory: pytest.TempPathFactory, model_dir: Path):
             proc.kill()
             proc.wait()
         log.close()
-
-
-TOKEN = "gunicorn-test-token"

@@ -19,11 +19,7 @@ from chestct.fsutil import replace_dir
 from services import get, worker_pids
 
 REPO = Path(__file__).resolve().parents[2]
-
-
 README_URL = "http://127.0.0.1:8000"
-
-
 TOKEN = "gunicorn-test-token"
 
 

@@ -37,31 +37,24 @@ from helpers import zoomed
 from model_folder import ct_slice, encode
 
 REPO = Path(__file__).resolve().parents[2]
-
-
 MONITORING = REPO / "config" / "monitoring"
-
-
 PROMTOOL = shutil.which("promtool")
-
-
 TOKEN = "s3cret-token"
-
-
 N_WINDOW = 80
-
 
 if PROMTOOL is None and os.environ.get("CHESTCT_REQUIRE_PROMTOOL"):
     # CI sets CHESTCT_REQUIRE_PROMTOOL after installing prometheus: a silent skip would hide a
     # broken install.
     raise RuntimeError("CHESTCT_REQUIRE_PROMTOOL is set but promtool is not on PATH")
 
-
 needs_promtool = pytest.mark.skipif(
     PROMTOOL is None,
     reason="promtool is absent: install Debian's prometheus package "
     "(`apt-get install prometheus`; .ci/run does)",
 )
+
+
+# --------------------------------------------------------------------------- model folders
 
 
 def brighter(img: np.ndarray, offset: int = 40) -> np.ndarray:
@@ -132,6 +125,9 @@ def scraped(text: str, name: str) -> list[tuple[dict[str, str], float]]:
     return out
 
 
+# --------------------------------------------------------------------------- statistics
+
+
 def test_psi_is_zero_for_the_same_mix_and_large_for_a_shift() -> None:
     assert psi([0.25] * 4, [25, 25, 25, 25]) == pytest.approx(0.0, abs=1e-12)
     assert psi([0.25] * 4, [97, 1, 1, 1]) > 1.0
@@ -186,6 +182,9 @@ def test_reference_signals_come_from_the_originals_as_served(tmp_path: Path) -> 
     assert image_signals(brighter(original))["mean_grey"] == pytest.approx(
         base["mean_grey"] + 40, abs=3
     )
+
+
+# --------------------------------------------------------------------------- the service
 
 
 def test_in_distribution_slices_show_no_drift(monitored_model: Path, tmp_path: Path) -> None:
@@ -425,6 +424,9 @@ def test_card_reference_is_checked_against_its_sha256(
     (folder / REFERENCE_FILE).write_text(json.dumps(profile))
     with pytest.raises(ModelRefused, match=r"monitoring\.sha256"):
         load_folder(folder)
+
+
+# --------------------------------------------------------------------------- rules, dashboard
 
 
 @needs_promtool

@@ -21,7 +21,7 @@ from chestct.stages.resize import run_resize
 from chestct.stages.split import run_split
 from chestct.stages.validate import run_validate, write_pictures
 from chestct.synthetic import generate_synthetic
-from helpers import _zoom_out
+from helpers import zoom_out_file
 
 # 40 slices per class: enough for the detector's five folds, quick to make.
 PER_CLASS = {"train": 30, "valid": 5, "test": 5}
@@ -102,7 +102,7 @@ def test_one_class_at_another_zoom_fires_and_names_the_body_share(tmp_path: Path
     normal = [p for p in source.rglob("*.png") if p.parent.name == "normal"]
     assert len(normal) == 40
     for path in normal:
-        _zoom_out(path, 0.6)
+        zoom_out_file(path, 0.6)
     report, _, _ = _pipeline(tmp_path, str(source))
     finding = next(f for f in report.findings if f.check == "acquisition_shortcut")
     assert finding.severity == "warning"

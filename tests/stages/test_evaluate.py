@@ -1,5 +1,5 @@
-"""evaluate (run_evaluate, write_outputs): scores, Grad-CAM and the light LiteRT artifact, on an
-untrained 32x32 model and tiny generated images (no MLflow, no DVC)."""
+"""evaluate's run_evaluate() and write_outputs(), Grad-CAM and the light LiteRT artifact, on
+an untrained 32x32 model and tiny generated images (no MLflow, no DVC)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ import pytest
 
 from chestct.labels import CLASSES
 from chestct.manifest import DATASET_COLUMNS
-from chestct.runner import StageFailed
 from chestct.settings import (
     BaseModelParams,
     EvaluateParams,
@@ -211,6 +210,7 @@ def test_score_prepares_images_at_the_models_own_size(project, tmp_path: Path) -
 
 
 def test_run_evaluate_refuses_an_empty_split(project) -> None:
+    from chestct.runner import StageFailed
     from chestct.stages.evaluate import run_evaluate
 
     root, splits, model_path = project
@@ -220,6 +220,9 @@ def test_run_evaluate_refuses_an_empty_split(project) -> None:
     one_train_image = {**splits, "train": splits["train"].iloc[:1]}
     with pytest.raises(StageFailed, match="at least two"):
         run_evaluate(model_path, one_train_image, EvaluateParams(), root)
+
+
+# --------------------------------------------------------------------------- light artifact
 
 
 @pytest.fixture(scope="module")
@@ -285,6 +288,9 @@ def test_export_refuses_a_model_without_the_contract_layers(tmp_path: Path) -> N
     with pytest.raises(ExportError, match="contract layer"):
         export_light(plain, tmp_path / "m.tflite")
     assert not (tmp_path / "m.tflite").exists()
+
+
+# --------------------------------------------------------------------------- MLflow lineage
 
 
 def test_lineage_tags_and_upstream_params_come_from_the_pointers(tmp_path: Path) -> None:

@@ -1,5 +1,4 @@
-"""ingest (run_ingest): every kind of source, labels from folder names, DICOM windowing, and what
-it does with bad files."""
+"""ingest from every kind of source, DICOM windowing, and what it does with bad files."""
 
 from __future__ import annotations
 
@@ -91,6 +90,9 @@ def ingest(root: Path, source: str, **params) -> tuple:
     )
 
 
+# --------------------------------------------------------------------------- DICOM decoding
+
+
 def test_dicom_goes_through_hounsfield_units_and_the_window() -> None:
     # stored 0 -> -1024 HU (air), 424 -> -600 HU (window centre), 1174 -> 150 HU (top).
     stored = np.array([[0, 424, 1174, 4000]], dtype=np.uint16)
@@ -172,6 +174,9 @@ def test_dicom_without_a_window_is_refused_and_prepare_passes_it_on() -> None:
     out = prepare(data, 8, mode="pad", window=LUNG)
     assert out.shape == (8, 8)
     assert (out[2:6] == 128).all() and (out[0] == 0).all()  # the slice, then black bands
+
+
+# --------------------------------------------------------------------------- ingest
 
 
 def test_ingest_a_dicom_tree_stores_windowed_pngs_and_skips_bad_files(tmp_path: Path) -> None:

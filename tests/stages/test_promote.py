@@ -1,11 +1,10 @@
-"""promote (run_promote, decide, install_model, read_card): the champion is replaced only by a
-better candidate, with the light artifact, CAM head, OOD statistics and a card that serving can
-rely on (MLflow replaced by a recorder)."""
+"""promote's run_promote(): the champion is replaced only by a better candidate, with the light
+artifact, CAM head, OOD statistics and a card that serving can rely on (MLflow replaced by a
+recorder of registrations)."""
 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,6 @@ import pytest
 from chestct.fsutil import sha256_file
 from chestct.labels import CLASSES
 from chestct.manifest import DATASET_COLUMNS
-from chestct.runner import StageFailed
 from chestct.settings import (
     BaseModelParams,
     PromoteParams,
@@ -29,8 +27,6 @@ from helpers import (
 )
 
 SIZE = 32
-
-
 PREPROCESSING = {"resize": "stretch", "interpolation": "area"}
 
 
@@ -194,6 +190,7 @@ def test_the_monitoring_reference_is_copied_and_recorded_in_the_card(
 def test_a_worse_candidate_never_replaces_the_champion(
     champion, world, tmp_path: Path, score: float, margin: float
 ) -> None:
+    import shutil
 
     model_dir = tmp_path / "model"
     shutil.copytree(champion[0], model_dir)
@@ -211,6 +208,7 @@ def test_a_worse_candidate_never_replaces_the_champion(
 
 
 def test_a_better_candidate_replaces_the_champion(champion, world, tmp_path: Path) -> None:
+    import shutil
 
     model_dir = tmp_path / "model"
     shutil.copytree(champion[0], model_dir)
@@ -224,6 +222,7 @@ def test_a_better_candidate_replaces_the_champion(champion, world, tmp_path: Pat
 
 
 def test_champion_is_rescored_when_the_test_data_changed(champion, world, tmp_path) -> None:
+    import shutil
 
     model_dir = tmp_path / "model"
     shutil.copytree(champion[0], model_dir)
@@ -239,6 +238,7 @@ def test_champion_is_rescored_when_the_test_data_changed(champion, world, tmp_pa
 
 
 def test_same_test_data_uses_the_champions_card(champion, world, tmp_path: Path) -> None:
+    import shutil
 
     model_dir = tmp_path / "model"
     shutil.copytree(champion[0], model_dir)
@@ -248,6 +248,7 @@ def test_same_test_data_uses_the_champions_card(champion, world, tmp_path: Path)
 
 
 def test_a_tie_keeps_the_champion_and_registers_nothing(champion, world, tmp_path: Path) -> None:
+    import shutil
 
     model_dir = tmp_path / "model"
     shutil.copytree(champion[0], model_dir)
@@ -267,6 +268,7 @@ def test_a_tie_keeps_the_champion_and_registers_nothing(champion, world, tmp_pat
 def test_parity_failure_rejects_and_leaves_the_champion(
     champion, world, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import shutil
 
     from chestct.stages import promote as promote_module
 
@@ -296,6 +298,7 @@ def test_a_first_candidate_below_the_minimum_leaves_an_empty_model_folder(world,
 
 
 def test_an_unknown_metric_is_a_clear_error(world, tmp_path: Path) -> None:
+    from chestct.runner import StageFailed
 
     with pytest.raises(StageFailed, match=r"promote\.metric 'roc_auc' is not among"):
         promote(world, candidate(world, 0, 0.9), tmp_path / "model", Registry(), metric="roc_auc")

@@ -1,5 +1,5 @@
-"""resize (run_resize): one PNG per content, the three modes, parallel = serial, and incremental
-reuse that never serves stale or half-written images."""
+"""resize: the three modes, parallel = serial, and incremental reuse that never serves stale
+or half-written images."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""split (run_split): perceptual hashing, duplicate groups, and splits in which a group never
-straddles two sides."""
+"""Perceptual hashing, duplicate groups, and splits in which a group never straddles two sides."""
 
 from __future__ import annotations
 
@@ -30,6 +29,9 @@ def slice_like(seed: int, width: int = 160, height: int = 120) -> np.ndarray:
     """A smooth random grey picture: distinct per seed, robust to re-encoding and resizing."""
     coarse = np.random.default_rng(seed).integers(0, 255, (6, 8)).astype(np.uint8)
     return cv2.resize(coarse, (width, height), interpolation=cv2.INTER_CUBIC)
+
+
+# --------------------------------------------------------------------------- dedup
 
 
 def test_phash_is_stable_under_resizing_and_reencoding_but_not_across_images() -> None:
@@ -66,6 +68,9 @@ def test_near_pairs_blocks_agree_with_a_single_block() -> None:
     one = near_pairs(hashes, 4, block=1000).tolist()
     assert near_pairs(hashes, 4, block=7).tolist() == one
     assert len(one) == 10
+
+
+# --------------------------------------------------------------------------- split
 
 
 def manifest(spec: dict[str, int], extra: list[dict] | None = None) -> pd.DataFrame:

@@ -1,5 +1,5 @@
-"""train (run_train): the training loop options on tiny generated images (determinism, fine-
-tuning, optimizers, label smoothing, best checkpoint by a validation metric, tf.distribute)."""
+"""train: the training loop options on tiny generated images (determinism, fine-tuning,
+optimizers, label smoothing, best checkpoint by a validation metric, tf.distribute)."""
 
 from __future__ import annotations
 
@@ -34,11 +34,7 @@ from helpers import (
 )
 
 SIZE = 32
-
-
 REPO = Path(__file__).resolve().parents[2]
-
-
 QUIET = AugmentParams(rotation=0.0, zoom=0.0)
 
 

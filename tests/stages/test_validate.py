@@ -1,5 +1,4 @@
-"""validate (run_validate): every check with its severity, quarantine, the shortcut detector, and
-the report."""
+"""validate: every check with its severity, quarantine, the shortcut detector, and the report."""
 
 from __future__ import annotations
 
@@ -36,8 +35,6 @@ from helpers import (
 )
 
 _RNG = np.random.default_rng(11)
-
-
 # Tests that are not about the shortcut detector skip it (its cross-validation costs seconds).
 QUICK = {"shortcut_min_images": 10_000}
 

@@ -22,6 +22,9 @@ def gap(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a.astype(np.float32) - b.astype(np.float32)).mean())
 
 
+# --------------------------------------------------------------------------- normalisation
+
+
 @pytest.mark.parametrize(("share", "left", "top"), [(0.6, 0.5, 0.5), (0.75, 0.1, 0.8)])
 def test_a_wider_field_gives_nearly_the_same_prepared_slice(
     share: float, left: float, top: float
@@ -103,6 +106,9 @@ def test_a_bad_normalisation_spec_names_the_key(spec: dict, message: str) -> Non
         Normalise.from_spec(spec)
 
 
+# --------------------------------------------------------------------------- params and card
+
+
 def test_card_round_trip_and_old_cards() -> None:
     spec = Normalise(crop="body", crop_margin=0.05, intensity="clahe", percentiles=(2.0, 98.0))
     card = json.loads(json.dumps(spec.card()))
@@ -143,6 +149,9 @@ def test_bad_augment_params_name_the_key(group: dict, message: str) -> None:
         build(AugmentParams, group, "train.augment")
 
 
+# --------------------------------------------------------------------------- serving
+
+
 @pytest.mark.parametrize("mode", ["stretch", "pad", "crop"])
 def test_map_to_frame_puts_each_input_pixel_back_where_it_came_from(mode: str) -> None:
     # A frame whose body box is 60 x 30 at (100, 50): an input-space map marking the top-left
@@ -162,6 +171,9 @@ def test_map_to_frame_puts_each_input_pixel_back_where_it_came_from(mode: str) -
         assert np.abs(kept[:, 15:45] - seen).mean() < 6
     else:
         assert np.abs(kept - frame[50:80, 100:160]).mean() < 6
+
+
+# --------------------------------------------------------------------------- augmentation
 
 
 OFF = AugmentParams(flip=False, rotation=0.0, zoom=0.0, contrast=0.0)

@@ -14,8 +14,6 @@ from helpers import chest
 # The crafted body: an ellipse centred at (CX, CY) with semi-axes (AX, AY) in a FRAME_W x FRAME_H
 # frame, so its true box is [CX-AX, CX+AX] x [CY-AY, CY+AY].
 FRAME_W, FRAME_H = 320, 240
-
-
 CX, CY, AX, AY = 150, 110, 100, 70
 
 

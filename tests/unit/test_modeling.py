@@ -25,8 +25,6 @@ from chestct.modeling import (
 from chestct.settings import BaseModelParams, SettingsError, TrainParams, _check_model_and_training
 
 SIZE = 32
-
-
 CONTRACT = ("features", "gap", "dropout", "logits", "probabilities")
 
 

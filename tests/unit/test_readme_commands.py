@@ -1,15 +1,16 @@
-r"""Every command line in the README's ```bash blocks is run somewhere, or says why it cannot be.
+"""Every command line in the README's ```bash blocks is run somewhere, or says why it cannot be.
 
 RUN_BY maps a README command to what runs it: a test (`tests/<file>.py::<test>`, which must
 exist and take its commands from the README or spell them, unless `— <note>` says how it runs
 the same thing) or a CI script (`.ci/run`, `.github/workflows/<file>.yml`, which must contain
-the command). NOT_RUNNABLE maps a command to the reason it cannot run on a test machine (a
-cloud account, a Docker engine, the real dataset). A README command in neither fails
-`test_every_readme_command_is_run_or_excused`, so a new command cannot drift from the product
-unnoticed.
+the command). NOT_RUNNABLE maps a command to
+the reason it cannot run on a test machine (a cloud account, a Docker engine, the real dataset).
+A README command in neither fails `test_every_readme_command_is_run_or_excused`, so a new
+command cannot drift from the product unnoticed.
 
-Commands are compared as written, with `\` continuations joined, a trailing `# comment` cut and
-runs of spaces made one."""
+Commands are compared as written, with `\\` continuations joined, a trailing `# comment` cut
+and runs of spaces made one.
+"""
 
 # ruff: noqa: E501  (the registry spells README commands on one line each, as the README does)
 from __future__ import annotations
@@ -20,13 +21,10 @@ from pathlib import Path
 from runbook import blocks, normalise, readme_commands
 
 REPO = Path(__file__).resolve().parents[2]
-
-
 README = REPO / "README.md"
 
 
 E2E = "tests/e2e/test_readme_path.py"
-
 
 RUN_BY: dict[str, str] = {
     # Quick start, in a temporary copy of the project (make run builds it; make serve serves it)
@@ -89,7 +87,6 @@ RUN_BY: dict[str, str] = {
     "sudo -u postgres createdb --owner mlflow mlflow": "tests/e2e/test_tracking_server.py::test_postgres_backend_holds_runs_and_the_registry — createuser/createdb on its own initdb cluster",
 }
 
-
 # A README block after `<!-- runbook: NAME -->` runs verbatim in these tests (tests/runbook.py),
 # so each of its command lines counts as run.
 RUNBOOK_BY: dict[str, str] = {
@@ -101,34 +98,21 @@ RUNBOOK_BY: dict[str, str] = {
     "multi-worker-worker": "tests/e2e/test_multi_worker.py::test_both_workers_train_in_one_cluster",
 }
 
-
 NO_DOCKER = (
     "no Docker engine on the machines chestct is tested on; the CI job `images` "
     "(.github/workflows/ci.yml) builds both targets and probes /ready and /predict"
 )
-
-
 NO_GCS = "needs a Google Cloud account and bucket (only the S3 remote is exercised, against moto)"
-
-
 NO_AZURE = "needs an Azure storage account (only the S3 remote is exercised, against moto)"
-
-
 NO_SSH = "needs an SSH storage host (only the S3 remote is exercised, against moto)"
-
-
 NO_MACHINES = (
     "names other machines; tests/e2e/test_multi_worker.py builds the same TF_CONFIG for two "
     "processes on 127.0.0.1"
 )
-
-
 NO_K8S = (
     "needs a Kubernetes cluster; tests/serving/test_deploy.py validates every manifest against the "
     "Kubernetes schemas and runs the Deployment's command, environment and probes on gunicorn"
 )
-
-
 NOT_RUNNABLE: dict[str, str] = {
     "dvc exp run --queue -S 'train.learning_rate=0.003,0.0003' -S 'base_model.dropout=0.2,0.5' evaluate": "four trainings through DVC's queue: longer than the suite's budget on 2 cores; tried by hand on a scratch copy (README, Experiments)",
     "export MLFLOW_TRACKING_URI=sqlite:///$PWD/mlflow.db": "part of the queued grid above",
@@ -171,7 +155,6 @@ NOT_RUNNABLE: dict[str, str] = {
     "docker compose -f deploy/compose/compose.yaml up -d --build": NO_DOCKER
     + "; tests/serving/test_deploy.py parses the compose file",
 }
-
 
 HOW_TO_FIX = """
 How to fix: for each command above, either

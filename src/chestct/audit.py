@@ -57,6 +57,10 @@ class AuditLog:
         conn = self._connect()
         try:
             with conn:
+                # One migration at a time: gunicorn's workers open a new file together, and a
+                # column check and its ALTER outside one write transaction let two of them add
+                # the same column (the second fails, and so does its worker's boot).
+                conn.execute("BEGIN IMMEDIATE")
                 conn.execute(_SCHEMA)
                 have = {row[1] for row in conn.execute("PRAGMA table_info(predictions)")}
                 for name, kind in _ADDED:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,10 @@ CREATE TABLE IF NOT EXISTS feedback (
 """
 
 
+# How long a worker waits for another's lock on the file before giving up.
+_LOCK_TIMEOUT_S = 5.0
+
+
 class AuditLog:
     """Append predictions to, and read the latest from, one SQLite file."""
 
@@ -47,9 +52,20 @@ class AuditLog:
         self.path = path
 
     def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, timeout=5.0)
-        conn.execute("PRAGMA journal_mode=WAL")
-        return conn
+        conn = sqlite3.connect(self.path, timeout=_LOCK_TIMEOUT_S)
+        deadline = time.monotonic() + _LOCK_TIMEOUT_S
+        while True:
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                return conn
+            except sqlite3.OperationalError as exc:
+                # Turning a new file to WAL needs it to itself, and SQLite answers "locked" at
+                # once (no busy wait) while another worker is creating the tables: wait here
+                # as for any other lock.
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    conn.close()
+                    raise
+                time.sleep(0.02)
 
     def open(self) -> None:
         """Create the folder, the file and the table (idempotent)."""

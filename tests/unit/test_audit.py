@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import sqlite3
 import sys
+import traceback
 from pathlib import Path
 
 from chestct.audit import AuditLog
@@ -14,8 +15,8 @@ def _open(path: str, start) -> None:
     start.wait()
     try:
         AuditLog(Path(path)).open()
-    except sqlite3.Error as exc:
-        print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
+    except sqlite3.Error:
+        traceback.print_exc()
         sys.exit(1)
 
 

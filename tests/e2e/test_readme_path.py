@@ -105,6 +105,19 @@ def wait_for(url: str, proc: subprocess.Popen, log: Path, seconds: float = 180) 
         time.sleep(0.5)
 
 
+def background(command: str, root: Path, env: dict[str, str], log: Path) -> subprocess.Popen:
+    """A README command started in its own session (so `stop` ends its children), output to log."""
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            ["bash", "-c", command],
+            cwd=root,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
 def stop(proc: subprocess.Popen) -> None:
     """Stop a server started in its own process group (make and its gunicorn, or mlflow)."""
     if proc.poll() is None:
@@ -147,15 +160,7 @@ def test_quick_start_serve_samples_curl_and_mlflow_ui(project, tmp_path: Path) -
     base = f"http://127.0.0.1:{port}"
     log = tmp_path / "serve.log"
     serve = readme_one("## Quick start", "make serve")
-    with log.open("wb") as out:
-        server = subprocess.Popen(
-            ["bash", "-c", f"make -o venv {serve.removeprefix('make ')} PORT={port}"],
-            cwd=root,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    server = background(f"make -o venv {serve.removeprefix('make ')} PORT={port}", root, env, log)
     try:
         wait_for(f"{base}/ready", server, log)
         (samples,) = readme("## Quick start", ".venv/bin/python -m chestct.samples")
@@ -170,15 +175,7 @@ def test_quick_start_serve_samples_curl_and_mlflow_ui(project, tmp_path: Path) -
 
         (ui,) = readme("## Quick start", ".venv/bin/mlflow ui")
         ui_log = tmp_path / "ui.log"
-        with ui_log.open("wb") as out:
-            mlflow_ui = subprocess.Popen(
-                ["bash", "-c", f"{ui} --port {ui_port}"],
-                cwd=root,
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        mlflow_ui = background(f"{ui} --port {ui_port}", root, env, ui_log)
         try:
             url = f"http://127.0.0.1:{ui_port}"
             wait_for(url, mlflow_ui, ui_log)

@@ -6,8 +6,10 @@ download is not used.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -31,11 +33,12 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.fixture
-def base_url(model_dir: Path):
+@contextlib.contextmanager
+def served(model: Path) -> Iterator[str]:
+    """The app on a free 127.0.0.1 port in a thread; yields its base URL."""
     from werkzeug.serving import make_server
 
-    app = create_app({"MODEL_DIR": str(model_dir)})
+    app = create_app({"MODEL_DIR": str(model)})
     server = make_server("127.0.0.1", 0, app, threaded=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -44,6 +47,12 @@ def base_url(model_dir: Path):
     finally:
         server.shutdown()
         thread.join(timeout=10)
+
+
+@pytest.fixture
+def base_url(model_dir: Path):
+    with served(model_dir) as url:
+        yield url
 
 
 @pytest.fixture
@@ -103,17 +112,8 @@ def test_upload_page_shows_the_problem_for_a_blank_image(
 
 @pytest.fixture
 def monitored_url(monitored_model: Path):
-    from werkzeug.serving import make_server
-
-    app = create_app({"MODEL_DIR": str(monitored_model)})
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}"
-    finally:
-        server.shutdown()
-        thread.join(timeout=10)
+    with served(monitored_model) as url:
+        yield url
 
 
 DROP = """async (files) => {

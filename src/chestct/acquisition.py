@@ -26,22 +26,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from chestct.imaging import body_box, shrink
+from chestct.imaging import body_box, body_features, shrink
 from chestct.manifest import ACQUISITION_COLUMNS
 
 WORK_SIDE = 256
 # The columns ingest writes beside each content's sha256 (one list: manifest.py).
 FEATURES: tuple[str, ...] = ACQUISITION_COLUMNS[1:]
-# Below this share of the frame outside the body box, "background" is the frame's darkest grey.
-_MIN_OUTSIDE = 0.01
-
-
-def _percentiles(values: np.ndarray, quantiles: tuple[float, ...]) -> list[float]:
-    """Percentiles of uint8 values through a histogram (cheaper than sorting)."""
-    counts = np.bincount(values.reshape(-1), minlength=256)
-    cumulative = np.cumsum(counts)
-    total = int(cumulative[-1])
-    return [float(np.searchsorted(cumulative, q * total, side="left")) for q in quantiles]
 
 
 def acquisition_features(grey: np.ndarray) -> dict[str, float]:
@@ -59,25 +49,9 @@ def acquisition_features(grey: np.ndarray) -> dict[str, float]:
         )
     height, width = grey.shape
     small, _ = shrink(grey, WORK_SIDE)
-    box = body_box(small, margin=0.0)
-    inside = box.crop(small)
-    outside = small.size - inside.size
-    if outside >= _MIN_OUTSIDE * small.size:
-        background = (float(small.sum(dtype=np.int64)) - float(inside.sum(dtype=np.int64))) / (
-            outside
-        )
-    else:
-        background = _percentiles(small, (0.01,))[0]
-    p05, p50, p95 = _percentiles(inside, (0.05, 0.50, 0.95))
     return {
         "width": float(width),
         "height": float(height),
         "frame_mean": round(float(small.mean()), 3),
-        "body_share": round(inside.size / small.size, 4),
-        "body_aspect": round(box.w / max(box.h, 1), 4),
-        "body_found": float(box.found),
-        "background": round(background, 3),
-        "body_p05": p05,
-        "body_p50": p50,
-        "body_p95": p95,
+        **body_features(small, body_box(small, margin=0.0)),
     }

@@ -1014,6 +1014,47 @@ def shrink(grey: np.ndarray, side: int) -> tuple[np.ndarray, float]:
     return cv2.resize(grey, size, interpolation=cv2.INTER_AREA), scale
 
 
+# Below this share of the frame outside the body box, "background" is the frame's darkest grey.
+_MIN_OUTSIDE = 0.01
+
+
+def grey_percentiles(values: np.ndarray, quantiles: tuple[float, ...]) -> list[float]:
+    """Percentiles of uint8 values through a histogram (cheaper than sorting)."""
+    counts = np.bincount(values.reshape(-1), minlength=256)
+    cumulative = np.cumsum(counts)
+    total = int(cumulative[-1])
+    return [float(np.searchsorted(cumulative, q * total, side="left")) for q in quantiles]
+
+
+def body_features(grey: np.ndarray, box: BodyBox) -> dict[str, float]:
+    """How the body sits in the frame and its grey levels, given its box in `grey`'s
+    coordinates (within the frame): the acquisition cues of chestct.acquisition (ingest,
+    validate) and chestct.monitoring (serving, the reference profile), one implementation.
+
+    Returns body_share (box area over the frame's), body_aspect (box width over height),
+    body_found, background (mean grey outside the box; the frame's 1st percentile when the box
+    fills it) and body_p05/p50/p95 (grey-level percentiles inside the box).
+    """
+    inside = box.crop(grey)
+    outside = grey.size - inside.size
+    if outside >= _MIN_OUTSIDE * grey.size:
+        background = (float(grey.sum(dtype=np.int64)) - float(inside.sum(dtype=np.int64))) / (
+            outside
+        )
+    else:
+        background = grey_percentiles(grey, (0.01,))[0]
+    p05, p50, p95 = grey_percentiles(inside, (0.05, 0.50, 0.95))
+    return {
+        "body_share": round(inside.size / grey.size, 4),
+        "body_aspect": round(box.w / max(box.h, 1), 4),
+        "body_found": float(box.found),
+        "background": round(background, 3),
+        "body_p05": p05,
+        "body_p50": p50,
+        "body_p95": p95,
+    }
+
+
 def body_box(grey: np.ndarray, margin: float = 0.02) -> BodyBox:
     """The bounding box of the body in a grey CT slice, or the whole frame and why.
 
@@ -1201,6 +1242,9 @@ class Prepared:
 
     image: np.ndarray  # uint8 size x size
     box: BodyBox  # the region of the original slice that was resized (whole frame: no crop)
+    # The body box as found (no margin) when the crop looked for one: monitoring reuses it
+    # (chestct.monitoring.image_signals) rather than looking for the body a second time.
+    body: BodyBox | None = None
 
 
 def percentile_window(grey: np.ndarray, low: float, high: float) -> np.ndarray:
@@ -1264,13 +1308,13 @@ def prepare_slice(
         # framed like the same body seen with a wider field (measured on the real slices: the
         # prepared image of a 80 % zoom-out moved 31 % of its spread with the margin clipped
         # at the edge, 8 % this way).
-        box = body_box(grey, 0.0)
-        if box.found:
-            box = box.grown(normalise.crop_margin)
+        body: BodyBox | None = body_box(grey, 0.0)
+        box = body.grown(normalise.crop_margin) if body.found else body
     else:
+        body = None
         box = BodyBox(0, 0, grey.shape[1], grey.shape[0], reason="crop: none")
     image = resize(box.crop(grey), size, interpolation, mode)
-    return Prepared(normalise_intensity(image, normalise), box)
+    return Prepared(normalise_intensity(image, normalise), box, body)
 
 
 def map_to_frame(

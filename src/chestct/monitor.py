@@ -218,6 +218,12 @@ def verdict_lines(report: dict[str, Any]) -> list[str]:
             f"balanced accuracy {live['balanced_accuracy']:.3f}, macro-F1 "
             f"{live['macro_f1']:.3f} (test {_fmt(test.get('macro_f1'))})  {mark}"
         )
+    if report.get("not_in_reference"):
+        lines.append(
+            f"  not judged, absent from this model's reference.json (fitted by an older "
+            f"chestct): {', '.join(report['not_in_reference'])}; `dvc repro evaluate promote` "
+            "fits them"
+        )
     if report["drifted"]:
         lines.append(f"  drifted: {', '.join(report['drifted'])}")
     return lines

@@ -24,6 +24,8 @@ import numpy as np
 if TYPE_CHECKING:
     from pathlib import Path
 
+    from chestct.imaging import BodyBox
+
 REFERENCE_FILE = "reference.json"
 PROFILE_VERSION = 1
 # Grey level (0..255, decoded slice) above which a pixel counts as body rather than air/lung:
@@ -80,8 +82,33 @@ SIGNALS: tuple[Signal, ...] = (
         f"share of the slice's pixels above grey {FOREGROUND_GREY} (body in the frame)",
         (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
     ),
+    # The acquisition cues of chestct.acquisition (imaging.body_features), read around the
+    # body box: a zoom or a wider field moves the box's share of the frame, another scanner or
+    # export moves the grey of the surround and of the body.
+    Signal(
+        "body_share",
+        "area of the body's bounding box over the frame's (zoom, field of view)",
+        (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98),
+    ),
+    Signal(
+        "body_aspect",
+        "width over height of the body's bounding box (framing, a stretched export)",
+        (0.8, 1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6, 1.8, 2.0, 2.5),
+    ),
+    Signal(
+        "background",
+        "mean grey level (0..255) outside the body's box (the surround a scanner exports)",
+        (1, 2, 5, 10, 20, 30, 45, 60, 90, 128),
+    ),
+    Signal(
+        "body_p50",
+        "median grey level (0..255) inside the body's box (window, brightness)",
+        (32, 48, 64, 80, 96, 112, 128, 144, 160, 192),
+    ),
 )
 SIGNAL_NAMES: tuple[str, ...] = tuple(s.name for s in SIGNALS)
+# The signals imaging.body_features gives (read around the body box).
+ACQUISITION_SIGNALS: tuple[str, ...] = ("body_share", "body_aspect", "background", "body_p50")
 BY_NAME: dict[str, Signal] = {s.name: s for s in SIGNALS}
 CLASS_SIGNAL = "predicted_class"
 FLAGS: tuple[str, ...] = ("abstain", "ood")
@@ -90,21 +117,47 @@ FLAGS: tuple[str, ...] = ("abstain", "ood")
 # --------------------------------------------------------------------------- per request
 
 
-def image_signals(grey: np.ndarray) -> dict[str, float]:
+def image_signals(grey: np.ndarray, body: BodyBox | None = None) -> dict[str, float]:
     """Acquisition signals of one decoded slice (uint8 H x W, before the model's resizing and
-    any normalisation, which would hide a zoom or a grey-level change): mean grey and the
-    share of body pixels. The hook for richer acquisition features (chestct.acquisition's
-    body share and grey percentiles, at about 1 ms a slice): add them here and to SIGNALS."""
+    any normalisation, which would hide a zoom or a grey-level change): its size, mean grey,
+    share of body pixels, and the body box's share of the frame, aspect, surround grey and
+    median grey (imaging.body_features, as chestct.acquisition reads them).
+
+    Everything is read on a grid of about SAMPLE_SIDE pixels a side. `body` is the slice's
+    `imaging.body_box(grey, 0.0)` when the caller has it already (the model's body crop found
+    it: imaging.Prepared.body); without it the box is looked for here, the same way.
+    """
+    from chestct.imaging import body_box, body_features
+
     grey = np.asarray(grey)
     if grey.ndim == 3:
         grey = grey[..., 0]
+    if grey.dtype != np.uint8:  # a model input handed back as floats (decoded_greys' fallback)
+        grey = np.clip(np.rint(grey), 0, 255).astype(np.uint8)
+    if body is None:
+        body = body_box(grey, 0.0)
     step = max(1, max(grey.shape) // SAMPLE_SIDE)
     sample = grey[::step, ::step]
+    features = body_features(sample, _on_grid(body, step, sample.shape))
     return {
         "input_side": float(max(grey.shape)),
         "mean_grey": float(sample.mean()),
         "foreground": float(np.count_nonzero(sample > FOREGROUND_GREY)) / sample.size,
+        **{name: features[name] for name in ACQUISITION_SIGNALS},
     }
+
+
+def _on_grid(box: BodyBox, step: int, shape: tuple[int, ...]) -> BodyBox:
+    """`box` (slice pixels) on the grid `grey[::step, ::step]` of that slice: the grid points
+    it covers, clipped to the frame and at least one point wide."""
+    from chestct.imaging import BodyBox
+
+    height, width = shape[:2]
+    x0 = min(width - 1, max(0, -(-box.x // step)))
+    y0 = min(height - 1, max(0, -(-box.y // step)))
+    x1 = min(width, max(x0 + 1, -(-(box.x + box.w) // step)))
+    y1 = min(height, max(y0 + 1, -(-(box.y + box.h) // step)))
+    return BodyBox(x0, y0, x1 - x0, y1 - y0, box.reason)
 
 
 def decoded_greys(originals: Sequence[Any], root: Path, fallback: np.ndarray) -> list[np.ndarray]:
@@ -131,8 +184,10 @@ def request_signals(
     ood_distance: float | None,
     ood_threshold: float | None,
     grey: np.ndarray,
+    body: BodyBox | None = None,
 ) -> dict[str, float | None]:
-    """All continuous signals of one prediction, by SIGNALS name (None when not measured)."""
+    """All continuous signals of one prediction, by SIGNALS name (None when not measured);
+    `body` as in image_signals."""
     ratio = None
     if ood_distance is not None and ood_threshold:
         ratio = float(ood_distance) / float(ood_threshold)
@@ -140,7 +195,7 @@ def request_signals(
         "top_probability": float(probabilities.max()),
         "entropy": float(entropy),
         "ood_ratio": ratio,
-        **image_signals(grey),
+        **image_signals(grey, body),
     }
 
 
@@ -453,9 +508,12 @@ def compare(
         verdict = "drift"
     else:
         verdict = "no drift"
+    # An older model's reference (fitted before a signal existed) is judged on what it has.
+    missing = [n for n, s in out_signals.items() if s.get("why") == "not in the reference"]
     return {
         "verdict": verdict,
         "drifted": drifted if enough else [],
+        "not_in_reference": missing,
         "window": {"n": window.n, "start": window.start, "end": window.end},
         "reference": {"n": profile.get("n"), "source": profile.get("source")},
         "thresholds": asdict(thresholds),

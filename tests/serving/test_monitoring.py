@@ -530,3 +530,125 @@ def test_metadata_and_settings_reach_the_monitoring(
     # Each worker keeps only its latest monitor.live_window predictions in the drift window.
     text = client.get("/metrics").get_data(as_text=True)
     assert scraped(text, "chestct_window_predictions") == [({}, 7.0)]
+
+
+# --------------------------------------------------------------------------- acquisition signals
+
+ACQUISITION = ("body_share", "body_aspect", "background", "body_p50")
+
+
+def test_acquisition_signals_follow_zoom_and_grey_level() -> None:
+    """The body box's share of the frame grows with a zoom; the surround and the body get
+    brighter with another scanner's grey level; the body's aspect follows its framing."""
+    from chestct.monitoring import image_signals
+
+    original = ct_slice(5, size=256)
+    base = image_signals(original)
+    assert set(ACQUISITION) <= set(base)
+    assert 0.3 < base["body_share"] < 0.8 and base["body_aspect"] > 1.0
+    assert image_signals(zoomed(original))["body_share"] > base["body_share"] + 0.2
+    bright = image_signals(brighter(original))
+    assert bright["background"] == pytest.approx(base["background"] + 40, abs=3)
+    assert bright["body_p50"] == pytest.approx(base["body_p50"] + 40, abs=3)
+    assert bright["body_share"] == pytest.approx(base["body_share"], abs=0.02)
+    # A blank frame has no body: the whole frame, its grey as background.
+    blank = image_signals(np.full((64, 64), 7, np.uint8))
+    assert blank["body_share"] == 1.0 and blank["background"] == 7.0
+
+
+def test_serving_reuses_the_body_box_of_the_crop() -> None:
+    """With the body crop on, prepare found the box already: the signals computed with it are
+    those the reference fitting computes without it (one box, found once per request)."""
+    from chestct.imaging import Normalise, body_box, prepare_slice
+    from chestct.monitoring import image_signals
+
+    for seed in range(4):
+        grey = ct_slice(seed, CLASSES[seed], size=300)
+        prepared = prepare_slice(grey, 64, normalise=Normalise(crop="body"))
+        assert prepared.body == body_box(grey, 0.0) and prepared.body.found
+        assert image_signals(grey, prepared.body) == image_signals(grey)
+    assert prepare_slice(grey, 64).body is None  # crop none: the signals look for the box
+
+
+@pytest.mark.parametrize(
+    ("transform", "expected"),
+    [(zoomed, {"body_share"}), (brighter, {"background", "body_p50"})],
+    ids=["zoom", "grey"],
+)
+def test_acquisition_shift_is_flagged_on_its_signal(
+    monitored_model: Path,
+    tmp_path: Path,
+    transform: Callable[[np.ndarray], np.ndarray],
+    expected: set[str],
+) -> None:
+    client = serve(monitored_model, tmp_path)
+    send(client, N_WINDOW, transform, balanced)
+    done = run_monitor_cli(tmp_path, monitored_model)
+    assert done.returncode == 1, done.stdout + done.stderr
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert expected <= set(report["drifted"]), report["drifted"]
+    assert report["not_in_reference"] == []
+    for name in expected:
+        assert report["signals"][name]["psi"] >= 0.25
+        assert re.search(rf"{name} +PSI .* DRIFT", done.stdout), done.stdout
+    # The same on /metrics: histograms of every worker and the rolling PSI.
+    text = client.get("/metrics").get_data(as_text=True)
+    exported = {labels["signal"]: v for labels, v in scraped(text, "chestct_drift_psi")}
+    assert all(exported[name] >= 0.25 for name in expected), exported
+    for name in ACQUISITION:
+        (count,) = scraped(text, f"chestct_signal_{name}_count")
+        assert count[1] == N_WINDOW
+
+
+def test_acquisition_signals_in_distribution_stay_quiet(
+    monitored_model: Path, tmp_path: Path
+) -> None:
+    client = serve(monitored_model, tmp_path)
+    send(client, N_WINDOW, lambda img: img, balanced, seed0=95_000)
+    done = run_monitor_cli(tmp_path, monitored_model, "--last", str(N_WINDOW))
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    for name in ACQUISITION:
+        assert report["signals"][name]["judged"] and not report["signals"][name]["drift"]
+        assert report["signals"][name]["psi"] < 0.25, report["signals"][name]
+    assert done.returncode == 0, done.stdout + done.stderr
+    # The audit log keeps them as numbers.
+    history = client.get("/history?limit=1", headers={"Authorization": f"Bearer {TOKEN}"})
+    signals = history.get_json()["entries"][0]["signals"]
+    assert all(isinstance(signals[name], float) for name in ACQUISITION)
+
+
+def test_an_older_reference_without_acquisition_signals_still_monitors(
+    monitored_model: Path, tmp_path: Path
+) -> None:
+    """A model promoted before these signals existed loads, serves, and is judged on the
+    signals its reference has; the monitor says which ones it could not judge."""
+    from chestct.fsutil import sha256_file
+
+    folder = tmp_path / "old-model"
+    shutil.copytree(monitored_model, folder)
+    profile = json.loads((folder / REFERENCE_FILE).read_text())
+    for name in ACQUISITION:
+        del profile["signals"][name]
+    (folder / REFERENCE_FILE).write_text(json.dumps(profile))
+    card = json.loads((folder / "model.json").read_text())
+    card["monitoring"]["sha256"] = sha256_file(folder / REFERENCE_FILE)
+    (folder / "model.json").write_text(json.dumps(card))
+
+    client = serve(folder, tmp_path)
+    send(client, N_WINDOW, zoomed, balanced)
+    text = client.get("/metrics").get_data(as_text=True)
+    exported = {labels["signal"] for labels, _ in scraped(text, "chestct_drift_psi")}
+    assert "foreground" in exported and not exported & set(ACQUISITION)
+    done = run_monitor_cli(tmp_path, folder)
+    assert done.returncode == 1, done.stdout + done.stderr  # the zoom still shows in foreground
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert "foreground" in report["drifted"]
+    assert sorted(report["not_in_reference"]) == sorted(ACQUISITION)
+    assert "absent from this model's reference.json" in done.stdout
+    assert all(n in done.stdout for n in ACQUISITION)
+    for name in ACQUISITION:
+        assert report["signals"][name] == {
+            "kind": "continuous",
+            "judged": False,
+            "why": "not in the reference",
+        }

@@ -129,9 +129,9 @@ def predict_one(service: Service, model: Loaded, upload: Upload, endpoint: str) 
     decoded = checked.decoded
     sha = sha256_bytes(upload.data)
     watch.lap("checks")
-    prepared = model.prepare(decoded)
+    prepared = model.prepare_with_box(decoded)
     watch.lap("prepare")
-    outputs = model.run(prepared[None])
+    outputs = model.run(prepared.image[None])
     watch.lap("infer")
     samples = service.settings.serving.mc_dropout_samples
     result = analyse_outputs(model, outputs, samples, seed_of(sha))
@@ -179,7 +179,7 @@ def predict_one(service: Service, model: Loaded, upload: Upload, endpoint: str) 
         "time_ms": round((time.perf_counter() - started) * 1000, 2),
     }
     watch.lap("analyse")
-    _record(service, model, endpoint, body, result, decoded)
+    _record(service, model, endpoint, body, result, decoded, prepared.body)
     watch.lap("monitor")
     return body
 
@@ -191,8 +191,10 @@ def _record(
     body: dict[str, Any],
     result: Any,
     decoded: imaging.Decoded,
+    body_box: imaging.BodyBox | None,
 ) -> None:
-    """Metrics, monitoring signals and the audit log of one answer."""
+    """Metrics, monitoring signals and the audit log of one answer; `body_box` is the box
+    the model's body crop found (None without one: the signals then look for it)."""
     metrics, audit = service.metrics, service.audit
     metrics.predictions.labels(body["label"]).inc()
     if result.abstain:
@@ -205,6 +207,7 @@ def _record(
         result.ood_score,
         None if model.ood is None else model.ood.threshold,
         decoded.grey,
+        body_box,
     )
     flags = {"abstain": result.abstain, "ood": result.out_of_distribution}
     metrics.observe(signals, body["label"], flags)

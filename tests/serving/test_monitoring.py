@@ -463,7 +463,7 @@ def test_alert_thresholds_match_the_monitor_config() -> None:
 
 
 def metric_names_in(expr: str) -> set[str]:
-    return set(re.findall(r"\bchestct_[a-z_]+\b", expr))
+    return set(re.findall(r"\bchestct_[a-z0-9_]+\b", expr))
 
 
 def test_dashboard_panels_use_only_metrics_the_app_exports(
@@ -474,7 +474,7 @@ def test_dashboard_panels_use_only_metrics_the_app_exports(
     send(client, 60, lambda img: img, balanced)
     client.post("/predict", data=b"not an image", content_type="image/png")
     text = client.get("/metrics").get_data(as_text=True)
-    exported = set(re.findall(r"^(chestct_[a-z_]+)", text, re.MULTILINE))
+    exported = set(re.findall(r"^(chestct_[a-z0-9_]+)", text, re.MULTILINE))
     dashboard = json.loads((MONITORING / "grafana-dashboard.json").read_text())
     assert dashboard["panels"] and dashboard["uid"]
     used: set[str] = set()

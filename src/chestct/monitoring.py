@@ -508,8 +508,13 @@ def compare(
         verdict = "drift"
     else:
         verdict = "no drift"
-    # An older model's reference (fitted before a signal existed) is judged on what it has.
-    missing = [n for n, s in out_signals.items() if s.get("why") == "not in the reference"]
+    # Measured now but absent from the reference: a reference fitted before the signal existed,
+    # judged on what it has (a model without an OOD head measures no ood_ratio: not listed).
+    missing = [
+        n
+        for n, s in out_signals.items()
+        if s.get("why") == "not in the reference" and len(window.signals.get(n, []))
+    ]
     return {
         "verdict": verdict,
         "drifted": drifted if enough else [],

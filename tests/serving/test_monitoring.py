@@ -652,3 +652,31 @@ def test_an_older_reference_without_acquisition_signals_still_monitors(
             "judged": False,
             "why": "not in the reference",
         }
+
+
+def test_not_in_reference_lists_only_signals_the_window_measured() -> None:
+    """A model without an OOD head measures no ood_ratio: that is no older reference."""
+    from chestct.monitoring import Thresholds, Window, compare, image_signals
+
+    rng = np.random.default_rng(1)
+    greys = [ct_slice(60_000 + i, size=128) for i in range(60)]
+    profile = fit_reference(
+        classes=CLASSES,
+        probabilities=rng.dirichlet(np.ones(4), size=60),
+        ood_distance=None,
+        ood_threshold=None,
+        abstain_threshold=None,
+        greys=greys,
+    )
+    measured = [image_signals(g) for g in greys]
+    window = Window(
+        labels=[balanced(i) for i in range(60)],
+        signals={k: [m[k] for m in measured] for k in measured[0]},
+        abstain=[None] * 60,
+        ood=[None] * 60,
+    )
+    report = compare(profile, window, Thresholds(), CLASSES)
+    assert report["not_in_reference"] == []
+    assert report["signals"]["ood_ratio"]["judged"] is False
+    del profile["signals"]["body_share"]
+    assert compare(profile, window, Thresholds(), CLASSES)["not_in_reference"] == ["body_share"]

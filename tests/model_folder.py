@@ -208,6 +208,7 @@ def add_reference(folder: Path, n: int = 200, seed0: int = 50_000) -> dict[str, 
         greys=images,
         labels=labels,
         source="synthetic in-distribution slices",
+        body_crop=model.normalise.crop == "body",
     )
     (folder / REFERENCE_FILE).write_text(json.dumps(profile), encoding="utf-8")
     card = json.loads((folder / "model.json").read_text(encoding="utf-8"))

@@ -557,17 +557,39 @@ def test_acquisition_signals_follow_zoom_and_grey_level() -> None:
 
 
 def test_serving_reuses_the_body_box_of_the_crop() -> None:
-    """With the body crop on, prepare found the box already: the signals computed with it are
-    those the reference fitting computes without it (one box, found once per request)."""
+    """With the body crop on, prepare found the box already and serving reads the signals
+    around it; a reference fitted for such a model reads the same box, so both agree. Without
+    the crop the box is looked for on the sample grid, by serving and the reference alike."""
     from chestct.imaging import Normalise, body_box, prepare_slice
-    from chestct.monitoring import image_signals
+    from chestct.monitoring import image_signals, request_signals
 
-    for seed in range(4):
-        grey = ct_slice(seed, CLASSES[seed], size=300)
-        prepared = prepare_slice(grey, 64, normalise=Normalise(crop="body"))
-        assert prepared.body == body_box(grey, 0.0) and prepared.body.found
-        assert image_signals(grey, prepared.body) == image_signals(grey)
-    assert prepare_slice(grey, 64).body is None  # crop none: the signals look for the box
+    greys = [ct_slice(seed, CLASSES[seed % 4], size=300) for seed in range(6)]
+    proba = np.full((len(greys), 4), 0.25)
+    for crop in ("body", "none"):
+        served = []
+        for grey in greys:
+            prepared = prepare_slice(grey, 64, normalise=Normalise(crop=crop))
+            if crop == "body":
+                assert prepared.body == body_box(grey, 0.0) and prepared.body.found
+            else:
+                assert prepared.body is None
+            served.append(request_signals(proba[0], 1.0, None, None, grey, prepared.body))
+        profile = fit_reference(
+            classes=CLASSES,
+            probabilities=proba,
+            ood_distance=None,
+            ood_threshold=None,
+            abstain_threshold=None,
+            greys=greys,
+            body_crop=crop == "body",
+        )
+        for name in ACQUISITION:
+            values = sorted(round(s[name], 6) for s in served)
+            assert profile["signals"][name]["values"] == values, (crop, name)
+    # The full-resolution box and the grid's agree to within a few hundredths of the frame.
+    for grey in greys:
+        fine, coarse = image_signals(grey, body_box(grey, 0.0)), image_signals(grey)
+        assert fine["body_share"] == pytest.approx(coarse["body_share"], abs=0.05)
 
 
 @pytest.mark.parametrize(

@@ -198,6 +198,7 @@ def run_evaluate(
         abstain_threshold=abstain,
         greys=decoded_greys(originals, root, np.concatenate([valid_images, test_images])),
         labels=[*splits["valid"]["label"], *splits["test"]["label"]],
+        body_crop=prep.normalise.crop == "body",  # serving reuses its crop's box: so does this
     )
 
     metrics = full_metrics(y_test, test["logits"], t, shifted_test)

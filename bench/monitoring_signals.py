@@ -9,9 +9,11 @@ over the rounds, single-threaded (OpenCV on one thread, as in a worker):
   share on the SAMPLE_SIDE grid), rebuilt here as the baseline;
 - `box reused`: all signals, with the body box the model's body crop found (`resize.crop: body`,
   imaging.Prepared.body) handed in, as the predictor does;
-- `box found`: all signals, looking for the body box (`resize.crop: none`, and evaluate's fit).
+- `box found`: all signals, looking for the body box on the SAMPLE_SIDE grid (a model served
+  with `resize.crop: none`).
 
-Also timed: `imaging.body_box` alone (what the reuse saves). Without --source, the embedded
+Also timed: `imaging.body_box` on the full slice alone (what the reuse saves: looking for the
+same box a second time, as the crop does). Without --source, the embedded
 synthetic default (mixed sizes and modes) is generated in a temporary folder. Reported: the
 process's CPU time per slice, median over the rounds with the range.
 """

@@ -1,8 +1,8 @@
 """The predictor under gunicorn vs bare in-process inference, measured side by side in one run.
 
-1. bare: in a fresh process without TensorFlow, `chestct.imaging.prepare` + the LiteRT model
-   on the same PNG, single-threaded like a worker; median latency, rate (1 / mean) and CPU
-   time per call.
+1. bare: in a fresh process without TensorFlow, `chestct.imaging.prepare` with the card's
+   preprocessing (resize mode, body crop, intensity) + the LiteRT model on the same PNG,
+   single-threaded like a worker; median latency, rate (1 / mean) and CPU time per call.
 2. gunicorn with config/gunicorn.conf.py, 2 workers, on 127.0.0.1: POST /predict (raw PNG
    body) from one client (median latency), then from 4 concurrent clients (throughput), and
    the resident memory (VmRSS) of each worker after the run.
@@ -16,7 +16,8 @@ Targets (issue 5): p50 ≤ 1.5 × bare; throughput ≥ 0.8 × 2 × bare rate; RS
 4 clients ≤ 1.2 × bare. The breakdown of a request's CPU comes from the app's Server-Timing
 header on the 1-client series.
 Without --model-dir the model is the untrained small CNN of params.yaml (same compute as a
-trained one), exported with chestct.export and completed as promote does (head, OOD).
+trained one), exported with chestct.export and completed as promote does (head, OOD, and
+the preprocessing of params.yaml's `resize` group in its card: the default crops to the body).
 
     python bench/serve.py [--model-dir model] [--requests 300] [--seconds 10] [--rounds 3]
                           [--keras]
@@ -45,12 +46,12 @@ REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 
 BUILD = r"""
-import json, sys
+import dataclasses, json, sys
 from pathlib import Path
 import numpy as np
 from chestct.export import LightModel, export_light, light_outputs
 from chestct.gradcam import CamHead
-from chestct.imaging import prepare, encode_png
+from chestct.imaging import Normalise, prepare, encode_png
 from chestct.labels import CLASSES, DISPLAY_NAMES
 from chestct.modeling import build_model
 from chestct.settings import load_settings
@@ -59,11 +60,16 @@ from chestct.synthetic import render_slice
 folder = Path(sys.argv[1]); folder.mkdir(parents=True)
 s = load_settings()
 size = s.params.base.image_size
+# The preprocessing params.yaml asks for (body crop, intensity), recorded as promote does.
+resize = dataclasses.asdict(s.params.resize)
+normalise = Normalise.from_spec(resize)
+spec = {"resize": resize["mode"], "interpolation": resize["interpolation"], **normalise.card()}
 model = build_model(s.params.base_model, size, s.params.base.seed)
 model.save(folder / "model.keras")
 inference = export_light(model, folder / "model.tflite")
 rng = np.random.default_rng(0)
-images = np.stack([prepare(encode_png(render_slice(CLASSES[i % 4], rng, 256)), size)
+images = np.stack([prepare(encode_png(render_slice(CLASSES[i % 4], rng, 256)), size,
+                           resize["interpolation"], mode=resize["mode"], normalise=normalise)
                    for i in range(64)]).astype(np.float32)[..., None]
 gap = light_outputs(LightModel.load(folder / "model.tflite"), images)["features"].mean(axis=(1, 2))
 gap = gap.astype(np.float64)
@@ -74,7 +80,7 @@ np.savez(folder / "ood.npz", mean=gap.mean(0), precision=precision)
 card = {
     "name": "chestct-bench", "version": "1", "classes": list(CLASSES),
     "display_names": DISPLAY_NAMES, "image_size": size,
-    "preprocessing": {"resize": "stretch", "interpolation": s.params.resize.interpolation},
+    "preprocessing": spec,
     "model_file": "model.keras", "mlflow_run_ids": {"train": None},
     "inference": inference, "temperature": 1.0, "thresholds": {"abstain_entropy": 0.9},
     "cam": {"file": "cam_head.npz"},
@@ -93,14 +99,16 @@ cv2.setNumThreads(1)
 from pathlib import Path
 import numpy as np
 from chestct.export import LightModel
-from chestct.imaging import prepare
+from chestct.imaging import Normalise, prepare
 folder, image, n = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
 card = json.loads((folder / "model.json").read_text())
 light = LightModel.load(folder / card["inference"]["file"], threads=1)
 data = image.read_bytes()
-size, interp = card["image_size"], card["preprocessing"]["interpolation"]
+size, spec = card["image_size"], card["preprocessing"]
+interp, mode, normalise = spec["interpolation"], spec["resize"], Normalise.from_spec(spec)
 def once():
-    light.run(prepare(data, size, interp).astype(np.float32)[None, :, :, None])
+    grey = prepare(data, size, interp, mode=mode, normalise=normalise)
+    light.run(grey.astype(np.float32)[None, :, :, None])
 for _ in range(20):
     once()
 times = []

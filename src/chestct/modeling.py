@@ -284,6 +284,53 @@ def build_model(
     return model
 
 
+def reinitialised(model: keras.Model, seed: int) -> keras.Model:
+    """A copy of `model` with freshly drawn weights (seeded), for another ensemble member.
+
+    A nested "backbone" keeps the weights of `model`: pretrained weights are the point of it,
+    and they are what every member starts from.
+    """
+    set_seed(seed)
+    copy = keras.models.clone_model(model)
+    for source, target in zip(all_layers(model), all_layers(copy), strict=True):
+        target.trainable = source.trainable
+    if any(layer.name == "backbone" for layer in model.layers):
+        copy.get_layer("backbone").set_weights(model.get_layer("backbone").get_weights())
+    return copy
+
+
+def merge_members(members: Sequence[keras.Model]) -> keras.Model:
+    """One model whose logits are the mean of the members' logits (an ensemble).
+
+    Each member's layers up to its "features" map become a nested model "member<k>"; their
+    maps are concatenated along channels as the merged "features", followed by the same
+    head as every model ("gap", "dropout", "logits", "probabilities"). The merged dense
+    kernel is the members' kernels stacked and divided by their number, its bias their mean:
+    the global average of concatenated maps is the concatenation of their averages, so the
+    merged logits equal the members' mean exactly. Evaluation, Grad-CAM (the mean of the
+    members' maps), the LiteRT export, MC-dropout and the OOD features then work unchanged.
+    """
+    if len(members) == 1:
+        return members[0]
+    first = members[0]
+    inputs = keras.Input(tuple(first.input_shape[1:]), name="image")
+    maps = []
+    for k, member in enumerate(members):
+        trunk = keras.Model(member.inputs, member.get_layer("features").output, name=f"member{k}")
+        maps.append(trunk(inputs))
+    x = keras.layers.Concatenate(axis=-1, name="features")(maps)
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    x = keras.layers.Dropout(first.get_layer("dropout").rate, name="dropout")(x)
+    dense = keras.layers.Dense(len(CLASSES), name="logits")
+    logits = dense(x)
+    outputs = keras.layers.Activation("softmax", name="probabilities", dtype="float32")(logits)
+    merged = keras.Model(inputs, outputs, name=first.name)
+    heads = [member.get_layer("logits").get_weights() for member in members]
+    kernel = np.concatenate([w for w, _ in heads], axis=0) / len(members)
+    dense.set_weights([kernel, np.mean([b for _, b in heads], axis=0)])
+    return merged
+
+
 def with_dtype_policy(model: keras.Model, policy: str) -> keras.Model:
     """A copy of `model` whose layers compute in `policy` (e.g. "mixed_float16"); the
     "probabilities" layer stays float32. Weights are copied (variables stay float32)."""

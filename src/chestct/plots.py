@@ -163,15 +163,20 @@ def plot_gallery(
 
 
 def plot_history(history: pd.DataFrame, target: Path) -> None:
-    """Loss, accuracy, macro-F1 and learning rate per epoch, train against valid."""
+    """Loss, accuracy, macro-F1 and learning rate per epoch, train against valid (one pair of
+    lines per ensemble member when the history has several)."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, 4, figsize=(15, 3.5))
-    epochs = history["epoch"]
-    for ax, metric in zip(axes, ("loss", "accuracy", "macro_f1"), strict=False):
-        ax.plot(epochs, history[metric], label="train")
-        ax.plot(epochs, history[f"val_{metric}"], label="valid")
-        ax.set_title(metric)
-    axes[3].plot(epochs, history["learning_rate"], color="tab:green")
+    members = history.groupby("member") if "member" in history else [(0, history)]
+    several = "member" in history and history["member"].nunique() > 1
+    for k, rows in members:
+        epochs = rows["epoch"]
+        suffix = f" (member {k})" if several else ""
+        for ax, metric in zip(axes, ("loss", "accuracy", "macro_f1"), strict=False):
+            ax.plot(epochs, rows[metric], label=f"train{suffix}")
+            ax.plot(epochs, rows[f"val_{metric}"], label=f"valid{suffix}")
+            ax.set_title(metric)
+        axes[3].plot(epochs, rows["learning_rate"])
     axes[3].set_yscale("log")
     axes[3].set_title("learning rate")
     second = history.loc[history["phase"] == 2, "epoch"]

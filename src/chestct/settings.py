@@ -195,6 +195,7 @@ class TrainParams:
     deterministic: bool = True
     strategy: Literal["default", "mirrored", "multi_worker"] = "default"
     mixed_precision: bool = False
+    ensemble: int = 1  # members trained from seeds base.seed + k and merged (logits averaged)
     augment: AugmentParams = field(default_factory=AugmentParams)
 
 
@@ -588,6 +589,10 @@ def _check_model_and_training(model: BaseModelParams, train: TrainParams) -> Non
         raise SettingsError(
             "base_model.freeze: backbone would keep randomly initialised weights fixed "
             "(base_model.weights is none); use auto or none, or give pretrained weights"
+        )
+    if train.ensemble < 1:
+        raise SettingsError(
+            f"train.ensemble: must be at least 1 (1: one model), got {train.ensemble}"
         )
     if train.bn_recalibration < 0:
         raise SettingsError("train.bn_recalibration: must be >= 0 (0 turns it off)")

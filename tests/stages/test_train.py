@@ -314,3 +314,104 @@ def test_training_with_every_shift_augmentation_is_repeatable(tmp_path: Path) ->
     pd.testing.assert_frame_equal(first.history, second.history, check_exact=True)
     for a, b in zip(first.model.get_weights(), second.model.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_merged_members_answer_the_mean_of_their_logits_through_keras_cam_and_litert(
+    tmp_path: Path,
+) -> None:
+    from chestct.export import LightModel, export_light, light_outputs
+    from chestct.gradcam import CamHead
+    from chestct.modeling import load_model, merge_members, save_model
+
+    members = []
+    for seed in range(3):
+        member = build_model(BaseModelParams(filters=[4, 8]), SIZE, seed)
+        kernel, bias = member.get_layer("logits").get_weights()
+        member.get_layer("logits").set_weights([kernel, bias + seed])  # biases differ too
+        members.append(member)
+    merged = merge_members(members)
+    images = np.random.default_rng(0).uniform(0, 255, (5, SIZE, SIZE, 1)).astype(np.float32)
+
+    def logits(model: keras.Model) -> np.ndarray:
+        head = keras.Model(model.inputs, model.get_layer("logits").output)
+        return np.asarray(head(images, training=False))
+
+    expected = np.mean([logits(m) for m in members], axis=0)
+    np.testing.assert_allclose(logits(merged), expected, rtol=1e-5, atol=1e-5)
+    assert [merged.get_layer(n).name for n in ("features", "gap", "dropout", "probabilities")]
+    assert merged.get_layer("features").output.shape[-1] == 3 * 8
+    assert merged.get_layer("dropout").rate == members[0].get_layer("dropout").rate
+
+    # Saved and loaded without chestct's help, it answers the same.
+    reloaded = load_model(save_model(merged, tmp_path / "merged.keras"))
+    np.testing.assert_allclose(logits(reloaded), expected, rtol=1e-5, atol=1e-5)
+
+    # Grad-CAM of the merged head is the mean of the members' (before each is rescaled).
+    def raw_cam(model: keras.Model, image: np.ndarray) -> np.ndarray:
+        feats = np.asarray(keras.Model(model.inputs, model.get_layer("features").output)(image))
+        return feats[0] @ CamHead.from_model(model).kernel[:, 1]
+
+    one = images[:1]
+    np.testing.assert_allclose(
+        raw_cam(merged, one),
+        np.mean([raw_cam(m, one) for m in members], axis=0),
+        rtol=1e-4,
+        atol=1e-5,
+    )
+
+    # The LiteRT export (what serving runs) keeps the contract and the averaged logits.
+    card = export_light(reloaded, tmp_path / "model.tflite")
+    light = light_outputs(LightModel.load(tmp_path / "model.tflite"), images)
+    assert set(card["outputs"]) >= {"features", "logits", "probabilities"}
+    np.testing.assert_allclose(light["logits"], expected, rtol=1e-4, atol=1e-4)
+    assert light["features"].shape[-1] == 3 * 8
+
+    assert merge_members(members[:1]) is members[0]
+
+
+def test_ensemble_trains_seeded_members_and_hands_on_one_merged_model(
+    data, tmp_path: Path
+) -> None:
+    root, _, valid = data
+    base = base_file(tmp_path, BaseModelParams(filters=[4, 8]))
+    params = TrainParams(epochs=2, batch_size=4, ensemble=3, patience=10, augment=QUIET)
+    logged: list[int] = []
+    result = train(data, base, params, seed=5, sink=lambda m, e: logged.append(e))
+
+    history = result.history
+    assert list(history["member"]) == [0, 0, 1, 1, 2, 2]
+    assert list(history["epoch"]) == [1, 2, 1, 2, 1, 2]
+    assert logged == [0, 1, 2, 3, 4, 5]  # one MLflow step per epoch of any member
+    members = result.details["members"]
+    assert [m["seed"] for m in members] == [5, 6, 7]
+    assert result.details["ensemble"] == 3
+    assert result.best_value == pytest.approx(np.mean([m["best_value"] for m in members]))
+    model = result.model
+    assert model.get_layer("features").output.shape[-1] == 3 * 8
+    trunks = [model.get_layer(f"member{k}") for k in range(3)]
+    # Members 1 and 2 drew their own weights; member 0 started from the base model.
+    first_kernels = [t.get_layer("conv0").get_weights()[0] for t in trunks]
+    assert not np.allclose(first_kernels[0], first_kernels[1])
+    assert not np.allclose(first_kernels[1], first_kernels[2])
+    ds = make_dataset([root / p for p in valid["path"]], None, 8)
+    proba = model.predict(ds, verbose=0)
+    assert proba.shape == (len(valid), len(CLASSES))
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0, rtol=1e-5)
+
+    from chestct.plots import plot_history
+
+    plot_history(history, tmp_path / "curves.png")  # one pair of lines per member
+    assert cv2.imread(str(tmp_path / "curves.png")) is not None
+
+    # The same seed gives the same ensemble.
+    again = train(data, base, params, seed=5)
+    pd.testing.assert_frame_equal(history, again.history, check_exact=True)
+
+
+def test_one_member_is_plain_training(data, tmp_path: Path) -> None:
+    base = base_file(tmp_path, BaseModelParams(filters=[4, 8]))
+    result = train(data, base, TrainParams(epochs=2, batch_size=4, augment=QUIET))
+    assert set(result.history["member"]) == {0}
+    assert result.details["ensemble"] == 1
+    assert not any(layer.name.startswith("member") for layer in result.model.layers)
+    assert result.model.get_layer("features").output.shape[-1] == 8

@@ -150,6 +150,7 @@ def test_split_fractions_must_be_positive_and_sum_below_one(
         ("train", {"epochs": 0}, "train.epochs: must be at least 1"),
         ("train", {"batch_size": 0}, "train.batch_size: must be at least 1"),
         ("train", {"learning_rate": 0}, "train.learning_rate: must be > 0"),
+        ("train", {"ensemble": 0}, "train.ensemble: must be at least 1"),
         ("base_model", {"dropout": 1.0}, "base_model.dropout: must be in [0, 1)"),
         (
             "ingest",

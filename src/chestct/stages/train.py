@@ -30,6 +30,8 @@ from chestct.modeling import (
     label_indices,
     load_model,
     make_dataset,
+    merge_members,
+    reinitialised,
     save_model,
     set_seed,
     with_dtype_policy,
@@ -46,21 +48,28 @@ EpochSink = Callable[[dict[str, float], int], None]
 
 @dataclass(frozen=True)
 class TrainResult:
-    model: keras.Model
-    history: pd.DataFrame  # one row per epoch: epoch, phase, learning_rate, metrics
-    best_epoch: int
-    best_value: float  # of the monitored validation metric at best_epoch
+    model: keras.Model  # with train.ensemble > 1, the members merged into one model
+    history: pd.DataFrame  # one row per member and epoch: member, epoch, phase, lr, metrics
+    best_epoch: int  # of the first member
+    best_value: float  # of the monitored validation metric at the best epoch (members' mean)
     details: dict[str, Any] = field(default_factory=dict)
 
 
 class _EpochLogger(keras.callbacks.Callback):
-    """Hands each epoch's metrics and learning rate to a sink (MLflow in main())."""
+    """Hands each epoch's metrics and learning rate to a sink (MLflow in main()).
 
-    def __init__(self, sink: EpochSink | None, rows: list[dict[str, float]], phase: int) -> None:
+    The sink's step counts on over phases and ensemble members (`offset`: epochs logged by
+    earlier members), so every epoch of a run has its own step.
+    """
+
+    def __init__(
+        self, sink: EpochSink | None, rows: list[dict[str, float]], phase: int, offset: int = 0
+    ) -> None:
         super().__init__()
         self.sink = sink
         self.rows = rows
         self.phase = phase
+        self.offset = offset
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         metrics = {k: float(v) for k, v in (logs or {}).items()}
@@ -69,7 +78,7 @@ class _EpochLogger(keras.callbacks.Callback):
         )
         self.rows.append({"epoch": epoch + 1, "phase": self.phase, **metrics})
         if self.sink is not None:
-            self.sink(metrics, epoch)
+            self.sink(metrics, self.offset + epoch)
 
 
 class BestWeights(keras.callbacks.Callback):
@@ -374,6 +383,10 @@ def run_train(
 ) -> TrainResult:
     """Fit the base model; returns it with the best validation weights restored.
 
+    With `params.ensemble` N > 1, N members are trained one after another (member k from
+    seed + k, k >= 1 with freshly drawn weights) and merged into one model that averages
+    their logits (modeling.merge_members).
+
     Args:
         base_model: the untrained model file from base-model.
         train: training manifest (DATASET_COLUMNS), paths relative to `root`.
@@ -394,17 +407,6 @@ def run_train(
     if params.mixed_precision and not use_mixed:
         log.warning("train.mixed_precision: no GPU present, training in float32")
 
-    train_ds = make_dataset(
-        [root / p for p in train["path"]],
-        list(train["label"]),
-        params.batch_size,
-        shuffle_seed=seed,
-        augment=augmenter(params.augment, seed),
-        one_hot=True,
-    )
-    valid_ds = make_dataset(
-        [root / p for p in valid["path"]], list(valid["label"]), params.batch_size, one_hot=True
-    )
     weights = class_weights(train["label"], params.class_weights)
     recalibration = None
     if params.bn_recalibration > 0:
@@ -414,73 +416,116 @@ def run_train(
         recalibration = make_dataset(
             [root / p for p in sample["path"]], list(sample["label"]), params.batch_size
         )
-
-    with strategy.scope():
-        model = load_model(base_model)
-        if use_mixed:
-            model = with_dtype_policy(model, "mixed_float16")
-        _compile(model, params, params.learning_rate)
-    if params.fine_tune.unfreeze_top > 0:
-        _backbone(model, params.fine_tune.unfreeze_top)  # refuse before, not after, phase 1
-
-    rows: list[dict[str, float]] = []
-    best = BestWeights(params.monitor)
-    _fit(
-        model,
-        strategy,
-        train_ds,
-        valid_ds,
-        initial_epoch=0,
-        epochs=params.epochs,
-        class_weight=weights,
-        callbacks=_callbacks(params, best, _EpochLogger(on_epoch, rows, 1), recalibration),
-        label_smoothing=params.label_smoothing,
+    valid_ds = make_dataset(
+        [root / p for p in valid["path"]], list(valid["label"]), params.batch_size, one_hot=True
     )
-    best.restore()
-    phase1_epochs = len(rows)
-    opened = 0
     if params.fine_tune.unfreeze_top > 0:
         with strategy.scope():
-            opened = unfreeze_top(model, params.fine_tune.unfreeze_top)
-            _compile(model, params, params.fine_tune.learning_rate)
-        log.info(
-            "fine-tuning: %d backbone layers trainable, learning rate %g",
-            opened,
-            params.fine_tune.learning_rate,
+            _backbone(load_model(base_model), params.fine_tune.unfreeze_top)  # refuse first
+
+    rows: list[dict[str, float]] = []
+    members: list[keras.Model] = []
+    member_details: list[dict[str, Any]] = []
+    opened = 0
+    for k in range(params.ensemble):
+        # Member k draws its own weights (k >= 1), shuffling and augmentation from seed + k;
+        # member 0 is the base model as base-model made it, so ensemble: 1 is plain training.
+        member_seed = seed + k
+        set_seed(member_seed)
+        train_ds = make_dataset(
+            [root / p for p in train["path"]],
+            list(train["label"]),
+            params.batch_size,
+            shuffle_seed=member_seed,
+            augment=augmenter(params.augment, member_seed),
+            one_hot=True,
         )
+        with strategy.scope():
+            model = load_model(base_model)
+            if k > 0:
+                model = reinitialised(model, member_seed)
+            if use_mixed:
+                model = with_dtype_policy(model, "mixed_float16")
+            _compile(model, params, params.learning_rate)
+        if params.ensemble > 1:
+            log.info("ensemble member %d of %d (seed %d)", k + 1, params.ensemble, member_seed)
+        member_rows: list[dict[str, float]] = []
+        best = BestWeights(params.monitor)
         _fit(
             model,
             strategy,
             train_ds,
             valid_ds,
-            initial_epoch=phase1_epochs,
-            epochs=phase1_epochs + params.fine_tune.epochs,
+            initial_epoch=0,
+            epochs=params.epochs,
             class_weight=weights,
-            callbacks=_callbacks(params, best, _EpochLogger(on_epoch, rows, 2), recalibration),
+            callbacks=_callbacks(
+                params, best, _EpochLogger(on_epoch, member_rows, 1, len(rows)), recalibration
+            ),
             label_smoothing=params.label_smoothing,
         )
         best.restore()
+        phase1_epochs = len(member_rows)
+        if params.fine_tune.unfreeze_top > 0:
+            with strategy.scope():
+                opened = unfreeze_top(model, params.fine_tune.unfreeze_top)
+                _compile(model, params, params.fine_tune.learning_rate)
+            log.info(
+                "fine-tuning: %d backbone layers trainable, learning rate %g",
+                opened,
+                params.fine_tune.learning_rate,
+            )
+            _fit(
+                model,
+                strategy,
+                train_ds,
+                valid_ds,
+                initial_epoch=phase1_epochs,
+                epochs=phase1_epochs + params.fine_tune.epochs,
+                class_weight=weights,
+                callbacks=_callbacks(
+                    params, best, _EpochLogger(on_epoch, member_rows, 2, len(rows)), recalibration
+                ),
+                label_smoothing=params.label_smoothing,
+            )
+            best.restore()
+        if use_mixed:
+            # Served and evaluated on CPUs too: hand on a float32 model with the same weights.
+            model = with_dtype_policy(model, "float32")
+        assert best.best is not None  # fit() ran at least one epoch
+        for i, row in enumerate(member_rows):
+            row.update({"member": k, "epoch": i + 1})
+        rows.extend(member_rows)
+        members.append(model)
+        member_details.append(
+            {
+                "member": k,
+                "seed": member_seed,
+                "phase1_epochs": phase1_epochs,
+                "epochs_run": len(member_rows),
+                "best_epoch": best.best_epoch,
+                "best_value": best.best,
+            }
+        )
 
-    if use_mixed:
-        # Served and evaluated on CPUs too: hand on a float32 model with the same weights.
-        model = with_dtype_policy(model, "float32")
+    model = merge_members(members)
     history = pd.DataFrame(rows)
-    history["epoch"] = range(1, len(history) + 1)
     details = {
         "strategy": params.strategy,
         "replicas": int(strategy.num_replicas_in_sync),
         "mixed_precision": use_mixed,
         "deterministic": params.deterministic,
-        "phase1_epochs": phase1_epochs,
+        "ensemble": params.ensemble,
+        "members": member_details,
+        "phase1_epochs": member_details[0]["phase1_epochs"],
         "fine_tune_layers": opened,
         "trainable_parameters": int(sum(np.prod(w.shape) for w in model.trainable_weights)),
     }
-    assert best.best is not None  # fit() ran at least one epoch
     return TrainResult(
         model=model,
         history=history,
-        best_epoch=best.best_epoch,
-        best_value=best.best,
+        best_epoch=member_details[0]["best_epoch"],
+        best_value=float(np.mean([m["best_value"] for m in member_details])),
         details=details,
     )
 
@@ -563,13 +608,20 @@ def main() -> None:
         plot_history(result.history, out / "curves.png")
         session.log_artifact(out / "curves.png")
         session.log_artifact(out / "history.csv")
-        best = result.history.iloc[result.best_epoch - 1]
+        # The members' best epochs, averaged (one row without an ensemble).
+        bests = {(m["member"], m["best_epoch"]) for m in result.details["members"]}
+        at_best = [
+            pair in bests
+            for pair in zip(result.history["member"], result.history["epoch"], strict=True)
+        ]
+        best = result.history[at_best].mean(numeric_only=True)
         session.finish(
             inputs=["validate", "base-model"],
             outputs={"model": model_path, "history": out / "history.csv"},
             metrics={
                 "epochs_run": len(result.history),
                 "best_epoch": result.best_epoch,
+                "ensemble": s.params.train.ensemble,
                 "best_val_loss": float(best["val_loss"]),
                 "best_val_accuracy": float(best["val_accuracy"]),
                 "best_val_macro_f1": float(best["val_macro_f1"]),

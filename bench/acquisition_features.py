@@ -15,17 +15,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
 import cv2
 
 from chestct.acquisition import acquisition_features
-from chestct.imaging import decode
-from chestct.synthetic import generate_synthetic
-
-SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+from slices import decoded_slices
 
 
 def main() -> None:
@@ -34,15 +30,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
     cv2.setNumThreads(1)
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = args.source
-        if folder is None:
-            folder = Path(tmp)
-            generate_synthetic(folder, 0, {"train": 50, "valid": 0, "test": 0})
-        files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in SUFFIXES)
-        greys = [decode(p.read_bytes()).grey for p in files]
-    if not greys:
-        raise SystemExit(f"{folder}: no image files")
+    greys = decoded_slices(args.source)
     rounds, cpu = [], []
     found = 0.0
     for _ in range(args.repeat):

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,11 +29,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from chestct.imaging import body_box, decode
+from chestct.imaging import body_box
 from chestct.monitoring import FOREGROUND_GREY, SAMPLE_SIDE, request_signals
-from chestct.synthetic import generate_synthetic
+from slices import decoded_slices
 
-SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 PROBABILITIES = np.array([0.7, 0.1, 0.1, 0.1])
 
 
@@ -65,15 +63,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
     cv2.setNumThreads(1)
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = args.source
-        if folder is None:
-            folder = Path(tmp)
-            generate_synthetic(folder, 0, {"train": 50, "valid": 0, "test": 0})
-        files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in SUFFIXES)
-        greys = [decode(p.read_bytes()).grey for p in files]
-    if not greys:
-        raise SystemExit(f"{folder}: no image files")
+    greys = decoded_slices(args.source)
     boxes = [body_box(g, 0.0) for g in greys]
     n = len(greys)
     series: dict[str, Callable[[int], object]] = {

@@ -39,6 +39,10 @@ class SettingsError(ValueError):
 class BaseParams:
     seed: int = 42
     image_size: int = 128
+    # Thumbnail correlation (chestct.similarity) at or above which a slice is a near-copy of
+    # its nearest training slice: split's series, validate's near-copy report, evaluate's
+    # novel part. Adjacent slices of one series sit above it, other patients below.
+    near_copy_similarity: float = 0.9
 
 
 @dataclass(frozen=True)
@@ -438,6 +442,10 @@ def _check_params(params: Params) -> None:
     """Cross-field checks that a type alone cannot express."""
     if params.base.image_size < 16:
         raise SettingsError("base.image_size: must be at least 16 pixels")
+    if not 0 < params.base.near_copy_similarity <= 1:
+        raise SettingsError(
+            "base.near_copy_similarity: a thumbnail correlation in (0, 1], e.g. 0.9"
+        )
     fractions = params.split.valid_fraction + params.split.test_fraction
     if not 0 < fractions < 1 or min(params.split.valid_fraction, params.split.test_fraction) <= 0:
         raise SettingsError(

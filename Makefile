@@ -21,7 +21,7 @@ export DO_NOT_TRACK := true
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: venv run repro plan test serve lint format ui tracking-server clean help
+.PHONY: venv run repro plan test serve lint format ui tracking-server docs clean help
 
 help:
 	@echo "make run    - set up .venv and run the whole pipeline (dvc repro)"
@@ -32,6 +32,7 @@ help:
 	@echo "make ui     - the MLflow UI on the local sqlite store (http://$(HOST):5000; PORT=)"
 	@echo "make tracking-server - MLflow server (SQL backend, proxied artifacts) on $(TRACKING_HOST):$(TRACKING_PORT)"
 	@echo "make lint   - ruff"
+	@echo "make docs   - build the docs site into site/ (mkdocs build --strict)"
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else \
@@ -69,6 +70,10 @@ plan: venv
 
 test: venv
 	python -m pytest $(PYTEST_ARGS)
+
+# The docs site (docs/, mkdocs.yml) into site/; --strict fails on any broken link or left-out page.
+docs: venv
+	NO_MKDOCS_2_WARNING=1 mkdocs build --strict
 
 serve: venv
 	@test -f model/model.json || { echo "no model in model/: run 'make run' first"; exit 1; }

@@ -71,8 +71,10 @@ plan: venv
 test: venv
 	python -m pytest $(PYTEST_ARGS)
 
-# The docs site (docs/, mkdocs.yml) into site/; --strict fails on any broken link or left-out page.
+# The docs site (docs/, mkdocs.yml) into site/, after rendering the measured tables of docs/results/;
+# --strict fails on any broken link, left-out page or missing table.
 docs: venv
+	python bench/docsgen.py
 	NO_MKDOCS_2_WARNING=1 mkdocs build --strict
 
 serve: venv

@@ -7,11 +7,14 @@ host (fonts, scripts, styles): the site is read offline as well.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -41,3 +44,76 @@ def test_the_docs_site_builds_strictly_and_loads_nothing_from_elsewhere(tmp_path
     }
     assert not {k: v for k, v in loading.items() if v}, loading
     assert "fonts.googleapis.com" not in (site / "index.html").read_text(encoding="utf-8")
+
+
+# --------------------------------------------------------------------------- measured figures
+
+sys.path.insert(0, str(REPO / "bench"))
+import docsgen  # noqa: E402  (bench/ scripts import each other by name)
+import results  # noqa: E402
+
+INCLUDE = re.compile(r'^--8<-- "docs/generated/([\w-]+)\.md"$', re.M)
+
+
+def test_generated_tables_match_their_results_files() -> None:
+    assert not docsgen.stale(), (
+        f"docs/generated/ is out of date for {docsgen.stale()}: run `python bench/docsgen.py`"
+    )
+
+
+def test_every_results_file_is_shown_and_every_included_table_exists() -> None:
+    included = {
+        name
+        for page in (REPO / "docs").rglob("*.md")
+        for name in INCLUDE.findall(page.read_text(encoding="utf-8"))
+    }
+    recorded = {p.stem for p in (REPO / "docs" / "results").glob("*.json")}
+    assert included == recorded, (
+        f"results no page includes: {sorted(recorded - included)}; "
+        f"included tables without a results file: {sorted(included - recorded)}"
+    )
+    for name in recorded:
+        record = results.read_result(REPO / "docs" / "results" / f"{name}.json")
+        assert re.match(r"\d{4}-\d{2}-\d{2}", record["measured"]), (name, record["measured"])
+
+
+def test_a_results_file_without_its_machine_is_refused(tmp_path: Path) -> None:
+    path = results.write_result(tmp_path / "t.json", "a table", ["a", "b"], [["1", "2"]])
+    record = results.read_result(path)
+    assert record["source"] == "script" and "cores" in record["machine"]
+    assert "| 1 | 2 |" in results.render(record, "t")
+    data = json.loads(path.read_text(encoding="utf-8"))
+    del data["machine"]
+    path.write_text(json.dumps(data), encoding="utf-8")
+    with pytest.raises(ValueError, match="missing machine"):
+        results.read_result(path)
+
+
+def test_record_run_tables_the_shift_stress_of_the_last_evaluate(tmp_path: Path) -> None:
+    shift = {
+        name: {"macro_f1": 0.5 + i / 100, "balanced_accuracy": 0.6, "ece_calibrated": 0.07}
+        for i, name in enumerate(docsgen.SHIFT_ORDER)
+    }
+    shift |= {"worst_macro_f1": 0.5, "worst_shift": "zoom_80", "mean_macro_f1": 0.54}
+    metrics = {
+        "macro_f1": 0.9,
+        "balanced_accuracy": 0.91,
+        "ece_calibrated": 0.02,
+        "robust_macro_f1": 0.7,
+        "shift": shift,
+    }
+    (tmp_path / "artifacts" / "evaluate").mkdir(parents=True)
+    (tmp_path / "artifacts" / "evaluate" / "metrics.json").write_text(json.dumps(metrics))
+    out = docsgen.record_run(tmp_path, tmp_path / "results" / "default-run.json")
+    record = results.read_result(out)
+    assert record["rows"][0] == ["clean test split", "0.900", "0.910", "0.020"]
+    assert [r[0] for r in record["rows"][1:]] == [f"`{n}`" for n in docsgen.SHIFT_ORDER]
+    assert "`robust_macro_f1` 0.700" in record["note"]
+    assert f"holds {4 + 3 * 9 + 2} numbers" in record["note"]
+    rendered = docsgen.expected(tmp_path / "results")["default-run.md"]
+    assert rendered.startswith("| condition | macro-F1 |")
+
+
+def test_record_run_without_a_pipeline_run_says_what_to_run(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="run `make run`"):
+        docsgen.record_run(tmp_path, tmp_path / "x.json")

@@ -7,6 +7,7 @@ host (fonts, scripts, styles): the site is read offline as well.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -117,3 +118,23 @@ def test_record_run_tables_the_shift_stress_of_the_last_evaluate(tmp_path: Path)
 def test_record_run_without_a_pipeline_run_says_what_to_run(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="run `make run`"):
         docsgen.record_run(tmp_path, tmp_path / "x.json")
+
+
+MEASURED = re.compile(
+    r"macro-f1|ece|accuracy|latency|ratio|seconds|req/s|images/s|\bms\b|\bmb\b|vmrss|p50|"
+    r"result|count|failures|load|time",
+    re.I,
+)
+
+
+def test_tables_of_measured_figures_are_included_not_typed() -> None:
+    typed = []
+    for page in sorted((REPO / "docs").glob("*.md")):
+        lines = page.read_text(encoding="utf-8").splitlines()
+        for header, rule in itertools.pairwise(lines):
+            if header.startswith("|") and rule.startswith("|---") and MEASURED.search(header):
+                typed.append(f"{page.relative_to(REPO)}: {header}")
+    assert not typed, (
+        "tables of measured figures typed into a page; put them in docs/results/<name>.json "
+        "(bench/results.py) and include docs/generated/<name>.md:\n" + "\n".join(typed)
+    )

@@ -18,6 +18,7 @@ With --record, the table is also written as a results file for the docs (bench/r
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +46,10 @@ def main(root: Path, record: Path | None = None) -> None:
     model = load_model(root / "artifacts/train/model.keras")
     size = int(model.input_shape[1])
     heads = output_heads(model, ["logits", "gap"])
-    prep = Preprocessing()  # the embedded default's resize params
+    # Prepare shifted slices as the resize stage prepared the training images (its pointer's
+    # params: body crop and intensity window on the default), as evaluate does.
+    resize_pointer = json.loads((root / "artifacts/resize/pointer.json").read_text())
+    prep = Preprocessing.from_spec(resize_pointer["params"].get("resize", {}))
 
     def run(images: np.ndarray) -> dict[str, np.ndarray]:
         logits, gap = heads.predict(images, batch_size=64, verbose=0)

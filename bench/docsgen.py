@@ -107,6 +107,45 @@ def record_run(root: Path, out: Path) -> Path:
     )
 
 
+def record_model(root: Path, out: Path) -> Path:
+    """The promoted model of the project's last run: size, files, training and LiteRT parity."""
+    card_file = root / "model" / "model.json"
+    train_file = root / "artifacts" / "train" / "pointer.json"
+    for needed in (card_file, train_file):
+        if not needed.is_file():
+            raise SystemExit(f"{needed} not found: run `make run` first")
+    card = json.loads(card_file.read_text(encoding="utf-8"))
+    train = json.loads(train_file.read_text(encoding="utf-8"))["details"]
+    light = card["inference"]
+    members = train["members"]
+    rows = [
+        ["trainable parameters", f"{train['trainable_parameters']:,}".replace(",", " ")],
+        [
+            "epochs run (best epoch)",
+            ", ".join(f"{m['epochs_run']} ({m['best_epoch']})" for m in members),
+        ],
+        [
+            "`model.keras`",
+            f"{(root / 'model' / card['model_file']).stat().st_size:,} bytes".replace(",", " "),
+        ],
+        [
+            "`model.tflite` (float32)",
+            f"{(root / 'model' / light['file']).stat().st_size:,} bytes".replace(",", " "),
+        ],
+        [
+            "LiteRT against Keras, max abs difference of the probabilities",
+            f"{light['parity_max_abs_diff']:.1e} on {light['parity_images']} test images",
+        ],
+    ]
+    return write_result(
+        out,
+        "The promoted model of the embedded default's last `make run`",
+        ["", "value"],
+        rows,
+        command="make run && python bench/docsgen.py --record-run",
+    )
+
+
 def _leaves(value: object):
     if isinstance(value, dict):
         for v in value.values():
@@ -132,7 +171,9 @@ def main(argv: list[str] | None = None) -> int:
         print("docs/generated/ matches docs/results/")
         return 0
     if args.record_run is not None:
-        print(f"recorded {record_run(args.record_run.resolve(), RESULTS / 'default-run.json')}")
+        root = args.record_run.resolve()
+        print(f"recorded {record_run(root, RESULTS / 'default-run.json')}")
+        print(f"recorded {record_model(root, RESULTS / 'default-model.json')}")
     for name in generate():
         print(f"docs/generated/{name}")
     return 0

@@ -138,3 +138,29 @@ def test_tables_of_measured_figures_are_included_not_typed() -> None:
         "tables of measured figures typed into a page; put them in docs/results/<name>.json "
         "(bench/results.py) and include docs/generated/<name>.md:\n" + "\n".join(typed)
     )
+
+
+def test_record_run_tables_the_promoted_model(tmp_path: Path) -> None:
+    (tmp_path / "model").mkdir()
+    (tmp_path / "artifacts" / "train").mkdir(parents=True)
+    (tmp_path / "model" / "model.keras").write_bytes(b"k" * 1234)
+    (tmp_path / "model" / "model.tflite").write_bytes(b"t" * 567)
+    card = {
+        "model_file": "model.keras",
+        "inference": {"file": "model.tflite", "parity_max_abs_diff": 4.2e-7, "parity_images": 9},
+    }
+    (tmp_path / "model" / "model.json").write_text(json.dumps(card))
+    details = {
+        "trainable_parameters": 393844,
+        "members": [{"epochs_run": 12, "best_epoch": 11}],
+    }
+    (tmp_path / "artifacts" / "train" / "pointer.json").write_text(
+        json.dumps({"details": details})
+    )
+    record = results.read_result(docsgen.record_model(tmp_path, tmp_path / "m.json"))
+    rows = dict(record["rows"])
+    assert rows["trainable parameters"] == "393 844"
+    assert rows["epochs run (best epoch)"] == "12 (11)"
+    assert rows["`model.keras`"] == "1 234 bytes"
+    assert rows["`model.tflite` (float32)"] == "567 bytes"
+    assert "4.2e-07 on 9 test images" in rows.values()

@@ -44,6 +44,15 @@ def machine() -> str:
     return f"{os.cpu_count()} cores ({model}){memory}; load average {load} (1, 5, 15 min)"
 
 
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "TF_NUM_INTEROP_THREADS", "TF_NUM_INTRAOP_THREADS")
+
+
+def threads_prefix() -> str:
+    """The thread-pool settings of this process's environment, as a command prefix: they move
+    timings, so a recorded command names them."""
+    return "".join(f"{k}={os.environ[k]} " for k in THREAD_VARIABLES if k in os.environ)
+
+
 def write_result(
     path: Path,
     title: str,
@@ -59,7 +68,7 @@ def write_result(
         "title": title,
         "measured": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine(),
-        "command": command or "python " + shlex.join(sys.argv),
+        "command": command or threads_prefix() + "python " + shlex.join(sys.argv),
         "source": "script",
         "columns": columns,
         "rows": [[str(cell) for cell in row] for row in rows],

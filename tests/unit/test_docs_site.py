@@ -78,10 +78,15 @@ def test_every_results_file_is_shown_and_every_included_table_exists() -> None:
         assert re.match(r"\d{4}-\d{2}-\d{2}", record["measured"]), (name, record["measured"])
 
 
-def test_a_results_file_without_its_machine_is_refused(tmp_path: Path) -> None:
+def test_a_results_file_without_its_machine_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.delenv("TF_NUM_INTRAOP_THREADS", raising=False)
     path = results.write_result(tmp_path / "t.json", "a table", ["a", "b"], [["1", "2"]])
     record = results.read_result(path)
     assert record["source"] == "script" and "cores" in record["machine"]
+    assert record["command"].startswith("OMP_NUM_THREADS=1 python ")  # timings depend on it
     assert "| 1 | 2 |" in results.render(record, "t")
     data = json.loads(path.read_text(encoding="utf-8"))
     del data["machine"]

@@ -21,7 +21,7 @@ export DO_NOT_TRACK := true
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: venv run repro plan test serve lint format ui tracking-server clean help
+.PHONY: venv run repro plan test serve lint format ui tracking-server docs clean help
 
 help:
 	@echo "make run    - set up .venv and run the whole pipeline (dvc repro)"
@@ -32,6 +32,7 @@ help:
 	@echo "make ui     - the MLflow UI on the local sqlite store (http://$(HOST):5000; PORT=)"
 	@echo "make tracking-server - MLflow server (SQL backend, proxied artifacts) on $(TRACKING_HOST):$(TRACKING_PORT)"
 	@echo "make lint   - ruff"
+	@echo "make docs   - build the docs site into site/ (mkdocs build --strict)"
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else \
@@ -69,6 +70,26 @@ plan: venv
 
 test: venv
 	python -m pytest $(PYTEST_ARGS)
+
+# The docs site (docs/, mkdocs.yml) into site/, after rendering the measured tables of docs/results/;
+# --strict fails on any broken link, left-out page or missing table. The pipeline diagram is
+# drawn in the browser by mermaid, which material would fetch from unpkg.com when a page is
+# viewed; installed here from the npm registry (npm checks the package's sha512, the pin below
+# the file's sha256), the site draws it offline. The file is git-ignored.
+MERMAID_VERSION := 11.6.0
+MERMAID_SHA256 := 3a93016a73dc82ba890d919f9bbb176f3da9d98341650c0b517f2595cc68fef8
+MERMAID_JS := docs/assets/vendor/mermaid.min.js
+docs: venv $(MERMAID_JS)
+	python bench/docsgen.py
+	NO_MKDOCS_2_WARNING=1 mkdocs build --strict
+
+$(MERMAID_JS):
+	@command -v npm >/dev/null || { echo "make docs needs npm (Debian: apt-get install npm) to install mermaid"; exit 1; }
+	tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	  (cd "$$tmp" && npm pack --silent mermaid@$(MERMAID_VERSION) >/dev/null && \
+	   tar -xzf mermaid-$(MERMAID_VERSION).tgz package/dist/mermaid.min.js && \
+	   echo "$(MERMAID_SHA256)  package/dist/mermaid.min.js" | sha256sum --check --quiet) && \
+	  mkdir -p $(@D) && mv "$$tmp/package/dist/mermaid.min.js" $@.tmp && mv $@.tmp $@
 
 serve: venv
 	@test -f model/model.json || { echo "no model in model/: run 'make run' first"; exit 1; }

@@ -1,6 +1,6 @@
 """How far acquisition changes move the prepared image, per preprocessing setting.
 
-    python bench/acquisition.py [FOLDER] [--size 128] [--limit 200]
+    python bench/acquisition.py [FOLDER] [--size 128] [--limit 200] [--record FILE.json]
 
 Takes the slices under FOLDER (any image files, recursively; default: 80 synthetic slices),
 applies each acquisition change of the slice as a scanner or an export would (a wider field of
@@ -9,6 +9,7 @@ noise) and prints, per preprocessing setting (`resize.crop` x `resize.intensity`
 absolute difference in grey levels (0..255) between the prepared original and the prepared
 changed slice, as a share of the grey-level spread of the prepared original. Lower means the
 model sees the change less; it says nothing about what the model learns from the anatomy.
+--record also writes the table as a results file for the docs (bench/results.py).
 """
 
 from __future__ import annotations
@@ -92,12 +93,14 @@ def main() -> None:
     parser.add_argument("folder", nargs="?", type=Path)
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--limit", type=int, default=200)
+    parser.add_argument("--record", type=Path, help="also write the table as a docs results file")
     args = parser.parse_args()
     greys = slices(args.folder, args.limit)
     print(f"{len(greys)} slices from {args.folder or 'the synthetic generator'}, {args.size} px")
     print("mean |prepared(original) - prepared(changed)| / std(prepared original), in %")
     print(f"{'change':<16}" + "".join(f"{name:>19}" for name in SETTINGS))
     totals: dict[str, list[float]] = {name: [] for name in SETTINGS}
+    rows: list[list[str]] = []
     for change, apply in CHANGES.items():
         row = []
         for name, spec in SETTINGS.items():
@@ -110,7 +113,22 @@ def main() -> None:
             totals[name].append(value)
             row.append(value)
         print(f"{change:<16}" + "".join(f"{v:>19.1f}" for v in row))
+        rows.append([change, *(f"{v:.1f}" for v in row)])
     print(f"{'mean':<16}" + "".join(f"{statistics.mean(v):>19.1f}" for v in totals.values()))
+    rows.append(["mean", *(f"{statistics.mean(v):.1f}" for v in totals.values())])
+    if args.record is not None:
+        from results import write_result
+
+        source = args.folder.name if args.folder else "the synthetic default"
+        write_result(
+            args.record,
+            f"How far the prepared image moves under each acquisition change (mean absolute "
+            f"difference / grey-level spread of the prepared original, %), {len(greys)} slices "
+            f"of {source} at {args.size} px",
+            ["change", *SETTINGS],
+            rows,
+        )
+        print(f"recorded {args.record}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """CPU time per request of the monitoring signals (`chestct.monitoring.request_signals`).
 
-    python bench/monitoring_signals.py [--source FOLDER] [--repeat 5]
+    python bench/monitoring_signals.py [--source FOLDER] [--repeat 5] [--record FILE.json]
 
 Three ways of computing one request's signals are timed on the same decoded slices, alternated
 over the rounds, single-threaded (OpenCV on one thread, as in a worker):
@@ -15,7 +15,8 @@ over the rounds, single-threaded (OpenCV on one thread, as in a worker):
 Also timed: `imaging.body_box` on the full slice alone (what the reuse saves: looking for the
 same box a second time, as the crop does). Without --source, the embedded
 synthetic default (mixed sizes and modes) is generated in a temporary folder. Reported: the
-process's CPU time per slice, median over the rounds with the range.
+process's CPU time per slice, median over the rounds with the range. --record also writes the
+table as a results file for the docs (bench/results.py; `python bench/docsgen.py` renders it).
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--source", type=Path, help="folder of slices (default: synthetic)")
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--record", type=Path, help="also write the table as a docs results file")
     args = parser.parse_args()
     cv2.setNumThreads(1)
     greys = decoded_slices(args.source)
@@ -84,10 +86,24 @@ def main() -> None:
         f"CPU ms per slice, median (range) over {args.repeat} rounds:"
     )
     base = statistics.median(times["before"])
+    rows = []
     for name, values in times.items():
         med = statistics.median(values)
-        extra = "" if name in ("before", "body_box alone") else f"  (+{med - base:.3f} ms)"
-        print(f"  {name:15} {med:.3f} ({min(values):.3f}..{max(values):.3f}){extra}")
+        extra = "" if name in ("before", "body_box alone") else f"+{med - base:.3f}"
+        print(f"  {name:15} {med:.3f} ({min(values):.3f}..{max(values):.3f})  {extra}")
+        rows.append([name, f"{med:.3f}", f"{min(values):.3f}..{max(values):.3f}", extra])
+    if args.record is not None:
+        from results import write_result
+
+        source = args.source.name if args.source else "the synthetic default"
+        write_result(
+            args.record,
+            f"CPU time of one request's monitoring signals on {n} slices of {source} (longer "
+            f"side {sides[0]}..{sides[-1]} px), single-threaded, {args.repeat} rounds alternated",
+            ["way", "ms per slice (median)", "range over the rounds", "ms added to `before`"],
+            rows,
+        )
+        print(f"recorded {args.record}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Epoch time of training through the tf.data pipeline against the compute limit.
 
     python bench/train_input.py [--images 480] [--size 128] [--batch-size 32] [--epochs 4]
-                                [--filters 16,32,64,128,256]
+                                [--filters 16,32,64,128,256] [--record FILE.json]
 
 Generates `--images` synthetic chest-CT-like PNGs (already at `--size`, as resize writes them)
 in a temporary folder, then fits the same small CNN (same seed, same weights at the start)
@@ -16,6 +16,7 @@ the graph and fills the cache):
 - pipeline with shift augmentation: the default plus every acquisition-shift transform.
 
 The ratio pipeline / in-memory is the number the pipeline is held to (target <= 1.10).
+--record also writes the table as a results file for the docs (bench/results.py).
 """
 
 from __future__ import annotations
@@ -85,6 +86,7 @@ def main() -> None:
     parser.add_argument(
         "--filters", default=default, help=f"small_cnn filters (default {default})"
     )
+    parser.add_argument("--record", type=Path, help="also write the table as a docs results file")
     args = parser.parse_args()
 
     import keras
@@ -142,11 +144,25 @@ def main() -> None:
         f"filters {params.filters}; median of epochs 2..{args.epochs}"
     )
     print(f"{'input':<28}{'first epoch s':>15}{'epoch s':>10}{'ratio':>8}")
+    rows = []
     for name, times in results.items():
         steady = statistics.median(times[1:])
         print(f"{name:<28}{times[0]:>15.2f}{steady:>10.2f}{steady / limit:>8.2f}")
+        rows.append([name, f"{times[0]:.2f}", f"{steady:.2f}", f"{steady / limit:.2f}"])
     ratio = statistics.median(results["pipeline"][1:]) / limit
     print(f"\npipeline / in-memory = {ratio:.2f} (target <= 1.10)")
+    if args.record is not None:
+        from results import write_result
+
+        write_result(
+            args.record,
+            f"Epoch time through the training pipeline against the same images in memory: "
+            f"{args.images} synthetic images, {args.size} px, batch {args.batch_size}, "
+            f"filters {params.filters}, median of epochs 2..{args.epochs} (target: ratio <= 1.10)",
+            ["input", "first epoch s", "epoch s", "ratio to in-memory"],
+            rows,
+        )
+        print(f"recorded {args.record}")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
-"""A newcomer's first hour, in a temporary copy of the project: the README's commands for the
-Quick start, dry runs, a failed stage, an experiment and the way back, run as printed.
+"""A newcomer's first hour, in a temporary copy of the project: the documented commands for the
+Quick start (README.md), dry runs and a failed stage (docs/pipeline.md), an experiment and the
+way back (docs/experiments.md), run as printed.
 
-Commands are taken from the README (tests/unit/test_readme_commands.py lists which test
-runs which).
+Commands are taken from README.md and the docs pages (tests/runbook.py;
+tests/unit/test_readme_commands.py lists which test runs which).
 Two things differ from a user's shell, both for the shared test machine: `make` gets
 `-o venv` (the copy's `.venv` is a link to this environment, which must not be reinstalled), and
 servers get a free port instead of 8000/5000. The tests run in file order on one copy.

@@ -1,6 +1,6 @@
-"""Real gunicorn on 127.0.0.1 with config/gunicorn.conf.py, driven by the README's curl lines.
+"""Real gunicorn on 127.0.0.1 with config/gunicorn.conf.py, driven by the docs' curl lines.
 
-The README's examples are extracted from its "Serving" section and run verbatim through bash;
+The examples are extracted from the Serving page (docs/serving.md) and run verbatim through bash;
 the only change is the address, http://127.0.0.1:8000 → the free port this test bound.
 """
 
@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from chestct.fsutil import replace_dir
+from runbook import readme_commands
 from services import get, worker_pids
 
 REPO = Path(__file__).resolve().parents[2]
@@ -24,10 +25,7 @@ TOKEN = "gunicorn-test-token"
 
 
 def readme_curls() -> list[str]:
-    text = (REPO / "README.md").read_text(encoding="utf-8")
-    section = text.split("\n## Serving\n", 1)[1].split("\n## ", 1)[0]
-    blocks = re.findall(r"```bash\n(.*?)```", section, flags=re.S)
-    return [line for block in blocks for line in block.splitlines() if line.startswith("curl ")]
+    return [c for _, c in readme_commands("## Serving") if c.startswith("curl ")]
 
 
 def test_readme_curl_examples_against_gunicorn(server, tmp_path: Path) -> None:

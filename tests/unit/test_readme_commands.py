@@ -1,12 +1,13 @@
-"""Every command line in the README's ```bash blocks is run somewhere, or says why it cannot be.
+"""Every command line in the ```bash blocks of README.md and of the docs site's pages (docs/*.md)
+is run somewhere, or says why it cannot be.
 
-RUN_BY maps a README command to what runs it: a test (`tests/<file>.py::<test>`, which must
-exist and take its commands from the README or spell them, unless `— <note>` says how it runs
-the same thing) or a CI script (`.ci/run`, `.github/workflows/<file>.yml`, which must contain
-the command). NOT_RUNNABLE maps a command to
+RUN_BY maps a documented command to what runs it: a test (`tests/<file>.py::<test>`, which must
+exist and take its commands from the docs (tests/runbook.py's `readme_commands`) or spell them,
+unless `— <note>` says how it runs the same thing) or a CI script (`.ci/run`,
+`.github/workflows/<file>.yml`, which must contain the command). NOT_RUNNABLE maps a command to
 the reason it cannot run on a test machine (a cloud account, a Docker engine, the real dataset).
-A README command in neither fails `test_every_readme_command_is_run_or_excused`, so a new
-command cannot drift from the product unnoticed.
+A documented command in neither fails `test_every_readme_command_is_run_or_excused`, so a new
+command cannot drift from the product unnoticed; a new docs page is covered as soon as it exists.
 
 Commands are compared as written, with `\\` continuations joined, a trailing `# comment` cut
 and runs of spaces made one.
@@ -18,7 +19,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from runbook import blocks, normalise, readme_commands
+from runbook import blocks, doc_commands, normalise, readme_commands
 
 REPO = Path(__file__).resolve().parents[2]
 README = REPO / "README.md"
@@ -78,6 +79,7 @@ RUN_BY: dict[str, str] = {
     ".venv/bin/jupyter execute --output=/tmp/errors.ipynb research/02-error-analysis.ipynb": "tests/e2e/test_notebooks.py::test_error_analysis_notebook_runs_on_the_promoted_model — through nbclient, which `jupyter execute` runs",
     # Development
     "make lint": ".ci/run",
+    "make docs": "tests/unit/test_docs_site.py::test_the_docs_site_builds_strictly_and_loads_nothing_from_elsewhere — runs the `mkdocs build --strict` that `make docs` runs",
     # The real-data preset: the same preset and --set arguments through presets.main
     "python -m chestct.presets config/presets/real-data.yaml --set ingest.source=/path/to/chest-ct/train --set evaluate.external=/path/to/chest-ct/valid": "tests/unit/test_presets.py::test_the_real_data_preset_merges_with_its_two_paths — presets.main with the same preset and two --set paths",
     # Scaling out, outside the runbook blocks
@@ -87,7 +89,7 @@ RUN_BY: dict[str, str] = {
     "sudo -u postgres createdb --owner mlflow mlflow": "tests/e2e/test_tracking_server.py::test_postgres_backend_holds_runs_and_the_registry — createuser/createdb on its own initdb cluster",
 }
 
-# A README block after `<!-- runbook: NAME -->` runs verbatim in these tests (tests/runbook.py),
+# A README or docs block after `<!-- runbook: NAME -->` runs verbatim in these tests (tests/runbook.py),
 # so each of its command lines counts as run.
 RUNBOOK_BY: dict[str, str] = {
     "remote-push": "tests/e2e/test_remote.py::test_push_put_the_cache_in_the_bucket",
@@ -152,14 +154,15 @@ NOT_RUNNABLE: dict[str, str] = {
     "kustomize edit set image chestct-serve=ghcr.io/your-org/chestct:1.0.0": NO_K8S,
     "kubectl apply -k .": NO_K8S,
     "kubectl rollout status deployment/chestct": NO_K8S,
+    "locust -f bench/locustfile.py --headless -u 16 -r 4 -t 2m --host http://127.0.0.1:8000 --only-summary --csv /tmp/chestct-locust": "a two-minute load measurement against a server started by hand (docs/benchmarks.md); bench/ measures, tests do not time",
     "docker compose -f deploy/compose/compose.yaml up -d --build": NO_DOCKER
     + "; tests/serving/test_deploy.py parses the compose file",
 }
 
 HOW_TO_FIX = """
 How to fix: for each command above, either
-  - run it in a test (take it from the README with `readme_commands("<section heading>")`
-    from tests/unit/test_readme_commands.py, as tests/e2e/test_readme_path.py does) and add
+  - run it in a test (take it from the docs with `readme_commands("<section heading>")`
+    from tests/runbook.py, as tests/e2e/test_readme_path.py does) and add
         "<command>": "tests/<file>.py::<test name>",
     to RUN_BY in tests/unit/test_readme_commands.py; or run it in .ci/run or a workflow and name
     that file instead; or
@@ -171,9 +174,9 @@ The command key is the line as written, without a trailing `# comment`, with sin
 
 
 def runbook_commands() -> set[str]:
-    """Every command line of the README's runbook blocks that RUNBOOK_BY names."""
+    """Every command line of the runbook blocks (README and docs) that RUNBOOK_BY names."""
     found = set()
-    for name, body in blocks(README).items():
+    for name, body in blocks().items():
         if name in RUNBOOK_BY:
             found |= {normalise(line) for line in body.replace("\\\n", " ").splitlines()}
     return found - {""}
@@ -182,12 +185,12 @@ def runbook_commands() -> set[str]:
 def test_every_readme_command_is_run_or_excused() -> None:
     covered = RUN_BY.keys() | NOT_RUNNABLE.keys() | runbook_commands()
     missing = [
-        f"  {command!r}   (under {heading!r})"
-        for heading, command in readme_commands()
+        f"  {command!r}   ({path.relative_to(REPO)}, under {heading!r})"
+        for path, heading, command in doc_commands()
         if command not in covered
     ]
     assert not missing, (
-        "README command(s) that no test or CI script runs:\n" + "\n".join(missing) + HOW_TO_FIX
+        "Documented command(s) that no test or CI script runs:\n" + "\n".join(missing) + HOW_TO_FIX
     )
 
 
@@ -195,17 +198,18 @@ def test_the_registry_names_only_commands_the_readme_has() -> None:
     present = {command for _, command in readme_commands()}
     stale = sorted((RUN_BY.keys() | NOT_RUNNABLE.keys()) - present)
     assert not stale, (
-        "tests/unit/test_readme_commands.py lists commands the README no longer has; remove them "
+        "tests/unit/test_readme_commands.py lists commands README.md and docs/ no longer have; "
+        "remove them "
         f"(or fix their spelling): {stale}"
     )
     assert not RUN_BY.keys() & NOT_RUNNABLE.keys()
 
 
 def test_every_runbook_block_has_its_test() -> None:
-    names = set(blocks(README))
+    names = set(blocks())
     assert names == RUNBOOK_BY.keys(), (
         f"runbook blocks without a test in RUNBOOK_BY: {sorted(names - RUNBOOK_BY.keys())}; "
-        f"RUNBOOK_BY names blocks the README no longer has: {sorted(RUNBOOK_BY.keys() - names)}"
+        f"RUNBOOK_BY names blocks the docs no longer have: {sorted(RUNBOOK_BY.keys() - names)}"
     )
     for name, runner in RUNBOOK_BY.items():
         path, _, test = runner.partition("::")

@@ -14,6 +14,7 @@ upload, not from the resized copies the model reads.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,8 @@ from chestct.uncertainty import (
     bootstrap_intervals,
     weighted_scores,
 )
+
+log = logging.getLogger(__name__)
 
 BASELINE = "nearest_neighbour"
 HEADLINE = ("accuracy", "balanced_accuracy", "macro_f1")
@@ -71,12 +74,30 @@ def file_thumbnails(
     return thumbnails(greys), ok
 
 
+# A similarity component holding more than this share of a set is not a series: the threshold
+# does not separate series in this data (synthetic slices all correlate above 0.9), and
+# resampling one giant group would give intervals of zero width. Slices are resampled then.
+MAX_SERIES_SHARE = 0.5
+
+
 def item_groups(frame: pd.DataFrame | None, thumbs: np.ndarray, threshold: float) -> list[str]:
-    """The resampling group of each item: the manifest's `group` column where split wrote one,
-    else the series the slices form by similarity (connected components at `threshold`)."""
+    """The resampling group of each item, as `<source>:<id>`: the manifest's `group` column
+    where split wrote one (`manifest`), else the series the slices form by similarity
+    (`series`: connected components at `threshold`), else each slice alone (`slice`) when
+    one component would hold more than MAX_SERIES_SHARE of the set."""
     if frame is not None and "group" in frame and frame["group"].astype(str).str.len().all():
-        return [f"g{g}" for g in frame["group"].astype(str)]
-    return [f"s{g}" for g in series_groups(thumbs, threshold)]
+        return [f"manifest:{g}" for g in frame["group"].astype(str)]
+    series = series_groups(thumbs, threshold)
+    if series and np.unique(series, return_counts=True)[1].max() > MAX_SERIES_SHARE * len(series):
+        log.warning(
+            "one similarity component holds more than %.0f%% of %d slices at correlation %.2f: "
+            "not a series; the bootstrap resamples slices",
+            100 * MAX_SERIES_SHARE,
+            len(series),
+            threshold,
+        )
+        return [f"slice:{i}" for i in range(len(series))]
+    return [f"series:{g}" for g in series]
 
 
 def _scores(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
@@ -149,6 +170,7 @@ def assess(
             "confidence": confidence,
             "resamples": resamples,
             "groups": len(set(groups)),
+            "grouped_by": groups[0].split(":")[0] if groups else "slice",
         },
     }
     for part, mask in (("novel", ~near), ("near_copy", near)):

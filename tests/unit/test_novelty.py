@@ -97,12 +97,20 @@ def test_assess_checks_lengths(world) -> None:
 
 
 def test_item_groups_prefer_the_manifest_then_series(world) -> None:
-    series = [world["train"][0], _near_copy(world["train"][0], 1), world["train"][5]]
+    series = [world["train"][0], _near_copy(world["train"][0], 1), *world["train"][5:8]]
     thumbs = thumbnails(series)
-    by_similarity = novelty.item_groups(pd.DataFrame({"path": ["a", "b", "c"]}), thumbs, 0.9)
+    by_similarity = novelty.item_groups(pd.DataFrame({"path": list("abcde")}), thumbs, 0.9)
     assert by_similarity[0] == by_similarity[1] != by_similarity[2]
-    frame = pd.DataFrame({"group": [7, 8, 8]})
-    assert novelty.item_groups(frame, thumbs, 0.9) == ["g7", "g8", "g8"]
+    assert len(set(by_similarity)) == 4
+    assert by_similarity[0].startswith("series:")
+    frame = pd.DataFrame({"group": [7, 8, 8, 9, 9]})
+    assert novelty.item_groups(frame, thumbs, 0.9)[:3] == ["manifest:7", "manifest:8"] + [
+        "manifest:8"
+    ]
+    # One component over most of the set is no series (the threshold does not separate this
+    # data): every slice is resampled alone.
+    alike = thumbnails([_near_copy(world["train"][0], s) for s in range(4)] + [series[2]])
+    assert novelty.item_groups(None, alike, 0.9) == [f"slice:{i}" for i in range(5)]
 
 
 def test_frame_thumbnails_read_the_ingested_originals(world, tmp_path: Path) -> None:

@@ -152,6 +152,7 @@ def assess(
             "model_above": {k: model_scores[k] - memo_scores[k] for k in HEADLINE},
         },
         "near_copy_share": float(near.mean()) if len(near) else 0.0,
+        "near_copy_similarity": reference.threshold,
         "nearest_train_similarity": {
             "median": float(np.median(found.similarity)),
             "p10": float(np.quantile(found.similarity, 0.1)),
@@ -196,6 +197,40 @@ def assess(
         "group": list(groups),
     }
     return Assessment(metrics, columns)
+
+
+def card_entry(metrics: dict[str, Any]) -> dict[str, Any] | None:
+    """The model card's `baseline` entry: the memorizer on the test split, how far the model
+    is above it, overall and on the novel part, and the intervals' level (None for metrics
+    from before the memorizer)."""
+    if BASELINE not in metrics.get("baseline", {}):
+        return None
+    novel = metrics.get("novel", {})
+    entry: dict[str, Any] = {
+        "method": f"{BASELINE}: the label of the most correlated training slice (body-cropped "
+        "32x32 thumbnails of the ingested originals, Pearson); no learning",
+        "test": metrics["baseline"][BASELINE],
+        "model_above": metrics["baseline"]["model_above"],
+        "near_copy_similarity": metrics.get("near_copy_similarity"),
+        "near_copy_share": metrics.get("near_copy_share"),
+        "novel": {"n": novel.get("n", 0)},
+    }
+    if novel.get("n"):
+        memo = novel["baseline"][BASELINE]
+        entry["novel"].update(
+            {
+                "model": {k: novel[k] for k in HEADLINE},
+                "memorizer": memo,
+                "model_above": {k: novel[k] - memo[k] for k in HEADLINE},
+            }
+        )
+    ci = metrics.get("ci", {})
+    if ci:
+        entry["intervals"] = (
+            f"{ci.get('confidence', 0.95):.0%} bootstrap intervals over {ci.get('groups')} "
+            f"groups ({ci.get('grouped_by')}), {ci.get('resamples')} resamples: metrics.ci"
+        )
+    return entry
 
 
 def describe(metrics: dict[str, Any]) -> str:

@@ -591,3 +591,54 @@ def test_run_promote_rescores_the_champion_and_refuses_a_noisy_win(
     assert "paired bootstrap over 8 groups" in result.decision.reason
     assert registry.calls == [(world["models"][1], "challenger")]
     assert snapshot(model_dir) == before
+
+
+def test_the_card_shows_how_far_the_model_is_above_the_memorizer(world) -> None:
+    from chestct.stages.promote import build_card
+
+    metrics = {
+        "macro_f1": 0.9,
+        "accuracy": 0.92,
+        "baseline": {
+            "nearest_neighbour": {"macro_f1": 0.7, "accuracy": 0.8},
+            "model_above": {"macro_f1": 0.2, "accuracy": 0.12},
+        },
+        "near_copy_share": 0.4,
+        "near_copy_similarity": 0.9,
+        "novel": {
+            "n": 6,
+            "accuracy": 0.83,
+            "balanced_accuracy": 0.8,
+            "macro_f1": 0.75,
+            "baseline": {
+                "nearest_neighbour": {"accuracy": 0.5, "balanced_accuracy": 0.5, "macro_f1": 0.4}
+            },
+        },
+        "ci": {"confidence": 0.95, "resamples": 1000, "groups": 9, "grouped_by": "series"},
+    }
+    cand = candidate(world, 0, 0.9)
+    card = build_card(
+        params=PromoteParams(),
+        image_size=SIZE,
+        preprocessing=PREPROCESSING,
+        candidate=type(cand)(**{**cand.__dict__, "metrics": metrics}),
+        inference={"file": "model.tflite"},
+        model_sha="0" * 64,
+    )
+    entry = card["baseline"]
+    assert entry["test"] == {"macro_f1": 0.7, "accuracy": 0.8}
+    assert entry["model_above"]["macro_f1"] == 0.2
+    assert entry["novel"]["model_above"]["macro_f1"] == pytest.approx(0.35)
+    assert entry["novel"]["memorizer"]["accuracy"] == 0.5
+    assert entry["near_copy_similarity"] == 0.9 and entry["near_copy_share"] == 0.4
+    assert entry["intervals"].startswith("95% bootstrap intervals over 9 groups (series)")
+    assert "no learning" in entry["method"]
+    # A candidate evaluated before the memorizer existed gets no entry.
+    assert "baseline" not in build_card(
+        params=PromoteParams(),
+        image_size=SIZE,
+        preprocessing=PREPROCESSING,
+        candidate=cand,
+        inference={"file": "model.tflite"},
+        model_sha="0" * 64,
+    )

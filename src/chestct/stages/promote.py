@@ -43,6 +43,7 @@ from chestct.manifest import DATASET_COLUMNS, read_manifest
 from chestct.metrics import lower_is_better, metric_value, numeric_keys
 from chestct.modelcard import ModelCard
 from chestct.monitoring import REFERENCE_FILE
+from chestct.novelty import card_entry
 from chestct.pointers import (
     PointerError,
     git_state,
@@ -434,6 +435,7 @@ def build_card(
             else {}
         ),
         "metrics": candidate.metrics,
+        **({"baseline": entry} if (entry := card_entry(candidate.metrics)) else {}),
         "selection_metric": params.metric,
         "data_digest": candidate.data_digest,
         "intended_use": "research and education only; not a medical device",

@@ -328,6 +328,15 @@ def measure(
         "query_to_train": spread(found.columns["nearest_train_similarity"]),
         "train_to_train": spread(own),
         "train_to_other_class": spread(other),
+        # Where the threshold could sit: the share of each distribution at or above it.
+        "share_at_or_above": {
+            f"{t:.2f}": {
+                "query_to_train": float(np.mean(found.columns["nearest_train_similarity"] >= t)),
+                "train_to_train": float(np.mean(own >= t)),
+                "train_to_other_class": float(np.mean(other >= t)),
+            }
+            for t in (0.8, 0.85, 0.9, 0.93, 0.95, 0.97)
+        },
     }
 
 

@@ -144,3 +144,29 @@ def test_measure_cli_reports_memorizer_and_near_copy_share(world, tmp_path: Path
     assert report["train_to_other_class"]["median"] < 0.9
     with pytest.raises(SystemExit):
         novelty.main([str(tmp_path / "nowhere"), str(tmp_path / "query")])
+
+
+def test_research_structure_and_run_rows(world, tmp_path: Path) -> None:
+    from chestct.research import near_copies as nc
+
+    for split, slices, labels in (
+        ("train", world["train"], [s % 4 for s in range(12)]),
+        ("valid", world["query"], list(world["y"])),
+    ):
+        for i, (grey, c) in enumerate(zip(slices, labels, strict=True)):
+            folder = tmp_path / split / CLASSES[c]
+            folder.mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(folder / f"{i}.png"), grey)
+    s = nc.structure(tmp_path / "train", tmp_path / "valid", 0.9)
+    assert len(s.train_to_train) == 12 and len(s.query_to_train) == 10
+    shares = nc.threshold_table(s)
+    assert shares.loc["query -> train", ">= 0.90"] == pytest.approx(0.6)
+    assert shares.loc["train -> train of another class", ">= 0.90"] == 0.0
+    table = nc.memorizer_table(s)
+    assert table.loc["near_copy", "accuracy"] == 1.0 and table.loc["novel", "n"] == 4
+    metrics = tmp_path / "metrics.json"
+    metrics.write_text(json.dumps({"n": 10, "macro_f1": 0.8, **s.memorizer}), encoding="utf-8")
+    rows = nc.run_rows({"run": metrics, "missing": tmp_path / "none.json"})
+    assert list(rows.index) == ["run"]
+    assert rows.loc["run", "near_copy_share"] == pytest.approx(0.6)
+    assert rows.loc["run", "novel n"] == 4

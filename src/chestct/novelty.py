@@ -242,6 +242,13 @@ def describe(metrics: dict[str, Any]) -> str:
         f"{metrics['baseline']['model_above']['macro_f1']:+.4f} above it); "
         f"near-copy share {metrics['near_copy_share']:.2f}"
     )
+    how = metrics.get("ci", {})
+    if "macro_f1" in how:
+        ci = how["macro_f1"]
+        text += (
+            f"; macro-F1 {how['confidence']:.0%} interval [{ci['low']:.4f}, {ci['high']:.4f}] "
+            f"over {how['groups']} groups ({how['grouped_by']})"
+        )
     if novel["n"]:
         text += (
             f"; novel part ({novel['n']}): model macro-F1 {novel['macro_f1']:.4f}, memorizer "

@@ -800,6 +800,14 @@ def main() -> None:
                     "candidate": decision.candidate,
                     **({"champion": decision.champion} if decision.champion is not None else {}),
                     **(
+                        {
+                            "paired_difference": decision.paired["difference"],
+                            "paired_p_value": decision.paired["p_value"],
+                        }
+                        if decision.paired
+                        else {}
+                    ),
+                    **(
                         {"parity_max_abs_diff": result.card["inference"]["parity_max_abs_diff"]}
                         if result.card
                         else {}

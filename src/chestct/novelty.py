@@ -199,6 +199,46 @@ def assess(
     return Assessment(metrics, columns)
 
 
+def assess_files(
+    reference: TrainReference,
+    files: Sequence[Path],
+    predictions: pd.DataFrame,
+    temperature: float,
+    window: tuple[float, float] | None = None,
+    *,
+    resamples: int = DEFAULT_RESAMPLES,
+    confidence: float = DEFAULT_CONFIDENCE,
+    seed: int = 0,
+) -> Assessment:
+    """`assess` for scored files (the external set): `predictions` holds one row (actual,
+    p_<class>) per file that decoded, in order; groups are the series of the files' slices.
+
+    Raises:
+        ValueError: the files that decode here are not as many as the scored rows.
+    """
+    from chestct.metrics import softmax
+
+    thumbs, _ = file_thumbnails(files, window)
+    if len(thumbs) != len(predictions):
+        raise ValueError(
+            f"{len(thumbs)} slices decoded for the memorizer but {len(predictions)} scored"
+        )
+    proba = predictions[[f"p_{c}" for c in CLASSES]].to_numpy()
+    # log p differs from the logits by a constant per row: the same softmax at any temperature.
+    calibrated = softmax(np.log(np.clip(proba, 1e-300, 1.0)), temperature)
+    return assess(
+        reference,
+        thumbs,
+        _indices(list(predictions["actual"])),
+        proba,
+        calibrated,
+        item_groups(None, thumbs, reference.threshold),
+        resamples=resamples,
+        confidence=confidence,
+        seed=seed,
+    )
+
+
 def card_entry(metrics: dict[str, Any]) -> dict[str, Any] | None:
     """The model card's `baseline` entry: the memorizer on the test split, how far the model
     is above it, overall and on the novel part, and the intervals' level (None for metrics

@@ -13,13 +13,17 @@ balanced_accuracy and macro_f1, and expected_calibration_error's ECE.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from chestct.labels import CLASSES
 from chestct.metrics import ECE_BINS
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 DEFAULT_RESAMPLES = 1000
 DEFAULT_CONFIDENCE = 0.95
@@ -268,4 +272,51 @@ def paired_bootstrap(
         resamples=resamples,
         confidence=confidence,
         groups=int(codes.max()) + 1 if len(codes) else 0,
+    )
+
+
+def paired_on_tables(
+    metric: str,
+    candidate: pd.DataFrame,
+    champion: Callable[[], pd.DataFrame],
+    *,
+    higher_is_better: bool = True,
+    confidence: float = DEFAULT_CONFIDENCE,
+    seed: int = 0,
+) -> PairedResult | str:
+    """`paired_bootstrap` on two prediction tables (chestct.scoring.prediction_table with
+    `predicted_<shift>` columns; evaluate's predictions.csv also has `group`), matched by
+    `path`; or why it cannot run.
+
+    Args:
+        candidate: the candidate's table (its rows, groups and true labels lead).
+        champion: returns the champion's table; called only when the metric can be
+            recomputed, since scoring the champion costs a pass over the test split.
+    """
+    shifts = [c.removeprefix("predicted_") for c in candidate if c.startswith("predicted_")]
+    if not paired_metric_supported(metric, shifts):
+        return f"{metric} is not recomputed from per-image predictions"
+    theirs = champion()
+    if "path" not in theirs or "path" not in candidate:
+        return "the prediction tables have no path column"
+    conditions = {"clean": "predicted", **{s: f"predicted_{s}" for s in shifts}}
+    if missing := [c for c in conditions.values() if c not in theirs]:
+        return f"the champion's predictions lack {', '.join(missing)}"
+    theirs = theirs.set_index("path").reindex(candidate["path"])
+    if theirs[list(conditions.values())].isna().any().any():
+        return "the champion's predictions do not cover the candidate's test images"
+    index = {c: i for i, c in enumerate(CLASSES)}
+
+    def classes(frame: pd.DataFrame, column: str) -> np.ndarray:
+        return np.asarray([index[str(v)] for v in frame[column]], np.int64)
+
+    return paired_bootstrap(
+        metric,
+        classes(candidate, "actual"),
+        {c: classes(candidate, col) for c, col in conditions.items()},
+        {c: classes(theirs, col) for c, col in conditions.items()},
+        list(candidate["group"]) if "group" in candidate else None,
+        higher_is_better=higher_is_better,
+        confidence=confidence,
+        seed=seed,
     )

@@ -53,8 +53,8 @@ from chestct.monitoring import REFERENCE_FILE, decoded_greys, fit_reference
 from chestct.novelty import (
     TrainReference,
     assess,
+    assess_files,
     describe,
-    file_thumbnails,
     frame_thumbnails,
     item_groups,
 )
@@ -315,24 +315,12 @@ def run_external(
                 model, found, preprocessing, params.batch_size, temperature, root
             )
             if reference is not None:
-                thumbs, decoded = file_thumbnails(
-                    [f for _, f in found.files], preprocessing.window
-                )
-                if len(thumbs) != len(predictions):
-                    raise ScoringError(
-                        f"evaluate.external: {len(thumbs)} slices decoded for the memorizer "
-                        f"but {len(predictions)} scored; rerun evaluate"
-                    )
-                proba = predictions[[f"p_{c}" for c in CLASSES]].to_numpy()
-                # log p differs from the logits by a constant per row: same softmax.
-                calibrated = softmax(np.log(np.clip(proba, 1e-300, 1.0)), temperature)
-                novelty = assess(
+                novelty = assess_files(
                     reference,
-                    thumbs,
-                    label_indices(list(predictions["actual"])),
-                    proba,
-                    calibrated,
-                    item_groups(None, thumbs, reference.threshold),
+                    [f for _, f in found.files],
+                    predictions,
+                    temperature,
+                    preprocessing.window,
                     resamples=params.bootstrap_resamples,
                     confidence=params.confidence,
                     seed=seed,
@@ -340,7 +328,7 @@ def run_external(
                 metrics.update(novelty.metrics)
                 for column, values in novelty.columns.items():
                     predictions[column] = values
-                log.info("external: %s (%d undecodable)", describe(metrics), decoded.count(False))
+                log.info("external: %s", describe(metrics))
         except ScoringError as exc:
             raise StageFailed(str(exc)) from None
     log.info(

@@ -55,7 +55,7 @@ from chestct.pointers import (
 from chestct.runner import StageFailed, run_main, stage_session
 from chestct.scoring import Preprocessing, ScoringError, load_images, model_outputs, score
 from chestct.settings import PromoteParams
-from chestct.uncertainty import PairedResult, paired_bootstrap, paired_metric_supported
+from chestct.uncertainty import PairedResult, paired_on_tables
 
 log = logging.getLogger(__name__)
 
@@ -286,29 +286,10 @@ def paired_test(
         return "promote.paired is none"
     if candidate.predictions_path is None or not candidate.predictions_path.is_file():
         return "evaluate's per-image predictions are not available"
-    mine = read_manifest(candidate.predictions_path)
-    shifts = [c.removeprefix("predicted_") for c in mine if c.startswith("predicted_")]
-    if not paired_metric_supported(params.metric, shifts):
-        return f"{params.metric} is not recomputed from per-image predictions"
-    theirs = champion_predictions()
-    if "path" not in theirs or "path" not in mine:
-        return "the prediction tables have no path column"
-    theirs = theirs.set_index("path").reindex(mine["path"])
-    columns = ["predicted", *(f"predicted_{s}" for s in shifts)]
-    if theirs[columns].isna().any().any():
-        return "the champion's predictions do not cover the candidate's test images"
-    index = {c: i for i, c in enumerate(CLASSES)}
-
-    def classes(frame: pd.DataFrame, column: str) -> np.ndarray:
-        return np.asarray([index[str(v)] for v in frame[column]], np.int64)
-
-    conditions = {"clean": "predicted", **{s: f"predicted_{s}" for s in shifts}}
-    return paired_bootstrap(
+    return paired_on_tables(
         params.metric,
-        classes(mine, "actual"),
-        {c: classes(mine, col) for c, col in conditions.items()},
-        {c: classes(theirs, col) for c, col in conditions.items()},
-        list(mine["group"]) if "group" in mine else None,
+        read_manifest(candidate.predictions_path),
+        champion_predictions,
         higher_is_better=not lower_is_better(params.metric),
         confidence=params.confidence,
         seed=seed,

@@ -141,3 +141,37 @@ def test_paired_metrics_supported() -> None:
     y = np.zeros(4, np.int64)
     with pytest.raises(ValueError, match="cannot recompute 'roc_auc'"):
         paired_bootstrap("roc_auc", y, {"clean": y}, {"clean": y})
+
+
+def test_paired_on_tables_matches_by_path_and_says_why_not() -> None:
+    import pandas as pd
+
+    from chestct.uncertainty import paired_on_tables
+
+    rng = np.random.default_rng(8)
+    y = rng.integers(0, K, 60)
+    champion_pred = np.where(rng.random(60) < 0.5, y, (y + 1) % K)
+    frame = {"path": [f"{i}.png" for i in range(60)], "actual": [CLASSES[i] for i in y]}
+    candidate = pd.DataFrame({**frame, "predicted": [CLASSES[i] for i in y]})
+    champion = pd.DataFrame({**frame, "predicted": [CLASSES[i] for i in champion_pred]})
+    calls = []
+
+    def scored() -> pd.DataFrame:
+        calls.append(1)
+        return champion.iloc[::-1]  # another order: matched by path
+
+    result = paired_on_tables("accuracy", candidate, scored)
+    assert result.difference == pytest.approx(float(np.mean(champion_pred != y)))
+    assert result.significant()
+    # The champion is never scored for a metric the test cannot recompute.
+    assert paired_on_tables("ece", candidate, scored) == (
+        "ece is not recomputed from per-image predictions"
+    )
+    assert len(calls) == 1
+    assert paired_on_tables("accuracy", candidate, lambda: champion.iloc[:30]) == (
+        "the champion's predictions do not cover the candidate's test images"
+    )
+    shifted = candidate.assign(predicted_blur=candidate["predicted"])
+    assert paired_on_tables("shift.blur.accuracy", shifted, lambda: champion) == (
+        "the champion's predictions lack predicted_blur"
+    )

@@ -4,7 +4,9 @@ A and B are MLflow run ids, registered versions of the model (`3`) or aliases (`
 `challenger`). A version or alias leads to the promote run that registered it; every run leads
 to the runs of the stages behind it through its `chestct.run.<stage>` tags, so the table shows
 the params of every stage (train, base_model, ...) and the metrics of every stage, prefixed by
-the stage, with B − A for numbers.
+the stage, with B − A for numbers. The first rows after the models' identities hold each model
+against the nearest-neighbour memorizer on its test split (chestct.novelty): the memorizer's
+figure, how far the model is above it, overall and on the novel part.
 """
 
 from __future__ import annotations
@@ -115,11 +117,34 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+# evaluate's metrics that hold a model against the memorizer, in the order the table shows them.
+MEMORIZER_ROWS = (
+    *(
+        f"evaluate.{key}"
+        for metric in ("macro_f1", "balanced_accuracy", "accuracy")
+        for key in (
+            f"baseline.nearest_neighbour.{metric}",
+            f"baseline.model_above.{metric}",
+            f"novel.{metric}",
+            f"novel.baseline.nearest_neighbour.{metric}",
+        )
+    ),
+    "evaluate.near_copy_share",
+)
+
+
 def rows(a: Side, b: Side, changed_only: bool = False) -> list[tuple[str, str, str, str, str]]:
     """Table rows (section, key, A, B, delta); delta is B − A where both are numbers."""
     out: list[tuple[str, str, str, str, str]] = []
     for key in dict.fromkeys([*a.info, *b.info]):
         out.append(("model", key, _fmt(a.info.get(key)), _fmt(b.info.get(key)), ""))
+    for key in MEMORIZER_ROWS:
+        na, nb = _number(a.metrics.get(key)), _number(b.metrics.get(key))
+        if na is None and nb is None:
+            continue
+        delta = f"{nb - na:+.6g}" if na is not None and nb is not None else ""
+        name = key.removeprefix("evaluate.")
+        out.append(("memorizer", name, _fmt(na), _fmt(nb), delta))
     for section, left, right in (("param", a.params, b.params), ("metric", a.metrics, b.metrics)):
         for key in sorted(set(left) | set(right)):
             va, vb = left.get(key), right.get(key)

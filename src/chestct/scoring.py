@@ -192,6 +192,15 @@ def prediction_table(test: pd.DataFrame, proba: np.ndarray) -> pd.DataFrame:
 # --------------------------------------------------------------------------- shift stress
 
 
+def shift_predictions(shifted: Mapping[str, np.ndarray]) -> dict[str, list[str]]:
+    """The predicted class per image under each shift, as `predicted_<shift>` columns of a
+    prediction table: promote's paired test recomputes shift metrics from them."""
+    return {
+        f"predicted_{name}": [CLASSES[i] for i in np.asarray(z).argmax(axis=1)]
+        for name, z in shifted.items()
+    }
+
+
 def shift_logits(
     model: Any,
     frame: pd.DataFrame,
@@ -290,8 +299,9 @@ def score(
     temperature: float = 1.0,
     shifts: bool = True,
 ) -> tuple[dict[str, Any], pd.DataFrame]:
-    """Metrics (full_metrics) and predictions of a saved model on a split; promote re-scores
-    the champion with this, with the champion's own preprocessing and temperature."""
+    """Metrics (full_metrics) and predictions (with `predicted_<shift>` columns) of a saved
+    model on a split; promote re-scores the champion with this, with the champion's own
+    preprocessing and temperature."""
     prep = preprocessing or Preprocessing()
     model = load_model(model_path)
     images = load_images(test, root, int(model.input_shape[1]), prep)
@@ -299,4 +309,7 @@ def score(
     shifted = shift_logits(model, test, root, batch_size, prep) if shifts else None
     y_true = label_indices(list(test["label"]))
     metrics = full_metrics(y_true, logits, temperature, shifted)
-    return metrics, prediction_table(test, softmax(logits))
+    table = prediction_table(test, softmax(logits))
+    for column, values in shift_predictions(shifted or {}).items():
+        table[column] = values
+    return metrics, table

@@ -212,6 +212,9 @@ class EvaluateParams:
     # valid | valid_and_shifted: what the temperature is fitted on (shifted = perturb.SHIFTS)
     calibrate_on: Literal["valid", "valid_and_shifted"] = "valid"
     external: str = ""  # "" (off) | a folder or .zip/.tar.gz/.tgz archive of <class>/<image>
+    # Bootstrap intervals (chestct.uncertainty): resamples of groups, two-sided confidence.
+    bootstrap_resamples: int = 1000
+    confidence: float = 0.95
 
 
 @dataclass(frozen=True)
@@ -221,6 +224,12 @@ class PromoteParams:
     minimum: float = 0.5
     margin: float = 0.0
     registered_model: str = "chestct"
+    # A win over the champion must survive the paired bootstrap of the metric difference on
+    # the same test items (chestct.uncertainty) at this confidence; `none`: the margin alone.
+    paired: Literal["bootstrap", "none"] = "bootstrap"
+    confidence: float = 0.95
+    # Refuse a candidate below the nearest-neighbour memorizer on the test split.
+    beat_memorizer: bool = True
 
 
 @dataclass(frozen=True)
@@ -500,6 +509,11 @@ def _check_evaluate_and_promote(evaluate: EvaluateParams, promote: PromoteParams
             )
             + "choose a key of artifacts/evaluate/metrics.json such as robust_macro_f1"
         )
+    if evaluate.bootstrap_resamples < 10:
+        raise SettingsError("evaluate.bootstrap_resamples: must be at least 10, e.g. 1000")
+    for group, value in (("evaluate", evaluate.confidence), ("promote", promote.confidence)):
+        if not 0.5 <= value < 1:
+            raise SettingsError(f"{group}.confidence: must be in [0.5, 1), e.g. 0.95")
     if not promote.registered_model.strip():
         raise SettingsError("promote.registered_model: must be a non-empty name")
 

@@ -130,3 +130,22 @@ def test_acquisition_notebook_shows_no_shortcut_on_synthetic_and_one_on_a_zoomed
     assert f"source:  {data}" in text
     assert "-> a shortcut at validate.shortcut_margin 0.15" in text
     assert "best single features: body_share" in text
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_near_copies_notebook_runs_on_synthetic_folders_and_shows_the_run(
+    reproduced: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No CHESTCT_NEAR_COPY_DATA and no ../shared beside the copy: synthetic folders, as in CI.
+    monkeypatch.delenv("CHESTCT_NEAR_COPY_DATA", raising=False)
+    book = execute("04-near-copies.ipynb", {"CHESTCT_ROOT": str(reproduced)}, monkeypatch)
+    text = _text(book)
+    assert "near-copy threshold (base.near_copy_similarity): 0.9" in text
+    assert "train: 60 distinct slices; valid: 20 slices after de-duplication" in text
+    assert "memorizer accuracy" in text and "novel part:" in text
+    assert _pictures(book) >= 1  # the three distributions and the threshold
+    # The tiny run's metrics, beside its memorizer.
+    metrics = json.loads((reproduced / "artifacts/evaluate/metrics.json").read_text())
+    assert "1 metrics file(s): project test" in text
+    assert f"{metrics['baseline']['nearest_neighbour']['macro_f1']:.6f}"[:5] in text

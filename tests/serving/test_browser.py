@@ -143,6 +143,15 @@ def test_dropped_slices_get_one_row_each_with_warnings_in_words(
     # Version and the card's test figures.
     assert "version 1" in model_line
     assert "accuracy 0.600" in model_line and "macro-F1 0.580" in model_line
+    # How uncertain that is, and how far above a memorizer, overall and on novel slices.
+    assert "macro-F1 0.580 [95 % interval 0.450–0.700]" in model_line
+    assert "memorizer (the label of the most similar training slice) scores macro-F1 0.500" in (
+        model_line
+    )
+    assert "the model is 0.080 above it" in model_line
+    assert "on the 12 test slices unlike any training slice: model 0.410, memorizer 0.300" in (
+        model_line
+    )
     files = [
         ("a.png", ct_slice(11, "normal", size=96)),
         ("zoomed.png", zoomed(ct_slice(12, "normal", size=96), 0.45)),

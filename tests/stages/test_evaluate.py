@@ -107,6 +107,35 @@ def test_run_evaluate_scores_the_test_split_and_calibrates_on_valid(evaluation, 
     assert evaluation.images.shape == (len(p), SIZE, SIZE, 1)
 
 
+def test_run_evaluate_adds_the_memorizer_novelty_and_intervals(evaluation, project) -> None:
+    from chestct.metrics import numeric_keys
+    from chestct.perturb import SHIFT_NAMES
+
+    m, p = evaluation.metrics, evaluation.predictions
+    memo = m["baseline"]["nearest_neighbour"]
+    for key in ("accuracy", "balanced_accuracy", "macro_f1"):
+        assert 0.0 <= memo[key] <= 1.0
+        assert m["baseline"]["model_above"][key] == pytest.approx(m[key] - memo[key])
+        assert m["ci"][key]["low"] <= m[key] <= m["ci"][key]["high"]
+    assert (
+        m["ci"]["ece_calibrated"]["low"]
+        <= m["ece_calibrated"]
+        <= m["ci"]["ece_calibrated"]["high"]
+    )
+    assert m["novel"]["n"] + m["near_copy"]["n"] == m["n"]
+    assert m["near_copy_share"] == pytest.approx(m["near_copy"]["n"] / m["n"])
+    # dvc metrics shows only numbers: every interval end is a scalar leaf.
+    assert {"ci.accuracy.low", "ci.macro_f1.high", "baseline.nearest_neighbour.macro_f1"} <= set(
+        numeric_keys(m)
+    )
+    assert p["nearest_train_similarity"].between(-1, 1).all()
+    assert (p["near_copy"] == (p["nearest_train_similarity"] >= 0.9)).all()
+    assert set(p["memorizer"]) <= set(CLASSES)
+    assert p["group"].astype(str).str.len().all()
+    for shift in SHIFT_NAMES:
+        assert set(p[f"predicted_{shift}"]) <= set(CLASSES)
+
+
 def test_write_outputs_writes_every_metric_table_and_picture(evaluation, tmp_path: Path) -> None:
     from chestct.stages.evaluate import PLOTS, write_outputs
 

@@ -441,3 +441,204 @@ def test_read_card_treats_a_non_object_card_as_no_champion(tmp_path: Path, conte
     (model_dir / "model.json").write_text(content, encoding="utf-8")
     (model_dir / "model.keras").write_bytes(b"m")
     assert read_card(model_dir) is None
+
+
+# --------------------------------------------------------------------------- memorizer, noise
+
+
+def test_decide_refuses_a_candidate_below_the_memorizer() -> None:
+    memorizer = {"baseline": {"nearest_neighbour": {"macro_f1": 0.8, "accuracy": 0.9}}}
+    params = PromoteParams(metric="robust_macro_f1", minimum=0.5)
+    below = {"robust_macro_f1": 0.75, "macro_f1": 0.7, **memorizer}
+    decision = decide(params, below, None)
+    assert not decision.promote and decision.rule == "below the memorizer"
+    assert decision.reason == (
+        "rejected (below the memorizer): candidate macro_f1 0.7000 < 0.8000 of the "
+        "nearest-neighbour memorizer (the label of the most similar training slice, no "
+        "learning) on the test split; promote.beat_memorizer refuses it (no champion)"
+    )
+    # The selection metric itself when the memorizer has it.
+    by_accuracy = decide(PromoteParams(metric="accuracy"), {"accuracy": 0.85, **memorizer}, None)
+    assert by_accuracy.rule == "below the memorizer" and "accuracy 0.8500 < 0.9000" in (
+        by_accuracy.reason
+    )
+    off = PromoteParams(metric="robust_macro_f1", minimum=0.5, beat_memorizer=False)
+    assert decide(off, below, None).rule == "first model"
+    above = {"robust_macro_f1": 0.75, "macro_f1": 0.8, **memorizer}  # equal is not below
+    assert decide(params, above, None).promote
+    # Rerunning an unchanged pipeline stays a tie: nothing is registered.
+    assert decide(params, below, {"robust_macro_f1": 0.75}).rule == "tie with the champion"
+
+
+def _tables(
+    tmp_path: Path, n: int, champion_right: float, gain: int, loss: int = 0
+) -> tuple[Path, pd.DataFrame]:
+    """The candidate's predictions.csv and the champion's table on n shared test images: the
+    candidate gets `gain` images right that the champion gets wrong and `loss` wrong that it
+    gets right, clean and under the one shift."""
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, len(CLASSES), n)
+    champ = {
+        c: np.where(rng.random(n) < champion_right, y, (y + 1) % len(CLASSES))
+        for c in ("predicted", "predicted_blur")
+    }
+    cand = {c: v.copy() for c, v in champ.items()}
+    for column in cand:
+        wrong = np.flatnonzero(cand[column] != y)[:gain]
+        right = np.flatnonzero(cand[column] == y)[-loss:] if loss else []
+        cand[column][wrong] = y[wrong]
+        cand[column][right] = (y[right] + 1) % len(CLASSES)
+    paths = [f"test/{i}.png" for i in range(n)]
+
+    def frame(preds: dict) -> pd.DataFrame:
+        return pd.DataFrame(
+            {
+                "path": paths,
+                "actual": [CLASSES[i] for i in y],
+                **{c: [CLASSES[i] for i in v] for c, v in preds.items()},
+                "group": [f"s{i // 2}" for i in range(n)],  # pairs of near-copies
+            }
+        )
+
+    path = tmp_path / "predictions.csv"
+    frame(cand).to_csv(path, index=False)
+    return path, frame(champ).sample(frac=1.0, random_state=1)  # another row order
+
+
+@pytest.mark.parametrize(("gain", "loss", "promoted"), [(12, 9, False), (40, 0, True)])
+def test_a_win_that_is_noise_is_not_a_promotion(
+    tmp_path: Path, gain: int, loss: int, promoted: bool
+) -> None:
+    """Two models that disagree on 21 of 120 images, 12 to 9 for the candidate: a margin win
+    that a paired test calls noise. 40 more right answers is a real improvement."""
+    from chestct.stages.promote import Candidate, apply_paired, paired_test
+
+    path, champion_table = _tables(tmp_path, 120, 0.6, gain, loss)
+    params = PromoteParams(metric="robust_macro_f1", minimum=0.1)
+    candidate = Candidate(Path("m"), {}, {}, Path("o"), "d", predictions_path=path)
+    paired = paired_test(params, candidate, lambda: champion_table)
+    assert paired.groups == 60  # pairs of near-copies resampled together
+    assert paired.difference > 0
+    margin_win = decide(params, {"robust_macro_f1": 0.7}, {"robust_macro_f1": 0.6})
+    assert margin_win.rule == "better than champion + margin"
+    decision = apply_paired(margin_win, params, paired)
+    assert decision.promote is promoted
+    assert decision.paired is not None and decision.paired["metric"] == "robust_macro_f1"
+    if promoted:
+        assert decision.rule == "better than champion + margin"
+        assert "; paired bootstrap over 60 groups" in decision.reason
+    else:
+        assert decision.rule == "difference within noise (paired bootstrap)"
+        assert decision.reason.startswith(
+            "rejected (difference within noise (paired bootstrap)): candidate "
+            "robust_macro_f1 0.7000 > champion 0.6000 + promote.margin 0.0, but the paired"
+        )
+        assert "the difference may be noise" in decision.reason
+
+
+def test_the_paired_test_says_why_it_did_not_run(tmp_path: Path) -> None:
+    from chestct.stages.promote import Candidate, apply_paired, paired_test
+
+    path, table = _tables(tmp_path, 20, 0.6, 1)
+    params = PromoteParams(metric="macro_f1", minimum=0.1)
+    margin_win = decide(params, {"macro_f1": 0.7}, {"macro_f1": 0.6})
+    cases = [
+        (replace_params(params, paired="none"), path, "promote.paired is none"),
+        (params, None, "evaluate's per-image predictions are not available"),
+        (replace_params(params, metric="roc_auc"), path, "roc_auc is not recomputed"),
+    ]
+    for p, predictions, why in cases:
+        cand = Candidate(Path("m"), {}, {}, Path("o"), "d", predictions_path=predictions)
+        result = paired_test(p, cand, lambda: table)
+        assert result == why or result.startswith(why)
+        kept = apply_paired(margin_win, p, result)
+        assert kept.promote and kept.reason.endswith(f"; paired test not run: {result}")
+    # Only a margin win is ever re-examined.
+    loss = decide(params, {"macro_f1": 0.5}, {"macro_f1": 0.6})
+    assert apply_paired(loss, params, "x") == loss
+
+
+def replace_params(params: PromoteParams, **changes: Any) -> PromoteParams:
+    from dataclasses import replace
+
+    return replace(params, **changes)
+
+
+def test_run_promote_rescores_the_champion_and_refuses_a_noisy_win(
+    champion, world, tmp_path: Path
+) -> None:
+    """The candidate claims accuracy 0.9 against the champion's 0.8, but image by image it
+    differs from the champion on one of 8 test images: the paired bootstrap calls that noise."""
+    import shutil
+
+    from chestct.stages.promote import Candidate, rescore_champion_full
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(champion[0], model_dir)
+    before = snapshot(model_dir)
+    card = json.loads((model_dir / "model.json").read_text(encoding="utf-8"))
+    _, table = rescore_champion_full(model_dir, card, world["test"], world["root"], 4)
+    wrong = table.index[table["predicted"] != table["actual"]][0]
+    table.loc[wrong, "predicted"] = table.loc[wrong, "actual"]
+    table.to_csv(tmp_path / "predictions.csv", index=False)
+    cand = Candidate(
+        **{**candidate(world, 1, 0.9).__dict__, "predictions_path": tmp_path / "predictions.csv"}
+    )
+    registry = Registry()
+    result = promote(world, cand, model_dir, registry, metric="accuracy")
+    assert not result.decision.promote
+    assert result.decision.rule == "difference within noise (paired bootstrap)"
+    assert "paired bootstrap over 8 groups" in result.decision.reason
+    assert registry.calls == [(world["models"][1], "challenger")]
+    assert snapshot(model_dir) == before
+
+
+def test_the_card_shows_how_far_the_model_is_above_the_memorizer(world) -> None:
+    from chestct.stages.promote import build_card
+
+    metrics = {
+        "macro_f1": 0.9,
+        "accuracy": 0.92,
+        "baseline": {
+            "nearest_neighbour": {"macro_f1": 0.7, "accuracy": 0.8},
+            "model_above": {"macro_f1": 0.2, "accuracy": 0.12},
+        },
+        "near_copy_share": 0.4,
+        "near_copy_similarity": 0.9,
+        "novel": {
+            "n": 6,
+            "accuracy": 0.83,
+            "balanced_accuracy": 0.8,
+            "macro_f1": 0.75,
+            "baseline": {
+                "nearest_neighbour": {"accuracy": 0.5, "balanced_accuracy": 0.5, "macro_f1": 0.4}
+            },
+        },
+        "ci": {"confidence": 0.95, "resamples": 1000, "groups": 9, "grouped_by": "series"},
+    }
+    cand = candidate(world, 0, 0.9)
+    card = build_card(
+        params=PromoteParams(),
+        image_size=SIZE,
+        preprocessing=PREPROCESSING,
+        candidate=type(cand)(**{**cand.__dict__, "metrics": metrics}),
+        inference={"file": "model.tflite"},
+        model_sha="0" * 64,
+    )
+    entry = card["baseline"]
+    assert entry["test"] == {"macro_f1": 0.7, "accuracy": 0.8}
+    assert entry["model_above"]["macro_f1"] == 0.2
+    assert entry["novel"]["model_above"]["macro_f1"] == pytest.approx(0.35)
+    assert entry["novel"]["memorizer"]["accuracy"] == 0.5
+    assert entry["near_copy_similarity"] == 0.9 and entry["near_copy_share"] == 0.4
+    assert entry["intervals"].startswith("95% bootstrap intervals over 9 groups (series)")
+    assert "no learning" in entry["method"]
+    # A candidate evaluated before the memorizer existed gets no entry.
+    assert "baseline" not in build_card(
+        params=PromoteParams(),
+        image_size=SIZE,
+        preprocessing=PREPROCESSING,
+        candidate=cand,
+        inference={"file": "model.tflite"},
+        model_sha="0" * 64,
+    )

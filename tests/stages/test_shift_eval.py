@@ -194,6 +194,11 @@ def test_external_folder_and_archive_are_scored_with_every_metric_and_kept_apart
         assert len(ext["digest"]) == 64 and ext["source"] == source
         assert len(ev.external_predictions) == ext["n"]
         assert set(ev.external_predictions["actual"]) == set(CLASSES)
+        # The memorizer, the novel part and the intervals, as on the test split.
+        assert 0.0 <= ext["baseline"]["nearest_neighbour"]["macro_f1"] <= 1.0
+        assert ext["novel"]["n"] + ext["near_copy"]["n"] == ext["n"]
+        assert ext["ci"]["macro_f1"]["low"] <= ext["macro_f1"] <= ext["ci"]["macro_f1"]["high"]
+        assert ev.external_predictions["nearest_train_similarity"].between(-1, 1).all()
         # Never used for calibration or selection: the same temperature, the same metrics.json.
         assert ev.calibration == evaluation.calibration
         assert ev.metrics == evaluation.metrics

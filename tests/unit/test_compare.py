@@ -32,6 +32,8 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             tags={**common, "chestct.stage": "evaluate", "chestct.run.train": train.info.run_id},
         )
         client.log_metric(evaluate.info.run_id, "macro_f1", f1)
+        client.log_metric(evaluate.info.run_id, "baseline.nearest_neighbour.macro_f1", 0.72)
+        client.log_metric(evaluate.info.run_id, "baseline.model_above.macro_f1", f1 - 0.72)
         client.log_param(evaluate.info.run_id, "evaluate.batch_size", "64")
         links = {
             "chestct.run.train": train.info.run_id,
@@ -88,6 +90,12 @@ def test_table_shows_both_sides_and_the_deltas(store) -> None:
     assert table[("param", "train.learning_rate")] == ("0.001", "0.0003", "-0.0007")
     assert table[("param", "base.seed")] == ("42", "42", "")
     assert table[("model", "dvc exp")][:2] == ("exp-a", "exp-b")
+    # Each model against the memorizer, before the params: A below it, B above.
+    assert table[("memorizer", "baseline.nearest_neighbour.macro_f1")] == ("0.72", "0.72", "+0")
+    above = table[("memorizer", "baseline.model_above.macro_f1")]
+    assert (float(above[0]), float(above[1])) == pytest.approx((-0.02, 0.04))
+    sections = [section for section, *_ in rows(a, b)]
+    assert sections.index("memorizer") < sections.index("param")
 
     changed = {key for _, key, *_ in rows(a, b, changed_only=True)}
     assert "train.learning_rate" in changed and "base.seed" not in changed

@@ -2,7 +2,9 @@
 
 Several slices at once (file picker or drag and drop), one row of results per slice: the
 label, the probabilities as bars, the abstain and out-of-distribution warnings in words and
-the Grad-CAM heatmap. The model's version and its test figures come from GET /metadata.
+the Grad-CAM heatmap. The model's version and its test figures come from GET /metadata: with
+their bootstrap interval, and the nearest-neighbour memorizer's figure the model is above (or
+below), overall and on the test slices unlike any training slice.
 """
 
 INDEX_HTML = """<!doctype html>
@@ -80,6 +82,13 @@ async function post(url, file) {
   return body;
 }
 
+function interval(m, key) {
+  const ci = (m.ci || {})[key];
+  if (!ci || typeof ci.low !== "number") return "";
+  return " [" + Math.round(100 * (m.ci.confidence || 0.95)) + " % interval " + fixed(ci.low, 3) +
+    "–" + fixed(ci.high, 3) + "]";
+}
+
 async function describeModel() {
   try {
     const resp = await fetch("/metadata");
@@ -90,7 +99,21 @@ async function describeModel() {
     if (typeof m.accuracy === "number") {
       text += " · on its test split: accuracy " + fixed(m.accuracy, 3) +
         ", balanced accuracy " + fixed(m.balanced_accuracy, 3) +
-        ", macro-F1 " + fixed(m.macro_f1, 3) + (m.n ? " (" + m.n + " slices)" : "");
+        ", macro-F1 " + fixed(m.macro_f1, 3) + interval(m, "macro_f1") +
+        (m.n ? " (" + m.n + " slices)" : "");
+      const memo = (m.baseline || {}).nearest_neighbour;
+      if (memo && typeof memo.macro_f1 === "number") {
+        const above = m.macro_f1 - memo.macro_f1;
+        text += " · a memorizer (the label of the most similar training slice) scores macro-F1 " +
+          fixed(memo.macro_f1, 3) + ": the model is " + fixed(Math.abs(above), 3) +
+          (above >= 0 ? " above" : " below") + " it";
+        const novel = m.novel || {};
+        if (novel.n && typeof novel.macro_f1 === "number") {
+          text += "; on the " + novel.n + " test slices unlike any training slice: model " +
+            fixed(novel.macro_f1, 3) + ", memorizer " +
+            fixed(novel.baseline.nearest_neighbour.macro_f1, 3);
+        }
+      }
     }
     $("model").textContent = text;
     $("model").dataset.version = meta.version;

@@ -5,11 +5,17 @@ writes metrics and plots (artifacts/evaluate/).
 
 Outputs: metrics.json (dvc metrics: clean metrics, the `shift` block and robust_macro_f1),
 external.json (dvc metrics, reported apart; never selected on), predictions.csv (one row per
-test image), calibration.json (temperature, abstention and OOD thresholds for promote's model
+test image, with its predictions under every shift and its nearest training slice's similarity),
+calibration.json (temperature, abstention and OOD thresholds for promote's model
 card), ood.npz (mean and precision of GAP features on the train split), reference.json
 (the monitoring profile of the valid and test splits, chestct.monitoring), and for `dvc plots`:
 confusion.csv, roc.csv, reliability.csv, shift.csv and the pictures confusion.png, roc.png,
-reliability.png, shift.png, misclassified.png, gradcam.png."""
+reliability.png, shift.png, misclassified.png, gradcam.png.
+
+Both metrics files also carry (chestct.novelty) the nearest-neighbour memorizer
+(`baseline.nearest_neighbour.*`, `baseline.model_above.*`), the model on the near-copy and the
+novel part apart (`near_copy.*`, `novel.*`, `near_copy_share`) and bootstrap intervals that
+resample groups (`ci.<metric>.low/high`, chestct.uncertainty)."""
 
 from __future__ import annotations
 
@@ -44,6 +50,14 @@ from chestct.metrics import (
     softmax,
 )
 from chestct.monitoring import REFERENCE_FILE, decoded_greys, fit_reference
+from chestct.novelty import (
+    TrainReference,
+    assess,
+    assess_files,
+    describe,
+    frame_thumbnails,
+    item_groups,
+)
 from chestct.perturb import SHIFTS
 from chestct.plots import plot_confusion, plot_gallery, plot_reliability, plot_roc, plot_shift
 from chestct.pointers import PointerError, lineage_tags, read_pointer
@@ -58,6 +72,7 @@ from chestct.scoring import (
     model_outputs,
     prediction_table,
     shift_logits,
+    shift_predictions,
 )
 from chestct.settings import STAGES, EvaluateParams
 from chestct.tracking import flatten
@@ -124,6 +139,8 @@ def run_evaluate(
     root: Path,
     preprocessing: Preprocessing | None = None,
     class_map: dict[str, str] | None = None,
+    near_copy_similarity: float = 0.9,
+    seed: int = 0,
 ) -> Evaluation:
     """Score the test split, clean and under the shift-stress set; fit temperature, abstention
     and OOD thresholds on valid/train; score the external set when params name one.
@@ -136,6 +153,8 @@ def run_evaluate(
         preprocessing: how resize prepared the images (for shifted and external images, and
             images not at the model's size).
         class_map: params `ingest.class_map`, for the external set's folder names.
+        near_copy_similarity: params `base.near_copy_similarity` (chestct.novelty).
+        seed: params `base.seed`, for the bootstrap.
     """
     missing = {"train", "valid", "test"} - set(splits)
     if missing:
@@ -232,7 +251,28 @@ def run_evaluate(
     predictions = prediction_table(splits["test"], softmax(test["logits"]))
     predictions["entropy_calibrated"] = normalised_entropy(calibrated_test)
     predictions["ood_distance"] = test_distance
-    external, external_predictions = run_external(model, params, root, prep, t, class_map)
+    for column, values in shift_predictions(shifted_test).items():
+        predictions[column] = values
+    reference_set = TrainReference.from_frame(splits["train"], root, near_copy_similarity)
+    test_thumbs = frame_thumbnails(splits["test"], root)
+    novelty = assess(
+        reference_set,
+        test_thumbs,
+        y_test,
+        softmax(test["logits"]),
+        calibrated_test,
+        item_groups(splits["test"], test_thumbs, near_copy_similarity),
+        resamples=params.bootstrap_resamples,
+        confidence=params.confidence,
+        seed=seed,
+    )
+    metrics.update(novelty.metrics)
+    for column, values in novelty.columns.items():
+        predictions[column] = values
+    log.info("test: %s", describe(novelty.metrics))
+    external, external_predictions = run_external(
+        model, params, root, prep, t, class_map, reference_set, seed
+    )
     return Evaluation(
         metrics=metrics,
         predictions=predictions,
@@ -256,11 +296,15 @@ def run_external(
     preprocessing: Preprocessing,
     temperature: float,
     class_map: dict[str, str] | None = None,
+    reference: TrainReference | None = None,
+    seed: int = 0,
 ) -> tuple[dict[str, Any], pd.DataFrame | None]:
     """external.json's content and the predictions on params `evaluate.external`.
 
     Reported apart from metrics.json and never used for selection, calibration or thresholds:
-    it is scored with the temperature fitted on valid, after everything else is decided.
+    it is scored with the temperature fitted on valid, after everything else is decided. With
+    the training slices (`reference`) it also gets the memorizer, the novelty split and the
+    intervals, its groups being the series its slices form by similarity.
     """
     if not params.external:
         return {"source": "", "n": 0}, None
@@ -270,6 +314,21 @@ def run_external(
             metrics, predictions = score_external(
                 model, found, preprocessing, params.batch_size, temperature, root
             )
+            if reference is not None:
+                novelty = assess_files(
+                    reference,
+                    [f for _, f in found.files],
+                    predictions,
+                    temperature,
+                    preprocessing.window,
+                    resamples=params.bootstrap_resamples,
+                    confidence=params.confidence,
+                    seed=seed,
+                )
+                metrics.update(novelty.metrics)
+                for column, values in novelty.columns.items():
+                    predictions[column] = values
+                log.info("external: %s", describe(metrics))
         except ScoringError as exc:
             raise StageFailed(str(exc)) from None
     log.info(
@@ -423,6 +482,17 @@ def write_outputs(ev: Evaluation, out: Path, params: EvaluateParams) -> dict[str
     return files
 
 
+def memorizer_tags(metrics: dict[str, Any], threshold: float) -> dict[str, str]:
+    """MLflow tags saying how the memorizer was built and how far the model is above it."""
+    above = metrics["baseline"]["model_above"]
+    return {
+        "chestct.baseline": "nearest_neighbour: label of the most correlated training slice "
+        "(body-cropped 32x32 thumbnails of the ingested originals, Pearson)",
+        "chestct.near_copy_similarity": f"{threshold:g}",
+        "chestct.above_memorizer": ", ".join(f"{k} {v:+.4f}" for k, v in above.items()),
+    }
+
+
 def upstream_params(paths: Any, upto: str, own: Sequence[str]) -> dict[str, str]:
     """The params every upstream stage ran with, flattened as MLflow params ("train.epochs").
 
@@ -478,6 +548,8 @@ def main() -> None:
             root,
             resize_preprocessing(s.paths),
             ingested_class_map(s.paths),
+            s.params.base.near_copy_similarity,
+            s.params.base.seed,
         )
         out = session.out_dir
         files = write_outputs(ev, out, s.params.evaluate)
@@ -485,6 +557,7 @@ def main() -> None:
         import mlflow
 
         mlflow.set_tags(lineage_tags(s.paths, "evaluate"))
+        mlflow.set_tags(memorizer_tags(ev.metrics, s.params.base.near_copy_similarity))
         mlflow.log_params(upstream_params(s.paths, "evaluate", list(session.params)))
         for name in PLOTS:
             session.log_artifact(out / name, "plots")

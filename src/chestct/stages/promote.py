@@ -9,6 +9,9 @@ succeeded; if recording it fails after the swap, the previous model/ is put back
 carries a sha256 of every file it names, which serving checks at each load. It is registered in
 the MLflow registry with the alias `champion`. A candidate that loses (or fails parity) gets the
 alias `challenger` and leaves model/ untouched; a tie leaves model/ and the registry untouched.
+A candidate below the nearest-neighbour memorizer on the test split is refused, and a win over
+the champion must survive the paired bootstrap of the metric difference on the same test items
+(`promote.paired`), so that a difference that is noise is not a promotion.
 The reason, naming the rule that decided, is in the pointer, decision.json and the MLflow run.
 
 model.json holds only what the candidate's inputs determine, so that DVC sees the same model/
@@ -40,6 +43,7 @@ from chestct.manifest import DATASET_COLUMNS, read_manifest
 from chestct.metrics import lower_is_better, metric_value, numeric_keys
 from chestct.modelcard import ModelCard
 from chestct.monitoring import REFERENCE_FILE
+from chestct.novelty import card_entry
 from chestct.pointers import (
     PointerError,
     git_state,
@@ -51,6 +55,7 @@ from chestct.pointers import (
 from chestct.runner import StageFailed, run_main, stage_session
 from chestct.scoring import Preprocessing, ScoringError, load_images, model_outputs, score
 from chestct.settings import PromoteParams
+from chestct.uncertainty import PairedResult, paired_on_tables
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +77,7 @@ class Decision:
     champion_rescored: bool
     reason: str  # "<verdict> (<rule>): <the figures compared>"
     rule: str  # the RULE_* that decided
+    paired: dict[str, Any] | None = None  # the paired bootstrap (PairedResult) when it ran
 
 
 @dataclass(frozen=True)
@@ -84,6 +90,9 @@ class Candidate:
     ood_path: Path  # evaluate's ood.npz
     data_digest: str  # digest of the test split manifest
     reference_path: Path | None = None  # evaluate's monitoring profile (reference.json)
+    # evaluate's predictions.csv (per test image: actual, predicted, predicted_<shift>, group):
+    # the candidate's side of the paired test; None: the paired test cannot run.
+    predictions_path: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -145,6 +154,8 @@ RULE_NOT_BETTER = "not better than champion + margin"
 RULE_BETTER_LOWER = "better than champion - margin"  # lower is better
 RULE_NOT_BETTER_LOWER = "not better than champion - margin"
 RULE_EXPORT_FAILED = "light model export failed"
+RULE_BELOW_MEMORIZER = "below the memorizer"
+RULE_NOISE = "difference within noise (paired bootstrap)"
 # Equal scores computed from the same test images: a tie, whatever the margin.
 TIE_TOLERANCE = 1e-9
 
@@ -157,9 +168,11 @@ def decide(
 ) -> Decision:
     """Compare on params.metric and name the rule that decided.
 
-    A candidate worse than `promote.minimum` is rejected; without a champion it is promoted;
-    otherwise it must be strictly better than the champion by more than `promote.margin`. A
-    tie (equal scores) keeps the champion: rerunning an unchanged pipeline promotes nothing.
+    A candidate worse than `promote.minimum` is rejected; a tie (equal scores) keeps the
+    champion: rerunning an unchanged pipeline promotes nothing. A candidate below the
+    memorizer on the test split is rejected (`promote.beat_memorizer`); without a champion it
+    is promoted; otherwise it must be strictly better than the champion by more than
+    `promote.margin` (and then survive `apply_paired`).
     For a metric where lower is better (metrics.lower_is_better: ECE, NLL, rates) the
     comparison turns round: `minimum` is a maximum and the candidate must be below the
     champion - margin.
@@ -178,17 +191,20 @@ def decide(
             f"candidate {metric} {score:.4f} {'<' if higher else '>'} promote.minimum "
             f"{params.minimum} ({against}{'' if higher else '; a maximum: lower is better'})"
         )
+    elif best is not None and abs(score - best) <= TIE_TOLERANCE:
+        rule, ok = RULE_TIE, False
+        detail = (
+            f"candidate {metric} {score:.4f} = champion {best:.4f}; the champion stays and "
+            "nothing is registered"
+        )
+    elif (memo := below_memorizer(params, candidate)) is not None:
+        rule, ok = RULE_BELOW_MEMORIZER, False
+        detail = f"{memo} ({against})"
     elif best is None:
         rule, ok = RULE_FIRST_MODEL, True
         detail = (
             f"no champion; candidate {metric} {score:.4f} {'>=' if higher else '<='} "
             f"promote.minimum {params.minimum}"
-        )
-    elif abs(score - best) <= TIE_TOLERANCE:
-        rule, ok = RULE_TIE, False
-        detail = (
-            f"candidate {metric} {score:.4f} = champion {best:.4f}; the champion stays and "
-            "nothing is registered"
         )
     elif sign * score > sign * (best + sign * params.margin):
         rule, ok = (RULE_BETTER if higher else RULE_BETTER_LOWER), True
@@ -207,13 +223,93 @@ def decide(
     return Decision(ok, metric, score, best, champion_rescored, reason, rule)
 
 
+# The memorizer's metrics (chestct.novelty); another selection metric is held against its
+# macro-F1, the figure the memorizer and every candidate share.
+MEMORIZER_METRICS = ("accuracy", "balanced_accuracy", "macro_f1")
+
+
+def below_memorizer(params: PromoteParams, candidate: dict[str, Any]) -> str | None:
+    """Why the candidate is below the nearest-neighbour memorizer on the test split, or None
+    (above it, equal, `promote.beat_memorizer` off, or metrics from before the memorizer)."""
+    if not params.beat_memorizer:
+        return None
+    metric = params.metric if params.metric in MEMORIZER_METRICS else "macro_f1"
+    memo = metric_value(candidate, f"baseline.nearest_neighbour.{metric}")
+    mine = metric_value(candidate, metric)
+    if memo is None or mine is None or mine >= memo - TIE_TOLERANCE:
+        return None
+    return (
+        f"candidate {metric} {mine:.4f} < {memo:.4f} of the nearest-neighbour memorizer "
+        "(the label of the most similar training slice, no learning) on the test split; "
+        "promote.beat_memorizer refuses it"
+    )
+
+
+def apply_paired(
+    decision: Decision, params: PromoteParams, paired: PairedResult | str
+) -> Decision:
+    """A margin win kept only if the paired bootstrap says it is not noise.
+
+    Args:
+        decision: what `decide` found (only a RULE_BETTER* decision can change).
+        paired: the paired test, or why it could not run (the win then stands on the margin
+            and the reason says so).
+    """
+    if decision.rule not in (RULE_BETTER, RULE_BETTER_LOWER):
+        return decision
+    if isinstance(paired, str):
+        return replace(decision, reason=f"{decision.reason}; paired test not run: {paired}")
+    higher = not lower_is_better(decision.metric)
+    facts = asdict(paired)
+    if paired.significant(higher):
+        return replace(decision, reason=f"{decision.reason}; {paired.describe()}", paired=facts)
+    detail = decision.reason.split(": ", 1)[1]
+    return replace(
+        decision,
+        promote=False,
+        rule=RULE_NOISE,
+        reason=f"rejected ({RULE_NOISE}): {detail}, but the {paired.describe()} > 1 - "
+        f"promote.confidence ({1 - params.confidence:.2f}): the difference may be noise",
+        paired=facts,
+    )
+
+
+def paired_test(
+    params: PromoteParams,
+    candidate: Candidate,
+    champion_predictions: Callable[[], pd.DataFrame],
+    seed: int = 0,
+) -> PairedResult | str:
+    """The paired bootstrap of candidate - champion on promote.metric over the same test
+    items, resampling evaluate's groups; or why it cannot run."""
+    if params.paired == "none":
+        return "promote.paired is none"
+    if candidate.predictions_path is None or not candidate.predictions_path.is_file():
+        return "evaluate's per-image predictions are not available"
+    return paired_on_tables(
+        params.metric,
+        read_manifest(candidate.predictions_path),
+        champion_predictions,
+        higher_is_better=not lower_is_better(params.metric),
+        confidence=params.confidence,
+        seed=seed,
+    )
+
+
 def rescore_champion(
     model_dir: Path, card: dict[str, Any], test: pd.DataFrame, root: Path, batch_size: int
 ) -> dict[str, Any]:
     """The champion's metrics on the current test split (the candidate's keys, shift stress
     included), prepared at the champion's own size, preprocessing and temperature."""
+    return rescore_champion_full(model_dir, card, test, root, batch_size)[0]
+
+
+def rescore_champion_full(
+    model_dir: Path, card: dict[str, Any], test: pd.DataFrame, root: Path, batch_size: int
+) -> tuple[dict[str, Any], pd.DataFrame]:
+    """rescore_champion's metrics and the per-image predictions (with `predicted_<shift>`)."""
     try:
-        metrics, _ = score(
+        metrics, table = score(
             model_dir / str(card.get("model_file", MODEL_FILE)),
             test,
             batch_size,
@@ -223,7 +319,7 @@ def rescore_champion(
         )
     except ScoringError as exc:
         raise StageFailed(f"re-scoring the champion in {model_dir}: {exc}") from None
-    return metrics
+    return metrics, table
 
 
 def export_release(
@@ -320,6 +416,7 @@ def build_card(
             else {}
         ),
         "metrics": candidate.metrics,
+        **({"baseline": entry} if (entry := card_entry(candidate.metrics)) else {}),
         "selection_metric": params.metric,
         "data_digest": candidate.data_digest,
         "intended_use": "research and education only; not a medical device",
@@ -453,6 +550,7 @@ def run_promote(
     """
     card = read_card(model_dir)
     champion_metrics, rescored = None, False
+    champion_table: list[pd.DataFrame] = []  # the champion's predictions, once scored
     if card is not None:
         champion_metrics = card.get("metrics") or {}
         if (
@@ -460,9 +558,25 @@ def run_promote(
             or metric_value(champion_metrics, params.metric) is None
         ):
             log.info("test data or metric changed since the champion was promoted: re-scoring")
-            champion_metrics = rescore_champion(model_dir, card, test, root, batch_size)
+            champion_metrics, table = rescore_champion_full(
+                model_dir, card, test, root, batch_size
+            )
+            champion_table.append(table)
             rescored = True
     decision = decide(params, candidate.metrics, champion_metrics, rescored)
+    if card is not None and decision.rule in (RULE_BETTER, RULE_BETTER_LOWER):
+
+        def champion_predictions() -> pd.DataFrame:
+            if not champion_table:
+                log.info("scoring the champion image by image for the paired test")
+                champion_table.append(
+                    rescore_champion_full(model_dir, card, test, root, batch_size)[1]
+                )
+            return champion_table[0]
+
+        decision = apply_paired(
+            decision, params, paired_test(params, candidate, champion_predictions)
+        )
     inference: dict[str, Any] | None = None
     if decision.promote:
         try:
@@ -622,6 +736,7 @@ def main() -> None:
             ood_path=ood_path,
             data_digest=validate.outputs["test"].digest,
             reference_path=evaluate.output_path("reference", root),
+            predictions_path=evaluate.output_path("predictions", root),
         )
         test = read_manifest(validate.output_path("test", root), DATASET_COLUMNS)
 
@@ -665,6 +780,14 @@ def main() -> None:
                     "promoted": int(decision.promote),
                     "candidate": decision.candidate,
                     **({"champion": decision.champion} if decision.champion is not None else {}),
+                    **(
+                        {
+                            "paired_difference": decision.paired["difference"],
+                            "paired_p_value": decision.paired["p_value"],
+                        }
+                        if decision.paired
+                        else {}
+                    ),
                     **(
                         {"parity_max_abs_diff": result.card["inference"]["parity_max_abs_diff"]}
                         if result.card

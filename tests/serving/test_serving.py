@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 import struct
 import zlib
 from pathlib import Path
@@ -220,7 +221,10 @@ def test_metrics(client) -> None:
     assert 'chestct_requests_total{endpoint="unmatched",status="404"} 1.0' in text
     assert 'chestct_request_latency_seconds_bucket{endpoint="/predict",le="+Inf"} 2.0' in text
     assert "chestct_predictions_total{label=" in text
-    assert 'chestct_ood_rejections_total{reason="blank"} 1.0' in text
+    # Refused slices and answered ones flagged out of distribution are counted apart.
+    assert 'chestct_refusals_total{reason="blank"} 1.0' in text
+    assert re.search(r"^chestct_ood_predictions_total [01]\.0$", text, re.M)
+    assert "chestct_ood_rejections" not in text
     assert "chestct_abstentions_total" in text
     assert 'chestct_model_info{backend="litert",name="chestct",version="1"} 1.0' in text
 

@@ -173,3 +173,61 @@ def test_dropped_slices_get_one_row_each_with_warnings_in_words(
         flagged = row.query_selector(".warn.ood") is not None
         assert flagged == bool(answer["ood"]["out_of_distribution"])
     assert abstained >= 1  # the trained test model abstains on most slices (threshold 0.97)
+
+
+def test_monitor_report_fits_1280_px_with_charts_in_a_grid(
+    monitored_model: Path, page, tmp_path: Path
+) -> None:
+    """The monitor's report.html at 1280 x 800: nothing wider than the screen (the summary
+    box wraps), the rule stated, and the charts several to a row (before: the summary box
+    overflowed and the charts ran one per row down a long page)."""
+    import subprocess
+    import sys
+
+    client = create_app(
+        {
+            "MODEL_DIR": str(monitored_model),
+            "AUDIT_LOG": True,
+            "AUDIT_DB": str(tmp_path / "audit.sqlite"),
+            "MC_DROPOUT_SAMPLES": 0,
+        }
+    ).test_client()
+    for i in range(60):
+        resp = client.post(
+            "/predict", data=encode(ct_slice(50_000 + i, CLASSES[i % 4])), content_type="image/png"
+        )
+        assert resp.status_code == 200
+    repo = Path(__file__).resolve().parents[2]
+    out = tmp_path / "report"
+    done = subprocess.run(
+        [
+            *(sys.executable, "-m", "chestct.monitor", "--db", str(tmp_path / "audit.sqlite")),
+            *("--model-dir", str(monitored_model), "--out", str(out)),
+        ],
+        env={**os.environ, "PYTHONPATH": str(repo / "src"), "CHESTCT_ROOT": str(repo)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode in (0, 1), done.stdout + done.stderr
+    page.set_viewport_size({"width": 1280, "height": 800})
+    page.goto((out / "report.html").as_uri())
+    layout = page.evaluate(
+        """() => {
+        const box = (el) => el.getBoundingClientRect();
+        const figures = [...document.querySelectorAll('figure')];
+        const verdict = document.getElementById('verdict');
+        return {
+            page: document.documentElement.scrollWidth,
+            verdictOverflow: verdict.scrollWidth - verdict.clientWidth,
+            rows: new Set(figures.map((f) => Math.round(box(f).top))).size,
+            figures: figures.length,
+            widest: Math.max(...[...document.querySelectorAll('body *')].map((e) => box(e).right)),
+            rule: (document.getElementById("rule") || {innerText: ""}).innerText,
+        };
+    }"""
+    )
+    assert layout["page"] <= 1280 and layout["widest"] <= 1280, layout
+    assert layout["verdictOverflow"] <= 0, layout
+    assert layout["figures"] >= 6 and layout["rows"] <= layout["figures"] / 2, layout
+    assert "PSI is at least" in layout["rule"] and "p <" in layout["rule"]

@@ -137,12 +137,15 @@ def test_dropped_slices_get_one_row_each_with_warnings_in_words(
 
     from helpers import zoomed
 
+    missing: list[str] = []
+    page.on("response", lambda r: missing.append(r.url) if r.status == 404 else None)
     page.goto(monitored_url + "/")
     page.wait_for_function("() => document.getElementById('model').dataset.version")
     model_line = page.inner_text("#model")
-    # Version and the card's test figures.
+    # Version and the card's test figures, and that they are clean test figures only.
     assert "version 1" in model_line
     assert "accuracy 0.600" in model_line and "macro-F1 0.580" in model_line
+    assert "clean test figures only" in model_line
     files = [
         ("a.png", ct_slice(11, "normal", size=96)),
         ("zoomed.png", zoomed(ct_slice(12, "normal", size=96), 0.45)),
@@ -167,12 +170,27 @@ def test_dropped_slices_get_one_row_each_with_warnings_in_words(
         answer = client.post("/predict", data=encode(img), content_type="image/png").get_json()
         warn = row.query_selector(".warn.abstain")
         assert (warn is not None) == bool(answer["uncertainty"]["abstain"])
+        heading = row.query_selector(".label").inner_text()
         if warn is not None:
             assert warn.inner_text().startswith("Uncertain:")
+            # An abstention is headed as such; the label is only named as "most probable".
+            assert heading == "Uncertain: no answer", heading
+            assert answer["display_name"] in row.query_selector(".likely").inner_text()
             abstained += 1
+        else:
+            assert heading == answer["display_name"]
         flagged = row.query_selector(".warn.ood") is not None
         assert flagged == bool(answer["ood"]["out_of_distribution"])
     assert abstained >= 1  # the trained test model abstains on most slices (threshold 0.97)
+    # The page and the favicon it names load without a 404.
+    assert (
+        page.evaluate(
+            "() => fetch('/favicon.ico')"
+            ".then((r) => r.status + ' ' + r.headers.get('content-type'))"
+        )
+        == "200 image/svg+xml; charset=utf-8"
+    )
+    assert not missing, missing
 
 
 def test_monitor_report_fits_1280_px_with_charts_in_a_grid(
@@ -231,3 +249,27 @@ def test_monitor_report_fits_1280_px_with_charts_in_a_grid(
     assert layout["verdictOverflow"] <= 0, layout
     assert layout["figures"] >= 6 and layout["rows"] <= layout["figures"] / 2, layout
     assert "PSI is at least" in layout["rule"] and "p <" in layout["rule"]
+
+
+def test_upload_page_header_shows_the_shift_figures_of_the_card(
+    monitored_model: Path, page, tmp_path: Path
+) -> None:
+    """Beside the clean test figures (1.000 on the synthetic default), the header gives the
+    card's figures under the synthetic shifts of the test split and the robust macro-F1."""
+    import json
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(monitored_model, folder)
+    card = json.loads((folder / "model.json").read_text())
+    card["metrics"].update(
+        robust_macro_f1=0.495, shift={"worst_macro_f1": 0.41, "worst_shift": "zoom_60"}
+    )
+    (folder / "model.json").write_text(json.dumps(card))
+    with served(folder) as url:
+        page.goto(url + "/")
+        page.wait_for_function("() => document.getElementById('model').dataset.version")
+        line = page.inner_text("#model")
+    assert "macro-F1 0.580" in line
+    assert "under synthetic shifts of that split" in line
+    assert "worst macro-F1 0.410 (zoom_60)" in line and "robust macro-F1 0.495" in line

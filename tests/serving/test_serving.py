@@ -479,3 +479,11 @@ def test_bad_serving_settings_name_the_key(tmp_path: Path, serving: dict, messag
     )
     with pytest.raises(SettingsError, match=message):
         load_settings(tmp_path)
+
+
+def test_favicon_is_served_not_404(client) -> None:
+    for path in ("/favicon.ico", "/favicon.svg"):
+        resp = client.get(path)
+        assert resp.status_code == 200 and resp.mimetype == "image/svg+xml", path
+        assert resp.get_data(as_text=True).startswith("<svg")
+    assert 'rel="icon"' in client.get("/").get_data(as_text=True)

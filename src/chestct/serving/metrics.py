@@ -203,7 +203,8 @@ WINDOW_METRIC = "chestct_window_count"
 
 
 class LiveWindow:
-    """The latest `size` predictions of this worker, as counts per (signal, bin).
+    """The latest `size` requests of this worker (answered, and refused ones as
+    ("refused", "1")), as counts per (signal, bin).
 
     The counts are gauges summed over live workers (multiprocess mode livesum), so any worker
     answering a scrape sees the whole server's window; a worker's share leaves with it.

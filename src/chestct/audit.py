@@ -2,7 +2,9 @@
 
 A row holds the prediction's id, the input's sha256, the label, the probabilities, the
 monitoring signals (chestct.monitoring: numbers only), the model's name and version, and the
-UTC time; a second table holds the true labels sent to POST /feedback. Several gunicorn
+UTC time; a second table holds the true labels sent to POST /feedback; a third the slices the
+input checks refused (422 "not a chest CT slice": reason, sha256, the image signals when the
+slice decoded), so that the monitor counts refused traffic as well as answered. Several gunicorn
 workers write to one file: WAL mode lets them, and each write opens its own short connection
 so that no connection crosses a thread or a fork. `python -m chestct.monitor` reads it.
 """
@@ -37,6 +39,20 @@ CREATE TABLE IF NOT EXISTS feedback (
     prediction_id TEXT PRIMARY KEY,
     label TEXT NOT NULL,
     time TEXT NOT NULL
+)
+"""
+
+
+_REFUSALS = """
+CREATE TABLE IF NOT EXISTS refusals (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    time TEXT NOT NULL,
+    endpoint TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    signals TEXT,
+    model_name TEXT NOT NULL,
+    model_version TEXT NOT NULL
 )
 """
 
@@ -87,6 +103,7 @@ class AuditLog:
                     "ON predictions(prediction_id)"
                 )
                 conn.execute(_FEEDBACK)
+                conn.execute(_REFUSALS)
         finally:
             conn.close()
 
@@ -122,6 +139,70 @@ class AuditLog:
                 )
         finally:
             conn.close()
+
+    def record_refusal(
+        self,
+        endpoint: str,
+        sha256: str,
+        reason: str,
+        model: tuple[str, str],
+        signals: dict[str, Any] | None = None,
+    ) -> None:
+        """Store one refused slice: the check's `reason`, the served model (name, version)."""
+        row = (
+            datetime.now(UTC).isoformat(timespec="milliseconds"),
+            endpoint,
+            sha256,
+            reason,
+            None if signals is None else json.dumps(signals, sort_keys=True),
+            model[0],
+            str(model[1]),
+        )
+        conn = self._connect()
+        try:
+            with conn:
+                conn.execute(
+                    "INSERT INTO refusals (time, endpoint, sha256, reason, signals, model_name, "
+                    "model_version) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    row,
+                )
+        finally:
+            conn.close()
+
+    def refusals(
+        self, last: int | None = None, since: str | None = None, model_version: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Refused slices, oldest first, selected as `window` selects predictions."""
+        clauses, args = [], []
+        if since is not None:
+            clauses.append("time >= ?")
+            args.append(since)
+        if model_version is not None:
+            clauses.append("model_version = ?")
+            args.append(model_version)
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        limit = "LIMIT ?" if last is not None else ""
+        if last is not None:
+            args.append(last)
+        conn = self._connect()
+        try:
+            conn.row_factory = sqlite3.Row
+            have = conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'refusals'"
+            ).fetchone()
+            if have is None:  # a log written before refusals were recorded
+                return []
+            rows = conn.execute(
+                f"SELECT * FROM refusals {where} ORDER BY id DESC {limit}", args
+            ).fetchall()
+        finally:
+            conn.close()
+        entries = []
+        for row in reversed(rows):
+            entry = dict(row)
+            entry["signals"] = json.loads(entry["signals"]) if entry.get("signals") else {}
+            entries.append(entry)
+        return entries
 
     def record_feedback(self, prediction_id: str, label: str) -> bool:
         """Store the true label of a served prediction (a later one replaces it); False when

@@ -37,7 +37,6 @@ def classification_metrics(y_true: np.ndarray, proba: np.ndarray) -> dict[str, A
     """
     from sklearn.metrics import (
         accuracy_score,
-        balanced_accuracy_score,
         confusion_matrix,
         fbeta_score,
         precision_score,
@@ -67,7 +66,10 @@ def classification_metrics(y_true: np.ndarray, proba: np.ndarray) -> dict[str, A
     present = [a for a in auc.values() if a is not None]
     return {
         "accuracy": float(accuracy_score(y_true, y_pred)),
-        "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)),
+        # The mean recall over the classes present in y_true, as sklearn's
+        # balanced_accuracy_score computes it; that one also warns ("y_pred contains classes
+        # not in y_true") whenever a split or shift lacks a class the model predicts.
+        "balanced_accuracy": float(np.mean(sensitivity[np.isin(labels, y_true)])),
         "macro_f1": float(
             fbeta_score(y_true, y_pred, beta=1, labels=labels, average="macro", zero_division=0)
         ),

@@ -9,15 +9,17 @@ Reads the audit log (serving.audit_db; the service must run with serving.audit_l
 takes the predictions of the served model version in the window, and compares them with the
 reference profile evaluate fitted on the valid and test splits (model/reference.json, named in
 the card): PSI and a two-sample test per signal (Kolmogorov-Smirnov; chi-square for the
-predicted-class mix), abstain and OOD rates against evaluate's, and, for predictions labelled
-through POST /feedback, live accuracy, balanced accuracy and macro-F1 against the card's test
-figures. Writes report.json and report.html (pictures inline) to monitor.report_dir and prints
-a short verdict.
+predicted-class mix), abstain and OOD rates against evaluate's, the share of requests the input
+checks refused (422) with their reasons, and, for predictions labelled through POST /feedback,
+live accuracy, balanced accuracy and macro-F1 against the card's test figures. Writes
+report.json and report.html (pictures inline) to monitor.report_dir and prints a short verdict
+(chestct.monitoring.rule_text states the rule; docs/monitoring.md).
 
-Exit status: 0 no drift (or too few predictions to judge), 1 drift beyond the thresholds in
-config/config.yaml `monitor:`, 2 the monitor could not run (missing audit log, model or
-reference; bad arguments). A CLI like a stage: no library module imports it. It reads the
-audit log through chestct.audit, the same AuditLog the service writes with.
+Exit status: 0 no drift, 1 drift beyond the thresholds in config/config.yaml `monitor:`, 2 the
+monitor could not run (missing audit log, model or reference; bad arguments), 3 too few
+requests to judge (INSUFFICIENT: fewer than monitor.min_requests). A CLI like a stage: no
+library module imports it. It reads the audit log through chestct.audit, the same AuditLog the
+service writes with.
 """
 
 from __future__ import annotations
@@ -46,7 +48,8 @@ from chestct.monitoring import (
     compare,
 )
 
-EXIT_OK, EXIT_DRIFT, EXIT_ERROR = 0, 1, 2
+EXIT_OK, EXIT_DRIFT, EXIT_ERROR, EXIT_INSUFFICIENT = 0, 1, 2, 3
+EXIT_BY_VERDICT = {"no drift": EXIT_OK, "drift": EXIT_DRIFT, "insufficient": EXIT_INSUFFICIENT}
 DURATION = re.compile(r"^(\d+)([mhd])$")
 
 
@@ -116,7 +119,8 @@ def parse_since(text: str, now: datetime | None = None) -> str:
 def read_window(
     db: Path, last: int | None, since: str | None, version: str | None, classes: Sequence[str]
 ) -> tuple[Window, list[dict[str, Any]]]:
-    """The window's predictions from the audit log, as a monitoring.Window."""
+    """The window's predictions and refusals from the audit log, as a monitoring.Window: with
+    `last`, the latest `last` requests, answered or refused."""
     from chestct.audit import AuditLog
 
     if not db.is_file():
@@ -124,7 +128,18 @@ def read_window(
             f"no audit log at {db}: run the service with serving.audit_log: true "
             "(config/config.yaml) or point --db at the file"
         )
-    rows = AuditLog(db).window(last=last, since=since, model_version=version)
+    log = AuditLog(db)
+    rows = log.window(last=last, since=since, model_version=version)
+    refusals = log.refusals(last=last, since=since, model_version=version)
+    if last is not None and len(rows) + len(refusals) > last:
+        # The latest `last` of both, by time (ISO strings of one format sort as times).
+        events = sorted(
+            [(r["time"], 1, r["id"], r) for r in rows]
+            + [(r["time"], 0, r["id"], r) for r in refusals],
+            key=lambda e: e[:3],
+        )[-last:]
+        rows = [e[3] for e in events if e[1] == 1]
+        refusals = [e[3] for e in events if e[1] == 0]
     signals: dict[str, list[float]] = {name: [] for name in SIGNAL_NAMES}
     for row in rows:
         for name in SIGNAL_NAMES:
@@ -137,7 +152,9 @@ def read_window(
             # Stored by class name (sorted keys): back into the model's output order.
             probs = row["probabilities"]
             feedback.append((row["true_label"], [float(probs.get(c, 0.0)) for c in classes]))
+    times = [r["time"] for r in rows] + [r["time"] for r in refusals]
     window = Window(
+        refused=[r["reason"] for r in refusals],
         labels=[row["label"] for row in rows],
         signals=signals,
         abstain=[None if row["abstain"] is None else bool(row["abstain"]) for row in rows],
@@ -145,8 +162,8 @@ def read_window(
             None if row["out_of_distribution"] is None else bool(row["out_of_distribution"])
             for row in rows
         ],
-        start=rows[0]["time"] if rows else None,
-        end=rows[-1]["time"] if rows else None,
+        start=min(times) if times else None,
+        end=max(times) if times else None,
         feedback=feedback,
     )
     return window, rows
@@ -194,13 +211,18 @@ def verdict_lines(report: dict[str, Any]) -> list[str]:
     ]
     if report["verdict"] == "insufficient":
         lines.append(
-            f"  too few predictions to judge (need monitor.min_requests = "
-            f"{report['thresholds']['min_requests']})"
+            f"  too few requests to judge: {w.get('requests', w['n'])} (answered and refused), "
+            f"monitor.min_requests = {report['thresholds']['min_requests']}; nothing is judged"
         )
+        return lines
+    refused = report["rates"].get("refused", {})
+    if w.get("refused"):
+        reasons = ", ".join(f"{k} {v}" for k, v in refused.get("reasons", {}).items())
+        lines.append(f"  {w['refused']} of {w['requests']} requests refused (422): {reasons}")
     for name, s in report["signals"].items():
         if not s.get("judged"):
             continue
-        mark = "DRIFT" if s["drift"] else "ok"
+        mark = row_mark(s, report["thresholds"])
         lines.append(f"  {name:18} PSI {s['psi']:7.3f}  {s['test']} p={s['p_value']:.2g}  {mark}")
     for flag, r in report["rates"].items():
         if r.get("judged"):
@@ -209,6 +231,11 @@ def verdict_lines(report: dict[str, Any]) -> list[str]:
                 f"  {flag + ' rate':18} {r['observed']:.3f} vs expected {r['expected']:.3f}  "
                 f"p={r['p_value']:.2g}  {mark}"
             )
+    if report["window"]["n"] < report["thresholds"]["min_requests"]:
+        lines.append(
+            f"  signals not judged: only {report['window']['n']} answered predictions "
+            f"(monitor.min_requests = {report['thresholds']['min_requests']})"
+        )
     perf = report["performance"]
     if perf.get("live"):
         live, test = perf["live"], perf["test"]
@@ -227,6 +254,15 @@ def verdict_lines(report: dict[str, Any]) -> list[str]:
     if report["drifted"]:
         lines.append(f"  drifted: {', '.join(report['drifted'])}")
     return lines
+
+
+def row_mark(s: dict[str, Any], t: dict[str, Any]) -> str:
+    """DRIFT, ok, or why a large PSI is not drift (its test is not significant)."""
+    if s["drift"]:
+        return "DRIFT"
+    if s["psi"] >= t["psi"] and s["p_value"] >= t["p_value"]:
+        return f"not significant (PSI >= {t['psi']:g} but p >= {t['p_value']:g})"
+    return "ok"
 
 
 def _fmt(value: Any) -> str:
@@ -250,21 +286,28 @@ def _bin_labels(edges: Sequence[float]) -> list[str]:
 
 
 def render_html(report: dict[str, Any]) -> str:
-    """One self-contained HTML page: verdict, a table per signal and a picture each."""
+    """One self-contained HTML page: verdict, the rule, a table per kind and the pictures in a
+    grid; laid out for a 1280 px screen and narrower."""
     esc = html.escape
+    t = report["thresholds"]
     rows, figures = [], []
     for name, s in report["signals"].items():
         if not s.get("judged"):
+            shown = "" if "psi" not in s else f"PSI {s['psi']:.3f}, p {s['p_value']:.3g}; "
             rows.append(
-                f"<tr><td>{esc(name)}</td><td colspan=5>not judged: {esc(s['why'])}</td></tr>"
+                f"<tr><td>{esc(name)}</td><td colspan=5>not judged: {esc(shown + s['why'])}"
+                "</td></tr>"
             )
             continue
-        cls = "drift" if s["drift"] else ""
+        mark = row_mark(s, t)
         rows.append(
-            f"<tr class='{cls}'><td>{esc(name)}</td><td>{s['psi']:.3f}</td>"
-            f"<td>{esc(s['test'])}</td><td>{s['p_value']:.3g}</td><td>{s['n']}</td>"
-            f"<td>{'drift' if s['drift'] else 'ok'}</td></tr>"
+            f"<tr class='{'drift' if s['drift'] else ''}'><td>{esc(name)}</td>"
+            f"<td>{s['psi']:.3f}</td><td>{esc(s['test'])}</td><td>{s['p_value']:.3g}</td>"
+            f"<td>{s['n']}</td><td>{esc(mark)}</td></tr>"
         )
+    for name, s in report["signals"].items():
+        if "reference_fractions" not in s:
+            continue
         labels = s["categories"] if name == CLASS_SIGNAL else _bin_labels(BY_NAME[name].edges)
         png = _png_b64(
             labels, s["reference_fractions"], s["window_fractions"], f"{name}: {s['help']}"
@@ -276,14 +319,20 @@ def render_html(report: dict[str, Any]) -> str:
         )
     rate_rows = []
     for flag, r in report["rates"].items():
+        reasons = r.get("reasons")
+        why = "" if not reasons else "; ".join(f"{k}: {v}" for k, v in reasons.items())
         if r.get("judged"):
             rate_rows.append(
                 f"<tr class='{'drift' if r['drift'] else ''}'><td>{esc(flag)}</td>"
-                f"<td>{r['observed']:.3f}</td><td>{r['expected']:.3f}</td>"
-                f"<td>{r['p_value']:.3g}</td><td>{'drift' if r['drift'] else 'ok'}</td></tr>"
+                f"<td>{r['observed']:.3f} ({r['count']} of {r['n']})</td>"
+                f"<td>{r['expected']:.3f}</td><td>{r['p_value']:.3g}</td>"
+                f"<td>{'DRIFT' if r['drift'] else 'ok'}</td><td>{esc(why)}</td></tr>"
             )
         else:
-            rate_rows.append(f"<tr><td>{esc(flag)}</td><td colspan=4>not judged</td></tr>")
+            rate_rows.append(
+                f"<tr><td>{esc(flag)}</td><td colspan=4>not judged ({r['n']} counted)</td>"
+                f"<td>{esc(why)}</td></tr>"
+            )
     perf = report["performance"]
     if perf.get("live"):
         perf_html = "".join(
@@ -300,31 +349,45 @@ def render_html(report: dict[str, Any]) -> str:
     else:
         perf_html = "<p>No labelled predictions in the window (POST /feedback).</p>"
     lines = "\n".join(esc(line) for line in verdict_lines(report))
+    if report["verdict"] == "insufficient":
+        judged = "<p>Too few requests: nothing is judged, and no row reads drift.</p>"
+    else:
+        judged = ""
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
 <title>chestct monitor: {esc(report["verdict"])}</title>
 <style>
-body {{ font-family: system-ui, sans-serif; max-width: 62rem; margin: 2rem auto;
+* {{ box-sizing: border-box; }}
+body {{ font-family: system-ui, sans-serif; max-width: 76rem; margin: 1.5rem auto;
         padding: 0 1rem; }}
-table {{ border-collapse: collapse; margin: .5rem 0 1rem; }}
+table {{ border-collapse: collapse; margin: .5rem 0 1rem; max-width: 100%; }}
 td, th {{ border: 1px solid #ccc; padding: .2rem .6rem; text-align: left; }}
 tr.drift td {{ background: #f6d7a7; }}
-figure {{ display: inline-block; margin: .5rem; }}
-pre {{ background: #f4f4f4; padding: .6rem; }}
+#figures {{ display: grid; grid-template-columns: repeat(auto-fill, minmax(22rem, 1fr));
+            gap: .75rem; }}
+figure {{ margin: 0; min-width: 0; }}
+figure img {{ width: 100%; height: auto; display: block; }}
+pre {{ background: #f4f4f4; padding: .6rem; white-space: pre-wrap;
+       overflow-wrap: anywhere; }}
+#rule {{ background: #eef3fb; padding: .6rem; }}
 </style></head><body>
 <h1>chestct monitor: {esc(report["verdict"])}</h1>
 <pre id="verdict">{lines}</pre>
+<p id="rule"><strong>Rule.</strong> {esc(report["rule"])}</p>
+{judged}
 <h2>Signals</h2>
 <table><tr><th>signal</th><th>PSI</th><th>test</th><th>p-value</th><th>n</th><th></th></tr>
 {"".join(rows)}</table>
-<h2>Abstain and out-of-distribution rates</h2>
-<table><tr><th>flag</th><th>observed</th><th>expected</th><th>p-value</th><th></th></tr>
+<h2>Refused, abstain and out-of-distribution rates</h2>
+<table><tr><th>flag</th><th>observed</th><th>expected</th><th>p-value</th><th></th>
+<th>reasons</th></tr>
 {"".join(rate_rows)}</table>
 <h2>Live performance (labelled through POST /feedback)</h2>
 {perf_html}
 <h2>Distributions: reference (valid + test) vs window</h2>
-{"".join(figures)}
-<p>Thresholds: {esc(json.dumps(report["thresholds"]))}. Generated {esc(report["generated_at"])}.
+<div id="figures">{"".join(figures)}</div>
+<p>Thresholds: {esc(json.dumps(t))}. Generated {esc(report["generated_at"])}.
 Research software; not a medical device.</p>
 </body></html>
 """
@@ -383,7 +446,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("\n".join(verdict_lines(report)))
     out = args.out or settings.paths.root / settings.config.monitor.report_dir
     print(f"  report: {out / 'report.html'} and report.json")
-    return EXIT_DRIFT if report["verdict"] == "drift" else EXIT_OK
+    return EXIT_BY_VERDICT[report["verdict"]]
 
 
 if __name__ == "__main__":

@@ -112,6 +112,10 @@ ACQUISITION_SIGNALS: tuple[str, ...] = ("body_share", "body_aspect", "background
 BY_NAME: dict[str, Signal] = {s.name: s for s in SIGNALS}
 CLASS_SIGNAL = "predicted_class"
 FLAGS: tuple[str, ...] = ("abstain", "ood")
+# Requests the input checks refused (422, not a chest CT slice): judged as a share of all
+# requests, answered and refused. The reference's slices are the valid and test splits, which
+# the model answered, so a profile without a measured refusal rate expects none.
+REFUSED = "refused"
 
 
 # --------------------------------------------------------------------------- per request
@@ -325,6 +329,14 @@ def fit_reference(
     return profile
 
 
+def reference_rates(profile: Mapping[str, Any]) -> dict[str, float | None]:
+    """The rates a profile expects: abstain and ood as fitted, refused as fitted or else 0."""
+    rates = dict(profile.get("rates") or {})
+    if rates.get(REFUSED) is None:
+        rates[REFUSED] = 0.0
+    return rates
+
+
 def check_reference(profile: Any, where: str) -> dict[str, Any]:
     """A loaded profile, or ValueError naming what is wrong with it and where."""
     if not isinstance(profile, dict) or profile.get("profile_version") != PROFILE_VERSION:
@@ -420,10 +432,17 @@ class Window:
     start: str | None = None
     end: str | None = None
     feedback: list[tuple[str, list[float]]] = field(default_factory=list)  # (true, probs)
+    refused: list[str] = field(default_factory=list)  # the reason of each refused request
 
     @property
     def n(self) -> int:
+        """Answered predictions."""
         return len(self.labels)
+
+    @property
+    def requests(self) -> int:
+        """Answered and refused requests."""
+        return len(self.labels) + len(self.refused)
 
 
 def compare(
@@ -436,9 +455,10 @@ def compare(
     """Compare a window with the reference: per signal PSI and a two-sample test, the class
     mix, abstain and OOD rates, and live performance on the labelled requests.
 
-    A signal drifts when its PSI is at least `thresholds.psi` AND its test's p-value is below
-    `thresholds.p_value` (magnitude and evidence); a rate drifts when it exceeds the expected
-    rate by more than `rate_margin` with a one-sided binomial p-value below `p_value`.
+    `rule_text(thresholds)` states the rule. Nothing is judged below `min_requests` requests
+    (answered and refused): the verdict is then "insufficient" and nothing is listed as drifted.
+    Signals, the class mix and the abstain and ood rates are judged on the answered
+    predictions once there are `min_requests` of them; the refusal rate on all requests.
     """
     ref_signals = profile["signals"]
     out_signals: dict[str, Any] = {}
@@ -491,10 +511,22 @@ def compare(
         "window_fractions": (counts / max(counts.sum(), 1)).round(6).tolist(),
         "drift": bool(value >= thresholds.psi and p < thresholds.p_value),
     }
+    answered_enough = window.n >= thresholds.min_requests
+    if not answered_enough:
+        for entry in out_signals.values():
+            if entry.get("judged"):
+                entry.update(
+                    judged=False,
+                    drift=False,
+                    why=f"only {window.n} answered predictions "
+                    f"(monitor.min_requests = {thresholds.min_requests})",
+                )
+    expected_rates = reference_rates(profile)
     rates: dict[str, Any] = {}
-    for flag, flags in (("abstain", window.abstain), ("ood", window.ood)):
+    refused = [True] * len(window.refused) + [False] * window.n
+    for flag, flags in (("abstain", window.abstain), ("ood", window.ood), (REFUSED, refused)):
         known = [bool(f) for f in flags if f is not None]
-        expected = (profile.get("rates") or {}).get(flag)
+        expected = expected_rates.get(flag)
         if expected is None or not known:
             rates[flag] = {"judged": False, "expected": expected, "n": len(known)}
             continue
@@ -510,8 +542,14 @@ def compare(
             "p_value": p,
             "drift": bool(observed > expected + thresholds.rate_margin and p < thresholds.p_value),
         }
+        if len(known) < thresholds.min_requests:
+            rates[flag].update(judged=False, drift=False)
+    reasons: dict[str, int] = {}
+    for reason in window.refused:
+        reasons[reason] = reasons.get(reason, 0) + 1
+    rates[REFUSED]["reasons"] = dict(sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0])))
     performance = live_performance(window.feedback, classes, card_metrics or {}, thresholds)
-    enough = window.n >= thresholds.min_requests
+    enough = window.requests >= thresholds.min_requests
     drifted = [name for name, s in out_signals.items() if s.get("drift")]
     drifted += [f"{flag}_rate" for flag, r in rates.items() if r.get("drift")]
     if performance.get("degraded"):
@@ -533,13 +571,36 @@ def compare(
         "verdict": verdict,
         "drifted": drifted if enough else [],
         "not_in_reference": missing,
-        "window": {"n": window.n, "start": window.start, "end": window.end},
+        "window": {
+            "n": window.n,
+            "requests": window.requests,
+            "refused": len(window.refused),
+            "start": window.start,
+            "end": window.end,
+        },
         "reference": {"n": profile.get("n"), "source": profile.get("source")},
         "thresholds": asdict(thresholds),
+        "rule": rule_text(thresholds),
         "signals": out_signals,
         "rates": rates,
         "performance": performance,
     }
+
+
+def rule_text(thresholds: Thresholds) -> str:
+    """The drift rule in words, as the monitor applies it (for the terminal and the report)."""
+    t = thresholds
+    return (
+        f"A signal or the class mix drifts when its PSI is at least {t.psi:g} AND its "
+        f"two-sample test (Kolmogorov-Smirnov; chi-square for the class mix) gives p < "
+        f"{t.p_value:g}: a large PSI on too few requests to be significant is not drift. The "
+        f"abstain and ood rates (of answered predictions) and the refused rate (of all "
+        f"requests) drift when they exceed the reference's rate by more than "
+        f"{t.rate_margin:g} with a one-sided binomial p < {t.p_value:g}. Live macro-F1 on "
+        f"labelled predictions (at least {t.min_labelled}) degrades when it falls more than "
+        f"{t.performance_drop:g} below the card's test figure. Below {t.min_requests} requests "
+        f"nothing is judged (INSUFFICIENT); signals need {t.min_requests} answered predictions."
+    )
 
 
 def live_performance(

@@ -4,8 +4,11 @@
     python -m chestct.samples --label normal --seed 7 --out /tmp/samples
 
 The slices come from the synthetic generator (seeds outside those the embedded default uses), so
-they are images the default model has never seen. DICOM goes through the lung window backwards,
-as a scanner export in Hounsfield units would.
+they are images the default model has never seen, rendered and then exported as the embedded
+dataset's files are (chestct.synthetic.export_slice: 180-520 px wide, not square, grey or
+colour PNG). A square 256 px render sent as is would differ from every reference slice in size,
+framing and grey level, and the monitor would rightly call a stream of them drift. DICOM goes
+through the lung window backwards, as a scanner export in Hounsfield units would.
 """
 
 from __future__ import annotations
@@ -18,17 +21,29 @@ import numpy as np
 from chestct.fsutil import atomic_write_bytes
 from chestct.imaging import encode_dicom, encode_png
 from chestct.labels import CLASSES
-from chestct.synthetic import render_slice
+from chestct.synthetic import export_slice, render_slice
 
 # Far from the seeds the embedded default derives from base.seed (small integers).
 _SAMPLE_SEED_OFFSET = 10_000_019
 
 
-def write_samples(out_dir: Path, label: str, seed: int, size: int = 256) -> tuple[Path, Path]:
-    """Render one slice of `label` and write it as slice.png and slice.dcm in `out_dir`."""
+def sample_slice(label: str, seed: int) -> np.ndarray:
+    """One slice of `label` as the embedded dataset's files hold them (grey, RGB or RGBA)."""
     if label not in CLASSES:
         raise ValueError(f"unknown label {label!r}; use one of {', '.join(CLASSES)}")
-    grey = render_slice(label, np.random.default_rng(_SAMPLE_SEED_OFFSET + seed), size=size)
+    render_seq, export_seq = np.random.SeedSequence([_SAMPLE_SEED_OFFSET, seed]).spawn(2)
+    grey = render_slice(label, np.random.default_rng(render_seq))
+    return export_slice(grey, np.random.default_rng(export_seq))
+
+
+def write_samples(out_dir: Path, label: str, seed: int) -> tuple[Path, Path]:
+    """Write one slice of `label` as slice.png and slice.dcm (the same grey pixels) in
+    `out_dir`."""
+    image = sample_slice(label, seed)
+    # Grey in every channel: written as a grey PNG, a third of the size of an RGB one (the
+    # README sends it base64 inside one curl argument, which Linux caps at 128 KiB); decoding
+    # gives the same grey slice either way.
+    grey = np.ascontiguousarray(image if image.ndim == 2 else image[..., 0])
     png, dcm = out_dir / "slice.png", out_dir / "slice.dcm"
     atomic_write_bytes(png, encode_png(grey))
     atomic_write_bytes(dcm, encode_dicom(grey))

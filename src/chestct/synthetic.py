@@ -389,8 +389,9 @@ def render_slice(label: str, rng: np.random.Generator, size: int = 256) -> np.nd
     return np.round(out * 255.0).astype(np.uint8)
 
 
-def _export(grey: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Resize and re-mode a rendered slice the way heterogeneous real exports look."""
+def export_slice(grey: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Resize and re-mode a rendered slice the way heterogeneous real exports look: 180-520 px
+    wide, 0.6-1.0 as high as wide, grey, RGB or RGBA (chestct.samples draws its slices so too)."""
     width = int(rng.integers(180, 521))
     height = max(1, round(width * rng.uniform(0.6, 1.0)))
     src = grey.shape[0]
@@ -434,7 +435,7 @@ def with_shortcut(grey: np.ndarray, label: str, shortcut: str) -> np.ndarray:
 def _make_one(path: Path, label: str, seq: np.random.SeedSequence, shortcut: str = "") -> Path:
     render_seq, export_seq = seq.spawn(2)
     grey = with_shortcut(render_slice(label, np.random.default_rng(render_seq)), label, shortcut)
-    img = _export(grey, np.random.default_rng(export_seq))
+    img = export_slice(grey, np.random.default_rng(export_seq))
     ok, buf = cv2.imencode(".png", img, _PNG_PARAMS)
     if not ok:
         raise RuntimeError(f"PNG encoding failed for {path}")

@@ -113,6 +113,7 @@ def test_monitor_agrees_with_evaluates_reference(project, tmp_path: Path) -> Non
     from chestct.fsutil import sha256_file
     from chestct.monitor import run_monitor
     from chestct.monitoring import Thresholds
+    from chestct.samples import sample_slice
     from chestct.serving import create_app
     from chestct.synthetic import render_slice
 
@@ -126,13 +127,20 @@ def test_monitor_agrees_with_evaluates_reference(project, tmp_path: Path) -> Non
         k, o = int(n * 0.6), (n - int(n * 0.6)) // 2
         return cv2.resize(img[o : o + k, o : o + k], (n, n), interpolation=cv2.INTER_LINEAR)
 
+    def sample(i: int) -> np.ndarray:  # what `python -m chestct.samples --seed i` writes
+        image = sample_slice(CLASSES[i % 4], i)
+        return image if image.ndim == 2 else np.ascontiguousarray(image[..., 0])
+
+    def zoomed_render(i: int) -> np.ndarray:
+        return zoomed(render_slice(CLASSES[i % 4], np.random.default_rng(700_000 + i)))
+
     reports = {}
-    for name, transform in (("same", lambda img: img), ("zoom", zoomed)):
+    for name, make in (("same", sample), ("zoom", zoomed_render)):
         db = tmp_path / name / "audit.sqlite"
         app = create_app({"MODEL_DIR": str(model), "AUDIT_LOG": True, "AUDIT_DB": str(db)})
         client = app.test_client()
         for i in range(60):
-            img = transform(render_slice(CLASSES[i % 4], np.random.default_rng(700_000 + i)))
+            img = make(i)
             ok, buf = cv2.imencode(".png", img)
             assert ok
             resp = client.post("/predict", data=buf.tobytes(), content_type="image/png")
@@ -145,10 +153,10 @@ def test_monitor_agrees_with_evaluates_reference(project, tmp_path: Path) -> Non
             last=None,
             since=None,
         )
-    # Not input_side nor body_aspect: ingest's synthetic slices are resized to 180-520 px wide
-    # and 0.6-1.0 of that high, render_slice's are 256 px squares (another framing, which
-    # those two signals rightly see).
-    acquisition = {"mean_grey", "foreground", "body_share", "background", "body_p50"}
+    # chestct.samples exports its slices as ingest's synthetic files are (180-520 px wide,
+    # 0.6-1.0 of that high): every acquisition signal agrees, the size and aspect too.
+    acquisition = {"mean_grey", "input_side", "foreground", "body_share", "body_aspect"}
+    acquisition |= {"background", "body_p50"}
     assert not acquisition & set(reports["same"]["drifted"]), reports["same"]
     assert {"foreground", "body_share"} <= set(reports["zoom"]["drifted"]), reports["zoom"][
         "drifted"

@@ -286,7 +286,9 @@ def test_an_experiment_and_the_way_back(project) -> None:
     assert "macro_f1" in table and "train.learning_rate" in table and "sensitivity" not in table
     everything = shell(readme_one(section, "dvc exp show"), root, {**env, "COLUMNS": "250"})
     assert "Experiment" in everything.stdout  # the full table, cut to the terminal's width
-    assert "params.yaml" in git_status(root, env)  # the experiment stays in the workspace
+    # The experiment stays in the workspace, modified but not staged (README says so).
+    status = git_status(root, env).splitlines()
+    assert " M params.yaml" in status and " M dvc.lock" in status, status
     shell(way_back, root, env)
     assert git_status(root, env) == ""
     assert snapshot(root) == baseline

@@ -137,10 +137,12 @@ def test_dropped_slices_get_one_row_each_with_warnings_in_words(
 
     from helpers import zoomed
 
+    missing: list[str] = []
+    page.on("response", lambda r: missing.append(r.url) if r.status == 404 else None)
     page.goto(monitored_url + "/")
     page.wait_for_function("() => document.getElementById('model').dataset.version")
     model_line = page.inner_text("#model")
-    # Version and the card's test figures.
+    # Version and the card's test figures, and that they are clean test figures only.
     assert "version 1" in model_line
     assert "accuracy 0.600" in model_line and "macro-F1 0.580" in model_line
     # How uncertain that is, and how far above a memorizer, overall and on novel slices.
@@ -152,6 +154,7 @@ def test_dropped_slices_get_one_row_each_with_warnings_in_words(
     assert "on the 12 test slices unlike any training slice: model 0.410, memorizer 0.300" in (
         model_line
     )
+    assert "clean test figures only" in model_line
     files = [
         ("a.png", ct_slice(11, "normal", size=96)),
         ("zoomed.png", zoomed(ct_slice(12, "normal", size=96), 0.45)),
@@ -176,9 +179,106 @@ def test_dropped_slices_get_one_row_each_with_warnings_in_words(
         answer = client.post("/predict", data=encode(img), content_type="image/png").get_json()
         warn = row.query_selector(".warn.abstain")
         assert (warn is not None) == bool(answer["uncertainty"]["abstain"])
+        heading = row.query_selector(".label").inner_text()
         if warn is not None:
             assert warn.inner_text().startswith("Uncertain:")
+            # An abstention is headed as such; the label is only named as "most probable".
+            assert heading == "Uncertain: no answer", heading
+            assert answer["display_name"] in row.query_selector(".likely").inner_text()
             abstained += 1
+        else:
+            assert heading == answer["display_name"]
         flagged = row.query_selector(".warn.ood") is not None
         assert flagged == bool(answer["ood"]["out_of_distribution"])
     assert abstained >= 1  # the trained test model abstains on most slices (threshold 0.97)
+    # The page and the favicon it names load without a 404.
+    assert (
+        page.evaluate(
+            "() => fetch('/favicon.ico')"
+            ".then((r) => r.status + ' ' + r.headers.get('content-type'))"
+        )
+        == "200 image/svg+xml; charset=utf-8"
+    )
+    assert not missing, missing
+
+
+def test_monitor_report_fits_1280_px_with_charts_in_a_grid(
+    monitored_model: Path, page, tmp_path: Path
+) -> None:
+    """The monitor's report.html at 1280 x 800: nothing wider than the screen (the summary
+    box wraps), the rule stated, and the charts several to a row (before: the summary box
+    overflowed and the charts ran one per row down a long page)."""
+    import subprocess
+    import sys
+
+    client = create_app(
+        {
+            "MODEL_DIR": str(monitored_model),
+            "AUDIT_LOG": True,
+            "AUDIT_DB": str(tmp_path / "audit.sqlite"),
+            "MC_DROPOUT_SAMPLES": 0,
+        }
+    ).test_client()
+    for i in range(60):
+        resp = client.post(
+            "/predict", data=encode(ct_slice(50_000 + i, CLASSES[i % 4])), content_type="image/png"
+        )
+        assert resp.status_code == 200
+    repo = Path(__file__).resolve().parents[2]
+    out = tmp_path / "report"
+    done = subprocess.run(
+        [
+            *(sys.executable, "-m", "chestct.monitor", "--db", str(tmp_path / "audit.sqlite")),
+            *("--model-dir", str(monitored_model), "--out", str(out)),
+        ],
+        env={**os.environ, "PYTHONPATH": str(repo / "src"), "CHESTCT_ROOT": str(repo)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode in (0, 1), done.stdout + done.stderr
+    page.set_viewport_size({"width": 1280, "height": 800})
+    page.goto((out / "report.html").as_uri())
+    layout = page.evaluate(
+        """() => {
+        const box = (el) => el.getBoundingClientRect();
+        const figures = [...document.querySelectorAll('figure')];
+        const verdict = document.getElementById('verdict');
+        return {
+            page: document.documentElement.scrollWidth,
+            verdictOverflow: verdict.scrollWidth - verdict.clientWidth,
+            rows: new Set(figures.map((f) => Math.round(box(f).top))).size,
+            figures: figures.length,
+            widest: Math.max(...[...document.querySelectorAll('body *')].map((e) => box(e).right)),
+            rule: (document.getElementById("rule") || {innerText: ""}).innerText,
+        };
+    }"""
+    )
+    assert layout["page"] <= 1280 and layout["widest"] <= 1280, layout
+    assert layout["verdictOverflow"] <= 0, layout
+    assert layout["figures"] >= 6 and layout["rows"] <= layout["figures"] / 2, layout
+    assert "PSI is at least" in layout["rule"] and "p <" in layout["rule"]
+
+
+def test_upload_page_header_shows_the_shift_figures_of_the_card(
+    monitored_model: Path, page, tmp_path: Path
+) -> None:
+    """Beside the clean test figures (1.000 on the synthetic default), the header gives the
+    card's figures under the synthetic shifts of the test split and the robust macro-F1."""
+    import json
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(monitored_model, folder)
+    card = json.loads((folder / "model.json").read_text())
+    card["metrics"].update(
+        robust_macro_f1=0.495, shift={"worst_macro_f1": 0.41, "worst_shift": "zoom_60"}
+    )
+    (folder / "model.json").write_text(json.dumps(card))
+    with served(folder) as url:
+        page.goto(url + "/")
+        page.wait_for_function("() => document.getElementById('model').dataset.version")
+        line = page.inner_text("#model")
+    assert "macro-F1 0.580" in line
+    assert "under synthetic shifts of that split" in line
+    assert "worst macro-F1 0.410 (zoom_60)" in line and "robust macro-F1 0.495" in line

@@ -230,3 +230,53 @@ def test_compose_serves_with_prometheus_and_grafana_on_localhost() -> None:
     datasources = COMPOSE / "grafana/provisioning/datasources/prometheus.yaml"
     (source,) = yaml.safe_load(datasources.read_text(encoding="utf-8"))["datasources"]
     assert source["url"] == "http://prometheus:9090" and source["type"] == "prometheus"
+
+
+def _mounts(service: dict) -> dict[str, Path]:
+    """A compose service's bind mounts: container path -> file or folder on this side."""
+    out = {}
+    for volume in service.get("volumes", []):
+        source, target = volume.split(":")[:2]
+        if source.startswith("."):
+            out[target] = (COMPOSE / source).resolve()
+    return out
+
+
+def test_compose_mounts_the_alert_rules_and_provisions_the_dashboard(tmp_path: Path) -> None:
+    """Every file compose mounts exists; Prometheus loads the rules the tests check, and
+    promtool accepts the config and the rules as mounted; Grafana's provider points at the
+    mounted dashboard."""
+    import shutil
+
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is absent: `apt-get install prometheus` (.ci/run does)")
+    compose = yaml.safe_load((COMPOSE / "compose.yaml").read_text(encoding="utf-8"))
+    services = compose["services"]
+    for name, svc in services.items():
+        for target, source in _mounts(svc).items():
+            assert source.exists(), f"{name} mounts missing {source} at {target}"
+    prom_mounts = _mounts(services["prometheus"])
+    config = yaml.safe_load(prom_mounts["/etc/prometheus/prometheus.yml"].read_text())
+    rule_files = config.get("rule_files") or []
+    assert rule_files, "prometheus.yml loads no alert rules"
+    rules = [prom_mounts[path] for path in rule_files]  # KeyError: a rule file not mounted
+    assert (REPO / "config" / "monitoring" / "alerts.yml").resolve() in rules
+    # promtool on the config as the container reads it, with the rule paths on this side.
+    local = {**config, "rule_files": [str(path) for path in rules]}
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(local), encoding="utf-8")
+    for args in (["check", "config", "prometheus.yml"], ["check", "rules", *map(str, rules)]):
+        done = subprocess.run(
+            [promtool, *args], cwd=tmp_path, capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+    graf_mounts = _mounts(services["grafana"])
+    provisioning = graf_mounts["/etc/grafana/provisioning"]
+    (provider,) = yaml.safe_load(
+        (provisioning / "dashboards" / "chestct.yaml").read_text(encoding="utf-8")
+    )["providers"]
+    folder = provider["options"]["path"]
+    dashboards = [s for t, s in graf_mounts.items() if t.startswith(folder.rstrip("/") + "/")]
+    assert dashboards, f"nothing is mounted under the provider's path {folder}"
+    uids = {json.loads(path.read_text(encoding="utf-8"))["uid"] for path in dashboards}
+    assert "chestct-monitoring" in uids

@@ -75,6 +75,11 @@ def test_readme_curl_examples_against_gunicorn(server, tmp_path: Path) -> None:
     feedback = json.loads(next(v for k, v in outputs.items() if "/feedback" in k))
     assert feedback["recorded"] is True and feedback["label"] == "normal"
 
+    # process_* metrics of each worker (multiprocess mode gives none by itself), by pid.
+    reported = set(re.findall(r'^process_resident_memory_bytes\{pid="(\d+)"\} ', metrics, re.M))
+    assert {str(pid) for pid in worker_pids(proc.pid)} <= reported, reported
+    assert re.search(r'^process_cpu_seconds_total\{pid="\d+"\} ', metrics, re.M)
+
     # The light runtime serves: no worker has TensorFlow mapped into its memory.
     for pid in worker_pids(proc.pid):
         maps = Path(f"/proc/{pid}/maps").read_text()

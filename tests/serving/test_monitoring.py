@@ -32,6 +32,7 @@ from chestct.monitoring import (
     fit_reference,
     psi,
 )
+from chestct.perturb import gamma, zoom_out
 from chestct.serving import create_app
 from helpers import zoomed
 from model_folder import ct_slice, encode
@@ -408,7 +409,7 @@ def test_monitor_errors_name_the_fix(
     done = run_monitor_cli(tmp_path, monitored_model, "--since", "yesterday")
     assert done.returncode == 2 and "--since" in done.stderr
     done = run_monitor_cli(tmp_path, monitored_model, "--since", "1h")
-    assert done.returncode == 0 and "INSUFFICIENT" in done.stdout
+    assert done.returncode == 3 and "INSUFFICIENT" in done.stdout
 
 
 def test_card_reference_is_checked_against_its_sha256(
@@ -424,6 +425,123 @@ def test_card_reference_is_checked_against_its_sha256(
     (folder / REFERENCE_FILE).write_text(json.dumps(profile))
     with pytest.raises(ModelRefused, match=r"monitoring\.sha256"):
         load_folder(folder)
+
+
+# --------------------------------------------------------------------------- refused slices
+
+
+def new_scanner(img: np.ndarray) -> np.ndarray:
+    """A scanner with a wider field and another display curve: the input checks refuse it."""
+    return gamma(zoom_out(img, 0.5), 2.0)
+
+
+@needs_promtool
+def test_refused_slices_are_drift_in_monitor_metrics_and_alert(
+    monitored_model: Path, tmp_path: Path
+) -> None:
+    """105 of 120 slices refused (422) by the input checks: the monitor says DRIFT (exit 1)
+    on the refused rate with its reason; /metrics counts them apart from answered ones and the
+    refused-rate alert fires. Before, only the 15 answered counted: INSUFFICIENT, exit 0."""
+    client = serve(monitored_model, tmp_path)
+    statuses = []
+    for i in range(120):
+        img = ct_slice(60_000 + i, balanced(i))
+        img = img if i % 8 == 0 else new_scanner(img)
+        resp = client.post("/predict", data=encode(img), content_type="image/png")
+        statuses.append(resp.status_code)
+        if resp.status_code == 422:
+            assert resp.get_json()["reason"] == "flat_graphic"
+    assert statuses.count(422) == 105 and statuses.count(200) == 15
+
+    done = run_monitor_cli(tmp_path, monitored_model, "--last", "120")
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "105 of 120 requests refused (422): flat_graphic 105" in done.stdout
+    assert re.search(r"refused rate\s+0\.875 vs expected 0\.000 .*DRIFT", done.stdout)
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert report["verdict"] == "drift" and report["drifted"] == ["refused_rate"]
+    assert report["window"] == {**report["window"], "n": 15, "requests": 120, "refused": 105}
+    assert report["rates"]["refused"]["reasons"] == {"flat_graphic": 105}
+    # Too few answers to judge the signals: not judged, not drift.
+    assert not any(s.get("judged") for s in report["signals"].values())
+
+    text = client.get("/metrics").get_data(as_text=True)
+    assert scraped(text, "chestct_refusals_total") == [({"reason": "flat_graphic"}, 105.0)]
+    answered_ood = scraped(text, "chestct_ood_predictions_total")
+    assert len(answered_ood) == 1 and answered_ood[0][1] <= 15  # answers only
+    rates = {labels["flag"]: v for labels, v in scraped(text, "chestct_window_rate")}
+    assert rates["refused"] == pytest.approx(105 / 120)
+    assert scraped(text, "chestct_window_requests") == [({}, 120.0)]
+    series = {
+        name: scraped(text, name)
+        for name in ("chestct_window_rate", "chestct_reference_rate", "chestct_window_requests")
+    }
+    inputs, expr = promtool_inputs("ChestctRefusedRateHigh", series)
+    test = {
+        "rule_files": ["alerts.yml"],
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": inputs,
+                "promql_expr_test": [
+                    {
+                        "expr": expr,
+                        "eval_time": "15m",
+                        "exp_samples": [
+                            {
+                                "labels": '{flag="refused", instance="app:8000", job="chestct"}',
+                                "value": rates["refused"],
+                            }
+                        ],
+                    }
+                ],
+            }
+        ],
+    }
+    proc = run_promtool(tmp_path, test)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_insufficient_exits_3_and_shows_no_drift(monitored_model: Path, tmp_path: Path) -> None:
+    """Too few requests: INSUFFICIENT, exit 3, and no row reads DRIFT, even for a shift the
+    rule would call drift with more requests (before: exit 0 with DRIFT rows under it)."""
+    client = serve(monitored_model, tmp_path)
+    send(client, 30, zoomed, lambda i: "normal")
+    done = run_monitor_cli(tmp_path, monitored_model)
+    assert done.returncode == 3, done.stdout + done.stderr
+    assert "INSUFFICIENT" in done.stdout and "DRIFT" not in done.stdout.replace("INSUFF", "")
+    assert "too few requests to judge: 30" in done.stdout
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert report["verdict"] == "insufficient" and report["drifted"] == []
+    assert not any(s.get("drift") for s in report["signals"].values())
+    page = (tmp_path / "report" / "report.html").read_text()
+    assert "class='drift'" not in page and ">DRIFT<" not in page
+
+
+def test_report_states_its_rule_and_marks_large_but_insignificant_shifts(
+    monitored_model: Path, tmp_path: Path
+) -> None:
+    """A PSI over the threshold whose test is not significant is not drift, and the row says
+    why instead of "ok" (before: rows at PSI 0.80-0.84 read "ok"); the page states the rule."""
+    from chestct.monitor import render_html, row_mark, verdict_lines
+    from chestct.monitoring import Thresholds, rule_text
+
+    t = Thresholds()
+    shift = {"psi": 0.82, "p_value": 0.2, "drift": False}
+    assert row_mark(shift, vars(t)) == "not significant (PSI >= 0.25 but p >= 0.01)"
+    assert row_mark({**shift, "psi": 0.05}, vars(t)) == "ok"
+    assert row_mark({**shift, "p_value": 0.001, "drift": True}, vars(t)) == "DRIFT"
+    client = serve(monitored_model, tmp_path)
+    send(client, N_WINDOW, lambda img: img, balanced)
+    done = run_monitor_cli(tmp_path, monitored_model, "--last", str(N_WINDOW))
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert report["rule"] == rule_text(t)
+    page = (tmp_path / "report" / "report.html").read_text()
+    assert "PSI is at least 0.25 AND" in page and "p &lt; 0.01" in page
+    name = "mean_grey"
+    report["signals"][name].update(psi=0.82, p_value=0.2, drift=False)
+    assert "not significant" in render_html(report)
+    assert any("not significant" in line for line in verdict_lines(report))
 
 
 # --------------------------------------------------------------------------- rules, dashboard
@@ -454,12 +572,15 @@ def test_alert_thresholds_match_the_monitor_config() -> None:
         "ChestctInputDrift",
         "ChestctOutOfDistributionRateHigh",
         "ChestctAbstainRateHigh",
+        "ChestctRefusedRateHigh",
     } <= set(exprs)
     assert {"ChestctErrorRateHigh", "ChestctLatencyHigh"} <= set(exprs)
     assert exprs["ChestctInputDrift"].strip().endswith(f">= {cfg.psi_threshold:g}")
     for name in ("ChestctOutOfDistributionRateHigh", "ChestctAbstainRateHigh"):
         assert f"+ {cfg.rate_margin:.2f})" in exprs[name]
         assert f"chestct_window_predictions >= {cfg.min_requests}" in exprs[name]
+    assert f"+ {cfg.rate_margin:.2f})" in exprs["ChestctRefusedRateHigh"]
+    assert f"chestct_window_requests >= {cfg.min_requests}" in exprs["ChestctRefusedRateHigh"]
 
 
 def metric_names_in(expr: str) -> set[str]:
@@ -473,6 +594,10 @@ def test_dashboard_panels_use_only_metrics_the_app_exports(
     client = serve(monitored_model, tmp_path)
     send(client, 60, lambda img: img, balanced)
     client.post("/predict", data=b"not an image", content_type="image/png")
+    refused = client.post(
+        "/predict", data=encode(new_scanner(ct_slice(1))), content_type="image/png"
+    )
+    assert refused.status_code == 422
     text = client.get("/metrics").get_data(as_text=True)
     exported = set(re.findall(r"^(chestct_[a-z0-9_]+)", text, re.MULTILINE))
     dashboard = json.loads((MONITORING / "grafana-dashboard.json").read_text())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 import struct
 import zlib
 from pathlib import Path
@@ -220,7 +221,10 @@ def test_metrics(client) -> None:
     assert 'chestct_requests_total{endpoint="unmatched",status="404"} 1.0' in text
     assert 'chestct_request_latency_seconds_bucket{endpoint="/predict",le="+Inf"} 2.0' in text
     assert "chestct_predictions_total{label=" in text
-    assert 'chestct_ood_rejections_total{reason="blank"} 1.0' in text
+    # Refused slices and answered ones flagged out of distribution are counted apart.
+    assert 'chestct_refusals_total{reason="blank"} 1.0' in text
+    assert re.search(r"^chestct_ood_predictions_total [01]\.0$", text, re.M)
+    assert "chestct_ood_rejections" not in text
     assert "chestct_abstentions_total" in text
     assert 'chestct_model_info{backend="litert",name="chestct",version="1"} 1.0' in text
 
@@ -475,3 +479,11 @@ def test_bad_serving_settings_name_the_key(tmp_path: Path, serving: dict, messag
     )
     with pytest.raises(SettingsError, match=message):
         load_settings(tmp_path)
+
+
+def test_favicon_is_served_not_404(client) -> None:
+    for path in ("/favicon.ico", "/favicon.svg"):
+        resp = client.get(path)
+        assert resp.status_code == 200 and resp.mimetype == "image/svg+xml", path
+        assert resp.get_data(as_text=True).startswith("<svg")
+    assert 'rel="icon"' in client.get("/").get_data(as_text=True)

@@ -36,3 +36,41 @@ def test_workers_opening_a_new_audit_log_together_all_succeed(tmp_path: Path) ->
         with sqlite3.connect(path) as conn:
             columns = {row[1] for row in conn.execute("PRAGMA table_info(predictions)")}
         assert {"prediction_id", "signals"} <= columns
+
+
+def _answer(i: int) -> dict:
+    return {
+        "id": f"{i:032x}",
+        "input": {"sha256": f"{i:064x}"},
+        "label": "normal",
+        "probabilities": {"normal": 0.9, "adenocarcinoma": 0.1},
+        "uncertainty": {"abstain": False},
+        "ood": {"out_of_distribution": False},
+        "model": {"name": "chestct", "version": "1"},
+    }
+
+
+def test_the_monitor_window_takes_the_latest_requests_answered_or_refused(
+    tmp_path: Path,
+) -> None:
+    """Refused slices are stored apart (reason, signals; no pixels) and the monitor's
+    `--last N` counts the latest N requests of both kinds, oldest first."""
+    from chestct.monitor import read_window
+
+    log = AuditLog(tmp_path / "audit.sqlite")
+    log.open()
+    for i in range(6):
+        if i % 2:
+            log.record_refusal("/predict", f"{i:064x}", "flat_graphic", ("chestct", "1"), {})
+        else:
+            log.record("/predict", _answer(i), {"mean_grey": 10.0})
+    (refusal,) = log.refusals(last=1)
+    assert refusal["reason"] == "flat_graphic" and refusal["sha256"] == f"{5:064x}"
+    assert refusal["model_version"] == "1" and refusal["signals"] == {}
+    window, rows = read_window(tmp_path / "audit.sqlite", 3, None, "1", ["normal"])
+    # The latest three requests: answer 4 and refusals 3 and 5.
+    assert window.requests == 3 and window.n == 1 and window.refused == ["flat_graphic"] * 2
+    assert [r["sha256"] for r in rows] == [f"{4:064x}"]
+    everything, _ = read_window(tmp_path / "audit.sqlite", None, None, None, ["normal"])
+    assert everything.requests == 6 and everything.n == 3
+    assert log.refusals(model_version="2") == []

@@ -159,3 +159,26 @@ def test_mahalanobis_scores_far_points_higher_and_copes_with_few_images() -> Non
     assert ood.distance(ood.mean[None, :]) == pytest.approx([0.0], abs=1e-9)
     with pytest.raises(ValueError, match="two feature vectors"):
         Mahalanobis.fit(train[:1])
+
+
+def test_balanced_accuracy_matches_sklearn_without_its_warning() -> None:
+    """A split that lacks a class the model predicts: the same figure as sklearn's
+    balanced_accuracy_score, and no "y_pred contains classes not in y_true" warning on the
+    terminal (before: one per scoring, from evaluate's splits and shifts)."""
+    import warnings
+
+    from sklearn.metrics import balanced_accuracy_score
+
+    from chestct.metrics import classification_metrics
+
+    y_true = np.array([0, 0, 1, 1, 0, 1])
+    proba = np.eye(4)[[0, 2, 1, 1, 3, 1]] * 0.9 + 0.025
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scored = classification_metrics(y_true, proba)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = balanced_accuracy_score(y_true, proba.argmax(axis=1))
+    assert scored["balanced_accuracy"] == pytest.approx(expected)
+    full = np.arange(8) % 4
+    assert classification_metrics(full, np.eye(4)[full])["balanced_accuracy"] == 1.0

@@ -51,7 +51,7 @@ RUN_BY: dict[str, str] = {
     "dvc repro -f -s ingest": f"{E2E}::test_forced_ingest_reruns_ingest_alone",
     # Experiments and the way back
     "dvc exp run -S train.learning_rate=0.0003": f"{E2E}::test_an_experiment_and_the_way_back",
-    "dvc exp show --drop '.*' --keep '^(Experiment|Created|macro_f1|balanced_accuracy|roc_auc|ece_calibrated|train\\.learning_rate)$'": f"{E2E}::test_an_experiment_and_the_way_back",
+    "dvc exp show --drop '.*' --keep '^(Experiment|Created|robust_macro_f1|macro_f1|balanced_accuracy|roc_auc|ece_calibrated|train\\.learning_rate)$'": f"{E2E}::test_an_experiment_and_the_way_back",
     "dvc exp apply <name>": f"{E2E}::test_an_experiment_and_the_way_back",
     "dvc exp show": f"{E2E}::test_an_experiment_and_the_way_back",
     "git checkout HEAD -- params.yaml dvc.lock && dvc checkout": f"{E2E}::test_an_experiment_and_the_way_back",

@@ -192,3 +192,59 @@ def test_error_analysis_needs_a_promoted_model(tmp_path: Path) -> None:
     settings = load_settings(project_copy(tmp_path))
     with pytest.raises(ea.AnalysisError, match="dvc repro"):
         ea.load_promoted(settings)
+
+
+def test_predict_split_prepares_each_slice_once(tmp_path: Path, monkeypatch) -> None:
+    """The error analysis feeds the model what /predict would: the original prepared once, or
+    the resized copy as it is; never the resized copy prepared a second time (before: the body
+    crop and equalisation ran twice, accuracy 0.813 against evaluate's 0.824 on real data)."""
+    from types import SimpleNamespace
+
+    import cv2
+
+    import chestct.inference as inference
+    from chestct.imaging import encode_png
+    from chestct.research.error_analysis import Promoted, predict_split
+
+    size = 32
+    rng = np.random.default_rng(0)
+
+    def prepare(decoded):  # a stand-in preparation that is visibly not idempotent
+        grey = decoded.grey[2:-2, 2:-2]
+        return cv2.resize(grey, (size, size), interpolation=cv2.INTER_AREA)
+
+    served = SimpleNamespace(prepare=prepare, window=None, classes=list(CLASSES), image_size=size)
+    rows = []
+    for i in range(3):
+        original = rng.integers(0, 255, (60, 70), dtype=np.uint8)
+        (tmp_path / f"o{i}.png").write_bytes(encode_png(original))
+        resized = prepare(SimpleNamespace(grey=original))
+        (tmp_path / f"r{i}.png").write_bytes(encode_png(resized))
+        rows.append(
+            {
+                "path": f"r{i}.png",
+                "label": CLASSES[i],
+                "source_path": f"s{i}",
+                "original": f"o{i}.png" if i < 2 else "",
+            }
+        )
+    seen = []
+
+    def analyse(model, image, mc_samples, seed):
+        seen.append(np.asarray(image).copy())
+        proba = np.full(len(CLASSES), 0.1)
+        proba[0] = 0.7
+        return SimpleNamespace(
+            entropy=0.5,
+            abstain=False,
+            out_of_distribution=False,
+            ood_score=1.0,
+            probabilities=proba,
+        )
+
+    monkeypatch.setattr(inference, "analyse", analyse)
+    pred = predict_split(Promoted({}, served, tmp_path), pd.DataFrame(rows), tmp_path)
+    assert len(pred) == 3
+    for i, image in enumerate(seen):
+        expected = cv2.imread(str(tmp_path / f"r{i}.png"), cv2.IMREAD_GRAYSCALE)
+        np.testing.assert_array_equal(image, expected)

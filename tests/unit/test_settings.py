@@ -244,3 +244,13 @@ def test_values_no_stage_can_run_with_are_refused_at_load_time(
     root: Path, group: str, values: dict[str, Any], key: str
 ) -> None:
     assert key in params_error(root, lambda p: p[group].update(values))
+
+
+def test_pyproject_license_is_an_spdx_string() -> None:
+    """`make venv` installs the package; a `license = { text = ... }` table made setuptools
+    print a BuildBackendWarning (three times) on every install."""
+    import tomllib
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
+    assert isinstance(pyproject["project"]["license"], str)
+    assert "setuptools>=77" in pyproject["build-system"]["requires"]  # PEP 639 support

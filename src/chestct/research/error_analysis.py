@@ -71,6 +71,20 @@ def load_test_split(settings: Settings) -> pd.DataFrame:
     return read_manifest(pointer.output_path("test", settings.paths.root), DATASET_COLUMNS)
 
 
+def model_input(served: Loaded, root: Path, path: str, original: Any) -> np.ndarray:
+    """The model input of one split row as /predict makes it from an upload: the ingested
+    original through the served model's preparation. Without a readable original, the row's
+    resized copy, which resize already prepared: it goes in as it is when it has the model's
+    size (preparing it again would crop, equalise and resize twice, as this did before:
+    accuracy 0.813 against evaluate's 0.824 on the real data)."""
+    if isinstance(original, str) and original and (root / original).is_file():
+        return served.prepare(decode((root / original).read_bytes(), served.window))
+    decoded = decode((root / path).read_bytes(), served.window)
+    if decoded.grey.shape == (served.image_size, served.image_size):
+        return decoded.grey
+    return served.prepare(decoded)
+
+
 def predict_split(promoted: Promoted, split: pd.DataFrame, root: Path) -> pd.DataFrame:
     """What the service answers for every image of a split.
 
@@ -83,9 +97,10 @@ def predict_split(promoted: Promoted, split: pd.DataFrame, root: Path) -> pd.Dat
 
     served = promoted.served
     names = [f"p_{c}" for c in served.classes]
+    originals = split["original"] if "original" in split else pd.Series([None] * len(split))
     rows = []
-    for path in split["path"]:
-        image = served.prepare(decode((root / path).read_bytes(), served.window))
+    for path, original in zip(split["path"], originals, strict=True):
+        image = model_input(served, root, path, original)
         answer = analyse(served, image, mc_samples=0, seed=0)
         rows.append(
             {

@@ -2,8 +2,14 @@
 
 Under gunicorn every worker counts on its own; with PROMETHEUS_MULTIPROC_DIR set (the gunicorn
 config does it) the counts live in shared files and GET /metrics adds all workers up, so a
-scrape that lands on any worker sees the whole server. Each app gets its own registry, so
+scrape that lands on any worker sees the whole server, and the process_* metrics (memory,
+CPU, open files) come once per live worker, labelled `pid`. Each app gets its own registry, so
 several apps in one process (tests) do not collide.
+
+Refused slices (422 "not a chest CT slice") are counted apart from answered ones
+(chestct_refusals_total by reason; chestct_ood_predictions_total counts answers flagged out of
+distribution) and enter the rolling window as requests, so a scanner whose slices are mostly
+refused shows as a refusal rate far above the reference's (chestct_window_rate{flag="refused"}).
 """
 
 from __future__ import annotations
@@ -29,9 +35,11 @@ from prometheus_client.registry import Collector
 from chestct.monitoring import (
     CLASS_SIGNAL,
     FLAGS,
+    REFUSED,
     SIGNALS,
     bin_index,
     psi,
+    reference_rates,
 )
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -67,11 +75,16 @@ class ServiceMetrics:
             "Predictions flagged abstain (entropy over the threshold)",
             registry=r,
         )
-        self.ood = Counter(
-            "chestct_ood_rejections",
-            "Inputs judged not a chest CT slice: by input checks (reason) or by the "
-            "feature-space distance (reason=feature_distance)",
+        self.refusals = Counter(
+            "chestct_refusals",
+            "Slices refused unanswered (422, not a chest CT slice) by the input check's reason",
             ["reason"],
+            registry=r,
+        )
+        self.ood_predictions = Counter(
+            "chestct_ood_predictions",
+            "Predictions answered but flagged out of distribution (feature-space distance "
+            "over the card's threshold)",
             registry=r,
         )
         self.model_info = Gauge(
@@ -125,7 +138,13 @@ class ServiceMetrics:
             value = flags.get(flag)
             if value is not None:
                 bins.append((flag, str(int(value))))
+        bins.append((REFUSED, "0"))
         self.window.add(bins)
+
+    def refuse(self, reason: str) -> None:
+        """Count one refused slice, and put it in the rolling window as a refused request."""
+        self.refusals.labels(reason).inc()
+        self.window.add([(REFUSED, "1")])
 
     def exposition(
         self, reference: dict[str, Any] | None = None, min_requests: int = 50
@@ -137,6 +156,7 @@ class ServiceMetrics:
 
             source = CollectorRegistry()
             multiprocess.MultiProcessCollector(source)
+            WorkerProcessCollector(os.environ[MULTIPROC_ENV], source)
         else:
             source = self.registry
         registry = CollectorRegistry(auto_describe=False)
@@ -144,11 +164,47 @@ class ServiceMetrics:
         return generate_latest(registry), CONTENT_TYPE_LATEST
 
 
+class WorkerProcessCollector(Collector):
+    """process_* metrics (prometheus_client's ProcessCollector) of every live worker, each
+    labelled with its pid. Multiprocess mode has none of its own: the worker answering a scrape
+    reads the others' /proc entries, found through their files in the metrics folder."""
+
+    def __init__(self, folder: str, registry: CollectorRegistry) -> None:
+        self.folder = folder
+        registry.register(self)
+
+    def pids(self) -> list[int]:
+        """This worker and every worker with a metrics file that is still running."""
+        from pathlib import Path
+
+        found = {os.getpid()}
+        for path in Path(self.folder).glob("*.db"):
+            tail = path.stem.rsplit("_", 1)[-1]
+            if tail.isdigit():
+                found.add(int(tail))
+        return sorted(pid for pid in found if Path(f"/proc/{pid}/stat").is_file())
+
+    def collect(self) -> Iterator[Metric]:
+        from prometheus_client import ProcessCollector
+
+        merged: dict[str, Metric] = {}
+        for pid in self.pids():
+            collector = ProcessCollector(pid=lambda pid=pid: pid, registry=None)
+            for family in collector.collect():
+                out = merged.setdefault(
+                    family.name, Metric(family.name, family.documentation, family.type)
+                )
+                for sample in family.samples:
+                    out.add_sample(sample.name, {**sample.labels, "pid": str(pid)}, sample.value)
+        yield from merged.values()
+
+
 WINDOW_METRIC = "chestct_window_count"
 
 
 class LiveWindow:
-    """The latest `size` predictions of this worker, as counts per (signal, bin).
+    """The latest `size` requests of this worker (answered, and refused ones as
+    ("refused", "1")), as counts per (signal, bin).
 
     The counts are gauges summed over live workers (multiprocess mode livesum), so any worker
     answering a scrape sees the whole server's window; a worker's share leaves with it.
@@ -199,8 +255,9 @@ class LiveWindow:
 
 class DriftCollector(Collector):
     """Everything `collect` yields, plus the drift of the summed window from the reference:
-    chestct_drift_psi{signal}, chestct_window_predictions, chestct_window_rate{flag} and
-    chestct_reference_rate{flag}. Computed at scrape time, never on the request path."""
+    chestct_drift_psi{signal}, chestct_window_predictions, chestct_window_requests (answered
+    and refused), chestct_window_rate{flag} and chestct_reference_rate{flag}. Computed at
+    scrape time, never on the request path."""
 
     def __init__(
         self,
@@ -228,22 +285,33 @@ class DriftCollector(Collector):
         )
         size.add_metric([], n)
         yield size
+        refused = counts.get(REFUSED, {})
+        requests = GaugeMetricFamily(
+            "chestct_window_requests",
+            "Requests in the rolling drift window, answered and refused (summed over workers)",
+        )
+        requests.add_metric([], refused.get("0", 0.0) + refused.get("1", 0.0))
+        yield requests
         if self.reference is None:
             return
         rate = GaugeMetricFamily(
-            "chestct_window_rate", "Share of the window flagged abstain or ood", labels=["flag"]
+            "chestct_window_rate",
+            "Share of the window's predictions flagged abstain or ood, and of its requests "
+            "refused",
+            labels=["flag"],
         )
         expected = GaugeMetricFamily(
             "chestct_reference_rate",
             "Share evaluate expected to be flagged (reference profile)",
             labels=["flag"],
         )
-        for flag in FLAGS:
+        expected_rates = reference_rates(self.reference)
+        for flag in (*FLAGS, REFUSED):
             seen = counts.get(flag, {})
             total = seen.get("0", 0.0) + seen.get("1", 0.0)
             if total > 0:
                 rate.add_metric([flag], seen.get("1", 0.0) / total)
-            ref = (self.reference.get("rates") or {}).get(flag)
+            ref = expected_rates.get(flag)
             if ref is not None:
                 expected.add_metric([flag], float(ref))
         yield rate

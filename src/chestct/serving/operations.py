@@ -13,7 +13,7 @@ import time
 from flask import Blueprint, Response, g, jsonify, request
 
 from chestct import imaging
-from chestct.serving.page import INDEX_HTML
+from chestct.serving.page import FAVICON_SVG, INDEX_HTML
 from chestct.serving.prediction import RELEASE_BYTES
 from chestct.serving.problems import MB, Problem, problem_response
 from chestct.serving.service import TOKEN_ENV, Stopwatch, current_service
@@ -84,6 +84,14 @@ def index() -> Response:
     resp.headers["Content-Security-Policy"] = PAGE_POLICY
     resp.headers["X-Frame-Options"] = "DENY"  # for browsers without frame-ancestors
     resp.headers["Referrer-Policy"] = "no-referrer"
+    return resp
+
+
+@bp.get("/favicon.svg")
+@bp.get("/favicon.ico")  # asked for by browsers on every page, the JSON ones too
+def favicon() -> Response:
+    resp = Response(FAVICON_SVG, mimetype="image/svg+xml")
+    resp.headers["Cache-Control"] = "public, max-age=86400"
     return resp
 
 

@@ -2,9 +2,19 @@
 
 Several slices at once (file picker or drag and drop), one row of results per slice: the
 label, the probabilities as bars, the abstain and out-of-distribution warnings in words and
-the Grad-CAM heatmap. The model's version and its test figures come from GET /metadata: with
-their bootstrap interval, and the nearest-neighbour memorizer's figure the model is above (or
-below), overall and on the test slices unlike any training slice.
+the Grad-CAM heatmap; an answer the model abstains on is headed "Uncertain", never by its
+label. The model's version and its test figures come from GET /metadata: with their bootstrap
+interval, the nearest-neighbour memorizer's figure the model is above (or below), overall and on
+the test slices unlike any training slice, and, when the card has them, its figures under the
+synthetic shifts of the test split. FAVICON_SVG is served at /favicon.svg and /favicon.ico.
+"""
+
+# A slice outline with two lungs, in the page's blue: small enough to inline.
+FAVICON_SVG = """<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 32 32">
+<ellipse cx="16" cy="16" rx="15" ry="12" fill="#2f6db5"/>
+<ellipse cx="10.5" cy="15" rx="5" ry="7" fill="#eef4fb"/>
+<ellipse cx="21.5" cy="15" rx="5" ry="7" fill="#eef4fb"/>
+</svg>
 """
 
 INDEX_HTML = """<!doctype html>
@@ -13,6 +23,7 @@ INDEX_HTML = """<!doctype html>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>chestct predictor</title>
+<link rel="icon" type="image/svg+xml" href="/favicon.svg">
 <style>
   body { font-family: system-ui, sans-serif; max-width: 64rem; margin: 2rem auto; padding: 0 1rem;
          color: #1b1b1b; }
@@ -29,6 +40,8 @@ INDEX_HTML = """<!doctype html>
   .main { min-width: 22rem; flex: 1; }
   .file { color: #555; font-size: .85rem; }
   .label { font-size: 1.2rem; font-weight: 600; }
+  .label.abstain { color: #8a1c1c; }
+  .likely { color: #555; font-size: .9rem; }
   .bar { display: grid; grid-template-columns: 12rem 1fr 4rem; gap: .5rem; align-items: center;
          margin: .25rem 0; }
   .track { background: #e6e6e6; height: .9rem; border-radius: .2rem; overflow: hidden; }
@@ -97,7 +110,7 @@ async function describeModel() {
     const m = meta.metrics || {};
     let text = "Model " + meta.name + " version " + meta.version + " (" + meta.backend + ")";
     if (typeof m.accuracy === "number") {
-      text += " · on its test split: accuracy " + fixed(m.accuracy, 3) +
+      text += " · on its clean test split: accuracy " + fixed(m.accuracy, 3) +
         ", balanced accuracy " + fixed(m.balanced_accuracy, 3) +
         ", macro-F1 " + fixed(m.macro_f1, 3) + interval(m, "macro_f1") +
         (m.n ? " (" + m.n + " slices)" : "");
@@ -113,6 +126,17 @@ async function describeModel() {
             fixed(novel.macro_f1, 3) + ", memorizer " +
             fixed(novel.baseline.nearest_neighbour.macro_f1, 3);
         }
+      }
+      const s = m.shift || {};
+      if (typeof s.worst_macro_f1 === "number") {
+        text += " · under synthetic shifts of that split (zoom, aspect, gamma, blur, JPEG, " +
+          "noise): worst macro-F1 " +
+          fixed(s.worst_macro_f1, 3) + (s.worst_shift ? " (" + s.worst_shift + ")" : "");
+        if (typeof m.robust_macro_f1 === "number") {
+          text += ", robust macro-F1 " + fixed(m.robust_macro_f1, 3);
+        }
+      } else {
+        text += " · clean test figures only: this card has no figures under shifted slices";
       }
     }
     $("model").textContent = text;
@@ -166,7 +190,14 @@ async function classify(file) {
     const result = await post("/predict", file);
     row.dataset.label = result.label;
     row.dataset.id = result.id;
-    main.appendChild(el("div", "label", result.display_name));
+    if (result.uncertainty.abstain) {
+      // An abstention is not an answer: its label must not read as one.
+      main.appendChild(el("div", "label abstain", "Uncertain: no answer"));
+      main.appendChild(el("div", "likely", "most probable class, not to be relied on: " +
+        result.display_name));
+    } else {
+      main.appendChild(el("div", "label", result.display_name));
+    }
     for (const [kind, text] of warnings(result)) {
       const w = el("p", "warn " + kind, text);
       w.setAttribute("role", "note");

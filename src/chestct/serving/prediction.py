@@ -26,7 +26,7 @@ from chestct.inference import (
     overlay_png,
     seed_of,
 )
-from chestct.monitoring import request_signals
+from chestct.monitoring import image_signals, request_signals
 from chestct.serving import inputs
 from chestct.serving.inputs import InputError, NotCTSlice, Upload
 from chestct.serving.problems import Problem
@@ -62,9 +62,31 @@ def checked_input(service: Service, model: Loaded, upload: Upload) -> CheckedInp
     watch.lap("checks")
     decoded = inputs.decode(upload.data, model.window, service.budget)
     watch.lap("decode")
-    inputs.check_slice(decoded)
+    try:
+        inputs.check_slice(decoded)
+    except NotCTSlice as exc:
+        _record_refusal(service, model, upload, exc.reason, decoded)
+        raise
     watch.lap("checks")
     return CheckedInput(upload, fmt, decoded)
+
+
+def _record_refusal(
+    service: Service, model: Loaded, upload: Upload, reason: str, decoded: imaging.Decoded
+) -> None:
+    """A refused slice is monitoring traffic too: counted by reason on /metrics, put in the
+    rolling window and written to the audit log with its image signals (numbers only)."""
+    service.metrics.refuse(reason)
+    audit = service.audit
+    if audit is None:
+        return
+    try:
+        signals = image_signals(decoded.grey)
+        audit.record_refusal(
+            request.path, sha256_bytes(upload.data), reason, (model.name, model.version), signals
+        )
+    except Exception:  # a full disk must not take predictions down; it is logged
+        log.exception("could not write the audit log %s", audit.path)
 
 
 def single_upload() -> Upload:
@@ -200,7 +222,7 @@ def _record(
     if result.abstain:
         metrics.abstentions.inc()
     if result.out_of_distribution:
-        metrics.ood.labels("feature_distance").inc()
+        metrics.ood_predictions.inc()
     signals = request_signals(
         result.probabilities,
         result.entropy,
@@ -260,8 +282,7 @@ def predict_batch() -> Response:
         except InputError as exc:
             error = {"status": exc.status, "title": exc.title, "detail": exc.detail}
             if isinstance(exc, NotCTSlice):
-                error["reason"] = exc.reason
-                service.metrics.ood.labels(exc.reason).inc()
+                error["reason"] = exc.reason  # counted and logged by checked_input
             results.append({"index": index, "filename": name, "ok": False, "error": error})
         except Exception:  # a bug must not cost the other files their answers
             log.exception("batch file %d (%r) failed unexpectedly", index, name)

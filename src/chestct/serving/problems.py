@@ -36,11 +36,8 @@ def on_problem(exc: Problem) -> Response:
 
 
 def on_input_error(exc: InputError) -> Response:
+    # A refused slice was counted and logged where it was refused (prediction.checked_input).
     extra = {"reason": exc.reason} if isinstance(exc, NotCTSlice) else {}
-    if isinstance(exc, NotCTSlice):
-        from chestct.serving.service import current_service
-
-        current_service().metrics.ood.labels(exc.reason).inc()
     return problem_response(exc.status, exc.title, exc.detail, **extra)
 
 

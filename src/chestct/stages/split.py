@@ -13,6 +13,11 @@ group, transitively: the union of all these constraints.
   warns about it.
 - `split.mode: pool` re-splits everything.
 
+With `split.dedupe: drop`, in either mode, redundant copies inside one split go too: of the
+exact copies and near-duplicates with the same label in one split, the first (manifest order)
+stays. Copies with different labels are kept (a label conflict is validate's to report; which
+label is right is the data owner's call).
+
 Carving is stratified by class (a group's class is its most common label), seeded, and moves
 whole groups, so copies of one slice land in one split. The per-split manifests are the only
 thing downstream stages read.
@@ -113,6 +118,10 @@ def run_split(
         log.info("carved %s out of %d files", " and ".join(carved), int(pool_mask.sum()))
 
     cross, dropped, drop_index = _cross_split_groups(frame, params.dedupe == "drop")
+    if params.dedupe == "drop":
+        inside, inside_index = _redundant_copies(frame.drop(index=drop_index))
+        dropped += inside
+        drop_index += inside_index
     identities = identity_leaks(frame)
     kept = frame.drop(index=drop_index)
     columns = [c for c in ingest_manifest.columns if c not in ("group", "copies")]
@@ -192,6 +201,30 @@ def _cross_split_groups(
     return cross, dropped, drop_index
 
 
+def _redundant_copies(frame: pd.DataFrame) -> tuple[list[dict[str, str]], list[Any]]:
+    """Rows that repeat an earlier row of the same copy group, split and label: the rows
+    `split.dedupe: drop` removes inside a split, with why."""
+    repeats = frame.duplicated(subset=["copies", "split", "label"], keep="first")
+    first = frame[~repeats].set_index(["copies", "split", "label"])["sha256"]
+    dropped = [
+        {
+            "split": str(r.split),
+            "label": str(r.label),
+            "source_path": str(r.source_path),
+            "sha256": str(r.sha256),
+            "kept_in": str(r.split),
+            "reason": (
+                "exact copy"
+                if first[(r.copies, r.split, r.label)] == r.sha256
+                else "near duplicate"
+            )
+            + f" of another {r.split} file",
+        }
+        for r in frame[repeats].itertuples()
+    ]
+    return dropped, list(frame.index[repeats])
+
+
 def main() -> None:
     with stage_session("split") as session:
         s = session.settings
@@ -223,9 +256,16 @@ def main() -> None:
                 "%d group(s) of copies span two splits in the source (%s): %s",
                 len(summary.cross_split),
                 "dropped from the later split"
-                if summary.dropped
+                if s.params.split.dedupe == "drop"
                 else "reported; validate checks them, split.dedupe: drop removes them",
                 "; ".join(f"{g['files'][0]} ~ {g['files'][-1]}" for g in summary.cross_split[:3]),
+            )
+        if summary.dropped:
+            by_split = pd.Series([d["split"] for d in summary.dropped]).value_counts()
+            log.info(
+                "split.dedupe: drop removed %d redundant copies (%s; dropped.csv says why)",
+                len(summary.dropped),
+                ", ".join(f"{k} {v}" for k, v in by_split.sort_index().items()),
             )
         if summary.cross_split_identities:
             log.warning(

@@ -54,14 +54,14 @@ def test_readme_front_door_commands_come_first() -> None:
 
 
 def test_readme_experiment_table_keeps_the_metric_promotion_uses() -> None:
-    """The README's `dvc exp show --keep` columns include promote.metric (robust_macro_f1):
-    the number that decides promotion must be on the table that compares experiments."""
+    """The experiments page's `dvc exp show --keep` columns include promote.metric
+    (robust_macro_f1): the number that decides promotion must be on the table that compares
+    experiments."""
     import re
 
     from chestct.settings import PromoteParams
 
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
-    section = readme.split("## Experiments and comparison", 1)[1].split("\n## ", 1)[0]
+    section = (REPO / "docs" / "experiments.md").read_text(encoding="utf-8")
     (keep,) = re.findall(r"dvc exp show --drop '\.\*' --keep '([^']+)'", section)
     assert re.fullmatch(keep, PromoteParams().metric), (keep, PromoteParams().metric)
     # `dvc exp run` leaves params.yaml and dvc.lock modified but not staged.

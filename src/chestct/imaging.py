@@ -15,6 +15,7 @@ import functools
 import io
 import multiprocessing
 import os
+import re
 import struct
 import sys
 import zlib
@@ -138,6 +139,9 @@ class Header:
     channels: int  # as the decoder will hold them
     sample_bytes: int  # bytes per sample as decoded (1 or 2)
     working_bytes: int = 0  # further buffers the decoder needs (see DecodeLimits)
+    # What reading the header built (a JPEG's JpegInfo, a DICOM dataset), handed to `decode`
+    # so that a request parses each file once.
+    parsed: Any = dataclasses.field(default=None, compare=False, repr=False)
 
     @property
     def pixels(self) -> int:
@@ -215,6 +219,21 @@ class JpegInfo:
 
 
 _SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+# A marker's code: a byte after FF that is neither 00 (stuffing) nor FF (fill). Matched by a
+# one-byte lookbehind, so a long run of FFs costs linear time (a `\xff+` prefix would retry
+# the run from each of its bytes).
+_MARKER = re.compile(rb"(?<=\xff)[^\x00\xff]")
+# The end of a scan's entropy-coded data: a marker other than a restart (RSTn, D0-D7).
+_SCAN_END = re.compile(rb"(?<=\xff)[^\x00\xd0-\xd7\xff]")
+
+
+def _next_marker(pattern: re.Pattern[bytes], data: bytes, pos: int) -> int:
+    """Where the code byte of the next marker at or after `pos` lies (its FF too lies at or
+    after `pos`), or -1."""
+    found = pattern.search(data, pos)
+    if found is not None and found.start() == pos:  # its FF lies before pos: not ours
+        found = pattern.search(data, pos + 1)
+    return -1 if found is None else found.start()
 
 
 def jpeg_info(data: bytes) -> JpegInfo:
@@ -230,20 +249,14 @@ def jpeg_info(data: bytes) -> JpegInfo:
     pos, size, junk, scans = 2, len(data), 0, 0
     frame: tuple[int, int, int, int, bool] | None = None
     while True:
-        nxt = data.find(b"\xff", pos)
-        if nxt < 0:
+        # The next marker: FF (any fill FFs) then a byte that is neither 00 (a stuffed FF in
+        # junk) nor FF, found by the regex engine: junk is skipped at C speed, never byte by byte.
+        at = _next_marker(_MARKER, data, pos)
+        if at < 0:
             break
-        junk += nxt - pos
-        pos = nxt
-        while pos < size and data[pos] == 0xFF:  # fill bytes
-            pos += 1
-        if pos >= size:
-            break
-        marker = data[pos]
-        pos += 1
-        if marker == 0x00:  # a stuffed FF0 in junk: not a marker
-            junk += 2
-            continue
+        marker = data[at]
+        junk += at - 1 - pos  # the bytes before the marker's FF (fill included)
+        pos = at + 1
         if marker == 0xD9:  # EOI
             break
         if marker == 0xD8:
@@ -284,16 +297,9 @@ def jpeg_info(data: bytes) -> JpegInfo:
                     f"JPEG holds more than {MAX_JPEG_SCANS} scans; each is a pass over the "
                     "whole image (a progressive JPEG has about 10): re-encode it"
                 )
-            while True:
-                pos = data.find(b"\xff", pos)
-                if pos < 0 or pos + 1 >= size:
-                    pos = size
-                    break
-                follow = data[pos + 1]
-                if follow == 0x00 or follow == 0xFF or 0xD0 <= follow <= 0xD7:
-                    pos += 1 if follow == 0xFF else 2
-                    continue
-                break
+            # Past stuffed FF 00, fill FFs and restart markers, in one regex search.
+            end = _next_marker(_SCAN_END, data, pos)
+            pos = size if end < 0 else end - 1
     if frame is None:
         raise ImageError("JPEG has no frame header (SOF): truncated or not an image")
     return JpegInfo(*frame, scans=scans, junk_bytes=junk)
@@ -318,7 +324,7 @@ def _jpeg_header(data: bytes, info: JpegInfo | None = None) -> Header:
     working = info.width * info.height * info.components * 2 if info.progressive else 0
     if info.components > 1:
         working += (info.width // 2 + 1) * (info.height // 2 + 1) * 3
-    return Header("jpeg", info.width, info.height, 1, sample, working)
+    return Header("jpeg", info.width, info.height, 1, sample, working, parsed=info)
 
 
 def _bmp_header(data: bytes) -> Header:
@@ -522,6 +528,7 @@ def decode(
     window: tuple[float, float] | None = None,
     *,
     limits: DecodeLimits = DEFAULT_LIMITS,
+    header: Header | None = None,
 ) -> Decoded:
     """Decode image bytes (PNG, JPEG, BMP, TIFF; DICOM when given a window) into 8-bit grey.
 
@@ -533,6 +540,8 @@ def decode(
         window: (level, width) in Hounsfield units for DICOM files; without it a DICOM file
             is refused, because the same bytes would look different under another window.
         limits: pixels, bytes and DICOM elements one image may cost.
+        header: what `read_header` / `dicom_header` already read from these bytes (not read
+            again).
 
     Raises:
         ImageTooLarge: the header declares more than `limits`.
@@ -543,8 +552,10 @@ def decode(
     if not data:
         raise ImageError("empty file")
     fmt = sniff_format(data)
+    if header is not None and header.format != fmt:
+        header = None
     if fmt == "dicom" and window is not None:
-        return decode_dicom(data, *window, limits=limits)
+        return decode_dicom(data, *window, limits=limits, header=header)
     if fmt in ("unknown", "dicom", "gif", "webp"):
         hint = (
             "; DICOM needs a window (level, width) to become 8-bit grey"
@@ -552,8 +563,9 @@ def decode(
             else "; use PNG, JPEG, BMP, TIFF or DICOM"
         )
         raise ImageError(f"not a supported image (format by content: {fmt}){hint}")
-    info = jpeg_info(data) if fmt == "jpeg" else None
-    header = _jpeg_header(data, info) if info is not None else read_header(data, fmt)
+    if header is None:
+        header = read_header(data, fmt)
+    info = header.parsed if fmt == "jpeg" else None
     check_budget(header, limits)
     buf = np.frombuffer(data, dtype=np.uint8)
     if info is not None:
@@ -853,12 +865,19 @@ def dicom_header(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> tuple[He
         )
     sample = max(1, bits // 8)
     # Working memory: the stored values, then float32 Hounsfield units a strip at a time.
-    header = Header("dicom", columns, rows, samples, sample, columns * rows * samples * sample)
+    header = Header(
+        "dicom", columns, rows, samples, sample, columns * rows * samples * sample, parsed=ds
+    )
     return header, ds
 
 
 def decode_dicom(
-    data: bytes, level: float, width: float, *, limits: DecodeLimits = DEFAULT_LIMITS
+    data: bytes,
+    level: float,
+    width: float,
+    *,
+    limits: DecodeLimits = DEFAULT_LIMITS,
+    header: Header | None = None,
 ) -> Decoded:
     """A single-frame DICOM slice to 8-bit grey through Hounsfield units and a window.
 
@@ -875,7 +894,9 @@ def decode_dicom(
     """
     if width <= 0:
         raise ImageError(f"DICOM window width must be > 0, got {width}")
-    header, ds = dicom_header(data, limits)
+    if header is None or header.parsed is None:
+        header = dicom_header(data, limits)[0]
+    ds = header.parsed
     check_budget(header, limits)
     photometric = str(_attribute(ds, "PhotometricInterpretation", "MONOCHROME2")).upper()
     slope = _number(ds, "RescaleSlope", 1.0) or 1.0

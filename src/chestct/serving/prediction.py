@@ -29,7 +29,7 @@ from chestct.inference import (
 from chestct.monitoring import request_signals
 from chestct.serving import inputs
 from chestct.serving.inputs import InputError, NotCTSlice, Upload
-from chestct.serving.problems import Problem
+from chestct.serving.problems import Problem, json_body
 from chestct.serving.service import Service, current_service
 
 log = logging.getLogger(__name__)
@@ -57,10 +57,11 @@ def checked_input(service: Service, model: Loaded, upload: Upload) -> CheckedInp
     not-a-CT-slice checks; raises InputError (answered as problem details)."""
     watch = g.watch
     fmt = inputs.check_format(upload.data)
-    if inputs.check_header(upload.data, fmt, service.budget).nbytes >= RELEASE_BYTES:
+    header = inputs.check_header(upload.data, fmt, service.budget)
+    if header.nbytes >= RELEASE_BYTES:
         g.large_upload = True
     watch.lap("checks")
-    decoded = inputs.decode(upload.data, model.window, service.budget)
+    decoded = inputs.decode(upload.data, model.window, service.budget, header)
     watch.lap("decode")
     inputs.check_slice(decoded)
     watch.lap("checks")
@@ -81,11 +82,7 @@ def single_upload() -> Upload:
             )
         return Upload(part.read(), part.filename or "file")
     if mimetype == "application/json":
-        try:
-            body = request.get_json(silent=True)
-        except RecursionError:
-            # silent=True covers malformed JSON, not nesting deeper than the parser's stack.
-            body = None
+        body = json_body()
         if not isinstance(body, dict) or not isinstance(body.get("image"), str):
             raise Problem(
                 400,

@@ -614,6 +614,8 @@ _LONG_VRS = frozenset(
 )
 _UNDEFINED = 0xFFFFFFFF
 _PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})
+# How deep sequences may nest (a CT slice nests two or three: a referenced image's code, say).
+MAX_DICOM_DEPTH = 16
 DEFLATED_SYNTAX = "1.2.840.10008.1.2.1.99"
 # Attributes chestct reads from a dataset: each must hold a short single value.
 _DICOM_ATTRIBUTES = (
@@ -629,12 +631,34 @@ def _walk_dicom(data: bytes, pos: int, implicit: bool, limit: int, stop_group: i
     `stop_group` when one is given).
 
     Raises:
-        ImageError: an element that runs past the end, or more than `limit` elements.
+        ImageError: an element that runs past the end, or sequences nested more than
+            MAX_DICOM_DEPTH deep (pydicom reads each level with a few recursive calls).
+        ImageTooLarge: more than `limit` elements.
     """
     from pydicom.datadict import dictionary_VR
 
     end, count = len(data), 0
+    # The open sequences and items, innermost last: (is a sequence, where it ends; None for
+    # an undefined length, closed by its delimiter).
+    nesting: list[tuple[bool, int | None]] = []
+
+    def opened(sequence: bool, closes: int | None) -> None:
+        nesting.append((sequence, closes))
+        depth = sum(is_sequence for is_sequence, _ in nesting)
+        if depth > MAX_DICOM_DEPTH:
+            raise ImageError(
+                f"DICOM sequences are nested more than {MAX_DICOM_DEPTH} levels deep (a CT "
+                "slice nests a few); refusing to parse it"
+            )
+
+    def closed(sequence: bool) -> None:
+        while nesting:
+            if nesting.pop()[0] == sequence:
+                return
+
     while pos < end:
+        while nesting and nesting[-1][1] is not None and nesting[-1][1] <= pos:
+            nesting.pop()
         if pos + 8 > end:
             raise ImageError(f"DICOM data is truncated at byte {pos}")
         group, elem, length = struct.unpack_from("<HHI", data, pos)
@@ -649,6 +673,12 @@ def _walk_dicom(data: bytes, pos: int, implicit: bool, limit: int, stop_group: i
         tag, vr = (group << 16) | elem, b""
         if group == 0xFFFE:  # item and delimiters: an item's elements follow
             pos += 8
+            if elem == 0xE000:
+                opened(False, None if length == _UNDEFINED else pos + length)
+            elif elem == 0xE00D:
+                closed(False)
+            elif elem == 0xE0DD:
+                closed(True)
             continue
         if implicit:
             pos += 8
@@ -664,20 +694,26 @@ def _walk_dicom(data: bytes, pos: int, implicit: bool, limit: int, stop_group: i
                 pos += 8
         if length == _UNDEFINED:
             if tag in _PIXEL_TAGS or vr in (b"OB", b"OW"):
-                pos, fragments = _skip_fragments(data, pos)
+                pos, fragments = _skip_fragments(data, pos, limit - count)
                 count += fragments
             elif vr == b"UN":  # a sequence in implicit VR: step to its end as bytes
                 close = data.find(b"\xfe\xff\xdd\xe0\x00\x00\x00\x00", pos)
                 if close < 0:
                     raise ImageError(f"DICOM sequence at byte {pos} has no end")
+                if data.count(b"\xfe\xff\x00\xe0", pos, close) > limit:
+                    raise ImageTooLarge(f"DICOM sequence at byte {pos} holds over {limit} items")
                 count += (close - pos) // 8
                 pos = close + 8
+            else:
+                opened(True, None)
             continue  # a sequence: its items follow
         if vr == b"SQ":
+            opened(True, pos + length)
             continue
         if implicit and group % 2 == 0:
             try:
                 if dictionary_VR(tag) == "SQ":
+                    opened(True, pos + length)
                     continue
             except KeyError:
                 pass
@@ -690,10 +726,15 @@ def _walk_dicom(data: bytes, pos: int, implicit: bool, limit: int, stop_group: i
     return pos
 
 
-def _skip_fragments(data: bytes, pos: int) -> tuple[int, int]:
-    """Past encapsulated pixel data (items of bytes up to a sequence delimiter)."""
+def _skip_fragments(data: bytes, pos: int, limit: int) -> tuple[int, int]:
+    """Past encapsulated pixel data (items of bytes up to a sequence delimiter), refusing
+    more than `limit` fragments."""
     count = 0
     while True:
+        if count > limit:
+            raise ImageTooLarge(
+                f"DICOM pixel data holds more than {limit:,} fragments (a slice has a few)"
+            )
         if pos + 8 > len(data):
             raise ImageError("DICOM encapsulated pixel data is truncated")
         group, elem, length = struct.unpack_from("<HHI", data, pos)
@@ -771,6 +812,10 @@ def _read_dicom(data: bytes, limits: DecodeLimits) -> Any:
         return pydicom.dcmread(io.BytesIO(data), force=not preamble)
     except ImageError:
         raise
+    except RecursionError:  # nesting the walk above did not see (inside a UN value)
+        raise ImageError(
+            "DICOM sequences are nested too deeply to parse; refusing the file"
+        ) from None
     except (InvalidDicomError, EOFError, ValueError, TypeError, KeyError, OSError,
             struct.error, AttributeError, NotImplementedError) as exc:  # fmt: skip
         raise ImageError(f"not a readable DICOM file ({type(exc).__name__}: {exc})") from None
@@ -903,21 +948,8 @@ def decode_dicom(
     intercept = _number(ds, "RescaleIntercept", 0.0)
     for keyword in ("BitsStored", "HighBit", "PixelRepresentation", "PlanarConfiguration"):
         _attribute(ds, keyword, 0)  # read by pydicom's decoder: refuse odd values here
-    if ds.file_meta.TransferSyntaxUID.is_compressed:
-        # Pillow decodes JPEG and JPEG 2000 frames for pydicom: its own bomb check then
-        # refuses frames larger than ours, whatever the frame says against Rows x Columns.
-        from PIL import Image
-
-        Image.MAX_IMAGE_PIXELS = limits.max_pixels // 2
-    try:
-        pixels = ds.pixel_array
-    except Exception as exc:  # pydicom raises many types for codecs; all mean the same here
-        raise ImageError(f"DICOM pixel data could not be decoded ({exc})") from None
-    if pixels.nbytes > limits.max_bytes or pixels.shape[:2] != (header.height, header.width):
-        raise ImageError(
-            f"DICOM pixel data decoded to shape {pixels.shape}, not the {header.height} x "
-            f"{header.width} its header declares"
-        )
+    pixels = _dicom_pixels(ds, header, limits)
+    colour: float | None = None
     if pixels.ndim == 3 and photometric not in ("MONOCHROME1", "MONOCHROME2"):
         rgb = pixels.astype(np.uint8) if pixels.dtype != np.uint8 else pixels
         if photometric.startswith("YBR"):
@@ -926,7 +958,15 @@ def decode_dicom(
             rgb = convert_color_space(rgb, photometric, "RGB")
         grey = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2GRAY)
         mode = "RGB"
-    elif pixels.ndim == 2:
+    elif pixels.ndim == 2 and photometric == "PALETTE COLOR":
+        from chestct.dicom_pixels import PixelDataError, palette_to_grey
+
+        try:
+            grey, colour = palette_to_grey(pixels, ds, COLOUR_SPREAD)
+        except PixelDataError as exc:
+            raise ImageError(str(exc)) from None
+        mode = "P"
+    elif pixels.ndim == 2 and photometric in ("MONOCHROME1", "MONOCHROME2"):
         grey = np.empty(pixels.shape, np.uint8)
         for top in range(0, pixels.shape[0], _STRIP):
             strip = pixels[top : top + _STRIP].astype(np.float32)
@@ -939,10 +979,60 @@ def decode_dicom(
     else:
         raise ImageError(
             f"DICOM pixel data has shape {pixels.shape} and photometric interpretation "
-            f"{photometric}; chestct reads single grey or colour slices"
+            f"{photometric}; chestct reads MONOCHROME1/2, PALETTE COLOR, RGB and YBR slices"
         )
     height, width_px = grey.shape
-    return Decoded(grey=grey, format="dicom", mode=mode, width=width_px, height=height)
+    return Decoded(
+        grey=grey, format="dicom", mode=mode, width=width_px, height=height, colour_share=colour
+    )
+
+
+def _dicom_pixels(ds: Any, header: Header, limits: DecodeLimits) -> np.ndarray:
+    """The stored values of a single-frame dataset, decoded within `limits` (see
+    chestct.dicom_pixels): RLE by a decoder that never writes past Rows x Columns, JPEG-family
+    frames only when their own header declares the dataset's size; then the decoded size is
+    checked again.
+
+    Raises:
+        ImageError: pixel data that does not decode to the size its header declares.
+    """
+    from chestct.dicom_pixels import (
+        RLE_LOSSLESS,
+        PixelDataError,
+        check_frame,
+        decode_rle,
+        first_frame,
+    )
+
+    syntax = ds.file_meta.TransferSyntaxUID
+    try:
+        if syntax == RLE_LOSSLESS:
+            frame = first_frame(ds)
+            pixels = decode_rle(frame, ds, header.height, header.width)
+        else:
+            if syntax.is_compressed:
+                bits = int(_number(ds, "BitsAllocated", 16))
+                check_frame(
+                    first_frame(ds), header.height, header.width,
+                    header.channels, bits,
+                )  # fmt: skip
+                # Pillow (a decoder pydicom may use) refuses frames past its own limit too.
+                from PIL import Image
+
+                Image.MAX_IMAGE_PIXELS = limits.max_pixels // 2
+            pixels = ds.pixel_array
+    except PixelDataError as exc:
+        raise ImageError(str(exc)) from None
+    except ImageError:
+        raise
+    except Exception as exc:  # pydicom raises many types for codecs; all mean the same here
+        raise ImageError(f"DICOM pixel data could not be decoded ({exc})") from None
+    if pixels.nbytes > limits.max_bytes or pixels.shape[:2] != (header.height, header.width):
+        raise ImageError(
+            f"DICOM pixel data decoded to shape {pixels.shape}, not the {header.height} x "
+            f"{header.width} its header declares"
+        )
+    return pixels
 
 
 def _decoder_available(syntax: object) -> bool:

@@ -576,6 +576,7 @@ def decode(
         grey = _imdecode(buf, cv2.IMREAD_GRAYSCALE | cv2.IMREAD_IGNORE_ORIENTATION, fmt)
         if grey is None or grey.size == 0:
             raise ImageError("jpeg data could not be decoded (truncated or corrupt)")
+        _check_decoded(grey, header)
         if grey.dtype != np.uint8:  # 12/16-bit JPEG
             grey = _to_8bit(grey)
         colour = None
@@ -592,10 +593,21 @@ def decode(
         raise ImageError(f"{fmt} holds {img.dtype} samples; chestct reads 8 or 16-bit images")
     if img.nbytes > limits.max_bytes:  # the decoder made more than the header declared
         raise ImageTooLarge(f"{fmt} decoded to {img.nbytes:,} bytes, more than its header said")
+    _check_decoded(img, header)
     grey, mode, colour = _to_grey(img)
     del img
     height, width = grey.shape
     return Decoded(grey, fmt, mode, width, height, colour)
+
+
+def _check_decoded(img: np.ndarray, header: Header) -> None:
+    """After decoding: the codec must have made the size the header declared (the budget was
+    checked on that size)."""
+    if img.shape[:2] != (header.height, header.width):
+        raise ImageError(
+            f"{header.format} decoded to {img.shape[1]} x {img.shape[0]} pixels, not the "
+            f"{header.width} x {header.height} its header declares (corrupt or forged)"
+        )
 
 
 def apply_window(values: np.ndarray, level: float, width: float) -> np.ndarray:

@@ -44,3 +44,45 @@ def test_explain_on_the_largest_upload_stays_small(model_dir: Path) -> None:
     overlay = cv2.imdecode(np.frombuffer(resp.data, np.uint8), cv2.IMREAD_COLOR)
     assert overlay.shape == (512, 512, 3)
     assert growth < GROWTH_LIMIT_MB, f"/explain on {SIDE} x {SIDE} grew peak RSS {growth:.0f} MB"
+
+
+def png16_grey(side: int) -> bytes:
+    """A 16-bit grey slice at the byte budget: side^2 x 2 bytes decoded (32 MB at 4096)."""
+    grey = cv2.resize(ct_slice(6, size=512), (side, side), interpolation=cv2.INTER_NEAREST)
+    return cv2.imencode(".png", grey.astype(np.uint16) * 257)[1].tobytes()
+
+
+# Four at once, each decoded into 48 MB (the 16-bit image and its grey): one at a time stays
+# under this (measured 106 MB with the request bodies and heap), four together (232 MB) do not.
+PARALLEL_GROWTH_LIMIT_MB = 150.0
+
+
+def test_four_largest_images_at_once_are_decoded_one_at_a_time(model_dir: Path) -> None:
+    import threading
+
+    app = create_app({"MODEL_DIR": str(model_dir), "MC_DROPOUT_SAMPLES": 0})
+    png = png16_grey(SIDE)
+    warm = app.test_client().post("/predict", data=png, content_type="image/png")
+    assert warm.status_code == 200, warm.get_data(as_text=True)[:300]
+    statuses: list[int] = []
+    start = threading.Barrier(4)
+
+    def send(path: str) -> None:
+        client = app.test_client()
+        start.wait()
+        statuses.append(client.post(path, data=png, content_type="image/png").status_code)
+
+    Path("/proc/self/clear_refs").write_text("5")
+    before = _field("VmRSS")
+    threads = [
+        threading.Thread(target=send, args=(path,))
+        for path in ("/predict", "/predict", "/explain", "/explain")
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    growth = (_field("VmHWM") - before) / 1024
+    print(f"4 x {SIDE} x {SIDE} 16-bit at once: peak RSS grew {growth:.1f} MB")
+    assert statuses == [200] * 4
+    assert growth < PARALLEL_GROWTH_LIMIT_MB, growth

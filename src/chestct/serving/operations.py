@@ -13,7 +13,7 @@ from flask import Blueprint, Response, g, jsonify, request
 
 from chestct import imaging
 from chestct.serving.page import INDEX_HTML
-from chestct.serving.prediction import RELEASE_BYTES
+from chestct.serving.prediction import RELEASE_BYTES, release_large_slot
 from chestct.serving.problems import MB, Problem
 from chestct.serving.service import Stopwatch, current_service
 from chestct.serving.tokens import HISTORY_TOKEN_ENV, token_refusal
@@ -73,6 +73,7 @@ def count(resp: Response) -> Response:
 def release(exc: BaseException | None) -> None:
     if g.get("large_upload") or (request.content_length or 0) >= RELEASE_BYTES:
         imaging.release_memory()  # a large upload's freed pages go back to the kernel
+    release_large_slot()  # after the trim: the next large image starts from a lean heap
 
 
 # ---------------------------------------------------------------- routes

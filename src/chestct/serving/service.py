@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -159,6 +160,10 @@ class Service:
     audit: AuditLog | None
     budget: imaging.DecodeLimits
     feedback_limiter: RateLimiter
+    # One large image decoded at a time per worker (chestct.serving.prediction.hold_large_slot).
+    large_slot: threading.BoundedSemaphore = dataclasses.field(
+        default_factory=lambda: threading.BoundedSemaphore(1)
+    )
 
     @classmethod
     def start(cls, settings: ServiceSettings) -> Service:

@@ -436,7 +436,7 @@ def _element(tag: tuple[int, int], vr: bytes, value: bytes, implicit: bool) -> b
 def _nesting(draw: st.DrawFn, implicit: bool) -> bytes:
     """Sequences nested a drawn number of levels (past the parser's limit at times), each
     with a defined or undefined length, items with a small element or none."""
-    depth = draw(st.sampled_from([0, 0, 1, 2, 3, 8, 16, 17, 40, 300]))
+    depth = draw(st.sampled_from([0, 0, 1, 2, 3, 8, 16, 17, 40, 300, 3000]))
     inner = b""
     for _ in range(depth):
         item_body = inner + (
@@ -472,7 +472,8 @@ def _rle_frame(draw: st.DrawFn, rows: int, columns: int, segments: int) -> bytes
                 bytes([need % 128 - 1]) + b"\x30" * (need % 128) if need % 128 else b""
             )
         elif kind == "expand":
-            body = b"\x81\x40" * draw(st.integers(1, 40_000))  # up to 5 MB of runs
+            # Up to 80 MB of runs from 1.25 MB of segment.
+            body = b"\x81\x40" * draw(st.sampled_from([1, 40_000, 640_000]))
         elif kind == "short":
             body = b"\x05" + b"\x01" * 6
         else:
@@ -493,7 +494,7 @@ def _codec_frame(draw: st.DrawFn, ext: str, rows: int, columns: int, samples: in
     import cv2
     import numpy as np
 
-    side = draw(st.sampled_from([rows, rows, 8, 200, 640]))
+    side = draw(st.sampled_from([rows, rows, 8, 200, 640, 4000]))
     width = draw(st.sampled_from([columns, columns, side]))
     shape = (max(1, side), max(1, width)) + ((3,) if samples == 3 else ())
     img = (np.indices(shape[:2]).sum(axis=0) % 256).astype(np.uint8)

@@ -160,3 +160,55 @@ def test_the_rendered_config_follows_serving_max_upload_mb() -> None:
     assert "server 127.0.0.1:2;" in conf and "listen 127.0.0.1:1;" in conf
     assert "${" not in conf and "$host" in conf  # nginx's own variables are kept
     assert "client_header_timeout 10s;" in conf and "client_body_timeout 10s;" in conf
+
+
+def test_serve_proxy_starts_and_stops_both(tmp_path: Path, model_dir: Path) -> None:
+    """`make serve-proxy`'s command: nginx answers for gunicorn; SIGTERM stops both."""
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+
+    from services import wait_http
+
+    require_program(proxy.NGINX_CANDIDATES[1], "make serve-proxy")
+    root = tmp_path / "root"
+    (root / "config").mkdir(parents=True)
+    (root / "params.yaml").write_bytes((REPO / "params.yaml").read_bytes())
+    (root / "deploy").symlink_to(REPO / "deploy")
+    config = {"model_dir": str(model_dir)}
+    (root / "config" / "config.yaml").write_text(json.dumps(config), encoding="utf-8")
+    (root / "config" / "gunicorn.conf.py").write_bytes(
+        (REPO / "config" / "gunicorn.conf.py").read_bytes()
+    )
+    (root / "app.py").write_bytes((REPO / "app.py").read_bytes())
+    upstream, port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    env |= {"CHESTCT_ROOT": str(root), "CHESTCT_WORKERS": "1"}
+    log = tmp_path / "serve-proxy.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "chestct.serving.proxy", "--port", str(port),
+             "--upstream-port", str(upstream)],
+            cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        wait_http(f"http://127.0.0.1:{port}/ready", proc, log)  # nginx is up
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # and then gunicorn behind it (502 until then)
+            assert proc.poll() is None, log.read_text()
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=5):
+                    break
+            except OSError:
+                time.sleep(0.5)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as resp:
+            assert json.loads(resp.read())["status"] == "ok"
+        with urllib.request.urlopen(f"http://127.0.0.1:{upstream}/health", timeout=5) as resp:
+            assert resp.status == 200  # gunicorn itself, on 127.0.0.1
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, log.read_text()
+    for p in (port, upstream):
+        with pytest.raises(OSError):
+            urllib.request.urlopen(f"http://127.0.0.1:{p}/health", timeout=2)

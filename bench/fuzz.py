@@ -437,18 +437,22 @@ def _nesting(draw: st.DrawFn, implicit: bool) -> bytes:
     """Sequences nested a drawn number of levels (past the parser's limit at times), each
     with a defined or undefined length, items with a small element or none."""
     depth = draw(st.sampled_from([0, 0, 1, 2, 3, 8, 16, 17, 40, 300, 3000]))
+    # pydicom parses undefined-length sequences as it reads, defined-length ones only when
+    # used: a whole chain of undefined lengths is what reaches its recursion.
+    lengths = draw(st.sampled_from(["undefined", "undefined", "defined", "mixed"]))
+    # Drawn once, not per level: thousands of draws would overrun hypothesis's buffer.
+    tag = draw(st.sampled_from(_SQ_TAGS))
+    code = _element((0x0008, 0x0100), b"SH", b"CODE01", implicit) if draw(st.booleans()) else b""
     inner = b""
-    for _ in range(depth):
-        item_body = inner + (
-            _element((0x0008, 0x0100), b"SH", b"CODE01", implicit) if draw(st.booleans()) else b""
-        )
-        if draw(st.booleans()):
+    for level in range(depth):
+        item_body = inner + code
+        undefined = lengths == "undefined" or (lengths == "mixed" and level % 3 != 0)
+        if not undefined:
             item = struct.pack("<HHI", 0xFFFE, 0xE000, len(item_body)) + item_body
         else:
             item = struct.pack("<HHI", 0xFFFE, 0xE000, 0xFFFFFFFF) + item_body
             item += struct.pack("<HHI", 0xFFFE, 0xE00D, 0)
-        tag = draw(st.sampled_from(_SQ_TAGS))
-        if draw(st.booleans()):
+        if undefined:
             head = (
                 struct.pack("<HHI", *tag, 0xFFFFFFFF)
                 if implicit

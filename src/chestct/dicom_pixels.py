@@ -23,6 +23,7 @@ RLE_LOSSLESS = "1.2.840.10008.1.2.5"
 # Start-of-frame markers of JPEG (SOF0-SOF15 without DHT, JPG, DAC) and JPEG-LS (SOF55).
 _JPEG_FRAMES = (frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}) | {0xF7}
 _J2K_SIZ = b"\xff\x4f\xff\x51"  # a JPEG 2000 codestream: SOC, then the SIZ marker
+MAX_JPEG_FILL = 16  # fill FFs allowed before a marker of a DICOM JPEG frame
 
 
 class PixelDataError(ValueError):
@@ -115,26 +116,37 @@ def decode_rle(frame: bytes, ds: Any, rows: int, columns: int) -> np.ndarray:
 
 
 def _jpeg_frame_size(frame: bytes) -> tuple[int, int, int, int]:
-    """(width, height, components, precision) from a JPEG or JPEG-LS frame header."""
-    pos = 2
+    """(width, height, components, precision) from a JPEG or JPEG-LS frame header, walking the
+    segments up to the first scan. Bytes between segments are refused (beyond a few fill
+    FFs): Pillow, which pydicom may decode with, reads them one Python call per byte (9 MB of
+    them cost 1.9 s of CPU)."""
+    from chestct.imaging import NOT_MARKER, next_marker
+
+    pos, size = 2, None
     while True:
-        at = frame.find(b"\xff", pos)
-        while 0 <= at < len(frame) - 1 and frame[at + 1] in (0x00, 0xFF):
-            at = frame.find(b"\xff", at + 1)  # stuffing and fill: markers follow an FF
-        if at < 0 or at + 4 > len(frame):
-            raise PixelDataError("DICOM JPEG frame has no frame header (SOF)")
-        marker = frame[at + 1]
-        if marker in (0xD9, 0xDA):
-            raise PixelDataError("DICOM JPEG frame has a scan before any frame header (SOF)")
+        code = next_marker(frame, pos, NOT_MARKER)  # vectorised: no loop per stuffed byte
+        at = code - 1
+        if code < 0 or at + 4 > len(frame):
+            raise PixelDataError("DICOM JPEG frame has no scan (SOS) after its frame header")
+        if at - pos > MAX_JPEG_FILL or frame[pos:at].strip(b"\xff"):
+            raise PixelDataError(
+                f"DICOM JPEG frame holds {at - pos:,} bytes between two segments (junk or "
+                f"fill before marker FF{frame[code]:02X}); re-encode the frame"
+            )
+        marker = frame[code]
         length = int.from_bytes(frame[at + 2 : at + 4], "big")
+        if marker == 0xDA or marker == 0xD9:
+            if size is None:
+                raise PixelDataError("DICOM JPEG frame has a scan before its frame header (SOF)")
+            return size
         if 0xD0 <= marker <= 0xD7 or marker == 0x01:
             pos = at + 2
             continue
-        if marker in _JPEG_FRAMES:
+        if marker in _JPEG_FRAMES and size is None:
             if length < 8 or at + 10 > len(frame):
                 raise PixelDataError("DICOM JPEG frame header (SOF) is truncated")
             precision, height, width, components = struct.unpack(">BHHB", frame[at + 4 : at + 10])
-            return width, height, components, precision
+            size = (width, height, components, precision)
         if length < 2:
             raise PixelDataError(f"DICOM JPEG segment FF{marker:02X} has length {length}")
         pos = at + 2 + length

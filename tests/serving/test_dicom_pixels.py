@@ -234,3 +234,16 @@ def test_hostile_dicom_is_a_4xx_with_one_log_line(client, build, caplog) -> None
     results = batch.get_json()["results"]
     assert 400 <= results[0]["error"]["status"] < 500 and results[1]["ok"] is True
     assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
+
+
+def test_junk_between_segments_of_a_dicom_jpeg_frame_is_refused() -> None:
+    """Pillow (pydicom's JPEG decoder here) reads junk before a marker one Python call per
+    byte: 9 MB of stuffed pairs cost 1.9 s of CPU; the frame walk refuses them first."""
+    frame = jpeg_frame(64)
+    sos = frame.index(b"\xff\xda")
+    junk = frame[:sos] + b"\xff\x00" * 500_000 + frame[sos:]
+    data = encapsulated(64, 64, junk, "1.2.840.10008.1.2.4.50", bits=8)
+    with pytest.raises(imaging.ImageError, match="between two segments"):
+        imaging.decode(data, WINDOW)
+    fill = frame[:sos] + b"\xff" * 8 + frame[sos:]  # a few fill bytes are allowed
+    assert imaging.decode(encapsulated(64, 64, fill, "1.2.840.10008.1.2.4.50", 8), WINDOW).width

@@ -151,4 +151,4 @@ def test_structured_dicom_slow_tier(model_dir: Path) -> None:
     strategy = fuzz.dicom_structured().map(lambda d: ("dicom", d))
     tally = run_format_fuzz(model_dir, 600, 20261206, strategy)
     assert tally.failures == []
-    assert {400, 200} <= set(tally.statuses)
+    assert {400, 413, 422} <= set(tally.statuses)  # refused by the walk, the budget, the checks

@@ -6,6 +6,7 @@ BIN := $(abspath $(VENV))/bin
 STAMP := $(VENV)/.installed-stamp
 HOST ?= 127.0.0.1
 PORT ?= 8000
+PROXY_PORT ?= 8080
 # make tracking-server: an MLflow server for a team (README "Scaling out"). The SQL backend
 # holds runs and the registry; artifacts are proxied (clients need no storage credentials).
 TRACKING_HOST ?= 127.0.0.1
@@ -21,7 +22,7 @@ export DO_NOT_TRACK := true
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: venv run repro plan test serve lint format ui tracking-server docs clean help
+.PHONY: venv run repro plan test serve serve-proxy lint format ui tracking-server docs clean help
 
 help:
 	@echo "make run    - set up .venv and run the whole pipeline (dvc repro)"
@@ -29,6 +30,7 @@ help:
 	@echo "make repro  - check params and the tracking store, then dvc repro \$$ARGS"
 	@echo "make test   - set up .venv and run the test suite"
 	@echo "make serve  - serve model/ with gunicorn on http://$(HOST):$(PORT)"
+	@echo "make serve-proxy - nginx on http://$(HOST):$(PROXY_PORT) in front of gunicorn on 127.0.0.1:$(PORT)"
 	@echo "make ui     - the MLflow UI on the local sqlite store (http://$(HOST):5000; PORT=)"
 	@echo "make tracking-server - MLflow server (SQL backend, proxied artifacts) on $(TRACKING_HOST):$(TRACKING_PORT)"
 	@echo "make lint   - ruff"
@@ -94,6 +96,12 @@ $(MERMAID_JS):
 serve: venv
 	@test -f model/model.json || { echo "no model in model/: run 'make run' first"; exit 1; }
 	CHESTCT_BIND=$(HOST):$(PORT) gunicorn -c config/gunicorn.conf.py app:app
+
+# nginx (Debian's package) buffering requests in front of gunicorn, as compose and Kubernetes
+# deploy it (docs/serving-hardening.md); gunicorn listens on 127.0.0.1 only.
+serve-proxy: venv
+	@test -f model/model.json || { echo "no model in model/: run 'make run' first"; exit 1; }
+	python -m chestct.serving.proxy --host $(HOST) --port $(PROXY_PORT) --upstream-port $(PORT)
 
 # PORT/HOST given on the command line or in the environment win; else MLflow's usual 5000.
 UI_PORT := $(if $(filter command line environment,$(origin PORT)),$(PORT),5000)

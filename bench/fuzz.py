@@ -415,6 +415,188 @@ def dicom_files(draw: st.DrawFn) -> bytes:
     return preamble + (head.getvalue() if preamble else b"") + dataset
 
 
+# ---------------------------------------------------------------- structured DICOM (issue 21)
+# Nested sequences, transfer syntaxes and pixel-data encodings, each drawn: RLE frames with
+# drawn segment counts, offsets and runs (expanding far past Rows x Columns or falling short),
+# real JPEG / JPEG 2000 frames of a drawn size against drawn Rows x Columns, PALETTE COLOR with
+# drawn lookup-table descriptors and data, deflated datasets.
+
+_SQ_TAGS = ((0x0008, 0x1140), (0x0040, 0xA730), (0x0008, 0x1115), (0x0029, 0x1010))
+
+
+def _element(tag: tuple[int, int], vr: bytes, value: bytes, implicit: bool) -> bytes:
+    if implicit:
+        return struct.pack("<HHI", *tag, len(value)) + value
+    if vr in (b"OB", b"OW", b"SQ", b"UN", b"UT"):
+        return struct.pack("<HH2sHI", *tag, vr, 0, len(value)) + value
+    return struct.pack("<HH2sH", *tag, vr, len(value)) + value
+
+
+@st.composite
+def _nesting(draw: st.DrawFn, implicit: bool) -> bytes:
+    """Sequences nested a drawn number of levels (past the parser's limit at times), each
+    with a defined or undefined length, items with a small element or none."""
+    depth = draw(st.sampled_from([0, 0, 1, 2, 3, 8, 16, 17, 40, 300, 3000]))
+    # pydicom parses undefined-length sequences as it reads, defined-length ones only when
+    # used: a whole chain of undefined lengths is what reaches its recursion.
+    lengths = draw(st.sampled_from(["undefined", "undefined", "defined", "mixed"]))
+    # Drawn once, not per level: thousands of draws would overrun hypothesis's buffer.
+    tag = draw(st.sampled_from(_SQ_TAGS))
+    code = _element((0x0008, 0x0100), b"SH", b"CODE01", implicit) if draw(st.booleans()) else b""
+    inner = b""
+    for level in range(depth):
+        item_body = inner + code
+        undefined = lengths == "undefined" or (lengths == "mixed" and level % 3 != 0)
+        if not undefined:
+            item = struct.pack("<HHI", 0xFFFE, 0xE000, len(item_body)) + item_body
+        else:
+            item = struct.pack("<HHI", 0xFFFE, 0xE000, 0xFFFFFFFF) + item_body
+            item += struct.pack("<HHI", 0xFFFE, 0xE00D, 0)
+        if undefined:
+            head = (
+                struct.pack("<HHI", *tag, 0xFFFFFFFF)
+                if implicit
+                else struct.pack("<HH2sHI", *tag, b"SQ", 0, 0xFFFFFFFF)
+            )
+            inner = head + item + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
+        else:
+            inner = _element(tag, b"SQ", item, implicit)
+    return inner
+
+
+@st.composite
+def _rle_frame(draw: st.DrawFn, rows: int, columns: int, segments: int) -> bytes:
+    count = draw(st.sampled_from([segments, segments, segments, segments + 1, 0, 16]))
+    parts = []
+    for _ in range(max(0, min(count, 15))):
+        kind = draw(st.sampled_from(["exact", "exact", "expand", "short", "random"]))
+        need = rows * columns
+        if kind == "exact":
+            body = b"".join(b"\x81\x20" for _ in range(need // 128)) + (
+                bytes([need % 128 - 1]) + b"\x30" * (need % 128) if need % 128 else b""
+            )
+        elif kind == "expand":
+            # Up to 80 MB of runs from 1.25 MB of segment.
+            body = b"\x81\x40" * draw(st.sampled_from([1, 40_000, 640_000]))
+        elif kind == "short":
+            body = b"\x05" + b"\x01" * 6
+        else:
+            body = draw(st.binary(max_size=512))
+        parts.append(body + b"\0" * (len(body) % 2))
+    offsets, at = [], 64
+    for part in parts:
+        offsets.append(at)
+        at += len(part)
+    if offsets and draw(st.integers(0, 4)) == 0:
+        offsets[-1] = draw(st.sampled_from([0, 63, at + 10, offsets[0]]))
+    header = struct.pack("<I", count) + b"".join(struct.pack("<I", o) for o in offsets[:15])
+    return header.ljust(64, b"\0") + b"".join(parts)
+
+
+@st.composite
+def _codec_frame(draw: st.DrawFn, ext: str, rows: int, columns: int, samples: int) -> bytes:
+    import cv2
+    import numpy as np
+
+    side = draw(st.sampled_from([rows, rows, 8, 200, 640, 4000]))
+    width = draw(st.sampled_from([columns, columns, side]))
+    shape = (max(1, side), max(1, width)) + ((3,) if samples == 3 else ())
+    img = (np.indices(shape[:2]).sum(axis=0) % 256).astype(np.uint8)
+    if samples == 3:
+        img = np.dstack([img] * 3)
+    ok, buf = cv2.imencode(ext, img)
+    if not ok:  # a size the encoder refuses (a 1-pixel JPEG 2000): a bare codestream start
+        return b"\xff\x4f\xff\x51" if ext == ".jp2" else b"\xff\xd8\xff\xd9"
+    frame = buf.tobytes()
+    if draw(st.integers(0, 3)) == 0:  # corrupt a byte past the header
+        at = draw(st.integers(min(len(frame) - 1, 200), len(frame) - 1))
+        frame = frame[:at] + bytes([frame[at] ^ 0xFF]) + frame[at + 1 :]
+    return frame
+
+
+@st.composite
+def dicom_structured(draw: st.DrawFn) -> bytes:
+    """A CT dataset with drawn nesting before its pixel data, in a drawn transfer syntax whose
+    pixel data is really encoded that way (or subtly not)."""
+    from pydicom.encaps import encapsulate
+
+    syntax = draw(
+        st.sampled_from([
+            "1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.1.99",
+            "1.2.840.10008.1.2.5", "1.2.840.10008.1.2.5", "1.2.840.10008.1.2.4.50",
+            "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.80",
+        ])
+    )  # fmt: skip
+    implicit = syntax == "1.2.840.10008.1.2"
+    rows = draw(st.sampled_from([64, 64, 128, 1, 4096]))
+    columns = draw(st.sampled_from([rows, rows, 64, 3]))
+    palette = draw(st.integers(0, 4)) == 0
+    samples = 1 if palette else draw(st.sampled_from([1, 1, 1, 3]))
+    bits = 8 if (palette or samples == 3) else draw(st.sampled_from([16, 16, 8]))
+    signed = int(bits == 16 and draw(st.booleans()))
+    photometric = "PALETTE COLOR" if palette else ("RGB" if samples == 3 else "MONOCHROME2")
+    attrs = [
+        ((0x0008, 0x0016), b"UI", b"1.2.840.10008.5.1.4.1.1.2\0"),
+        ((0x0008, 0x0018), b"UI", b"1.2.3.4\0"),
+        ((0x0008, 0x0060), b"CS", b"CT"),
+        ((0x0028, 0x0002), b"US", struct.pack("<H", samples)),
+        (
+            (0x0028, 0x0004),
+            b"CS",
+            photometric.encode().ljust(len(photometric) + len(photometric) % 2),
+        ),
+        ((0x0028, 0x0010), b"US", struct.pack("<H", rows)),
+        ((0x0028, 0x0011), b"US", struct.pack("<H", columns)),
+        ((0x0028, 0x0100), b"US", struct.pack("<H", bits)),
+        ((0x0028, 0x0101), b"US", struct.pack("<H", draw(st.sampled_from([bits, bits, 12])))),
+        ((0x0028, 0x0102), b"US", struct.pack("<H", bits - 1)),
+        ((0x0028, 0x0103), b"US", struct.pack("<H", signed)),
+    ]
+    if palette:
+        entries = draw(st.sampled_from([256, 256, 0, 4096, 1]))
+        lut_bits = draw(st.sampled_from([16, 8, 16]))
+        data_len = draw(st.sampled_from([entries * 2, entries * 2, 10, 0]))
+        table = (bytes(range(256)) * (data_len // 256 + 1))[:data_len]
+        for first in (0x1101, 0x1102, 0x1103):
+            descriptor = struct.pack("<HHH", entries % 65536, 0, lut_bits)
+            attrs.append(((0x0028, first), b"US", descriptor))
+        if draw(st.integers(0, 4)):
+            for first in (0x1201, 0x1202, 0x1203):
+                attrs.append(((0x0028, first), b"OW", table + b"\0" * (len(table) % 2)))
+    plane = rows * columns * samples * (bits // 8)
+    if syntax == "1.2.840.10008.1.2.5":
+        frame = draw(_rle_frame(rows, columns, samples * bits // 8))
+    elif syntax in ("1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.80"):
+        frame = draw(_codec_frame(".jpg", rows, columns, samples))
+    elif syntax == "1.2.840.10008.1.2.4.90":
+        frame = draw(_codec_frame(".jp2", rows, columns, samples))
+    else:
+        frame = None
+    if frame is None:
+        pixels = bytes(min(plane, 1 << 22))
+        pixel_element = _element(
+            (0x7FE0, 0x0010), b"OW", pixels + b"\0" * (len(pixels) % 2), implicit
+        )
+    else:
+        fragments = encapsulate([frame])
+        pixel_element = struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OB", 0, 0xFFFFFFFF) + fragments
+        pixel_element += struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
+    dataset = b"".join(_element(tag, vr, value, implicit) for tag, vr, value in attrs)
+    dataset += draw(_nesting(implicit)) + pixel_element
+    if syntax.endswith(".99"):
+        comp = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+        dataset = comp.compress(dataset) + comp.flush()
+    uid = syntax.encode() + b"\0" * (len(syntax) % 2)
+    meta_body = (
+        _element((0x0002, 0x0001), b"OB", b"\0\1", False)
+        + _element((0x0002, 0x0002), b"UI", b"1.2.840.10008.5.1.4.1.1.2\0", False)
+        + _element((0x0002, 0x0003), b"UI", b"1.2.3.4\0", False)
+        + _element((0x0002, 0x0010), b"UI", uid, False)
+    )
+    meta = _element((0x0002, 0x0000), b"UL", struct.pack("<I", len(meta_body)), False) + meta_body
+    return b"\0" * 128 + b"DICM" + meta + dataset
+
+
 def format_files(seeds: dict[str, bytes] | None = None) -> st.SearchStrategy[tuple[str, bytes]]:
     """(format, file) drawn from the per-format strategies."""
     seed_jpeg = (seeds or good_images())["jpeg"]
@@ -424,6 +606,7 @@ def format_files(seeds: dict[str, bytes] | None = None) -> st.SearchStrategy[tup
         tiff_files().map(lambda d: ("tiff", d)),
         bmp_files().map(lambda d: ("bmp", d)),
         dicom_files().map(lambda d: ("dicom", d)),
+        dicom_structured().map(lambda d: ("dicom", d)),
     )
 
 

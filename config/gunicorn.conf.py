@@ -27,8 +27,12 @@ keepalive = 5
 max_requests = 2000
 max_requests_jitter = 200
 # Request line and header limits well below gunicorn's maxima: clients send images in bodies.
+# nginx in front (deploy/k8s/proxy/chestct.conf.template) holds requests to the same limits, and
+# its header and body read timeouts are what bare gunicorn lacks: a gthread worker reads a
+# request on one of its `threads`, however slowly the client sends it (docs/serving-hardening.md).
 limit_request_line = 4094
 limit_request_fields = 50
+limit_request_field_size = 8190
 # No control socket: nothing but HTTP reaches a running server.
 control_socket_disable = True
 # Behind a load balancer: trust its X-Forwarded-* headers only from the addresses named here.

@@ -7,6 +7,11 @@ input checks refused (422 "not a chest CT slice": reason, sha256, the image sign
 slice decoded), so that the monitor counts refused traffic as well as answered. Several gunicorn
 workers write to one file: WAL mode lets them, and each write opens its own short connection
 so that no connection crosses a thread or a fork. `python -m chestct.monitor` reads it.
+
+Retention (serving.audit_max_rows, serving.audit_retention_days) is enforced when the log is
+opened and then every PRUNE_EVERY records of a worker: the oldest predictions (and refused
+slices) beyond the row limit, those older than the retention, and the feedback of deleted
+predictions go.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -59,13 +64,22 @@ CREATE TABLE IF NOT EXISTS refusals (
 
 # How long a worker waits for another's lock on the file before giving up.
 _LOCK_TIMEOUT_S = 5.0
+# Records between two retention passes of one worker: a pass is two indexed deletes, and the
+# log overshoots its row limit by at most this many rows per worker in between.
+PRUNE_EVERY = 100
 
 
 class AuditLog:
-    """Append predictions to, and read the latest from, one SQLite file."""
+    """Append predictions to, and read the latest from, one SQLite file.
 
-    def __init__(self, path: Path) -> None:
+    `max_rows` (0: no limit) and `retention_days` (0: kept for ever) bound what it keeps.
+    """
+
+    def __init__(self, path: Path, max_rows: int = 0, retention_days: float = 0.0) -> None:
         self.path = path
+        self.max_rows = max_rows
+        self.retention_days = retention_days
+        self._since_prune = 0
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, timeout=_LOCK_TIMEOUT_S)
@@ -104,8 +118,43 @@ class AuditLog:
                 )
                 conn.execute(_FEEDBACK)
                 conn.execute(_REFUSALS)
+                conn.execute("CREATE INDEX IF NOT EXISTS predictions_time ON predictions(time)")
         finally:
             conn.close()
+        self.prune()
+
+    def prune(self) -> int:
+        """Delete what the retention settings no longer keep; returns the predictions deleted."""
+        if not self.max_rows and not self.retention_days:
+            return 0
+        conn = self._connect()
+        deleted = 0
+        try:
+            with conn:
+                # Refused slices age out by the same rules as answered ones.
+                for table in ("predictions", "refusals"):
+                    if self.retention_days:
+                        cutoff = datetime.now(UTC) - timedelta(days=self.retention_days)
+                        gone = conn.execute(
+                            f"DELETE FROM {table} WHERE time < ?",
+                            (cutoff.isoformat(timespec="milliseconds"),),
+                        ).rowcount
+                        deleted += gone if table == "predictions" else 0
+                    if self.max_rows:
+                        gone = conn.execute(
+                            f"DELETE FROM {table} WHERE id <= "
+                            f"(SELECT id FROM {table} ORDER BY id DESC LIMIT 1 OFFSET ?)",
+                            (self.max_rows,),
+                        ).rowcount
+                        deleted += gone if table == "predictions" else 0
+                if deleted:
+                    conn.execute(
+                        "DELETE FROM feedback WHERE prediction_id NOT IN "
+                        "(SELECT prediction_id FROM predictions WHERE prediction_id IS NOT NULL)"
+                    )
+        finally:
+            conn.close()
+        return deleted
 
     def record(
         self, endpoint: str, result: dict[str, Any], signals: dict[str, Any] | None = None
@@ -139,6 +188,10 @@ class AuditLog:
                 )
         finally:
             conn.close()
+        self._since_prune += 1
+        if self._since_prune >= PRUNE_EVERY:
+            self._since_prune = 0
+            self.prune()
 
     def record_refusal(
         self,

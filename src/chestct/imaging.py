@@ -138,6 +138,9 @@ class Header:
     channels: int  # as the decoder will hold them
     sample_bytes: int  # bytes per sample as decoded (1 or 2)
     working_bytes: int = 0  # further buffers the decoder needs (see DecodeLimits)
+    # What reading the header built (a JPEG's JpegInfo, a DICOM dataset), handed to `decode`
+    # so that a request parses each file once.
+    parsed: Any = dataclasses.field(default=None, compare=False, repr=False)
 
     @property
     def pixels(self) -> int:
@@ -215,6 +218,31 @@ class JpegInfo:
 
 
 _SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+# Bytes that, after an FF, do not make a marker: 00 (a stuffed FF) and FF (fill). Inside a scan
+# the restart markers RST0-RST7 do not end it either.
+NOT_MARKER = np.zeros(256, bool)
+NOT_MARKER[[0x00, 0xFF]] = True
+NOT_SCAN_END = NOT_MARKER.copy()
+NOT_SCAN_END[0xD0:0xD8] = True
+_FIRST_WINDOW = 512  # bytes looked at first: a marker is usually near
+
+
+def next_marker(data: bytes, pos: int, not_marker: np.ndarray) -> int:
+    """Where the code byte of the next marker lies whose FF is at or after `pos`, or -1.
+
+    Vectorised over windows that double from _FIRST_WINDOW to 1 MB: a scan stuffed with FF 00
+    pairs or a run of fill FFs costs a few numpy passes, never a Python step per byte (nor a
+    regex step per position)."""
+    arr = np.frombuffer(data, np.uint8)
+    size, start, window = len(arr), pos, _FIRST_WINDOW
+    while start < size - 1:
+        stop = min(size, start + window + 1)
+        hits = (arr[start : stop - 1] == 0xFF) & ~not_marker[arr[start + 1 : stop]]
+        first = int(hits.argmax())
+        if hits[first]:
+            return start + 1 + first
+        start, window = stop - 1, min(window * 4, 1 << 20)
+    return -1
 
 
 def jpeg_info(data: bytes) -> JpegInfo:
@@ -230,20 +258,14 @@ def jpeg_info(data: bytes) -> JpegInfo:
     pos, size, junk, scans = 2, len(data), 0, 0
     frame: tuple[int, int, int, int, bool] | None = None
     while True:
-        nxt = data.find(b"\xff", pos)
-        if nxt < 0:
+        # The next marker: FF (any fill FFs) then a byte that is neither 00 (a stuffed FF in
+        # junk) nor FF, found by numpy: junk is skipped at C speed, never byte by byte.
+        at = next_marker(data, pos, NOT_MARKER)
+        if at < 0:
             break
-        junk += nxt - pos
-        pos = nxt
-        while pos < size and data[pos] == 0xFF:  # fill bytes
-            pos += 1
-        if pos >= size:
-            break
-        marker = data[pos]
-        pos += 1
-        if marker == 0x00:  # a stuffed FF0 in junk: not a marker
-            junk += 2
-            continue
+        marker = data[at]
+        junk += at - 1 - pos  # the bytes before the marker's FF (fill included)
+        pos = at + 1
         if marker == 0xD9:  # EOI
             break
         if marker == 0xD8:
@@ -284,16 +306,9 @@ def jpeg_info(data: bytes) -> JpegInfo:
                     f"JPEG holds more than {MAX_JPEG_SCANS} scans; each is a pass over the "
                     "whole image (a progressive JPEG has about 10): re-encode it"
                 )
-            while True:
-                pos = data.find(b"\xff", pos)
-                if pos < 0 or pos + 1 >= size:
-                    pos = size
-                    break
-                follow = data[pos + 1]
-                if follow == 0x00 or follow == 0xFF or 0xD0 <= follow <= 0xD7:
-                    pos += 1 if follow == 0xFF else 2
-                    continue
-                break
+            # Past stuffed FF 00, fill FFs and restart markers, in one vectorised search.
+            end = next_marker(data, pos, NOT_SCAN_END)
+            pos = size if end < 0 else end - 1
     if frame is None:
         raise ImageError("JPEG has no frame header (SOF): truncated or not an image")
     return JpegInfo(*frame, scans=scans, junk_bytes=junk)
@@ -318,7 +333,7 @@ def _jpeg_header(data: bytes, info: JpegInfo | None = None) -> Header:
     working = info.width * info.height * info.components * 2 if info.progressive else 0
     if info.components > 1:
         working += (info.width // 2 + 1) * (info.height // 2 + 1) * 3
-    return Header("jpeg", info.width, info.height, 1, sample, working)
+    return Header("jpeg", info.width, info.height, 1, sample, working, parsed=info)
 
 
 def _bmp_header(data: bytes) -> Header:
@@ -522,6 +537,7 @@ def decode(
     window: tuple[float, float] | None = None,
     *,
     limits: DecodeLimits = DEFAULT_LIMITS,
+    header: Header | None = None,
 ) -> Decoded:
     """Decode image bytes (PNG, JPEG, BMP, TIFF; DICOM when given a window) into 8-bit grey.
 
@@ -533,6 +549,8 @@ def decode(
         window: (level, width) in Hounsfield units for DICOM files; without it a DICOM file
             is refused, because the same bytes would look different under another window.
         limits: pixels, bytes and DICOM elements one image may cost.
+        header: what `read_header` / `dicom_header` already read from these bytes (not read
+            again).
 
     Raises:
         ImageTooLarge: the header declares more than `limits`.
@@ -543,8 +561,10 @@ def decode(
     if not data:
         raise ImageError("empty file")
     fmt = sniff_format(data)
+    if header is not None and header.format != fmt:
+        header = None
     if fmt == "dicom" and window is not None:
-        return decode_dicom(data, *window, limits=limits)
+        return decode_dicom(data, *window, limits=limits, header=header)
     if fmt in ("unknown", "dicom", "gif", "webp"):
         hint = (
             "; DICOM needs a window (level, width) to become 8-bit grey"
@@ -552,8 +572,9 @@ def decode(
             else "; use PNG, JPEG, BMP, TIFF or DICOM"
         )
         raise ImageError(f"not a supported image (format by content: {fmt}){hint}")
-    info = jpeg_info(data) if fmt == "jpeg" else None
-    header = _jpeg_header(data, info) if info is not None else read_header(data, fmt)
+    if header is None:
+        header = read_header(data, fmt)
+    info = header.parsed if fmt == "jpeg" else None
     check_budget(header, limits)
     buf = np.frombuffer(data, dtype=np.uint8)
     if info is not None:
@@ -564,6 +585,7 @@ def decode(
         grey = _imdecode(buf, cv2.IMREAD_GRAYSCALE | cv2.IMREAD_IGNORE_ORIENTATION, fmt)
         if grey is None or grey.size == 0:
             raise ImageError("jpeg data could not be decoded (truncated or corrupt)")
+        _check_decoded(grey, header)
         if grey.dtype != np.uint8:  # 12/16-bit JPEG
             grey = _to_8bit(grey)
         colour = None
@@ -580,10 +602,21 @@ def decode(
         raise ImageError(f"{fmt} holds {img.dtype} samples; chestct reads 8 or 16-bit images")
     if img.nbytes > limits.max_bytes:  # the decoder made more than the header declared
         raise ImageTooLarge(f"{fmt} decoded to {img.nbytes:,} bytes, more than its header said")
+    _check_decoded(img, header)
     grey, mode, colour = _to_grey(img)
     del img
     height, width = grey.shape
     return Decoded(grey, fmt, mode, width, height, colour)
+
+
+def _check_decoded(img: np.ndarray, header: Header) -> None:
+    """After decoding: the codec must have made the size the header declared (the budget was
+    checked on that size)."""
+    if img.shape[:2] != (header.height, header.width):
+        raise ImageError(
+            f"{header.format} decoded to {img.shape[1]} x {img.shape[0]} pixels, not the "
+            f"{header.width} x {header.height} its header declares (corrupt or forged)"
+        )
 
 
 def apply_window(values: np.ndarray, level: float, width: float) -> np.ndarray:
@@ -602,6 +635,8 @@ _LONG_VRS = frozenset(
 )
 _UNDEFINED = 0xFFFFFFFF
 _PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})
+# How deep sequences may nest (a CT slice nests two or three: a referenced image's code, say).
+MAX_DICOM_DEPTH = 16
 DEFLATED_SYNTAX = "1.2.840.10008.1.2.1.99"
 # Attributes chestct reads from a dataset: each must hold a short single value.
 _DICOM_ATTRIBUTES = (
@@ -617,12 +652,34 @@ def _walk_dicom(data: bytes, pos: int, implicit: bool, limit: int, stop_group: i
     `stop_group` when one is given).
 
     Raises:
-        ImageError: an element that runs past the end, or more than `limit` elements.
+        ImageError: an element that runs past the end, or sequences nested more than
+            MAX_DICOM_DEPTH deep (pydicom reads each level with a few recursive calls).
+        ImageTooLarge: more than `limit` elements.
     """
     from pydicom.datadict import dictionary_VR
 
     end, count = len(data), 0
+    # The open sequences and items, innermost last: (is a sequence, where it ends; None for
+    # an undefined length, closed by its delimiter).
+    nesting: list[tuple[bool, int | None]] = []
+
+    def opened(sequence: bool, closes: int | None) -> None:
+        nesting.append((sequence, closes))
+        depth = sum(is_sequence for is_sequence, _ in nesting)
+        if depth > MAX_DICOM_DEPTH:
+            raise ImageError(
+                f"DICOM sequences are nested more than {MAX_DICOM_DEPTH} levels deep (a CT "
+                "slice nests a few); refusing to parse it"
+            )
+
+    def closed(sequence: bool) -> None:
+        while nesting:
+            if nesting.pop()[0] == sequence:
+                return
+
     while pos < end:
+        while nesting and nesting[-1][1] is not None and nesting[-1][1] <= pos:
+            nesting.pop()
         if pos + 8 > end:
             raise ImageError(f"DICOM data is truncated at byte {pos}")
         group, elem, length = struct.unpack_from("<HHI", data, pos)
@@ -637,6 +694,12 @@ def _walk_dicom(data: bytes, pos: int, implicit: bool, limit: int, stop_group: i
         tag, vr = (group << 16) | elem, b""
         if group == 0xFFFE:  # item and delimiters: an item's elements follow
             pos += 8
+            if elem == 0xE000:
+                opened(False, None if length == _UNDEFINED else pos + length)
+            elif elem == 0xE00D:
+                closed(False)
+            elif elem == 0xE0DD:
+                closed(True)
             continue
         if implicit:
             pos += 8
@@ -652,20 +715,26 @@ def _walk_dicom(data: bytes, pos: int, implicit: bool, limit: int, stop_group: i
                 pos += 8
         if length == _UNDEFINED:
             if tag in _PIXEL_TAGS or vr in (b"OB", b"OW"):
-                pos, fragments = _skip_fragments(data, pos)
+                pos, fragments = _skip_fragments(data, pos, limit - count)
                 count += fragments
             elif vr == b"UN":  # a sequence in implicit VR: step to its end as bytes
                 close = data.find(b"\xfe\xff\xdd\xe0\x00\x00\x00\x00", pos)
                 if close < 0:
                     raise ImageError(f"DICOM sequence at byte {pos} has no end")
+                if data.count(b"\xfe\xff\x00\xe0", pos, close) > limit:
+                    raise ImageTooLarge(f"DICOM sequence at byte {pos} holds over {limit} items")
                 count += (close - pos) // 8
                 pos = close + 8
+            else:
+                opened(True, None)
             continue  # a sequence: its items follow
         if vr == b"SQ":
+            opened(True, pos + length)
             continue
         if implicit and group % 2 == 0:
             try:
                 if dictionary_VR(tag) == "SQ":
+                    opened(True, pos + length)
                     continue
             except KeyError:
                 pass
@@ -678,10 +747,15 @@ def _walk_dicom(data: bytes, pos: int, implicit: bool, limit: int, stop_group: i
     return pos
 
 
-def _skip_fragments(data: bytes, pos: int) -> tuple[int, int]:
-    """Past encapsulated pixel data (items of bytes up to a sequence delimiter)."""
+def _skip_fragments(data: bytes, pos: int, limit: int) -> tuple[int, int]:
+    """Past encapsulated pixel data (items of bytes up to a sequence delimiter), refusing
+    more than `limit` fragments."""
     count = 0
     while True:
+        if count > limit:
+            raise ImageTooLarge(
+                f"DICOM pixel data holds more than {limit:,} fragments (a slice has a few)"
+            )
         if pos + 8 > len(data):
             raise ImageError("DICOM encapsulated pixel data is truncated")
         group, elem, length = struct.unpack_from("<HHI", data, pos)
@@ -759,6 +833,10 @@ def _read_dicom(data: bytes, limits: DecodeLimits) -> Any:
         return pydicom.dcmread(io.BytesIO(data), force=not preamble)
     except ImageError:
         raise
+    except RecursionError:  # nesting the walk above did not see (inside a UN value)
+        raise ImageError(
+            "DICOM sequences are nested too deeply to parse; refusing the file"
+        ) from None
     except (InvalidDicomError, EOFError, ValueError, TypeError, KeyError, OSError,
             struct.error, AttributeError, NotImplementedError) as exc:  # fmt: skip
         raise ImageError(f"not a readable DICOM file ({type(exc).__name__}: {exc})") from None
@@ -853,12 +931,19 @@ def dicom_header(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> tuple[He
         )
     sample = max(1, bits // 8)
     # Working memory: the stored values, then float32 Hounsfield units a strip at a time.
-    header = Header("dicom", columns, rows, samples, sample, columns * rows * samples * sample)
+    header = Header(
+        "dicom", columns, rows, samples, sample, columns * rows * samples * sample, parsed=ds
+    )
     return header, ds
 
 
 def decode_dicom(
-    data: bytes, level: float, width: float, *, limits: DecodeLimits = DEFAULT_LIMITS
+    data: bytes,
+    level: float,
+    width: float,
+    *,
+    limits: DecodeLimits = DEFAULT_LIMITS,
+    header: Header | None = None,
 ) -> Decoded:
     """A single-frame DICOM slice to 8-bit grey through Hounsfield units and a window.
 
@@ -875,28 +960,17 @@ def decode_dicom(
     """
     if width <= 0:
         raise ImageError(f"DICOM window width must be > 0, got {width}")
-    header, ds = dicom_header(data, limits)
+    if header is None or header.parsed is None:
+        header = dicom_header(data, limits)[0]
+    ds = header.parsed
     check_budget(header, limits)
     photometric = str(_attribute(ds, "PhotometricInterpretation", "MONOCHROME2")).upper()
     slope = _number(ds, "RescaleSlope", 1.0) or 1.0
     intercept = _number(ds, "RescaleIntercept", 0.0)
     for keyword in ("BitsStored", "HighBit", "PixelRepresentation", "PlanarConfiguration"):
         _attribute(ds, keyword, 0)  # read by pydicom's decoder: refuse odd values here
-    if ds.file_meta.TransferSyntaxUID.is_compressed:
-        # Pillow decodes JPEG and JPEG 2000 frames for pydicom: its own bomb check then
-        # refuses frames larger than ours, whatever the frame says against Rows x Columns.
-        from PIL import Image
-
-        Image.MAX_IMAGE_PIXELS = limits.max_pixels // 2
-    try:
-        pixels = ds.pixel_array
-    except Exception as exc:  # pydicom raises many types for codecs; all mean the same here
-        raise ImageError(f"DICOM pixel data could not be decoded ({exc})") from None
-    if pixels.nbytes > limits.max_bytes or pixels.shape[:2] != (header.height, header.width):
-        raise ImageError(
-            f"DICOM pixel data decoded to shape {pixels.shape}, not the {header.height} x "
-            f"{header.width} its header declares"
-        )
+    pixels = _dicom_pixels(ds, header, limits)
+    colour: float | None = None
     if pixels.ndim == 3 and photometric not in ("MONOCHROME1", "MONOCHROME2"):
         rgb = pixels.astype(np.uint8) if pixels.dtype != np.uint8 else pixels
         if photometric.startswith("YBR"):
@@ -905,7 +979,15 @@ def decode_dicom(
             rgb = convert_color_space(rgb, photometric, "RGB")
         grey = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2GRAY)
         mode = "RGB"
-    elif pixels.ndim == 2:
+    elif pixels.ndim == 2 and photometric == "PALETTE COLOR":
+        from chestct.dicom_pixels import PixelDataError, palette_to_grey
+
+        try:
+            grey, colour = palette_to_grey(pixels, ds, COLOUR_SPREAD)
+        except PixelDataError as exc:
+            raise ImageError(str(exc)) from None
+        mode = "P"
+    elif pixels.ndim == 2 and photometric in ("MONOCHROME1", "MONOCHROME2"):
         grey = np.empty(pixels.shape, np.uint8)
         for top in range(0, pixels.shape[0], _STRIP):
             strip = pixels[top : top + _STRIP].astype(np.float32)
@@ -918,10 +1000,60 @@ def decode_dicom(
     else:
         raise ImageError(
             f"DICOM pixel data has shape {pixels.shape} and photometric interpretation "
-            f"{photometric}; chestct reads single grey or colour slices"
+            f"{photometric}; chestct reads MONOCHROME1/2, PALETTE COLOR, RGB and YBR slices"
         )
     height, width_px = grey.shape
-    return Decoded(grey=grey, format="dicom", mode=mode, width=width_px, height=height)
+    return Decoded(
+        grey=grey, format="dicom", mode=mode, width=width_px, height=height, colour_share=colour
+    )
+
+
+def _dicom_pixels(ds: Any, header: Header, limits: DecodeLimits) -> np.ndarray:
+    """The stored values of a single-frame dataset, decoded within `limits` (see
+    chestct.dicom_pixels): RLE by a decoder that never writes past Rows x Columns, JPEG-family
+    frames only when their own header declares the dataset's size; then the decoded size is
+    checked again.
+
+    Raises:
+        ImageError: pixel data that does not decode to the size its header declares.
+    """
+    from chestct.dicom_pixels import (
+        RLE_LOSSLESS,
+        PixelDataError,
+        check_frame,
+        decode_rle,
+        first_frame,
+    )
+
+    syntax = ds.file_meta.TransferSyntaxUID
+    try:
+        if syntax == RLE_LOSSLESS:
+            frame = first_frame(ds)
+            pixels = decode_rle(frame, ds, header.height, header.width)
+        else:
+            if syntax.is_compressed:
+                bits = int(_number(ds, "BitsAllocated", 16))
+                check_frame(
+                    first_frame(ds), header.height, header.width,
+                    header.channels, bits,
+                )  # fmt: skip
+                # Pillow (a decoder pydicom may use) refuses frames past its own limit too.
+                from PIL import Image
+
+                Image.MAX_IMAGE_PIXELS = limits.max_pixels // 2
+            pixels = ds.pixel_array
+    except PixelDataError as exc:
+        raise ImageError(str(exc)) from None
+    except ImageError:
+        raise
+    except Exception as exc:  # pydicom raises many types for codecs; all mean the same here
+        raise ImageError(f"DICOM pixel data could not be decoded ({exc})") from None
+    if pixels.nbytes > limits.max_bytes or pixels.shape[:2] != (header.height, header.width):
+        raise ImageError(
+            f"DICOM pixel data decoded to shape {pixels.shape}, not the {header.height} x "
+            f"{header.width} its header declares"
+        )
+    return pixels
 
 
 def _decoder_available(syntax: object) -> bool:

@@ -222,13 +222,17 @@ def overlay_png(
     The map covers what the model saw (the body crop, squared by the resize mode); it is put
     back where that came from in the upload, and is zero (the picture shows through) outside.
     """
-    heat = imaging.map_to_frame(cam, prepared.box, decoded.grey.shape, model.resize_mode)
-    base = decoded.grey
+    base, box = decoded.grey, prepared.box
     scale = min(1.0, 512.0 / max(base.shape))
     if scale < 1.0:
+        # The map goes straight to the output's size (the box scaled with the picture): a
+        # float32 map of the full frame would be 64 MB for a 4096 x 4096 upload.
         size = (round(base.shape[1] * scale), round(base.shape[0] * scale))
         base = cv2.resize(base, size, interpolation=cv2.INTER_AREA)
-        heat = cv2.resize(heat, size, interpolation=cv2.INTER_AREA)
+        x0, y0 = round(box.x * scale), round(box.y * scale)
+        x1, y1 = round((box.x + box.w) * scale), round((box.y + box.h) * scale)
+        box = imaging.BodyBox(x0, y0, max(1, x1 - x0), max(1, y1 - y0), box.reason)
+    heat = imaging.map_to_frame(cam, box, base.shape, model.resize_mode)
     heat8 = np.clip(heat * 255.0, 0, 255).astype(np.uint8)
     colour = cv2.applyColorMap(heat8, cv2.COLORMAP_JET)
     grey_bgr = cv2.cvtColor(base, cv2.COLOR_GRAY2BGR)

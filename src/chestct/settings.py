@@ -273,6 +273,10 @@ class ServingConfig:
     audit_log: bool = False  # record predictions (sha256, label, probabilities; no pixels)
     audit_db: str = "audit/predictions.sqlite"  # SQLite file, relative to the project root
     history_token: str = ""  # bearer token for GET /history; CHESTCT_HISTORY_TOKEN overrides
+    feedback_token: str = ""  # bearer token for POST /feedback; CHESTCT_FEEDBACK_TOKEN overrides
+    feedback_per_minute: int = 60  # POST /feedback answers per token per minute per worker
+    audit_max_rows: int = 200_000  # predictions kept in the audit log (oldest deleted); 0: all
+    audit_retention_days: float = 90.0  # predictions older than this deleted; 0: kept
 
 
 @dataclass(frozen=True)
@@ -667,6 +671,12 @@ def _check_serving(serving: ServingConfig) -> None:
         raise SettingsError("serving.inference_threads: must be at least 1")
     if serving.audit_log and not serving.audit_db:
         raise SettingsError("serving.audit_db: set a file path when serving.audit_log is true")
+    if serving.feedback_per_minute < 1:
+        raise SettingsError("serving.feedback_per_minute: must be at least 1")
+    if serving.audit_max_rows < 0 or serving.audit_retention_days < 0:
+        raise SettingsError(
+            "serving.audit_max_rows and serving.audit_retention_days: must be >= 0 (0 keeps all)"
+        )
 
 
 def _check_monitor(monitor: MonitorConfig) -> None:

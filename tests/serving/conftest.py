@@ -41,6 +41,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, model_dir: Path):
         "CHESTCT_BIND": f"127.0.0.1:{port}",
         "CHESTCT_WORKERS": "2",
         "CHESTCT_HISTORY_TOKEN": TOKEN,
+        "CHESTCT_FEEDBACK_TOKEN": "gunicorn-feedback-token",
     }
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     log = (tmp_path / "gunicorn.log").open("wb")

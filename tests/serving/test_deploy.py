@@ -38,9 +38,15 @@ def resource(kind: str, name: str) -> dict:
     raise AssertionError(f"no {kind} {name} in deploy/k8s")
 
 
+def container(deployment: dict, name: str) -> dict:
+    (found,) = [
+        c for c in deployment["spec"]["template"]["spec"]["containers"] if c["name"] == name
+    ]
+    return found
+
+
 def predictor(deployment: dict) -> dict:
-    (container,) = deployment["spec"]["template"]["spec"]["containers"]
-    return container
+    return container(deployment, "predictor")
 
 
 @pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.relative_to(K8S).as_posix())
@@ -94,7 +100,7 @@ def test_service_autoscaler_and_budget_point_at_the_predictor() -> None:
     service = resource("Service", "chestct")
     assert service["spec"]["selector"].items() <= labels.items()
     (port,) = service["spec"]["ports"]
-    assert port["targetPort"] == "http"
+    assert port["targetPort"] == "proxy"  # the nginx sidecar (docs/serving-hardening.md)
     pdb = resource("PodDisruptionBudget", "chestct")
     assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
     hpa = resource("HorizontalPodAutoscaler", "chestct")
@@ -206,7 +212,7 @@ def test_training_job_builds_one_cluster_from_the_completion_index() -> None:
 def test_compose_serves_with_prometheus_and_grafana_on_localhost() -> None:
     compose = yaml.safe_load((COMPOSE / "compose.yaml").read_text(encoding="utf-8"))
     services = compose["services"]
-    assert set(services) == {"serve", "prometheus", "grafana"}
+    assert set(services) == {"serve", "proxy", "prometheus", "grafana"}
     serve = services["serve"]
     assert serve["build"]["target"] == "serve"
     assert (COMPOSE / serve["build"]["context"]).resolve() == REPO
@@ -226,7 +232,7 @@ def test_compose_serves_with_prometheus_and_grafana_on_localhost() -> None:
     prometheus = yaml.safe_load((COMPOSE / "prometheus.yml").read_text(encoding="utf-8"))
     (job,) = prometheus["scrape_configs"]
     assert job["metrics_path"] == "/metrics"
-    assert job["static_configs"][0]["targets"] == [f"serve:{serve['ports'][0].split(':')[-1]}"]
+    assert job["static_configs"][0]["targets"] == [f"serve:{serve['expose'][0]}"]
     datasources = COMPOSE / "grafana/provisioning/datasources/prometheus.yaml"
     (source,) = yaml.safe_load(datasources.read_text(encoding="utf-8"))["datasources"]
     assert source["url"] == "http://prometheus:9090" and source["type"] == "prometheus"
@@ -280,3 +286,41 @@ def test_compose_mounts_the_alert_rules_and_provisions_the_dashboard(tmp_path: P
     assert dashboards, f"nothing is mounted under the provider's path {folder}"
     uids = {json.loads(path.read_text(encoding="utf-8"))["uid"] for path in dashboards}
     assert "chestct-monitoring" in uids
+
+# --------------------------------------------------------------------------- the proxy
+
+
+def test_the_nginx_sidecar_and_compose_proxy_front_gunicorn() -> None:
+    """Both run deploy/k8s/proxy/chestct.conf.template with the serving body limit and
+    gunicorn's port; nothing publishes gunicorn itself."""
+    from chestct.serving import proxy
+    from chestct.settings import ServingConfig
+
+    deployment = resource("Deployment", "chestct")
+    pod = deployment["spec"]["template"]["spec"]
+    sidecar = container(deployment, "proxy")
+    env = {e["name"]: e["value"] for e in sidecar["env"]}
+    bind = {e["name"]: e["value"] for e in predictor(deployment)["env"]}["CHESTCT_BIND"]
+    assert env["CHESTCT_UPSTREAM"].split(":")[-1] == bind.split(":")[-1]
+    assert env["CHESTCT_MAX_BODY"] == proxy.max_body(ServingConfig().max_upload_mb)
+    assert {p["name"]: p["containerPort"] for p in sidecar["ports"]} == {
+        "proxy": int(env["CHESTCT_PROXY_LISTEN"])
+    }
+    assert sidecar["securityContext"]["readOnlyRootFilesystem"] is True
+    mounts = {m["mountPath"]: m["name"] for m in sidecar["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes[mounts["/etc/nginx/templates"]]["configMap"]["name"] == "chestct-proxy"
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text(encoding="utf-8"))
+    (generated,) = kustomization["configMapGenerator"]
+    (entry,) = generated["files"]
+    key, source = entry.split("=")
+    assert generated["name"] == "chestct-proxy" and key == "chestct.conf.template"
+    assert (K8S / source).resolve() == (REPO / proxy.TEMPLATE).resolve()
+
+    services = yaml.safe_load((COMPOSE / "compose.yaml").read_text(encoding="utf-8"))["services"]
+    front = services["proxy"]
+    assert front["environment"]["CHESTCT_MAX_BODY"] == env["CHESTCT_MAX_BODY"]
+    assert front["environment"]["CHESTCT_UPSTREAM"] == f"serve:{services['serve']['expose'][0]}"
+    (volume,) = front["volumes"]
+    assert (COMPOSE / volume.split(":")[0]).resolve() == (REPO / proxy.TEMPLATE).resolve()
+    assert "ports" not in services["serve"]

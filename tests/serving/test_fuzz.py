@@ -84,7 +84,9 @@ def _rss_kb(field: str) -> int:
     raise AssertionError(f"no {field} in /proc/self/status")
 
 
-def run_format_fuzz(model_dir: Path, examples: int, seed_value: int | None) -> fuzz.Tally:
+def run_format_fuzz(
+    model_dir: Path, examples: int, seed_value: int | None, strategy=None
+) -> fuzz.Tally:
     app = create_app(
         {"MODEL_DIR": str(model_dir), "MC_DROPOUT_SAMPLES": 0, "MAX_CONTENT_LENGTH": 4 << 20}
         | LIMITS
@@ -101,7 +103,7 @@ def run_format_fuzz(model_dir: Path, examples: int, seed_value: int | None) -> f
         database=None,
         suppress_health_check=list(HealthCheck),
     )
-    @given(fuzz.format_files(SEEDS))
+    @given(strategy if strategy is not None else fuzz.format_files(SEEDS))
     def check(drawn: tuple[str, bytes]) -> None:
         fmt, data = drawn
         clear_refs.write_text("5")  # peak RSS := current RSS
@@ -139,3 +141,14 @@ def test_structured_files_slow_tier(model_dir: Path) -> None:
     """The same property on 1500 files from a fixed seed (about 2 minutes on 2 cores)."""
     tally = run_format_fuzz(model_dir, 1500, 20261129)
     assert tally.failures == []
+
+
+@pytest.mark.slow
+def test_structured_dicom_slow_tier(model_dir: Path) -> None:
+    """bench/fuzz.py's structured DICOM alone (issue 21): nested sequences past the depth
+    limit, transfer syntaxes with really encoded RLE / JPEG / JPEG 2000 frames of drawn sizes
+    and runs, PALETTE COLOR with drawn tables, deflated datasets; 600 files, fixed seed."""
+    strategy = fuzz.dicom_structured().map(lambda d: ("dicom", d))
+    tally = run_format_fuzz(model_dir, 600, 20261206, strategy)
+    assert tally.failures == []
+    assert {400, 413, 422} <= set(tally.statuses)  # refused by the walk, the budget, the checks

@@ -22,6 +22,7 @@ from services import get, worker_pids
 REPO = Path(__file__).resolve().parents[2]
 README_URL = "http://127.0.0.1:8000"
 TOKEN = "gunicorn-test-token"
+FEEDBACK_TOKEN = "gunicorn-feedback-token"
 
 
 def readme_curls() -> list[str]:
@@ -36,7 +37,7 @@ def test_readme_curl_examples_against_gunicorn(server, tmp_path: Path) -> None:
     subprocess.run([sys.executable, "-m", "chestct.samples"], cwd=work, check=True, timeout=60)
     curls = readme_curls()
     assert len(curls) >= 10, curls
-    env = {**os.environ, "CHESTCT_HISTORY_TOKEN": TOKEN}
+    env = {**os.environ, "CHESTCT_HISTORY_TOKEN": TOKEN, "CHESTCT_FEEDBACK_TOKEN": FEEDBACK_TOKEN}
     outputs: dict[str, str] = {}
     for line in curls:
         command = line.replace(README_URL, base)

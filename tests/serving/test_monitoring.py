@@ -41,6 +41,7 @@ REPO = Path(__file__).resolve().parents[2]
 MONITORING = REPO / "config" / "monitoring"
 PROMTOOL = shutil.which("promtool")
 TOKEN = "s3cret-token"
+FEEDBACK_TOKEN = "feedback-s3cret"
 N_WINDOW = 80
 
 if PROMTOOL is None and os.environ.get("CHESTCT_REQUIRE_PROMTOOL"):
@@ -81,6 +82,7 @@ def serve(folder: Path, tmp_path: Path):
             "AUDIT_LOG": True,
             "AUDIT_DB": str(tmp_path / "audit.sqlite"),
             "HISTORY_TOKEN": TOKEN,
+            "FEEDBACK_TOKEN": FEEDBACK_TOKEN,
             "MC_DROPOUT_SAMPLES": 0,
         }
     )
@@ -345,7 +347,7 @@ def test_feedback_gives_live_metrics(monitored_model: Path, tmp_path: Path) -> N
 
     client = serve(monitored_model, tmp_path)
     answers = send(client, 60, lambda img: img, balanced, seed0=70_000)
-    auth = {"Authorization": f"Bearer {TOKEN}"}
+    auth = {"Authorization": f"Bearer {FEEDBACK_TOKEN}"}
     truth = [balanced(i) for i in range(60)]
     labelled = 40  # the rest stay unlabelled
     for answer, label in zip(answers[:labelled], truth, strict=False):
@@ -377,7 +379,7 @@ def test_feedback_gives_live_metrics(monitored_model: Path, tmp_path: Path) -> N
 def test_feedback_refuses_bad_requests(monitored_model: Path, tmp_path: Path) -> None:
     client = serve(monitored_model, tmp_path)
     (answer,) = send(client, 1, lambda img: img, balanced)
-    auth = {"Authorization": f"Bearer {TOKEN}"}
+    auth = {"Authorization": f"Bearer {FEEDBACK_TOKEN}"}
     good = {"id": answer["id"], "label": "normal"}
     assert client.post("/feedback", json=good).status_code == 401
     assert (

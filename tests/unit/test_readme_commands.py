@@ -68,7 +68,7 @@ RUN_BY: dict[str, str] = {
     'curl -s -F file=@slice.png "http://127.0.0.1:8000/explain?format=json&class=normal"': "tests/serving/test_gunicorn.py::test_readme_curl_examples_against_gunicorn",
     "curl -s http://127.0.0.1:8000/metrics": "tests/serving/test_gunicorn.py::test_readme_curl_examples_against_gunicorn",
     'curl -s -H "Authorization: Bearer $CHESTCT_HISTORY_TOKEN" "http://127.0.0.1:8000/history?limit=5"': "tests/serving/test_gunicorn.py::test_readme_curl_examples_against_gunicorn",
-    'curl -s -H "Authorization: Bearer $CHESTCT_HISTORY_TOKEN" -H "Content-Type: application/json" -d "{\\"id\\": \\"$(curl -s -F file=@slice.png http://127.0.0.1:8000/predict | python3 -c \'import json, sys; print(json.load(sys.stdin)["id"])\')\\", \\"label\\": \\"normal\\"}" http://127.0.0.1:8000/feedback': "tests/serving/test_gunicorn.py::test_readme_curl_examples_against_gunicorn",
+    'curl -s -H "Authorization: Bearer $CHESTCT_FEEDBACK_TOKEN" -H "Content-Type: application/json" -d "{\\"id\\": \\"$(curl -s -F file=@slice.png http://127.0.0.1:8000/predict | python3 -c \'import json, sys; print(json.load(sys.stdin)["id"])\')\\", \\"label\\": \\"normal\\"}" http://127.0.0.1:8000/feedback': "tests/serving/test_gunicorn.py::test_readme_curl_examples_against_gunicorn",
     # Monitoring: the same CLI, with --db/--model-dir/--out naming the test's files
     ".venv/bin/python -m chestct.monitor": "tests/serving/test_monitoring.py::test_in_distribution_slices_show_no_drift — run_monitor_cli, with the test's --db/--model-dir/--out",
     ".venv/bin/python -m chestct.monitor --last 1000": "tests/serving/test_monitoring.py::test_in_distribution_slices_show_no_drift — run_monitor_cli with --last over the test's window",

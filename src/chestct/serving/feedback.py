@@ -1,42 +1,27 @@
 """POST /feedback: the true label of a served prediction, for the monitor's live metrics.
 
-Protected by the same bearer token as GET /history, and only with the audit log on (the
-labels are stored beside the predictions there). `python -m chestct.monitor` scores the
-labelled predictions of its window against the test figures in the model card.
+Protected by its own bearer token (serving.feedback_token or CHESTCT_FEEDBACK_TOKEN; the
+/history token cannot write labels), rate-limited per token (serving.feedback_per_minute), and
+only with the audit log on (the labels are stored beside the predictions there).
+`python -m chestct.monitor` scores the labelled predictions of its window against the test
+figures in the model card.
 """
 
 from __future__ import annotations
 
-import hmac
+import math
 import re
 
 from flask import Blueprint, Response, jsonify, request
 
+from chestct.serving.problems import json_body
 from chestct.serving.problems import problem_response as _problem
-from chestct.serving.service import TOKEN_ENV, current_service
+from chestct.serving.service import current_service
+from chestct.serving.tokens import FEEDBACK_TOKEN_ENV, token_refusal
 
 bp = Blueprint("feedback", __name__)
 
 PREDICTION_ID = re.compile(r"^[0-9a-f]{32}$")
-
-
-def _token_refusal() -> Response | None:
-    """None when the request carries the configured bearer token, else the error answer."""
-    token = current_service().settings.serving.history_token
-    if not token:
-        return _problem(
-            403,
-            "Feedback disabled",
-            f"no token is configured; set serving.history_token or {TOKEN_ENV}",
-        )
-    given = request.headers.get("Authorization", "")
-    if given.startswith("Bearer ") and hmac.compare_digest(given[7:].encode(), token.encode()):
-        return None
-    resp = _problem(
-        401, "Unauthorized", "send the configured token as 'Authorization: Bearer <token>'"
-    )
-    resp.headers["WWW-Authenticate"] = 'Bearer realm="chestct"'
-    return resp
 
 
 @bp.post("/feedback")
@@ -51,10 +36,21 @@ def feedback() -> Response:
             "feedback is stored in the audit log, which is off; set serving.audit_log: true "
             "in config/config.yaml",
         )
-    refusal = _token_refusal()
+    token = service.settings.serving.feedback_token
+    refusal = token_refusal(token, "serving.feedback_token", FEEDBACK_TOKEN_ENV, "Feedback")
     if refusal is not None:
         return refusal
-    body = request.get_json(silent=True) if request.mimetype == "application/json" else None
+    wait = service.feedback_limiter.wait_s(token)
+    if wait > 0:
+        resp = _problem(
+            429,
+            "Too many requests",
+            f"more than {service.settings.serving.feedback_per_minute} labels a minute for "
+            f"this token (serving.feedback_per_minute); retry in {math.ceil(wait)} s",
+        )
+        resp.headers["Retry-After"] = str(math.ceil(wait))
+        return resp
+    body = json_body() if request.mimetype == "application/json" else None
     if not isinstance(body, dict):
         return _problem(
             400,

@@ -108,6 +108,7 @@ def decode(
     data: bytes,
     window: tuple[float, float],
     budget: imaging.DecodeLimits = imaging.DEFAULT_LIMITS,
+    header: imaging.Header | None = None,
 ) -> imaging.Decoded:
     """Decode through chestct.imaging, as the pipeline does; DICOM goes through the HU window.
 
@@ -115,13 +116,14 @@ def decode(
         data: the file's bytes.
         window: (level, width) in Hounsfield units, used only for DICOM (the ingest window).
         budget: what one image may cost to decode.
+        header: what `check_header` read from these bytes (each file is parsed once).
 
     Raises:
         InputError: 413 when the image would cost more than `budget`, 400 when the bytes do
             not decode.
     """
     try:
-        return imaging.decode(data, window, limits=budget)
+        return imaging.decode(data, window, limits=budget, header=header)
     except imaging.ImageTooLarge as exc:
         raise InputError(413, "Image too large", str(exc)) from None
     except imaging.ImageError as exc:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import hmac
 import re
 import time
 
@@ -14,9 +13,10 @@ from flask import Blueprint, Response, g, jsonify, request
 
 from chestct import imaging
 from chestct.serving.page import FAVICON_SVG, INDEX_HTML
-from chestct.serving.prediction import RELEASE_BYTES
-from chestct.serving.problems import MB, Problem, problem_response
-from chestct.serving.service import TOKEN_ENV, Stopwatch, current_service
+from chestct.serving.prediction import RELEASE_BYTES, release_large_slot
+from chestct.serving.problems import MB, Problem
+from chestct.serving.service import Stopwatch, current_service
+from chestct.serving.tokens import HISTORY_TOKEN_ENV, token_refusal
 
 bp = Blueprint("operations", __name__)
 
@@ -73,6 +73,7 @@ def count(resp: Response) -> Response:
 def release(exc: BaseException | None) -> None:
     if g.get("large_upload") or (request.content_length or 0) >= RELEASE_BYTES:
         imaging.release_memory()  # a large upload's freed pages go back to the kernel
+    release_large_slot()  # after the trim: the next large image starts from a lean heap
 
 
 # ---------------------------------------------------------------- routes
@@ -173,24 +174,9 @@ def history() -> Response:
             "the audit log is off; set serving.audit_log: true in config/config.yaml",
         )
     token = service.settings.serving.history_token
-    if not token:
-        raise Problem(
-            403,
-            "History disabled",
-            f"no token is configured; set serving.history_token or {TOKEN_ENV}",
-        )
-    # Compared as bytes: compare_digest refuses str with non-ASCII characters (a 500), and
-    # WSGI hands headers over as latin-1, which encodes back to the bytes that were sent.
-    given = request.headers.get("Authorization", "").encode("latin-1", "replace")
-    expected = b"Bearer " + str(token).encode("utf-8")
-    if not hmac.compare_digest(given, expected):
-        resp = problem_response(
-            401,
-            "Unauthorized",
-            "send the configured token as 'Authorization: Bearer <token>'",
-        )
-        resp.headers["WWW-Authenticate"] = 'Bearer realm="chestct"'
-        return resp
+    refusal = token_refusal(token, "serving.history_token", HISTORY_TOKEN_ENV, "History")
+    if refusal is not None:
+        return refusal
     raw = request.args.get("limit", "20")
     # isascii: "²" and other Unicode digits pass isdigit() but not int().
     if not (raw.isascii() and raw.isdigit() and len(raw) <= 6 and 1 <= int(raw) <= HISTORY_MAX):

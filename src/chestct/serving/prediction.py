@@ -29,7 +29,7 @@ from chestct.inference import (
 from chestct.monitoring import image_signals, request_signals
 from chestct.serving import inputs
 from chestct.serving.inputs import InputError, NotCTSlice, Upload
-from chestct.serving.problems import Problem
+from chestct.serving.problems import Problem, json_body
 from chestct.serving.service import Service, current_service
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,11 @@ MB = 1024 * 1024
 # kernel afterwards (imaging.release_memory): below it the freed buffers are reused by the next
 # request, and trimming them would cost each 512 x 512 slice about 0.5 ms of page faults.
 RELEASE_BYTES = 4 * MB
+# Images whose declared decode cost reaches RELEASE_BYTES are worked on one at a time per
+# worker (Service.large_slot), whatever the worker's threads: two largest allowed images at once
+# took a worker from 145 to 265 MB (bench/hostile.py); one at a time bounds it near 205 MB.
+# A request that waits longer than this for the slot gets a 503 to retry.
+LARGE_WAIT_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -57,10 +62,12 @@ def checked_input(service: Service, model: Loaded, upload: Upload) -> CheckedInp
     not-a-CT-slice checks; raises InputError (answered as problem details)."""
     watch = g.watch
     fmt = inputs.check_format(upload.data)
-    if inputs.check_header(upload.data, fmt, service.budget).nbytes >= RELEASE_BYTES:
+    header = inputs.check_header(upload.data, fmt, service.budget)
+    if header.nbytes >= RELEASE_BYTES:
         g.large_upload = True
+        hold_large_slot(service)
     watch.lap("checks")
-    decoded = inputs.decode(upload.data, model.window, service.budget)
+    decoded = inputs.decode(upload.data, model.window, service.budget, header)
     watch.lap("decode")
     try:
         inputs.check_slice(decoded)
@@ -88,6 +95,31 @@ def _record_refusal(
     except Exception:  # a full disk must not take predictions down; it is logged
         log.exception("could not write the audit log %s", audit.path)
 
+def hold_large_slot(service: Service) -> None:
+    """Wait for this worker's one slot for large images (held until `release_large_slot`,
+    which the request's teardown calls).
+
+    Raises:
+        Problem: 503 when the slot stays taken for LARGE_WAIT_S.
+    """
+    if g.get("large_slot") is not None:
+        return
+    if not service.large_slot.acquire(timeout=LARGE_WAIT_S):
+        raise Problem(
+            503,
+            "Busy with large images",
+            f"this worker has been decoding other large images for {LARGE_WAIT_S:g} s; retry, "
+            "or send slices at their native size (about 512 x 512)",
+        )
+    g.large_slot = service.large_slot
+
+
+def release_large_slot() -> None:
+    """Give back the large-image slot this request holds, if any."""
+    slot = g.pop("large_slot", None)
+    if slot is not None:
+        slot.release()
+
 
 def single_upload() -> Upload:
     """The one image of a request: multipart `file`, a raw image body, or JSON base64."""
@@ -103,11 +135,7 @@ def single_upload() -> Upload:
             )
         return Upload(part.read(), part.filename or "file")
     if mimetype == "application/json":
-        try:
-            body = request.get_json(silent=True)
-        except RecursionError:
-            # silent=True covers malformed JSON, not nesting deeper than the parser's stack.
-            body = None
+        body = json_body()
         if not isinstance(body, dict) or not isinstance(body.get("image"), str):
             raise Problem(
                 400,
@@ -276,6 +304,7 @@ def predict_batch() -> Response:
         name = part.filename or f"file {index + 1}"
         if g.pop("large_upload", False):
             imaging.release_memory()  # the previous file's pages, before the next decode
+        release_large_slot()  # the previous file's, so that other requests get their turn
         try:
             result = predict_one(service, model, Upload(part.read(), name), "/predict/batch")
             results.append({"index": index, "filename": name, "ok": True, **result})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from flask import Flask, Response, jsonify, request
@@ -9,8 +10,13 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from chestct.serving.inputs import InputError, NotCTSlice
 
+log = logging.getLogger(__name__)
+
 PROBLEM = "application/problem+json"
 MB = 1024 * 1024
+# How deep a JSON body may nest: the bodies the API takes are flat objects (depth 1), and a
+# deep one costs the parser a stack frame per level.
+MAX_JSON_DEPTH = 32
 
 
 class Problem(Exception):
@@ -29,6 +35,48 @@ def problem_response(status: int, title: str, detail: str, **extra: Any) -> Resp
     resp.status_code = status
     resp.mimetype = PROBLEM
     return resp
+
+
+def json_depth(value: Any) -> int:
+    """How deep a parsed JSON value nests (a scalar: 0), walked without recursion."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            depth += 1
+            deepest = max(deepest, depth)
+            if depth <= MAX_JSON_DEPTH:  # deeper than the limit: no need to look further
+                stack.extend((child, depth) for child in (
+                    item.values() if isinstance(item, dict) else item
+                ))  # fmt: skip
+    return deepest
+
+
+def json_body() -> Any:
+    """The request's JSON body, or None when it is not JSON or does not parse.
+
+    Raises:
+        Problem: 400 when the body nests deeper than MAX_JSON_DEPTH (or than the parser's
+            stack: Python's parser raises RecursionError, which `silent` does not cover).
+    """
+    try:
+        body = request.get_json(silent=True)
+    except RecursionError:
+        body, depth = None, None
+    else:
+        depth = json_depth(body)
+        if depth <= MAX_JSON_DEPTH:
+            return body
+    log.warning(
+        "refused a JSON body nested %s levels deep on %s",
+        "past the parser's stack" if depth is None else depth,
+        request.path,
+    )
+    raise Problem(
+        400,
+        "JSON too deeply nested",
+        f"the JSON body nests more than {MAX_JSON_DEPTH} levels; the API takes a flat object",
+    )
 
 
 def on_problem(exc: Problem) -> Response:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -24,12 +25,12 @@ from chestct.inference import Loaded, ModelNotReady, ModelRefused, Predictor
 from chestct.serving import inputs
 from chestct.serving.metrics import ServiceMetrics
 from chestct.serving.problems import MB, Problem
+from chestct.serving.tokens import FEEDBACK_TOKEN_ENV, HISTORY_TOKEN_ENV, RateLimiter
 from chestct.settings import MonitorConfig, ServingConfig, WindowParams
 
 log = logging.getLogger(__name__)
 
 EXTENSION = "chestct"
-TOKEN_ENV = "CHESTCT_HISTORY_TOKEN"
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,10 @@ _SERVING_KEYS = {
     "INFERENCE_THREADS": "inference_threads",
     "AUDIT_LOG": "audit_log",
     "HISTORY_TOKEN": "history_token",
+    "FEEDBACK_TOKEN": "feedback_token",
+    "FEEDBACK_PER_MINUTE": "feedback_per_minute",
+    "AUDIT_MAX_ROWS": "audit_max_rows",
+    "AUDIT_RETENTION_DAYS": "audit_retention_days",
 }
 _MONITOR_KEYS = {"LIVE_WINDOW": "live_window", "DRIFT_MIN_REQUESTS": "min_requests"}
 TEST_KEYS = frozenset(
@@ -69,7 +74,8 @@ TEST_KEYS = frozenset(
 def service_settings(test_config: Mapping[str, Any] | None = None) -> ServiceSettings:
     """The app's settings: config/config.yaml (serving.*, monitor.*) and params ingest.window,
     or built-in defaults when `test_config` names MODEL_DIR; then `test_config`'s keys
-    (TEST_KEYS) on top. CHESTCT_HISTORY_TOKEN wins over the file's history token.
+    (TEST_KEYS) on top. CHESTCT_HISTORY_TOKEN and CHESTCT_FEEDBACK_TOKEN win over the file's
+    tokens.
 
     Raises:
         ValueError: a test config key that is not one of TEST_KEYS.
@@ -100,8 +106,10 @@ def service_settings(test_config: Mapping[str, Any] | None = None) -> ServiceSet
             s.paths.audit_db,
         )
     serving = settings.serving
-    if os.environ.get(TOKEN_ENV):
-        serving = dataclasses.replace(serving, history_token=os.environ[TOKEN_ENV])
+    tokens = ((HISTORY_TOKEN_ENV, "history_token"), (FEEDBACK_TOKEN_ENV, "feedback_token"))
+    for env, name in tokens:
+        if os.environ.get(env):
+            serving = dataclasses.replace(serving, **{name: os.environ[env]})
     overrides = {field: test_config[k] for k, field in _SERVING_KEYS.items() if k in test_config}
     if "MAX_CONTENT_LENGTH" in test_config:
         overrides["max_upload_mb"] = test_config["MAX_CONTENT_LENGTH"] / MB
@@ -151,6 +159,11 @@ class Service:
     metrics: ServiceMetrics
     audit: AuditLog | None
     budget: imaging.DecodeLimits
+    feedback_limiter: RateLimiter
+    # One large image decoded at a time per worker (chestct.serving.prediction.hold_large_slot).
+    large_slot: threading.BoundedSemaphore = dataclasses.field(
+        default_factory=lambda: threading.BoundedSemaphore(1)
+    )
 
     @classmethod
     def start(cls, settings: ServiceSettings) -> Service:
@@ -166,7 +179,11 @@ class Service:
         if serving.audit_log:
             if settings.audit_db is None:
                 raise ValueError("serving.audit_log is on but no audit_db file is set")
-            audit = AuditLog(settings.audit_db)
+            audit = AuditLog(
+                settings.audit_db,
+                max_rows=serving.audit_max_rows,
+                retention_days=serving.audit_retention_days,
+            )
             audit.open()
         budget = inputs.limits(serving.max_image_pixels, int(serving.max_decoded_mb * MB))
         opencv_limit = imaging.opencv_pixel_limit()
@@ -181,7 +198,8 @@ class Service:
                 budget.max_pixels,
             )
         metrics = ServiceMetrics(settings.monitor.live_window)
-        service = cls(settings, predictor, metrics, audit, budget)
+        limiter = RateLimiter(serving.feedback_per_minute)
+        service = cls(settings, predictor, metrics, audit, budget, limiter)
         if settings.load_model:
             try:
                 model = predictor.load()

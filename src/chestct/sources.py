@@ -22,15 +22,19 @@ import bz2
 import contextlib
 import gzip
 import hashlib
+import http.client
 import io
+import ipaddress
 import logging
 import lzma
 import os
 import re
 import shutil
+import socket
 import stat
 import struct
 import tarfile
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -68,16 +72,19 @@ class SourceError(ValueError):
 
 @dataclass(frozen=True)
 class SourceLimits:
-    """What a source may cost (params ingest.timeout_s, deadline_s, max_download_mb,
-    redirect_hosts, max_members, max_unpacked_mb, max_ratio)."""
+    """What a source may cost and reach (params ingest.timeout_s, deadline_s, max_download_mb,
+    redirect_hosts, allow_private_hosts, max_members, max_unpacked_mb, max_ratio,
+    max_file_mb)."""
 
     timeout_s: float = 60.0  # a download's wait for each answer
-    deadline_s: float = 3600.0
+    deadline_s: float = 3600.0  # the whole transfer, headers included
     max_download_bytes: int = 10 * 1024 * MB
-    redirect_hosts: tuple[str, ...] = ()
+    redirect_hosts: tuple[str, ...] = ()  # `host` (any port) or `host:port`
+    allow_private_hosts: bool = False  # loopback, private, link-local addresses
     max_members: int = 100_000
     max_unpacked_bytes: int = 20 * 1024 * MB
     max_ratio: float = 100.0
+    max_file_bytes: int = 512 * MB  # one file of a folder source
 
 
 def limits_from(ingest: Any) -> SourceLimits:
@@ -87,9 +94,11 @@ def limits_from(ingest: Any) -> SourceLimits:
         deadline_s=float(ingest.deadline_s),
         max_download_bytes=int(ingest.max_download_mb * MB),
         redirect_hosts=tuple(ingest.redirect_hosts),
+        allow_private_hosts=bool(ingest.allow_private_hosts),
         max_members=int(ingest.max_members),
         max_unpacked_bytes=int(ingest.max_unpacked_mb * MB),
         max_ratio=float(ingest.max_ratio),
+        max_file_bytes=int(ingest.max_file_mb * MB),
     )
 
 
@@ -553,42 +562,170 @@ def safe_extract(archive: Path, target: Path, limits: SourceLimits | None = None
     return target
 
 
+def _port(parts: urllib.parse.SplitResult) -> int:
+    return parts.port or (443 if parts.scheme == "https" else 80)
+
+
 class _Redirects(urllib.request.HTTPRedirectHandler):
-    """Follow a redirect only to the same scheme and host, to https on the same host, or to a
-    host listed in params ingest.redirect_hosts (over https, or the scheme it came with)."""
+    """Follow a redirect only when it keeps the scheme, host and port, or leads to a host of
+    params ingest.redirect_hosts (`host` for any port, `host:port` for one) over the scheme it
+    came with or https."""
 
     def __init__(self, origin: str, allowed: tuple[str, ...]) -> None:
         self.origin = urllib.parse.urlsplit(origin)
-        self.allowed = {h.lower() for h in allowed}
+        self.allowed = {h.lower().replace("[", "").replace("]", "") for h in allowed}
 
     def redirect_request(  # type: ignore[override]
         self, req: urllib.request.Request, fp: Any, code: int, msg: str, headers: Any, newurl: str
     ) -> urllib.request.Request | None:
         new = urllib.parse.urlsplit(urllib.parse.urljoin(req.full_url, newurl))
         host = (new.hostname or "").lower()
-        same_host = host == (self.origin.hostname or "").lower()
-        scheme_ok = new.scheme == self.origin.scheme or new.scheme == "https"
-        if not (scheme_ok and (same_host or host in self.allowed)):
+        try:
+            port = _port(new)
+        except ValueError:
+            port = -1
+        same = (new.scheme, host, port) == (
+            self.origin.scheme,
+            (self.origin.hostname or "").lower(),
+            _port(self.origin),
+        )
+        listed = host in self.allowed or f"{host}:{port}" in self.allowed
+        scheme_ok = new.scheme in (self.origin.scheme, "https")
+        if not (same or (listed and scheme_ok)):
             raise SourceError(
                 f"download of {redact(self.origin.geturl())} redirects ({code}) to "
-                f"{new.scheme}://{host}, another scheme or host; add {host!r} to "
-                "ingest.redirect_hosts if you trust it"
+                f"{new.scheme}://{host}:{port}, another scheme, host or port; add "
+                f"{f'{host}:{port}'!r} to ingest.redirect_hosts if you trust it"
             )
         return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def _public(address: str) -> bool:
+    ip = ipaddress.ip_address(address.split("%")[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_global and not ip.is_multicast
+
+
+class _Guard:
+    """The sockets of one download: every connection goes only to addresses checked here
+    (public ones unless ingest.allow_private_hosts), and `expire` closes them all at the
+    deadline, so that neither a slow answer nor a slow body outlives ingest.deadline_s."""
+
+    def __init__(self, limits: SourceLimits) -> None:
+        self.limits = limits
+        self.expired = False
+        self.sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        proxies = urllib.request.getproxies()
+        self.proxy_hosts = {
+            (urllib.parse.urlsplit(u).hostname or "").lower()
+            for k, u in proxies.items()
+            if k != "no"
+        }
+
+    def addresses(self, host: str, port: int) -> list[tuple[Any, ...]]:
+        """getaddrinfo of `host`, refused when any address is not public (unless allowed)."""
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except socket.gaierror as exc:
+            raise SourceError(f"cannot resolve {host!r} ({exc}); check the URL") from None
+        if not self.limits.allow_private_hosts and host.lower() not in self.proxy_hosts:
+            for info in infos:
+                address = str(info[4][0])
+                if not _public(address):
+                    raise SourceError(
+                        f"{host} resolves to {address}, a loopback, private or link-local "
+                        "address; URL sources must be public hosts. Set "
+                        "ingest.allow_private_hosts: true to download from your own network "
+                        "(a local mirror, tests)"
+                    )
+        return infos
+
+    def connect(
+        self, address: tuple[str, int], timeout: Any = None, source_address: Any = None
+    ) -> socket.socket:
+        """socket.create_connection's contract, to checked addresses only (http.client calls
+        it as `_create_connection`)."""
+        host, port = address
+        error: OSError | None = None
+        for family, kind, proto, _, sockaddr in self.addresses(host, port):
+            sock = socket.socket(family, kind, proto)
+            with self._lock:
+                if self.expired:
+                    sock.close()
+                    raise TimeoutError("ingest.deadline_s passed")
+                self.sockets.append(sock)
+            try:
+                if isinstance(timeout, int | float):
+                    sock.settimeout(timeout)
+                if source_address:
+                    sock.bind(source_address)
+                sock.connect(sockaddr)
+                return sock
+            except OSError as exc:
+                error = exc
+                sock.close()
+        raise error or OSError(f"no address for {host}")
+
+    def track(self, sock: socket.socket) -> None:
+        with self._lock:
+            self.sockets.append(sock)
+            if self.expired:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            for sock in self.sockets:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+
+def _opener(url: str, guard: _Guard) -> urllib.request.OpenerDirector:
+    """urllib with the redirect policy and every connection made through `guard`."""
+
+    class Http(http.client.HTTPConnection):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._create_connection = guard.connect
+
+    class Https(http.client.HTTPSConnection):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._create_connection = guard.connect
+
+        def connect(self) -> None:
+            super().connect()
+            guard.track(self.sock)  # the TLS socket replaces the plain one guard made
+
+    class HttpHandler(urllib.request.HTTPHandler):
+        def http_open(self, req: urllib.request.Request) -> Any:
+            return self.do_open(Http, req)
+
+    class HttpsHandler(urllib.request.HTTPSHandler):
+        def https_open(self, req: urllib.request.Request) -> Any:
+            return self.do_open(Https, req, context=self._context)  # type: ignore[attr-defined]
+
+    return urllib.request.build_opener(
+        _Redirects(url, guard.limits.redirect_hosts), HttpHandler(), HttpsHandler()
+    )
 
 
 def download(url: str, dest: Path, sha256: str, limits: SourceLimits | None = None) -> Path:
     """Download `url` to `dest`, verifying its sha256 before `dest` appears.
 
-    `limits` bounds the download: its size (declared or received), the total time (checked
-    between reads, each of which waits at most `limits.timeout_s`) and where redirects may
-    lead. A bearer token in CHESTCT_SOURCE_TOKEN is sent to the URL's own host (never on a
-    redirect).
+    `limits` bounds the download: its size (declared or received), the whole transfer's time
+    (`deadline_s`: every socket is shut when it passes, however slowly bytes trickle in; each
+    wait for an answer is at most `timeout_s`), where redirects may lead and which addresses
+    may be reached (public ones unless `allow_private_hosts`). A bearer token in
+    CHESTCT_SOURCE_TOKEN is sent to the URL's own host (never on a redirect).
 
     Raises:
-        SourceError: HTTP error, timeout, unreachable host, short read, a refused redirect, a
-            download over the size cap or the deadline, or a digest mismatch. Nothing is left
-            at `dest` or beside it.
+        SourceError: HTTP error, timeout, unreachable host, short read, a refused redirect or
+            address, a download over the size cap or the deadline, or a digest mismatch.
+            Nothing is left at `dest` or beside it.
     """
     limits = limits or SourceLimits()
     shown = redact(url)
@@ -600,9 +737,21 @@ def download(url: str, dest: Path, sha256: str, limits: SourceLimits | None = No
     token = os.environ.get(TOKEN_ENV, "").strip()
     if token:
         request.add_unredirected_header("Authorization", f"Bearer {token}")
-    opener = urllib.request.build_opener(_Redirects(url, limits.redirect_hosts))
+    guard = _Guard(limits)
+    opener = _opener(url, guard)
     deadline = time.monotonic() + limits.deadline_s
+    watchdog = threading.Timer(limits.deadline_s, guard.expire)
+    watchdog.daemon = True
+    watchdog.start()
     cap = limits.max_download_bytes
+
+    def late() -> SourceError:
+        return SourceError(
+            f"download of {shown} did not finish within ingest.deadline_s = "
+            f"{limits.deadline_s:g} s ({received:,} bytes so far); stopped. Raise "
+            "ingest.deadline_s for a slow mirror"
+        )
+
     try:
         with opener.open(request, timeout=limits.timeout_s) as resp, part.open("wb") as out:
             length = resp.headers.get("Content-Length")
@@ -616,7 +765,8 @@ def download(url: str, dest: Path, sha256: str, limits: SourceLimits | None = No
             with tqdm(
                 total=total, unit="B", unit_scale=True, desc=f"download {dest.name}", leave=False
             ) as bar:
-                while chunk := resp.read(_CHUNK):
+                # read1: what one receive gives, so the checks run however slow the sender
+                while chunk := resp.read1(_CHUNK):
                     out.write(chunk)
                     digest.update(chunk)
                     received += len(chunk)
@@ -627,10 +777,9 @@ def download(url: str, dest: Path, sha256: str, limits: SourceLimits | None = No
                             f"({cap / MB:,.0f} MB); stopped"
                         )
                     if time.monotonic() > deadline:
-                        raise SourceError(
-                            f"download of {shown} did not finish within ingest.deadline_s = "
-                            f"{limits.deadline_s:g} s ({received:,} bytes so far); stopped"
-                        )
+                        raise late()
+        if guard.expired:
+            raise late()
         if total is not None and received != total:
             raise SourceError(
                 f"download of {shown} stopped after {received} of {total} bytes; try again"
@@ -640,26 +789,31 @@ def download(url: str, dest: Path, sha256: str, limits: SourceLimits | None = No
         raise SourceError(
             f"download of {shown} failed: HTTP {exc.code} {exc.reason}; check ingest.source"
         ) from None
-    except TimeoutError as exc:
+    except SourceError:
         part.unlink(missing_ok=True)
-        raise SourceError(
-            f"download of {shown} timed out (no answer within ingest.timeout_s = "
-            f"{limits.timeout_s:g} s: {exc}); check the network or raise ingest.timeout_s"
-        ) from None
-    except (urllib.error.URLError, OSError) as exc:
+        raise
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
         part.unlink(missing_ok=True)
+        if guard.expired:
+            raise late() from None
         reason = getattr(exc, "reason", exc)
-        if isinstance(reason, TimeoutError):
+        if isinstance(reason, SourceError):
+            raise reason from None
+        if isinstance(exc, TimeoutError) or isinstance(reason, TimeoutError):
             raise SourceError(
-                f"download of {shown} timed out (no connection within ingest.timeout_s = "
+                f"download of {shown} timed out (no answer within ingest.timeout_s = "
                 f"{limits.timeout_s:g} s); check the network or raise ingest.timeout_s"
             ) from None
         raise SourceError(
             f"download of {shown} failed: {reason}; check the URL and network"
         ) from None
-    except BaseException:  # SourceError above, or an interrupt: nothing stays behind
+    except BaseException:  # an interrupt: nothing stays behind
         part.unlink(missing_ok=True)
         raise
+    finally:
+        watchdog.cancel()
+        for sock in guard.sockets:
+            sock.close()
     actual = digest.hexdigest()
     if actual != sha256.lower():
         part.unlink(missing_ok=True)
@@ -700,29 +854,120 @@ def _class_folders(folder: Path, class_map: dict[str, str]) -> list[tuple[Path, 
     return found
 
 
-def _files_under(folder: Path) -> list[Path]:
-    """Every visible file below `folder` (any extension: DICOM files often have none)."""
+def _kind_error(mode: int) -> str | None:
+    """Why a file of this mode cannot be ingested, or None for a regular file."""
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISFIFO(mode):
+        return "is a FIFO (named pipe): reading it would wait forever"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "is a device file"
+    if stat.S_ISSOCK(mode):
+        return "is a socket"
+    return "is not a regular file"
+
+
+def check_file(path: Path, max_bytes: int, st: os.stat_result | None = None) -> None:
+    """Refuse a source file that is not a regular file (FIFO, device, socket) or is larger
+    than `max_bytes` (params ingest.max_file_mb), with a SourceError naming it."""
+    try:
+        st = st or path.stat()
+    except OSError as exc:
+        raise SourceError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    reason = _kind_error(st.st_mode)
+    if reason:
+        raise SourceError(f"{path} {reason}; remove it from the source")
+    if st.st_size > max_bytes:
+        raise SourceError(
+            f"{path} is {st.st_size / MB:,.1f} MB, over ingest.max_file_mb = "
+            f"{max_bytes / MB:g} MB; remove it from the source, or raise ingest.max_file_mb if "
+            "slices really are that large"
+        )
+
+
+def read_file(path: Path, max_bytes: int) -> bytes:
+    """A source file's bytes, checked on the open file (a file swapped for a FIFO or a larger
+    file after the scan is refused, not waited on), at most `max_bytes`."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        check_file(path, max_bytes, os.fstat(fd))
+        os.set_blocking(fd, True)
+        with os.fdopen(fd, "rb", closefd=False) as fh:
+            data = fh.read(max_bytes + 1)
+    finally:
+        os.close(fd)
+    if len(data) > max_bytes:
+        raise SourceError(f"{path} grew over ingest.max_file_mb while it was read")
+    return data
+
+
+def _inside(path: Path, root: Path, what: str) -> Path:
+    """`path` resolved, refused when it (through a symbolic link) leads outside `root`."""
+    try:
+        real = path.resolve(strict=True)
+    except (OSError, RuntimeError) as exc:
+        raise SourceError(f"{path}: a broken or looping symbolic link ({exc})") from None
+    if not real.is_relative_to(root):
+        raise SourceError(
+            f"{path}: {what} is a symbolic link to {real}, outside the source folder {root}; "
+            "copy the files into the folder instead (links leaving it are refused)"
+        )
+    return real
+
+
+def _files_under(folder: Path, root: Path, max_bytes: int) -> list[Path]:
+    """Every visible file below `folder` (any extension: DICOM files often have none).
+
+    Symbolic links are followed only while they stay inside `root` (the resolved source
+    folder); FIFOs, devices, sockets and files over `max_bytes` are refused.
+    """
     files = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = sorted(d for d in dirnames if not _hidden(Path(d)))
-        files.extend(Path(dirpath) / f for f in sorted(filenames) if not f.startswith("."))
+    seen = {_inside(folder, root, "the folder")}
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        here = Path(dirpath)
+        keep = []
+        for name in sorted(d for d in dirnames if not _hidden(Path(d))):
+            real = _inside(here / name, root, "the folder")
+            if real not in seen:  # a link back up the tree is walked once
+                seen.add(real)
+                keep.append(name)
+        dirnames[:] = keep
+        for name in sorted(f for f in filenames if not f.startswith(".")):
+            path = here / name
+            if path.is_symlink():
+                _inside(path, root, "the file")
+            try:
+                st = path.stat()
+            except OSError as exc:
+                raise SourceError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+            check_file(path, max_bytes, st)
+            files.append(path)
     return files
 
 
-def scan_source(source: Path, class_map: dict[str, str]) -> list[tuple[str, str, Path]]:
+def scan_source(
+    source: Path, class_map: dict[str, str], max_file_bytes: int | None = None
+) -> list[tuple[str, str, Path]]:
     """(split, label, file) for every file in a Kaggle-layout folder.
 
     Split folders are optional: a folder with class folders directly in it has no splits ("").
+
+    Raises:
+        SourceError: a layout that names no class, a symbolic link that leaves `source`, a
+            FIFO, device or socket, or a file over `max_file_bytes` (ingest.max_file_mb).
     """
     if not source.is_dir():
         raise SourceError(
             f"ingest.source {str(source)!r} is not a folder; use `synthetic` or a folder in the "
             "layout [train|valid|test/]<class>/<image>"
         )
+    max_bytes = SourceLimits().max_file_bytes if max_file_bytes is None else max_file_bytes
+    root = source.resolve()
     split_dirs = [source / s for s in SPLIT_NAMES if (source / s).is_dir()]
     groups = [(d.name, d) for d in split_dirs] if split_dirs else [("", source)]
     files: list[tuple[str, str, Path]] = []
     for split, folder in groups:
+        _inside(folder, root, "the split folder")
         class_dirs = _class_folders(folder, class_map)
         if not class_dirs:
             raise SourceError(
@@ -730,7 +975,7 @@ def scan_source(source: Path, class_map: dict[str, str]) -> list[tuple[str, str,
                 f"with classes {', '.join(CLASSES)}"
             )
         for class_dir, label in class_dirs:
-            images = _files_under(class_dir)
+            images = _files_under(class_dir, root, max_bytes)
             if not images:
                 raise SourceError(f"{class_dir}: class folder has no files")
             files.extend((split, label, p) for p in images)

@@ -342,10 +342,11 @@ def _identity(path: Path) -> tuple[int, ...]:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
-def _dropout_rate(data: bytes) -> float:
-    """The rate of the layer named "dropout", read from the .keras zip's config (no TF)."""
+def _dropout_rate(keras_file: Path) -> float:
+    """The rate of the layer named "dropout", read from the .keras zip's config (no TF; the
+    file was checked by ModelFiles, and only its config is read, not its weights)."""
     try:
-        with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        with zipfile.ZipFile(keras_file) as zf:
             info = zf.getinfo("config.json")
             if info.file_size > _MAX_KERAS_CONFIG:
                 return 0.0
@@ -521,7 +522,7 @@ def load_folder(
             notes.append("card has no thresholds.abstain_entropy: abstain is not decided")
         if (folder / card.model_file).is_file():
             # Served with every uncertainty answer: read from the checked bytes only.
-            dropout = _dropout_rate(files.read(card.model_file, "model_file"))
+            dropout = _dropout_rate(files.path(card.model_file, "model_file"))
         else:
             dropout = 0.0
             notes.append(f"{card.model_file} is not in the folder: no MC-dropout")

@@ -571,9 +571,12 @@ class _Redirects(urllib.request.HTTPRedirectHandler):
     params ingest.redirect_hosts (`host` for any port, `host:port` for one) over the scheme it
     came with or https."""
 
-    def __init__(self, origin: str, allowed: tuple[str, ...]) -> None:
+    def __init__(self, origin: str, guard: _Guard) -> None:
         self.origin = urllib.parse.urlsplit(origin)
-        self.allowed = {h.lower().replace("[", "").replace("]", "") for h in allowed}
+        self.guard = guard
+        self.allowed = {
+            h.lower().replace("[", "").replace("]", "") for h in guard.limits.redirect_hosts
+        }
 
     def redirect_request(  # type: ignore[override]
         self, req: urllib.request.Request, fp: Any, code: int, msg: str, headers: Any, newurl: str
@@ -597,6 +600,7 @@ class _Redirects(urllib.request.HTTPRedirectHandler):
                 f"{new.scheme}://{host}:{port}, another scheme, host or port; add "
                 f"{f'{host}:{port}'!r} to ingest.redirect_hosts if you trust it"
             )
+        self.guard.check_target(host, port)
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
@@ -641,6 +645,12 @@ class _Guard:
                         "(a local mirror, tests)"
                     )
         return infos
+
+    def check_target(self, host: str, port: int) -> None:
+        """Through a proxy the connection goes to the proxy: the URL's own host is resolved
+        and checked here instead (the proxy may resolve it otherwise; documented)."""
+        if self.proxy_hosts:
+            self.addresses(host, port)
 
     def connect(
         self, address: tuple[str, int], timeout: Any = None, source_address: Any = None
@@ -708,9 +718,7 @@ def _opener(url: str, guard: _Guard) -> urllib.request.OpenerDirector:
         def https_open(self, req: urllib.request.Request) -> Any:
             return self.do_open(Https, req, context=self._context)  # type: ignore[attr-defined]
 
-    return urllib.request.build_opener(
-        _Redirects(url, guard.limits.redirect_hosts), HttpHandler(), HttpsHandler()
-    )
+    return urllib.request.build_opener(_Redirects(url, guard), HttpHandler(), HttpsHandler())
 
 
 def download(url: str, dest: Path, sha256: str, limits: SourceLimits | None = None) -> Path:
@@ -738,6 +746,13 @@ def download(url: str, dest: Path, sha256: str, limits: SourceLimits | None = No
     if token:
         request.add_unredirected_header("Authorization", f"Bearer {token}")
     guard = _Guard(limits)
+    parts = urllib.parse.urlsplit(url)
+    try:
+        guard.check_target(parts.hostname or "", _port(parts))
+    except ValueError as exc:  # a port out of range; SourceError passes as it is
+        if isinstance(exc, SourceError):
+            raise
+        raise SourceError(f"ingest.source {shown!r} is not a valid URL ({exc})") from None
     opener = _opener(url, guard)
     deadline = time.monotonic() + limits.deadline_s
     watchdog = threading.Timer(limits.deadline_s, guard.expire)

@@ -455,3 +455,36 @@ def test_new_ingest_params_are_validated(tmp_path: Path, change: dict, message: 
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     with pytest.raises(SettingsError, match=message):
         load_settings(tmp_path)
+
+
+def test_a_file_swapped_for_a_fifo_after_the_scan_is_skipped_not_waited_on(
+    tmp_path: Path,
+) -> None:
+    """ingest reads every file through read_file: a FIFO is refused on the open descriptor."""
+    from chestct.sources import read_file
+
+    fifo = tmp_path / "slice.png"
+    os.mkfifo(fifo)
+    start = time.monotonic()
+    with pytest.raises(SourceError, match="FIFO"):
+        read_file(fifo, MB)
+    assert time.monotonic() - start < 1.0
+    big = tmp_path / "big.png"
+    big.write_bytes(b"\0" * (2 * MB))
+    with pytest.raises(SourceError, match=r"ingest\.max_file_mb"):
+        read_file(big, MB)
+    assert read_file(big, 3 * MB) == b"\0" * (2 * MB)
+
+
+def test_a_listing_row_naming_an_oversized_file_stops_ingest(tmp_path: Path) -> None:
+    from chestct.runner import StageFailed
+    from chestct.stages.ingest import scan_listing
+
+    (tmp_path / "a.png").write_bytes(image_bytes(seed=1))
+    listing = tmp_path / "slices.csv"
+    listing.write_text("path,label\na.png,normal\n")
+    assert len(scan_listing(listing, {}, MB)) == 1
+    (tmp_path / "big.png").write_bytes(b"\0" * (2 * MB))
+    listing.write_text("path,label\na.png,normal\nbig.png,normal\n")
+    with pytest.raises(StageFailed, match=r"row 3: .*big\.png.*ingest\.max_file_mb"):
+        scan_listing(listing, {}, MB)

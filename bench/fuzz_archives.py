@@ -383,7 +383,7 @@ def _cases(workdir: Path) -> set[str]:
     return {p.name for p in workdir.iterdir() if p.is_dir() and p.name.startswith("tmp")}
 
 
-def run(examples: int, seed_value: int | None, workdir: Path) -> Tally:
+def run(examples: int, seed_value: int | None, workdir: Path, progress: bool = False) -> Tally:
     tally = Tally()
 
     @settings(
@@ -396,6 +396,9 @@ def run(examples: int, seed_value: int | None, workdir: Path) -> Tally:
     @given(archives())
     def check(drawn: Drawn) -> None:
         check_one(drawn, workdir, tally)
+        done = sum(tally.outcomes.values())
+        if progress and done % 100 == 0:
+            print(f"{done} archives: {dict(tally.outcomes)}", file=sys.stderr, flush=True)
 
     if seed_value is not None:
         check = seed(seed_value)(check)
@@ -410,7 +413,7 @@ def main() -> int:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        tally = run(args.examples, args.seed, Path(tmp))
+        tally = run(args.examples, args.seed, Path(tmp), progress=True)
         total = time.perf_counter() - start
     print(f"{sum(tally.outcomes.values())} archives in {total:.1f} s: {dict(tally.outcomes)}")
     print(f"largest allocation peak {tally.worst_peak_mb:.1f} MB (limit {PEAK_LIMIT_MB:g} MB)")

@@ -81,6 +81,6 @@ def test_known_hostile_headers_are_refused(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_drawn_archives_slow_tier(tmp_path: Path) -> None:
-    """The same property on 1000 archives from a fixed seed (a few minutes on 2 cores)."""
+    """The same property on 1000 archives from a fixed seed."""
     tally = fuzz.run(1000, 20261206, tmp_path)
     assert tally.failures == []

@@ -85,6 +85,31 @@ def staged_file(path: Path) -> Iterator[Path]:
             tmp.unlink()
 
 
+def fsync_dir(folder: Path) -> None:
+    """Flush a folder's entries (names created, renamed or removed in it) to disk."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync_tree(folder: Path) -> None:
+    """fsync every file below `folder`, then every folder, deepest first: all of it is on disk
+    before a rename makes it visible."""
+    folders = [folder]
+    for path in sorted(folder.rglob("*"), reverse=True):
+        if path.is_symlink():
+            continue
+        if path.is_dir():
+            folders.append(path)
+            continue
+        with path.open("rb") as fh:
+            os.fsync(fh.fileno())
+    for path in sorted(folders, key=lambda p: len(p.parts), reverse=True):
+        fsync_dir(path)
+
+
 _RENAME_EXCHANGE = 2
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import cv2
 import numpy as np
@@ -35,7 +35,7 @@ class CamHead:
         return cls(np.asarray(kernel, np.float32), np.asarray(bias, np.float32))
 
     @classmethod
-    def load(cls, path: Path) -> CamHead:
+    def load(cls, path: Path | BinaryIO) -> CamHead:
         """Read cam_head.npz as written by `save`."""
         with np.load(path) as data:
             return cls(data["kernel"], data["bias"])

@@ -3,11 +3,13 @@ fitted applied by the very same functions (no web framework here; chestct.servin
 helpers and bench/ call it).
 
 A promoted folder holds the card (model.json, read as a `chestct.modelcard.ModelCard`), the
-light model, the dense head and the OOD statistics, each pinned by its sha256 in the card
-(checked with `chestct.fsutil.sha256_file` at every load). Preprocessing is
-`chestct.imaging.prepare_slice` with the card's settings; calibration, entropy, the abstain and
-out-of-distribution rules and the Mahalanobis distance come from `chestct.metrics`, where
-evaluate fits them.
+light model, the Keras model, the dense head and the OOD statistics, each pinned by its sha256
+in the card. Every file the card lists (`ModelCard.files`: any entry with a `file`, and the
+`files` map a new model family may use) is hashed at every load and hot reload before any is
+read, and read only through `ModelFiles`, which refuses a name the card does not list.
+Preprocessing is `chestct.imaging.prepare_slice` with the card's settings; calibration,
+entropy, the abstain and out-of-distribution rules and the Mahalanobis distance come from
+`chestct.metrics`, where evaluate fits them.
 
 A model folder is read through one open directory handle, so that a folder swapped in by
 promote (renameat2 exchange) is seen whole: the card and the files it names always come from
@@ -27,6 +29,7 @@ GAP -> dense head is the class activation map with the head's weights.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import os
@@ -46,13 +49,14 @@ from chestct.fsutil import sha256_bytes, sha256_file
 from chestct.gradcam import CamHead
 from chestct.metrics import Mahalanobis, abstains, out_of_distribution, softmax
 from chestct.metrics import normalised_entropy as entropy
-from chestct.modelcard import CARD_NAME, FileEntry, ModelCard
+from chestct.modelcard import CARD_NAME, FileEntry, ListedFile, ModelCard
 from chestct.monitoring import check_reference
 from chestct.settings import WindowParams
 
 log = logging.getLogger(__name__)
 
 DEFAULT_WINDOW: tuple[float, float] = (WindowParams().level, WindowParams().width)
+_MAX_KERAS_CONFIG = 64 * 1024 * 1024  # a .keras config.json larger than this is not read
 HEAD_TOLERANCE = 1e-3  # |softmax(head(gap)) - model probabilities| above this: wrong head file
 
 
@@ -267,35 +271,91 @@ def _folder(model_dir: Path) -> Iterator[Path]:
         os.close(fd)
 
 
-def _entry_file(folder: Path, entry: FileEntry, what: str) -> Path:
-    """The file a card entry names, checked against the entry's sha256."""
-    return _file(folder, entry.file, f"{what}.file", entry.sha256)
+class ModelFiles:
+    """The files a card lists (`ModelCard.files`), each checked against its sha256 before it
+    is read; a name the card does not list is refused.
 
+    `check` hashes every listed file when the folder is loaded (a file of a model family that
+    this code does not read is checked all the same); `path` and `read` hand a file out and
+    hash it again when it changed since (or hash the very bytes handed out). A card that pins
+    no digest for a file (older cards; promote pins every file) is served with a note.
+    """
 
-def _file(folder: Path, name: Any, what: str, digest: Any = None) -> Path:
-    """A file the card names, checked against the sha256 the card gives for it (promote
-    writes one for every file; a card without it is served with a note)."""
-    if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
-        raise ModelRefused(f"card key {what} must be a plain file name, got {name!r}")
-    path = folder / name
-    if not path.is_file():
-        raise ModelRefused(f"{what} names {name!r}, which is not in the model folder")
-    if digest is not None:
-        actual = sha256_file(path)
-        if not isinstance(digest, str) or actual != digest.lower():
+    def __init__(self, folder: Path, card: ModelCard) -> None:
+        self.folder = folder
+        self.listed = dict(card.files)
+        self._seen: dict[str, tuple[int, ...]] = {}
+
+    def check(self, optional: tuple[str, ...] = ()) -> list[str]:
+        """Hash every listed file now; the names of those the card does not pin.
+
+        Args:
+            optional: names that may be absent when the card does not pin them (model.keras,
+                which a LiteRT card reads only for its dropout rate).
+        """
+        unpinned = []
+        for name, listed in self.listed.items():
+            if listed.sha256 is None:
+                unpinned.append(name)
+                if name in optional and not (self.folder / name).exists():
+                    continue
+            self.path(name, name)
+        return unpinned
+
+    def path(self, name: Any, what: str) -> Path:
+        """The checked path of a listed file."""
+        path, listed = self._listed(name, what)
+        if listed.sha256 is not None:
+            identity = _identity(path)
+            if self._seen.get(name) != identity:
+                self._compare(name, listed, sha256_file(path))
+                self._seen[name] = identity
+        return path
+
+    def read(self, name: Any, what: str) -> bytes:
+        """A listed file's bytes, hashed as read (what is parsed is what was checked)."""
+        path, listed = self._listed(name, what)
+        data = path.read_bytes()
+        if listed.sha256 is not None:
+            self._compare(name, listed, sha256_bytes(data))
+        return data
+
+    def _listed(self, name: Any, what: str) -> tuple[Path, ListedFile]:
+        if not isinstance(name, str) or name not in self.listed:
             raise ModelRefused(
-                f"{name} does not match its sha256 in the card ({what}: card {digest!s:.16}…, "
-                f"file {actual[:16]}…): a partial copy or a file from another model"
+                f"{what} names {name!r}, a file the card does not list (card files: "
+                f"{', '.join(sorted(self.listed))}); refusing to read it"
             )
-    return path
+        path = self.folder / name
+        if not path.is_file():
+            raise ModelRefused(f"{what} names {name!r}, which is not in the model folder")
+        return path, self.listed[name]
+
+    @staticmethod
+    def _compare(name: str, listed: ListedFile, actual: str) -> None:
+        if actual != listed.sha256:
+            raise ModelRefused(
+                f"{name} does not match its sha256 in the card ({listed.key} "
+                f"{listed.sha256!s:.16}…, file {actual[:16]}…): a partial copy or a file from "
+                "another model; promote the model again"
+            )
+
+
+def _identity(path: Path) -> tuple[int, ...]:
+    st = path.stat()
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def _dropout_rate(keras_file: Path) -> float:
-    """The rate of the layer named "dropout", read from the .keras zip's config (no TF)."""
+    """The rate of the layer named "dropout", read from the .keras zip's config (no TF; the
+    file was checked by ModelFiles, and only its config is read, not its weights)."""
     try:
         with zipfile.ZipFile(keras_file) as zf:
-            config = json.loads(zf.read("config.json"))
-    except (OSError, KeyError, zipfile.BadZipFile, json.JSONDecodeError):
+            info = zf.getinfo("config.json")
+            if info.file_size > _MAX_KERAS_CONFIG:
+                return 0.0
+            config = json.loads(zf.read(info))
+    except (OSError, KeyError, zipfile.BadZipFile, json.JSONDecodeError, RecursionError):
         return 0.0
     stack: list[Any] = [config]
     while stack:
@@ -411,10 +471,17 @@ def load_folder(
             window = default_window
             notes.append("card has no preprocessing.window: DICOM uses params ingest.window")
 
-        keras_file = folder / card.model_file
+        # Every file the card lists is hashed now, before any is read; each read goes through
+        # `files`, which refuses a name the card does not list.
+        files = ModelFiles(folder, card)
+        unpinned = files.check(optional=(card.model_file,))
+        if unpinned:
+            notes.append(
+                f"card gives no sha256 for {', '.join(unpinned)}: those files are not checked"
+            )
         head: CamHead | None = None
         if card.inference is not None:
-            light_path = _entry_file(folder, card.inference, "inference")
+            light_path = files.path(card.inference.file, "inference.file")
             runtime = card.inference.info.get("runtime", "litert")
             if runtime != "litert":
                 raise ModelRefused(
@@ -423,7 +490,7 @@ def load_folder(
             runner = _litert_runner(light_path, card.inference.info, threads)
             backend = "litert"
         else:
-            keras_path = _file(folder, card.raw.get("model_file"), "model_file", card.model_sha256)
+            keras_path = files.path(card.model_file, "model_file")
             log.warning(
                 "card has no `inference` entry: serving %s through Keras/TensorFlow "
                 "(slower, about 700 MB per worker); promote a model with a light artifact",
@@ -434,29 +501,20 @@ def load_folder(
             notes.append("no light artifact in the card: served through Keras")
 
         if card.cam is not None:
-            head_path = _entry_file(folder, card.cam, "cam")
+            head_data = files.read(card.cam.file, "cam.file")
             try:
-                head = CamHead.load(head_path)
+                head = CamHead.load(io.BytesIO(head_data))
             except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
                 raise ModelRefused(
-                    f"{head_path.name} is not a readable head file ({exc})"
+                    f"{card.cam.file} is not a readable head file ({exc})"
                 ) from None
         elif head is None:
             notes.append("card has no `cam` entry: /explain and MC-dropout are unavailable")
 
-        ood = _ood(folder, card.ood) if card.ood is not None else None
+        ood = _ood(files, card.ood) if card.ood is not None else None
         if ood is None:
             notes.append("card has no `ood` entry: only the input checks guard against strangers")
 
-        unpinned = [
-            key
-            for key, entry in (("inference", card.inference), ("cam", card.cam), ("ood", card.ood))
-            if entry is not None and not entry.sha256
-        ]
-        if unpinned:
-            notes.append(
-                f"card gives no sha256 for {', '.join(unpinned)}: those files are not checked"
-            )
         temperature = card.temperature
         if temperature is None:
             temperature = 1.0
@@ -466,8 +524,13 @@ def load_folder(
         threshold = card.abstain_entropy
         if threshold is None:
             notes.append("card has no thresholds.abstain_entropy: abstain is not decided")
-        dropout = _dropout_rate(keras_file) if keras_file.is_file() else 0.0
-        reference = _reference(folder, card, notes)
+        if (folder / card.model_file).is_file():
+            # Served with every uncertainty answer: read from the checked bytes only.
+            dropout = _dropout_rate(files.path(card.model_file, "model_file"))
+        else:
+            dropout = 0.0
+            notes.append(f"{card.model_file} is not in the folder: no MC-dropout")
+        reference = _reference(files, card, notes)
 
         model = Loaded(
             card=card,
@@ -492,17 +555,17 @@ def load_folder(
         return model
 
 
-def _ood(folder: Path, entry: FileEntry) -> OodModel:
+def _ood(files: ModelFiles, entry: FileEntry) -> OodModel:
     """The OOD statistics the card names (evaluate's ood.npz) and the card's threshold."""
     if entry.info.get("method") != "mahalanobis_gap":
         raise ModelRefused(f"card ood.method {entry.info.get('method')!r} is not served")
-    path = _entry_file(folder, entry, "ood")
+    data = files.read(entry.file, "ood.file")
     try:
-        with np.load(path) as npz:
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
             mean = np.asarray(npz["mean"], np.float64)
             precision = np.asarray(npz["precision"], np.float64)
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
-        raise ModelRefused(f"{path.name} is not a readable OOD file ({exc})") from None
+        raise ModelRefused(f"{entry.file} is not a readable OOD file ({exc})") from None
     try:
         threshold = entry.number("threshold", "ood")
     except ValueError as exc:
@@ -512,20 +575,17 @@ def _ood(folder: Path, entry: FileEntry) -> OodModel:
     return OodModel(Mahalanobis(mean, precision), threshold)
 
 
-def _reference(folder: Path, card: ModelCard, notes: list[str]) -> dict[str, Any] | None:
+def _reference(files: ModelFiles, card: ModelCard, notes: list[str]) -> dict[str, Any] | None:
     """The reference profile the card names (`monitoring.file`, checked against its sha256)."""
     entry = card.monitoring
     if entry is None:
         notes.append("card has no `monitoring` entry: /metrics carries no drift figures")
         return None
-    path = _file(folder, entry.file, "monitoring.file")
-    data = path.read_bytes()
-    if entry.sha256 and sha256_bytes(data) != entry.sha256:
-        raise ModelRefused(f"{path.name} does not match monitoring.sha256 in the card")
+    data = files.read(entry.file, "monitoring.file")
     try:
-        return check_reference(json.loads(data), path.name)
-    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as exc:
-        raise ModelRefused(f"{path.name} is not a readable reference profile ({exc})") from None
+        return check_reference(json.loads(data), entry.file)
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ModelRefused(f"{entry.file} is not a readable reference profile ({exc})") from None
 
 
 def _warm_up(model: Loaded) -> None:

@@ -20,6 +20,9 @@ from typing import Any
 
 CARD_NAME = "model.json"
 PROMOTION_NAME = "promotion.json"
+# A card's map of further files, {name: sha256}, for a model family whose files need no entry
+# object of their own; every name in it is checked like the files the entries name.
+FILES_KEY = "files"
 
 
 def with_promotion(folder: Path, card: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
@@ -126,6 +129,8 @@ class ModelCard:
     promoted_at: str | None
     intended_use: str
     raw: Mapping[str, Any] = field(repr=False)
+    # Every file the card lists, by name (see `card_files`).
+    files: Mapping[str, ListedFile] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_dict(cls, card: Mapping[str, Any]) -> ModelCard:
@@ -179,6 +184,7 @@ class ModelCard:
                 card.get("intended_use", "research and education only; not a medical device")
             ),
             raw=card,
+            files=card_files(card),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -191,6 +197,76 @@ class ModelCard:
     @property
     def train_run_id(self) -> str | None:
         return self.mlflow_run_ids.get("train")
+
+
+def plain_name(name: Any, key: str) -> str:
+    """`name` when it is a plain file name inside the model folder, else ValueError naming
+    the card key (no folders, no hidden files, nothing that could leave the folder)."""
+    if (
+        not isinstance(name, str)
+        or not name
+        or name in (CARD_NAME, PROMOTION_NAME)
+        or name.startswith(".")
+        or any(c in name for c in "/\\\0")
+    ):
+        raise ValueError(f"card key {key} must be a plain file name in the folder, got {name!r}")
+    return name
+
+
+@dataclass(frozen=True)
+class ListedFile:
+    """A file the card lists: the sha256 it pins (None: not pinned) and the card key that pins
+    it (`model_sha256`, `cam.sha256`, `files.<name>`), for messages."""
+
+    sha256: str | None
+    key: str
+
+
+def card_files(card: Mapping[str, Any]) -> dict[str, ListedFile]:
+    """Every file a card lists, by name, with the sha256 it pins: `model_file` (pinned by
+    `model_sha256`), every top-level entry object with a `file` key (inference, cam, ood,
+    monitoring, and any model family's own entry) and the `files` map {name: sha256}.
+
+    The one list the inference core checks a folder against: a new family's files are checked
+    as soon as the card names them in either form.
+
+    Raises:
+        ValueError: a name that is not a plain file name, a sha256 that is not a string, or one
+            file pinned to two different digests.
+    """
+    listed: list[tuple[str, str, Any]] = [
+        (
+            "model_sha256",
+            plain_name(card.get("model_file", "model.keras"), "model_file"),
+            card.get("model_sha256"),
+        )
+    ]
+    for key, entry in card.items():
+        if isinstance(entry, Mapping) and "file" in entry and key != FILES_KEY:
+            name = plain_name(entry["file"], f"{key}.file")
+            listed.append((f"{key}.sha256", name, entry.get("sha256")))
+    extra = card.get(FILES_KEY, {})
+    if not isinstance(extra, Mapping):
+        raise ValueError(f"card key {FILES_KEY} must be an object {{name: sha256}}, got {extra!r}")
+    for name, digest in extra.items():
+        listed.append((f"{FILES_KEY}.{name}", plain_name(name, f"{FILES_KEY} key"), digest))
+    files: dict[str, ListedFile] = {}
+    for key, name, digest in listed:
+        if digest is not None and not (
+            isinstance(digest, str) and len(digest) == 64 and _is_hex(digest)
+        ):
+            raise ValueError(f"card key {key} must be a sha256 (64 hex digits), got {digest!r}")
+        pinned = digest.lower() if digest else None
+        before = files.get(name)
+        if before is not None and None not in (before.sha256, pinned) and before.sha256 != pinned:
+            raise ValueError(f"card pins {name} to two sha256 digests ({before.key}, {key})")
+        if before is None or before.sha256 is None:
+            files[name] = ListedFile(pinned, key)
+    return files
+
+
+def _is_hex(text: str) -> bool:
+    return all(c in "0123456789abcdefABCDEF" for c in text)
 
 
 def _number(value: Any, key: str) -> float | None:

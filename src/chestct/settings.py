@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -66,10 +67,13 @@ class IngestParams:
     timeout_s: float = 60.0  # URL source: seconds without an answer before giving up
     deadline_s: float = 3600.0  # URL source: the whole download must end within this
     max_download_mb: float = 10240.0  # URL source: a larger download is stopped
-    redirect_hosts: list[str] = field(default_factory=list)  # hosts a redirect may lead to
+    redirect_hosts: list[str] = field(default_factory=list)  # `host` or `host:port`
+    # URL source: loopback, private and link-local addresses are refused unless this is true
+    allow_private_hosts: bool = False
     max_members: int = 100_000  # archive: entries
     max_unpacked_mb: float = 20480.0  # archive: total unpacked size
     max_ratio: float = 100.0  # archive: unpacked / packed bytes (a zip bomb is 1000+)
+    max_file_mb: float = 512.0  # folder or listing source: one larger file is refused
     window: WindowParams = field(default_factory=WindowParams)
     # "" (off) | zoom | dark: the synthetic default draws one class at another zoom or grey
     # level in every split, an acquisition shortcut for testing that promote cannot be fooled
@@ -524,23 +528,68 @@ def _check_evaluate_and_promote(evaluate: EvaluateParams, promote: PromoteParams
 
 # The environment variable that holds a source URL kept out of params (`env:CHESTCT_SOURCE_URL`).
 URL_ENV = "CHESTCT_SOURCE_URL"
-# Query keys that carry credentials in signed or token URLs (matched as substrings).
+# Keys that carry credentials in signed or token URLs (matched as substrings), in a query, a
+# fragment, a path segment's `;key=value` parameters or a `key=value` path segment.
 _SECRET_KEYS = ("token", "sig", "secret", "key", "password", "passwd", "auth", "credential",
-                "x-amz-", "x-goog-", "session")  # fmt: skip
+                "x-amz-", "x-goog-", "session", "jwt", "bearer")  # fmt: skip
+# Values that are credentials by their form wherever they sit: GitHub, GitLab, Slack, AWS,
+# OpenAI-style keys and JWTs.
+_SECRET_VALUE = re.compile(
+    r"(gh[pousr]_[A-Za-z0-9]{20,}|github_pat_\w{20,}|glpat-[\w-]{20,}|xox[abprs]-[\w-]{10,}"
+    r"|(AKIA|ASIA)[0-9A-Z]{16}|sk-[A-Za-z0-9_-]{20,}|eyJ[\w-]{8,}\.eyJ[\w-]{8,}\.[\w-]*)"
+)
+# A long run of mixed-case letters and digits (base64url) with the entropy of a random token:
+# hex digests and UUIDs (one case) and words are not taken for one.
+_RANDOM_RUN = re.compile(r"[A-Za-z0-9_-]{32,}")
+
+
+def _random_token(text: str) -> bool:
+    import math
+    from collections import Counter
+
+    for run in _RANDOM_RUN.findall(text):
+        classes = (any(c.islower() for c in run), any(c.isupper() for c in run))
+        digits = sum(c.isdigit() for c in run)
+        if not (all(classes) and digits >= 3):
+            continue
+        counts = Counter(run)
+        entropy = -sum(n / len(run) * math.log2(n / len(run)) for n in counts.values())
+        if entropy >= 4.0:
+            return True
+    return False
 
 
 def secret_in_url(url: str) -> str | None:
-    """What in `url` looks like a credential (user info, or a query key such as token, sig,
-    X-Amz-Signature), or None."""
+    """What in `url` looks like a credential, or None: user info; a query, fragment or path
+    parameter whose key names one (token, sig, key, X-Amz-Signature, ...); a `key=value` path
+    segment of that kind; a value shaped like a known token (ghp_, AKIA, JWT, ...); or a long
+    random-looking run of letters and digits anywhere after the host."""
     import urllib.parse
 
     parts = urllib.parse.urlsplit(url)
     if parts.username or parts.password:
         return "user name or password"
-    for key, _ in urllib.parse.parse_qsl(parts.query, keep_blank_values=True):
+    pairs = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+    pairs += urllib.parse.parse_qsl(parts.fragment, keep_blank_values=True)
+    path = urllib.parse.unquote(parts.path)
+    for segment in path.split("/"):
+        for piece in [*segment.split(";")[1:], segment]:
+            if "=" in piece:
+                key, _, value = piece.partition("=")
+                pairs.append((key, value))
+    for key, _ in pairs:
         if any(word in key.lower() for word in _SECRET_KEYS):
-            return f"query parameter {key!r}"
+            return f"parameter {key!r}"
+    rest = " ".join([path, *(v for _, v in pairs), urllib.parse.unquote(parts.fragment)])
+    if _SECRET_VALUE.search(rest):
+        return "a value shaped like an access token or key"
+    if _random_token(rest):
+        return "a long random-looking value (a signature or token?)"
     return None
+
+
+# A redirect_hosts entry: a host name or [IPv6] address, with an optional port.
+_HOST_PORT = r"([A-Za-z0-9.\-]+|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?"
 
 
 def _check_data_params(params: Params) -> None:
@@ -575,6 +624,17 @@ def _check_data_params(params: Params) -> None:
         raise SettingsError("ingest.max_download_mb, max_unpacked_mb and max_members: must be > 0")
     if ingest.max_ratio < 1:
         raise SettingsError("ingest.max_ratio: must be >= 1 (unpacked / packed bytes)")
+    if ingest.max_file_mb <= 0:
+        raise SettingsError(
+            "ingest.max_file_mb: must be > 0 (MB); one CT slice is well under 1 MB, raise it "
+            "only for very large DICOM files"
+        )
+    for host in ingest.redirect_hosts:
+        if not re.fullmatch(_HOST_PORT, host):
+            raise SettingsError(
+                f"ingest.redirect_hosts: {host!r} is not a host name or host:port (no scheme, "
+                "path or user); e.g. downloads.example.org or mirror.example.org:8443"
+            )
     if ingest.window.width <= 0:
         raise SettingsError("ingest.window.width: must be > 0 Hounsfield units")
     for group, value in (("split", split), ("validate", validate)):

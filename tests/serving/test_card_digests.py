@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import zipfile
 from pathlib import Path
 
 import pytest
 
 from chestct.fsutil import replace_dir, sha256_file
-from chestct.inference import ModelRefused, load_folder
+from chestct.inference import ModelFiles, ModelRefused, Predictor, load_folder
+from chestct.modelcard import ModelCard
 from chestct.serving import create_app
 from chestct.stages.promote import file_digests, install_model, read_card
 from model_folder import multipart, slice_png
@@ -24,6 +27,7 @@ def pinned_copy(source: Path, target: Path) -> Path:
     shutil.copytree(source, target)
     card = json.loads((target / "model.json").read_text())
     files = {card[k]["file"]: target / card[k]["file"] for k in PINNED}
+    card["model_sha256"] = sha256_file(target / "model.keras")
     (target / "model.json").write_text(json.dumps(file_digests(card, files)))
     return target
 
@@ -110,3 +114,131 @@ def test_card_digest_helper_pins_every_named_file(tmp_path: Path) -> None:
     assert "sha256" not in card["cam"]  # the input is not changed
     for key, name in zip(PINNED, files, strict=True):
         assert pinned[key]["sha256"] == sha256_file(files[name])
+
+
+# --------------------------------------------------------------------------- issue 21: every file
+
+
+def with_dropout(keras_file: Path, rate: float) -> None:
+    """Rewrite the dropout rate inside a .keras zip (no TensorFlow needed)."""
+    with zipfile.ZipFile(keras_file) as zf:
+        members = {info.filename: zf.read(info) for info in zf.infolist()}
+    config = json.loads(members["config.json"])
+    stack = [config]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if node.get("class_name") == "Dropout":
+                node["config"]["rate"] = rate
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    members["config.json"] = json.dumps(config).encode()
+    with zipfile.ZipFile(keras_file, "w") as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+
+
+def test_a_replaced_keras_file_is_refused_in_the_litert_path(
+    tmp_path: Path, model_dir: Path
+) -> None:
+    """model.keras is only read for its dropout rate when LiteRT serves, and that rate drives
+    every MC-dropout answer: it is checked against model_sha256 like every other file."""
+    folder = pinned_copy(model_dir, tmp_path / "model")
+    assert load_folder(folder).dropout_rate == pytest.approx(0.3)
+    with_dropout(folder / "model.keras", 0.95)
+    with pytest.raises(ModelRefused, match=r"model\.keras does not match .*model_sha256"):
+        load_folder(folder)
+
+
+def test_hot_reload_refuses_a_replaced_keras_file(
+    tmp_path: Path, model_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    live = pinned_copy(model_dir, tmp_path / "model")
+    predictor = Predictor(live, reload_check_s=0)
+    assert predictor.load().dropout_rate == pytest.approx(0.3)
+    staged = pinned_copy(model_dir, tmp_path / ".model.new")
+    card = json.loads((staged / "model.json").read_text())
+    card["version"] = "2"
+    (staged / "model.json").write_text(json.dumps(card))
+    with_dropout(staged / "model.keras", 0.95)
+    replace_dir(staged, live)
+    with caplog.at_level(logging.ERROR):
+        assert predictor.refresh() is False
+    assert predictor.model.version == "1" and predictor.model.dropout_rate == pytest.approx(0.3)
+    assert "model.keras does not match its sha256" in (predictor.last_error or "")
+
+
+@pytest.mark.parametrize("form", ["entry", "files_map"])
+def test_a_new_family_s_files_are_checked_by_the_same_rule(
+    tmp_path: Path, model_dir: Path, form: str
+) -> None:
+    """A file the card lists under a key this code does not read (a new model family's entry,
+    or the `files` map) is hashed at load all the same."""
+    folder = pinned_copy(model_dir, tmp_path / "model")
+    (folder / "texture.npz").write_bytes(b"texture statistics")
+    card = json.loads((folder / "model.json").read_text())
+    digest = sha256_file(folder / "texture.npz")
+    if form == "entry":
+        card["texture"] = {"file": "texture.npz", "sha256": digest, "method": "glcm"}
+    else:
+        card["files"] = {"texture.npz": digest}
+    (folder / "model.json").write_text(json.dumps(card))
+    loaded = load_folder(folder)
+    assert "texture.npz" in loaded.card.files
+    (folder / "texture.npz").write_bytes(b"another model's texture statistics")
+    with pytest.raises(ModelRefused, match=r"texture\.npz does not match its sha256"):
+        load_folder(folder)
+
+
+def test_a_file_the_card_does_not_list_is_never_read(tmp_path: Path, model_dir: Path) -> None:
+    folder = pinned_copy(model_dir, tmp_path / "model")
+    card = read_card(folder)
+    files = ModelFiles(folder, ModelCard.from_dict(card))
+    assert files.check() == []
+    (folder / "stray.npz").write_bytes(b"not listed")
+    with pytest.raises(ModelRefused, match="a file the card does not list"):
+        files.read("stray.npz", "texture.file")
+    for bad in ("../model.json", ".hidden", "model.json", "sub/ood.npz"):
+        card["cam"]["file"] = bad
+        (folder / "model.json").write_text(json.dumps(card))
+        with pytest.raises(ModelRefused, match="must be a plain file name"):
+            load_folder(folder)
+
+
+def test_card_digest_helper_pins_a_new_family_s_files(tmp_path: Path) -> None:
+    (tmp_path / "texture.npz").write_bytes(b"t")
+    (tmp_path / "extra.bin").write_bytes(b"e")
+    files = {"texture.npz": tmp_path / "texture.npz", "extra.bin": tmp_path / "extra.bin"}
+    card = {"texture": {"file": "texture.npz"}, "files": {"extra.bin": None}}
+    pinned = file_digests(card, files)
+    assert pinned["texture"]["sha256"] == sha256_file(files["texture.npz"])
+    assert pinned["files"]["extra.bin"] == sha256_file(files["extra.bin"])
+
+
+def test_promote_syncs_every_file_and_folder_before_the_swap(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A crash right after the rename must not leave model/ naming unwritten data."""
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        synced.append(str(Path(f"/proc/self/fd/{fd}").readlink()))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    model = tmp_path / "new.keras"
+    model.write_bytes(b"model")
+    extra = tmp_path / "ood.npz"
+    extra.write_bytes(b"ood")
+    live = tmp_path / "model"
+    swapped: list[int] = []
+    install_model(model, {"version": "1"}, live, extras={"ood.npz": extra},
+                  after_swap=lambda: swapped.append(len(synced)))  # fmt: skip
+    before_swap = [Path(p) for p in synced[: swapped[0]]]
+    names = {p.name for p in before_swap}
+    assert {"model.keras", "ood.npz", "model.json"} <= names
+    staging_dirs = [p for p in before_swap if p.name.startswith(".model.new-")]
+    assert staging_dirs, "the new folder itself is synced before the swap"
+    assert Path(synced[-1]) == tmp_path  # the parent, after the rename

@@ -17,7 +17,8 @@ from chestct.settings import DOWNLOAD_CACHE_ENV, download_cache
 from chestct.sources import SourceError, SourceLimits, layout_root, redact, resolve, safe_extract
 from helpers import image_bytes
 
-QUICK = SourceLimits(timeout_s=5)  # a local server answers at once
+# A local server answers at once; tests reach it on 127.0.0.1 (ingest.allow_private_hosts).
+QUICK = SourceLimits(timeout_s=5, allow_private_hosts=True)
 
 
 def _zip(path: Path, entries: dict[str, bytes], links: dict[str, str] | None = None) -> Path:
@@ -219,7 +220,7 @@ def test_url_http_error_and_timeout(tmp_path: Path, server: _Server) -> None:
         resolve(f"{server.url}/other.zip", tmp_path, staging, "ab" * 32, limits=QUICK)
     server.stall = True
     with pytest.raises(SourceError, match=r"timed out .*ingest\.timeout_s"):
-        url, slow = f"{server.url}/set.zip", SourceLimits(timeout_s=0.5)
+        url, slow = f"{server.url}/set.zip", SourceLimits(timeout_s=0.5, allow_private_hosts=True)
         resolve(url, tmp_path, staging, "ab" * 32, limits=slow)
     assert list((staging / "download").iterdir()) == []
 

@@ -39,7 +39,15 @@ from chestct.labels import CLASSES, label_for_folder
 from chestct.manifest import ACQUISITION_COLUMNS, INGEST_COLUMNS, SPLITS, write_manifest
 from chestct.runner import StageFailed, run_main, stage_session
 from chestct.settings import BaseParams, IngestParams
-from chestct.sources import Source, SourceError, limits_from, resolve, scan_source
+from chestct.sources import (
+    Source,
+    SourceError,
+    check_file,
+    limits_from,
+    read_file,
+    resolve,
+    scan_source,
+)
 from chestct.synthetic import generate_synthetic
 
 log = logging.getLogger(__name__)
@@ -68,6 +76,7 @@ class _Job:
     images_dir: Path
     window: tuple[float, float]
     group_hash: str = ""  # hashed `group` of a CSV listing
+    max_bytes: int = 512 * 1024 * 1024  # params ingest.max_file_mb
 
 
 # Accepted names of a CSV listing's columns (the first found is used).
@@ -84,8 +93,13 @@ def is_listing(source: str) -> bool:
     return source.lower().endswith(".csv")
 
 
-def scan_listing(listing: Path, class_map: dict[str, str]) -> list[tuple[str, str, Path, str]]:
-    """(split, label, file, group) for every row of a CSV listing (see the module docstring)."""
+def scan_listing(
+    listing: Path, class_map: dict[str, str], max_file_bytes: int | None = None
+) -> list[tuple[str, str, Path, str]]:
+    """(split, label, file, group) for every row of a CSV listing (see the module docstring).
+
+    A listed file that is a FIFO, a device or larger than `max_file_bytes` is refused.
+    """
     if not listing.is_file():
         raise StageFailed(
             f"ingest.source {str(listing)!r}: CSV listing not found; give the path of a CSV "
@@ -137,6 +151,11 @@ def scan_listing(listing: Path, class_map: dict[str, str]) -> list[tuple[str, st
                 f"{listing}: row {number}: file {rel!r} not found (paths are relative to "
                 f"{listing.parent})"
             )
+        if max_file_bytes is not None:
+            try:
+                check_file(path, max_file_bytes)
+            except SourceError as exc:
+                raise StageFailed(f"{listing}: row {number}: {exc}") from None
         group = table.at[number - 2, found["group"]] if found["group"] else ""
         rows.append((split, label, path, group))
     return rows
@@ -172,9 +191,11 @@ def _write_new(path: Path, data: bytes) -> None:
 def _ingest_one(job: _Job) -> dict[str, object]:
     """Decode one file and store its copy; a dict with `reason` when it cannot be used."""
     try:
-        data = job.path.read_bytes()
+        data = read_file(job.path, job.max_bytes)  # a FIFO swapped in is refused, not waited on
     except OSError as exc:
         return {"path": job.source_name, "reason": f"cannot be read: {exc.strerror or exc}"}
+    except SourceError as exc:
+        return {"path": job.source_name, "reason": str(exc)}
     try:
         info = decode(data, job.window)
     except ImageError as exc:
@@ -240,6 +261,7 @@ def run_ingest(
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
+    limits = limits_from(params)
     try:
         listed: list[tuple[str, str, Path, str]] | None = None
         if params.source == "synthetic":
@@ -253,7 +275,7 @@ def run_ingest(
         elif is_listing(params.source):
             listing = Path(params.source).expanduser()
             listing = (listing if listing.is_absolute() else root / listing).resolve()
-            listed = scan_listing(listing, params.class_map)
+            listed = scan_listing(listing, params.class_map, limits.max_file_bytes)
             source = Source("listing", str(listing), listing.parent)
         else:
             try:
@@ -263,13 +285,13 @@ def run_ingest(
                     staging,
                     params.sha256.strip(),
                     cache=download_cache,
-                    limits=limits_from(params),
+                    limits=limits,
                 )
             except SourceError as exc:
                 raise StageFailed(str(exc)) from None
         if listed is None:
             try:
-                scanned = scan_source(source.folder, params.class_map)
+                scanned = scan_source(source.folder, params.class_map, limits.max_file_bytes)
             except SourceError as exc:
                 raise StageFailed(str(exc)) from None
             listed = [(s, lbl, p, "") for s, lbl, p in scanned]
@@ -288,6 +310,7 @@ def run_ingest(
                 images_dir,
                 window,
                 hash_id(group),
+                limits.max_file_bytes,
             )
             for split, label, path, group in files
         ]

@@ -35,13 +35,13 @@ import numpy as np
 import pandas as pd
 
 from chestct.export import PARITY_TOLERANCE, ExportError, LightModel, export_light, parity
-from chestct.fsutil import atomic_write_json, sha256_file, swap_dir
+from chestct.fsutil import atomic_write_json, fsync_dir, sha256_file, swap_dir, sync_tree
 from chestct.gradcam import CAM_FILE, CamHead
 from chestct.imaging import Normalise
 from chestct.labels import CLASSES, DISPLAY_NAMES
 from chestct.manifest import DATASET_COLUMNS, read_manifest
 from chestct.metrics import lower_is_better, metric_value, numeric_keys
-from chestct.modelcard import ModelCard
+from chestct.modelcard import FILES_KEY, ModelCard
 from chestct.monitoring import REFERENCE_FILE
 from chestct.novelty import card_entry
 from chestct.pointers import (
@@ -480,7 +480,11 @@ def install_model(
         for path in staging.iterdir():
             # Atomic writes create private (0600) files; the predictor may run as another user.
             path.chmod(0o644)
+        # Every file and the folder itself on disk before the swap, so that a crash right
+        # after it cannot leave model/ naming files whose data never reached the disk.
+        sync_tree(staging)
         previous = swap_dir(staging, model_dir)
+        fsync_dir(model_dir.parent)
         try:
             if after_swap is not None:
                 after_swap()
@@ -490,6 +494,7 @@ def install_model(
                 previous = failed  # removed below
             else:
                 shutil.rmtree(model_dir)
+            fsync_dir(model_dir.parent)
             log.error(
                 "recording the promotion failed after model/ was swapped; the previous "
                 "model/ is back in place"
@@ -502,14 +507,19 @@ def install_model(
 
 
 def file_digests(card: dict[str, Any], folder_files: Mapping[str, Path]) -> dict[str, Any]:
-    """The card with a sha256 on every file entry it names (inference, cam, ood, monitoring),
-    from the files that will be installed under those names; serving checks them at every
-    load."""
+    """The card with a sha256 on every file entry it names (inference, cam, ood, monitoring,
+    any entry object with a `file` key, and the names of the `files` map), from the files that
+    will be installed under those names; serving checks every one at every load
+    (chestct.modelcard.card_files lists them the same way)."""
     out = json.loads(json.dumps(card))
-    for key in ("inference", "cam", "ood", "monitoring"):
-        entry = out.get(key)
-        if isinstance(entry, dict) and entry.get("file") in folder_files:
+    for key, entry in out.items():
+        if key != FILES_KEY and isinstance(entry, dict) and entry.get("file") in folder_files:
             entry["sha256"] = sha256_file(folder_files[entry["file"]])
+    extra = out.get(FILES_KEY)
+    if isinstance(extra, dict):
+        for name in extra:
+            if name in folder_files:
+                extra[name] = sha256_file(folder_files[name])
     return out
 
 

@@ -70,6 +70,14 @@ CHECKS: dict[str, tuple[str, str]] = {
         "warning",
         "body framing and grey levels in the pixels alone predict the class (cross-validated)",
     ),
+    # chestct.content_checks: what the pixels say about the dataset.
+    "near_copy_split": (
+        "warning",
+        "a split mostly made of near-copies of train (thumbnail correlation)",
+    ),
+    "few_series": ("warning", "a train class drawn from fewer than min_series_per_class series"),
+    "not_chest": ("warning", "slices without a lung field (abdomen, pelvis)"),
+    "annotation_marks": ("warning", "burned-in marks drawn on the pixels (lines, boxes)"),
 }
 QUARANTINE_COLUMNS: tuple[str, ...] = ("split", "label", "source_path", "sha256", "checks")
 _EXTENSIONS = {
@@ -117,6 +125,8 @@ class Report:
     shortcut: dict[str, Any] | None = None
     pictures: dict[str, str] = field(default_factory=dict)
     metadata: pd.DataFrame | None = field(default=None, repr=False)  # for the shortcut plot
+    # Nearest-train similarities per split (chestct.content_checks), for novelty.csv/png.
+    novelty_values: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def worst(self) -> str:
@@ -137,7 +147,11 @@ class Report:
         lines = ["# chestct data validation report", "", f"Status: **{self.worst}**", ""]
         if self.summary:
             lines += [
-                ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in self.summary.items()),
+                ", ".join(
+                    f"{k.replace('_', ' ')}: {v}"
+                    for k, v in self.summary.items()
+                    if k != "novelty"
+                ),
                 "",
             ]
         lines += ["| split | " + " | ".join(CLASSES) + " |", "|---" * (len(CLASSES) + 1) + "|"]
@@ -165,6 +179,26 @@ class Report:
                 lines.append(f"  - … and {len(f.files) - _MAX_LISTED} more (see report.json)")
             if f.picture:
                 lines += ["", f"  ![{f.check}]({f.picture})", ""]
+        novelty = self.summary.get("novelty") if self.summary else None
+        if novelty:
+            lines += [
+                "",
+                "## Near-copies of train",
+                "",
+                "Thumbnail correlation of each slice with its nearest train slice "
+                "(train: without itself).",
+                "",
+                "| set | images | near-copy share | q05 | q25 | median | q75 | q95 |",
+                "|---|---|---|---|---|---|---|---|",
+                *(
+                    f"| {k} | {v['images']} | {v['near_copy_share']:.2f} | "
+                    + " | ".join(str(v.get(q, "")) for q in ("q05", "q25", "q50", "q75", "q95"))
+                    + " |"
+                    for k, v in novelty.items()
+                ),
+            ]
+            if "novelty" in self.pictures:
+                lines += ["", f"![novelty]({self.pictures['novelty']})"]
         if self.shortcut:
             s = self.shortcut
             lines += [

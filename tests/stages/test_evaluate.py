@@ -105,6 +105,13 @@ def test_run_evaluate_scores_the_test_split_and_calibrates_on_valid(evaluation, 
     assert list(p["predicted"]) == [CLASSES[i] for i in proba.argmax(axis=1)]
     assert evaluation.features.shape[0] == len(p)
     assert evaluation.images.shape == (len(p), SIZE, SIZE, 1)
+    # Where the model looks: the share of its CAM mass inside the lungs of the test images.
+    attention = m["attention"]
+    assert attention["images"] + attention["without_lungs"] == len(p)
+    # These test images are noise bands without a body: no lung field, so no share (the
+    # computation itself: tests/unit/test_attention.py).
+    assert attention["without_lungs"] == len(p) and attention["lung_share"] is None
+    assert set(attention["lung_share_per_class"]) == set(CLASSES)
 
 
 def test_write_outputs_writes_every_metric_table_and_picture(evaluation, tmp_path: Path) -> None:

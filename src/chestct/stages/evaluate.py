@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from chestct.attention import LungAttention, lung_attention, outline
 from chestct.external import external_set, score_external
 from chestct.fsutil import atomic_write_json, staged_file
 from chestct.gradcam import CamHead, overlay
@@ -71,6 +72,7 @@ PLOTS = (
     "shift.png",
     "misclassified.png",
     "gradcam.png",
+    "attention.png",
 )
 
 
@@ -93,6 +95,7 @@ class Evaluation:
     reference: dict[str, Any]  # the monitoring profile (chestct.monitoring)
     external: dict[str, Any]  # external.json: {"source": ""} when evaluate.external is off
     external_predictions: pd.DataFrame | None = None
+    attention: LungAttention | None = None  # CAM mass inside the lungs (chestct.attention)
 
 
 def fit_calibration(
@@ -233,6 +236,13 @@ def run_evaluate(
     predictions["entropy_calibrated"] = normalised_entropy(calibrated_test)
     predictions["ood_distance"] = test_distance
     external, external_predictions = run_external(model, params, root, prep, t, class_map)
+    head = CamHead.from_model(model)
+    predicted = np.argmax(test["logits"], axis=1)
+    attention = lung_attention(
+        test_images,
+        [head.cam(f, int(k)) for f, k in zip(test["features"], predicted, strict=True)],
+    )
+    metrics["attention"] = attention.summary(list(splits["test"]["label"]))
     return Evaluation(
         metrics=metrics,
         predictions=predictions,
@@ -242,10 +252,11 @@ def run_evaluate(
         reliability_after=reliability(y_test, calibrated_test),
         images=test_images,
         features=test["features"],
-        cam_head=CamHead.from_model(model),
+        cam_head=head,
         reference=reference,
         external=external,
         external_predictions=external_predictions,
+        attention=attention,
     )
 
 
@@ -370,6 +381,26 @@ def gradcam_tiles(ev: Evaluation, per_class: int) -> list[tuple[np.ndarray, str]
     return tiles
 
 
+def attention_tiles(ev: Evaluation, limit: int = 8) -> list[tuple[np.ndarray, str]]:
+    """The test images whose predicted-class CAM has the least mass inside the lungs, with the
+    lung field outlined."""
+    if ev.attention is None:
+        return []
+    p = ev.predictions
+    tiles = []
+    for i in ev.attention.worst(limit):
+        predicted = CLASSES.index(p.at[i, "predicted"])
+        heat = ev.cam_head.cam(ev.features[i], predicted)
+        tiles.append(
+            (
+                outline(overlay(ev.images[i], heat), ev.attention.masks[i]),
+                f"{p.at[i, 'actual']} → {p.at[i, 'predicted']}\n"
+                f"lung share {ev.attention.shares[i]:.2f}",
+            )
+        )
+    return tiles
+
+
 def write_outputs(ev: Evaluation, out: Path, params: EvaluateParams) -> dict[str, Path]:
     """Write metrics, tables, OOD statistics and pictures into `out`; returns them by name."""
     files = {
@@ -419,6 +450,11 @@ def write_outputs(ev: Evaluation, out: Path, params: EvaluateParams) -> dict[str
         gradcam_tiles(ev, params.gallery_per_class),
         out / "gradcam.png",
         "Grad-CAM: top-confidence and worst cases per class",
+    )
+    plot_gallery(
+        attention_tiles(ev),
+        out / "attention.png",
+        "Grad-CAM mass outside the lungs (outlined): the worst test images",
     )
     return files
 

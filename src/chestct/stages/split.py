@@ -31,11 +31,11 @@ import pandas as pd
 from chestct.dedup import group_files
 from chestct.grouping import identity_leaks, join_series, split_groups
 from chestct.imaging import ImageError, decode
-from chestct.similarity import series_groups, thumbnails
 from chestct.manifest import INGEST_COLUMNS, SPLITS, read_manifest, write_manifest
 from chestct.pointers import read_pointer
 from chestct.runner import StageFailed, run_main, stage_session
 from chestct.settings import SplitParams
+from chestct.similarity import series_groups, thumbnails
 
 log = logging.getLogger(__name__)
 

@@ -208,13 +208,14 @@ def main() -> None:
             near_copy_similarity=s.params.base.near_copy_similarity,
         )
         out = session.out_dir
+        write_pictures(report, out, s.paths.root)
         if report.novelty_values:
+            # After write_pictures, which sets the report's pictures afresh.
             write_manifest(out / "novelty.csv", novelty_frame(report.novelty_values))
             plot_novelty(
                 report.novelty_values, s.params.base.near_copy_similarity, out / "novelty.png"
             )
             report.pictures["novelty"] = "novelty.png"
-        write_pictures(report, out, s.paths.root)
         atomic_write_json(out / "report.json", report.to_dict())
         atomic_write_text(out / "report.md", report.to_markdown())
         quarantine_path = out / "quarantine.csv"

@@ -1,8 +1,10 @@
 """Where the model looks: the share of its Grad-CAM mass inside the lung field.
 
 Evaluate reports `attention.lung_share` on the test split: for every image, the class
-activation map of the predicted class (chestct.gradcam), stretched over the model's input, and
-the lung field of that same input (chestct.lungs); the share of the map's mass inside the
+activation map of the predicted class (chestct.gradcam), put back into the original slice's
+coordinates through the crop the model's preprocessing made (`imaging.map_to_frame`, as
+/explain does), and the lung field of that original slice (chestct.lungs, found on the slice
+as acquired rather than on the equalised model input); the share of the map's mass inside the
 field, averaged over the images and per true class. A model that reads the chest wall, the
 table or the crop's edge scores low however accurate it is. Images without a lung field (the
 lungs' fallback) are counted apart, not averaged.
@@ -17,17 +19,20 @@ from typing import Any
 import cv2
 import numpy as np
 
+from chestct.imaging import BodyBox, map_to_frame
 from chestct.labels import CLASSES
 from chestct.lungs import lung_field, mask_share
 
 
 @dataclass(frozen=True)
 class LungAttention:
-    """Per image: the share of CAM mass inside the lungs (NaN without a lung field or a CAM)
-    and the lung masks of the model inputs."""
+    """Per image: the share of CAM mass inside the lungs (NaN without a lung field or a CAM),
+    and for the pictures the original slices, their lung masks and the CAMs in their frame."""
 
     shares: np.ndarray
+    greys: list[np.ndarray]
     masks: list[np.ndarray]
+    heats: list[np.ndarray]
 
     def summary(self, labels: Sequence[str]) -> dict[str, Any]:
         """metrics.json's `attention` block: lung_share (mean), per class, counts."""
@@ -51,26 +56,34 @@ class LungAttention:
         return [int(i) for i in order[:limit] if np.isfinite(self.shares[i])]
 
 
-def lung_attention(images: np.ndarray, cams: Sequence[np.ndarray]) -> LungAttention:
+def lung_attention(
+    greys: Sequence[np.ndarray],
+    boxes: Sequence[BodyBox],
+    cams: Sequence[np.ndarray],
+    mode: str = "stretch",
+) -> LungAttention:
     """The lung share of each image's CAM.
 
     Args:
-        images: the model inputs, (n, s, s) or (n, s, s, 1), grey levels 0..255.
-        cams: one (h, w) map per image (any resolution; stretched over the input).
+        greys: the original slices (uint8 H x W), as decoded.
+        boxes: the region of each slice the model saw (`imaging.Prepared.box`).
+        cams: one map per image over the model input (any resolution).
+        mode: params `resize.mode`, for putting the map back (`imaging.map_to_frame`).
     """
-    if len(images) != len(cams):
-        raise ValueError(f"{len(images)} images but {len(cams)} activation maps")
-    shares = np.full(len(images), np.nan)
-    masks = []
-    for i, (image, cam) in enumerate(zip(images, cams, strict=True)):
-        grey = np.clip(np.asarray(image).reshape(image.shape[0], image.shape[1]), 0, 255)
-        grey = grey.astype(np.uint8)
+    if not len(greys) == len(boxes) == len(cams):
+        raise ValueError(
+            f"{len(greys)} slices, {len(boxes)} boxes and {len(cams)} activation maps differ"
+        )
+    shares = np.full(len(greys), np.nan)
+    masks, heats = [], []
+    for i, (grey, box, cam) in enumerate(zip(greys, boxes, cams, strict=True)):
         field = lung_field(grey)
+        heat = map_to_frame(np.asarray(cam, np.float32), box, grey.shape, mode)
         masks.append(field.mask)
+        heats.append(heat)
         if field.found:
-            heat = cv2.resize(np.asarray(cam, np.float32), grey.shape[::-1])
             shares[i] = mask_share(heat, field.mask)
-    return LungAttention(shares, masks)
+    return LungAttention(shares, list(greys), masks, heats)
 
 
 def outline(rgb: np.ndarray, mask: np.ndarray) -> np.ndarray:

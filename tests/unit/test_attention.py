@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from chestct.attention import lung_attention, outline
+from chestct.imaging import Normalise, prepare_slice
 from chestct.lungs import lung_field
 from chestct.synthetic import render_slice
 
@@ -13,10 +14,10 @@ from chestct.synthetic import render_slice
 def test_lung_share_of_maps_inside_and_outside_the_lungs() -> None:
     grey = render_slice("normal", np.random.default_rng(2), size=128)
     mask = lung_field(grey).mask
-    inside = mask.astype(np.float32)
-    outside = (~mask).astype(np.float32)
+    whole = prepare_slice(grey, 128).box  # no crop: the model input is the frame
+    inside, outside = mask.astype(np.float32), (~mask).astype(np.float32)
     flat = np.zeros((128, 128), np.uint8)  # no lungs: counted apart
-    found = lung_attention(np.stack([grey, grey, flat])[..., None], [inside, outside, inside])
+    found = lung_attention([grey, grey, flat], [whole] * 3, [inside, outside, inside])
     assert found.shares[0] == pytest.approx(1.0)
     assert found.shares[1] == pytest.approx(0.0)
     assert np.isnan(found.shares[2])
@@ -27,10 +28,22 @@ def test_lung_share_of_maps_inside_and_outside_the_lungs() -> None:
     assert summary["lung_share_per_class"]["squamous_cell_carcinoma"] is None
     assert (summary["images"], summary["without_lungs"]) == (2, 1)
     assert found.worst(5) == [1, 0]
-    # A coarse CAM (feature-map resolution) is stretched over the input.
-    coarse = lung_attention(grey[None], [np.ones((4, 4), np.float32)])
-    assert 0.0 < coarse.shares[0] < 1.0
     drawn = outline(np.zeros((128, 128, 3), np.uint8), mask)
     assert drawn.any() and drawn.shape == (128, 128, 3)
     with pytest.raises(ValueError, match="activation maps"):
-        lung_attention(grey[None], [])
+        lung_attention([grey], [whole], [])
+
+
+def test_lung_share_puts_the_map_back_through_the_crop() -> None:
+    """A map over a body-cropped input lands on the original slice's lungs: a uniform map over
+    the crop has the share of the lungs in the body box, not in the whole frame."""
+    grey = render_slice("normal", np.random.default_rng(3), size=192)
+    framed = np.zeros((256, 320), np.uint8)
+    framed[40:232, 100:292] = grey  # the body off-centre in a wider frame
+    box = prepare_slice(framed, 64, normalise=Normalise(crop="body")).box
+    uniform = np.ones((4, 4), np.float32)
+    share = lung_attention([framed], [box], [uniform]).shares[0]
+    mask = lung_field(framed).mask
+    in_box = mask[max(box.y, 0) : box.y + box.h, max(box.x, 0) : box.x + box.w]
+    assert share == pytest.approx(in_box.mean(), abs=0.02)
+    assert share > mask.mean() + 0.05  # the frame's empty margin holds no CAM mass

@@ -28,6 +28,7 @@ from chestct.attention import LungAttention, lung_attention, outline
 from chestct.external import external_set, score_external
 from chestct.fsutil import atomic_write_json, staged_file
 from chestct.gradcam import CamHead, overlay
+from chestct.imaging import prepare_slice
 from chestct.labels import CLASSES
 from chestct.manifest import DATASET_COLUMNS, read_manifest, write_manifest
 from chestct.metrics import (
@@ -57,6 +58,7 @@ from chestct.scoring import (
     load_images,
     load_model,
     model_outputs,
+    original_slices,
     prediction_table,
     shift_logits,
 )
@@ -238,9 +240,15 @@ def run_evaluate(
     external, external_predictions = run_external(model, params, root, prep, t, class_map)
     head = CamHead.from_model(model)
     predicted = np.argmax(test["logits"], axis=1)
+    # The lungs are looked for on the slices as acquired, the CAM put back over them through
+    # the crop the preprocessing made (as /explain does).
+    greys, _ = original_slices(splits["test"], root)
+    size = int(test_images.shape[1])
     attention = lung_attention(
-        test_images,
+        greys,
+        [prepare_slice(g, size, prep.interpolation, prep.mode, prep.normalise).box for g in greys],
         [head.cam(f, int(k)) for f, k in zip(test["features"], predicted, strict=True)],
+        prep.mode,
     )
     metrics["attention"] = attention.summary(list(splits["test"]["label"]))
     return Evaluation(
@@ -388,14 +396,13 @@ def attention_tiles(ev: Evaluation, limit: int = 8) -> list[tuple[np.ndarray, st
         return []
     p = ev.predictions
     tiles = []
-    for i in ev.attention.worst(limit):
-        predicted = CLASSES.index(p.at[i, "predicted"])
-        heat = ev.cam_head.cam(ev.features[i], predicted)
+    a = ev.attention
+    for i in a.worst(limit):
+        heat = a.heats[i] / max(float(a.heats[i].max()), 1e-6)
         tiles.append(
             (
-                outline(overlay(ev.images[i], heat), ev.attention.masks[i]),
-                f"{p.at[i, 'actual']} → {p.at[i, 'predicted']}\n"
-                f"lung share {ev.attention.shares[i]:.2f}",
+                outline(overlay(a.greys[i], heat), a.masks[i]),
+                f"{p.at[i, 'actual']} → {p.at[i, 'predicted']}\nlung share {a.shares[i]:.2f}",
             )
         )
     return tiles

@@ -29,7 +29,7 @@ from typing import Any
 
 import pandas as pd
 
-from chestct.grouping import identity_keys, identity_leaks, split_groups
+from chestct.grouping import identity_keys, identity_leaks, join_series, split_groups
 from chestct.labels import CLASSES
 from chestct.manifest import SPLITS
 from chestct.settings import ValidateParams
@@ -475,10 +475,11 @@ def identity_checks(checker: Checker) -> None:
 
 
 def dataset_checks(
-    checker: Checker, good: pd.DataFrame, seed: int
+    checker: Checker, good: pd.DataFrame, seed: int, series: dict[Any, int] | None = None
 ) -> tuple[dict, ShortcutResult | None]:
     """On the files handed on (`good`): class_count, class_imbalance, shortcut and
-    acquisition_shortcut; returns the counts per split and class, and the detector's result."""
+    acquisition_shortcut; returns the counts per split and class, and the detector's result.
+    `series` (frame row -> series id, chestct.content_checks) keeps a series in one fold."""
     p = checker.params
     counts = {
         s: {c: int((good[good["split"] == s]["label"] == c).sum()) for c in CLASSES}
@@ -515,6 +516,10 @@ def dataset_checks(
     else:
         # Folds keep copies and slices of one patient/study/group on one side.
         cohorts = split_groups(good, p.near_duplicate_distance)[0]
+        if series:
+            # Rows without a thumbnail get an id of their own (negative: never a series id).
+            ids = [series.get(i, -1 - k) for k, i in enumerate(good.index)]
+            cohorts = join_series(cohorts, ids)
         shortcut = detect_shortcut(good, cohorts, seed, family_margin=min(p.shortcut_margin, 0.1))
         if shortcut is None:
             checker.results["shortcut"] = "skipped: too few images per class for two folds"

@@ -40,6 +40,8 @@ MARK_MAX_COLOUR_SHARE = 0.05
 MARK_SATURATED = 250
 MARK_STROKE_SHARE = 0.012
 MARK_MIN_LINE_SHARE = 0.12
+# ... and at least this many pixels: on a small export a bone edge makes a short straight run.
+MARK_MIN_LINE_PIXELS = 20
 MARK_BODY_MARGIN = 0.05
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 
@@ -74,7 +76,7 @@ def annotation_marks(image: np.ndarray) -> str:
     )
     # A stroke's neighbourhood is dark on both sides; the rim of a thick bright bone is not.
     thin = cv2.bitwise_and(saturated, cv2.bitwise_not(cv2.dilate(thick, np.ones((3, 3)))))
-    length = max(8, round(side * MARK_MIN_LINE_SHARE))
+    length = max(MARK_MIN_LINE_PIXELS, round(side * MARK_MIN_LINE_SHARE))
     lines = cv2.HoughLinesP(thin, 1, np.pi / 180, length, minLineLength=length, maxLineGap=1)
     if lines is not None:
         x0, y0, x1, y1 = (int(v) for v in lines.reshape(-1, 4)[0])
@@ -216,7 +218,15 @@ def content_checks(
         checker.results["few_series"] = "off"
     _per_row(checker, "not_chest", info.not_chest, "slice(s) without a lung field")
     _per_row(checker, "annotation_marks", info.marks, "slice(s) with burned-in marks")
-    return {"novelty": table, "novelty_values": values, "series_per_class": series}
+    # Series over all rows, for the shortcut detector's folds: a patient's near-copies in two
+    # folds would let it recognise the patient rather than the class.
+    linked = series_groups(info.thumbs, p.series_similarity) if p.series_similarity != -1 else []
+    return {
+        "novelty": table,
+        "novelty_values": values,
+        "series_per_class": series,
+        "series_of_row": {row: int(linked[k]) for k, row in enumerate(info.rows) if linked},
+    }
 
 
 def _per_row(checker: Checker, check: str, found: dict[Any, str], what: str) -> None:

@@ -97,7 +97,7 @@ def run_validate(
 
     quarantined_rows = quarantine(checker.findings) if params.quarantine else {}
     good = frame[frame["ok"] & ~frame.index.isin(list(quarantined_rows))]
-    counts, shortcut = dataset_checks(checker, good, seed)
+    counts, shortcut = dataset_checks(checker, good, seed, content.get("series_of_row"))
 
     decodable = frame[frame["ok"]]
     summary = {

@@ -347,13 +347,17 @@ def _anatomy(rng: np.random.Generator, size: int) -> tuple[np.ndarray, list[_Lun
     return img, lungs
 
 
-def render_slice(label: str, rng: np.random.Generator, size: int = 256) -> np.ndarray:
+def render_slice(
+    label: str, rng: np.random.Generator, size: int = 256, patient_field: float = 0.0
+) -> np.ndarray:
     """One synthetic grey slice (uint8, size x size) with the lesion pattern of `label`.
 
     Args:
         label: Canonical class label, one of `LABELS`.
         rng: Source of randomness; only a few draws are taken from it.
         size: Side of the square output in pixels (at least 64).
+        patient_field: amplitude of the patient's coarse grey-level field (0: none, the slices
+            of earlier versions; generate_synthetic uses PATIENT_FIELD for series of slices).
 
     Returns:
         A ``(size, size)`` uint8 lung-window slice.
@@ -377,7 +381,8 @@ def render_slice(label: str, rng: np.random.Generator, size: int = 256) -> np.nd
     # Patients differ in more than their outline: a coarse grey-level field (another build,
     # another inspiration) keeps two synthetic patients from looking like one series to
     # chestct.similarity's thumbnails, as two real patients do.
-    img *= np.clip(1.0 + PATIENT_FIELD * _smooth_field(field_rng, size, 4), 0.6, 1.4)
+    if patient_field:
+        img *= np.clip(1.0 + patient_field * _smooth_field(field_rng, size, 4), 0.6, 1.4)
 
     c = size / 2.0
     m = cv2.getRotationMatrix2D((c, c), body_rng.uniform(-7.0, 7.0), body_rng.uniform(0.9, 1.06))
@@ -475,7 +480,7 @@ def _make_one(
     if patient is None:
         grey = render_slice(label, np.random.default_rng(render_seq))
     else:
-        grey = render_slice(label, np.random.default_rng(patient))
+        grey = render_slice(label, np.random.default_rng(patient), patient_field=PATIENT_FIELD)
         grey = series_jitter(grey, np.random.default_rng(render_seq))
     grey = with_shortcut(grey, label, shortcut)
     img = _export(grey, np.random.default_rng(export_seq))

@@ -231,13 +231,15 @@ def test_series_grouping_keeps_a_series_on_one_side() -> None:
     """Slices of one synthetic patient (near-copies, distinct files and hashes) are linked by
     thumbnail correlation and never straddle train and test; without thumbnails they do."""
     from chestct.similarity import series_groups, thumbnails
-    from chestct.synthetic import render_slice, series_jitter
+    from chestct.synthetic import PATIENT_FIELD, render_slice, series_jitter
 
     rng = np.random.default_rng(0)
     rows, slices, patient_of = [], [], []
     for k, label in enumerate(CLASSES):
         for patient in range(6):
-            base = render_slice(label, np.random.default_rng(1000 * k + patient))
+            base = render_slice(
+                label, np.random.default_rng(1000 * k + patient), patient_field=PATIENT_FIELD
+            )
             for j in range(4):
                 rows.append(ingest_row("", label, f"{label}-{patient}-{j}"))
                 slices.append(series_jitter(base, rng))

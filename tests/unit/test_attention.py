@@ -8,7 +8,7 @@ import pytest
 from chestct.attention import lung_attention, outline
 from chestct.imaging import Normalise, prepare_slice
 from chestct.lungs import lung_field
-from chestct.synthetic import render_slice
+from chestct.synthetic import PATIENT_FIELD, render_slice
 
 
 def test_lung_share_of_maps_inside_and_outside_the_lungs() -> None:
@@ -37,7 +37,7 @@ def test_lung_share_of_maps_inside_and_outside_the_lungs() -> None:
 def test_lung_share_puts_the_map_back_through_the_crop() -> None:
     """A map over a body-cropped input lands on the original slice's lungs: a uniform map over
     the crop has the share of the lungs in the body box, not in the whole frame."""
-    grey = render_slice("normal", np.random.default_rng(3), size=192)
+    grey = render_slice("normal", np.random.default_rng(3), 192, patient_field=PATIENT_FIELD)
     framed = np.zeros((256, 320), np.uint8)
     framed[40:232, 100:292] = grey  # the body off-centre in a wider frame
     box = prepare_slice(framed, 64, normalise=Normalise(crop="body")).box

@@ -12,11 +12,11 @@ from chestct.checks import Checker
 from chestct.content_checks import annotation_marks, content_checks, read_slices
 from chestct.labels import CLASSES
 from chestct.settings import ValidateParams
-from chestct.synthetic import render_slice, series_jitter
+from chestct.synthetic import PATIENT_FIELD, render_slice, series_jitter
 
 
 def _patient(label: str, seed: int) -> np.ndarray:
-    return render_slice(label, np.random.default_rng(seed))
+    return render_slice(label, np.random.default_rng(seed), patient_field=PATIENT_FIELD)
 
 
 def _frame(tmp_path: Path, slices: list[tuple[str, str, np.ndarray]]) -> pd.DataFrame:

@@ -29,7 +29,7 @@ from typing import Any
 
 import pandas as pd
 
-from chestct.grouping import identity_keys, identity_leaks, split_groups
+from chestct.grouping import identity_keys, identity_leaks, join_series, split_groups
 from chestct.labels import CLASSES
 from chestct.manifest import SPLITS
 from chestct.settings import ValidateParams
@@ -70,6 +70,14 @@ CHECKS: dict[str, tuple[str, str]] = {
         "warning",
         "body framing and grey levels in the pixels alone predict the class (cross-validated)",
     ),
+    # chestct.content_checks: what the pixels say about the dataset.
+    "near_copy_split": (
+        "warning",
+        "a split mostly made of near-copies of train (thumbnail correlation)",
+    ),
+    "few_series": ("warning", "a train class drawn from fewer than min_series_per_class series"),
+    "not_chest": ("warning", "slices without a lung field (abdomen, pelvis)"),
+    "annotation_marks": ("warning", "burned-in marks drawn on the pixels (lines, boxes)"),
 }
 QUARANTINE_COLUMNS: tuple[str, ...] = ("split", "label", "source_path", "sha256", "checks")
 _EXTENSIONS = {
@@ -117,6 +125,8 @@ class Report:
     shortcut: dict[str, Any] | None = None
     pictures: dict[str, str] = field(default_factory=dict)
     metadata: pd.DataFrame | None = field(default=None, repr=False)  # for the shortcut plot
+    # Nearest-train similarities per split (chestct.content_checks), for novelty.csv/png.
+    novelty_values: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def worst(self) -> str:
@@ -137,7 +147,11 @@ class Report:
         lines = ["# chestct data validation report", "", f"Status: **{self.worst}**", ""]
         if self.summary:
             lines += [
-                ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in self.summary.items()),
+                ", ".join(
+                    f"{k.replace('_', ' ')}: {v}"
+                    for k, v in self.summary.items()
+                    if k != "novelty"
+                ),
                 "",
             ]
         lines += ["| split | " + " | ".join(CLASSES) + " |", "|---" * (len(CLASSES) + 1) + "|"]
@@ -165,6 +179,26 @@ class Report:
                 lines.append(f"  - … and {len(f.files) - _MAX_LISTED} more (see report.json)")
             if f.picture:
                 lines += ["", f"  ![{f.check}]({f.picture})", ""]
+        novelty = self.summary.get("novelty") if self.summary else None
+        if novelty:
+            lines += [
+                "",
+                "## Near-copies of train",
+                "",
+                "Thumbnail correlation of each slice with its nearest train slice "
+                "(train: without itself).",
+                "",
+                "| set | images | near-copy share | q05 | q25 | median | q75 | q95 |",
+                "|---|---|---|---|---|---|---|---|",
+                *(
+                    f"| {k} | {v['images']} | {v['near_copy_share']:.2f} | "
+                    + " | ".join(str(v.get(q, "")) for q in ("q05", "q25", "q50", "q75", "q95"))
+                    + " |"
+                    for k, v in novelty.items()
+                ),
+            ]
+            if "novelty" in self.pictures:
+                lines += ["", f"![novelty]({self.pictures['novelty']})"]
         if self.shortcut:
             s = self.shortcut
             lines += [
@@ -441,10 +475,11 @@ def identity_checks(checker: Checker) -> None:
 
 
 def dataset_checks(
-    checker: Checker, good: pd.DataFrame, seed: int
+    checker: Checker, good: pd.DataFrame, seed: int, series: dict[Any, int] | None = None
 ) -> tuple[dict, ShortcutResult | None]:
     """On the files handed on (`good`): class_count, class_imbalance, shortcut and
-    acquisition_shortcut; returns the counts per split and class, and the detector's result."""
+    acquisition_shortcut; returns the counts per split and class, and the detector's result.
+    `series` (frame row -> series id, chestct.content_checks) keeps a series in one fold."""
     p = checker.params
     counts = {
         s: {c: int((good[good["split"] == s]["label"] == c).sum()) for c in CLASSES}
@@ -481,6 +516,10 @@ def dataset_checks(
     else:
         # Folds keep copies and slices of one patient/study/group on one side.
         cohorts = split_groups(good, p.near_duplicate_distance)[0]
+        if series:
+            # Rows without a thumbnail get an id of their own (negative: never a series id).
+            ids = [series.get(i, -1 - k) for k, i in enumerate(good.index)]
+            cohorts = join_series(cohorts, ids)
         shortcut = detect_shortcut(good, cohorts, seed, family_margin=min(p.shortcut_margin, 0.1))
         if shortcut is None:
             checker.results["shortcut"] = "skipped: too few images per class for two folds"

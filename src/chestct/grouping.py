@@ -122,3 +122,16 @@ def identity_leaks(frame: pd.DataFrame) -> list[dict[str, Any]]:
             }
         )
     return leaks
+
+
+def join_series(groups: pd.Series, series: list[int]) -> pd.Series:
+    """`groups` (split_groups' ids) joined with series ids (chestct.similarity.series_groups,
+    one per row in the same order): rows linked by either share a group, transitively."""
+    if len(series) != len(groups):
+        raise ValueError(f"{len(series)} series ids for {len(groups)} rows")
+    uf = UnionFind(len(groups))
+    first: dict[Any, int] = {}
+    for position, (group, one) in enumerate(zip(groups, series, strict=True)):
+        uf.union(first.setdefault(("g", group), position), position)
+        uf.union(first.setdefault(("s", one), position), position)
+    return pd.Series([uf.find(i) for i in range(len(groups))], index=groups.index, name="group")

@@ -27,6 +27,8 @@ from typing import Any
 import cv2
 import numpy as np
 
+from chestct.lungs import lung_field
+
 INTERPOLATIONS = {"area": cv2.INTER_AREA, "linear": cv2.INTER_LINEAR, "cubic": cv2.INTER_CUBIC}
 
 # How a slice that is not square becomes square (params `resize.mode`).
@@ -1303,7 +1305,7 @@ def resize(
 
 
 # Params `resize.crop` and `resize.intensity`.
-CROPS: tuple[str, ...] = ("body", "none")
+CROPS: tuple[str, ...] = ("body", "lungs", "none")
 INTENSITIES: tuple[str, ...] = ("percentile", "equalize", "clahe", "none")
 CLAHE_TILES = 8  # tiles per side of the prepared image
 # A slice whose percentile window spans fewer grey levels is near-blank and left as it is.
@@ -1318,7 +1320,7 @@ class Normalise:
     params `resize` and the model card choose what a pipeline and a served model use.
     """
 
-    crop: str = "none"  # body: cut to `body_box` first; none: the whole frame
+    crop: str = "none"  # body: cut to `body_box` first; lungs: to chestct.lungs' box; none
     crop_margin: float = 0.02  # share of the body box's side added on every side
     intensity: str = "none"  # percentile | equalize | clahe | none
     percentiles: tuple[float, float] = (1.0, 99.5)  # percentile: this window -> 0..255
@@ -1442,11 +1444,24 @@ def prepare_slice(
         # at the edge, 8 % this way).
         body: BodyBox | None = body_box(grey, 0.0)
         box = body.grown(normalise.crop_margin) if body.found else body
+    elif normalise.crop == "lungs":
+        body, box = None, lung_box(grey, normalise.crop_margin)
     else:
         body = None
         box = BodyBox(0, 0, grey.shape[1], grey.shape[0], reason="crop: none")
     image = resize(box.crop(grey), size, interpolation, mode)
     return Prepared(normalise_intensity(image, normalise), box, body)
+
+
+def lung_box(grey: np.ndarray, margin: float) -> BodyBox:
+    """The box of `chestct.lungs.lung_field` grown by `margin` (`resize.crop: lungs`); a
+    slice without a lung field is cut to its body box instead, the reason kept."""
+    field = lung_field(grey)
+    if field.found:
+        return BodyBox(field.x, field.y, field.w, field.h).grown(margin)
+    body = body_box(grey, 0.0)
+    box = body.grown(margin) if body.found else body
+    return dataclasses.replace(box, reason=f"no lungs ({field.reason}); body box used")
 
 
 def map_to_frame(

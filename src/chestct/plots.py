@@ -138,6 +138,26 @@ def plot_shift(table: pd.DataFrame, target: Path) -> None:
     _save(fig, target)
 
 
+def plot_novelty(values: dict[str, np.ndarray], threshold: float, target: Path) -> None:
+    """Histograms of each set's nearest-train thumbnail correlation, with the near-copy
+    threshold (base.near_copy_similarity) marked."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    bins = np.linspace(-0.2, 1.0, 61)
+    for name, sims in values.items():
+        sims = np.asarray(sims, float)
+        sims = sims[np.isfinite(sims)]
+        if len(sims):
+            ax.hist(sims, bins=bins, histtype="step", density=True, label=f"{name} ({len(sims)})")
+    ax.axvline(threshold, color="black", linestyle="--", linewidth=1, label="near-copy")
+    ax.set_xlabel("correlation with the nearest train slice")
+    ax.set_ylabel("density")
+    ax.set_title("Near-copies of train (train: without itself)", fontsize=10)
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    _save(fig, target)
+
+
 def plot_gallery(
     tiles: list[tuple[np.ndarray, str]], target: Path, title: str, columns: int = 4
 ) -> None:

@@ -78,6 +78,9 @@ class IngestParams:
     # "" (off) | zoom | dark: the synthetic default draws one class at another zoom or grey
     # level in every split, an acquisition shortcut for testing that promote cannot be fooled
     synthetic_shortcut: Literal["", "zoom", "dark"] = ""
+    # Slices per synthetic patient: near-copies (shifted, turned, noised) of one rendered
+    # slice, so that series grouping and novelty have something to find; 1: one each.
+    synthetic_series: int = 3
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,11 @@ class SplitParams:
     test_fraction: float = 0.15
     near_duplicate_distance: int = 12  # pHash bits (of 256); -1 turns near-duplicates off
     dedupe: Literal["report", "drop"] = "report"
+    # Thumbnail correlation (chestct.similarity) at or above which two slices are one series
+    # and move together (connected components); -1 turns series grouping off. 0.9, as
+    # base.near_copy_similarity: no test slice is then a near-copy of a train slice
+    # (docs/data-checks.md: on the real train folder 54 % of a test split were before).
+    series_similarity: float = 0.9
 
 
 @dataclass(frozen=True)
@@ -95,7 +103,7 @@ class ResizeParams:
     mode: Literal["stretch", "pad", "crop"] = "stretch"
     workers: int = 0  # processes; 0 = all cores
     # Acquisition normalisation (imaging.Normalise; README "Acquisition shift").
-    crop: Literal["body", "none"] = "body"
+    crop: Literal["body", "lungs", "none"] = "body"
     crop_margin: float = 0.02
     intensity: Literal["percentile", "equalize", "clahe", "none"] = "percentile"
     percentiles: list[float] = field(default_factory=lambda: [1.0, 99.5])
@@ -129,6 +137,11 @@ class ValidateParams:
     shortcut_min_images: int = 40
     quarantine: bool = False
     severities: dict[str, Literal["info", "warning", "error"]] = field(default_factory=dict)
+    # A split (or the external set) with more than this share of its slices at or above
+    # base.near_copy_similarity to their nearest train slice is mostly near-copies of train.
+    max_near_copy_share: float = 0.5
+    series_similarity: float = 0.95  # thumbnail correlation linking slices into one series
+    min_series_per_class: int = 3  # a class drawn from fewer series (of train) is flagged
 
 
 @dataclass(frozen=True)
@@ -645,6 +658,20 @@ def _check_data_params(params: Params) -> None:
             )
     if resize.workers < 0:
         raise SettingsError("resize.workers: must be >= 0 (0 = all cores)")
+    if ingest.synthetic_series < 1:
+        raise SettingsError("ingest.synthetic_series: must be >= 1 slice per synthetic patient")
+    for key, value in (
+        ("split.series_similarity", split.series_similarity),
+        ("validate.series_similarity", validate.series_similarity),
+    ):
+        if value != -1 and not 0.0 < value <= 1.0:
+            raise SettingsError(
+                f"{key}: must be a thumbnail correlation in (0, 1], or -1 for off; got {value}"
+            )
+    if not 0.0 <= validate.max_near_copy_share <= 1.0:
+        raise SettingsError("validate.max_near_copy_share: must be a share in 0..1")
+    if validate.min_series_per_class < 0:
+        raise SettingsError("validate.min_series_per_class: must be >= 0 (0 turns it off)")
     if validate.min_class_count < 0 or validate.min_file_bytes < 0:
         raise SettingsError("validate.min_class_count and validate.min_file_bytes: must be >= 0")
     if not 1 <= validate.min_side <= validate.max_side:

@@ -51,6 +51,14 @@ SHORTCUT_CLASS = "large_cell_carcinoma"
 SHORTCUT_ZOOM = 0.7  # share of the frame the slice keeps, on black
 SHORTCUT_GAIN = 0.6  # grey levels scaled by this
 # Fast zlib level with a fixed row filter: adaptive filtering dominated generation time.
+# Amplitude of a patient's coarse grey-level field (render_slice): at 0.35, a quarter of new
+# synthetic patients still had a train slice at thumbnail correlation >= 0.9; at 0.6 (the
+# factor clipped to 0.6..1.4), 12 %.
+PATIENT_FIELD = 0.6
+# Slices of one synthetic patient (generate_synthetic's `series`) differ by this much.
+SERIES_SHIFT = 0.03  # share of the side
+SERIES_ROTATION = 3.0  # degrees
+SERIES_NOISE = 4.0  # grey levels (sd)
 _PNG_PARAMS = [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_SUB]
 
 # Grey levels of tissues after a lung window, on a 0..1 scale.
@@ -339,13 +347,17 @@ def _anatomy(rng: np.random.Generator, size: int) -> tuple[np.ndarray, list[_Lun
     return img, lungs
 
 
-def render_slice(label: str, rng: np.random.Generator, size: int = 256) -> np.ndarray:
+def render_slice(
+    label: str, rng: np.random.Generator, size: int = 256, patient_field: float = 0.0
+) -> np.ndarray:
     """One synthetic grey slice (uint8, size x size) with the lesion pattern of `label`.
 
     Args:
         label: Canonical class label, one of `LABELS`.
         rng: Source of randomness; only a few draws are taken from it.
         size: Side of the square output in pixels (at least 64).
+        patient_field: amplitude of the patient's coarse grey-level field (0: none, the slices
+            of earlier versions; generate_synthetic uses PATIENT_FIELD for series of slices).
 
     Returns:
         A ``(size, size)`` uint8 lung-window slice.
@@ -356,8 +368,8 @@ def render_slice(label: str, rng: np.random.Generator, size: int = 256) -> np.nd
         raise ValueError(f"size must be >= 64, got {size}")
     # Separate streams: with the same rng state, every label gets the same patient and the
     # same noise, so the lesion is the only difference between classes.
-    body_rng, lesion_rng, noise_rng = (
-        np.random.default_rng(int(s)) for s in rng.integers(0, 2**63, size=3)
+    body_rng, lesion_rng, noise_rng, field_rng = (
+        np.random.default_rng(int(s)) for s in rng.integers(0, 2**63, size=4)
     )
     k = size / _REF
     img, lungs = _anatomy(body_rng, size)
@@ -366,6 +378,11 @@ def render_slice(label: str, rng: np.random.Generator, size: int = 256) -> np.nd
     # A big bright mass raises the mean intensity and would leak the label through it, so the
     # slice is rescaled to the mean of the same patient without the lesion.
     img *= base_mean / max(float(img.mean()), 1e-6)
+    # Patients differ in more than their outline: a coarse grey-level field (another build,
+    # another inspiration) keeps two synthetic patients from looking like one series to
+    # chestct.similarity's thumbnails, as two real patients do.
+    if patient_field:
+        img *= np.clip(1.0 + patient_field * _smooth_field(field_rng, size, 4), 0.6, 1.4)
 
     c = size / 2.0
     m = cv2.getRotationMatrix2D((c, c), body_rng.uniform(-7.0, 7.0), body_rng.uniform(0.9, 1.06))
@@ -432,9 +449,41 @@ def with_shortcut(grey: np.ndarray, label: str, shortcut: str) -> np.ndarray:
     raise ValueError(f"unknown synthetic shortcut {shortcut!r}; use '', 'zoom' or 'dark'")
 
 
-def _make_one(path: Path, label: str, seq: np.random.SeedSequence, shortcut: str = "") -> Path:
+def series_jitter(grey: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Another slice of the same synthetic patient: the rendered slice shifted by up to
+    `SERIES_SHIFT` of its side, turned by up to `SERIES_ROTATION` degrees and given fresh
+    noise, as neighbouring slices of one CT series differ (a near-copy, not a copy)."""
+    size = grey.shape[0]
+    c = size / 2.0
+    m = cv2.getRotationMatrix2D((c, c), rng.uniform(-SERIES_ROTATION, SERIES_ROTATION), 1.0)
+    m[:, 2] += rng.uniform(-SERIES_SHIFT, SERIES_SHIFT, size=2) * size
+    moved = cv2.warpAffine(
+        grey.astype(np.float32),
+        m,
+        (size, size),
+        flags=cv2.INTER_LINEAR,
+        borderMode=cv2.BORDER_CONSTANT,
+        borderValue=float(grey.min()),
+    )
+    moved += rng.normal(0.0, SERIES_NOISE, moved.shape).astype(np.float32)
+    return np.clip(np.round(moved), 0, 255).astype(np.uint8)
+
+
+def _make_one(
+    path: Path,
+    label: str,
+    seq: np.random.SeedSequence,
+    shortcut: str = "",
+    patient: np.random.SeedSequence | None = None,
+) -> Path:
+    """One file; `patient` (the series' seed) makes it a jittered slice of that patient."""
     render_seq, export_seq = seq.spawn(2)
-    grey = with_shortcut(render_slice(label, np.random.default_rng(render_seq)), label, shortcut)
+    if patient is None:
+        grey = render_slice(label, np.random.default_rng(render_seq))
+    else:
+        grey = render_slice(label, np.random.default_rng(patient), patient_field=PATIENT_FIELD)
+        grey = series_jitter(grey, np.random.default_rng(render_seq))
+    grey = with_shortcut(grey, label, shortcut)
     img = export_slice(grey, np.random.default_rng(export_seq))
     ok, buf = cv2.imencode(".png", img, _PNG_PARAMS)
     if not ok:
@@ -444,7 +493,11 @@ def _make_one(path: Path, label: str, seq: np.random.SeedSequence, shortcut: str
 
 
 def generate_synthetic(
-    out_dir: Path, seed: int, per_class: Mapping[str, int], shortcut: str = ""
+    out_dir: Path,
+    seed: int,
+    per_class: Mapping[str, int],
+    shortcut: str = "",
+    series: int = 1,
 ) -> list[Path]:
     """Write the synthetic dataset under `out_dir` in the Kaggle folder layout.
 
@@ -454,6 +507,9 @@ def generate_synthetic(
         per_class: Images per class for each split, e.g.
             ``{"train": 120, "valid": 20, "test": 30}``. Splits left out are skipped.
         shortcut: "" (none), "zoom" or "dark": see `with_shortcut`.
+        series: slices per synthetic patient (params `ingest.synthetic_series`): images
+            k*series .. k*series + series - 1 of a class and split are near-copies of one
+            patient (`series_jitter`); 1 makes every image its own patient.
 
     Returns:
         Sorted paths of the files written.
@@ -463,12 +519,14 @@ def generate_synthetic(
     unknown = set(per_class) - set(SPLITS)
     if unknown:
         raise ValueError(f"unknown splits {sorted(unknown)}; expected a subset of {SPLITS}")
+    if series < 1:
+        raise ValueError(f"series must be at least 1 slice per patient, got {series}")
     for split, count in per_class.items():
         if count < 0:
             raise ValueError(f"negative count for split {split!r}: {count}")
 
     out_dir = Path(out_dir)
-    jobs: list[tuple[Path, str, np.random.SeedSequence]] = []
+    jobs: list[tuple[Path, str, np.random.SeedSequence, np.random.SeedSequence | None]] = []
     for s_idx, split in enumerate(SPLITS):
         count = int(per_class.get(split, 0))
         for l_idx, label in enumerate(LABELS):
@@ -482,12 +540,17 @@ def generate_synthetic(
                 seq = np.random.SeedSequence([seed, s_idx, l_idx, index])
                 # Opaque, class-free file name (the folder already carries the label).
                 name = f"{int(seq.generate_state(1, np.uint64)[0]):016x}.png"
-                jobs.append((folder / name, label, seq))
+                patient = None
+                if series > 1:
+                    patient = np.random.SeedSequence([seed, s_idx, l_idx, index // series, series])
+                jobs.append((folder / name, label, seq, patient))
 
     # cv2 and numpy release the GIL, so threads give real parallelism; every image owns its
     # generator, so the result does not depend on scheduling.
     workers = max(1, min(4, os.cpu_count() or 1))
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        written = list(pool.map(lambda job: _make_one(*job, shortcut), jobs))
+        written = list(
+            pool.map(lambda job: _make_one(job[0], job[1], job[2], shortcut, job[3]), jobs)
+        )
     logger.info("wrote %d synthetic slices under %s (seed=%d)", len(written), out_dir, seed)
     return sorted(written)

@@ -287,6 +287,7 @@ def test_compose_mounts_the_alert_rules_and_provisions_the_dashboard(tmp_path: P
     uids = {json.loads(path.read_text(encoding="utf-8"))["uid"] for path in dashboards}
     assert "chestct-monitoring" in uids
 
+
 # --------------------------------------------------------------------------- the proxy
 
 

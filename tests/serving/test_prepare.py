@@ -85,3 +85,46 @@ def test_explain_heatmap_lies_over_the_body_in_the_upload(
     assert len(xs) > 0
     assert xs.min() >= box.x and xs.max() < box.x + box.w
     assert ys.min() >= box.y and ys.max() < box.y + box.h
+
+
+def test_lung_crop_flows_from_resize_through_the_card_to_the_predictor(
+    tmp_path: Path,
+    model_dir: Path,
+) -> None:
+    """`resize.crop: lungs`: the card records it, serving cuts the upload to the same lung box
+    as the resize stage did, and /predict answers on it."""
+    from chestct.inference import load_folder
+    from chestct.lungs import lung_field
+    from chestct.serving import create_app
+    from chestct.stages.resize import normalise_of, run_resize
+    from chestct.synthetic import render_slice
+
+    params = ResizeParams(crop="lungs", crop_margin=0.05, intensity="percentile", workers=1)
+    grey = zoomed_out(render_slice("adenocarcinoma", np.random.default_rng(4)), 0.8, 0.3, 0.4)
+    assert lung_field(grey).found
+    ok, buf = cv2.imencode(".png", grey)
+    assert ok
+    data = buf.tobytes()
+    (tmp_path / "slice.png").write_bytes(data)
+    manifest = pd.DataFrame(
+        [{"path": "slice.png", "label": "normal", "sha256": "b" * 64, "source_path": "s"}]
+    )
+    index, _ = run_resize({"train": manifest}, params, SIZE, tmp_path / "out", tmp_path)
+    made = cv2.imread(str(tmp_path / index["resized"][0]), cv2.IMREAD_GRAYSCALE)
+
+    folder = normalised_model(model_dir, tmp_path / "model", normalise_of(params))
+    card = json.loads((folder / "model.json").read_text(encoding="utf-8"))
+    assert card["preprocessing"]["crop"] == "lungs"
+    served = load_folder(folder).prepare(imaging.decode(data))
+    np.testing.assert_array_equal(served, made)
+    body = imaging.prepare_slice(grey, SIZE, normalise=Normalise(crop="body", crop_margin=0.05))
+    assert not np.array_equal(served, body.image)  # the lung box, not the body box
+
+    client = create_app({"MODEL_DIR": str(folder)}).test_client()
+    resp = client.post(
+        "/predict",
+        data={"file": (__import__("io").BytesIO(data), "s.png")},
+        content_type="multipart/form-data",
+    )
+    assert resp.status_code == 200, resp.get_json()
+    assert resp.get_json()["label"]

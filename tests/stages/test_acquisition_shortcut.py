@@ -90,8 +90,10 @@ def _pipeline(
     assert len(summary.acquisition) == frame["sha256"].nunique()
     parts, _ = run_split(frame, SplitParams(), seed=42)
     index, _ = run_resize(parts, ResizeParams(), 32, root / "artifacts" / "resize", root)
+    # With the project root, as the stage runs it: the pixel checks, and shortcut folds that
+    # keep a synthetic patient's series together.
     datasets, report = run_validate(
-        parts, index, ValidateParams(), seed=42, acquisition=summary.acquisition
+        parts, index, ValidateParams(), seed=42, acquisition=summary.acquisition, root=root
     )
     return report, datasets, summary.acquisition
 

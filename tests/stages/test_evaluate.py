@@ -105,6 +105,14 @@ def test_run_evaluate_scores_the_test_split_and_calibrates_on_valid(evaluation, 
     assert list(p["predicted"]) == [CLASSES[i] for i in proba.argmax(axis=1)]
     assert evaluation.features.shape[0] == len(p)
     assert evaluation.images.shape == (len(p), SIZE, SIZE, 1)
+    # Where the model looks: the share of its CAM mass inside the lungs of the test images.
+    attention = m["attention"]
+    assert attention["images"] + attention["without_lungs"] == len(p)
+    # These test images are noise bands: the lung field is rarely found on them; the share is
+    # a mean over those where it is (the computation itself: tests/unit/test_attention.py).
+    assert attention["without_lungs"] > len(p) // 2
+    assert attention["lung_share"] is None or 0.0 <= attention["lung_share"] <= 1.0
+    assert set(attention["lung_share_per_class"]) == set(CLASSES)
 
 
 def test_run_evaluate_adds_the_memorizer_novelty_and_intervals(evaluation, project) -> None:

@@ -252,3 +252,48 @@ def test_split_fails_when_a_split_would_be_empty(tmp_path: Path) -> None:
     message = r"split '(train|valid)' is empty.*too few images \(4, in 4 groups"
     with pytest.raises(StageFailed, match=message):
         run_split(frame, SplitParams(), seed=0)
+
+
+# --------------------------------------------------------------------------- series
+
+
+def test_series_grouping_keeps_a_series_on_one_side() -> None:
+    """Slices of one synthetic patient (near-copies, distinct files and hashes) are linked by
+    thumbnail correlation and never straddle train and test; without thumbnails they do."""
+    from chestct.similarity import series_groups, thumbnails
+    from chestct.synthetic import PATIENT_FIELD, render_slice, series_jitter
+
+    rng = np.random.default_rng(0)
+    rows, slices, patient_of = [], [], []
+    for k, label in enumerate(CLASSES):
+        for patient in range(6):
+            base = render_slice(
+                label, np.random.default_rng(1000 * k + patient), patient_field=PATIENT_FIELD
+            )
+            for j in range(4):
+                rows.append(ingest_row("", label, f"{label}-{patient}-{j}"))
+                slices.append(series_jitter(base, rng))
+                patient_of.append(f"{label}-{patient}")
+    manifest = pd.DataFrame(rows, columns=list(INGEST_COLUMNS)).fillna("")
+    thumbs = thumbnails(slices)
+    params = SplitParams(
+        mode="pool",
+        valid_fraction=0.2,
+        test_fraction=0.2,
+        near_duplicate_distance=-1,
+        series_similarity=0.9,
+    )
+
+    def straddling(parts: dict[str, pd.DataFrame]) -> int:
+        side = {key: split for split, part in parts.items() for key in part["sha256"]}
+        sides = pd.Series([side[key] for key in manifest["sha256"]])
+        return int(sides.groupby(pd.Series(patient_of)).nunique().gt(1).sum())
+
+    grouped, summary = run_split(manifest, params, seed=3, thumbs=thumbs)
+    series = series_groups(thumbs, 0.9)
+    assert 20 <= summary.groups["series"] == len(set(series)) <= 28  # 24 patients
+    side = {key: split for split, part in grouped.items() for key in part["sha256"]}
+    sides = pd.Series([side[key] for key in manifest["sha256"]])
+    assert sides.groupby(pd.Series(series)).nunique().max() == 1  # a series on one side
+    loose, _ = run_split(manifest, params, seed=3)
+    assert straddling(grouped) < straddling(loose)

@@ -451,3 +451,30 @@ def test_validate_on_resized_images(tmp_path: Path) -> None:
     assert checks(report) == {"cross_split_duplicate": "error"}
     assert all((tmp_path / p).is_file() for d in datasets.values() for p in d["path"])
     assert len(datasets["test"]) == 4 * 2 + 1
+
+
+def test_validate_reads_the_pixels_near_copies_series_and_report(tmp_path: Path) -> None:
+    """ingest (synthetic series of 3) -> split -> resize -> validate with the project root:
+    the near-copy table per split against train's own, series per class, novelty.png."""
+    frame, _ = ingest_folder(
+        tmp_path, "synthetic", synthetic_per_class={"train": 6, "valid": 3, "test": 3}
+    )
+    parts, _ = run_split(frame, SplitParams(), seed=0)
+    index, _ = run_resize(
+        parts, ResizeParams(), IMAGE_SIZE, tmp_path / "artifacts" / "resize", tmp_path, workers=1
+    )
+    params = ValidateParams(min_series_per_class=3, **QUICK)
+    _, report = run_validate(parts, index, params, root=tmp_path, near_copy_similarity=0.9)
+
+    novelty = report.summary["novelty"]
+    assert set(novelty) == {"train", "valid", "test"}
+    # Train's slices come in series of 3 (near-copies); valid and test are other patients.
+    assert novelty["train"]["near_copy_share"] == 1.0
+    for split in ("valid", "test"):
+        assert novelty[split]["near_copy_share"] <= 0.5 and novelty[split]["q50"] < 0.9
+    assert report.checks["near_copy_split"]["result"].startswith("passed")
+    # 6 train slices per class = 2 synthetic patients: below the minimum of 3.
+    assert report.summary["series_per_class"] == dict.fromkeys(CLASSES, 2)
+    assert "few_series" in {f.check for f in report.findings}
+    assert "Near-copies of train" in report.to_markdown()
+    assert len(report.novelty_values["test"]) == 4 * 3

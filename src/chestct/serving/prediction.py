@@ -95,6 +95,7 @@ def _record_refusal(
     except Exception:  # a full disk must not take predictions down; it is logged
         log.exception("could not write the audit log %s", audit.path)
 
+
 def hold_large_slot(service: Service) -> None:
     """Wait for this worker's one slot for large images (held until `release_large_slot`,
     which the request's teardown calls).

@@ -30,9 +30,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from chestct.attention import LungAttention, lung_attention, outline
 from chestct.external import external_set, score_external
 from chestct.fsutil import atomic_write_json, staged_file
 from chestct.gradcam import CamHead, overlay
+from chestct.imaging import prepare_slice
 from chestct.labels import CLASSES
 from chestct.manifest import DATASET_COLUMNS, read_manifest, write_manifest
 from chestct.metrics import (
@@ -70,6 +72,7 @@ from chestct.scoring import (
     load_images,
     load_model,
     model_outputs,
+    original_slices,
     prediction_table,
     shift_logits,
     shift_predictions,
@@ -86,6 +89,7 @@ PLOTS = (
     "shift.png",
     "misclassified.png",
     "gradcam.png",
+    "attention.png",
 )
 
 
@@ -108,6 +112,7 @@ class Evaluation:
     reference: dict[str, Any]  # the monitoring profile (chestct.monitoring)
     external: dict[str, Any]  # external.json: {"source": ""} when evaluate.external is off
     external_predictions: pd.DataFrame | None = None
+    attention: LungAttention | None = None  # CAM mass inside the lungs (chestct.attention)
 
 
 def fit_calibration(
@@ -273,6 +278,19 @@ def run_evaluate(
     external, external_predictions = run_external(
         model, params, root, prep, t, class_map, reference_set, seed
     )
+    head = CamHead.from_model(model)
+    predicted = np.argmax(test["logits"], axis=1)
+    # The lungs are looked for on the slices as acquired, the CAM put back over them through
+    # the crop the preprocessing made (as /explain does).
+    greys, _ = original_slices(splits["test"], root)
+    size = int(test_images.shape[1])
+    attention = lung_attention(
+        greys,
+        [prepare_slice(g, size, prep.interpolation, prep.mode, prep.normalise).box for g in greys],
+        [head.cam(f, int(k)) for f, k in zip(test["features"], predicted, strict=True)],
+        prep.mode,
+    )
+    metrics["attention"] = attention.summary(list(splits["test"]["label"]))
     return Evaluation(
         metrics=metrics,
         predictions=predictions,
@@ -282,10 +300,11 @@ def run_evaluate(
         reliability_after=reliability(y_test, calibrated_test),
         images=test_images,
         features=test["features"],
-        cam_head=CamHead.from_model(model),
+        cam_head=head,
         reference=reference,
         external=external,
         external_predictions=external_predictions,
+        attention=attention,
     )
 
 
@@ -429,6 +448,25 @@ def gradcam_tiles(ev: Evaluation, per_class: int) -> list[tuple[np.ndarray, str]
     return tiles
 
 
+def attention_tiles(ev: Evaluation, limit: int = 8) -> list[tuple[np.ndarray, str]]:
+    """The test images whose predicted-class CAM has the least mass inside the lungs, with the
+    lung field outlined."""
+    if ev.attention is None:
+        return []
+    p = ev.predictions
+    tiles = []
+    a = ev.attention
+    for i in a.worst(limit):
+        heat = a.heats[i] / max(float(a.heats[i].max()), 1e-6)
+        tiles.append(
+            (
+                outline(overlay(a.greys[i], heat), a.masks[i]),
+                f"{p.at[i, 'actual']} → {p.at[i, 'predicted']}\nlung share {a.shares[i]:.2f}",
+            )
+        )
+    return tiles
+
+
 def write_outputs(ev: Evaluation, out: Path, params: EvaluateParams) -> dict[str, Path]:
     """Write metrics, tables, OOD statistics and pictures into `out`; returns them by name."""
     files = {
@@ -478,6 +516,11 @@ def write_outputs(ev: Evaluation, out: Path, params: EvaluateParams) -> dict[str
         gradcam_tiles(ev, params.gallery_per_class),
         out / "gradcam.png",
         "Grad-CAM: top-confidence and worst cases per class",
+    )
+    plot_gallery(
+        attention_tiles(ev),
+        out / "attention.png",
+        "Grad-CAM mass outside the lungs (outlined): the worst test images",
     )
     return files
 

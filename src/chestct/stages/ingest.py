@@ -270,6 +270,7 @@ def run_ingest(
                 base.seed,
                 params.synthetic_per_class,
                 params.synthetic_shortcut,
+                params.synthetic_series,
             )
             source = Source("synthetic", "synthetic", staging / "synthetic")
         elif is_listing(params.source):

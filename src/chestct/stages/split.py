@@ -34,11 +34,13 @@ import numpy as np
 import pandas as pd
 
 from chestct.dedup import group_files
-from chestct.grouping import identity_leaks, split_groups
+from chestct.grouping import identity_leaks, join_series, split_groups
+from chestct.imaging import ImageError, decode
 from chestct.manifest import INGEST_COLUMNS, SPLITS, read_manifest, write_manifest
 from chestct.pointers import read_pointer
 from chestct.runner import StageFailed, run_main, stage_session
 from chestct.settings import SplitParams
+from chestct.similarity import series_groups, thumbnails
 
 log = logging.getLogger(__name__)
 
@@ -88,14 +90,26 @@ def _carve(
 
 
 def run_split(
-    ingest_manifest: pd.DataFrame, params: SplitParams, seed: int
+    ingest_manifest: pd.DataFrame,
+    params: SplitParams,
+    seed: int,
+    thumbs: np.ndarray | None = None,
 ) -> tuple[dict[str, pd.DataFrame], SplitSummary]:
-    """Split the ingest manifest; returns one frame per split (ingest columns) and a summary."""
+    """Split the ingest manifest; returns one frame per split (ingest columns) and a summary.
+
+    `thumbs` (chestct.similarity thumbnails, one per manifest row) adds series: rows linked
+    at `split.series_similarity` or above move together, like one patient's slices.
+    """
     frame = ingest_manifest.copy()
     # Copies decide what dedupe drops; the union with patients/studies/user groups decides
     # what moves together.
     frame["copies"] = group_files(frame, params.near_duplicate_distance)
     frame["group"], sources = split_groups(frame, params.near_duplicate_distance)
+    series_count = 0
+    if thumbs is not None and params.series_similarity != -1:
+        series = series_groups(thumbs, params.series_similarity)
+        series_count = len(set(series))
+        frame["group"] = join_series(frame["group"], series)
     frame["split"] = frame["split"].astype(str).replace({"<NA>": "", "nan": ""})
     present = [s for s in SPLITS if (frame["split"] == s).any()]
     if params.mode == "pool" or not present:
@@ -147,6 +161,7 @@ def run_split(
         "near_duplicate_groups": int((sizes["distinct"] > 1).sum()),
         **{k: v for k, v in sources.items() if k.startswith("groups_from_")},
         "files_without_identity": sources["files_without_identity"],
+        "series": series_count,
     }
     mode = "pool" if params.mode == "pool" or not present else "keep"
     return out, SplitSummary(
@@ -225,12 +240,24 @@ def _redundant_copies(frame: pd.DataFrame) -> tuple[list[dict[str, str]], list[A
     return dropped, list(frame.index[repeats])
 
 
+def _grey(path: Path) -> np.ndarray:
+    """The ingested file as grey (a file that no longer decodes: a flat slice, which links to
+    nothing)."""
+    try:
+        return decode(path.read_bytes()).grey
+    except (OSError, ImageError):
+        return np.zeros((32, 32), np.uint8)
+
+
 def main() -> None:
     with stage_session("split") as session:
         s = session.settings
         ingest = read_pointer(s.paths, "ingest")
         manifest = read_manifest(ingest.output_path("manifest", s.paths.root), INGEST_COLUMNS)
-        parts, summary = run_split(manifest, s.params.split, s.params.base.seed)
+        thumbs = None
+        if s.params.split.series_similarity != -1:
+            thumbs = thumbnails(_grey(s.paths.root / p) for p in manifest["path"])
+        parts, summary = run_split(manifest, s.params.split, s.params.base.seed, thumbs)
         outputs: dict[str, Path] = {}
         for split, part in parts.items():
             outputs[split] = session.out_dir / f"{split}.csv"

@@ -29,6 +29,7 @@ from chestct.checks import (
     identity_checks,
     quarantine,
 )
+from chestct.content_checks import content_checks, novelty_frame, read_slices
 from chestct.dedup import group_files
 from chestct.fsutil import atomic_write_json, atomic_write_text
 from chestct.manifest import (
@@ -40,7 +41,7 @@ from chestct.manifest import (
     read_manifest,
     write_manifest,
 )
-from chestct.plots import plot_cues_by_class, plot_examples, plot_size_by_class
+from chestct.plots import plot_cues_by_class, plot_examples, plot_novelty, plot_size_by_class
 from chestct.pointers import read_pointer
 from chestct.runner import StageFailed, run_main, stage_session
 from chestct.settings import ValidateParams
@@ -57,6 +58,8 @@ def run_validate(
     seed: int = 0,
     skipped: list[dict[str, str]] | None = None,
     acquisition: pd.DataFrame | None = None,
+    root: Path | None = None,
+    near_copy_similarity: float = 0.9,
 ) -> tuple[dict[str, pd.DataFrame], Report]:
     """Run the checks; returns per-split datasets (decodable, not quarantined) and the report.
 
@@ -68,6 +71,9 @@ def run_validate(
         skipped: files ingest could not decode ({path, reason}), reported as undecodable.
         acquisition: ingest's acquisition features (ACQUISITION_COLUMNS, by sha256); without
             them the acquisition_shortcut check is skipped.
+        root: the project root the manifests' paths are relative to; without it the pixel
+            checks (chestct.content_checks) are skipped.
+        near_copy_similarity: params `base.near_copy_similarity`.
     """
     frame = pd.concat([m.assign(split=s) for s, m in manifests.items()], ignore_index=True).merge(
         index, on="sha256", how="left", validate="many_to_one"
@@ -85,10 +91,13 @@ def run_validate(
     file_checks(checker, skipped or [])
     copy_checks(checker)
     identity_checks(checker)
+    content: dict = {}
+    if root is not None:
+        content = content_checks(checker, read_slices(frame, root), near_copy_similarity)
 
     quarantined_rows = quarantine(checker.findings) if params.quarantine else {}
     good = frame[frame["ok"] & ~frame.index.isin(list(quarantined_rows))]
-    counts, shortcut = dataset_checks(checker, good, seed)
+    counts, shortcut = dataset_checks(checker, good, seed, content.get("series_of_row"))
 
     decodable = frame[frame["ok"]]
     summary = {
@@ -116,6 +125,9 @@ def run_validate(
         .reset_index(drop=True)
         for s in SPLITS
     }
+    if content:
+        summary["series_per_class"] = content["series_per_class"]
+        summary["novelty"] = content["novelty"]
     report = Report(
         findings=checker.findings,
         counts=counts,
@@ -137,6 +149,7 @@ def run_validate(
             ["label", "width", "height", *[c for c in PIXEL_FEATURES if c in good.columns]]
         ].copy(),
     )
+    report.novelty_values = content.get("novelty_values", {})
     return datasets, report
 
 
@@ -191,9 +204,18 @@ def main() -> None:
             seed=s.params.base.seed,
             skipped=skipped,
             acquisition=acquisition,
+            root=s.paths.root,
+            near_copy_similarity=s.params.base.near_copy_similarity,
         )
         out = session.out_dir
         write_pictures(report, out, s.paths.root)
+        if report.novelty_values:
+            # After write_pictures, which sets the report's pictures afresh.
+            write_manifest(out / "novelty.csv", novelty_frame(report.novelty_values))
+            plot_novelty(
+                report.novelty_values, s.params.base.near_copy_similarity, out / "novelty.png"
+            )
+            report.pictures["novelty"] = "novelty.png"
         atomic_write_json(out / "report.json", report.to_dict())
         atomic_write_text(out / "report.md", report.to_markdown())
         quarantine_path = out / "quarantine.csv"

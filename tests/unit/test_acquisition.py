@@ -94,7 +94,7 @@ def test_no_normalisation_is_the_old_preprocessing() -> None:
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
-        ({"crop": "lungs"}, "crop 'lungs'"),
+        ({"crop": "ribs"}, "crop 'ribs'"),
         ({"intensity": "hist"}, "intensity 'hist'"),
         ({"percentiles": [99.0, 1.0]}, "percentiles"),
         ({"percentiles": [1.0]}, "pair"),
@@ -125,7 +125,7 @@ def test_card_round_trip_and_old_cards() -> None:
 @pytest.mark.parametrize(
     ("group", "message"),
     [
-        ({"crop": "lungs"}, "resize.crop"),
+        ({"crop": "ribs"}, "resize.crop"),
         ({"percentiles": [50, 10]}, "resize.percentiles"),
         ({"crop_margin": -0.1}, "resize.crop_margin"),
         ({"clahe_clip": 0}, "resize.clahe_clip"),

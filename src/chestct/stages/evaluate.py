@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from chestct.external import external_set, score_external
+from chestct.families import cam_head_of, explainer_of, family_of
 from chestct.fsutil import atomic_write_json, staged_file
 from chestct.gradcam import CamHead, overlay
 from chestct.labels import CLASSES
@@ -60,6 +61,7 @@ from chestct.scoring import (
     shift_logits,
 )
 from chestct.settings import STAGES, EvaluateParams
+from chestct.texture import occlusion_map
 from chestct.tracking import flatten
 
 log = logging.getLogger(__name__)
@@ -89,10 +91,12 @@ class Evaluation:
     reliability_after: list[ReliabilityBin]
     images: np.ndarray  # the test images, (n, s, s, 1)
     features: np.ndarray  # their last feature maps, (n, h, w, c)
-    cam_head: CamHead
+    cam_head: CamHead | None  # None for the texture family: its gallery shows occlusion maps
     reference: dict[str, Any]  # the monitoring profile (chestct.monitoring)
     external: dict[str, Any]  # external.json: {"source": ""} when evaluate.external is off
     external_predictions: pd.DataFrame | None = None
+    family: str = "cnn"
+    explainer: Any = None  # the texture model, for occlusion maps (families.explainer_of)
 
 
 def fit_calibration(
@@ -223,6 +227,7 @@ def run_evaluate(
             f"the {params.abstain_quantile:g} quantile of normalised predictive entropy "
             "(calibrated) over correctly classified validation images"
         ),
+        "family": family_of(model_path),
         "ood_threshold": ood_threshold,
         "ood_rule": (
             f"the {params.ood_quantile:g} quantile of Mahalanobis distances of validation GAP "
@@ -242,10 +247,12 @@ def run_evaluate(
         reliability_after=reliability(y_test, calibrated_test),
         images=test_images,
         features=test["features"],
-        cam_head=CamHead.from_model(model),
+        cam_head=cam_head_of(model),
         reference=reference,
         external=external,
         external_predictions=external_predictions,
+        family=family_of(model_path),
+        explainer=explainer_of(model),
     )
 
 
@@ -364,8 +371,13 @@ def gradcam_tiles(ev: Evaluation, per_class: int) -> list[tuple[np.ndarray, str]
         picks += [(i, "worst") for i in worst.index[:per_class] if i not in top.index[:per_class]]
         for i, kind in picks:
             predicted = CLASSES.index(p.at[i, "predicted"])
-            heat = ev.cam_head.cam(ev.features[i], predicted)
-            caption = f"{kind} {name}\np={p.at[i, f'p_{name}']:.2f}, CAM of {CLASSES[predicted]}"
+            if ev.cam_head is not None:
+                heat, what = ev.cam_head.cam(ev.features[i], predicted), "CAM"
+            else:
+                heat = occlusion_map(ev.explainer, ev.images[i][..., 0], predicted)
+                what = "occlusion"
+            probability = p.at[i, f"p_{name}"]
+            caption = f"{kind} {name}\np={probability:.2f}, {what} of {CLASSES[predicted]}"
             tiles.append((overlay(ev.images[i], heat), caption))
     return tiles
 
@@ -418,7 +430,9 @@ def write_outputs(ev: Evaluation, out: Path, params: EvaluateParams) -> dict[str
     plot_gallery(
         gradcam_tiles(ev, params.gallery_per_class),
         out / "gradcam.png",
-        "Grad-CAM: top-confidence and worst cases per class",
+        "Grad-CAM: top-confidence and worst cases per class"
+        if ev.cam_head is not None
+        else "Occlusion of body tiles (texture model): top-confidence and worst cases per class",
     )
     return files
 

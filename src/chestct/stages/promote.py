@@ -602,7 +602,9 @@ def run_promote(
         inference=inference,
         model_sha=sha256_file(candidate.model_path),
         release=release,
-        model_file=candidate.model_path.name,
+        # A CNN is installed as model.keras whatever train named it; the other families keep
+        # their names (ensemble.json names its members by theirs).
+        model_file=MODEL_FILE if release.card["family"] == "cnn" else candidate.model_path.name,
     )
     promotion = build_promotion(
         registered, git_state(root).sha, run_ids or {}, new_card["model_sha256"]

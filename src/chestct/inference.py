@@ -45,6 +45,7 @@ import cv2
 import numpy as np
 
 from chestct import imaging, modelcard
+from chestct.families import average
 from chestct.fsutil import sha256_bytes, sha256_file
 from chestct.gradcam import CamHead
 from chestct.metrics import Mahalanobis, abstains, out_of_distribution, softmax
@@ -52,11 +53,20 @@ from chestct.metrics import normalised_entropy as entropy
 from chestct.modelcard import CARD_NAME, FileEntry, ListedFile, ModelCard
 from chestct.monitoring import check_reference
 from chestct.settings import WindowParams
+from chestct.texture import (
+    TextureError,
+    TextureModel,
+    group_importance,
+    log_probabilities,
+    occlusion_map,
+)
+from chestct.texture import load as texture_load
 
 log = logging.getLogger(__name__)
 
 DEFAULT_WINDOW: tuple[float, float] = (WindowParams().level, WindowParams().width)
 _MAX_KERAS_CONFIG = 64 * 1024 * 1024  # a .keras config.json larger than this is not read
+PANEL_MIN_WIDTH = 240  # px: the feature-group bars under a texture explanation
 HEAD_TOLERANCE = 1e-3  # |softmax(head(gap)) - model probabilities| above this: wrong head file
 
 
@@ -105,6 +115,8 @@ class Loaded:
     notes: list[str]
     runner: Callable[[np.ndarray], Outputs]
     reference: dict[str, Any] | None = None  # the monitoring profile (chestct.monitoring)
+    family: str = "cnn"  # cnn | texture | ensemble (chestct.families)
+    texture: TextureModel | None = None  # texture and ensemble: explains by occlusion
     loaded_at: float = field(default_factory=time.time)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -165,7 +177,7 @@ def analyse_outputs(model: Loaded, out: Outputs, mc_samples: int, seed: int) -> 
     h, w, c = features.shape
     # Pooled in float64 through one reduction (np.mean would add several Python-level steps).
     gap = np.add.reduce(features.reshape(h * w, c), axis=0, dtype=np.float64) / (h * w)
-    if model.head is not None:
+    if model.head is not None and model.family == "cnn":
         logits = gap @ model.head.kernel + model.head.bias
     elif out.logits is not None:
         logits = out.logits[0].astype(np.float64)
@@ -177,7 +189,8 @@ def analyse_outputs(model: Loaded, out: Outputs, mc_samples: int, seed: int) -> 
         None if model.abstain_threshold is None else bool(abstains(ent, model.abstain_threshold))
     )
     mc_mean = mc_std = mutual = None
-    if model.head is not None and model.dropout_rate > 0 and mc_samples > 0:
+    mc_offered = model.head is not None and model.family == "cnn"  # families.OFFERS
+    if mc_offered and model.dropout_rate > 0 and mc_samples > 0:
         rng = np.random.default_rng(seed)
         keep = 1.0 - model.dropout_rate
         masks = rng.random((mc_samples, gap.size)) < keep
@@ -218,13 +231,68 @@ def class_activation(model: Loaded, features: np.ndarray, class_index: int) -> n
     return model.head.cam(features, class_index)
 
 
+@dataclass(frozen=True)
+class Explanation:
+    """Why the model answered as it did, for one prepared image and one class."""
+
+    heat: np.ndarray  # over the prepared image, in [0, 1]
+    method: str  # grad-cam | occlusion
+    groups: dict[str, float] | None  # texture: probability carried by each feature group
+
+
+def explain(
+    model: Loaded, image: np.ndarray, features: np.ndarray, class_index: int
+) -> Explanation:
+    """The family's explanation (chestct.families.OFFERS): Grad-CAM of the CNN (the ensemble's
+    CNN member), or for the texture family the occlusion map of body tiles and the share of
+    each feature group (chestct.texture.occlusion_map / group_importance)."""
+    if model.family == "texture" and model.texture is not None:
+        with model._lock:
+            return Explanation(
+                occlusion_map(model.texture, image, class_index),
+                "occlusion",
+                group_importance(model.texture, image, class_index),
+            )
+    return Explanation(class_activation(model, features, class_index), "grad-cam", None)
+
+
+def _group_panel(groups: dict[str, float], width: int) -> np.ndarray:
+    """A bar per feature group (BGR): green where the group argued for the class, red
+    against, the length its share of the probability."""
+    row, pad = 22, 6
+    panel = np.full((pad * 2 + row * len(groups), width, 3), 255, np.uint8)
+    top = max((abs(v) for v in groups.values()), default=0.0) or 1.0
+    label_w = min(110, width // 3)
+    for k, (name, value) in enumerate(groups.items()):
+        y = pad + k * row
+        cv2.putText(panel, name, (4, y + 15), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1)
+        length = int((width - label_w - 70) * abs(value) / top)
+        colour = (60, 160, 60) if value >= 0 else (60, 60, 200)
+        cv2.rectangle(panel, (label_w, y + 4), (label_w + length, y + row - 4), colour, -1)
+        cv2.putText(
+            panel,
+            f"{value:+.3f}",
+            (label_w + length + 4, y + 15),
+            cv2.FONT_HERSHEY_SIMPLEX,
+            0.4,
+            (0, 0, 0),
+            1,
+        )
+    return panel
+
+
 def overlay_png(
-    model: Loaded, decoded: imaging.Decoded, prepared: imaging.Prepared, cam: np.ndarray
+    model: Loaded,
+    decoded: imaging.Decoded,
+    prepared: imaging.Prepared,
+    cam: np.ndarray,
+    groups: dict[str, float] | None = None,
 ) -> bytes:
     """The heatmap over the client's own image, as PNG (longer side at most 512 px).
 
     The map covers what the model saw (the body crop, squared by the resize mode); it is put
     back where that came from in the upload, and is zero (the picture shows through) outside.
+    With `groups` (the texture family), a bar per feature group is drawn under the picture.
     """
     base, box = decoded.grey, prepared.box
     scale = min(1.0, 512.0 / max(base.shape))
@@ -243,6 +311,13 @@ def overlay_png(
     # Weight the colour by the map itself so cold regions keep the original picture.
     alpha = (0.55 * heat)[:, :, None]
     blended = (grey_bgr * (1.0 - alpha) + colour * alpha).astype(np.uint8)
+    if groups:
+        # The panel needs about 240 px for its labels: a smaller picture gets a white margin.
+        narrow = max(0, PANEL_MIN_WIDTH - blended.shape[1])
+        blended = cv2.copyMakeBorder(
+            blended, 0, 0, 0, narrow, cv2.BORDER_CONSTANT, value=(255, 255, 255)
+        )
+        blended = np.vstack([blended, _group_panel(groups, blended.shape[1])])
     ok, buf = cv2.imencode(".png", blended)
     if not ok:
         raise RuntimeError("OpenCV could not encode the heatmap PNG")
@@ -391,6 +466,46 @@ def _litert_runner(path: Path, spec: dict[str, Any], threads: int) -> Callable:
     return run
 
 
+def _texture(path: Path) -> TextureModel:
+    try:
+        return texture_load(path)
+    except TextureError as exc:
+        raise ModelRefused(str(exc)) from None
+
+
+def _texture_runner(model: TextureModel) -> Callable:
+    """The texture family: features of the prepared slice, then the trees (chestct.texture);
+    `features` is the standardised feature vector as a 1 x 1 map (its pooling is itself)."""
+
+    def run(batch: np.ndarray) -> Outputs:
+        out = model.outputs(batch[..., 0])
+        return Outputs(out["features"], out["logits"], out["probabilities"])
+
+    return run
+
+
+def _cnn_temperature(card: ModelCard) -> float:
+    spec = card.raw.get("ensemble")
+    value = spec.get("cnn_temperature") if isinstance(spec, dict) else None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ModelRefused(f"card ensemble.cnn_temperature must be a number > 0, got {value!r}")
+    return float(value)
+
+
+def _ensemble_runner(cnn: Callable, tex: TextureModel, cnn_temperature: float) -> Callable:
+    """The ensemble: the CNN's and the texture model's calibrated probabilities averaged
+    (chestct.families.average); `features` stay the CNN's, for Grad-CAM and OOD."""
+
+    def run(batch: np.ndarray) -> Outputs:
+        out = cnn(batch)
+        z = out.logits if out.logits is not None else np.log(np.clip(out.probabilities, 1e-12, 1))
+        texture_out = tex.outputs(batch[..., 0])
+        proba = average([softmax(z, cnn_temperature), softmax(texture_out["logits"])])
+        return Outputs(out.features, log_probabilities(proba), proba)
+
+    return run
+
+
 def _keras_runner(path: Path) -> tuple[Callable, CamHead]:
     """Fallback when the card has no light artifact: Keras through one traced tf.function.
     Costs TensorFlow's memory (about 700 MB a worker); logged as a warning."""
@@ -480,15 +595,32 @@ def load_folder(
                 f"card gives no sha256 for {', '.join(unpinned)}: those files are not checked"
             )
         head: CamHead | None = None
+        tex: TextureModel | None = None
         if card.inference is not None:
             light_path = files.path(card.inference.file, "inference.file")
             runtime = card.inference.info.get("runtime", "litert")
-            if runtime != "litert":
+            if runtime not in ("litert", "skops"):
                 raise ModelRefused(
-                    f"card inference.runtime {runtime!r} is not served here; use litert"
+                    f"card inference.runtime {runtime!r} is not served here; use litert "
+                    "(cnn, ensemble) or skops (texture)"
                 )
-            runner = _litert_runner(light_path, card.inference.info, threads)
-            backend = "litert"
+            if (runtime == "skops") != (card.family == "texture"):
+                raise ModelRefused(
+                    f"card inference.runtime {runtime!r} does not serve family {card.family!r}"
+                )
+            if runtime == "skops":
+                tex = _texture(light_path)
+                runner = _texture_runner(tex)
+            else:
+                runner = _litert_runner(light_path, card.inference.info, threads)
+            if card.family == "ensemble":
+                if card.texture is None:
+                    raise ModelRefused("an ensemble card needs a `texture` entry (its member)")
+                tex = _texture(files.path(card.texture.file, "texture.file"))
+                runner = _ensemble_runner(runner, tex, _cnn_temperature(card))
+            backend = runtime if card.family != "ensemble" else "litert+skops"
+        elif card.family != "cnn":
+            raise ModelRefused(f"a {card.family} card needs an `inference` entry")
         else:
             keras_path = files.path(card.model_file, "model_file")
             log.warning(
@@ -508,7 +640,7 @@ def load_folder(
                 raise ModelRefused(
                     f"{card.cam.file} is not a readable head file ({exc})"
                 ) from None
-        elif head is None:
+        elif head is None and card.family == "cnn":
             notes.append("card has no `cam` entry: /explain and MC-dropout are unavailable")
 
         ood = _ood(files, card.ood) if card.ood is not None else None
@@ -524,12 +656,13 @@ def load_folder(
         threshold = card.abstain_entropy
         if threshold is None:
             notes.append("card has no thresholds.abstain_entropy: abstain is not decided")
-        if (folder / card.model_file).is_file():
+        if card.family == "cnn" and (folder / card.model_file).is_file():
             # Served with every uncertainty answer: read from the checked bytes only.
             dropout = _dropout_rate(files.path(card.model_file, "model_file"))
         else:
             dropout = 0.0
-            notes.append(f"{card.model_file} is not in the folder: no MC-dropout")
+            if card.family == "cnn":
+                notes.append(f"{card.model_file} is not in the folder: no MC-dropout")
         reference = _reference(files, card, notes)
 
         model = Loaded(
@@ -550,6 +683,8 @@ def load_folder(
             notes=notes,
             runner=runner,
             reference=reference,
+            family=card.family,
+            texture=tex,
         )
         _warm_up(model)
         return model
@@ -604,7 +739,7 @@ def _warm_up(model: Loaded) -> None:
         )
     if not (np.isfinite(out.probabilities).all() and np.isfinite(out.features).all()):
         raise ModelRefused("model outputs NaN or infinity on a test image (broken export)")
-    if model.head is not None:
+    if model.head is not None and model.family == "cnn":
         channels = out.features.shape[-1]
         if model.head.kernel.shape != (channels, k) or model.head.bias.shape != (k,):
             raise ModelRefused(

@@ -125,6 +125,8 @@ class ModelCard:
     ood: FileEntry | None
     monitoring: FileEntry | None
     metrics: Mapping[str, Any] | None
+    family: str  # cnn | texture | ensemble (chestct.families); cards before families: cnn
+    texture: FileEntry | None  # the ensemble's texture member (texture.skops)
     mlflow_run_ids: Mapping[str, Any]
     promoted_at: str | None
     intended_use: str
@@ -178,6 +180,8 @@ class ModelCard:
             ood=FileEntry.read(card, "ood"),
             monitoring=FileEntry.read(card, "monitoring"),
             metrics=card.get("metrics"),
+            family=_family(card.get("family", "cnn")),
+            texture=FileEntry.read(card, "texture"),
             mlflow_run_ids=runs if isinstance(runs, Mapping) else {},
             promoted_at=card.get("promoted_at"),
             intended_use=str(
@@ -267,6 +271,12 @@ def card_files(card: Mapping[str, Any]) -> dict[str, ListedFile]:
 
 def _is_hex(text: str) -> bool:
     return all(c in "0123456789abcdefABCDEF" for c in text)
+
+
+def _family(value: Any) -> str:
+    if value not in ("cnn", "texture", "ensemble"):
+        raise ValueError(f"card key family must be cnn, texture or ensemble, got {value!r}")
+    return str(value)
 
 
 def _number(value: Any, key: str) -> float | None:

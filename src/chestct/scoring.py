@@ -22,6 +22,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from chestct.families import FamilyError, batched_outputs, is_family_model, load_any
 from chestct.imaging import Normalise, decode, prepare, prepare_slice, resize
 from chestct.labels import CLASSES
 from chestct.metrics import (
@@ -32,6 +33,7 @@ from chestct.metrics import (
     softmax,
 )
 from chestct.perturb import SHIFT_NAMES, apply_shift
+from chestct.texture import TextureError
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +138,10 @@ def original_slices(frame: pd.DataFrame, root: Path) -> tuple[list[np.ndarray], 
 
 def output_heads(model: Any, names: Sequence[str]) -> Any:
     """A Keras model returning the named layers' outputs (contract: features, gap, logits,
-    probabilities); build it once and predict with it many times (each new one retraces)."""
+    probabilities); build it once and predict with it many times (each new one retraces).
+    A texture or ensemble model (chestct.families) answers the contract itself."""
+    if is_family_model(model):
+        return model
     import keras
 
     try:
@@ -152,6 +157,8 @@ def model_outputs(
     model: Any, images: np.ndarray, batch_size: int, names: Sequence[str], heads: Any = None
 ) -> dict[str, np.ndarray]:
     """The named layers' outputs per image (`heads`: from output_heads(model, names), reused)."""
+    if is_family_model(model):
+        return batched_outputs(model, images, batch_size, names)
     heads = heads if heads is not None else output_heads(model, names)
     if len(images) == 0:
         return {n: np.zeros((0, *heads.get_layer(n).output.shape[1:]), np.float32) for n in names}
@@ -169,9 +176,11 @@ def label_indices(labels: Sequence[str]) -> np.ndarray:
 
 
 def load_model(path: Path) -> Any:
-    from chestct.modeling import load_model as load
-
-    return load(path)
+    """A trained model of any family (chestct.families.load_any)."""
+    try:
+        return load_any(path)
+    except (FamilyError, TextureError) as exc:
+        raise ScoringError(str(exc)) from None
 
 
 def prediction_table(test: pd.DataFrame, proba: np.ndarray) -> pd.DataFrame:

@@ -145,7 +145,24 @@ class ValidateParams:
 
 
 @dataclass(frozen=True)
+class TextureParams:
+    """The texture family's classifier (chestct.texture: HistGradientBoostingClassifier)."""
+
+    max_iter: int = 300  # boosting iterations at most; the valid split picks how many are kept
+    learning_rate: float = 0.05
+    max_features: float = 0.5  # share of the features each split considers
+    max_leaf_nodes: int = 31
+    l2_regularization: float = 0.0
+    class_weight: Literal["balanced", "none"] = "balanced"
+    threads: int = 1  # OpenMP threads of the trees (their default, every core, crawls here)
+
+
+@dataclass(frozen=True)
 class BaseModelParams:
+    # cnn: the Keras network below | texture: chestct.texture features + gradient boosting |
+    # ensemble: both, their calibrated probabilities averaged
+    family: Literal["cnn", "texture", "ensemble"] = "cnn"
+    texture: TextureParams = field(default_factory=TextureParams)
     architecture: Literal[
         "small_cnn", "mobilenet_v3_small", "efficientnet_b0", "resnet50", "vgg16"
     ] = "small_cnn"
@@ -687,6 +704,19 @@ def _check_data_params(params: Params) -> None:
 
 def _check_model_and_training(model: BaseModelParams, train: TrainParams) -> None:
     """base_model and train values that no stage can run with."""
+    texture = model.texture
+    if texture.max_iter < 1 or texture.max_leaf_nodes < 2 or texture.threads < 1:
+        raise SettingsError(
+            "base_model.texture: max_iter and threads must be >= 1 and max_leaf_nodes >= 2, "
+            f"got {texture.max_iter}, {texture.threads} and {texture.max_leaf_nodes}"
+        )
+    if not 0 < texture.learning_rate <= 1 or not 0 < texture.max_features <= 1:
+        raise SettingsError(
+            "base_model.texture: learning_rate and max_features must be in (0, 1], got "
+            f"{texture.learning_rate} and {texture.max_features}"
+        )
+    if texture.l2_regularization < 0:
+        raise SettingsError("base_model.texture.l2_regularization: must be >= 0")
     weights = model.weights
     if weights not in ("none", "imagenet") and not weights.endswith((".h5", ".keras")):
         raise SettingsError(

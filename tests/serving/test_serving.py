@@ -64,6 +64,7 @@ def assert_prediction(body: dict) -> None:
         "version": "1",
         "run_id": "0" * 32,
         "backend": "litert",
+        "family": "cnn",
     }
     assert body["time_ms"] >= 0
 

@@ -60,7 +60,9 @@ def test_the_real_data_preset_merges_with_its_two_paths(project: Path) -> None:
     assert settings.train.epochs == preset["train"]["epochs"]
     assert settings.train.augment.blur == preset["train"]["augment"]["blur"]
     # Keys the preset leaves alone keep their values; comments and inline lists survive.
-    assert settings.base.image_size == yaml.safe_load(before)["base"]["image_size"]
+    assert settings.base_model.family == preset["base_model"]["family"]
+    assert settings.base.image_size == preset["base"]["image_size"]
+    assert settings.evaluate.batch_size == yaml.safe_load(before)["evaluate"]["batch_size"]
     assert after.count("#") == before.count("#")
     assert "filters: [16, 32, 64, 128, 256]" in after
     changed = [a for a, b in zip(after.splitlines(), before.splitlines(), strict=True) if a != b]

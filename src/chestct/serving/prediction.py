@@ -17,14 +17,17 @@ from typing import Any
 from flask import Blueprint, Response, g, jsonify, request
 
 from chestct import imaging
+from chestct.families import OFFERS
 from chestct.fsutil import sha256_bytes
 from chestct.inference import (
     Loaded,
     analyse,
     analyse_outputs,
-    class_activation,
     overlay_png,
     seed_of,
+)
+from chestct.inference import (
+    explain as explain_image,
 )
 from chestct.monitoring import image_signals, request_signals
 from chestct.serving import inputs
@@ -207,6 +210,7 @@ def predict_one(service: Service, model: Loaded, upload: Upload, endpoint: str) 
                 "mean": _by_class(model, result.mc_mean),
                 "std": _by_class(model, result.mc_std),
             },
+            **({"note": OFFERS[model.family]["mc_dropout"]} if model.family != "cnn" else {}),
         },
         "ood": {
             "input_checks": "passed",
@@ -220,6 +224,7 @@ def predict_one(service: Service, model: Loaded, upload: Upload, endpoint: str) 
             "version": model.version,
             "run_id": model.card.train_run_id,
             "backend": model.backend,
+            "family": model.family,
         },
         "input": {
             "sha256": sha,
@@ -337,7 +342,7 @@ def explain() -> Response:
     upload = single_upload()
     service = current_service()
     model = service.current_model()
-    if model.head is None:
+    if model.head is None and model.family != "texture":
         raise Problem(
             501,
             "Explanation unavailable",
@@ -356,8 +361,8 @@ def explain() -> Response:
             "Unknown class",
             f"class {wanted!r} is not one of {', '.join(model.classes)}",
         )
-    cam = class_activation(model, result.features, model.classes.index(wanted))
-    png = overlay_png(model, decoded, prepared, cam)
+    why = explain_image(model, prepared.image, result.features, model.classes.index(wanted))
+    png = overlay_png(model, decoded, prepared, why.heat, why.groups)
     wants_json = request.args.get("format") == "json" or (
         request.accept_mimetypes.best == "application/json"
     )
@@ -366,7 +371,8 @@ def explain() -> Response:
             label=predicted,
             explained_class=wanted,
             probability=round(float(result.probabilities[model.classes.index(wanted)]), 6),
-            method="grad-cam",
+            method=why.method,
+            **({"feature_groups": why.groups} if why.groups is not None else {}),
             heatmap_png=base64.b64encode(png).decode("ascii"),
             model={"name": model.name, "version": model.version},
             time_ms=round((time.perf_counter() - started) * 1000, 2),

@@ -1,13 +1,17 @@
-"""base-model: build the initial model (architecture, weights, freeze policy) and save it."""
+"""base-model: build the initial model (architecture, weights, freeze policy) and save it.
+
+Every family writes family.json (the family and, for texture and ensemble, the classifier
+settings train fits with); cnn and ensemble also write the untrained network model.keras."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from chestct.fsutil import sha256_file
+from chestct.fsutil import atomic_write_json, sha256_file
 from chestct.modeling import WeightsError, build_model, frozen_backbone, save_model
 from chestct.runner import StageFailed, run_main, stage_session
 from chestct.settings import BaseModelParams
@@ -64,25 +68,33 @@ def _size(weight: Any) -> int:
     return count
 
 
+def write_family(params: BaseModelParams, out_dir: Path) -> Path:
+    """family.json: which family train fits, and the texture classifier's settings."""
+    target = out_dir / "family.json"
+    atomic_write_json(
+        target, {"family": params.family, "texture": dataclasses.asdict(params.texture)}
+    )
+    return target
+
+
 def main() -> None:
     with stage_session("base-model") as session:
         s = session.settings
-        summary = build_and_save(
-            s.params.base_model,
-            s.params.base.image_size,
-            s.params.base.seed,
-            session.out_dir,
-            s.paths.root,
-        )
-        session.finish(
-            inputs=[],
-            outputs={"model": summary.path},
-            metrics={
+        params = s.params.base_model
+        outputs = {"family": write_family(params, session.out_dir)}
+        metrics: dict[str, Any] = {"parameters": 0, "trainable_parameters": 0}
+        details: dict[str, Any] = {"family": params.family}
+        if params.family in ("cnn", "ensemble"):
+            summary = build_and_save(
+                params, s.params.base.image_size, s.params.base.seed, session.out_dir, s.paths.root
+            )
+            outputs["model"] = summary.path
+            metrics = {
                 "parameters": summary.parameters,
                 "trainable_parameters": summary.trainable_parameters,
-            },
-            details=summary.details,
-        )
+            }
+            details.update(summary.details)
+        session.finish(inputs=[], outputs=outputs, metrics=metrics, details=details)
 
 
 if __name__ == "__main__":

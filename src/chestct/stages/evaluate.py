@@ -32,6 +32,7 @@ import pandas as pd
 
 from chestct.attention import LungAttention, lung_attention, outline
 from chestct.external import external_set, score_external
+from chestct.families import cam_head_of, explainer_of, family_of
 from chestct.fsutil import atomic_write_json, staged_file
 from chestct.gradcam import CamHead, overlay
 from chestct.imaging import prepare_slice
@@ -78,6 +79,7 @@ from chestct.scoring import (
     shift_predictions,
 )
 from chestct.settings import STAGES, EvaluateParams
+from chestct.texture import occlusion_map
 from chestct.tracking import flatten
 
 log = logging.getLogger(__name__)
@@ -108,11 +110,13 @@ class Evaluation:
     reliability_after: list[ReliabilityBin]
     images: np.ndarray  # the test images, (n, s, s, 1)
     features: np.ndarray  # their last feature maps, (n, h, w, c)
-    cam_head: CamHead
+    cam_head: CamHead | None  # None for the texture family: its gallery shows occlusion maps
     reference: dict[str, Any]  # the monitoring profile (chestct.monitoring)
     external: dict[str, Any]  # external.json: {"source": ""} when evaluate.external is off
     external_predictions: pd.DataFrame | None = None
     attention: LungAttention | None = None  # CAM mass inside the lungs (chestct.attention)
+    family: str = "cnn"
+    explainer: Any = None  # the texture model, for occlusion maps (families.explainer_of)
 
 
 def fit_calibration(
@@ -247,6 +251,7 @@ def run_evaluate(
             f"the {params.abstain_quantile:g} quantile of normalised predictive entropy "
             "(calibrated) over correctly classified validation images"
         ),
+        "family": family_of(model_path),
         "ood_threshold": ood_threshold,
         "ood_rule": (
             f"the {params.ood_quantile:g} quantile of Mahalanobis distances of validation GAP "
@@ -278,16 +283,26 @@ def run_evaluate(
     external, external_predictions = run_external(
         model, params, root, prep, t, class_map, reference_set, seed
     )
-    head = CamHead.from_model(model)
+    head = cam_head_of(model)
+    explainer = explainer_of(model)
     predicted = np.argmax(test["logits"], axis=1)
-    # The lungs are looked for on the slices as acquired, the CAM put back over them through
+    # Where the model looks: the CAM of the CNN (the ensemble's CNN member), the occlusion map
+    # of the texture model (what /explain draws for each family).
+    if head is not None:
+        heats = [head.cam(f, int(k)) for f, k in zip(test["features"], predicted, strict=True)]
+    else:
+        heats = [
+            occlusion_map(explainer, x, int(k))
+            for x, k in zip(test_images, predicted, strict=True)
+        ]
+    # The lungs are looked for on the slices as acquired, the map put back over them through
     # the crop the preprocessing made (as /explain does).
     greys, _ = original_slices(splits["test"], root)
     size = int(test_images.shape[1])
     attention = lung_attention(
         greys,
         [prepare_slice(g, size, prep.interpolation, prep.mode, prep.normalise).box for g in greys],
-        [head.cam(f, int(k)) for f, k in zip(test["features"], predicted, strict=True)],
+        heats,
         prep.mode,
     )
     metrics["attention"] = attention.summary(list(splits["test"]["label"]))
@@ -305,6 +320,8 @@ def run_evaluate(
         external=external,
         external_predictions=external_predictions,
         attention=attention,
+        family=family_of(model_path),
+        explainer=explainer_of(model),
     )
 
 
@@ -442,8 +459,13 @@ def gradcam_tiles(ev: Evaluation, per_class: int) -> list[tuple[np.ndarray, str]
         picks += [(i, "worst") for i in worst.index[:per_class] if i not in top.index[:per_class]]
         for i, kind in picks:
             predicted = CLASSES.index(p.at[i, "predicted"])
-            heat = ev.cam_head.cam(ev.features[i], predicted)
-            caption = f"{kind} {name}\np={p.at[i, f'p_{name}']:.2f}, CAM of {CLASSES[predicted]}"
+            if ev.cam_head is not None:
+                heat, what = ev.cam_head.cam(ev.features[i], predicted), "CAM"
+            else:
+                heat = occlusion_map(ev.explainer, ev.images[i][..., 0], predicted)
+                what = "occlusion"
+            probability = p.at[i, f"p_{name}"]
+            caption = f"{kind} {name}\np={probability:.2f}, {what} of {CLASSES[predicted]}"
             tiles.append((overlay(ev.images[i], heat), caption))
     return tiles
 
@@ -515,12 +537,15 @@ def write_outputs(ev: Evaluation, out: Path, params: EvaluateParams) -> dict[str
     plot_gallery(
         gradcam_tiles(ev, params.gallery_per_class),
         out / "gradcam.png",
-        "Grad-CAM: top-confidence and worst cases per class",
+        "Grad-CAM: top-confidence and worst cases per class"
+        if ev.cam_head is not None
+        else "Occlusion of body tiles (texture model): top-confidence and worst cases per class",
     )
     plot_gallery(
         attention_tiles(ev),
         out / "attention.png",
-        "Grad-CAM mass outside the lungs (outlined): the worst test images",
+        ("Grad-CAM" if ev.cam_head is not None else "Occlusion-map")
+        + " mass outside the lungs (outlined): the worst test images",
     )
     return files
 

@@ -22,6 +22,7 @@ reads both.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -35,6 +36,7 @@ import numpy as np
 import pandas as pd
 
 from chestct.export import PARITY_TOLERANCE, ExportError, LightModel, export_light, parity
+from chestct.families import OFFERS, TEXTURE_FILE, FamilyError, family_of, read_ensemble
 from chestct.fsutil import atomic_write_json, fsync_dir, sha256_file, swap_dir, sync_tree
 from chestct.gradcam import CAM_FILE, CamHead
 from chestct.imaging import Normalise
@@ -53,7 +55,14 @@ from chestct.pointers import (
     run_id_of,
 )
 from chestct.runner import StageFailed, run_main, stage_session
-from chestct.scoring import Preprocessing, ScoringError, load_images, model_outputs, score
+from chestct.scoring import (
+    Preprocessing,
+    ScoringError,
+    load_images,
+    load_model,
+    model_outputs,
+    score,
+)
 from chestct.settings import PromoteParams
 from chestct.uncertainty import PairedResult, paired_on_tables
 
@@ -322,6 +331,90 @@ def rescore_champion_full(
     return metrics, table
 
 
+@dataclass(frozen=True)
+class Release:
+    """What a promoted folder holds beside the card, by family."""
+
+    inference: dict[str, Any]  # the card's `inference` entry
+    files: dict[str, Path]  # file name in model/ -> where it is now
+    card: dict[str, Any]  # family-specific card keys (family, cam, texture, ensemble, offers)
+
+
+def release_for(
+    model_path: Path, test: pd.DataFrame, root: Path, batch_size: int, work_dir: Path
+) -> Release:
+    """The served files of any family (chestct.families): cnn the LiteRT model and its CAM
+    head; texture the skops file itself (runtime skops, parity checked through a reload);
+    ensemble both members, the CNN exported to LiteRT (its parity checked) and the CNN's
+    temperature, which the served average needs."""
+    family = family_of(model_path)
+    cam = {
+        "cam": {
+            "file": CAM_FILE,
+            "method": "CAM from the dense head: relu(features @ kernel[:, class]); equals "
+            "Grad-CAM for the GAP -> dropout -> dense head",
+        }
+    }
+    offers = {"family": family, "offers": OFFERS[family]}
+    if family == "cnn":
+        inference = export_release(model_path, test, root, batch_size, work_dir)
+        files = {inference["file"]: work_dir / inference["file"], CAM_FILE: work_dir / CAM_FILE}
+        return Release(inference, files, {**cam, **offers})
+    if family == "texture":
+        inference = texture_release(model_path, test, root, batch_size)
+        return Release(inference, {TEXTURE_FILE: model_path}, offers)
+    spec = read_ensemble(model_path)
+    members = spec["members"]
+    cnn_path = model_path.parent / members["cnn"]["file"]
+    texture_path = model_path.parent / members["texture"]["file"]
+    inference = export_release(cnn_path, test, root, batch_size, work_dir)
+    files = {
+        inference["file"]: work_dir / inference["file"],
+        CAM_FILE: work_dir / CAM_FILE,
+        cnn_path.name: cnn_path,
+        texture_path.name: texture_path,
+    }
+    extra = {
+        **cam,
+        **offers,
+        "texture": {"file": texture_path.name, "runtime": "skops"},
+        "ensemble": {
+            "cnn_temperature": float(members["cnn"]["temperature"]),
+            "combine": spec.get("combine", "mean of the members' calibrated probabilities"),
+        },
+    }
+    return Release(inference, files, extra)
+
+
+def texture_release(
+    model_path: Path, test: pd.DataFrame, root: Path, batch_size: int
+) -> dict[str, Any]:
+    """The card's `inference` entry of a texture model: the skops file is served as it is;
+    parity compares the probabilities of the file as serving loads it (texture.load) with the
+    evaluated model's on the test split."""
+    from chestct.texture import TextureError
+    from chestct.texture import load as texture_load
+
+    try:
+        served = texture_load(model_path)
+    except TextureError as exc:
+        raise ExportError(str(exc)) from None
+    evaluated = load_model(model_path)
+    images = load_images(test, root, int(evaluated.input_shape[1]))
+    p_eval = model_outputs(evaluated, images, batch_size, ["probabilities"])["probabilities"]
+    p_served = served.outputs(images[..., 0])["probabilities"] if len(images) else p_eval
+    diff = parity(p_served, p_eval)
+    if not diff <= PARITY_TOLERANCE:
+        raise ExportError(f"texture model parity failed: max |dp| = {diff:.3g}")
+    return {
+        "file": TEXTURE_FILE,
+        "runtime": "skops",
+        "format": "skops (types checked against chestct.texture.TRUSTED_TYPES at load)",
+        "parity_max_abs_diff": diff,
+        "parity_images": len(images),
+    }
+
+
 def export_release(
     model_path: Path, test: pd.DataFrame, root: Path, batch_size: int, work_dir: Path
 ) -> dict[str, Any]:
@@ -368,6 +461,8 @@ def build_card(
     candidate: Candidate,
     inference: dict[str, Any],
     model_sha: str,
+    release: Release | None = None,
+    model_file: str = MODEL_FILE,
 ) -> dict[str, Any]:
     """The model card: what serving needs to reproduce, calibrate and explain predictions.
 
@@ -384,7 +479,7 @@ def build_card(
         "display_names": DISPLAY_NAMES,
         "image_size": image_size,
         "preprocessing": preprocessing,
-        "model_file": MODEL_FILE,
+        "model_file": model_file,
         "model_sha256": model_sha,
         "temperature": float(cal["temperature"]),
         "temperature_note": cal.get("temperature_reason", ""),
@@ -393,11 +488,17 @@ def build_card(
             "abstain_rule": cal.get("abstain_rule", ""),
         },
         "inference": inference,
-        "cam": {
-            "file": CAM_FILE,
-            "method": "CAM from the dense head: relu(features @ kernel[:, class]); equals "
-            "Grad-CAM for the GAP -> dropout -> dense head",
-        },
+        **(
+            release.card
+            if release is not None
+            else {
+                "cam": {
+                    "file": CAM_FILE,
+                    "method": "CAM from the dense head: relu(features @ kernel[:, class]); "
+                    "equals Grad-CAM for the GAP -> dropout -> dense head",
+                }
+            }
+        ),
         "ood": {
             "method": "mahalanobis_gap",
             "file": OOD_FILE,
@@ -471,7 +572,7 @@ def install_model(
     staging.mkdir(parents=True)
     previous: Path | None = None
     try:
-        shutil.copy2(model_path, staging / MODEL_FILE)
+        shutil.copy2(model_path, staging / str(card.get("model_file", MODEL_FILE)))
         for name, source in (extras or {}).items():
             shutil.copy2(source, staging / name)
         atomic_write_json(staging / CARD_NAME, card)
@@ -588,10 +689,12 @@ def run_promote(
             decision, params, paired_test(params, candidate, champion_predictions)
         )
     inference: dict[str, Any] | None = None
+    release: Release | None = None
     if decision.promote:
         try:
-            inference = export_release(candidate.model_path, test, root, batch_size, work_dir)
-        except ExportError as exc:
+            release = release_for(candidate.model_path, test, root, batch_size, work_dir)
+            inference = release.inference
+        except (ExportError, FamilyError) as exc:
             log.error("%s", exc)
             decision = replace(
                 decision,
@@ -606,7 +709,7 @@ def run_promote(
     if decision.rule != RULE_TIE:  # a tie is the champion again: no new registry version
         alias = "champion" if decision.promote else "challenger"
         registered = register(candidate.model_path, alias)
-    if not decision.promote or inference is None:
+    if not decision.promote or inference is None or release is None:
         # DVC expects model/ to exist after the stage; an empty folder means "no champion".
         rejected = PromoteResult(decision, registered, None)
         if before_swap is not None:
@@ -622,13 +725,16 @@ def run_promote(
         candidate=candidate,
         inference=inference,
         model_sha=sha256_file(candidate.model_path),
+        release=release,
+        # A CNN is installed as model.keras whatever train named it; the other families keep
+        # their names (ensemble.json names its members by theirs).
+        model_file=MODEL_FILE if release.card["family"] == "cnn" else candidate.model_path.name,
     )
     promotion = build_promotion(
         registered, git_state(root).sha, run_ids or {}, new_card["model_sha256"]
     )
     files = {
-        inference["file"]: work_dir / inference["file"],
-        CAM_FILE: work_dir / CAM_FILE,
+        **release.files,
         OOD_FILE: candidate.ood_path,
         **({REFERENCE_FILE: candidate.reference_path} if candidate.reference_path else {}),
     }
@@ -663,20 +769,35 @@ def mlflow_register(model_path: Path, name: str, alias: str) -> dict[str, Any]:
     import mlflow
     from mlflow import MlflowClient
 
-    from chestct.modeling import load_model
+    from chestct.modeling import load_model as load_keras
 
-    info = mlflow.tensorflow.log_model(
-        load_model(model_path),
-        name="model",
-        registered_model_name=name,
-        # Inferring requirements runs pip for ~20 s; the pins are known.
-        pip_requirements=[
-            f"tensorflow-cpu=={_version('tensorflow-cpu')}",
-            f"keras=={_version('keras')}",
-        ],
-    )
-    version = str(info.registered_model_version)
     client = MlflowClient()
+    if family_of(model_path) == "cnn":
+        info = mlflow.tensorflow.log_model(
+            load_keras(model_path),
+            name="model",
+            registered_model_name=name,
+            # Inferring requirements runs pip for ~20 s; the pins are known.
+            pip_requirements=[
+                f"tensorflow-cpu=={_version('tensorflow-cpu')}",
+                f"keras=={_version('keras')}",
+            ],
+        )
+        version, model_uri = str(info.registered_model_version), info.model_uri
+    else:
+        # texture / ensemble: the model's files as run artifacts, registered by their URI.
+        for member in _family_files(model_path):
+            mlflow.log_artifact(str(member), "model")
+        run = mlflow.active_run()
+        model_uri = f"runs:/{run.info.run_id}/model" if run else str(model_path.parent)
+        with contextlib.suppress(mlflow.exceptions.MlflowException):  # registered before
+            client.create_registered_model(name)
+        created = client.create_model_version(
+            name,
+            f"{run.info.artifact_uri}/model" if run else model_uri,
+            run_id=run.info.run_id if run else None,
+        )
+        version = str(created.version)
     client.set_registered_model_alias(name, alias, version)
     active = mlflow.active_run()
     if active is not None:
@@ -686,7 +807,15 @@ def mlflow_register(model_path: Path, name: str, alias: str) -> dict[str, Any]:
             if key.startswith("chestct.run.") or key in ("git.sha", "dvc.exp_name"):
                 client.set_model_version_tag(name, version, key, value)
         client.set_model_version_tag(name, version, "chestct.run.promote", run.info.run_id)
-    return {"name": name, "version": version, "alias": alias, "model_uri": info.model_uri}
+    return {"name": name, "version": version, "alias": alias, "model_uri": model_uri}
+
+
+def _family_files(model_path: Path) -> list[Path]:
+    """The files that make a texture or ensemble model (the ensemble: its members too)."""
+    if family_of(model_path) != "ensemble":
+        return [model_path]
+    members = read_ensemble(model_path)["members"]
+    return [model_path, *(model_path.parent / m["file"] for m in members.values())]
 
 
 def _decision_tag(decision: Decision) -> str:
@@ -769,7 +898,9 @@ def main() -> None:
             if card_file is not None and result.card is not None:
                 session.log_artifact(card_file, "model_card")
                 mlflow.log_dict(result.promotion, f"model_card/{PROMOTION_NAME}")
-                session.log_artifact(release / result.card["inference"]["file"], "model_card")
+                served = release / result.card["inference"]["file"]
+                if served.is_file():  # the texture family serves train's own file
+                    session.log_artifact(served, "model_card")
 
         def finish(result: PromoteResult) -> None:
             """The pointer (and its MLflow logging), once model/ holds the outcome; a failure

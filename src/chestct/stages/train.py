@@ -1,5 +1,9 @@
 """train: fit the base model on the validated train split, checkpointed on the valid split.
 
+The family base-model chose (family.json) decides what is fitted: cnn the network below,
+texture the chestct.texture classifier (iterations chosen and temperature fitted on valid),
+ensemble both, written with ensemble.json (chestct.families) that averages them.
+
 Phase 1 trains with the base model's freeze policy; an optional phase 2 unfreezes the top N
 layers of a keras-applications backbone and continues at a lower learning rate. The weights
 with the best validation score over both phases are what the stage saves.
@@ -7,6 +11,8 @@ with the best validation score over both phases are what the stage saves.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
 import sys
@@ -22,8 +28,10 @@ import tensorflow as tf
 from sklearn.utils.class_weight import compute_class_weight
 
 from chestct.distributed import WorkerRole, worker_role
+from chestct.families import ENSEMBLE_FILE, TEXTURE_FILE, write_ensemble
 from chestct.labels import CLASSES
 from chestct.manifest import DATASET_COLUMNS, read_manifest, write_manifest
+from chestct.metrics import classification_metrics, fit_temperature, nll, softmax
 from chestct.modeling import (
     all_layers,
     augmenter,
@@ -39,7 +47,16 @@ from chestct.modeling import (
 from chestct.plots import plot_history
 from chestct.pointers import read_pointer
 from chestct.runner import StageFailed, run_main, stage_session
-from chestct.settings import TrainParams, load_settings
+from chestct.scoring import load_images, model_outputs
+from chestct.settings import TextureParams, TrainParams, load_settings
+from chestct.texture import (
+    ClassifierSpec,
+    TextureError,
+    TextureModel,
+    feature_matrix,
+    fit_texture_features,
+)
+from chestct.texture import save as save_texture
 
 log = logging.getLogger(__name__)
 
@@ -530,6 +547,62 @@ def run_train(
     )
 
 
+def texture_spec(params: TextureParams | dict[str, Any]) -> ClassifierSpec:
+    """The classifier settings from params base_model.texture (or family.json's copy)."""
+    values = params if isinstance(params, dict) else dataclasses.asdict(params)
+    return ClassifierSpec(**values)
+
+
+def run_train_texture(
+    train: pd.DataFrame,
+    valid: pd.DataFrame,
+    spec: ClassifierSpec,
+    seed: int,
+    root: Path,
+    image_size: int,
+) -> tuple[TextureModel, dict[str, float]]:
+    """Fit the texture model on the resized train slices (chestct.texture.fit_texture):
+    iterations and temperature chosen on valid. Returns it with its valid-split figures."""
+    train_images = load_images(train, root, image_size)
+    valid_images = load_images(valid, root, image_size)
+    y_train = label_indices(list(train["label"]))
+    y_valid = label_indices(list(valid["label"]))
+    log.info("texture features of %d + %d slices", len(train_images), len(valid_images))
+    x_train = feature_matrix(train_images)
+    x_valid = feature_matrix(valid_images)
+    try:
+        model = fit_texture_features(x_train, y_train, x_valid, y_valid, spec, seed, image_size)
+    except TextureError as exc:
+        raise StageFailed(str(exc)) from None
+    proba = softmax(model.logits(x_valid))
+    m = classification_metrics(y_valid, proba)
+    figures = {
+        "val_loss": nll(y_valid, proba),
+        "val_accuracy": m["accuracy"],
+        "val_macro_f1": m["macro_f1"],
+        "iterations": model.details["iterations"],
+        "temperature": model.temperature,
+    }
+    log.info(
+        "texture model: %d iterations (of %d), temperature %.3f; valid accuracy %.4f, "
+        "macro-F1 %.4f",
+        figures["iterations"],
+        spec.max_iter,
+        model.temperature,
+        figures["val_accuracy"],
+        figures["val_macro_f1"],
+    )
+    return model, figures
+
+
+def cnn_temperature(model: keras.Model, valid: pd.DataFrame, root: Path) -> float:
+    """The CNN's temperature on the valid split (metrics.fit_temperature), so that an
+    ensemble averages calibrated probabilities."""
+    images = load_images(valid, root, int(model.input_shape[1]))
+    logits = model_outputs(model, images, 64, ["logits"])["logits"]
+    return float(fit_temperature(label_indices(list(valid["label"])), logits).temperature)
+
+
 def run_worker(role: WorkerRole, strategy: tf.distribute.Strategy) -> TrainResult:
     """A non-chief worker of a multi-worker run: train in step with the chief, write nothing.
 
@@ -592,6 +665,34 @@ def main() -> None:
         log.info(
             "training on %d images, validating on %d; classes %s", len(train), len(valid), CLASSES
         )
+        family = read_family(base, root)
+        out = session.out_dir
+        tex_figures: dict[str, float] = {}
+        if family["family"] in ("texture", "ensemble"):
+            tex_model, tex_figures = run_train_texture(
+                train,
+                valid,
+                texture_spec(family["texture"]),
+                s.params.base.seed,
+                root,
+                s.params.base.image_size,
+            )
+            texture_path = save_texture(tex_model, out / TEXTURE_FILE)
+        if family["family"] == "texture":
+            session.finish(
+                inputs=["validate", "base-model"],
+                outputs={"model": texture_path},
+                metrics={
+                    "epochs_run": int(tex_figures["iterations"]),
+                    "best_epoch": int(tex_figures["iterations"]),
+                    "ensemble": 1,
+                    "best_val_loss": tex_figures["val_loss"],
+                    "best_val_accuracy": tex_figures["val_accuracy"],
+                    "best_val_macro_f1": tex_figures["val_macro_f1"],
+                },
+                details={"family": "texture", "texture": tex_model.details},
+            )
+            return
         result = run_train(
             base.output_path("model", root),
             train,
@@ -602,8 +703,19 @@ def main() -> None:
             on_epoch=lambda m, e: session.log_metrics(m, step=e),
             strategy=strategy,
         )
-        out = session.out_dir
         model_path = save_model(result.model, out / "model.keras")
+        outputs = {"model": model_path}
+        details = dict(result.details, family=family["family"])
+        if family["family"] == "ensemble":
+            temperature = cnn_temperature(result.model, valid, root)
+            outputs = {
+                "model": write_ensemble(
+                    out / ENSEMBLE_FILE, model_path, texture_path, temperature
+                ),
+                "cnn": model_path,
+                "texture": texture_path,
+            }
+            details.update({"cnn_temperature": temperature, "texture": tex_model.details})
         write_manifest(out / "history.csv", result.history)
         plot_history(result.history, out / "curves.png")
         session.log_artifact(out / "curves.png")
@@ -617,7 +729,7 @@ def main() -> None:
         best = result.history[at_best].mean(numeric_only=True)
         session.finish(
             inputs=["validate", "base-model"],
-            outputs={"model": model_path, "history": out / "history.csv"},
+            outputs={**outputs, "history": out / "history.csv"},
             metrics={
                 "epochs_run": len(result.history),
                 "best_epoch": result.best_epoch,
@@ -626,8 +738,21 @@ def main() -> None:
                 "best_val_accuracy": float(best["val_accuracy"]),
                 "best_val_macro_f1": float(best["val_macro_f1"]),
             },
-            details=result.details,
+            details=details,
         )
+
+
+def read_family(base: Any, root: Path) -> dict[str, Any]:
+    """base-model's family.json ({"family", "texture"}); a base-model run from before the
+    families existed made a CNN."""
+    if "family" not in base.outputs:
+        return {"family": "cnn", "texture": {}}
+    path = base.output_path("family", root)
+    try:
+        family = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise StageFailed(f"{path}: unreadable ({exc}); rerun `dvc repro base-model`") from None
+    return family
 
 
 if __name__ == "__main__":

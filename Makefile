@@ -33,6 +33,13 @@ help:
 	@echo "make tracking-server - MLflow server (SQL backend, proxied artifacts) on $(TRACKING_HOST):$(TRACKING_PORT)"
 	@echo "make lint   - ruff"
 
+# dvc plots show's page template with the Vega scripts inlined (npm registry, at set-up): its
+# charts then need no network (.dvc/config plots.html_template; docs/tracking.md).
+PLOTS_TEMPLATE := build/plots/template.html
+$(PLOTS_TEMPLATE): config/plots/package-lock.json src/chestct/plotpage.py | $(STAMP)
+	npm ci --prefix config/plots --no-audit --no-fund --loglevel=error
+	$(BIN)/python -m chestct.plotpage config/plots/node_modules $@
+
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else \
 		"chestct needs Python 3.11; set PYTHON=/path/to/python3.11")'
@@ -42,7 +49,7 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(BIN)/python -m pip install --quiet --no-deps -e .
 	touch $@
 
-venv: $(STAMP)
+venv: $(STAMP) $(PLOTS_TEMPLATE)
 
 # DVC deletes a stage's outputs before running it: check what a stage would check first, so
 # that a params typo or an unreachable tracking server stops here with artifacts/ untouched.

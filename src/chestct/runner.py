@@ -171,6 +171,9 @@ def stage_session(
     else:
         reset_dir(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    reports = settings.paths.report_dir(stage)
+    if reports.exists():  # a file an earlier run wrote there must not outlive it
+        reset_dir(reports)
     configure_logging(settings.paths.stage_log(stage))
 
     import mlflow  # imported late: telemetry and retry settings must be in place first

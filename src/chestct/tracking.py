@@ -97,7 +97,13 @@ def environment_report(seed: int) -> dict[str, Any]:
             versions[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
             continue
+    from chestct.cpu import PORTABLE_ENV, mode
+
     report: dict[str, Any] = {
+        "cpu_kernels": {
+            "mode": mode(),
+            **{k: os.environ.get(k, "") for k in (*PORTABLE_ENV, "OPENCV_CPU_DISABLE")},
+        },
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),

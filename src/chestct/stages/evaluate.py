@@ -1,15 +1,16 @@
 """evaluate: score the trained model on the test split, clean and under the shift stress
 (chestct.perturb.SHIFTS applied to the ingested originals), calibrate it on the valid split,
 score the external test set when params name one, and draw the pictures. The only stage that
-writes metrics and plots (artifacts/evaluate/).
+writes metrics (reports/evaluate/, git-tracked; the rest in artifacts/evaluate/).
 
-Outputs: metrics.json (dvc metrics: clean metrics, the `shift` block and robust_macro_f1),
-external.json (dvc metrics, reported apart; never selected on), predictions.csv (one row per
-test image), calibration.json (temperature, abstention and OOD thresholds for promote's model
-card), ood.npz (mean and precision of GAP features on the train split), reference.json
-(the monitoring profile of the valid and test splits, chestct.monitoring), and for `dvc plots`:
-confusion.csv, roc.csv, reliability.csv, shift.csv and the pictures confusion.png, roc.png,
-reliability.png, shift.png, misclassified.png, gradcam.png."""
+Outputs in reports/evaluate/ (`cache: false` in dvc.yaml, so DVC compares them across commits):
+metrics.json (dvc metrics: clean metrics, the `shift` block and robust_macro_f1), external.json
+(dvc metrics, reported apart; never selected on) and the `dvc plots` tables confusion.csv,
+roc.csv, reliability.csv, shift.csv. In artifacts/evaluate/: predictions.csv (one row per test
+image), calibration.json (temperature, abstention and OOD thresholds for promote's model card),
+ood.npz (mean and precision of GAP features on the train split), reference.json (the monitoring
+profile of the valid and test splits, chestct.monitoring) and the pictures confusion.png,
+roc.png, reliability.png, shift.png, misclassified.png, gradcam.png."""
 
 from __future__ import annotations
 
@@ -370,19 +371,25 @@ def gradcam_tiles(ev: Evaluation, per_class: int) -> list[tuple[np.ndarray, str]
     return tiles
 
 
-def write_outputs(ev: Evaluation, out: Path, params: EvaluateParams) -> dict[str, Path]:
-    """Write metrics, tables, OOD statistics and pictures into `out`; returns them by name."""
+def write_outputs(
+    ev: Evaluation, out: Path, params: EvaluateParams, reports: Path | None = None
+) -> dict[str, Path]:
+    """Write OOD statistics, predictions and pictures into `out`, metrics and plot tables into
+    `reports` (default `out`; the stage passes reports/evaluate/, which git tracks); returns
+    the files by name."""
+    reports = out if reports is None else reports
+    reports.mkdir(parents=True, exist_ok=True)
     files = {
-        "metrics": out / "metrics.json",
+        "metrics": reports / "metrics.json",
         "predictions": out / "predictions.csv",
         "calibration": out / "calibration.json",
         "ood": out / "ood.npz",
         "reference": out / REFERENCE_FILE,
-        "confusion": out / "confusion.csv",
-        "roc": out / "roc.csv",
-        "reliability": out / "reliability.csv",
-        "shift": out / "shift.csv",
-        "external": out / "external.json",
+        "confusion": reports / "confusion.csv",
+        "roc": reports / "roc.csv",
+        "reliability": reports / "reliability.csv",
+        "shift": reports / "shift.csv",
+        "external": reports / "external.json",
     }
     atomic_write_json(files["metrics"], ev.metrics)
     atomic_write_json(files["external"], ev.external)
@@ -480,7 +487,7 @@ def main() -> None:
             ingested_class_map(s.paths),
         )
         out = session.out_dir
-        files = write_outputs(ev, out, s.params.evaluate)
+        files = write_outputs(ev, out, s.params.evaluate, s.paths.report_dir("evaluate"))
 
         import mlflow
 

@@ -604,10 +604,12 @@ def main() -> None:
         )
         out = session.out_dir
         model_path = save_model(result.model, out / "model.keras")
-        write_manifest(out / "history.csv", result.history)
+        history = s.paths.report_dir("train") / "history.csv"  # a dvc plot, git-tracked
+        history.parent.mkdir(parents=True, exist_ok=True)
+        write_manifest(history, result.history)
         plot_history(result.history, out / "curves.png")
         session.log_artifact(out / "curves.png")
-        session.log_artifact(out / "history.csv")
+        session.log_artifact(history)
         # The members' best epochs, averaged (one row without an ensemble).
         bests = {(m["member"], m["best_epoch"]) for m in result.details["members"]}
         at_best = [
@@ -617,7 +619,7 @@ def main() -> None:
         best = result.history[at_best].mean(numeric_only=True)
         session.finish(
             inputs=["validate", "base-model"],
-            outputs={"model": model_path, "history": out / "history.csv"},
+            outputs={"model": model_path, "history": history},
             metrics={
                 "epochs_run": len(result.history),
                 "best_epoch": result.best_epoch,

@@ -53,9 +53,10 @@ venv: $(STAMP) $(PLOTS_TEMPLATE)
 
 # DVC deletes a stage's outputs before running it: check what a stage would check first, so
 # that a params typo or an unreachable tracking server stops here with artifacts/ untouched.
+# chestct.repro runs `dvc repro` under one parent MLflow run (the stages' runs nest under it).
 run: venv
 	python -m chestct.preflight
-	dvc repro
+	python -m chestct.repro
 	@echo
 	@echo "Pipeline done. Promotion decision:"
 	@python -c 'import json; d=json.load(open("artifacts/promote/decision.json")); print("  " + d["reason"])'
@@ -68,7 +69,7 @@ run: venv
 # `make repro ARGS="train"` or ARGS="-s train": dvc repro with the same check as `make run`.
 repro: venv
 	python -m chestct.preflight $(ARGS)
-	dvc repro $(ARGS)
+	python -m chestct.repro $(ARGS)
 
 # What `dvc repro` would rerun, including the downstream stages `dvc repro --dry` leaves out.
 plan: venv

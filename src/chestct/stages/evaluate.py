@@ -478,6 +478,9 @@ def main() -> None:
             name: read_manifest(validate.output_path(name, root), DATASET_COLUMNS)
             for name in ("train", "valid", "test")
         }
+        session.log_manifest(
+            "test split", validate.output_path("test", root), splits["test"], "testing"
+        )
         ev = run_evaluate(
             train.output_path("model", root),
             splits,

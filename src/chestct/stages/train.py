@@ -589,6 +589,10 @@ def main() -> None:
         base = read_pointer(s.paths, "base-model")
         train = read_manifest(validate.output_path("train", root), DATASET_COLUMNS)
         valid = read_manifest(validate.output_path("valid", root), DATASET_COLUMNS)
+        session.log_manifest("train split", validate.output_path("train", root), train, "training")
+        session.log_manifest(
+            "valid split", validate.output_path("valid", root), valid, "validation"
+        )
         log.info(
             "training on %d images, validating on %d; classes %s", len(train), len(valid), CLASSES
         )

@@ -56,6 +56,9 @@ PORTABLE_ENV = {
     "OPENBLAS_CORETYPE": "Haswell",  # OpenBLAS' AVX2 kernels
     "OPENBLAS_NUM_THREADS": "1",  # NumPy's linear algebra here is small: one thread, one order
     "TF_NUM_INTRAOP_THREADS": PORTABLE_THREADS,
+    # TensorFlow's oneDNN ops (on by default on x86 Linux): off, convolutions run Eigen's
+    # kernels, which round otherwise (measured: other weights). Kept on whatever the shell says.
+    "TF_ENABLE_ONEDNN_OPTS": "1",
 }
 # OpenCV's AVX-512 dispatch targets and the /proc/cpuinfo flags that reveal each: OpenCV warns
 # about disabling a target the CPU lacks, so only those present are named.
@@ -114,6 +117,7 @@ def portable_environment(
         "OPENBLAS_CORETYPE": env.get("OPENBLAS_CORETYPE") or PORTABLE_ENV["OPENBLAS_CORETYPE"],
         "OPENBLAS_NUM_THREADS": PORTABLE_ENV["OPENBLAS_NUM_THREADS"],
         "TF_NUM_INTRAOP_THREADS": PORTABLE_THREADS,
+        "TF_ENABLE_ONEDNN_OPTS": PORTABLE_ENV["TF_ENABLE_ONEDNN_OPTS"],
     }
     if opencv or env.get("OPENCV_CPU_DISABLE"):
         caps["OPENCV_CPU_DISABLE"] = _union(env.get("OPENCV_CPU_DISABLE"), opencv, ",")

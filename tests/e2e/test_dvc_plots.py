@@ -27,18 +27,21 @@ pytestmark = [
 ]
 
 CLASSES = ("adenocarcinoma", "large_cell_carcinoma", "squamous_cell_carcinoma", "normal")
-# The tables the stages write into reports/ (columns as dvc.yaml's plots read them).
+# The tables the stages write (columns as dvc.yaml's plots read them).
 TABLES = {
     "reports/train/history.csv": "member,epoch,phase,loss,val_loss\n"
     + "".join(f"0,{e},1,{1.5 - e / 10:.2f},{1.6 - e / 12:.2f}\n" for e in range(1, 6)),
     "reports/evaluate/confusion.csv": "actual,predicted\n"
     + "".join(f"{a},{p}\n" for a in CLASSES for p in CLASSES),
-    "reports/evaluate/roc.csv": "fpr," + ",".join(CLASSES) + "\n0,0,0,0,0\n0.5,0.7,0.6,0.8,0.9\n"
+    "artifacts/evaluate/roc.csv": "fpr," + ",".join(CLASSES) + "\n0,0,0,0,0\n0.5,0.7,0.6,0.8,0.9\n"
     "1,1,1,1,1\n",
-    "reports/evaluate/reliability.csv": "bin_mid,accuracy,accuracy_calibrated\n"
-    "0.5,0.4,0.5\n0.9,0.8,0.9\n",
+    "reports/evaluate/reliability.csv": "bin_mid,count,accuracy,accuracy_calibrated\n"
+    "0.5,3,0.4,0.5\n0.9,5,0.8,0.9\n",
     "reports/evaluate/shift.csv": "perturbation,macro_f1\nclean,0.9\nblur,0.7\n",
 }
+
+
+CHARTS = 7  # history and reliability are drawn twice (one column, several columns)
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +107,8 @@ def test_dvc_plots_show_draws_every_chart_offline(copy: Path) -> None:
     assert "cdn.jsdelivr.net" not in html
     charts, drawn, refused = charts_offline(copy / "dvc_plots" / "index.html")
     assert refused == []
-    assert charts == len(TABLES) and drawn == charts  # training curves, confusion, ROC, ...
+    # Training curves + validation macro-F1, confusion, shift, reliability + bin counts, ROC.
+    assert charts == CHARTS and drawn == charts
 
 
 def test_dvc_default_page_stays_blank_offline(copy: Path) -> None:
@@ -112,7 +116,11 @@ def test_dvc_default_page_stays_blank_offline(copy: Path) -> None:
     try:
         page = show(copy, "dvc_plots_default", "--html-template", "")
     finally:
-        run(["dvc", "config", "--local", "--unset", "plots.html_template"], copy, pipeline_env(copy))
+        run(
+            ["dvc", "config", "--local", "--unset", "plots.html_template"],
+            copy,
+            pipeline_env(copy),
+        )
     charts, drawn, refused = charts_offline(page)
     assert any("cdn.jsdelivr.net" in url for url in refused)
-    assert charts == len(TABLES) and drawn == 0
+    assert charts == CHARTS and drawn == 0

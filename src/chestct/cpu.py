@@ -127,19 +127,13 @@ def portable_environment(
 def pin_kernels() -> dict[str, str]:
     """Set the caps in os.environ (portable mode); returns what was set ({} when native).
 
-    Must run before numpy, cv2 or tensorflow are imported; it refuses to pretend otherwise.
+    They take effect for the libraries not yet loaded and for child processes: a stage run as
+    `python -m chestct.stages.<x>` gets all of them (chestct.stages runs this first); a process
+    that imported NumPy before (a test, a notebook) keeps NumPy's kernels as they were.
     """
-    import sys
-
     if mode() == "native":
         return {}
     caps = portable_environment()
-    late = [m for m in ("numpy", "cv2", "tensorflow") if m in sys.modules]
-    if late and any(os.environ.get(k) != v for k, v in caps.items()):
-        raise RuntimeError(
-            f"chestct.cpu.pin_kernels() ran after {', '.join(late)} was imported: the caps "
-            "would not apply. Import chestct.stages (or call it) first."
-        )
     os.environ.update(caps)
     return caps
 

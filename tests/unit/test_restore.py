@@ -72,8 +72,9 @@ def test_an_output_missing_from_the_cache_changes_nothing_and_says_what_to_run(
     repo: Path,
 ) -> None:
     _experiment(repo)
-    # As in a fresh clone of a dvc.lock made elsewhere: HEAD's out.txt was never cached here.
-    sh(repo, "rm", "-rf", ".dvc/cache")
+    # As in a fresh clone of a dvc.lock made elsewhere: HEAD's out.txt was never cached here
+    # (the experiment's is).
+    _uncache_head_output(repo)
     with pytest.raises(RestoreError) as err:
         restore(repo)
     message = str(err.value)
@@ -85,6 +86,25 @@ def test_an_output_missing_from_the_cache_changes_nothing_and_says_what_to_run(
     assert "recomputed 1 output" in restore(repo, repro=True)
     assert (repo / "out.txt").read_text() == "1"
     assert sh(repo, "git", "status", "--porcelain") == ""
+
+
+def _uncache_head_output(root: Path) -> None:
+    lock = yaml.safe_load(sh(root, "git", "show", "HEAD:dvc.lock"))
+    md5 = lock["stages"]["make"]["outs"][0]["md5"]
+    (root / ".dvc" / "cache" / "files" / "md5" / md5[:2] / md5[2:]).unlink()
+
+
+def test_the_old_way_back_deletes_what_the_cache_cannot_restore(repo: Path) -> None:
+    """The control: the README's former one-liner, in the same situation, loses the output."""
+    _experiment(repo)
+    _uncache_head_output(repo)
+    subprocess.run(
+        "git checkout HEAD -- params.yaml dvc.lock && dvc checkout",
+        shell=True,
+        cwd=repo,
+        capture_output=True,
+    )
+    assert not (repo / "out.txt").exists()
 
 
 def test_a_revision_without_a_lock_is_refused(repo: Path) -> None:

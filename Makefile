@@ -36,6 +36,13 @@ help:
 	@echo "make lint   - ruff"
 	@echo "make docs   - build the docs site into site/ (mkdocs build --strict)"
 
+# dvc plots show's page template with the Vega scripts inlined (npm registry, at set-up): its
+# charts then need no network (.dvc/config plots.html_template; docs/tracking.md).
+PLOTS_TEMPLATE := build/plots/template.html
+$(PLOTS_TEMPLATE): config/plots/package-lock.json src/chestct/plotpage.py | $(STAMP)
+	npm ci --prefix config/plots --no-audit --no-fund --loglevel=error
+	$(BIN)/python -m chestct.plotpage config/plots/node_modules $@
+
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else \
 		"chestct needs Python 3.11; set PYTHON=/path/to/python3.11")'
@@ -45,13 +52,14 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(BIN)/python -m pip install --quiet --no-deps -e .
 	touch $@
 
-venv: $(STAMP)
+venv: $(STAMP) $(PLOTS_TEMPLATE)
 
 # DVC deletes a stage's outputs before running it: check what a stage would check first, so
 # that a params typo or an unreachable tracking server stops here with artifacts/ untouched.
+# chestct.repro runs `dvc repro` under one parent MLflow run (the stages' runs nest under it).
 run: venv
 	python -m chestct.preflight
-	dvc repro
+	python -m chestct.repro
 	@echo
 	@echo "Pipeline done. Promotion decision:"
 	@python -c 'import json; d=json.load(open("artifacts/promote/decision.json")); print("  " + d["reason"])'
@@ -64,7 +72,7 @@ run: venv
 # `make repro ARGS="train"` or ARGS="-s train": dvc repro with the same check as `make run`.
 repro: venv
 	python -m chestct.preflight $(ARGS)
-	dvc repro $(ARGS)
+	python -m chestct.repro $(ARGS)
 
 # What `dvc repro` would rerun, including the downstream stages `dvc repro --dry` leaves out.
 plan: venv

@@ -26,7 +26,9 @@ BIN = Path(sys.executable).parent
 
 def make_copy(root: Path) -> dict[str, str]:
     for name in ("src", "config"):
-        shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(
+            REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__", "node_modules")
+        )
     for name in ("dvc.yaml", "params.yaml", "app.py", ".gitignore", ".dvcignore"):
         shutil.copy2(REPO / name, root / name)
     (root / ".dvc").mkdir()

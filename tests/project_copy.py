@@ -36,12 +36,19 @@ def merge(base: dict, override: dict) -> dict:
 def project_copy(root: Path, override: dict | None = None) -> Path:
     """Copy the project's code and config under `root`, with TINY (or `override`) params."""
     for name in ("src", "config"):
-        shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(
+            REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__", "node_modules")
+        )
     for name in ("dvc.yaml", "app.py", ".gitignore", ".dvcignore"):
         shutil.copy2(REPO / name, root / name)
     (root / ".dvc").mkdir()
     for name in ("config", ".gitignore"):  # as a clone has them: cache and tmp stay untracked
         shutil.copy2(REPO / ".dvc" / name, root / ".dvc" / name)
+    # dvc plots' offline page template, as `make venv` wrote it (.dvc/config names it).
+    template = REPO / "build" / "plots" / "template.html"
+    if template.is_file():
+        (root / "build" / "plots").mkdir(parents=True)
+        shutil.copy2(template, root / "build" / "plots" / template.name)
     params = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
     params = merge(params, TINY if override is None else override)
     (root / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")

@@ -94,22 +94,28 @@ class LightModel:
     _runner: Any
 
     @classmethod
-    def load(cls, path: Path, threads: int | None = None) -> LightModel:
+    def load(cls, path: Path, threads: int | None = None, reference: bool = False) -> LightModel:
         """Open `path` with ai-edge-litert.
 
         Args:
             path: the .tflite file.
             threads: interpreter threads (None: LiteRT's default).
+            reference: LiteRT's reference kernels instead of XNNPACK's. XNNPACK picks its
+                kernels by the CPU (AVX-512, AVX2, ...), so its last bits vary between
+                machines; the reference kernels compute alike everywhere (and slower).
         """
         try:
-            from ai_edge_litert.interpreter import Interpreter
+            from ai_edge_litert.interpreter import Interpreter, OpResolverType
         except ImportError as exc:
             raise ExportError(
                 "ai-edge-litert is not installed; `pip install -r requirements.txt`"
             ) from exc
         if not path.is_file():
             raise ExportError(f"light model {path} not found; run promote to export it")
-        interpreter = Interpreter(model_path=str(path), num_threads=threads)
+        resolver = OpResolverType.BUILTIN_REF if reference else OpResolverType.AUTO
+        interpreter = Interpreter(
+            model_path=str(path), num_threads=threads, experimental_op_resolver_type=resolver
+        )
         signature = interpreter.get_signature_list().get(SIGNATURE)
         if signature is None or set(OUTPUT_NAMES) - set(signature["outputs"]):
             raise ExportError(

@@ -60,7 +60,10 @@ def upstream_graph(dvc_yaml: Path) -> dict[str, set[str]]:
         stages = yaml.safe_load(dvc_yaml.read_text(encoding="utf-8"))["stages"]
     except (OSError, yaml.YAMLError, KeyError, TypeError) as exc:
         raise PlanError(f"{dvc_yaml}: cannot read its stages ({exc})") from exc
-    outs = {name: _paths(spec.get("outs")) for name, spec in stages.items()}
+    outs = {
+        name: [p for key in ("outs", "metrics", "plots") for p in _paths(spec.get(key))]
+        for name, spec in stages.items()
+    }
     graph: dict[str, set[str]] = {}
     for name, spec in stages.items():
         deps = _paths(spec.get("deps"))

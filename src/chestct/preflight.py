@@ -16,6 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from chestct.cpu import CpuError, mode, portability_note
 from chestct.plan import PlanError, upstream_graph
 from chestct.pointers import PointerError, read_pointer
 from chestct.settings import SettingsError, load_settings
@@ -38,6 +39,7 @@ def preflight(root: Path | None = None, single: tuple[str, ...] = ()) -> str:
         PointerError: an upstream pointer of a `single` stage is missing or stale.
     """
     settings = load_settings(root)
+    mode()  # CHESTCT_CPU must name a mode: every stage would stop on it
     uri = settings.tracking_uri
     check_store(uri, settings.config.tracking.connect_timeout_s)
     summary = f"params.yaml and config/config.yaml are valid; tracking store {uri} answers"
@@ -67,12 +69,14 @@ def main(argv: list[str] | None = None) -> None:
     single = tuple(args.targets) if args.single_item else ()
     try:
         summary = preflight(single=single)
-    except (SettingsError, TrackingError, PointerError) as exc:
+    except (SettingsError, TrackingError, PointerError, CpuError) as exc:
         print(f"chestct preflight: {exc}", file=sys.stderr)
         print("chestct preflight: nothing was run; artifacts/ is as it was", file=sys.stderr)
         raise SystemExit(1) from None
     if not args.quiet:
         print(f"chestct preflight: {summary}")
+        # Whether this machine's outputs can match a dvc.lock made elsewhere.
+        print(f"chestct preflight: {portability_note()}")
 
 
 if __name__ == "__main__":

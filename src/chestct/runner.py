@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from chestct.fsutil import reset_dir
+from chestct.fsutil import reset_dir, sha256_file
 from chestct.manifest import ManifestError
 from chestct.pointers import (
     Pointer,
@@ -25,16 +25,22 @@ from chestct.pointers import (
     make_input,
     make_output,
     make_run_record,
+    read_pointer,
+    read_run_record,
     write_pointer,
     write_run_record,
 )
-from chestct.settings import Settings, SettingsError, load_settings
+from chestct.settings import STAGES, Settings, SettingsError, load_settings
 from chestct.tracking import (
     TrackingError,
     check_store,
     environment_report,
     flatten,
+    manifest_dataset,
+    mark_experiment,
+    pointer_dataset,
     quiet_environment,
+    run_name,
     run_tags,
 )
 
@@ -102,6 +108,13 @@ class StageSession:
 
         mlflow.log_artifact(str(path), artifact_path=artifact_path)
 
+    def log_manifest(self, name: str, path: Path, frame: Any, context: str) -> None:
+        """Log a split's manifest as an MLflow dataset input (context: training, validation,
+        testing), with the digest and row count MLflow computes from the table."""
+        import mlflow
+
+        mlflow.log_input(manifest_dataset(name, path, frame), context=context)
+
     def finish(
         self,
         inputs: Sequence[str],
@@ -126,6 +139,12 @@ class StageSession:
         )
         self.log_metrics(metrics)
         write_pointer(paths.pointer(self.stage), pointer)
+        log_upstream_inputs(paths, pointer)
+        import mlflow
+
+        mlflow.set_tag(
+            "mlflow.runName", run_name(self.stage, sha256_file(paths.pointer(self.stage)))
+        )
         record = make_run_record(
             self.stage,
             paths.pointer(self.stage),
@@ -171,12 +190,19 @@ def stage_session(
     else:
         reset_dir(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    reports = settings.paths.report_dir(stage)
+    if reports.exists():  # a file an earlier run wrote there must not outlive it
+        reset_dir(reports)
     configure_logging(settings.paths.stage_log(stage))
 
     import mlflow  # imported late: telemetry and retry settings must be in place first
 
     mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment(settings.config.tracking.experiment)
+    experiment = mlflow.set_experiment(settings.config.tracking.experiment)
+    mark_experiment(experiment.experiment_id)
+    # Upstream stages that DVC restored from its run cache (or that were pulled) ran nowhere
+    # here: record them first, so that this run's lineage tags name them.
+    record_missing_runs(settings, STAGES[: STAGES.index(stage)])
     git = git_state(settings.paths.root)
     with mlflow.start_run(tags=run_tags(stage, git.sha, git.dirty)) as run:
         session = StageSession(
@@ -194,6 +220,62 @@ def stage_session(
             log_file = settings.paths.stage_log(stage)
             if log_file.exists():
                 mlflow.log_artifact(str(log_file))
+
+
+def log_upstream_inputs(paths: Any, pointer: Pointer) -> None:
+    """Each upstream pointer the stage consumed, as an MLflow dataset input (its sha256)."""
+    import mlflow
+
+    for item in pointer.inputs:
+        mlflow.log_input(
+            pointer_dataset(f"{item.stage} outputs", paths.root / item.pointer, item.digest),
+            context="upstream",
+        )
+
+
+def record_missing_runs(settings: Settings, stages: Sequence[str]) -> list[str]:
+    """An MLflow run for every stage in `stages` whose outputs no run here recorded.
+
+    DVC restores a stage from its run cache (or `dvc pull`/`dvc checkout` bring its outputs)
+    without running its command, so no MLflow run and no run record exist for what is in
+    artifacts/<stage>/. The run made here says so (tag chestct.recorded_from = pointer): its
+    params, metrics and inputs come from the pointer, and a run record now names it, so that
+    lineage tags and `chestct.compare` find it. Returns the stages recorded.
+    """
+    import mlflow
+
+    paths = settings.paths
+    recorded = []
+    for stage in stages:
+        try:
+            if not paths.pointer(stage).is_file() or read_run_record(paths, stage) is not None:
+                continue
+            pointer = read_pointer(paths, stage, verify=False)
+        except PointerError:
+            continue  # the stage that reads it will say what is wrong
+        digest = sha256_file(paths.pointer(stage))
+        git = git_state(paths.root)
+        tags = run_tags(stage, git.sha, git.dirty) | {
+            "mlflow.runName": run_name(stage, digest),
+            "chestct.recorded_from": "pointer",
+        }
+        with mlflow.start_run(tags=tags, nested=mlflow.active_run() is not None) as run:
+            mlflow.log_params(_params_for_mlflow(pointer.params))
+            numeric = {k: float(v) for k, v in flatten(pointer.metrics).items() if _is_number(v)}
+            if numeric:
+                mlflow.log_metrics(numeric)
+            log_upstream_inputs(paths, pointer)
+            mlflow.log_artifact(str(paths.pointer(stage)))
+            ref = TrackingRef(
+                tracking_uri=settings.tracking_uri,
+                experiment=settings.config.tracking.experiment,
+                run_id=run.info.run_id,
+            )
+            record = make_run_record(stage, paths.pointer(stage), ref, paths.root)
+            mlflow.log_artifact(str(write_run_record(paths, record)))
+        log.info("%s: outputs restored by DVC, recorded as MLflow run %s", stage, run.info.run_id)
+        recorded.append(stage)
+    return recorded
 
 
 def _params_for_mlflow(params: dict[str, Any]) -> dict[str, str]:

@@ -331,6 +331,7 @@ class MonitorConfig:
 @dataclass(frozen=True)
 class Config:
     artifacts_dir: str = "artifacts"
+    reports_dir: str = "reports"  # git-tracked metrics and plot tables, reports/<stage>/
     model_dir: str = "model"
     params_file: str = "params.yaml"
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
@@ -349,6 +350,7 @@ class Paths:
     artifacts: Path
     model: Path
     params_file: Path
+    reports: Path | None = None  # git-tracked metrics and plot tables (config reports_dir)
     audit_db: Path | None = None  # the predictor's audit log (config serving.audit_db)
     downloads: Path | None = None  # verified URL-source archives, by sha256 (download_cache())
 
@@ -357,6 +359,12 @@ class Paths:
         if stage not in STAGES:
             raise SettingsError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
         return self.artifacts / stage
+
+    def report_dir(self, stage: str) -> Path:
+        """reports/<stage>/: the stage's metrics and plot tables, small files git tracks
+        (`cache: false` outputs in dvc.yaml), so that DVC compares them across commits."""
+        self.stage_dir(stage)  # validates the name
+        return (self.reports or self.root / "reports") / stage
 
     def pointer(self, stage: str) -> Path:
         return self.stage_dir(stage) / "pointer.json"
@@ -545,7 +553,7 @@ def _check_evaluate_and_promote(evaluate: EvaluateParams, promote: PromoteParams
                 if metric
                 else "must name a metric; "
             )
-            + "choose a key of artifacts/evaluate/metrics.json such as robust_macro_f1"
+            + "choose a key of reports/evaluate/metrics.json such as robust_macro_f1"
         )
     if evaluate.bootstrap_resamples < 10:
         raise SettingsError("evaluate.bootstrap_resamples: must be at least 10, e.g. 1000")
@@ -855,6 +863,7 @@ def load_settings(root: Path | None = None) -> Settings:
         artifacts=root / config.artifacts_dir,
         model=root / config.model_dir,
         params_file=params_path,
+        reports=root / config.reports_dir,
         audit_db=root / config.serving.audit_db,
         downloads=download_cache(),
     )

@@ -404,18 +404,30 @@ def fit_texture_features(
     spec: ClassifierSpec,
     seed: int,
     image_size: int,
+    curve: list[dict[str, float]] | None = None,
 ) -> TextureModel:
-    """`fit_texture` on precomputed feature matrices."""
+    """`fit_texture` on precomputed feature matrices. With `curve`, one row per boosting
+    iteration is appended to it (epoch, loss, val_loss, val_accuracy, val_macro_f1), the
+    texture family's training curve."""
     if len(np.unique(y_train)) < 2:
         raise TextureError("the texture model needs at least two classes in the train split")
     with limited_threads(spec.threads):
         model = _classifier(spec, seed, spec.max_iter).fit(x_train, y_train)
-        losses = []
-        for proba in model.staged_predict_proba(x_valid):
-            p = np.full(len(y_valid), 1e-7)
-            for j, k in enumerate(model.classes_):
-                p = np.where(y_valid == k, np.clip(proba[:, j], 1e-7, 1.0), p)
-            losses.append(float(-np.mean(np.log(p))))
+        losses = [
+            _log_loss(y_valid, proba, model.classes_)
+            for proba in model.staged_predict_proba(x_valid)
+        ]
+        if curve is not None:
+            train_losses = [
+                _log_loss(y_train, proba, model.classes_)
+                for proba in model.staged_predict_proba(x_train)
+            ]
+            for i, proba in enumerate(model.staged_predict_proba(x_valid)):
+                predicted = model.classes_[np.argmax(proba, axis=1)]
+                figures = classification_metrics_of(y_valid, predicted)
+                curve.append(
+                    {"epoch": i + 1, "loss": train_losses[i], "val_loss": losses[i], **figures}
+                )
         best = int(np.argmin(losses)) + 1
         truncate(model, best)
     mean = x_train.mean(axis=0).astype(np.float64)
@@ -440,6 +452,24 @@ def fit_texture_features(
         }
     )
     return texture
+
+
+def _log_loss(y: np.ndarray, proba: np.ndarray, classes: np.ndarray) -> float:
+    """Mean negative log-probability of the true class (classes absent from the fit: 1e-7)."""
+    p = np.full(len(y), 1e-7)
+    for j, k in enumerate(classes):
+        p = np.where(y == k, np.clip(proba[:, j], 1e-7, 1.0), p)
+    return float(-np.mean(np.log(p)))
+
+
+def classification_metrics_of(y: np.ndarray, predicted: np.ndarray) -> dict[str, float]:
+    """Validation accuracy and macro-F1 (over the classes present in `y`) of hard labels."""
+    from sklearn.metrics import f1_score
+
+    return {
+        "val_accuracy": float(np.mean(predicted == y)),
+        "val_macro_f1": float(f1_score(y, predicted, average="macro", labels=np.unique(y))),
+    }
 
 
 def truncate(classifier: Any, iterations: int) -> None:

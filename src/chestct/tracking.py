@@ -97,7 +97,13 @@ def environment_report(seed: int) -> dict[str, Any]:
             versions[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
             continue
+    from chestct.cpu import PORTABLE_ENV, mode
+
     report: dict[str, Any] = {
+        "cpu_kernels": {
+            "mode": mode(),
+            **{k: os.environ.get(k, "") for k in (*PORTABLE_ENV, "OPENCV_CPU_DISABLE")},
+        },
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
@@ -124,6 +130,8 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def run_tags(stage: str, git_sha: str | None, git_dirty: bool | None) -> dict[str, str]:
     tags = {"chestct.stage": stage, "mlflow.runName": stage}
+    if parent := os.environ.get(PARENT_ENV):
+        tags["mlflow.parentRunId"] = parent  # nested under the run of `make run`/`make repro`
     if git_sha:
         tags["git.sha"] = git_sha
         tags["mlflow.source.git.commit"] = git_sha
@@ -134,3 +142,61 @@ def run_tags(stage: str, git_sha: str | None, git_dirty: bool | None) -> dict[st
     if base := os.environ.get("DVC_EXP_BASELINE_REV"):
         tags["dvc.baseline_rev"] = base
     return tags
+
+
+# --------------------------------------------------------------------------- conventions
+
+# Set by `make run` / `make repro` (chestct.repro) for the stages of one `dvc repro`: the run id
+# of the parent run they nest under. A bare `dvc repro` has none: its stages are top-level runs.
+PARENT_ENV = "CHESTCT_PIPELINE_RUN"
+# MLflow 3's UI opens an experiment by its kind; without it a new experiment opens on the GenAI
+# overview. The key and value come from the MLflow UI's code (ExperimentKind).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+DIGEST_CHARS = 16  # of a sha256, as an MLflow dataset digest (the store keeps at most 36)
+
+
+def run_name(stage: str, pointer_digest: str) -> str:
+    """`<stage> <short digest>`: the digest of the pointer the run wrote, so that two runs with
+    the same outputs carry the same name."""
+    return f"{stage} {pointer_digest[:7]}"
+
+
+def mark_experiment(experiment_id: str) -> None:
+    """Make the experiment open in MLflow's model-training view (unless a user chose a kind)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    if EXPERIMENT_KIND_TAG not in client.get_experiment(experiment_id).tags:
+        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+
+
+def _source(path: Path) -> Any:
+    import warnings
+
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+
+    with warnings.catch_warnings():  # "can be interpreted in multiple ways": a local file
+        warnings.simplefilter("ignore")
+        return resolve_dataset_source(str(path))
+
+
+def pointer_dataset(name: str, path: Path, digest: str) -> Any:
+    """An MLflow dataset for an upstream stage's outputs: its pointer file and sha256."""
+    from mlflow.data.meta_dataset import MetaDataset
+
+    return MetaDataset(source=_source(path), name=name, digest=digest[:DIGEST_CHARS])
+
+
+def manifest_dataset(name: str, path: Path, frame: Any) -> Any:
+    """An MLflow dataset for a split's manifest (one row per image: path, label, ...): MLflow
+    computes its digest and profile (rows) from the table."""
+    import warnings
+
+    import mlflow
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return mlflow.data.from_pandas(
+            frame, source=_source(path), name=name, targets="label" if "label" in frame else None
+        )

@@ -72,7 +72,7 @@ def test_model_folder_holds_the_promoted_model_and_card(project) -> None:
     assert {"accuracy", "balanced_accuracy", "macro_f1"} <= set(card["metrics"])
     assert len(card["data_digest"]) == 64
     assert (root / "model" / card["model_file"]).is_file()
-    metrics = json.loads((root / "artifacts/evaluate/metrics.json").read_text(encoding="utf-8"))
+    metrics = json.loads((root / "reports/evaluate/metrics.json").read_text(encoding="utf-8"))
     assert set(metrics["sensitivity"]) == set(CLASSES)
     assert card["inference"]["parity_max_abs_diff"] <= 1e-4
     assert (root / "model" / card["inference"]["file"]).is_file()

@@ -96,7 +96,7 @@ def test_error_analysis_notebook_runs_on_the_promoted_model(
     for label in CLASSES:
         assert label in text
     # What the served model answers agrees with what evaluate measured on the Keras model.
-    metrics = json.loads((reproduced / "artifacts/evaluate/metrics.json").read_text())
+    metrics = json.loads((reproduced / "reports/evaluate/metrics.json").read_text())
     accuracy = float(text.split("test images; accuracy ")[1].split(",")[0])
     assert accuracy == pytest.approx(metrics["accuracy"], abs=1e-3)
 

@@ -276,7 +276,7 @@ def test_an_experiment_and_the_way_back(project) -> None:
     root, env = project["root"], project["env"]
     baseline = snapshot(root)
     section = "## Experiments and comparison"
-    (way_back,) = readme(section, "git checkout HEAD -- ")
+    way_back = readme_one(section, "python -m chestct.restore")
     apply = readme_one(section, "dvc exp apply <name>")
 
     shell(readme_one(section, "dvc exp run -S train.learning_rate=0.0003"), root, env)

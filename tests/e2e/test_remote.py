@@ -56,7 +56,7 @@ def clones(
     pusher = tmp_path_factory.mktemp("pusher") / "chestct"
     shutil.copytree(source, pusher, symlinks=True)
     env = pipeline_env(pusher) | KEYS | {"BUCKET": BUCKET, "S3_ENDPOINT": s3_endpoint}
-    run(["git", "add", "dvc.lock"], pusher, env)
+    run(["git", "add", "dvc.lock", "reports"], pusher, env)  # reports/: git-tracked metrics
     run(["git", "commit", "-qm", "dvc.lock of the reproduced pipeline"], pusher, env)
     run_block("remote-push", pusher, env)
 

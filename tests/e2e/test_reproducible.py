@@ -59,6 +59,8 @@ def second(
     first, _ = tiny_project
     root = project_copy(tmp_path_factory.mktemp("second"))
     shutil.copy2(first / "dvc.lock", root / "dvc.lock")
+    # The git-tracked metrics and plot tables (cache: false) come with a clone, like dvc.lock.
+    shutil.copytree(first / "reports", root / "reports")
     env = pipeline_env(root)
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "clone"]):
         run(cmd, root, env)

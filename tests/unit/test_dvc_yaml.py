@@ -36,7 +36,9 @@ def _imports(path: Path) -> set[str]:
 def chestct_closure(module: str) -> set[str]:
     """Every chestct source file that `module` imports, directly or not (itself included)."""
     seen: set[Path] = set()
-    todo = [module]
+    # Python runs every parent package's __init__ first (chestct.stages pins the CPU kernels).
+    parts = module.split(".")
+    todo = [".".join(parts[:n]) for n in range(1, len(parts) + 1)]
     while todo:
         path = _module_file(todo.pop())
         if path is None or path in seen:
@@ -73,19 +75,45 @@ def test_params_groups_match_what_stages_read() -> None:
         assert tuple(stage["params"]) == STAGE_PARAMS[name]
 
 
-def test_each_stage_writes_only_its_folder() -> None:
+def _paths(items: list) -> list[str]:
+    return [o if isinstance(o, str) else next(iter(o)) for o in items]
+
+
+def test_each_stage_writes_only_its_folders() -> None:
+    """artifacts/<stage>/ (cached), reports/<stage>/ (git-tracked, cache: false), model/."""
     for name, stage in _dvc()["stages"].items():
-        outs = [o if isinstance(o, str) else next(iter(o)) for o in stage["outs"]]
+        outs = _paths(stage["outs"])
+        outs += _paths(stage.get("metrics", [])) + _paths(stage.get("plots", []))
         assert outs[0] == f"artifacts/{name}"
-        assert set(outs[1:]) <= ({"model"} if name == "promote" else set())
+        for out in outs[1:]:
+            assert (out == "model" and name == "promote") or out.startswith(f"reports/{name}/")
 
 
-def test_only_evaluate_writes_metrics_and_plots() -> None:
+def test_metrics_and_plot_tables_are_git_tracked_at_stable_paths() -> None:
+    """`dvc metrics diff HEAD~1` and `dvc exp show` read them from git: cache: false, never
+    inside a cached folder or a git-ignored one."""
     dvc = _dvc()
-    assert dvc["metrics"] == [
-        "artifacts/evaluate/metrics.json",
-        "artifacts/evaluate/external.json",
+    assert "metrics" not in dvc  # declared by the stage that writes them
+    stages = dvc["stages"]
+    assert _paths(stages["evaluate"]["metrics"]) == [
+        "reports/evaluate/metrics.json",
+        "reports/evaluate/external.json",
     ]
+    for stage in stages.values():
+        # A plain uncached out would keep DVC's run cache from holding the stage.
+        for out in stage["outs"]:
+            assert not (isinstance(out, dict) and next(iter(out.values())).get("cache") is False)
+        for out in stage.get("metrics", []) + stage.get("plots", []):
+            path, spec = next(iter(out.items()))
+            assert path.startswith("reports/") and spec["cache"] is False, out
+    stage_plots = _paths(stages["train"]["plots"]) + _paths(stages["evaluate"]["plots"])
+    assert "reports/train/history.csv" in stage_plots
+    drawn = []
     for plot in dvc["plots"]:
-        path = plot if isinstance(plot, str) else next(iter(plot))
-        assert path.startswith("artifacts/evaluate/")
+        name, spec = (plot, None) if isinstance(plot, str) else next(iter(plot.items()))
+        drawn += list(spec["y"]) if isinstance((spec or {}).get("y"), dict) else [name]
+    for path in drawn:
+        assert path.startswith(("reports/", "artifacts/evaluate/")), path
+        assert path in stage_plots or path.startswith("artifacts/evaluate/"), path
+    ignored = (REPO / ".gitignore").read_text(encoding="utf-8").split()
+    assert "/reports/" not in ignored and "reports/" not in ignored

@@ -54,7 +54,7 @@ RUN_BY: dict[str, str] = {
     "dvc exp show --drop '.*' --keep '^(Experiment|Created|robust_macro_f1|macro_f1|balanced_accuracy|roc_auc|ece_calibrated|train\\.learning_rate)$'": f"{E2E}::test_an_experiment_and_the_way_back",
     "dvc exp apply <name>": f"{E2E}::test_an_experiment_and_the_way_back",
     "dvc exp show": f"{E2E}::test_an_experiment_and_the_way_back",
-    "git checkout HEAD -- params.yaml dvc.lock && dvc checkout": f"{E2E}::test_an_experiment_and_the_way_back",
+    "python -m chestct.restore": f"{E2E}::test_an_experiment_and_the_way_back",
     # Serving: the curl lines run verbatim against real gunicorn
     "curl -s http://127.0.0.1:8000/health": "tests/serving/test_gunicorn.py::test_readme_curl_examples_against_gunicorn",
     "curl -s http://127.0.0.1:8000/ready": "tests/serving/test_gunicorn.py::test_readme_curl_examples_against_gunicorn",

@@ -1,21 +1,22 @@
 """evaluate: score the trained model on the test split, clean and under the shift stress
 (chestct.perturb.SHIFTS applied to the ingested originals), calibrate it on the valid split,
 score the external test set when params name one, and draw the pictures. The only stage that
-writes metrics and plots (artifacts/evaluate/).
+writes metrics (reports/evaluate/, git-tracked; the rest in artifacts/evaluate/).
 
-Outputs: metrics.json (dvc metrics: clean metrics, the `shift` block and robust_macro_f1),
-external.json (dvc metrics, reported apart; never selected on), predictions.csv (one row per
-test image, with its predictions under every shift and its nearest training slice's similarity),
-calibration.json (temperature, abstention and OOD thresholds for promote's model
-card), ood.npz (mean and precision of GAP features on the train split), reference.json
-(the monitoring profile of the valid and test splits, chestct.monitoring), and for `dvc plots`:
-confusion.csv, roc.csv, reliability.csv, shift.csv and the pictures confusion.png, roc.png,
-reliability.png, shift.png, misclassified.png, gradcam.png.
+Outputs in reports/evaluate/ (`cache: false` in dvc.yaml, so DVC compares them across commits):
+metrics.json (dvc metrics: clean metrics, the `shift` block and robust_macro_f1), external.json
+(dvc metrics, reported apart; never selected on) and the `dvc plots` tables confusion.csv,
+reliability.csv, shift.csv. In artifacts/evaluate/: roc.csv, predictions.csv (one row per test
+image), calibration.json (temperature, abstention and OOD thresholds for promote's model card),
+ood.npz (mean and precision of GAP features on the train split), reference.json (the monitoring
+profile of the valid and test splits, chestct.monitoring) and the pictures confusion.png,
+roc.png, reliability.png, shift.png, misclassified.png, gradcam.png.
 
 Both metrics files also carry (chestct.novelty) the nearest-neighbour memorizer
 (`baseline.nearest_neighbour.*`, `baseline.model_above.*`), the model on the near-copy and the
 novel part apart (`near_copy.*`, `novel.*`, `near_copy_share`) and bootstrap intervals that
-resample groups (`ci.<metric>.low/high`, chestct.uncertainty)."""
+resample groups (`ci.<metric>.low/high`, chestct.uncertainty); metrics.json also the share of
+the attention map inside the lung field (`attention.*`, chestct.attention)."""
 
 from __future__ import annotations
 
@@ -489,19 +490,27 @@ def attention_tiles(ev: Evaluation, limit: int = 8) -> list[tuple[np.ndarray, st
     return tiles
 
 
-def write_outputs(ev: Evaluation, out: Path, params: EvaluateParams) -> dict[str, Path]:
-    """Write metrics, tables, OOD statistics and pictures into `out`; returns them by name."""
+def write_outputs(
+    ev: Evaluation, out: Path, params: EvaluateParams, reports: Path | None = None
+) -> dict[str, Path]:
+    """Write OOD statistics, predictions and pictures into `out`, metrics and plot tables into
+    `reports` (default `out`; the stage passes reports/evaluate/, which git tracks); returns
+    the files by name."""
+    reports = out if reports is None else reports
+    reports.mkdir(parents=True, exist_ok=True)
     files = {
-        "metrics": out / "metrics.json",
+        "metrics": reports / "metrics.json",
         "predictions": out / "predictions.csv",
         "calibration": out / "calibration.json",
         "ood": out / "ood.npz",
         "reference": out / REFERENCE_FILE,
-        "confusion": out / "confusion.csv",
+        "confusion": reports / "confusion.csv",
+        # Four curves in one table: drawn by a top-level plot of dvc.yaml only, so it stays a
+        # cached output (a stage-level plot takes one y column).
         "roc": out / "roc.csv",
-        "reliability": out / "reliability.csv",
-        "shift": out / "shift.csv",
-        "external": out / "external.json",
+        "reliability": reports / "reliability.csv",
+        "shift": reports / "shift.csv",
+        "external": reports / "external.json",
     }
     atomic_write_json(files["metrics"], ev.metrics)
     atomic_write_json(files["external"], ev.external)
@@ -609,6 +618,9 @@ def main() -> None:
             name: read_manifest(validate.output_path(name, root), DATASET_COLUMNS)
             for name in ("train", "valid", "test")
         }
+        session.log_manifest(
+            "test split", validate.output_path("test", root), splits["test"], "testing"
+        )
         ev = run_evaluate(
             train.output_path("model", root),
             splits,
@@ -620,7 +632,7 @@ def main() -> None:
             s.params.base.seed,
         )
         out = session.out_dir
-        files = write_outputs(ev, out, s.params.evaluate)
+        files = write_outputs(ev, out, s.params.evaluate, s.paths.report_dir("evaluate"))
 
         import mlflow
 

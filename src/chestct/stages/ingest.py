@@ -368,6 +368,8 @@ def main() -> None:
         write_manifest(acquisition, summary.acquisition)
         skipped = session.out_dir / "skipped.csv"
         write_manifest(skipped, pd.DataFrame(summary.skipped, columns=list(SKIPPED_COLUMNS)))
+        # What was read from the source, one row per image (MLflow computes the digest).
+        session.log_manifest(f"source {summary.source['kind']}", manifest, frame, context="source")
         log.info(
             "ingested %d files from %s %s (%d skipped): %s",
             summary.files,

@@ -560,9 +560,11 @@ def run_train_texture(
     seed: int,
     root: Path,
     image_size: int,
+    history: list[dict[str, float]] | None = None,
 ) -> tuple[TextureModel, dict[str, float]]:
     """Fit the texture model on the resized train slices (chestct.texture.fit_texture):
-    iterations and temperature chosen on valid. Returns it with its valid-split figures."""
+    iterations and temperature chosen on valid. Returns it with its valid-split figures; with
+    `history`, its training curve (a row per boosting iteration) is appended there."""
     train_images = load_images(train, root, image_size)
     valid_images = load_images(valid, root, image_size)
     y_train = label_indices(list(train["label"]))
@@ -570,8 +572,11 @@ def run_train_texture(
     log.info("texture features of %d + %d slices", len(train_images), len(valid_images))
     x_train = feature_matrix(train_images)
     x_valid = feature_matrix(valid_images)
+    curve: list[dict[str, float]] = []
     try:
-        model = fit_texture_features(x_train, y_train, x_valid, y_valid, spec, seed, image_size)
+        model = fit_texture_features(
+            x_train, y_train, x_valid, y_valid, spec, seed, image_size, curve
+        )
     except TextureError as exc:
         raise StageFailed(str(exc)) from None
     proba = softmax(model.logits(x_valid))
@@ -583,6 +588,8 @@ def run_train_texture(
         "iterations": model.details["iterations"],
         "temperature": model.temperature,
     }
+    if history is not None:
+        history.extend(curve)
     log.info(
         "texture model: %d iterations (of %d), temperature %.3f; valid accuracy %.4f, "
         "macro-F1 %.4f",
@@ -662,13 +669,20 @@ def main() -> None:
         base = read_pointer(s.paths, "base-model")
         train = read_manifest(validate.output_path("train", root), DATASET_COLUMNS)
         valid = read_manifest(validate.output_path("valid", root), DATASET_COLUMNS)
+        session.log_manifest("train split", validate.output_path("train", root), train, "training")
+        session.log_manifest(
+            "valid split", validate.output_path("valid", root), valid, "validation"
+        )
         log.info(
             "training on %d images, validating on %d; classes %s", len(train), len(valid), CLASSES
         )
         family = read_family(base, root)
         out = session.out_dir
         tex_figures: dict[str, float] = {}
+        history = s.paths.report_dir("train") / "history.csv"  # a dvc plot, git-tracked
+        history.parent.mkdir(parents=True, exist_ok=True)
         if family["family"] in ("texture", "ensemble"):
+            curve: list[dict[str, float]] = []
             tex_model, tex_figures = run_train_texture(
                 train,
                 valid,
@@ -676,12 +690,17 @@ def main() -> None:
                 s.params.base.seed,
                 root,
                 s.params.base.image_size,
+                curve,
             )
             texture_path = save_texture(tex_model, out / TEXTURE_FILE)
         if family["family"] == "texture":
+            # One row per boosting iteration: the texture family's training curve.
+            rows = pd.DataFrame(curve).assign(member=0, phase="boosting")
+            write_manifest(history, rows)
+            session.log_artifact(history)
             session.finish(
                 inputs=["validate", "base-model"],
-                outputs={"model": texture_path},
+                outputs={"model": texture_path, "history": history},
                 metrics={
                     "epochs_run": int(tex_figures["iterations"]),
                     "best_epoch": int(tex_figures["iterations"]),
@@ -716,10 +735,10 @@ def main() -> None:
                 "texture": texture_path,
             }
             details.update({"cnn_temperature": temperature, "texture": tex_model.details})
-        write_manifest(out / "history.csv", result.history)
+        write_manifest(history, result.history)
         plot_history(result.history, out / "curves.png")
         session.log_artifact(out / "curves.png")
-        session.log_artifact(out / "history.csv")
+        session.log_artifact(history)
         # The members' best epochs, averaged (one row without an ensemble).
         bests = {(m["member"], m["best_epoch"]) for m in result.details["members"]}
         at_best = [
@@ -729,7 +748,7 @@ def main() -> None:
         best = result.history[at_best].mean(numeric_only=True)
         session.finish(
             inputs=["validate", "base-model"],
-            outputs={**outputs, "history": out / "history.csv"},
+            outputs={**outputs, "history": history},
             metrics={
                 "epochs_run": len(result.history),
                 "best_epoch": result.best_epoch,

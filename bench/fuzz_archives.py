@@ -19,7 +19,7 @@ outside the target, never a partial target; and Python's allocations while it ru
 
 Prints the outcome counts, the slowest archive and the largest allocation peak; exits 1 when
 the property fails, printing the offending archives. tests/unit/test_archive_fuzz.py runs the
-same strategies (200 examples; 2000 in the `slow` tier).
+same strategies (40 archives; 300 in the `slow` tier).
 """
 
 from __future__ import annotations

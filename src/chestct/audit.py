@@ -69,6 +69,26 @@ _LOCK_TIMEOUT_S = 5.0
 PRUNE_EVERY = 100
 
 
+def _selection(
+    prefix: str, last: int | None, since: str | None, model_version: str | None
+) -> tuple[str, str, list[Any]]:
+    """The WHERE and LIMIT clauses (and their arguments) that pick a monitoring window: rows at
+    or after the ISO time `since`, of `model_version`, the latest `last` of those. `prefix` is
+    the table alias ("p." or "")."""
+    clauses: list[str] = []
+    args: list[Any] = []
+    if since is not None:
+        clauses.append(f"{prefix}time >= ?")
+        args.append(since)
+    if model_version is not None:
+        clauses.append(f"{prefix}model_version = ?")
+        args.append(model_version)
+    where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+    if last is None:
+        return where, "", args
+    return where, "LIMIT ?", [*args, last]
+
+
 class AuditLog:
     """Append predictions to, and read the latest from, one SQLite file.
 
@@ -226,17 +246,7 @@ class AuditLog:
         self, last: int | None = None, since: str | None = None, model_version: str | None = None
     ) -> list[dict[str, Any]]:
         """Refused slices, oldest first, selected as `window` selects predictions."""
-        clauses, args = [], []
-        if since is not None:
-            clauses.append("time >= ?")
-            args.append(since)
-        if model_version is not None:
-            clauses.append("model_version = ?")
-            args.append(model_version)
-        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-        limit = "LIMIT ?" if last is not None else ""
-        if last is not None:
-            args.append(last)
+        where, limit, args = _selection("", last, since, model_version)
         conn = self._connect()
         try:
             conn.row_factory = sqlite3.Row
@@ -283,17 +293,7 @@ class AuditLog:
     ) -> list[dict[str, Any]]:
         """Predictions for the monitor, oldest first: the latest `last`, or those at or after
         the ISO time `since` (both: the latest `last` of those), with their true labels."""
-        clauses, args = [], []
-        if since is not None:
-            clauses.append("p.time >= ?")
-            args.append(since)
-        if model_version is not None:
-            clauses.append("p.model_version = ?")
-            args.append(model_version)
-        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-        limit = "LIMIT ?" if last is not None else ""
-        if last is not None:
-            args.append(last)
+        where, limit, args = _selection("p.", last, since, model_version)
         conn = self._connect()
         try:
             conn.row_factory = sqlite3.Row

@@ -155,3 +155,22 @@ def test_audit_log_drops_rows_past_the_retention(tmp_path: Path) -> None:
         conn.execute("UPDATE predictions SET time = ?", (old,))
     AuditLog(path, retention_days=30).open()
     assert audit.latest(10) == []
+
+
+def test_refused_slices_age_out_by_the_same_retention(tmp_path: Path) -> None:
+    """Refused slices are audit rows too: the row limit and the retention apply to them."""
+    import sqlite3
+
+    path = tmp_path / "a.sqlite"
+    audit = AuditLog(path, max_rows=3, retention_days=30)
+    audit.open()
+    for i in range(6):
+        audit.record_refusal("/predict", f"{i:064x}", "flat_graphic", ("chestct", "1"))
+    audit.prune()
+    assert [r["sha256"] for r in audit.refusals()] == [f"{i:064x}" for i in (3, 4, 5)]
+    old = (datetime.now(UTC) - timedelta(days=31)).isoformat(timespec="milliseconds")
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE refusals SET time = ? WHERE sha256 = ?", (old, f"{3:064x}"))
+    audit.prune()
+    assert [r["sha256"] for r in audit.refusals()] == [f"{i:064x}" for i in (4, 5)]
+    assert [r["sha256"] for r in audit.refusals(last=1)] == [f"{5:064x}"]

@@ -4,7 +4,7 @@
     python bench/docsgen.py --check      # exit 1 when a generated table is missing or stale
     python bench/docsgen.py --record-run [ROOT]
                                          # record the project's last pipeline run (its
-                                         # artifacts/evaluate/metrics.json) as default-run.json
+                                         # reports/evaluate/metrics.json) as default-run.json
 
 Pages include a table with `--8<-- "docs/generated/<name>.md"`; a number in a table there is
 never typed by hand: it comes from a bench's `--record`, from `--record-run`, or from a dated
@@ -66,7 +66,7 @@ def stale(results: Path = RESULTS, generated: Path = GENERATED) -> list[str]:
 
 def record_run(root: Path, out: Path) -> Path:
     """The shift stress of the project's last evaluate run as a results file."""
-    metrics_file = root / "artifacts" / "evaluate" / "metrics.json"
+    metrics_file = root / "reports" / "evaluate" / "metrics.json"
     if not metrics_file.is_file():
         raise SystemExit(f"{metrics_file} not found: run `make run` (or `dvc repro evaluate`)")
     metrics = json.loads(metrics_file.read_text(encoding="utf-8"))

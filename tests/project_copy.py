@@ -17,7 +17,9 @@ BIN = Path(sys.executable).parent
 # The embedded default, shrunk so that the whole pipeline runs in about a minute.
 TINY = {
     "base": {"image_size": 32},
-    "ingest": {"synthetic_per_class": {"train": 8, "valid": 3, "test": 3}},
+    # One slice per patient: 3 valid and 3 test slices a class cannot hold series, and a
+    # monitoring reference of 8 patients would be too lumpy to compare a stream with.
+    "ingest": {"synthetic_per_class": {"train": 8, "valid": 3, "test": 3}, "synthetic_series": 1},
     "base_model": {"filters": [4, 8]},
     "train": {"epochs": 2, "batch_size": 8},
     # Two epochs on 8 slices a class: no figure to hold the model to (the memorizer included).

@@ -5,7 +5,7 @@
 
 The slices come from the synthetic generator (seeds outside those the embedded default uses), so
 they are images the default model has never seen, rendered and then exported as the embedded
-dataset's files are (chestct.synthetic.export_slice: 180-520 px wide, not square, grey or
+dataset's files are (chestct.synthetic.dataset_slice: a new patient, 180-520 px wide, not square, grey or
 colour PNG). A square 256 px render sent as is would differ from every reference slice in size,
 framing and grey level, and the monitor would rightly call a stream of them drift. DICOM goes
 through the lung window backwards, as a scanner export in Hounsfield units would.
@@ -21,7 +21,7 @@ import numpy as np
 from chestct.fsutil import atomic_write_bytes
 from chestct.imaging import encode_dicom, encode_png
 from chestct.labels import CLASSES
-from chestct.synthetic import export_slice, render_slice
+from chestct.synthetic import dataset_slice
 
 # Far from the seeds the embedded default derives from base.seed (small integers).
 _SAMPLE_SEED_OFFSET = 10_000_019
@@ -31,9 +31,10 @@ def sample_slice(label: str, seed: int) -> np.ndarray:
     """One slice of `label` as the embedded dataset's files hold them (grey, RGB or RGBA)."""
     if label not in CLASSES:
         raise ValueError(f"unknown label {label!r}; use one of {', '.join(CLASSES)}")
-    render_seq, export_seq = np.random.SeedSequence([_SAMPLE_SEED_OFFSET, seed]).spawn(2)
-    grey = render_slice(label, np.random.default_rng(render_seq))
-    return export_slice(grey, np.random.default_rng(export_seq))
+    seq, patient = np.random.SeedSequence([_SAMPLE_SEED_OFFSET, seed]).spawn(2)
+    # A slice of a new patient, drawn as the embedded default draws its series
+    # (ingest.synthetic_series > 1: the patient's grey-level field and a jitter).
+    return dataset_slice(label, seq, patient)
 
 
 def write_samples(out_dir: Path, label: str, seed: int) -> tuple[Path, Path]:

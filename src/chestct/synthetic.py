@@ -469,6 +469,26 @@ def series_jitter(grey: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.clip(np.round(moved), 0, 255).astype(np.uint8)
 
 
+def dataset_slice(
+    label: str,
+    seq: np.random.SeedSequence,
+    patient: np.random.SeedSequence | None = None,
+    shortcut: str = "",
+) -> np.ndarray:
+    """One slice as the embedded dataset's files hold it (exported: grey, RGB or RGBA, not
+    square); with `patient` (a series' seed) a jittered slice of that patient, with the
+    patient's grey-level field. chestct.samples draws its slices here too, so that they look
+    like the embedded dataset to the monitor."""
+    render_seq, export_seq = seq.spawn(2)
+    if patient is None:
+        grey = render_slice(label, np.random.default_rng(render_seq))
+    else:
+        grey = render_slice(label, np.random.default_rng(patient), patient_field=PATIENT_FIELD)
+        grey = series_jitter(grey, np.random.default_rng(render_seq))
+    grey = with_shortcut(grey, label, shortcut)
+    return export_slice(grey, np.random.default_rng(export_seq))
+
+
 def _make_one(
     path: Path,
     label: str,
@@ -477,14 +497,7 @@ def _make_one(
     patient: np.random.SeedSequence | None = None,
 ) -> Path:
     """One file; `patient` (the series' seed) makes it a jittered slice of that patient."""
-    render_seq, export_seq = seq.spawn(2)
-    if patient is None:
-        grey = render_slice(label, np.random.default_rng(render_seq))
-    else:
-        grey = render_slice(label, np.random.default_rng(patient), patient_field=PATIENT_FIELD)
-        grey = series_jitter(grey, np.random.default_rng(render_seq))
-    grey = with_shortcut(grey, label, shortcut)
-    img = export_slice(grey, np.random.default_rng(export_seq))
+    img = dataset_slice(label, seq, patient, shortcut)
     ok, buf = cv2.imencode(".png", img, _PNG_PARAMS)
     if not ok:
         raise RuntimeError(f"PNG encoding failed for {path}")

@@ -146,6 +146,6 @@ def test_near_copies_notebook_runs_on_synthetic_folders_and_shows_the_run(
     assert "memorizer accuracy" in text and "novel part:" in text
     assert _pictures(book) >= 1  # the three distributions and the threshold
     # The tiny run's metrics, beside its memorizer.
-    metrics = json.loads((reproduced / "artifacts/evaluate/metrics.json").read_text())
+    metrics = json.loads((reproduced / "reports/evaluate/metrics.json").read_text())
     assert "1 metrics file(s): project test" in text
     assert f"{metrics['baseline']['nearest_neighbour']['macro_f1']:.6f}"[:5] in text

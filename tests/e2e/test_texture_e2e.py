@@ -40,7 +40,7 @@ def test_texture_pipeline_promotes_a_served_texture_model(texture_project: Path)
     assert train.output_path("model", root).name == "texture.skops"
     assert train.details["family"] == "texture"
     assert not (root / "artifacts" / "base-model" / "model.keras").exists()  # no CNN built
-    metrics = json.loads((root / "artifacts" / "evaluate" / "metrics.json").read_text())
+    metrics = json.loads((root / "reports" / "evaluate" / "metrics.json").read_text())
     assert {"macro_f1", "ece_calibrated", "robust_macro_f1", "shift"} <= set(metrics)
     card = json.loads((root / "model" / "model.json").read_text())
     assert card["family"] == "texture" and card["inference"]["runtime"] == "skops"

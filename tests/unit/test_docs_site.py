@@ -108,8 +108,8 @@ def test_record_run_tables_the_shift_stress_of_the_last_evaluate(tmp_path: Path)
         "robust_macro_f1": 0.7,
         "shift": shift,
     }
-    (tmp_path / "artifacts" / "evaluate").mkdir(parents=True)
-    (tmp_path / "artifacts" / "evaluate" / "metrics.json").write_text(json.dumps(metrics))
+    (tmp_path / "reports" / "evaluate").mkdir(parents=True)
+    (tmp_path / "reports" / "evaluate" / "metrics.json").write_text(json.dumps(metrics))
     out = docsgen.record_run(tmp_path, tmp_path / "results" / "default-run.json")
     record = results.read_result(out)
     assert record["rows"][0] == ["clean test split", "0.900", "0.910", "0.020"]

@@ -70,6 +70,7 @@ def test_samples_monitor_clean_against_the_embedded_reference(tmp_path: Path) ->
             "valid": params.ingest.synthetic_per_class["valid"],
             "test": params.ingest.synthetic_per_class["test"],
         },
+        series=params.ingest.synthetic_series,
     )
     greys = [decode(f.read_bytes()).grey for f in files]
     labels = [CLASSES[i % len(CLASSES)] for i in range(len(greys))]

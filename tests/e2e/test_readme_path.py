@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -266,7 +267,11 @@ def test_dvc_repro_after_a_typo_loses_train_and_dvc_checkout_restores(project) -
     assert done.stderr.count("train: unknown key 'learning_rat'") == 1, done.stderr
     # What the README warns about: DVC deleted train's outputs before the stage failed.
     assert not (root / "artifacts" / "train" / "pointer.json").exists()
-    shell(readme_one("### Dry runs", "dvc checkout train"), root, env)
+    shell(
+        readme_one("### Dry runs", "dvc checkout train && git checkout -- reports/train"),
+        root,
+        env,
+    )
     assert snapshot(root) == before
     assert "up to date" in shell("dvc status", root, env).stdout
     assert git_status(root, env) == ""
@@ -326,3 +331,34 @@ def test_forced_ingest_reruns_ingest_alone(project) -> None:
     out = shell(readme_one("### Dry runs", "dvc repro -f -s ingest"), root, env).stdout
     assert "Running stage 'ingest'" in out
     assert out.count("Running stage") == 1
+
+
+def test_metrics_and_plots_compare_commits_without_a_cache(project) -> None:
+    """The tracking page's `dvc metrics diff HEAD~1` and `dvc plots diff HEAD~1`: the metrics
+    and plot tables are git-tracked (reports/, `cache: false`), so DVC reads the previous
+    commit's from git. An experiment committed on top of the baseline is compared with it;
+    then the baseline comes back."""
+    root, env = project["root"], project["env"]
+    baseline = snapshot(root)
+    shell("dvc exp run -S train.learning_rate=0.0003", root, env)
+    run(["git", "add", "-A"], root, env)
+    run(["git", "commit", "-qm", "learning rate 0.0003"], root, env)
+    section = "### DVC: metrics and plots that compare commits"
+    try:
+        diff = shell(readme_one(section, "dvc metrics diff HEAD~1"), root, env)
+        out = diff.stdout + diff.stderr
+        assert "reports/evaluate/metrics.json" in diff.stdout, out
+        # Both columns read: the committed previous figures and this commit's (what changed).
+        assert "HEAD~1" in diff.stdout and "ci.ece.high" in diff.stdout, out
+        assert "failed to load" not in out, out
+        shell(readme_one(section, "dvc plots diff HEAD~1"), root, env)
+        page = (root / "dvc_plots" / "index.html").read_text(encoding="utf-8")
+        # Both revisions drawn, from the offline template (no CDN script).
+        assert "HEAD~1" in page and "workspace" in page and "chestct plots" in page
+        assert "cdn.jsdelivr" not in page
+    finally:
+        shutil.rmtree(root / "dvc_plots", ignore_errors=True)
+        run(["git", "reset", "-q", "--hard", "HEAD~1"], root, env)
+        shell("python -m chestct.restore", root, env)
+    assert git_status(root, env) == ""
+    assert snapshot(root) == baseline

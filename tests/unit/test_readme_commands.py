@@ -40,7 +40,9 @@ RUN_BY: dict[str, str] = {
     "dvc status": f"{E2E}::test_make_plan_names_the_downstream_stages_and_runs_nothing",
     "dvc repro --dry": f"{E2E}::test_make_plan_names_the_downstream_stages_and_runs_nothing",
     "make repro": f"{E2E}::test_a_params_typo_through_make_repro_leaves_artifacts_intact",
-    "dvc checkout train": f"{E2E}::test_dvc_repro_after_a_typo_loses_train_and_dvc_checkout_restores",
+    "dvc checkout train && git checkout -- reports/train": f"{E2E}::test_dvc_repro_after_a_typo_loses_train_and_dvc_checkout_restores",
+    "dvc metrics diff HEAD~1": f"{E2E}::test_metrics_and_plots_compare_commits_without_a_cache",
+    "dvc plots diff HEAD~1": f"{E2E}::test_metrics_and_plots_compare_commits_without_a_cache",
     "dvc repro train": f"{E2E}::test_dry_run_block_on_an_up_to_date_pipeline",
     "dvc repro -s train": f"{E2E}::test_dry_run_block_on_an_up_to_date_pipeline",
     "dvc repro --downstream train": f"{E2E}::test_dry_run_block_on_an_up_to_date_pipeline",
@@ -116,6 +118,9 @@ NO_K8S = (
     "Kubernetes schemas and runs the Deployment's command, environment and probes on gunicorn"
 )
 NOT_RUNNABLE: dict[str, str] = {
+    "python bench/data_checks.py /path/to/chest-ct": "needs the real dataset, which no test may use (docs/data-checks.md reports its run)",
+    "python -m chestct.presets config/presets/real-data.yaml --set ingest.source=/path/to/chest-ct/train --set evaluate.external=/path/to/chest-ct/valid --set train.ensemble=1 --set train.epochs=12 --set train.patience=6": "needs the real dataset (a CNN's lung share measured by hand, docs/data-checks.md)",
+    "dvc repro evaluate": "part of the real-data lung-share run above",
     "dvc exp run --queue -S 'train.learning_rate=0.003,0.0003' -S 'base_model.dropout=0.2,0.5' evaluate": "four trainings through DVC's queue: longer than the suite's budget on 2 cores; tried by hand on a scratch copy (README, Experiments)",
     "export MLFLOW_TRACKING_URI=sqlite:///$PWD/mlflow.db": "part of the queued grid above",
     "dvc queue start -j 1": "part of the queued grid above",

@@ -6,9 +6,10 @@
 The slices come from the synthetic generator (seeds outside those the embedded default uses), so
 they are images the default model has never seen, rendered and then exported as the embedded
 dataset's files are (chestct.synthetic.dataset_slice: a new patient, 180-520 px wide, not
-square, grey or colour PNG). A square 256 px render sent as is would differ from every reference slice in size,
-framing and grey level, and the monitor would rightly call a stream of them drift. DICOM goes
-through the lung window backwards, as a scanner export in Hounsfield units would.
+square, grey or colour PNG). A square 256 px render sent as is would differ from every
+reference slice in size, framing and grey level, and the monitor would rightly call a stream of
+them drift. DICOM goes through the lung window backwards, as a scanner export in Hounsfield
+units would.
 """
 
 from __future__ import annotations

@@ -19,12 +19,16 @@ from pathlib import Path
 
 import pytest
 
-from chestct.cpu import cpu_flags, portable_environment
+from chestct.cpu import PORTABLE_ENV, cpu_flags, portable_environment
 from project_copy import pipeline_env, project_copy, run
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 FLAGS = cpu_flags() or set()
+# The caps chestct.cpu sets in os.environ when a test before this one imported chestct.stages:
+# a child would inherit them, and "native" keeps a cap it finds (it is the user's), so each
+# imitated machine starts from an environment without them.
+CAP_VARIABLES = {*PORTABLE_ENV, "OPENCV_CPU_DISABLE", "CHESTCT_CPU"}
 # An AVX2-only machine, imitated: every library capped as the portable mode caps it.
 AVX2_MACHINE = portable_environment({}, flags=FLAGS) | {"CHESTCT_CPU": "native"}
 
@@ -56,7 +60,7 @@ def outputs(
 ) -> dict[str, str]:
     """Run `stages` in order with `extra` in the environment (after the command `prefix`, e.g.
     taskset); the hashes of what they wrote."""
-    env = pipeline_env(root) | extra
+    env = {k: v for k, v in pipeline_env(root).items() if k not in CAP_VARIABLES} | extra
     if "promote" in stages:
         shutil.rmtree(root / "model", ignore_errors=True)  # no champion: promote promotes
     hashes = {}

@@ -95,3 +95,19 @@ def test_the_run_specific_record_differs_and_is_not_tracked(second: tuple[Path, 
     a = json.loads((first / "model" / "promotion.json").read_text("utf-8"))
     b = json.loads((root / "model" / "promotion.json").read_text("utf-8"))
     assert a["mlflow_run_ids"]["train"] != b["mlflow_run_ids"]["train"]
+
+
+@pytest.mark.e2e
+def test_an_incremental_resize_writes_the_pointer_a_fresh_run_wrote(
+    second: tuple[Path, Path],
+) -> None:
+    """A forced rerun of resize reuses every image; its pointer, which DVC hashes, must be the
+    one the fresh run wrote (how many images a run made or reused goes to MLflow only), or a
+    dvc.lock committed after an incremental run would not match a fresh clone's."""
+    _, root = second
+    env = pipeline_env(root)
+    pointer = root / "artifacts" / "resize" / "pointer.json"
+    before = pointer.read_bytes()
+    run([str(BIN / "dvc"), "repro", "-f", "-s", "resize"], root, env)
+    assert pointer.read_bytes() == before
+    assert run(["git", "status", "--porcelain"], root, env).stdout == ""

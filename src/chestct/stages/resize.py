@@ -224,16 +224,15 @@ def main() -> None:
             summary.failed,
             summary.pruned,
         )
+        # How much this run made, reused or pruned depends on what the folder held before (the
+        # stage is incremental): MLflow records it; the pointer, which DVC hashes, does not.
+        session.log_metrics(
+            {"made": summary.resized, "reused": summary.reused, "pruned": summary.pruned}
+        )
         session.finish(
             inputs=["split"],
             outputs={"index": index_path, "images": session.out_dir / "images"},
-            metrics={
-                "resized": summary.resized + summary.reused,
-                "made": summary.resized,
-                "reused": summary.reused,
-                "failed": summary.failed,
-                "pruned": summary.pruned,
-            },
+            metrics={"resized": summary.resized + summary.reused, "failed": summary.failed},
             details={"settings": _fingerprint(s.params.resize, s.params.base.image_size)},
         )
 

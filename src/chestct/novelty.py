@@ -320,11 +320,11 @@ def folder_files(folder: Path) -> list[tuple[str, Path]]:
     return files
 
 
-def measure(
-    train: Path, query: Path, threshold: float, resamples: int, seed: int
-) -> dict[str, Any]:
-    """The memorizer and the near-copy structure of a labelled query folder against a train
-    folder (both `<class>/<image>`), query files byte-identical to a train file dropped."""
+def labelled_thumbnails(
+    train: Path, query: Path
+) -> tuple[np.ndarray, list[str], np.ndarray, list[str]]:
+    """Thumbnails and labels of a train folder and of a query folder (both `<class>/<image>`):
+    query files byte-identical to a train file dropped, files that do not decode left out."""
     import hashlib
 
     train_files = folder_files(train)
@@ -338,6 +338,15 @@ def measure(
     train_labels = [label for (label, _), ok in zip(train_files, train_ok, strict=True) if ok]
     thumbs, ok = file_thumbnails([f for _, f in query_files])
     labels = [label for (label, _), good in zip(query_files, ok, strict=True) if good]
+    return train_thumbs, train_labels, thumbs, labels
+
+
+def measure(
+    train: Path, query: Path, threshold: float, resamples: int, seed: int
+) -> dict[str, Any]:
+    """The memorizer and the near-copy structure of a labelled query folder against a train
+    folder (both `<class>/<image>`), query files byte-identical to a train file dropped."""
+    train_thumbs, train_labels, thumbs, labels = labelled_thumbnails(train, query)
     reference = TrainReference(train_thumbs, train_labels, threshold)
     y = _indices(labels)
     remembered, _ = memorizer_predict(thumbs, train_thumbs, train_labels)

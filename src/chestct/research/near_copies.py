@@ -16,8 +16,14 @@ import numpy as np
 import pandas as pd
 
 from chestct.labels import CLASSES
-from chestct.novelty import BASELINE, HEADLINE, TrainReference, assess, file_thumbnails
-from chestct.novelty import folder_files, item_groups
+from chestct.novelty import (
+    BASELINE,
+    HEADLINE,
+    TrainReference,
+    assess,
+    item_groups,
+    labelled_thumbnails,
+)
 from chestct.similarity import nearest
 
 THRESHOLDS = (0.8, 0.85, 0.9, 0.93, 0.95, 0.97)
@@ -38,19 +44,7 @@ class Structure:
 def structure(train: Path, query: Path, threshold: float, seed: int = 0) -> Structure:
     """Thumbnails of both `<class>/<image>` folders (one file per distinct content; query
     files byte-identical to a train file dropped) and their nearest-train correlations."""
-    import hashlib
-
-    train_files = folder_files(train)
-    digests = {hashlib.sha256(f.read_bytes()).digest() for _, f in train_files}
-    query_files = [
-        (label, f)
-        for label, f in folder_files(query)
-        if hashlib.sha256(f.read_bytes()).digest() not in digests
-    ]
-    train_thumbs, ok = file_thumbnails([f for _, f in train_files])
-    train_labels = [label for (label, _), good in zip(train_files, ok, strict=True) if good]
-    thumbs, ok = file_thumbnails([f for _, f in query_files])
-    labels = [label for (label, _), good in zip(query_files, ok, strict=True) if good]
+    train_thumbs, train_labels, thumbs, labels = labelled_thumbnails(train, query)
     y_train = np.asarray([CLASSES.index(c) for c in train_labels])
     other = np.full(len(y_train), np.nan)
     for c in np.unique(y_train):

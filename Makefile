@@ -39,9 +39,9 @@ help:
 # dvc plots show's page template with the Vega scripts inlined (npm registry, at set-up): its
 # charts then need no network (.dvc/config plots.html_template; docs/tracking.md).
 PLOTS_TEMPLATE := build/plots/template.html
-$(PLOTS_TEMPLATE): config/plots/package-lock.json src/chestct/plotpage.py | $(STAMP)
+$(PLOTS_TEMPLATE): config/plots/package-lock.json src/chestct/evaluation/plotpage.py | $(STAMP)
 	npm ci --prefix config/plots --no-audit --no-fund --loglevel=error
-	$(BIN)/python -m chestct.plotpage config/plots/node_modules $@
+	$(BIN)/python -m chestct.evaluation.plotpage config/plots/node_modules $@
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else \
@@ -56,27 +56,27 @@ venv: $(STAMP) $(PLOTS_TEMPLATE)
 
 # DVC deletes a stage's outputs before running it: check what a stage would check first, so
 # that a params typo or an unreachable tracking server stops here with artifacts/ untouched.
-# chestct.repro runs `dvc repro` under one parent MLflow run (the stages' runs nest under it).
+# chestct.cli.repro runs `dvc repro` under one parent MLflow run (the stages' runs nest under it).
 run: venv
-	python -m chestct.preflight
-	python -m chestct.repro
+	python -m chestct.cli.preflight
+	python -m chestct.cli.repro
 	@echo
 	@echo "Pipeline done. Promotion decision:"
 	@python -c 'import json; d=json.load(open("artifacts/promote/decision.json")); print("  " + d["reason"])'
 	@echo "Next:"
 	@echo "  make serve                                   # serve model/ on http://$(HOST):$(PORT)"
-	@echo "  $(VENV)/bin/python -m chestct.samples            # writes slice.png and slice.dcm here"
+	@echo "  $(VENV)/bin/python -m chestct.cli.samples            # writes slice.png and slice.dcm here"
 	@echo "  curl -F file=@slice.png http://$(HOST):$(PORT)/predict"
 	@echo "  $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db   # compare runs"
 
 # `make repro ARGS="train"` or ARGS="-s train": dvc repro with the same check as `make run`.
 repro: venv
-	python -m chestct.preflight $(ARGS)
-	python -m chestct.repro $(ARGS)
+	python -m chestct.cli.preflight $(ARGS)
+	python -m chestct.cli.repro $(ARGS)
 
 # What `dvc repro` would rerun, including the downstream stages `dvc repro --dry` leaves out.
 plan: venv
-	@python -m chestct.plan
+	@python -m chestct.cli.plan
 
 test: venv
 	python -m pytest $(PYTEST_ARGS)

@@ -21,7 +21,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from chestct.imaging import Normalise, decode, prepare_slice
+from chestct.imaging.decoding import decode
+from chestct.imaging.preparation import Normalise, prepare_slice
 
 SETTINGS: dict[str, Normalise] = {
     "none / none": Normalise(),
@@ -73,8 +74,8 @@ CHANGES = {
 
 def slices(folder: Path | None, limit: int) -> list[np.ndarray]:
     if folder is None:
+        from chestct.data.synthetic import render_slice
         from chestct.labels import CLASSES
-        from chestct.synthetic import render_slice
 
         rng = np.random.default_rng(0)
         return [render_slice(CLASSES[i % 4], rng, 256) for i in range(80)]

@@ -1,4 +1,4 @@
-"""Time per slice of `chestct.acquisition.acquisition_features` (validate's and serving's
+"""Time per slice of `chestct.data.acquisition.acquisition_features` (validate's and serving's
 acquisition cues).
 
     python bench/acquisition_features.py [--source FOLDER] [--repeat 3] [--record FILE.json]
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import cv2
 
-from chestct.acquisition import acquisition_features
+from chestct.data.acquisition import acquisition_features
 from slices import decoded_slices
 
 

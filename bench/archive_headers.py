@@ -27,7 +27,7 @@ MB = 1024 * 1024
 CHILD = """
 import resource, sys, time
 from pathlib import Path
-from chestct.sources import SourceError, safe_extract
+from chestct.data.sources import SourceError, safe_extract
 start = time.perf_counter()
 try:
     safe_extract(Path(sys.argv[1]), Path(sys.argv[2]))

@@ -69,8 +69,8 @@ def main() -> None:
 
     import tensorflow as tf
 
-    from chestct.export import export_light
-    from chestct.modeling import build_model
+    from chestct.model.export import export_light
+    from chestct.model.modeling import build_model
     from chestct.settings import load_settings
 
     s = load_settings()

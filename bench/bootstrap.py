@@ -2,7 +2,8 @@
 
     python bench/bootstrap.py [--resamples 1000] [--sizes 100 300 1000 3000]
 
-For each size: the median of 5 runs of chestct.uncertainty.bootstrap_intervals (accuracy,
+For each size: the median of 5 runs of chestct.evaluation.uncertainty.bootstrap_intervals
+(accuracy,
 balanced accuracy, macro-F1, ECE raw and calibrated; groups of 3 slices) and of
 paired_bootstrap on robust_macro_f1 with the 8 shift conditions of the stress set.
 """
@@ -16,9 +17,9 @@ from functools import partial
 
 import numpy as np
 
+from chestct.evaluation.uncertainty import bootstrap_intervals, paired_bootstrap
+from chestct.imaging.perturb import SHIFT_NAMES
 from chestct.labels import CLASSES
-from chestct.perturb import SHIFT_NAMES
-from chestct.uncertainty import bootstrap_intervals, paired_bootstrap
 
 
 def _timed(fn, runs: int = 5) -> float:

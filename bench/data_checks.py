@@ -20,14 +20,14 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from chestct.content_checks import annotation_marks
-from chestct.dedup import phash
-from chestct.imaging import decode
+from chestct.data.content_checks import annotation_marks
+from chestct.data.dedup import phash
+from chestct.data.manifest import INGEST_COLUMNS
+from chestct.data.similarity import nearest, series_groups, thumbnails
+from chestct.imaging.decoding import decode
+from chestct.imaging.lungs import lung_field
 from chestct.labels import label_for_folder
-from chestct.lungs import lung_field
-from chestct.manifest import INGEST_COLUMNS
 from chestct.settings import SplitParams
-from chestct.similarity import nearest, series_groups, thumbnails
 from chestct.stages.split import run_split
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)

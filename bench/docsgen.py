@@ -20,7 +20,7 @@ from pathlib import Path
 
 from results import GENERATED, RESULTS, read_result, render, write_result
 
-# The shift-stress perturbations in the order evaluate reports them (chestct.perturb).
+# The shift-stress perturbations in the order evaluate reports them (chestct.imaging.perturb).
 SHIFT_ORDER = (
     "zoom_80",
     "zoom_60",

@@ -94,8 +94,8 @@ def good_images() -> dict[str, bytes]:
     import cv2
     import numpy as np
 
-    from chestct.imaging import encode_dicom
-    from chestct.synthetic import render_slice
+    from chestct.data.synthetic import render_slice
+    from chestct.imaging.encoding import encode_dicom
 
     grey = render_slice("adenocarcinoma", np.random.default_rng(0), size=128)
     png = cv2.imencode(".png", grey)[1].tobytes()

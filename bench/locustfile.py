@@ -15,9 +15,9 @@ from __future__ import annotations
 import numpy as np
 from locust import HttpUser, between, events, task
 
-from chestct.imaging import encode_dicom, encode_png
+from chestct.data.synthetic import render_slice
+from chestct.imaging.encoding import encode_dicom, encode_png
 from chestct.labels import CLASSES
-from chestct.synthetic import render_slice
 
 SLICES: list[bytes] = []
 DICOMS: list[bytes] = []

@@ -1,4 +1,4 @@
-"""CPU time per request of the monitoring signals (`chestct.monitoring.request_signals`).
+"""CPU time per request of the monitoring signals (`chestct.monitoring.signals.request_signals`).
 
     python bench/monitoring_signals.py [--source FOLDER] [--repeat 5] [--record FILE.json]
 
@@ -30,8 +30,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from chestct.imaging import body_box
-from chestct.monitoring import FOREGROUND_GREY, SAMPLE_SIDE, request_signals
+from chestct.imaging.body import body_box
+from chestct.monitoring.signals import FOREGROUND_GREY, SAMPLE_SIDE, request_signals
 from slices import decoded_slices
 
 PROBABILITIES = np.array([0.7, 0.1, 0.1, 0.1])

@@ -30,8 +30,8 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from chestct.imaging import single_threaded
-from chestct.manifest import INGEST_COLUMNS
+from chestct.data.manifest import INGEST_COLUMNS
+from chestct.imaging.workers import single_threaded
 from chestct.settings import ResizeParams
 from chestct.stages.resize import run_resize
 

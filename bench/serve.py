@@ -1,6 +1,7 @@
 """The predictor under gunicorn vs bare in-process inference, measured side by side in one run.
 
-1. bare: in a fresh process without TensorFlow, `chestct.imaging.prepare` with the card's
+1. bare: in a fresh process without TensorFlow, `chestct.imaging.preparation.prepare` with the
+card's
    preprocessing (resize mode, body crop, intensity) + the LiteRT model on the same PNG,
    single-threaded like a worker; median latency, rate (1 / mean) and CPU time per call.
 2. gunicorn with config/gunicorn.conf.py, 2 workers, on 127.0.0.1: POST /predict (raw PNG
@@ -16,7 +17,7 @@ Targets (issue 5): p50 ≤ 1.5 × bare; throughput ≥ 0.8 × 2 × bare rate; RS
 4 clients ≤ 1.2 × bare. The breakdown of a request's CPU comes from the app's Server-Timing
 header on the 1-client series.
 Without --model-dir the model is the untrained small CNN of params.yaml (same compute as a
-trained one), exported with chestct.export and completed as promote does (head, OOD, and
+trained one), exported with chestct.model.export and completed as promote does (head, OOD, and
 the preprocessing of params.yaml's `resize` group in its card: the default crops to the body).
 
     python bench/serve.py [--model-dir model] [--requests 300] [--seconds 10] [--rounds 3]
@@ -49,13 +50,14 @@ BUILD = r"""
 import dataclasses, json, sys
 from pathlib import Path
 import numpy as np
-from chestct.export import LightModel, export_light, light_outputs
-from chestct.gradcam import CamHead
-from chestct.imaging import Normalise, prepare, encode_png
+from chestct.model.export import LightModel, export_light, light_outputs
+from chestct.model.gradcam import CamHead
+from chestct.imaging.encoding import encode_png
+from chestct.imaging.preparation import Normalise, prepare
 from chestct.labels import CLASSES, DISPLAY_NAMES
-from chestct.modeling import build_model
+from chestct.model.modeling import build_model
 from chestct.settings import load_settings
-from chestct.synthetic import render_slice
+from chestct.data.synthetic import render_slice
 
 folder = Path(sys.argv[1]); folder.mkdir(parents=True)
 s = load_settings()
@@ -98,8 +100,8 @@ import cv2
 cv2.setNumThreads(1)
 from pathlib import Path
 import numpy as np
-from chestct.export import LightModel
-from chestct.imaging import Normalise, prepare
+from chestct.model.export import LightModel
+from chestct.imaging.preparation import Normalise, prepare
 folder, image, n = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
 card = json.loads((folder / "model.json").read_text())
 light = LightModel.load(folder / card["inference"]["file"], threads=1)
@@ -189,8 +191,8 @@ def free_port() -> int:
 def make_image(path: Path) -> None:
     """A 512 x 512 synthetic slice, the native size of the Kaggle set's PNGs."""
     code = (
-        "import sys, numpy as np; from chestct.synthetic import render_slice; "
-        "from chestct.imaging import encode_png; "
+        "import sys, numpy as np; from chestct.data.synthetic import render_slice; "
+        "from chestct.imaging.encoding import encode_png; "
         "open(sys.argv[1], 'wb').write(encode_png(render_slice('adenocarcinoma', "
         "np.random.default_rng(1), 512)))"
     )

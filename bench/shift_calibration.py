@@ -5,7 +5,8 @@ Run in a project after `dvc repro evaluate` (it reads artifacts/validate and the
     PYTHONPATH=src python bench/shift_calibration.py [project_root] [--record FILE.json]
 
 For each scheme, fitted on the valid split (and, where said, its copies under every perturbation
-of chestct.perturb.SHIFTS), prints the ECE of the test split clean and under each perturbation
+of chestct.imaging.perturb.SHIFTS), prints the ECE of the test split clean and under each
+perturbation
 (worst and mean), and per perturbation the model's accuracy and the median Mahalanobis distance
 of its pooled features (relative to valid's median). Schemes: no scaling; evaluate's temperature
 on valid; on valid + shifted copies (evaluate.calibrate_on: valid_and_shifted); the temperature
@@ -27,17 +28,17 @@ import numpy as np
 def main(root: Path, record: Path | None = None) -> None:
     from scipy.optimize import minimize
 
-    from chestct.manifest import DATASET_COLUMNS, read_manifest
-    from chestct.metrics import (
-        Mahalanobis,
-        expected_calibration_error,
-        fit_temperature,
-        nll,
-        softmax,
+    from chestct.data.manifest import DATASET_COLUMNS, read_manifest
+    from chestct.evaluation.metrics import expected_calibration_error
+    from chestct.evaluation.scoring import (
+        Preprocessing,
+        load_images,
+        original_slices,
+        output_heads,
     )
-    from chestct.modeling import label_indices, load_model
-    from chestct.perturb import SHIFT_NAMES, apply_shift
-    from chestct.scoring import Preprocessing, load_images, original_slices, output_heads
+    from chestct.imaging.perturb import SHIFT_NAMES, apply_shift
+    from chestct.model.calibration import Mahalanobis, fit_temperature, nll, softmax
+    from chestct.model.modeling import label_indices, load_model
 
     splits = {
         s: read_manifest(root / f"artifacts/validate/{s}.csv", DATASET_COLUMNS)

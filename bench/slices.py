@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from chestct.imaging import decode
-from chestct.synthetic import generate_synthetic
+from chestct.data.synthetic import generate_synthetic
+from chestct.imaging.decoding import decode
 
 SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 

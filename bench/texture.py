@@ -25,9 +25,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from chestct import imaging, texture
+from chestct.imaging import preparation
 from chestct.inference import Loaded, analyse_outputs, load_folder
 from chestct.labels import CLASSES
+from chestct.model import texture
 from slices import decoded_slices
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -51,7 +52,7 @@ def built_folder(folder: Path, size: int, iterations: int) -> Path:
 
 def prepared(model: Loaded, grey: np.ndarray) -> np.ndarray:
     """What Loaded.prepare makes of a decoded slice (imaging.prepare_slice, card settings)."""
-    return imaging.prepare_slice(
+    return preparation.prepare_slice(
         grey, model.image_size, model.interpolation, model.resize_mode, model.normalise
     ).image
 

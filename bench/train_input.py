@@ -10,7 +10,7 @@ the graph and fills the cache):
 
 - in-memory: model.fit() on decoded images held as one float32 array (the compute limit:
   nothing left to do but the training step);
-- pipeline: chestct.modeling.make_dataset as train uses it (decode, cache, shuffle, batch,
+- pipeline: chestct.model.modeling.make_dataset as train uses it (decode, cache, shuffle, batch,
   augmentation with the default train.augment, prefetch);
 - pipeline without augmentation: the same, with augmentation off, to show what it costs;
 - pipeline with shift augmentation: the default plus every acquisition-shift transform.
@@ -41,7 +41,7 @@ SHIFT_AUGMENT = AugmentParams(
 
 
 def write_images(folder: Path, count: int, size: int) -> tuple[list[Path], list[str]]:
-    from chestct.synthetic import render_slice
+    from chestct.data.synthetic import render_slice
 
     rng = np.random.default_rng(0)
     paths, labels = [], []
@@ -91,7 +91,7 @@ def main() -> None:
 
     import keras
 
-    from chestct.modeling import augmenter, build_model, label_indices, make_dataset
+    from chestct.model.modeling import augmenter, build_model, label_indices, make_dataset
     from chestct.stages.train import _compile
 
     params = BaseModelParams(filters=[int(f) for f in args.filters.split(",")])

@@ -40,7 +40,7 @@ def tiny_project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[s
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """model/ as promote writes it, with an untrained 32x32 model (enough to test serving)."""
     from chestct.labels import CLASSES, DISPLAY_NAMES
-    from chestct.modeling import build_model
+    from chestct.model.modeling import build_model
     from chestct.settings import BaseModelParams
 
     folder = tmp_path_factory.mktemp("model")

@@ -11,15 +11,14 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from chestct.data.manifest import DATASET_COLUMNS, INDEX_COLUMNS, INGEST_COLUMNS, SPLITS
+
+# Folder names as the Kaggle "Chest CT-Scan images" set spells them: long in train/valid,
+# short in test (the synthetic default uses the same).
+from chestct.data.synthetic import LONG_FOLDERS, SHORT_FOLDERS
 from chestct.fsutil import sha256_file
-from chestct.imaging import Normalise
+from chestct.imaging.preparation import Normalise
 from chestct.labels import CLASSES
-from chestct.manifest import (
-    DATASET_COLUMNS,
-    INDEX_COLUMNS,
-    INGEST_COLUMNS,
-    SPLITS,
-)
 from chestct.settings import (
     BaseModelParams,
     BaseParams,
@@ -27,10 +26,6 @@ from chestct.settings import (
     TrainParams,
 )
 from chestct.stages.ingest import IngestSummary, run_ingest
-
-# Folder names as the Kaggle "Chest CT-Scan images" set spells them: long in train/valid,
-# short in test (the synthetic default uses the same).
-from chestct.synthetic import LONG_FOLDERS, SHORT_FOLDERS
 
 _CHANNELS = {"L": 1, "RGB": 3, "RGBA": 4}
 _EXTENSIONS = {"png": ".png", "jpeg": ".jpg", "bmp": ".bmp", "tiff": ".tiff"}
@@ -167,10 +162,10 @@ def synthetic_splits(
 ) -> dict[str, pd.DataFrame]:
     """Synthetic slices as validate hands them on: DATASET_COLUMNS frames whose `path` is the
     image prepared at `size` and whose `original` is the generated file (relative to root)."""
+    from chestct.data.manifest import DATASET_COLUMNS
+    from chestct.data.synthetic import generate_synthetic
+    from chestct.evaluation.scoring import Preprocessing
     from chestct.labels import label_for_folder
-    from chestct.manifest import DATASET_COLUMNS
-    from chestct.scoring import Preprocessing
-    from chestct.synthetic import generate_synthetic
 
     folder = root / f"synthetic-{seed}-{shortcut or 'none'}"
     rows: dict[str, list[dict[str, object]]] = {}
@@ -234,7 +229,7 @@ def write_split(root: Path, split: str, per_class: int, seed: int) -> pd.DataFra
 
 def base_file(folder: Path, params: BaseModelParams, seed: int = 0) -> Path:
     """An initial model for run_train, saved as base-model saves it."""
-    from chestct.modeling import build_model
+    from chestct.model.modeling import build_model
 
     path = folder / "base.keras"
     build_model(params, SIZE, seed).save(path)

@@ -1,5 +1,5 @@
 """Builders for the serving tests: a model folder with the full promote contract, made from a
-tiny untrained Keras model and converted with chestct.export (as promote does), plus slices.
+tiny untrained Keras model and converted with chestct.model.export (as promote does), plus slices.
 
 Model folders are built in a child process, so that TensorFlow never enters the pytest process
 through these fixtures (a process that holds TensorFlow hangs when later tests fork workers).
@@ -30,7 +30,7 @@ ABSTAIN = 0.97
 
 def ct_slice(seed: int = 0, label: str = "adenocarcinoma", size: int = 96) -> np.ndarray:
     """A synthetic grey CT slice (uint8) that passes the service's input checks."""
-    from chestct.synthetic import render_slice
+    from chestct.data.synthetic import render_slice
 
     return render_slice(label, np.random.default_rng(seed), size=size)
 
@@ -47,13 +47,13 @@ def slice_png(seed: int = 0, size: int = 96) -> bytes:
 
 def dicom_bytes(seed: int = 0, size: int = 64) -> bytes:
     """A CT DICOM slice in Hounsfield units (stored + intercept -1024), uncompressed."""
-    from chestct.imaging import encode_dicom
+    from chestct.imaging.encoding import encode_dicom
 
     return encode_dicom(ct_slice(seed, size=size))
 
 
 def build_keras(seed: int, size: int = SIZE, filters: tuple[int, ...] = (4, 8)) -> Any:
-    from chestct.modeling import build_model
+    from chestct.model.modeling import build_model
     from chestct.settings import BaseModelParams
 
     params = BaseModelParams(filters=list(filters), dropout=0.3)
@@ -114,8 +114,8 @@ def build_model_folder(
     thresholds, cam and ood (an older card); `train_epochs` trains the model (filters 8, 16)
     on synthetic slices at `size` first.
     """
-    from chestct.export import export_light, light_outputs
-    from chestct.gradcam import CamHead
+    from chestct.model.export import export_light, light_outputs
+    from chestct.model.gradcam import CamHead
 
     folder.mkdir(parents=True, exist_ok=True)
     if train_epochs:
@@ -142,7 +142,7 @@ def build_model_folder(
             [cv2.resize(ct_slice(s), (size, size), interpolation=cv2.INTER_AREA) for s in range(8)]
         ).astype(np.float32)[..., None]
         if light:
-            from chestct.export import LightModel
+            from chestct.model.export import LightModel
 
             feats = light_outputs(LightModel.load(folder / "model.tflite"), images)["features"]
         else:
@@ -185,7 +185,7 @@ def add_reference(folder: Path, n: int = 200, seed0: int = 50_000) -> dict[str, 
     (the function evaluate calls), write it and name it in the card as promote does."""
     from chestct.fsutil import sha256_file
     from chestct.inference import analyse, load_folder
-    from chestct.monitoring import REFERENCE_FILE, fit_reference
+    from chestct.monitoring.signals import REFERENCE_FILE, fit_reference
     from chestct.serving import inputs
 
     model = load_folder(folder)
@@ -218,7 +218,8 @@ def add_reference(folder: Path, n: int = 200, seed0: int = 50_000) -> dict[str, 
         "balanced_accuracy": 0.6,
         "macro_f1": 0.58,
         "n": 40,
-        # What evaluate adds (chestct.novelty): the memorizer, the novel part, the intervals.
+        # What evaluate adds (chestct.evaluation.novelty): the memorizer, the novel part, the
+        # intervals.
         "baseline": {"nearest_neighbour": {"macro_f1": 0.5}, "model_above": {"macro_f1": 0.08}},
         "novel": {"n": 12, "macro_f1": 0.41, "baseline": {"nearest_neighbour": {"macro_f1": 0.3}}},
         "ci": {"confidence": 0.95, "macro_f1": {"low": 0.45, "high": 0.7}},

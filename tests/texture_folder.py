@@ -11,10 +11,10 @@ from typing import Any
 import cv2
 import numpy as np
 
-from chestct import texture
 from chestct.fsutil import sha256_file
 from chestct.labels import CLASSES, DISPLAY_NAMES
-from chestct.metrics import Mahalanobis
+from chestct.model import texture
+from chestct.model.calibration import Mahalanobis
 from model_folder import ct_slice
 
 SIZE = 64

@@ -7,9 +7,9 @@ light model, the Keras model, the dense head and the OOD statistics, each pinned
 in the card. Every file the card lists (`ModelCard.files`: any entry with a `file`, and the
 `files` map a new model family may use) is hashed at every load and hot reload before any is
 read, and read only through `ModelFiles`, which refuses a name the card does not list.
-Preprocessing is `chestct.imaging.prepare_slice` with the card's settings; calibration,
+Preprocessing is `chestct.imaging.preparation.prepare_slice` with the card's settings; calibration,
 entropy, the abstain and out-of-distribution rules and the Mahalanobis distance come from
-`chestct.metrics`, where evaluate fits them.
+`chestct.evaluation.metrics`, where evaluate fits them.
 
 A model folder is read through one open directory handle, so that a folder swapped in by
 promote (renameat2 exchange) is seen whole: the card and the files it names always come from
@@ -44,23 +44,24 @@ from typing import Any
 import cv2
 import numpy as np
 
-from chestct import imaging, modelcard
-from chestct.families import average
+from chestct import modelcard
 from chestct.fsutil import sha256_bytes, sha256_file
-from chestct.gradcam import CamHead
-from chestct.metrics import Mahalanobis, abstains, out_of_distribution, softmax
-from chestct.metrics import normalised_entropy as entropy
-from chestct.modelcard import CARD_NAME, FileEntry, ListedFile, ModelCard
-from chestct.monitoring import check_reference
-from chestct.settings import WindowParams
-from chestct.texture import (
+from chestct.imaging import body, formats, preparation
+from chestct.model.calibration import Mahalanobis, abstains, out_of_distribution, softmax
+from chestct.model.calibration import normalised_entropy as entropy
+from chestct.model.families import average
+from chestct.model.gradcam import CamHead
+from chestct.model.texture import (
     TextureError,
     TextureModel,
     group_importance,
     log_probabilities,
     occlusion_map,
 )
-from chestct.texture import load as texture_load
+from chestct.model.texture import load as texture_load
+from chestct.modelcard import CARD_NAME, FileEntry, ListedFile, ModelCard
+from chestct.monitoring.signals import check_reference
+from chestct.settings import WindowParams
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,7 @@ class Loaded:
     image_size: int
     interpolation: str
     resize_mode: str
-    normalise: imaging.Normalise
+    normalise: preparation.Normalise
     window: tuple[float, float]
     backend: str
     temperature: float
@@ -114,8 +115,8 @@ class Loaded:
     ood: OodModel | None
     notes: list[str]
     runner: Callable[[np.ndarray], Outputs]
-    reference: dict[str, Any] | None = None  # the monitoring profile (chestct.monitoring)
-    family: str = "cnn"  # cnn | texture | ensemble (chestct.families)
+    reference: dict[str, Any] | None = None  # the monitoring profile (chestct.monitoring.signals)
+    family: str = "cnn"  # cnn | texture | ensemble (chestct.model.families)
     texture: TextureModel | None = None  # texture and ensemble: explains by occlusion
     loaded_at: float = field(default_factory=time.time)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -133,13 +134,13 @@ class Loaded:
     def display_name(self, cls: str) -> str:
         return self.card.display_name(cls)
 
-    def prepare(self, decoded: imaging.Decoded) -> np.ndarray:
+    def prepare(self, decoded: formats.Decoded) -> np.ndarray:
         """The model input (uint8 size x size), exactly as imaging.prepare makes it."""
         return self.prepare_with_box(decoded).image
 
-    def prepare_with_box(self, decoded: imaging.Decoded) -> imaging.Prepared:
+    def prepare_with_box(self, decoded: formats.Decoded) -> preparation.Prepared:
         """The model input and the region of the upload it was made from."""
-        return imaging.prepare_slice(
+        return preparation.prepare_slice(
             decoded.grey, self.image_size, self.interpolation, self.resize_mode, self.normalise
         )
 
@@ -243,9 +244,10 @@ class Explanation:
 def explain(
     model: Loaded, image: np.ndarray, features: np.ndarray, class_index: int
 ) -> Explanation:
-    """The family's explanation (chestct.families.OFFERS): Grad-CAM of the CNN (the ensemble's
+    """The family's explanation (chestct.model.families.OFFERS): Grad-CAM of the CNN (the
+    ensemble's
     CNN member), or for the texture family the occlusion map of body tiles and the share of
-    each feature group (chestct.texture.occlusion_map / group_importance)."""
+    each feature group (chestct.model.texture.occlusion_map / group_importance)."""
     if model.family == "texture" and model.texture is not None:
         with model._lock:
             return Explanation(
@@ -283,8 +285,8 @@ def _group_panel(groups: dict[str, float], width: int) -> np.ndarray:
 
 def overlay_png(
     model: Loaded,
-    decoded: imaging.Decoded,
-    prepared: imaging.Prepared,
+    decoded: formats.Decoded,
+    prepared: preparation.Prepared,
     cam: np.ndarray,
     groups: dict[str, float] | None = None,
 ) -> bytes:
@@ -303,8 +305,8 @@ def overlay_png(
         base = cv2.resize(base, size, interpolation=cv2.INTER_AREA)
         x0, y0 = round(box.x * scale), round(box.y * scale)
         x1, y1 = round((box.x + box.w) * scale), round((box.y + box.h) * scale)
-        box = imaging.BodyBox(x0, y0, max(1, x1 - x0), max(1, y1 - y0), box.reason)
-    heat = imaging.map_to_frame(cam, box, base.shape, model.resize_mode)
+        box = body.BodyBox(x0, y0, max(1, x1 - x0), max(1, y1 - y0), box.reason)
+    heat = preparation.map_to_frame(cam, box, base.shape, model.resize_mode)
     heat8 = np.clip(heat * 255.0, 0, 255).astype(np.uint8)
     colour = cv2.applyColorMap(heat8, cv2.COLORMAP_JET)
     grey_bgr = cv2.cvtColor(base, cv2.COLOR_GRAY2BGR)
@@ -447,7 +449,7 @@ def _dropout_rate(keras_file: Path) -> float:
 
 
 def _litert_runner(path: Path, spec: dict[str, Any], threads: int) -> Callable:
-    from chestct.export import ExportError, LightModel
+    from chestct.model.export import ExportError, LightModel
 
     try:
         light = LightModel.load(path, threads=threads)
@@ -474,7 +476,7 @@ def _texture(path: Path) -> TextureModel:
 
 
 def _texture_runner(model: TextureModel) -> Callable:
-    """The texture family: features of the prepared slice, then the trees (chestct.texture);
+    """The texture family: features of the prepared slice, then the trees (chestct.model.texture);
     `features` is the standardised feature vector as a 1 x 1 map (its pooling is itself)."""
 
     def run(batch: np.ndarray) -> Outputs:
@@ -494,7 +496,7 @@ def _cnn_temperature(card: ModelCard) -> float:
 
 def _ensemble_runner(cnn: Callable, tex: TextureModel, cnn_temperature: float) -> Callable:
     """The ensemble: the CNN's and the texture model's calibrated probabilities averaged
-    (chestct.families.average); `features` stay the CNN's, for Grad-CAM and OOD."""
+    (chestct.model.families.average); `features` stay the CNN's, for Grad-CAM and OOD."""
 
     def run(batch: np.ndarray) -> Outputs:
         out = cnn(batch)
@@ -571,10 +573,13 @@ def load_folder(
         interpolation = prep.get("interpolation", "area")
         resize_mode = prep.get("resize", "stretch")
         try:
-            normalise = imaging.Normalise.from_spec(prep)
+            normalise = preparation.Normalise.from_spec(prep)
         except (TypeError, ValueError) as exc:
             raise ModelRefused(f"{CARD_NAME} is not a valid model card ({exc!r})") from None
-        if interpolation not in imaging.INTERPOLATIONS or resize_mode not in imaging.RESIZE_MODES:
+        if (
+            interpolation not in preparation.INTERPOLATIONS
+            or resize_mode not in preparation.RESIZE_MODES
+        ):
             raise ModelRefused(
                 f"card preprocessing {dict(prep)!r} is not one chestct.imaging can reproduce"
             )

@@ -125,7 +125,7 @@ class ModelCard:
     ood: FileEntry | None
     monitoring: FileEntry | None
     metrics: Mapping[str, Any] | None
-    family: str  # cnn | texture | ensemble (chestct.families); cards before families: cnn
+    family: str  # cnn | texture | ensemble (chestct.model.families); cards before families: cnn
     texture: FileEntry | None  # the ensemble's texture member (texture.skops)
     mlflow_run_ids: Mapping[str, Any]
     promoted_at: str | None

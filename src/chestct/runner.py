@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from chestct.data.manifest import ManifestError
 from chestct.fsutil import reset_dir, sha256_file
-from chestct.manifest import ManifestError
 from chestct.pointers import (
     Pointer,
     PointerError,
@@ -240,7 +240,7 @@ def record_missing_runs(settings: Settings, stages: Sequence[str]) -> list[str]:
     without running its command, so no MLflow run and no run record exist for what is in
     artifacts/<stage>/. The run made here says so (tag chestct.recorded_from = pointer): its
     params, metrics and inputs come from the pointer, and a run record now names it, so that
-    lineage tags and `chestct.compare` find it. Returns the stages recorded.
+    lineage tags and `chestct.cli.compare` find it. Returns the stages recorded.
     """
     import mlflow
 

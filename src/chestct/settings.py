@@ -40,7 +40,7 @@ class SettingsError(ValueError):
 class BaseParams:
     seed: int = 42
     image_size: int = 128
-    # Thumbnail correlation (chestct.similarity) at or above which a slice is a near-copy of
+    # Thumbnail correlation (chestct.data.similarity) at or above which a slice is a near-copy of
     # its nearest training slice: split's series, validate's near-copy report, evaluate's
     # novel part. Adjacent slices of one series sit above it, other patients below.
     near_copy_similarity: float = 0.9
@@ -90,7 +90,7 @@ class SplitParams:
     test_fraction: float = 0.15
     near_duplicate_distance: int = 12  # pHash bits (of 256); -1 turns near-duplicates off
     dedupe: Literal["report", "drop"] = "report"
-    # Thumbnail correlation (chestct.similarity) at or above which two slices are one series
+    # Thumbnail correlation (chestct.data.similarity) at or above which two slices are one series
     # and move together (connected components); -1 turns series grouping off. 0.9, as
     # base.near_copy_similarity: no test slice is then a near-copy of a train slice
     # (docs/data-checks.md: on the real train folder 54 % of a test split were before).
@@ -146,7 +146,7 @@ class ValidateParams:
 
 @dataclass(frozen=True)
 class TextureParams:
-    """The texture family's classifier (chestct.texture: HistGradientBoostingClassifier)."""
+    """The texture family's classifier (chestct.model.texture: HistGradientBoostingClassifier)."""
 
     max_iter: int = 300  # boosting iterations at most; the valid split picks how many are kept
     learning_rate: float = 0.05
@@ -159,7 +159,7 @@ class TextureParams:
 
 @dataclass(frozen=True)
 class BaseModelParams:
-    # cnn: the Keras network below | texture: chestct.texture features + gradient boosting |
+    # cnn: the Keras network below | texture: chestct.model.texture features + gradient boosting |
     # ensemble: both, their calibrated probabilities averaged
     family: Literal["cnn", "texture", "ensemble"] = "cnn"
     texture: TextureParams = field(default_factory=TextureParams)
@@ -246,7 +246,8 @@ class EvaluateParams:
     # valid | valid_and_shifted: what the temperature is fitted on (shifted = perturb.SHIFTS)
     calibrate_on: Literal["valid", "valid_and_shifted"] = "valid"
     external: str = ""  # "" (off) | a folder or .zip/.tar.gz/.tgz archive of <class>/<image>
-    # Bootstrap intervals (chestct.uncertainty): resamples of groups, two-sided confidence.
+    # Bootstrap intervals (chestct.evaluation.uncertainty): resamples of groups, two-sided
+    # confidence.
     bootstrap_resamples: int = 1000
     confidence: float = 0.95
 
@@ -259,7 +260,8 @@ class PromoteParams:
     margin: float = 0.0
     registered_model: str = "chestct"
     # A win over the champion must survive the paired bootstrap of the metric difference on
-    # the same test items (chestct.uncertainty) at this confidence; `none`: the margin alone.
+    # the same test items (chestct.evaluation.uncertainty) at this confidence; `none`: the margin
+    # alone.
     paired: Literal["bootstrap", "none"] = "bootstrap"
     confidence: float = 0.95
     # Refuse a candidate below the nearest-neighbour memorizer on the test split.
@@ -315,7 +317,8 @@ class ServingConfig:
 
 @dataclass(frozen=True)
 class MonitorConfig:
-    """Drift and performance monitoring (chestct.monitor, /metrics); README "Monitoring"."""
+    """Drift and performance monitoring (chestct.monitoring.monitor, /metrics); README
+    "Monitoring"."""
 
     window_requests: int = 500  # the monitor's window when neither --last nor --since is given
     min_requests: int = 50  # fewer predictions in a window: not judged (too noisy)

@@ -146,7 +146,8 @@ def run_tags(stage: str, git_sha: str | None, git_dirty: bool | None) -> dict[st
 
 # --------------------------------------------------------------------------- conventions
 
-# Set by `make run` / `make repro` (chestct.repro) for the stages of one `dvc repro`: the run id
+# Set by `make run` / `make repro` (chestct.cli.repro) for the stages of one `dvc repro`: the run
+# id
 # of the parent run they nest under. A bare `dvc repro` has none: its stages are top-level runs.
 PARENT_ENV = "CHESTCT_PIPELINE_RUN"
 # MLflow 3's UI opens an experiment by its kind; without it a new experiment opens on the GenAI

@@ -27,8 +27,8 @@ import numpy as np
 import pytest
 import yaml
 
+from chestct.data.synthetic import render_slice
 from chestct.labels import CLASSES
-from chestct.synthetic import render_slice
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent

@@ -110,11 +110,11 @@ def test_monitor_agrees_with_evaluates_reference(project, tmp_path: Path) -> Non
     acquisition signals, zoomed ones do."""
     import json
 
+    from chestct.data.synthetic import dataset_slice, render_slice
     from chestct.fsutil import sha256_file
-    from chestct.monitor import run_monitor
-    from chestct.monitoring import Thresholds
+    from chestct.monitoring.monitor import run_monitor
+    from chestct.monitoring.signals import Thresholds
     from chestct.serving import create_app
-    from chestct.synthetic import dataset_slice, render_slice
 
     root, _ = project
     model = root / "model"
@@ -128,7 +128,7 @@ def test_monitor_agrees_with_evaluates_reference(project, tmp_path: Path) -> Non
 
     def sample(i: int) -> np.ndarray:
         # New slices drawn as the tiny project's own were (one slice per patient); that
-        # `python -m chestct.samples` monitors clean against the default's reference is
+        # `python -m chestct.cli.samples` monitors clean against the default's reference is
         # tests/unit/test_samples.py's.
         seq = np.random.SeedSequence([700_001, i])
         image = dataset_slice(CLASSES[i % 4], seq)
@@ -156,7 +156,7 @@ def test_monitor_agrees_with_evaluates_reference(project, tmp_path: Path) -> Non
             last=None,
             since=None,
         )
-    # chestct.samples exports its slices as ingest's synthetic files are (180-520 px wide,
+    # chestct.cli.samples exports its slices as ingest's synthetic files are (180-520 px wide,
     # 0.6-1.0 of that high): every acquisition signal agrees, the size and aspect too.
     acquisition = {"mean_grey", "input_side", "foreground", "body_share", "body_aspect"}
     acquisition |= {"background", "body_p50"}

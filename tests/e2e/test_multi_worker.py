@@ -46,14 +46,14 @@ from runbook import blocks
     ],
 )
 def test_the_chief_is_tensorflows_chief(config: dict, chief: int, workers: int) -> None:
-    from chestct.distributed import worker_role
+    from chestct.model.distributed import worker_role
 
     role = worker_role("multi_worker", json.dumps(config))
     assert role.chief == bool(chief) and role.workers == workers
 
 
 def test_tf_config_matters_only_for_multi_worker() -> None:
-    from chestct.distributed import worker_role
+    from chestct.model.distributed import worker_role
 
     config = '{"cluster": {"worker": ["a:1", "b:1"]}, "task": {"type": "worker", "index": 1}}'
     assert worker_role("default", config).chief
@@ -72,7 +72,7 @@ def test_tf_config_matters_only_for_multi_worker() -> None:
     ],
 )
 def test_a_bad_tf_config_is_refused_with_an_example(raw: str, expected: str) -> None:
-    from chestct.distributed import worker_role
+    from chestct.model.distributed import worker_role
     from chestct.settings import SettingsError
 
     with pytest.raises(SettingsError, match=expected) as info:

@@ -106,7 +106,7 @@ def test_error_analysis_notebook_runs_on_the_promoted_model(
 def test_acquisition_notebook_shows_no_shortcut_on_synthetic_and_one_on_a_zoomed_class(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from chestct.synthetic import generate_synthetic
+    from chestct.data.synthetic import generate_synthetic
     from helpers import zoom_out_file
 
     # CHESTCT_DATA unset: the embedded synthetic default at the tiny project's sizes.

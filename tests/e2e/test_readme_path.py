@@ -151,7 +151,7 @@ def test_make_run_reproduces_and_prints_the_decision(project) -> None:
     out = project["make_run"]
     assert "chestct preflight: params.yaml and config/config.yaml are valid" in out
     assert "Promotion decision:\n  promoted (first model): no champion" in out
-    assert "python -m chestct.samples" in out
+    assert "python -m chestct.cli.samples" in out
     assert json.loads((root / "model" / "promotion.json").read_text())["version"] == "1"
     assert git_status(root, env) == ""
 
@@ -165,7 +165,7 @@ def test_quick_start_serve_samples_curl_and_mlflow_ui(project, tmp_path: Path) -
     server = background(f"make -o venv {serve.removeprefix('make ')} PORT={port}", root, env, log)
     try:
         wait_for(f"{base}/ready", server, log)
-        (samples,) = readme("## Quick start", ".venv/bin/python -m chestct.samples")
+        (samples,) = readme("## Quick start", ".venv/bin/python -m chestct.cli.samples")
         written = shell(samples, root, env).stdout
         assert "slice.png: a synthetic squamous_cell_carcinoma slice (seed 0)" in written
         (curl,) = readme("## Quick start", "curl ")
@@ -281,7 +281,7 @@ def test_an_experiment_and_the_way_back(project) -> None:
     root, env = project["root"], project["env"]
     baseline = snapshot(root)
     section = "## Experiments and comparison"
-    way_back = readme_one(section, "python -m chestct.restore")
+    way_back = readme_one(section, "python -m chestct.cli.restore")
     apply = readme_one(section, "dvc exp apply <name>")
 
     shell(readme_one(section, "dvc exp run -S train.learning_rate=0.0003"), root, env)
@@ -359,6 +359,6 @@ def test_metrics_and_plots_compare_commits_without_a_cache(project) -> None:
     finally:
         shutil.rmtree(root / "dvc_plots", ignore_errors=True)
         run(["git", "reset", "-q", "--hard", "HEAD~1"], root, env)
-        shell("python -m chestct.restore", root, env)
+        shell("python -m chestct.cli.restore", root, env)
     assert git_status(root, env) == ""
     assert snapshot(root) == baseline

@@ -23,7 +23,7 @@ def test_saved_model_bytes_do_not_depend_on_the_time(tmp_path: Path, monkeypatch
     import time
     import zipfile
 
-    from chestct.modeling import build_model, load_model, save_model
+    from chestct.model.modeling import build_model, load_model, save_model
     from chestct.settings import BaseModelParams
 
     model = build_model(BaseModelParams(filters=[4]), image_size=16, seed=0)

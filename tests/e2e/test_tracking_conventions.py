@@ -19,9 +19,9 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 def repro(root: Path, *args: str) -> str:
-    """`python -m chestct.repro`, as `make run` / `make repro ARGS=…` run it."""
+    """`python -m chestct.cli.repro`, as `make run` / `make repro ARGS=…` run it."""
     done = subprocess.run(
-        [sys.executable, "-m", "chestct.repro", *args],
+        [sys.executable, "-m", "chestct.cli.repro", *args],
         cwd=root,
         env=pipeline_env(root),
         capture_output=True,
@@ -114,4 +114,4 @@ def test_a_stage_restored_from_the_run_cache_is_recorded(project: Path, client) 
     assert recorded.info.run_name == f"split {_pointer_digest(project, 'split')[:7]}"
     assert recorded.data.params["split.valid_fraction"] == "0.15"
     record = (project / "artifacts" / "runs" / "split.json").read_text(encoding="utf-8")
-    assert recorded.info.run_id in record  # lineage tags and chestct.compare now find it
+    assert recorded.info.run_id in record  # lineage tags and chestct.cli.compare now find it

@@ -1,5 +1,5 @@
 """A live MLflow tracking server, started as `make tracking-server` starts it: the pipeline,
-the registry aliases and `python -m chestct.compare` over HTTP, with a sqlite backend and with
+the registry aliases and `python -m chestct.cli.compare` over HTTP, with a sqlite backend and with
 PostgreSQL (a throw-away cluster on 127.0.0.1, where Debian's postgresql is installed).
 
 The client commands are the README's runbook blocks `tracking-run` and `tracking-compare`.

@@ -228,7 +228,13 @@ def test_monitor_report_fits_1280_px_with_charts_in_a_grid(
     out = tmp_path / "report"
     done = subprocess.run(
         [
-            *(sys.executable, "-m", "chestct.monitor", "--db", str(tmp_path / "audit.sqlite")),
+            *(
+                sys.executable,
+                "-m",
+                "chestct.monitoring.monitor",
+                "--db",
+                str(tmp_path / "audit.sqlite"),
+            ),
             *("--model-dir", str(monitored_model), "--out", str(out)),
         ],
         env={**os.environ, "PYTHONPATH": str(repo / "src"), "CHESTCT_ROOT": str(repo)},

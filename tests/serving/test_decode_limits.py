@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from chestct import imaging
-from chestct.imaging import DecodeLimits, ImageError, ImageTooLarge
+from chestct.imaging import decoding, formats, headers
+from chestct.imaging.formats import DecodeLimits, ImageError, ImageTooLarge
 from chestct.serving import create_app
 from helpers import make_kaggle_folder
 from model_folder import multipart, slice_png
@@ -71,7 +71,7 @@ def test_issue_file_is_refused_by_the_decoder_with_its_reason(
 ) -> None:
     _, status, words = ISSUE_CASES[name]
     with pytest.raises(ImageError) as info:
-        imaging.decode(issue_files[name], LUNG)
+        decoding.decode(issue_files[name], LUNG)
     assert words in str(info.value)
     assert isinstance(info.value, ImageTooLarge) == (status == 413)
 
@@ -131,11 +131,11 @@ def test_tiff_header_refuses_unknown_types_and_contradictions() -> None:
     tiff = bytearray(hostile.tiff_duplicate_size())
     # Drop the duplicate entries: a consistent 8000 x 8000 TIFF, refused by its size.
     with pytest.raises(ImageTooLarge, match="8000 x 8000"):
-        imaging.decode(_tiff_without(bytes(tiff), [0, 2]), LUNG)
+        decoding.decode(_tiff_without(bytes(tiff), [0, 2]), LUNG)
     unknown = bytearray(_tiff_without(bytes(tiff), [0, 2]))
     unknown[10 + 12 * 2 + 2 : 10 + 12 * 2 + 4] = (99).to_bytes(2, "little")  # BitsPerSample
     with pytest.raises(ImageError, match="unknown field type 99"):
-        imaging.decode(bytes(unknown), LUNG)
+        decoding.decode(bytes(unknown), LUNG)
 
 
 def _tiff_without(tiff: bytes, drop: list[int]) -> bytes:
@@ -159,28 +159,28 @@ def _tiff_without(tiff: bytes, drop: list[int]) -> bytes:
 
 def test_jpeg_frame_is_found_past_junk_and_scans_are_counted() -> None:
     data = hostile.jpeg_with_junk(64)
-    info = imaging.jpeg_info(data)
+    info = headers.jpeg_info(data)
     assert (info.width, info.height, info.junk_bytes) == (64, 64, 1)
-    assert imaging.decode(data, LUNG).width == 64  # libjpeg skips the junk byte too
+    assert decoding.decode(data, LUNG).width == 64  # libjpeg skips the junk byte too
     sos = data.index(b"\xff\xda")
     length = int.from_bytes(data[sos + 2 : sos + 4], "big")
     scan = data[sos : sos + 2 + length] + b"\0" * 4
-    many = data[:sos] + scan * (imaging.MAX_JPEG_SCANS + 1) + data[sos:]
+    many = data[:sos] + scan * (formats.MAX_JPEG_SCANS + 1) + data[sos:]
     with pytest.raises(ImageTooLarge, match="scans"):
-        imaging.decode(many, LUNG)
+        decoding.decode(many, LUNG)
     sof = data.index(b"\xff\xc0")
     segment = data[sof : sof + 2 + int.from_bytes(data[sof + 2 : sof + 4], "big")]
     two = data[:sof] + segment + data[sof:]
     with pytest.raises(ImageError, match="two frame headers"):
-        imaging.decode(two, LUNG)
+        decoding.decode(two, LUNG)
 
 
 def test_byte_budget_counts_channels_and_sample_size() -> None:
     png = hostile.png16_rgba(300)  # 300 x 300 x 4 channels x 2 bytes = 720 000 bytes
-    assert imaging.read_header(png).nbytes == 720_000
+    assert headers.read_header(png).nbytes == 720_000
     with pytest.raises(ImageTooLarge, match="4 channel"):
-        imaging.decode(png, LUNG, limits=DecodeLimits(max_pixels=10**6, max_bytes=700_000))
-    decoded = imaging.decode(png, LUNG, limits=DecodeLimits(max_pixels=10**6, max_bytes=720_000))
+        decoding.decode(png, LUNG, limits=DecodeLimits(max_pixels=10**6, max_bytes=700_000))
+    decoded = decoding.decode(png, LUNG, limits=DecodeLimits(max_pixels=10**6, max_bytes=720_000))
     assert (decoded.width, decoded.mode) == (300, "RGBA")
 
 
@@ -196,11 +196,11 @@ def test_dicom_with_too_many_elements_is_refused_before_parsing() -> None:
     )
     data = hostile._meta("1.2.840.10008.1.2.1") + empty + head
     with pytest.raises(ImageTooLarge, match="data elements"):
-        imaging.decode(data, LUNG)
+        decoding.decode(data, LUNG)
 
 
 def test_deflated_dicom_within_the_budget_decodes() -> None:
-    decoded = imaging.decode(hostile.dicom_deflated_at_budget(256), LUNG)
+    decoded = decoding.decode(hostile.dicom_deflated_at_budget(256), LUNG)
     assert (decoded.width, decoded.height, decoded.format) == (256, 256, "dicom")
 
 

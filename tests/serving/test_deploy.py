@@ -182,7 +182,7 @@ def _tf_config(job: dict, index: int) -> str:
 
 
 def test_training_job_builds_one_cluster_from_the_completion_index() -> None:
-    from chestct.distributed import worker_role
+    from chestct.model.distributed import worker_role
 
     job = resource("Job", "chestct-train")
     spec = job["spec"]

@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 import pytest
 
-from chestct import imaging
+from chestct.imaging import decoding, formats
 from chestct.serving import create_app
 from model_folder import ct_slice
 
@@ -137,16 +137,16 @@ def peak_growth_mb(fn) -> tuple[object, float]:
 
 
 def test_deeply_nested_sequences_are_refused_before_pydicom_recurses() -> None:
-    assert imaging.decode(nested_dicom(3), WINDOW).width == 64  # a few levels are fine
-    with pytest.raises(imaging.ImageError, match="nested more than"):
-        imaging.decode(nested_dicom(300), WINDOW)
+    assert decoding.decode(nested_dicom(3), WINDOW).width == 64  # a few levels are fine
+    with pytest.raises(formats.ImageError, match="nested more than"):
+        decoding.decode(nested_dicom(300), WINDOW)
 
 
 def test_rle_runs_past_rows_x_columns_are_never_expanded() -> None:
-    result, growth = peak_growth_mb(lambda: imaging.decode(rle_bomb(), WINDOW))
+    result, growth = peak_growth_mb(lambda: decoding.decode(rle_bomb(), WINDOW))
     assert growth < GROWTH_LIMIT_MB, growth
     # The segment's first 64 x 64 bytes are what the image holds (as pydicom reads padding).
-    assert isinstance(result, imaging.Decoded) and result.grey.shape == (64, 64)
+    assert isinstance(result, formats.Decoded) and result.grey.shape == (64, 64)
 
 
 def test_rle_decodes_as_the_uncompressed_slice() -> None:
@@ -157,13 +157,13 @@ def test_rle_decodes_as_the_uncompressed_slice() -> None:
     ds = dcmread(io.BytesIO(plain))
     ds.compress(RLELossless)
     rle = _save(ds)
-    got, want = imaging.decode(rle, WINDOW), imaging.decode(plain, WINDOW)
+    got, want = decoding.decode(rle, WINDOW), decoding.decode(plain, WINDOW)
     assert np.array_equal(got.grey, want.grey)
     # 12 bits stored in 16, signed: the sign is extended from bit 11 as pydicom does.
     ds = dcmread(io.BytesIO(plain))
     ds.BitsStored, ds.HighBit = 12, 11
     ds.compress(RLELossless)
-    assert np.array_equal(imaging.decode(_save(ds), WINDOW).grey, want.grey)
+    assert np.array_equal(decoding.decode(_save(ds), WINDOW).grey, want.grey)
 
 
 @pytest.mark.parametrize("codec", ["jpeg", "j2k"])
@@ -171,26 +171,26 @@ def test_compressed_frames_larger_than_the_dataset_are_refused_before_decoding(c
     frame = jpeg_frame(3000) if codec == "jpeg" else j2k_frame(2000)
     syntax = "1.2.840.10008.1.2.4.50" if codec == "jpeg" else "1.2.840.10008.1.2.4.90"
     data = encapsulated(64, 64, frame, syntax, bits=8)
-    result, growth = peak_growth_mb(lambda: imaging.decode(data, WINDOW))
-    assert isinstance(result, imaging.ImageError), result
+    result, growth = peak_growth_mb(lambda: decoding.decode(data, WINDOW))
+    assert isinstance(result, formats.ImageError), result
     assert "declares" in str(result) and "64 x 64" in str(result)
     assert growth < GROWTH_LIMIT_MB, growth
     # The same frame in a dataset of its own size decodes.
     side = 3000 if codec == "jpeg" else 2000
     good = encapsulated(side, side, frame, syntax, bits=8)
-    assert imaging.decode(good, WINDOW).width == side
+    assert decoding.decode(good, WINDOW).width == side
 
 
 def test_palette_color_goes_through_its_lookup_table() -> None:
     ramp = np.arange(256) * 257
     inverted = ramp[::-1]
     data, indices = palette_dicom(inverted, inverted, inverted)
-    decoded = imaging.decode(data, WINDOW)
+    decoded = decoding.decode(data, WINDOW)
     assert decoded.mode == "P" and decoded.colour_share == 0.0
     assert np.array_equal(decoded.grey, 255 - indices)  # not the indices read as grey
     # A colourful table: the share of coloured pixels reaches the not-a-CT-slice check.
     data, _ = palette_dicom(ramp, np.zeros(256), np.zeros(256))
-    assert imaging.decode(data, WINDOW).colour_share > 0.3
+    assert decoding.decode(data, WINDOW).colour_share > 0.3
 
 
 def test_palette_color_without_a_table_is_refused_clearly() -> None:
@@ -199,8 +199,8 @@ def test_palette_color_without_a_table_is_refused_clearly() -> None:
     data, _ = palette_dicom(np.arange(256), np.arange(256), np.arange(256))
     ds = dcmread(io.BytesIO(data))
     del ds.RedPaletteColorLookupTableData
-    with pytest.raises(imaging.ImageError, match="PALETTE COLOR lookup table"):
-        imaging.decode(_save(ds), WINDOW)
+    with pytest.raises(formats.ImageError, match="PALETTE COLOR lookup table"):
+        decoding.decode(_save(ds), WINDOW)
 
 
 # ------------------------------------------------------------------ through the app
@@ -243,7 +243,7 @@ def test_junk_between_segments_of_a_dicom_jpeg_frame_is_refused() -> None:
     sos = frame.index(b"\xff\xda")
     junk = frame[:sos] + b"\xff\x00" * 500_000 + frame[sos:]
     data = encapsulated(64, 64, junk, "1.2.840.10008.1.2.4.50", bits=8)
-    with pytest.raises(imaging.ImageError, match="between two segments"):
-        imaging.decode(data, WINDOW)
+    with pytest.raises(formats.ImageError, match="between two segments"):
+        decoding.decode(data, WINDOW)
     fill = frame[:sos] + b"\xff" * 8 + frame[sos:]  # a few fill bytes are allowed
-    assert imaging.decode(encapsulated(64, 64, fill, "1.2.840.10008.1.2.4.50", 8), WINDOW).width
+    assert decoding.decode(encapsulated(64, 64, fill, "1.2.840.10008.1.2.4.50", 8), WINDOW).width

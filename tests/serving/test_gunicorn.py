@@ -33,8 +33,8 @@ def test_readme_curl_examples_against_gunicorn(server, tmp_path: Path) -> None:
     base, proc, live = server
     work = tmp_path / "client"
     work.mkdir()
-    # The README's way to get sample files: `python -m chestct.samples` in the current folder.
-    subprocess.run([sys.executable, "-m", "chestct.samples"], cwd=work, check=True, timeout=60)
+    # The README's way to get sample files: `python -m chestct.cli.samples` in the current folder.
+    subprocess.run([sys.executable, "-m", "chestct.cli.samples"], cwd=work, check=True, timeout=60)
     curls = readme_curls()
     assert len(curls) >= 10, curls
     env = {**os.environ, "CHESTCT_HISTORY_TOKEN": TOKEN, "CHESTCT_FEEDBACK_TOKEN": FEEDBACK_TOKEN}

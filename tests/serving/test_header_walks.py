@@ -15,11 +15,11 @@ import cv2
 import numpy as np
 import pytest
 
-from chestct import imaging
+from chestct.imaging import dicom, formats, headers
 
 
 def lines_run(fn: Callable[[], Any]) -> int:
-    """Line events in chestct/imaging.py while `fn` runs."""
+    """Line events in chestct/imaging/ while `fn` runs."""
     count = 0
 
     def tracer(frame, event, arg):
@@ -56,10 +56,10 @@ def test_jpeg_walk_does_no_per_byte_python_work(where: str) -> None:
         forged = data[:sos] + stuffing + data[sos:]
     else:  # a run of fill bytes before a marker
         forged = data[:sos] + b"\xff" * 1_000_000 + data[sos:]
-    small = lines_run(lambda: imaging.jpeg_info(data))
-    big = lines_run(lambda: imaging.jpeg_info(forged))
+    small = lines_run(lambda: headers.jpeg_info(data))
+    big = lines_run(lambda: headers.jpeg_info(forged))
     assert big < small + 50, (small, big)
-    info = imaging.jpeg_info(forged)
+    info = headers.jpeg_info(forged)
     assert (info.width, info.height, info.scans) == (64, 64, 1)
 
 
@@ -69,14 +69,14 @@ def test_marker_after_a_segment_ending_in_ff_is_not_misread() -> None:
     # the segment must not pair with the byte after it.
     app = b"\xff\xe1" + (2 + 3).to_bytes(2, "big") + b"ab\xff"
     forged = data[:2] + app + data[2:]
-    assert imaging.jpeg_info(forged).width == 64
+    assert headers.jpeg_info(forged).width == 64
 
 
 def test_each_upload_is_parsed_once(monkeypatch: pytest.MonkeyPatch) -> None:
     from chestct.serving import inputs
 
     calls = {"jpeg": 0, "dicom": 0}
-    walk, read = imaging.jpeg_info, imaging._read_dicom
+    walk, read = headers.jpeg_info, dicom._read_dicom
 
     def counted_walk(data):
         calls["jpeg"] += 1
@@ -86,11 +86,11 @@ def test_each_upload_is_parsed_once(monkeypatch: pytest.MonkeyPatch) -> None:
         calls["dicom"] += 1
         return read(data, limits)
 
-    monkeypatch.setattr(imaging, "jpeg_info", counted_walk)
-    monkeypatch.setattr(imaging, "_read_dicom", counted_read)
+    monkeypatch.setattr(headers, "jpeg_info", counted_walk)
+    monkeypatch.setattr(dicom, "_read_dicom", counted_read)
     from model_folder import dicom_bytes
 
     for fmt, data in (("jpeg", real_jpeg()), ("dicom", dicom_bytes(1))):
-        header = inputs.check_header(data, fmt, imaging.DEFAULT_LIMITS)
-        inputs.decode(data, (-600.0, 1500.0), imaging.DEFAULT_LIMITS, header)
+        header = inputs.check_header(data, fmt, formats.DEFAULT_LIMITS)
+        inputs.decode(data, (-600.0, 1500.0), formats.DEFAULT_LIMITS, header)
     assert calls == {"jpeg": 1, "dicom": 1}

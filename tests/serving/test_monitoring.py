@@ -1,7 +1,7 @@
 """Monitoring after promotion: signals, the reference profile, drift, feedback and alerting.
 
 Slices go through the real app (Flask test client, audit log on) into the real audit log and
-/metrics; `python -m chestct.monitor` then judges the window, and the alert rules in
+/metrics; `python -m chestct.monitoring.monitor` then judges the window, and the alert rules in
 config/monitoring/alerts.yml are evaluated by promtool on series built from what /metrics
 exported. Needs Debian's `prometheus` package for promtool (.ci/run installs it).
 """
@@ -22,8 +22,9 @@ import numpy as np
 import pytest
 import yaml
 
+from chestct.imaging.perturb import gamma, zoom_out
 from chestct.labels import CLASSES
-from chestct.monitoring import (
+from chestct.monitoring.signals import (
     CLASS_SIGNAL,
     REFERENCE_FILE,
     SIGNALS,
@@ -32,7 +33,6 @@ from chestct.monitoring import (
     fit_reference,
     psi,
 )
-from chestct.perturb import gamma, zoom_out
 from chestct.serving import create_app
 from helpers import zoomed
 from model_folder import ct_slice, encode
@@ -104,7 +104,7 @@ def run_monitor_cli(tmp_path: Path, folder: Path, *args: str) -> subprocess.Comp
     cmd = [
         sys.executable,
         "-m",
-        "chestct.monitor",
+        "chestct.monitoring.monitor",
         "--db",
         str(tmp_path / "audit.sqlite"),
         "--model-dir",
@@ -170,7 +170,7 @@ def test_fit_reference_records_every_signal_and_the_rates() -> None:
 def test_reference_signals_come_from_the_originals_as_served(tmp_path: Path) -> None:
     """evaluate reads the ingested originals (not the resized, possibly normalised model
     inputs) so that the reference's acquisition signals match what serving measures."""
-    from chestct.monitoring import decoded_greys, image_signals
+    from chestct.monitoring.signals import decoded_greys, image_signals
 
     original = ct_slice(3, size=256)
     (tmp_path / "a.png").write_bytes(encode(original))
@@ -524,8 +524,8 @@ def test_report_states_its_rule_and_marks_large_but_insignificant_shifts(
 ) -> None:
     """A PSI over the threshold whose test is not significant is not drift, and the row says
     why instead of "ok" (before: rows at PSI 0.80-0.84 read "ok"); the page states the rule."""
-    from chestct.monitor import render_html, row_mark, verdict_lines
-    from chestct.monitoring import Thresholds, rule_text
+    from chestct.monitoring.monitor import render_html, row_mark, verdict_lines
+    from chestct.monitoring.signals import Thresholds, rule_text
 
     t = Thresholds()
     shift = {"psi": 0.82, "p_value": 0.2, "drift": False}
@@ -667,7 +667,7 @@ ACQUISITION = ("body_share", "body_aspect", "background", "body_p50")
 def test_acquisition_signals_follow_zoom_and_grey_level() -> None:
     """The body box's share of the frame grows with a zoom; the surround and the body get
     brighter with another scanner's grey level; the body's aspect follows its framing."""
-    from chestct.monitoring import image_signals
+    from chestct.monitoring.signals import image_signals
 
     original = ct_slice(5, size=256)
     base = image_signals(original)
@@ -687,8 +687,9 @@ def test_serving_reuses_the_body_box_of_the_crop() -> None:
     """With the body crop on, prepare found the box already and serving reads the signals
     around it; a reference fitted for such a model reads the same box, so both agree. Without
     the crop the box is looked for on the sample grid, by serving and the reference alike."""
-    from chestct.imaging import Normalise, body_box, prepare_slice
-    from chestct.monitoring import image_signals, request_signals
+    from chestct.imaging.body import body_box
+    from chestct.imaging.preparation import Normalise, prepare_slice
+    from chestct.monitoring.signals import image_signals, request_signals
 
     greys = [ct_slice(seed, CLASSES[seed % 4], size=300) for seed in range(6)]
     proba = np.full((len(greys), 4), 0.25)
@@ -805,7 +806,7 @@ def test_an_older_reference_without_acquisition_signals_still_monitors(
 
 def test_not_in_reference_lists_only_signals_the_window_measured() -> None:
     """A model without an OOD head measures no ood_ratio: that is no older reference."""
-    from chestct.monitoring import Thresholds, Window, compare, image_signals
+    from chestct.monitoring.signals import Thresholds, Window, compare, image_signals
 
     rng = np.random.default_rng(1)
     greys = [ct_slice(60_000 + i, size=128) for i in range(60)]

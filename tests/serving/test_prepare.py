@@ -11,8 +11,9 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from chestct import imaging
-from chestct.imaging import Normalise, prepare
+from chestct.imaging import decoding, preparation
+from chestct.imaging.body import body_box
+from chestct.imaging.preparation import Normalise, prepare
 from chestct.settings import ResizeParams
 from helpers import NORMALISED, textured, zoomed_out
 from model_folder import SIZE
@@ -49,7 +50,7 @@ def test_serving_prepares_like_the_resize_stage(
     model = load_folder(
         normalised_model(model_dir, tmp_path / "model", normalise_of(params), mode="pad")
     )
-    served = model.prepare(imaging.decode(data))
+    served = model.prepare(decoding.decode(data))
     np.testing.assert_array_equal(served, made)
     assert not np.array_equal(served, prepare(data, SIZE, mode="pad"))  # the crop did work
 
@@ -67,7 +68,7 @@ def test_explain_heatmap_lies_over_the_body_in_the_upload(
     # Faint detector noise over the black surround, as on a real slice.
     noise = np.random.default_rng(0).integers(0, 6, upload.shape)
     upload = np.clip(upload.astype(int) + noise, 0, 255).astype(np.uint8)
-    box = imaging.body_box(upload, NORMALISED.crop_margin)
+    box = body_box(upload, NORMALISED.crop_margin)
     ok, buf = cv2.imencode(".png", upload)
     assert ok
     resp = client.post(
@@ -93,11 +94,11 @@ def test_lung_crop_flows_from_resize_through_the_card_to_the_predictor(
 ) -> None:
     """`resize.crop: lungs`: the card records it, serving cuts the upload to the same lung box
     as the resize stage did, and /predict answers on it."""
+    from chestct.data.synthetic import render_slice
+    from chestct.imaging.lungs import lung_field
     from chestct.inference import load_folder
-    from chestct.lungs import lung_field
     from chestct.serving import create_app
     from chestct.stages.resize import normalise_of, run_resize
-    from chestct.synthetic import render_slice
 
     params = ResizeParams(crop="lungs", crop_margin=0.05, intensity="percentile", workers=1)
     grey = zoomed_out(render_slice("adenocarcinoma", np.random.default_rng(4)), 0.8, 0.3, 0.4)
@@ -115,9 +116,11 @@ def test_lung_crop_flows_from_resize_through_the_card_to_the_predictor(
     folder = normalised_model(model_dir, tmp_path / "model", normalise_of(params))
     card = json.loads((folder / "model.json").read_text(encoding="utf-8"))
     assert card["preprocessing"]["crop"] == "lungs"
-    served = load_folder(folder).prepare(imaging.decode(data))
+    served = load_folder(folder).prepare(decoding.decode(data))
     np.testing.assert_array_equal(served, made)
-    body = imaging.prepare_slice(grey, SIZE, normalise=Normalise(crop="body", crop_margin=0.05))
+    body = preparation.prepare_slice(
+        grey, SIZE, normalise=Normalise(crop="body", crop_margin=0.05)
+    )
     assert not np.array_equal(served, body.image)  # the lung box, not the body box
 
     client = create_app({"MODEL_DIR": str(folder)}).test_client()

@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 import pytest
 
-from chestct import imaging
+from chestct.imaging import decoding, preparation
 from chestct.inference import load_folder, softmax
 from chestct.labels import CLASSES
 from chestct.serving import create_app
@@ -120,7 +120,7 @@ def test_predict_dicom_goes_through_the_ingest_window(client) -> None:
     assert_prediction(body)
     assert body["input"]["format"] == "dicom"
     # Same pixels as the pipeline sees them: imaging.prepare with the ingest window.
-    expected = imaging.prepare(data, SIZE, window=(-600.0, 1500.0))
+    expected = preparation.prepare(data, SIZE, window=(-600.0, 1500.0))
     png = client.post("/predict", data=encode(expected), content_type="image/png").get_json()
     for cls in CLASSES:
         assert body["probabilities"][cls] == pytest.approx(png["probabilities"][cls], abs=1e-5)
@@ -148,7 +148,7 @@ def test_light_model_matches_keras_and_calibration(model_dir: Path) -> None:
 def test_served_input_is_imaging_prepare(model_dir: Path) -> None:
     model = load_folder(model_dir)
     data = slice_png(5, size=120)
-    assert np.array_equal(model.prepare(imaging.decode(data)), imaging.prepare(data, SIZE))
+    assert np.array_equal(model.prepare(decoding.decode(data)), preparation.prepare(data, SIZE))
 
 
 def test_same_image_same_answer(client) -> None:
@@ -298,8 +298,8 @@ def test_decompression_bomb_refused_from_header(client, monkeypatch, bomb) -> No
     def no_decode(*args, **kwargs):
         raise AssertionError("the bomb reached the decoder")
 
-    monkeypatch.setattr(imaging.cv2, "imdecode", no_decode)
-    monkeypatch.setattr(imaging, "decode_dicom", no_decode)
+    monkeypatch.setattr(decoding.cv2, "imdecode", no_decode)
+    monkeypatch.setattr(decoding, "decode_dicom", no_decode)
     body = assert_problem(client.post("/predict", **multipart(bomb())), 413, "Image too large")
     assert "header declares" in body["detail"]
 

@@ -12,9 +12,9 @@ import cv2
 import numpy as np
 import pytest
 
-from chestct import texture
 from chestct.inference import ModelRefused, analyse, load_folder
 from chestct.labels import CLASSES
+from chestct.model import texture
 from chestct.serving import create_app
 from model_folder import ct_slice, encode, multipart
 from texture_folder import build_texture_folder
@@ -56,7 +56,7 @@ def test_texture_batch(client) -> None:
 
 
 def test_served_probabilities_are_the_texture_models(texture_dir: Path) -> None:
-    """The inference core applies the card's temperature to chestct.texture's calibrated
+    """The inference core applies the card's temperature to chestct.model.texture's calibrated
     log-probabilities: with T = 1 the served answer is the model's own."""
     model = load_folder(texture_dir)
     grey = cv2.resize(ct_slice(11), (64, 64))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from chestct.audit import AuditLog
+from chestct.monitoring.audit import AuditLog
 from chestct.serving import create_app
 from model_folder import multipart, slice_png
 
@@ -121,7 +121,7 @@ def _row(i: int) -> dict:
 
 
 def test_audit_log_keeps_at_most_max_rows(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr("chestct.audit.PRUNE_EVERY", 10)
+    monkeypatch.setattr("chestct.monitoring.audit.PRUNE_EVERY", 10)
     audit = AuditLog(tmp_path / "a.sqlite", max_rows=25)
     audit.open()
     for i in range(100):

@@ -1,4 +1,4 @@
-"""Acquisition features in pixels (chestct.acquisition) and validate's acquisition shortcut
+"""Acquisition features in pixels (chestct.data.acquisition) and validate's acquisition shortcut
 check: it fires when one class was drawn at another zoom, and stays quiet on the embedded
 synthetic default."""
 
@@ -11,16 +11,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from chestct.acquisition import FEATURES, acquisition_features
+from chestct.data.acquisition import FEATURES, acquisition_features
+from chestct.data.manifest import ACQUISITION_COLUMNS
+from chestct.data.shortcuts import PIXEL_FEATURES
+from chestct.data.synthetic import generate_synthetic
 from chestct.labels import CLASSES
-from chestct.manifest import ACQUISITION_COLUMNS
 from chestct.settings import BaseParams, IngestParams, ResizeParams, SplitParams, ValidateParams
-from chestct.shortcuts import PIXEL_FEATURES
 from chestct.stages.ingest import run_ingest
 from chestct.stages.resize import run_resize
 from chestct.stages.split import run_split
 from chestct.stages.validate import run_validate, write_pictures
-from chestct.synthetic import generate_synthetic
 from helpers import zoom_out_file
 
 # 40 slices per class: enough for the detector's five folds, quick to make.

@@ -20,7 +20,7 @@ from helpers import (
 
 
 def test_base_model_writes_a_loadable_model(base_model: Path) -> None:
-    from chestct.modeling import load_model
+    from chestct.model.modeling import load_model
 
     assert base_model.name == "model.keras"
     assert [p.name for p in base_model.parent.iterdir()] == ["model.keras"]
@@ -33,7 +33,7 @@ def test_base_model_writes_a_loadable_model(base_model: Path) -> None:
 
 
 def test_base_model_weights_depend_on_the_seed_only(tmp_path: Path, base_model: Path) -> None:
-    from chestct.modeling import load_model
+    from chestct.model.modeling import load_model
     from chestct.stages.base_model import run_base_model
 
     same = load_model(run_base_model(TINY_MODEL, IMAGE_SIZE, 0, tmp_path / "same"))
@@ -52,7 +52,7 @@ def test_base_model_stage_turns_weights_errors_into_a_stage_failure(
     from chestct.stages.base_model import run_base_model
 
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
-    monkeypatch.setattr("chestct.modeling.host_reachable", lambda url: False)
+    monkeypatch.setattr("chestct.model.modeling.host_reachable", lambda url: False)
     with pytest.raises(StageFailed, match="cannot be downloaded"):
         run_base_model(
             BaseModelParams(architecture="resnet50", weights="imagenet"), SIZE, 0, tmp_path / "out"

@@ -13,8 +13,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from chestct.data.manifest import DATASET_COLUMNS
 from chestct.labels import CLASSES
-from chestct.manifest import DATASET_COLUMNS
 from chestct.settings import (
     BaseModelParams,
     EvaluateParams,
@@ -51,7 +51,7 @@ def write_split(
 def project(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> tuple[Path, dict[str, pd.DataFrame], Path]:
-    from chestct.modeling import build_model
+    from chestct.model.modeling import build_model
 
     root = tmp_path_factory.mktemp("evaluate")
     splits = {
@@ -116,8 +116,8 @@ def test_run_evaluate_scores_the_test_split_and_calibrates_on_valid(evaluation, 
 
 
 def test_run_evaluate_adds_the_memorizer_novelty_and_intervals(evaluation, project) -> None:
-    from chestct.metrics import numeric_keys
-    from chestct.perturb import SHIFT_NAMES
+    from chestct.evaluation.metrics import numeric_keys
+    from chestct.imaging.perturb import SHIFT_NAMES
 
     m, p = evaluation.metrics, evaluation.predictions
     memo = m["baseline"]["nearest_neighbour"]
@@ -156,7 +156,7 @@ def test_write_outputs_writes_every_metric_table_and_picture(evaluation, tmp_pat
         c = evaluation.features.shape[-1]
         assert ood["mean"].shape == (c,) and ood["precision"].shape == (c, c)
     # The monitoring reference: every signal of the valid + test images, and evaluate's rates.
-    from chestct.monitoring import CLASS_SIGNAL, SIGNALS, check_reference
+    from chestct.monitoring.signals import CLASS_SIGNAL, SIGNALS, check_reference
 
     reference = check_reference(json.loads(files["reference"].read_text()), "reference.json")
     assert reference == evaluation.reference
@@ -199,8 +199,8 @@ def test_gradcam_gallery_picks_top_and_worst_per_class(evaluation) -> None:
 def test_cam_equals_grad_cam_computed_by_tensorflow(project) -> None:
     import tensorflow as tf
 
-    from chestct.gradcam import CamHead
-    from chestct.modeling import load_model
+    from chestct.model.gradcam import CamHead
+    from chestct.model.modeling import load_model
 
     root, splits, model_path = project
     model = load_model(model_path)
@@ -222,7 +222,7 @@ def test_cam_equals_grad_cam_computed_by_tensorflow(project) -> None:
 
 
 def test_cam_head_round_trips_and_refuses_a_wrong_map(tmp_path: Path) -> None:
-    from chestct.gradcam import CamHead, overlay
+    from chestct.model.gradcam import CamHead, overlay
 
     head = CamHead(np.arange(12, dtype=np.float32).reshape(3, 4), np.zeros(4, np.float32))
     head.save(tmp_path / "cam_head.npz")
@@ -238,7 +238,7 @@ def test_cam_head_round_trips_and_refuses_a_wrong_map(tmp_path: Path) -> None:
 
 
 def test_score_prepares_images_at_the_models_own_size(project, tmp_path: Path) -> None:
-    from chestct.scoring import score
+    from chestct.evaluation.scoring import score
 
     _, _, model_path = project
     small = write_split(tmp_path, "test", 1, 0, size=20)  # made for another image size
@@ -264,17 +264,17 @@ def test_run_evaluate_refuses_an_empty_split(project) -> None:
 
 @pytest.fixture(scope="module")
 def light(project, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    from chestct.export import export_light
-    from chestct.modeling import load_model
+    from chestct.model.export import export_light
+    from chestct.model.modeling import load_model
 
     target = tmp_path_factory.mktemp("light") / "model.tflite"
     return target, export_light(load_model(project[2]), target)
 
 
 def test_light_model_matches_keras_and_outputs_features(project, light) -> None:
-    from chestct.export import PARITY_TOLERANCE, LightModel, parity
-    from chestct.modeling import load_model
-    from chestct.scoring import load_images, model_outputs
+    from chestct.evaluation.scoring import load_images, model_outputs
+    from chestct.model.export import PARITY_TOLERANCE, LightModel, parity
+    from chestct.model.modeling import load_model
 
     root, splits, model_path = project
     path, info = light
@@ -294,7 +294,7 @@ def test_light_model_runs_without_tensorflow(project, light) -> None:
     path, _ = light
     code = (
         "import sys, numpy as np; from pathlib import Path; "
-        "from chestct.export import LightModel; "
+        "from chestct.model.export import LightModel; "
         f"out = LightModel.load(Path({str(path)!r})).run(np.zeros((2, {SIZE}, {SIZE}, 1))); "
         "assert out['probabilities'].shape == (2, 4), out; "
         "assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules; print('ok')"
@@ -307,7 +307,7 @@ def test_light_model_runs_without_tensorflow(project, light) -> None:
 
 
 def test_light_model_errors_name_the_fix(tmp_path: Path) -> None:
-    from chestct.export import ExportError, LightModel, parity
+    from chestct.model.export import ExportError, LightModel, parity
 
     with pytest.raises(ExportError, match="run promote"):
         LightModel.load(tmp_path / "missing.tflite")
@@ -318,7 +318,7 @@ def test_light_model_errors_name_the_fix(tmp_path: Path) -> None:
 def test_export_refuses_a_model_without_the_contract_layers(tmp_path: Path) -> None:
     import keras
 
-    from chestct.export import ExportError, export_light
+    from chestct.model.export import ExportError, export_light
 
     inputs = keras.Input((8, 8, 1))
     plain = keras.Model(inputs, keras.layers.Dense(4)(keras.layers.Flatten()(inputs)))
@@ -377,7 +377,7 @@ def test_lineage_tags_and_upstream_params_come_from_the_pointers(tmp_path: Path)
 
 
 def test_evaluate_scores_every_test_image(trained, tiny_data) -> None:
-    from chestct.scoring import score
+    from chestct.evaluation.scoring import score
 
     root, data = tiny_data
     test = data["test"]

@@ -11,10 +11,10 @@ import pandas as pd
 import pydicom
 import pytest
 
-from chestct.grouping import hash_id, identity_keys, identity_leaks, split_groups
-from chestct.imaging import encode_dicom
+from chestct.data.grouping import hash_id, identity_keys, identity_leaks, split_groups
+from chestct.data.manifest import SPLITS
+from chestct.imaging.encoding import encode_dicom
 from chestct.labels import CLASSES
-from chestct.manifest import SPLITS
 from chestct.runner import StageFailed
 from chestct.settings import BaseParams, IngestParams, SplitParams, ValidateParams
 from chestct.stages.ingest import run_ingest

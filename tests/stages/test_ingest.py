@@ -16,18 +16,14 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, JPEGLSLossless, generate_uid
 
-from chestct.dedup import HEX_DIGITS
+from chestct.data.dedup import HEX_DIGITS
+from chestct.data.manifest import INGEST_COLUMNS
 from chestct.fsutil import sha256_file
-from chestct.imaging import (
-    ImageError,
-    apply_window,
-    decode,
-    decode_dicom,
-    prepare,
-    sniff_format,
-)
+from chestct.imaging.decoding import decode
+from chestct.imaging.dicom import apply_window, decode_dicom
+from chestct.imaging.formats import ImageError, sniff_format
+from chestct.imaging.preparation import prepare
 from chestct.labels import CLASSES
-from chestct.manifest import INGEST_COLUMNS
 from chestct.runner import StageFailed
 from chestct.settings import BaseParams, IngestParams, WindowParams
 from chestct.stages.ingest import run_ingest

@@ -13,9 +13,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from chestct.data.manifest import DATASET_COLUMNS
 from chestct.fsutil import sha256_file
 from chestct.labels import CLASSES
-from chestct.manifest import DATASET_COLUMNS
 from chestct.settings import (
     BaseModelParams,
     PromoteParams,
@@ -44,7 +44,7 @@ class Registry:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Two untrained models, a test split and evaluate-like outputs."""
-    from chestct.modeling import build_model
+    from chestct.model.modeling import build_model
 
     root = tmp_path_factory.mktemp("promote")
     rows = []
@@ -118,8 +118,8 @@ def champion(world, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any
 
 
 def test_first_candidate_is_promoted_with_the_serving_contract(champion, world) -> None:
-    from chestct.export import PARITY_TOLERANCE, LightModel
-    from chestct.gradcam import CamHead
+    from chestct.model.export import PARITY_TOLERANCE, LightModel
+    from chestct.model.gradcam import CamHead
 
     model_dir, result, registry = champion
     assert result.decision.promote

@@ -13,9 +13,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from chestct.data.manifest import INDEX_COLUMNS, INGEST_COLUMNS
 from chestct.fsutil import sha256_file
-from chestct.imaging import prepare, resize
-from chestct.manifest import INDEX_COLUMNS, INGEST_COLUMNS
+from chestct.imaging.preparation import prepare, resize
 from chestct.settings import (
     ResizeParams,
     SplitParams,

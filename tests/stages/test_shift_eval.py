@@ -12,8 +12,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from chestct.imaging.perturb import SHIFT_NAMES, apply_shift
 from chestct.labels import CLASSES
-from chestct.perturb import SHIFT_NAMES, apply_shift
 from chestct.settings import BaseModelParams, EvaluateParams, PromoteParams
 from helpers import synthetic_splits
 
@@ -24,7 +24,7 @@ SIZE = 32
 def project(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> tuple[Path, dict[str, pd.DataFrame], Path]:
-    from chestct.modeling import build_model
+    from chestct.model.modeling import build_model
 
     root = tmp_path_factory.mktemp("shift")
     splits = synthetic_splits(root, SIZE, {"train": 2, "valid": 2, "test": 3})
@@ -58,10 +58,10 @@ def test_every_shift_is_scored_with_its_summary_and_the_robust_metric(evaluation
 
 
 def test_shifts_are_applied_to_the_original_before_preprocessing(evaluation, project) -> None:
-    from chestct.imaging import decode
-    from chestct.metrics import classification_metrics
-    from chestct.modeling import label_indices, load_model
-    from chestct.scoring import Preprocessing
+    from chestct.evaluation.metrics import classification_metrics
+    from chestct.evaluation.scoring import Preprocessing
+    from chestct.imaging.decoding import decode
+    from chestct.model.modeling import label_indices, load_model
 
     root, splits, model_path = project
     test = splits["test"]
@@ -81,7 +81,7 @@ def test_shifts_are_applied_to_the_original_before_preprocessing(evaluation, pro
 
 
 def test_champion_rescoring_produces_the_same_keys_and_values(evaluation, project) -> None:
-    from chestct.scoring import score
+    from chestct.evaluation.scoring import score
 
     root, splits, model_path = project
     metrics, _ = score(
@@ -114,7 +114,8 @@ def test_shift_table_picture_and_external_file_are_written(evaluation, tmp_path:
 
 
 def test_temperature_fitted_on_shifted_copies_covers_their_overconfidence() -> None:
-    from chestct.metrics import expected_calibration_error, softmax
+    from chestct.evaluation.metrics import expected_calibration_error
+    from chestct.model.calibration import softmax
     from chestct.stages.evaluate import fit_calibration
 
     rng = np.random.default_rng(0)
@@ -150,16 +151,17 @@ def test_calibration_json_says_what_the_temperature_was_fitted_on(project, evalu
 
 
 def test_serving_applies_the_calibration_formulas_evaluate_fits_with() -> None:
-    from chestct import inference, metrics
+    from chestct import inference
+    from chestct.model import calibration
 
-    assert inference.softmax is metrics.softmax
-    assert inference.entropy is metrics.normalised_entropy
-    assert inference.abstains is metrics.abstains
-    assert inference.out_of_distribution is metrics.out_of_distribution
-    assert inference.Mahalanobis is metrics.Mahalanobis
+    assert inference.softmax is calibration.softmax
+    assert inference.entropy is calibration.normalised_entropy
+    assert inference.abstains is calibration.abstains
+    assert inference.out_of_distribution is calibration.out_of_distribution
+    assert inference.Mahalanobis is calibration.Mahalanobis
     logits = np.array([2.0, 0.5, -1.0, 0.0])
     np.testing.assert_allclose(
-        metrics.softmax(logits, 1.7), metrics.softmax(logits[None], 1.7)[0], rtol=1e-12
+        calibration.softmax(logits, 1.7), calibration.softmax(logits[None], 1.7)[0], rtol=1e-12
     )
 
 
@@ -169,7 +171,7 @@ def test_serving_applies_the_calibration_formulas_evaluate_fits_with() -> None:
 @pytest.fixture(scope="module")
 def external_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder <split>/<class folder>/<image>, as the public dataset's test folder."""
-    from chestct.synthetic import generate_synthetic
+    from chestct.data.synthetic import generate_synthetic
 
     folder = tmp_path_factory.mktemp("external") / "independent"
     generate_synthetic(folder, 99, {"test": 2})

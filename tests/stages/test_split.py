@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from chestct.dedup import distance, duplicate_groups, group_files, near_pairs, phash
+from chestct.data.dedup import distance, duplicate_groups, group_files, near_pairs, phash
+from chestct.data.manifest import INGEST_COLUMNS, SPLITS
 from chestct.labels import CLASSES
-from chestct.manifest import INGEST_COLUMNS, SPLITS
 from chestct.runner import StageFailed
 from chestct.settings import (
     SplitParams,
@@ -260,8 +260,8 @@ def test_split_fails_when_a_split_would_be_empty(tmp_path: Path) -> None:
 def test_series_grouping_keeps_a_series_on_one_side() -> None:
     """Slices of one synthetic patient (near-copies, distinct files and hashes) are linked by
     thumbnail correlation and never straddle train and test; without thumbnails they do."""
-    from chestct.similarity import series_groups, thumbnails
-    from chestct.synthetic import PATIENT_FIELD, render_slice, series_jitter
+    from chestct.data.similarity import series_groups, thumbnails
+    from chestct.data.synthetic import PATIENT_FIELD, render_slice, series_jitter
 
     rng = np.random.default_rng(0)
     rows, slices, patient_of = [], [], []

@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from chestct import families, texture
 from chestct.labels import CLASSES
-from chestct.metrics import softmax
+from chestct.model import families, texture
+from chestct.model.calibration import softmax
 from chestct.settings import BaseModelParams, EvaluateParams, PromoteParams, TextureParams
 from helpers import IMAGE_SIZE
 
@@ -151,7 +151,7 @@ def ensemble_model(trained, texture_model, tmp_path_factory) -> Path:
 
 
 def test_ensemble_probabilities_are_the_average(ensemble_model, tiny_data) -> None:
-    from chestct.scoring import load_images
+    from chestct.evaluation.scoring import load_images
 
     root, data = tiny_data
     model = families.load_any(ensemble_model)

@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 
 from chestct.labels import CLASSES
-from chestct.modeling import build_model, label_indices, make_dataset
+from chestct.model.modeling import build_model, label_indices, make_dataset
 from chestct.runner import StageFailed
 from chestct.settings import (
     AugmentParams,
@@ -189,7 +189,7 @@ def test_fine_tuning_a_model_without_backbone_is_refused(data, tmp_path: Path) -
 
 
 def test_training_curves_picture(data, tmp_path: Path) -> None:
-    from chestct.plots import plot_history
+    from chestct.evaluation.plots import plot_history
 
     history = pd.DataFrame(
         {
@@ -270,7 +270,7 @@ def test_train_returns_history_and_model(trained, tiny_data) -> None:
 
 
 def test_train_returns_the_best_weights(trained, tiny_data) -> None:
-    from chestct.modeling import make_dataset
+    from chestct.model.modeling import make_dataset
 
     result = trained[0]
     root, data = tiny_data
@@ -281,7 +281,7 @@ def test_train_returns_the_best_weights(trained, tiny_data) -> None:
 
 
 def test_train_changes_the_weights(trained, base_model: Path) -> None:
-    from chestct.modeling import load_model
+    from chestct.model.modeling import load_model
 
     before = load_model(base_model).get_layer("logits").get_weights()[0]
     after = trained[0].model.get_layer("logits").get_weights()[0]
@@ -319,9 +319,9 @@ def test_training_with_every_shift_augmentation_is_repeatable(tmp_path: Path) ->
 def test_merged_members_answer_the_mean_of_their_logits_through_keras_cam_and_litert(
     tmp_path: Path,
 ) -> None:
-    from chestct.export import LightModel, export_light, light_outputs
-    from chestct.gradcam import CamHead
-    from chestct.modeling import load_model, merge_members, save_model
+    from chestct.model.export import LightModel, export_light, light_outputs
+    from chestct.model.gradcam import CamHead
+    from chestct.model.modeling import load_model, merge_members, save_model
 
     members = []
     for seed in range(3):
@@ -398,7 +398,7 @@ def test_ensemble_trains_seeded_members_and_hands_on_one_merged_model(
     assert proba.shape == (len(valid), len(CLASSES))
     np.testing.assert_allclose(proba.sum(axis=1), 1.0, rtol=1e-5)
 
-    from chestct.plots import plot_history
+    from chestct.evaluation.plots import plot_history
 
     plot_history(history, tmp_path / "curves.png")  # one pair of lines per member
     assert cv2.imread(str(tmp_path / "curves.png")) is not None

@@ -11,16 +11,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from chestct.checks import CHECKS, Report, fails
+from chestct.data.checks import CHECKS, Report, fails
+from chestct.data.manifest import DATASET_COLUMNS, INDEX_COLUMNS, INGEST_COLUMNS, SPLITS
+from chestct.data.shortcuts import detect_shortcut
 from chestct.labels import CLASSES
-from chestct.manifest import DATASET_COLUMNS, INDEX_COLUMNS, INGEST_COLUMNS, SPLITS
 from chestct.runner import StageFailed
 from chestct.settings import (
     ResizeParams,
     SplitParams,
     ValidateParams,
 )
-from chestct.shortcuts import detect_shortcut
 from chestct.stages.resize import run_resize
 from chestct.stages.split import run_split
 from chestct.stages.validate import run_validate, write_pictures

@@ -11,8 +11,9 @@ import cv2
 import numpy as np
 import pytest
 
-from chestct import imaging
-from chestct.imaging import BodyBox, Normalise, map_to_frame, prepare, prepare_slice
+from chestct.imaging import preparation
+from chestct.imaging.body import BodyBox
+from chestct.imaging.preparation import Normalise, map_to_frame, prepare, prepare_slice
 from chestct.settings import AugmentParams, ResizeParams, SettingsError, build
 from helpers import NORMALISED, SHIFT, textured, zoomed_out
 
@@ -72,14 +73,14 @@ def test_another_gamma_stays_close_after_normalisation(gamma: float, intensity: 
 
 def test_percentile_window_spans_the_full_range() -> None:
     grey = np.linspace(50, 150, 10_000).astype(np.uint8).reshape(100, 100)
-    out = imaging.percentile_window(grey, 1.0, 99.0)
+    out = preparation.percentile_window(grey, 1.0, 99.0)
     assert out.min() == 0 and out.max() == 255
     flat = np.full((8, 8), 90, np.uint8)
-    np.testing.assert_array_equal(imaging.percentile_window(flat, 1.0, 99.5), flat)
+    np.testing.assert_array_equal(preparation.percentile_window(flat, 1.0, 99.5), flat)
     # A near-blank slice (noise of a few grey levels) is not stretched into a contrasty one,
     # so validate's near-blank check still sees it.
     noisy = (90 + np.random.default_rng(0).integers(-3, 4, (64, 64))).astype(np.uint8)
-    np.testing.assert_array_equal(imaging.percentile_window(noisy, 1.0, 99.5), noisy)
+    np.testing.assert_array_equal(preparation.percentile_window(noisy, 1.0, 99.5), noisy)
     out = prepare_slice(noisy, 32, normalise=NORMALISED).image
     assert out.std() < 2.0
 
@@ -88,7 +89,7 @@ def test_no_normalisation_is_the_old_preprocessing() -> None:
     grey = textured()
     ok, buf = cv2.imencode(".png", grey)
     assert ok
-    np.testing.assert_array_equal(prepare(buf.tobytes(), 48), imaging.resize(grey, 48))
+    np.testing.assert_array_equal(prepare(buf.tobytes(), 48), preparation.resize(grey, 48))
 
 
 @pytest.mark.parametrize(
@@ -159,7 +160,7 @@ def test_map_to_frame_puts_each_input_pixel_back_where_it_came_from(mode: str) -
     box = BodyBox(100, 50, 60, 30)
     frame = np.zeros((200, 300), np.uint8)
     frame[50:80, 100:160] = np.arange(60, dtype=np.uint8)[None, :] * 4
-    prepared = imaging.resize(box.crop(frame), 64, "linear", mode)
+    prepared = preparation.resize(box.crop(frame), 64, "linear", mode)
     back = map_to_frame(prepared.astype(np.float32), box, frame.shape, mode)
     assert back.shape == frame.shape
     assert back[:50].max() == 0 and back[:, :100].max() == 0  # nothing outside the box
@@ -190,7 +191,7 @@ def batch() -> np.ndarray:
 def test_each_shift_augmentation_changes_the_image_within_its_bounds(key: str) -> None:
     import tensorflow as tf
 
-    from chestct.modeling import augmenter
+    from chestct.model.modeling import augmenter
 
     x = batch()
     params = dataclasses.replace(OFF, **{key: SHIFT[key]})
@@ -229,7 +230,7 @@ def test_each_shift_augmentation_changes_the_image_within_its_bounds(key: str) -
 
 
 def test_all_augmentations_off_leave_no_layer() -> None:
-    from chestct.modeling import augmenter
+    from chestct.model.modeling import augmenter
 
     assert augmenter(OFF, 0).layers == []
 
@@ -253,5 +254,5 @@ def test_equalize_undoes_a_gamma_the_percentile_window_does_not(gamma: float) ->
 
 def test_equalize_leaves_a_near_blank_slice_as_it_is() -> None:
     noisy = (90 + np.random.default_rng(0).integers(-3, 4, (64, 64))).astype(np.uint8)
-    np.testing.assert_array_equal(imaging.equalize(noisy), noisy)
+    np.testing.assert_array_equal(preparation.equalize(noisy), noisy)
     assert prepare_slice(noisy, 32, normalise=Normalise(intensity="equalize")).image.std() < 2.0

@@ -5,6 +5,8 @@
 - Library modules (everything outside serving/ and stages/, research/ included) import neither
   the web package (chestct.serving) nor a web framework (flask, werkzeug, gunicorn).
 - Research helpers import no stage and not the stage runner.
+- Rooms (docs/architecture.md): every top-level module and subpackage stands on a floor
+  (FLOORS), and a room imports only rooms on lower floors; inside a room, anything goes.
 
 Every import counts, at the top or inside a function, and under `if TYPE_CHECKING:` too: a lazy
 import is still a dependency.
@@ -59,6 +61,48 @@ def _stage_of(module: str, package: str) -> str | None:
     return None
 
 
+# The floors of the house (docs/architecture.md): a room imports only rooms below it.
+FLOORS: dict[str, int] = {
+    # ground: the vocabulary every room shares
+    "labels": 0, "fsutil": 0, "cpu": 0, "settings": 0, "modelcard": 0,
+    # pixels, pointers and the tracking store
+    "imaging": 1, "pointers": 1, "tracking": 1,
+    # what the data is, and what a model is
+    "data": 2, "model": 2,
+    # how good a model is; the stage runner
+    "evaluation": 3, "runner": 3,
+    "monitoring": 4,
+    "inference": 5,
+    # the leaves: commands, notebooks' helpers, the web service, the pipeline stages
+    "cli": 6, "research": 6,
+    "serving": 7, "stages": 7,
+}  # fmt: skip
+
+
+def _room(module: str, top: str) -> str | None:
+    """The room of a module: its top-level module or subpackage under `top`."""
+    parts = module.split(".")
+    return parts[1] if len(parts) >= 2 and parts[0] == top else None
+
+
+def room_violations(package: Path, floors: dict[str, int]) -> list[str]:
+    """Each import from a room to a room on the same or a higher floor."""
+    top, found = package.name, []
+    for path in sorted(package.rglob("*.py")):
+        own = _room(_module_name(path, package), top)
+        for target in sorted(imports_of(path, package)):
+            other = _room(target, top)
+            if own is None or other is None or other == own:
+                continue
+            if other in floors and own in floors and floors[other] >= floors[own]:
+                found.append(
+                    f"{_module_name(path, package)} imports {target}: {own} (floor "
+                    f"{floors[own]}) may import only rooms below it, not {other} (floor "
+                    f"{floors[other]})"
+                )
+    return found
+
+
 def violations(package: Path) -> list[str]:
     """Each import that breaks the direction, as 'module imports target: rule'."""
     top = package.name
@@ -97,6 +141,42 @@ def test_the_package_has_no_import_against_the_direction() -> None:
     assert [v for v in found if v.split(" imports ")[0] not in KNOWN] == []
     stale = sorted(set(KNOWN) - {v.split(" imports ")[0] for v in found})
     assert not stale, f"remove {stale} from KNOWN: the import is gone"
+
+
+def test_every_room_has_a_floor_and_imports_go_down() -> None:
+    rooms = {p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__"}
+    rooms |= {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()}
+    assert rooms == set(FLOORS), "place a new module or subpackage on a floor in FLOORS"
+    assert room_violations(PACKAGE, FLOORS) == []
+
+
+def test_the_room_rule_catches_an_import_upward_or_sideways(tmp_path: Path) -> None:
+    pkg = tmp_path / "chestct"
+    files = {
+        "__init__.py": "",
+        "labels.py": "",
+        "imaging/__init__.py": "",
+        "imaging/decode.py": "from chestct import labels\nfrom chestct.imaging import prepare\n",
+        "imaging/prepare.py": "from chestct.model import texture\n",
+        "model/__init__.py": "",
+        "model/texture.py": "from chestct.imaging.decode import x\nfrom chestct.data import s\n",
+        "data/__init__.py": "",
+        "data/s.py": "",
+    }
+    for name, text in files.items():
+        (pkg / name).parent.mkdir(parents=True, exist_ok=True)
+        (pkg / name).write_text(text)
+    floors = {"labels": 0, "imaging": 1, "model": 2, "data": 2}
+    assert room_violations(pkg, floors) == [
+        "chestct.imaging.prepare imports chestct.model: imaging (floor 1) may import only rooms "
+        "below it, not model (floor 2)",
+        "chestct.imaging.prepare imports chestct.model.texture: imaging (floor 1) may import only "
+        "rooms below it, not model (floor 2)",
+        "chestct.model.texture imports chestct.data: model (floor 2) may import only rooms below "
+        "it, not data (floor 2)",
+        "chestct.model.texture imports chestct.data.s: model (floor 2) may import only rooms "
+        "below it, not data (floor 2)",
+    ]
 
 
 def test_the_rules_catch_each_kind_of_wrong_import(tmp_path: Path) -> None:

@@ -1,14 +1,14 @@
-"""chestct.attention: the share of Grad-CAM mass inside the lung field."""
+"""chestct.evaluation.attention: the share of Grad-CAM mass inside the lung field."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from chestct.attention import lung_attention, outline
-from chestct.imaging import Normalise, prepare_slice
-from chestct.lungs import lung_field
-from chestct.synthetic import PATIENT_FIELD, render_slice
+from chestct.data.synthetic import PATIENT_FIELD, render_slice
+from chestct.evaluation.attention import lung_attention, outline
+from chestct.imaging.lungs import lung_field
+from chestct.imaging.preparation import Normalise, prepare_slice
 
 
 def test_lung_share_of_maps_inside_and_outside_the_lungs() -> None:

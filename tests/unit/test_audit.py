@@ -1,4 +1,5 @@
-"""chestct.audit: a new audit log opened by several gunicorn workers at the same moment."""
+"""chestct.monitoring.audit: a new audit log opened by several gunicorn workers at the same
+moment."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from chestct.audit import AuditLog
+from chestct.monitoring.audit import AuditLog
 
 
 def _open(path: str, start) -> None:
@@ -55,7 +56,7 @@ def test_the_monitor_window_takes_the_latest_requests_answered_or_refused(
 ) -> None:
     """Refused slices are stored apart (reason, signals; no pixels) and the monitor's
     `--last N` counts the latest N requests of both kinds, oldest first."""
-    from chestct.monitor import read_window
+    from chestct.monitoring.monitor import read_window
 
     log = AuditLog(tmp_path / "audit.sqlite")
     log.open()

@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from chestct.imaging import BodyBox, body_box
+from chestct.imaging.body import BodyBox, body_box
 from helpers import chest
 
 # The crafted body: an ellipse centred at (CX, CY) with semi-axes (AX, AY) in a FRAME_W x FRAME_H

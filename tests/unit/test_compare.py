@@ -1,4 +1,4 @@
-"""`python -m chestct.compare A B` on a throwaway sqlite MLflow store with two pipelines."""
+"""`python -m chestct.cli.compare A B` on a throwaway sqlite MLflow store with two pipelines."""
 
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 
 def test_a_version_leads_to_the_params_and_metrics_of_every_stage(store) -> None:
-    from chestct.compare import resolve
+    from chestct.cli.compare import resolve
 
     side = resolve(store["client"], "1", "chestct")
     assert side.run_id == store["ids"]["exp-a"]["promote"]
@@ -71,7 +71,7 @@ def test_a_version_leads_to_the_params_and_metrics_of_every_stage(store) -> None
 
 
 def test_aliases_and_run_ids_resolve(store) -> None:
-    from chestct.compare import resolve
+    from chestct.cli.compare import resolve
 
     assert resolve(store["client"], "champion", "chestct").info["version"] == "2"
     assert resolve(store["client"], "challenger", "chestct").info["version"] == "1"
@@ -81,7 +81,7 @@ def test_aliases_and_run_ids_resolve(store) -> None:
 
 
 def test_table_shows_both_sides_and_the_deltas(store) -> None:
-    from chestct.compare import render, resolve, rows
+    from chestct.cli.compare import render, resolve, rows
 
     a = resolve(store["client"], "1", "chestct")
     b = resolve(store["client"], "champion", "chestct")
@@ -114,7 +114,7 @@ def test_table_shows_both_sides_and_the_deltas(store) -> None:
     ],
 )
 def test_unknown_references_are_clear_errors(store, ref: str, message: str) -> None:
-    from chestct.compare import CompareError, resolve
+    from chestct.cli.compare import CompareError, resolve
 
     with pytest.raises(CompareError, match=message):
         resolve(store["client"], ref, "chestct")
@@ -123,7 +123,7 @@ def test_unknown_references_are_clear_errors(store, ref: str, message: str) -> N
 def test_main_prints_the_table_or_a_one_line_error(
     store, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from chestct.compare import main
+    from chestct.cli.compare import main
 
     monkeypatch.setenv("CHESTCT_ROOT", str(REPO))  # params.yaml and config.yaml, read only
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store["uri"])

@@ -1,4 +1,4 @@
-"""chestct.content_checks: near-copy splits, series per class, non-chest slices, marks."""
+"""chestct.data.content_checks: near-copy splits, series per class, non-chest slices, marks."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from chestct.checks import Checker
-from chestct.content_checks import annotation_marks, content_checks, read_slices
+from chestct.data.checks import Checker
+from chestct.data.content_checks import annotation_marks, content_checks, read_slices
+from chestct.data.synthetic import PATIENT_FIELD, render_slice, series_jitter
 from chestct.labels import CLASSES
 from chestct.settings import ValidateParams
-from chestct.synthetic import PATIENT_FIELD, render_slice, series_jitter
 
 
 def _patient(label: str, seed: int) -> np.ndarray:

@@ -10,15 +10,11 @@ import cv2
 import numpy as np
 import pytest
 
-from chestct.imaging import (
-    ImageError,
-    decode,
-    encode_png,
-    jpeg_frame,
-    prepare,
-    resize,
-    sniff_format,
-)
+from chestct.imaging.decoding import decode
+from chestct.imaging.encoding import encode_png
+from chestct.imaging.formats import ImageError, sniff_format
+from chestct.imaging.headers import jpeg_frame
+from chestct.imaging.preparation import prepare, resize
 from helpers import encode, image_bytes, pixels, write_image
 
 
@@ -181,7 +177,7 @@ def test_sniff_format(data: bytes, fmt: str) -> None:
 _FAULTS_SCRIPT = """
 import resource, sys
 import numpy as np
-from chestct.imaging import keep_image_buffers
+from chestct.imaging.workers import keep_image_buffers
 if sys.argv[1] == "keep":
     assert keep_image_buffers()
 np.ones(3_000_000, np.uint8)

@@ -1,12 +1,12 @@
-"""chestct.lungs: the lung field, its fallback, and `resize.crop: lungs` in prepare."""
+"""chestct.imaging.lungs: the lung field, its fallback, and `resize.crop: lungs` in prepare."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from chestct import imaging, lungs
-from chestct.synthetic import render_slice
+from chestct.data.synthetic import render_slice
+from chestct.imaging import lungs, preparation
 
 
 def _abdomen(side: int = 256) -> np.ndarray:
@@ -56,14 +56,14 @@ def test_mask_share() -> None:
 
 def test_prepare_slice_crops_to_the_lungs_and_falls_back_to_the_body() -> None:
     grey = render_slice("adenocarcinoma", np.random.default_rng(1))
-    spec = imaging.Normalise(crop="lungs", crop_margin=0.05)
-    prepared = imaging.prepare_slice(grey, 64, normalise=spec)
-    body = imaging.prepare_slice(grey, 64, normalise=imaging.Normalise(crop="body"))
+    spec = preparation.Normalise(crop="lungs", crop_margin=0.05)
+    prepared = preparation.prepare_slice(grey, 64, normalise=spec)
+    body = preparation.prepare_slice(grey, 64, normalise=preparation.Normalise(crop="body"))
     assert prepared.image.shape == (64, 64)
     assert prepared.box.w * prepared.box.h < body.box.w * body.box.h
     field = lungs.lung_field(grey)
     assert prepared.box.x <= field.x and prepared.box.x + prepared.box.w >= field.x + field.w
-    fallback = imaging.prepare_slice(_abdomen(), 64, normalise=spec)
+    fallback = preparation.prepare_slice(_abdomen(), 64, normalise=spec)
     assert "body box used" in fallback.box.reason
     assert fallback.box.w < 256  # the body, not the whole frame
-    assert imaging.Normalise.from_spec({"crop": "lungs"}).crop == "lungs"
+    assert preparation.Normalise.from_spec({"crop": "lungs"}).crop == "lungs"

@@ -1,4 +1,5 @@
-"""chestct.metrics: clinical metrics, calibration, abstention and OOD scores on hand-made data."""
+"""chestct.evaluation.metrics: clinical metrics, calibration, abstention and OOD scores on
+hand-made data."""
 
 from __future__ import annotations
 
@@ -6,17 +7,19 @@ import numpy as np
 import pytest
 from sklearn.metrics import fbeta_score
 
-from chestct.labels import CLASSES
-from chestct.metrics import (
-    Mahalanobis,
-    abstain_threshold,
+from chestct.evaluation.metrics import (
     classification_metrics,
     expected_calibration_error,
+    reliability,
+    roc_curves,
+)
+from chestct.labels import CLASSES
+from chestct.model.calibration import (
+    Mahalanobis,
+    abstain_threshold,
     fit_temperature,
     nll,
     normalised_entropy,
-    reliability,
-    roc_curves,
     softmax,
 )
 
@@ -169,7 +172,7 @@ def test_balanced_accuracy_matches_sklearn_without_its_warning() -> None:
 
     from sklearn.metrics import balanced_accuracy_score
 
-    from chestct.metrics import classification_metrics
+    from chestct.evaluation.metrics import classification_metrics
 
     y_true = np.array([0, 0, 1, 1, 0, 1])
     proba = np.eye(4)[[0, 2, 1, 1, 3, 1]] * 0.9 + 0.025

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from chestct.labels import CLASSES
-from chestct.modeling import (
+from chestct.model.modeling import (
     ARCHITECTURES,
     BACKBONES,
     WeightsError,
@@ -155,7 +155,7 @@ def test_imagenet_offline_fails_fast_with_the_fix(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))  # an empty weights cache
-    monkeypatch.setattr("chestct.modeling.host_reachable", lambda url: False)
+    monkeypatch.setattr("chestct.model.modeling.host_reachable", lambda url: False)
     started = time.monotonic()
     with pytest.raises(WeightsError) as info:
         build_model(BaseModelParams(architecture="efficientnet_b0", weights="imagenet"), SIZE, 0)
@@ -176,7 +176,7 @@ def test_imagenet_download_error_becomes_the_same_message(
         raise Exception("URL fetch failure: HTTP Error 403: Forbidden")
 
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
-    monkeypatch.setattr("chestct.modeling.host_reachable", lambda url: True)
+    monkeypatch.setattr("chestct.model.modeling.host_reachable", lambda url: True)
     monkeypatch.setattr(file_utils, "get_file", refuse)
     with pytest.raises(WeightsError, match=r"cannot be downloaded .*403"):
         build_model(BaseModelParams(architecture="vgg16", weights="imagenet"), SIZE, 0)

@@ -1,4 +1,5 @@
-"""chestct.novelty: the memorizer baseline and the near-copy / novel split, on slices built
+"""chestct.evaluation.novelty: the memorizer baseline and the near-copy / novel split, on slices
+built
 here: near-copies are noisy copies of training slices, novel slices are new drawings."""
 
 from __future__ import annotations
@@ -11,14 +12,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from chestct import novelty
+from chestct.data.similarity import thumbnails
+from chestct.evaluation import novelty
 from chestct.labels import CLASSES
-from chestct.similarity import thumbnails
 
 
 def _slice(seed: int, side: int = 96) -> np.ndarray:
     """A dark frame holding an ellipse 'body' filled with smooth random anatomy: two seeds
-    correlate below 0.8 (other patients), as chestct.similarity measures it."""
+    correlate below 0.8 (other patients), as chestct.data.similarity measures it."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[:side, :side]
     body = ((yy - side / 2) / (side * 0.35)) ** 2 + ((xx - side / 2) / (side * 0.42)) ** 2 < 1

@@ -1,4 +1,5 @@
-"""chestct.perturb: the acquisition perturbations of the shift-stress set, and the synthetic
+"""chestct.imaging.perturb: the acquisition perturbations of the shift-stress set, and the
+synthetic
 acquisition shortcut built on them."""
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ import cv2
 import numpy as np
 import pytest
 
-from chestct.perturb import (
+from chestct.imaging.perturb import (
     SHIFT_NAMES,
     SHIFTS,
     apply_shift,
@@ -25,7 +26,7 @@ from chestct.perturb import (
 @pytest.fixture(scope="module")
 def slice_() -> np.ndarray:
     """A bright body on black, with texture: 120 x 160."""
-    from chestct.synthetic import render_slice
+    from chestct.data.synthetic import render_slice
 
     grey = render_slice("adenocarcinoma", np.random.default_rng(0), size=128)
     return cv2.resize(grey, (160, 120), interpolation=cv2.INTER_AREA)
@@ -121,7 +122,7 @@ def test_bad_inputs_are_refused_with_the_reason(slice_: np.ndarray) -> None:
 
 
 def test_synthetic_shortcut_changes_only_its_class(tmp_path: Path) -> None:
-    from chestct.synthetic import SHORTCUT_CLASS, generate_synthetic
+    from chestct.data.synthetic import SHORTCUT_CLASS, generate_synthetic
 
     counts = {"train": 1, "test": 1}
     plain = generate_synthetic(tmp_path / "plain", 7, counts)
@@ -136,6 +137,6 @@ def test_synthetic_shortcut_changes_only_its_class(tmp_path: Path) -> None:
         else:
             assert a.read_bytes() == z.read_bytes() == d.read_bytes()
     with pytest.raises(ValueError, match="unknown synthetic shortcut"):
-        from chestct.synthetic import with_shortcut
+        from chestct.data.synthetic import with_shortcut
 
         with_shortcut(grey[0], SHORTCUT_CLASS, "tilt")

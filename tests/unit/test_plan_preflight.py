@@ -1,4 +1,5 @@
-"""`make plan` (chestct.plan) and `make run`/`make repro`'s check before DVC (chestct.preflight),
+"""`make plan` (chestct.cli.plan) and `make run`/`make repro`'s check before DVC
+(chestct.cli.preflight),
 and the one-line error a stage prints. The DVC side of both runs in
 tests/e2e/test_readme_path.py."""
 
@@ -12,8 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from chestct.plan import changed_params, describe_status, plan, render, upstream_graph
-from chestct.preflight import preflight
+from chestct.cli.plan import changed_params, describe_status, plan, render, upstream_graph
+from chestct.cli.preflight import preflight
 from chestct.settings import SettingsError
 from chestct.tracking import TrackingError
 
@@ -136,7 +137,7 @@ def _stderr_of(module: str, root: Path) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.mark.parametrize("module", ["chestct.preflight", "chestct.stages.split"])
+@pytest.mark.parametrize("module", ["chestct.cli.preflight", "chestct.stages.split"])
 def test_a_params_error_is_printed_once(tmp_path: Path, module: str) -> None:
     root = _project(tmp_path)
     text = (root / "params.yaml").read_text(encoding="utf-8")

@@ -1,4 +1,5 @@
-"""python -m chestct.presets: a preset merged into params.yaml, comments kept, bad keys refused."""
+"""python -m chestct.cli.presets: a preset merged into params.yaml, comments kept, bad keys
+refused."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from chestct import presets
+from chestct.cli import presets
 from chestct.settings import load_settings
 
 ROOT = Path(__file__).resolve().parents[2]

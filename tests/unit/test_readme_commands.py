@@ -32,7 +32,7 @@ RUN_BY: dict[str, str] = {
     "make run": f"{E2E}::test_make_run_reproduces_and_prints_the_decision",
     "make test": ".ci/run",
     "make serve": f"{E2E}::test_quick_start_serve_samples_curl_and_mlflow_ui",
-    ".venv/bin/python -m chestct.samples": f"{E2E}::test_quick_start_serve_samples_curl_and_mlflow_ui",
+    ".venv/bin/python -m chestct.cli.samples": f"{E2E}::test_quick_start_serve_samples_curl_and_mlflow_ui",
     "curl -F file=@slice.png http://127.0.0.1:8000/predict": f"{E2E}::test_quick_start_serve_samples_curl_and_mlflow_ui",
     ".venv/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db": f"{E2E}::test_quick_start_serve_samples_curl_and_mlflow_ui",
     # Dry runs, single stages and resuming; Troubleshooting
@@ -56,7 +56,7 @@ RUN_BY: dict[str, str] = {
     "dvc exp show --drop '.*' --keep '^(Experiment|Created|robust_macro_f1|macro_f1|balanced_accuracy|roc_auc|ece_calibrated|train\\.learning_rate)$'": f"{E2E}::test_an_experiment_and_the_way_back",
     "dvc exp apply <name>": f"{E2E}::test_an_experiment_and_the_way_back",
     "dvc exp show": f"{E2E}::test_an_experiment_and_the_way_back",
-    "python -m chestct.restore": f"{E2E}::test_an_experiment_and_the_way_back",
+    "python -m chestct.cli.restore": f"{E2E}::test_an_experiment_and_the_way_back",
     # Serving: the curl lines run verbatim against real gunicorn
     "curl -s http://127.0.0.1:8000/health": "tests/serving/test_gunicorn.py::test_readme_curl_examples_against_gunicorn",
     "curl -s http://127.0.0.1:8000/ready": "tests/serving/test_gunicorn.py::test_readme_curl_examples_against_gunicorn",
@@ -72,10 +72,10 @@ RUN_BY: dict[str, str] = {
     'curl -s -H "Authorization: Bearer $CHESTCT_HISTORY_TOKEN" "http://127.0.0.1:8000/history?limit=5"': "tests/serving/test_gunicorn.py::test_readme_curl_examples_against_gunicorn",
     'curl -s -H "Authorization: Bearer $CHESTCT_FEEDBACK_TOKEN" -H "Content-Type: application/json" -d "{\\"id\\": \\"$(curl -s -F file=@slice.png http://127.0.0.1:8000/predict | python3 -c \'import json, sys; print(json.load(sys.stdin)["id"])\')\\", \\"label\\": \\"normal\\"}" http://127.0.0.1:8000/feedback': "tests/serving/test_gunicorn.py::test_readme_curl_examples_against_gunicorn",
     # Monitoring: the same CLI, with --db/--model-dir/--out naming the test's files
-    ".venv/bin/python -m chestct.monitor": "tests/serving/test_monitoring.py::test_in_distribution_slices_show_no_drift — run_monitor_cli, with the test's --db/--model-dir/--out",
-    ".venv/bin/python -m chestct.monitor --last 1000": "tests/serving/test_monitoring.py::test_in_distribution_slices_show_no_drift — run_monitor_cli with --last over the test's window",
-    ".venv/bin/python -m chestct.monitor --since 24h": "tests/serving/test_monitoring.py::test_monitor_errors_name_the_fix — run_monitor_cli with --since 1h",
-    ".venv/bin/python -m chestct.monitor --db audit/predictions.sqlite --model-dir model --out monitoring": "tests/serving/test_monitoring.py::test_in_distribution_slices_show_no_drift — run_monitor_cli passes --db, --model-dir and --out",
+    ".venv/bin/python -m chestct.monitoring.monitor": "tests/serving/test_monitoring.py::test_in_distribution_slices_show_no_drift — run_monitor_cli, with the test's --db/--model-dir/--out",
+    ".venv/bin/python -m chestct.monitoring.monitor --last 1000": "tests/serving/test_monitoring.py::test_in_distribution_slices_show_no_drift — run_monitor_cli with --last over the test's window",
+    ".venv/bin/python -m chestct.monitoring.monitor --since 24h": "tests/serving/test_monitoring.py::test_monitor_errors_name_the_fix — run_monitor_cli with --since 1h",
+    ".venv/bin/python -m chestct.monitoring.monitor --db audit/predictions.sqlite --model-dir model --out monitoring": "tests/serving/test_monitoring.py::test_in_distribution_slices_show_no_drift — run_monitor_cli passes --db, --model-dir and --out",
     # Research notebooks: executed by nbclient, the library `jupyter execute` runs
     ".venv/bin/jupyter execute research/01-eda.ipynb": "tests/e2e/test_notebooks.py::test_eda_notebook_runs_on_the_embedded_default_and_on_a_data_path — through nbclient, which `jupyter execute` runs",
     ".venv/bin/jupyter execute --output=/tmp/errors.ipynb research/02-error-analysis.ipynb": "tests/e2e/test_notebooks.py::test_error_analysis_notebook_runs_on_the_promoted_model — through nbclient, which `jupyter execute` runs",
@@ -83,7 +83,7 @@ RUN_BY: dict[str, str] = {
     "make lint": ".ci/run",
     "make docs": "tests/unit/test_docs_site.py::test_the_docs_site_builds_strictly_and_loads_nothing_from_elsewhere — runs the `mkdocs build --strict` that `make docs` runs",
     # The real-data preset: the same preset and --set arguments through presets.main
-    "python -m chestct.presets config/presets/real-data.yaml --set ingest.source=/path/to/chest-ct/train --set evaluate.external=/path/to/chest-ct/valid": "tests/unit/test_presets.py::test_the_real_data_preset_merges_with_its_two_paths — presets.main with the same preset and two --set paths",
+    "python -m chestct.cli.presets config/presets/real-data.yaml --set ingest.source=/path/to/chest-ct/train --set evaluate.external=/path/to/chest-ct/valid": "tests/unit/test_presets.py::test_the_real_data_preset_merges_with_its_two_paths — presets.main with the same preset and two --set paths",
     # Scaling out, outside the runbook blocks
     "make tracking-server": "tests/e2e/test_tracking_server.py::test_make_tracking_server_binds_to_localhost_with_sql_and_proxied_artifacts — server_command() reads the command `make tracking-server` runs",
     "make tracking-server TRACKING_BACKEND=postgresql+psycopg2://mlflow:secret@127.0.0.1:5432/mlflow": "tests/e2e/test_tracking_server.py::test_postgres_backend_holds_runs_and_the_registry — the same make variables on a throw-away PostgreSQL cluster",
@@ -119,7 +119,7 @@ NO_K8S = (
 )
 NOT_RUNNABLE: dict[str, str] = {
     "python bench/data_checks.py /path/to/chest-ct": "needs the real dataset, which no test may use (docs/data-checks.md reports its run)",
-    "python -m chestct.presets config/presets/real-data.yaml --set ingest.source=/path/to/chest-ct/train --set evaluate.external=/path/to/chest-ct/valid --set train.ensemble=1 --set train.epochs=12 --set train.patience=6": "needs the real dataset (a CNN's lung share measured by hand, docs/data-checks.md)",
+    "python -m chestct.cli.presets config/presets/real-data.yaml --set ingest.source=/path/to/chest-ct/train --set evaluate.external=/path/to/chest-ct/valid --set train.ensemble=1 --set train.epochs=12 --set train.patience=6": "needs the real dataset (a CNN's lung share measured by hand, docs/data-checks.md)",
     "dvc repro evaluate": "part of the real-data lung-share run above",
     "dvc exp run --queue -S 'train.learning_rate=0.003,0.0003' -S 'base_model.dropout=0.2,0.5' evaluate": "four trainings through DVC's queue: longer than the suite's budget on 2 cores; tried by hand on a scratch copy (README, Experiments)",
     "export MLFLOW_TRACKING_URI=sqlite:///$PWD/mlflow.db": "part of the queued grid above",

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from chestct import plots
+from chestct.evaluation import plots
 from chestct.labels import CLASSES
 from chestct.research import eda
 from chestct.research import error_analysis as ea
@@ -203,7 +203,7 @@ def test_predict_split_prepares_each_slice_once(tmp_path: Path, monkeypatch) -> 
     import cv2
 
     import chestct.inference as inference
-    from chestct.imaging import encode_png
+    from chestct.imaging.encoding import encode_png
     from chestct.research.error_analysis import Promoted, predict_split
 
     size = 32

@@ -1,4 +1,4 @@
-"""chestct.restore, the way back from an experiment, on a real git + DVC repository with a
+"""chestct.cli.restore, the way back from an experiment, on a real git + DVC repository with a
 one-line stage: it restores from the cache, and never deletes what the cache cannot restore."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from chestct.restore import RestoreError, restore
+from chestct.cli.restore import RestoreError, restore
 
 BIN = Path(sys.executable).parent
 
@@ -79,7 +79,7 @@ def test_an_output_missing_from_the_cache_changes_nothing_and_says_what_to_run(
         restore(repo)
     message = str(err.value)
     assert "out.txt (make)" in message and "Nothing was changed" in message
-    assert "dvc pull" in message and "python -m chestct.restore --repro HEAD" in message
+    assert "dvc pull" in message and "python -m chestct.cli.restore --repro HEAD" in message
     assert (repo / "out.txt").read_text() == "2"  # the experiment's output is still there
     assert (repo / "params.yaml").read_text() == "n: 2\n"
     # --repro: params and lock back, the missing output recomputed.

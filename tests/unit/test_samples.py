@@ -1,4 +1,4 @@
-"""`python -m chestct.samples` writes slices that decode back to the same image."""
+"""`python -m chestct.cli.samples` writes slices that decode back to the same image."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from chestct.imaging import decode, decode_dicom
-from chestct.samples import main, write_samples
+from chestct.cli.samples import main, write_samples
+from chestct.imaging.decoding import decode
+from chestct.imaging.dicom import decode_dicom
 
 
 def test_png_and_dicom_hold_the_same_slice(tmp_path: Path) -> None:
@@ -46,12 +47,13 @@ def test_cli_writes_into_the_folder_asked(tmp_path: Path, capsys: pytest.Capture
 
 
 def test_samples_monitor_clean_against_the_embedded_reference(tmp_path: Path) -> None:
-    """80 slices of `python -m chestct.samples` look like the valid and test splits of the
+    """80 slices of `python -m chestct.cli.samples` look like the valid and test splits of the
     embedded dataset to the monitor: no acquisition signal drifts (before, square 256 px
     renders drifted in input_side, body_aspect and body_p50)."""
-    from chestct.imaging import body_box
+    from chestct.data.synthetic import generate_synthetic
+    from chestct.imaging.body import body_box
     from chestct.labels import CLASSES
-    from chestct.monitoring import (
+    from chestct.monitoring.signals import (
         ACQUISITION_SIGNALS,
         Thresholds,
         Window,
@@ -60,7 +62,6 @@ def test_samples_monitor_clean_against_the_embedded_reference(tmp_path: Path) ->
         image_signals,
     )
     from chestct.settings import load_settings
-    from chestct.synthetic import generate_synthetic
 
     params = load_settings().params
     files = generate_synthetic(

@@ -1,11 +1,11 @@
-"""chestct.similarity: thumbnails, nearest neighbours, series grouping, the memorizer."""
+"""chestct.data.similarity: thumbnails, nearest neighbours, series grouping, the memorizer."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from chestct import similarity
+from chestct.data import similarity
 
 
 def _slice(seed: int, side: int = 96) -> np.ndarray:

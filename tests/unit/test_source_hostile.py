@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from chestct.data.sources import SourceError, SourceLimits, resolve, safe_extract, scan_source
 from chestct.settings import SettingsError, load_settings, secret_in_url
-from chestct.sources import SourceError, SourceLimits, resolve, safe_extract, scan_source
 from helpers import image_bytes
 
 MB = 1024 * 1024
@@ -347,7 +347,7 @@ def test_private_and_loopback_hosts_are_refused_unless_allowed(
 def test_a_redirect_to_a_private_address_is_refused(tmp_path: Path) -> None:
     """The address check runs on every connection, so a redirect (or a name that resolves
     to loopback) cannot reach the local network either."""
-    from chestct.sources import _Guard
+    from chestct.data.sources import _Guard
 
     guard = _Guard(SourceLimits(redirect_hosts=("localhost",)))
     with pytest.raises(SourceError, match=r"127\.0\.0\.1.*ingest\.allow_private_hosts"):
@@ -461,7 +461,7 @@ def test_a_file_swapped_for_a_fifo_after_the_scan_is_skipped_not_waited_on(
     tmp_path: Path,
 ) -> None:
     """ingest reads every file through read_file: a FIFO is refused on the open descriptor."""
-    from chestct.sources import read_file
+    from chestct.data.sources import read_file
 
     fifo = tmp_path / "slice.png"
     os.mkfifo(fifo)

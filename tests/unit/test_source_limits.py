@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from chestct.data.sources import SourceError, SourceLimits, resolve, safe_extract
 from chestct.settings import SettingsError, load_settings
-from chestct.sources import SourceError, SourceLimits, resolve, safe_extract
 from helpers import image_bytes
 
 MB = 1024 * 1024

@@ -13,8 +13,15 @@ from pathlib import Path
 
 import pytest
 
+from chestct.data.sources import (
+    SourceError,
+    SourceLimits,
+    layout_root,
+    redact,
+    resolve,
+    safe_extract,
+)
 from chestct.settings import DOWNLOAD_CACHE_ENV, download_cache
-from chestct.sources import SourceError, SourceLimits, layout_root, redact, resolve, safe_extract
 from helpers import image_bytes
 
 # A local server answers at once; tests reach it on 127.0.0.1 (ingest.allow_private_hosts).

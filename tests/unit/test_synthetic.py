@@ -10,7 +10,7 @@ import pytest
 from sklearn.ensemble import GradientBoostingClassifier, RandomForestClassifier
 from sklearn.model_selection import StratifiedKFold, cross_val_score
 
-from chestct.synthetic import (
+from chestct.data.synthetic import (
     LABELS,
     LONG_FOLDERS,
     SHORT_FOLDERS,

@@ -1,4 +1,4 @@
-"""chestct.texture on generated slices: the feature layout, the body mask, early stopping by
+"""chestct.model.texture on generated slices: the feature layout, the body mask, early stopping by
 truncation, calibration, and the skops round trip."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from chestct import texture
-from chestct.metrics import softmax
+from chestct.model import texture
+from chestct.model.calibration import softmax
 
 
 def slices(n: int, seed: int, size: int = 48) -> tuple[np.ndarray, np.ndarray]:

@@ -1,13 +1,13 @@
-"""chestct.uncertainty: group bootstrap intervals and the paired bootstrap of two models."""
+"""chestct.evaluation.uncertainty: group bootstrap intervals and the paired bootstrap of two
+models."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from chestct.labels import CLASSES
-from chestct.metrics import classification_metrics, expected_calibration_error
-from chestct.uncertainty import (
+from chestct.evaluation.metrics import classification_metrics, expected_calibration_error
+from chestct.evaluation.uncertainty import (
     bootstrap_intervals,
     group_codes,
     paired_bootstrap,
@@ -15,6 +15,7 @@ from chestct.uncertainty import (
     resample_weights,
     weighted_scores,
 )
+from chestct.labels import CLASSES
 
 K = len(CLASSES)
 
@@ -146,7 +147,7 @@ def test_paired_metrics_supported() -> None:
 def test_paired_on_tables_matches_by_path_and_says_why_not() -> None:
     import pandas as pd
 
-    from chestct.uncertainty import paired_on_tables
+    from chestct.evaluation.uncertainty import paired_on_tables
 
     rng = np.random.default_rng(8)
     y = rng.integers(0, K, 60)

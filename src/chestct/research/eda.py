@@ -1,11 +1,11 @@
 """Exploratory data analysis of a source of chest CT slices (research/01-eda.ipynb).
 
-The notebook only calls these functions (and chestct.plots to draw), so that what it shows is
+The notebook only calls these functions (and chestct.evaluation.plots to draw), so that what it shows is
 tested code: a scan of the source as ingest sees it (labels from folder names, format by
 content), class counts, image size and mode by class, intensity by class, exact and
 pixel-identical duplicates, and sample slices per class. research/03-acquisition-shortcut.ipynb
-adds the acquisition cues of each slice (chestct.acquisition), their distribution per class, a
-classifier on those cues alone (chestct.shortcuts) and the body boxes of sample slices.
+adds the acquisition cues of each slice (chestct.data.acquisition), their distribution per class, a
+classifier on those cues alone (chestct.data.shortcuts) and the body boxes of sample slices.
 """
 
 from __future__ import annotations
@@ -22,16 +22,18 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from chestct.acquisition import FEATURES, acquisition_features
+from chestct.data.acquisition import FEATURES, acquisition_features
 from chestct.fsutil import sha256_bytes
-from chestct.imaging import ImageError, body_box, decode
+from chestct.imaging.formats import ImageError
+from chestct.imaging.body import body_box
+from chestct.imaging.decoding import decode
 from chestct.labels import CLASSES
-from chestct.manifest import SPLITS
+from chestct.data.manifest import SPLITS
 from chestct.settings import Settings
 
 if TYPE_CHECKING:
-    from chestct.plots import Panel
-    from chestct.shortcuts import ShortcutResult
+    from chestct.evaluation.plots import Panel
+    from chestct.data.shortcuts import ShortcutResult
 
 log = logging.getLogger(__name__)
 
@@ -75,14 +77,14 @@ def open_source(settings: Settings, source: str | None = None) -> Iterator[Path]
         source: as above; relative paths start at the project root; None means params.yaml's
             `ingest.source`.
     """
-    from chestct.sources import SourceError, limits_from, resolve
+    from chestct.data.sources import SourceError, limits_from, resolve
 
     params = settings.params.ingest
     source = source or params.source
     with tempfile.TemporaryDirectory(prefix="chestct-eda-") as tmp:
         staging = Path(tmp)
         if source == "synthetic":
-            from chestct.synthetic import generate_synthetic
+            from chestct.data.synthetic import generate_synthetic
 
             generate_synthetic(staging, settings.params.base.seed, params.synthetic_per_class)
             yield staging
@@ -119,7 +121,7 @@ def scan(
     DICOM files decode through `window` (level, width), as in ingest, and are undecodable
     without one.
     """
-    from chestct.sources import SourceError, scan_source
+    from chestct.data.sources import SourceError, scan_source
 
     try:
         files = scan_source(folder, dict(class_map or {}))
@@ -310,7 +312,7 @@ def class_panels(
 def acquisition_table(
     frame: pd.DataFrame, window: tuple[float, float] | None = None
 ) -> pd.DataFrame:
-    """The scan's decodable rows with each slice's acquisition features (chestct.acquisition)
+    """The scan's decodable rows with each slice's acquisition features (chestct.data.acquisition)
     added; DICOM files through `window`, as in `scan`."""
     good = _decoded(frame).reset_index(drop=True)
     rows = []
@@ -340,7 +342,7 @@ def acquisition_shortcut(table: pd.DataFrame, seed: int = 0) -> ShortcutResult |
     """validate's shortcut detector on a scan: metadata and acquisition cues together, the
     pixel cues together, each family and each feature alone (always, not only on a leak).
     Files with identical pixels stay on one side of every fold. None: too few per class."""
-    from chestct.shortcuts import detect_shortcut
+    from chestct.data.shortcuts import detect_shortcut
 
     groups = pd.Series(pd.factorize(table["pixel_sha256"])[0], index=table.index)
     return detect_shortcut(table, groups, seed, family_margin=-1.0)

@@ -5,7 +5,7 @@ The promoted model (model/) is loaded by the inference core the service runs on
 the card's resize, the served model, temperature scaling, abstention and the
 out-of-distribution score. The functions below turn those answers into tables: per-class
 precision and recall, the confusion matrix, the most confident mistakes, abstention and OOD
-among right and wrong answers, and calibration; chestct.plots draws them.
+among right and wrong answers, and calibration; chestct.evaluation.plots draws them.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from chestct.imaging import decode
+from chestct.imaging.decoding import decode
 from chestct.labels import CLASSES
-from chestct.manifest import DATASET_COLUMNS, read_manifest
+from chestct.data.manifest import DATASET_COLUMNS, read_manifest
 from chestct.pointers import read_pointer
 from chestct.settings import Settings
 

@@ -1,7 +1,7 @@
 """The near-copy structure of a train/valid pair of folders and the runs' figures beside the
 memorizer (research/04-near-copies.ipynb).
 
-Same thumbnails, memorizer and novelty split as evaluate (chestct.novelty, chestct.similarity);
+Same thumbnails, memorizer and novelty split as evaluate (chestct.evaluation.novelty, chestct.data.similarity);
 this module only gathers them into the arrays and tables a notebook draws.
 """
 
@@ -16,15 +16,8 @@ import numpy as np
 import pandas as pd
 
 from chestct.labels import CLASSES
-from chestct.novelty import (
-    BASELINE,
-    HEADLINE,
-    TrainReference,
-    assess,
-    item_groups,
-    labelled_thumbnails,
-)
-from chestct.similarity import nearest
+from chestct.evaluation.novelty import BASELINE, HEADLINE, TrainReference, assess, item_groups, labelled_thumbnails
+from chestct.data.similarity import nearest
 
 THRESHOLDS = (0.8, 0.85, 0.9, 0.93, 0.95, 0.97)
 
@@ -36,7 +29,7 @@ class Structure:
     train_to_train: np.ndarray  # each train slice's nearest other train slice
     train_to_other_class: np.ndarray  # ... among train slices of another class (other patient)
     query_to_train: np.ndarray  # each query slice's nearest train slice
-    memorizer: dict[str, Any]  # chestct.novelty.assess metrics of the memorizer as a "model"
+    memorizer: dict[str, Any]  # chestct.evaluation.novelty.assess metrics of the memorizer as a "model"
     query_labels: list[str]
     threshold: float
 

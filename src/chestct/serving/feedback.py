@@ -3,7 +3,8 @@
 Protected by its own bearer token (serving.feedback_token or CHESTCT_FEEDBACK_TOKEN; the
 /history token cannot write labels), rate-limited per token (serving.feedback_per_minute), and
 only with the audit log on (the labels are stored beside the predictions there).
-`python -m chestct.monitor` scores the labelled predictions of its window against the test
+`python -m chestct.monitoring.monitor` scores the labelled predictions of its window against the
+test
 figures in the model card.
 """
 

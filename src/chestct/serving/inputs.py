@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from chestct import imaging
+from chestct.imaging import decoding, dicom, formats, headers
 
 # Formats the predictor accepts, by content (imaging.sniff_format names).
 ACCEPTED_FORMATS: tuple[str, ...] = ("png", "jpeg", "bmp", "tiff", "dicom")
@@ -57,7 +57,7 @@ def check_format(data: bytes) -> str:
     """
     if not data:
         raise InputError(400, "Empty upload", "the image is empty; send the file's bytes")
-    fmt = imaging.sniff_format(data)
+    fmt = formats.sniff_format(data)
     if fmt == "unknown":
         raise InputError(
             400,
@@ -74,12 +74,12 @@ def check_format(data: bytes) -> str:
     return fmt
 
 
-def limits(max_pixels: int, max_bytes: int) -> imaging.DecodeLimits:
+def limits(max_pixels: int, max_bytes: int) -> formats.DecodeLimits:
     """The decode limits of serving.max_image_pixels and serving.max_decoded_mb."""
-    return imaging.DecodeLimits(max_pixels=max_pixels, max_bytes=max_bytes)
+    return formats.DecodeLimits(max_pixels=max_pixels, max_bytes=max_bytes)
 
 
-def check_header(data: bytes, fmt: str, budget: imaging.DecodeLimits) -> imaging.Header:
+def check_header(data: bytes, fmt: str, budget: formats.DecodeLimits) -> formats.Header:
     """Read the header strictly and refuse a decompression bomb, before decoding.
 
     A DICOM header is the dataset without its pixels, read within the same limits.
@@ -93,23 +93,23 @@ def check_header(data: bytes, fmt: str, budget: imaging.DecodeLimits) -> imaging
     """
     try:
         if fmt == "dicom":
-            header = imaging.dicom_header(data, budget)[0]
+            header = dicom.dicom_header(data, budget)[0]
         else:
-            header = imaging.read_header(data, fmt)
-        imaging.check_budget(header, budget)
+            header = headers.read_header(data, fmt)
+        formats.check_budget(header, budget)
         return header
-    except imaging.ImageTooLarge as exc:
+    except formats.ImageTooLarge as exc:
         raise InputError(413, "Image too large", str(exc)) from None
-    except imaging.ImageError as exc:
+    except formats.ImageError as exc:
         raise InputError(400, "Undecodable image", str(exc)) from None
 
 
 def decode(
     data: bytes,
     window: tuple[float, float],
-    budget: imaging.DecodeLimits = imaging.DEFAULT_LIMITS,
-    header: imaging.Header | None = None,
-) -> imaging.Decoded:
+    budget: formats.DecodeLimits = formats.DEFAULT_LIMITS,
+    header: formats.Header | None = None,
+) -> formats.Decoded:
     """Decode through chestct.imaging, as the pipeline does; DICOM goes through the HU window.
 
     Args:
@@ -123,14 +123,14 @@ def decode(
             not decode.
     """
     try:
-        return imaging.decode(data, window, limits=budget, header=header)
-    except imaging.ImageTooLarge as exc:
+        return decoding.decode(data, window, limits=budget, header=header)
+    except formats.ImageTooLarge as exc:
         raise InputError(413, "Image too large", str(exc)) from None
-    except imaging.ImageError as exc:
+    except formats.ImageError as exc:
         raise InputError(400, "Undecodable image", str(exc)) from None
 
 
-def check_slice(decoded: imaging.Decoded) -> None:
+def check_slice(decoded: formats.Decoded) -> None:
     """Turn away images that are clearly not a chest CT slice.
 
     These are plain checks on the picture itself (colour, flatness, background); they catch

@@ -32,7 +32,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from chestct.monitoring import (
+from chestct.monitoring.signals import (
     CLASS_SIGNAL,
     FLAGS,
     REFUSED,
@@ -94,7 +94,8 @@ class ServiceMetrics:
             registry=r,
             multiprocess_mode="livemax",
         )
-        # Per-request signals (chestct.monitoring): histograms for dashboards, with the same
+        # Per-request signals (chestct.monitoring.signals): histograms for dashboards, with the
+        # same
         # fixed bins the reference profile and the drift figures use.
         self.signals = {
             sig.name: Histogram(

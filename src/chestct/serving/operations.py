@@ -11,7 +11,7 @@ import time
 
 from flask import Blueprint, Response, g, jsonify, request
 
-from chestct import imaging
+from chestct.imaging import workers
 from chestct.serving.page import FAVICON_SVG, INDEX_HTML
 from chestct.serving.prediction import RELEASE_BYTES, release_large_slot
 from chestct.serving.problems import MB, Problem
@@ -72,7 +72,7 @@ def count(resp: Response) -> Response:
 @bp.teardown_app_request
 def release(exc: BaseException | None) -> None:
     if g.get("large_upload") or (request.content_length or 0) >= RELEASE_BYTES:
-        imaging.release_memory()  # a large upload's freed pages go back to the kernel
+        workers.release_memory()  # a large upload's freed pages go back to the kernel
     release_large_slot()  # after the trim: the next large image starts from a lean heap
 
 

@@ -16,9 +16,9 @@ from typing import Any
 
 from flask import Blueprint, Response, g, jsonify, request
 
-from chestct import imaging
-from chestct.families import OFFERS
 from chestct.fsutil import sha256_bytes
+from chestct.imaging import formats, workers
+from chestct.imaging.body import BodyBox
 from chestct.inference import (
     Loaded,
     analyse,
@@ -29,7 +29,8 @@ from chestct.inference import (
 from chestct.inference import (
     explain as explain_image,
 )
-from chestct.monitoring import image_signals, request_signals
+from chestct.model.families import OFFERS
+from chestct.monitoring.signals import image_signals, request_signals
 from chestct.serving import inputs
 from chestct.serving.inputs import InputError, NotCTSlice, Upload
 from chestct.serving.problems import Problem, json_body
@@ -57,7 +58,7 @@ class CheckedInput:
 
     upload: Upload
     format: str
-    decoded: imaging.Decoded
+    decoded: formats.Decoded
 
 
 def checked_input(service: Service, model: Loaded, upload: Upload) -> CheckedInput:
@@ -82,7 +83,7 @@ def checked_input(service: Service, model: Loaded, upload: Upload) -> CheckedInp
 
 
 def _record_refusal(
-    service: Service, model: Loaded, upload: Upload, reason: str, decoded: imaging.Decoded
+    service: Service, model: Loaded, upload: Upload, reason: str, decoded: formats.Decoded
 ) -> None:
     """A refused slice is monitoring traffic too: counted by reason on /metrics, put in the
     rolling window and written to the audit log with its image signals (numbers only)."""
@@ -246,8 +247,8 @@ def _record(
     endpoint: str,
     body: dict[str, Any],
     result: Any,
-    decoded: imaging.Decoded,
-    body_box: imaging.BodyBox | None,
+    decoded: formats.Decoded,
+    body_box: BodyBox | None,
 ) -> None:
     """Metrics, monitoring signals and the audit log of one answer; `body_box` is the box
     the model's body crop found (None without one: the signals then look for it)."""
@@ -309,7 +310,7 @@ def predict_batch() -> Response:
     for index, part in enumerate(parts):
         name = part.filename or f"file {index + 1}"
         if g.pop("large_upload", False):
-            imaging.release_memory()  # the previous file's pages, before the next decode
+            workers.release_memory()  # the previous file's pages, before the next decode
         release_large_slot()  # the previous file's, so that other requests get their turn
         try:
             result = predict_one(service, model, Upload(part.read(), name), "/predict/batch")

@@ -19,9 +19,9 @@ from typing import Any
 
 from flask import current_app
 
-from chestct import imaging
-from chestct.audit import AuditLog
+from chestct.imaging import formats
 from chestct.inference import Loaded, ModelNotReady, ModelRefused, Predictor
+from chestct.monitoring.audit import AuditLog
 from chestct.serving import inputs
 from chestct.serving.metrics import ServiceMetrics
 from chestct.serving.problems import MB, Problem
@@ -158,7 +158,7 @@ class Service:
     predictor: Predictor
     metrics: ServiceMetrics
     audit: AuditLog | None
-    budget: imaging.DecodeLimits
+    budget: formats.DecodeLimits
     feedback_limiter: RateLimiter
     # One large image decoded at a time per worker (chestct.serving.prediction.hold_large_slot).
     large_slot: threading.BoundedSemaphore = dataclasses.field(
@@ -186,14 +186,14 @@ class Service:
             )
             audit.open()
         budget = inputs.limits(serving.max_image_pixels, int(serving.max_decoded_mb * MB))
-        opencv_limit = imaging.opencv_pixel_limit()
+        opencv_limit = formats.opencv_pixel_limit()
         if opencv_limit is None or opencv_limit > budget.max_pixels:
             # Only the environment before `import cv2` sets OpenCV's own limit (gunicorn.conf.py
             # does); the header checks still hold without it.
             log.warning(
                 "%s is %s: OpenCV's own pixel limit is not the serving limit (%d); start the "
                 "service with `make serve` or set it in the environment",
-                imaging.OPENCV_PIXELS_ENV,
+                formats.OPENCV_PIXELS_ENV,
                 opencv_limit or "unset",
                 budget.max_pixels,
             )

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from chestct.fsutil import atomic_write_json, sha256_file
-from chestct.modeling import WeightsError, build_model, frozen_backbone, save_model
+from chestct.model.modeling import WeightsError, build_model, frozen_backbone, save_model
 from chestct.runner import StageFailed, run_main, stage_session
 from chestct.settings import BaseModelParams
 

@@ -1,5 +1,6 @@
 """evaluate: score the trained model on the test split, clean and under the shift stress
-(chestct.perturb.SHIFTS applied to the ingested originals), calibrate it on the valid split,
+(chestct.imaging.perturb.SHIFTS applied to the ingested originals), calibrate it on the valid
+split,
 score the external test set when params name one, and draw the pictures. The only stage that
 writes metrics (reports/evaluate/, git-tracked; the rest in artifacts/evaluate/).
 
@@ -9,14 +10,15 @@ metrics.json (dvc metrics: clean metrics, the `shift` block and robust_macro_f1)
 reliability.csv, shift.csv. In artifacts/evaluate/: roc.csv, predictions.csv (one row per test
 image), calibration.json (temperature, abstention and OOD thresholds for promote's model card),
 ood.npz (mean and precision of GAP features on the train split), reference.json (the monitoring
-profile of the valid and test splits, chestct.monitoring) and the pictures confusion.png,
+profile of the valid and test splits, chestct.monitoring.signals) and the pictures confusion.png,
 roc.png, reliability.png, shift.png, misclassified.png, gradcam.png.
 
-Both metrics files also carry (chestct.novelty) the nearest-neighbour memorizer
+Both metrics files also carry (chestct.evaluation.novelty) the nearest-neighbour memorizer
 (`baseline.nearest_neighbour.*`, `baseline.model_above.*`), the model on the near-copy and the
 novel part apart (`near_copy.*`, `novel.*`, `near_copy_share`) and bootstrap intervals that
-resample groups (`ci.<metric>.low/high`, chestct.uncertainty); metrics.json also the share of
-the attention map inside the lung field (`attention.*`, chestct.attention)."""
+resample groups (`ci.<metric>.low/high`, chestct.evaluation.uncertainty); metrics.json also the
+share of
+the attention map inside the lung field (`attention.*`, chestct.evaluation.attention)."""
 
 from __future__ import annotations
 
@@ -31,30 +33,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from chestct.attention import LungAttention, lung_attention, outline
-from chestct.external import external_set, score_external
-from chestct.families import cam_head_of, explainer_of, family_of
-from chestct.fsutil import atomic_write_json, staged_file
-from chestct.gradcam import CamHead, overlay
-from chestct.imaging import prepare_slice
-from chestct.labels import CLASSES
-from chestct.manifest import DATASET_COLUMNS, read_manifest, write_manifest
-from chestct.metrics import (
-    Mahalanobis,
-    ReliabilityBin,
-    TemperatureFit,
-    abstain_threshold,
-    abstains,
-    confusion,
-    fit_temperature,
-    normalised_entropy,
-    out_of_distribution,
-    reliability,
-    roc_curves,
-    softmax,
-)
-from chestct.monitoring import REFERENCE_FILE, decoded_greys, fit_reference
-from chestct.novelty import (
+from chestct.data.manifest import DATASET_COLUMNS, read_manifest, write_manifest
+from chestct.evaluation.attention import LungAttention, lung_attention, outline
+from chestct.evaluation.external import external_set, score_external
+from chestct.evaluation.metrics import ReliabilityBin, confusion, reliability, roc_curves
+from chestct.evaluation.novelty import (
     TrainReference,
     assess,
     assess_files,
@@ -62,11 +45,14 @@ from chestct.novelty import (
     frame_thumbnails,
     item_groups,
 )
-from chestct.perturb import SHIFTS
-from chestct.plots import plot_confusion, plot_gallery, plot_reliability, plot_roc, plot_shift
-from chestct.pointers import PointerError, lineage_tags, read_pointer
-from chestct.runner import StageFailed, run_main, stage_session
-from chestct.scoring import (
+from chestct.evaluation.plots import (
+    plot_confusion,
+    plot_gallery,
+    plot_reliability,
+    plot_roc,
+    plot_shift,
+)
+from chestct.evaluation.scoring import (
     Preprocessing,
     ScoringError,
     full_metrics,
@@ -79,8 +65,27 @@ from chestct.scoring import (
     shift_logits,
     shift_predictions,
 )
+from chestct.fsutil import atomic_write_json, staged_file
+from chestct.imaging.perturb import SHIFTS
+from chestct.imaging.preparation import prepare_slice
+from chestct.labels import CLASSES
+from chestct.model.calibration import (
+    Mahalanobis,
+    TemperatureFit,
+    abstain_threshold,
+    abstains,
+    fit_temperature,
+    normalised_entropy,
+    out_of_distribution,
+    softmax,
+)
+from chestct.model.families import cam_head_of, explainer_of, family_of
+from chestct.model.gradcam import CamHead, overlay
+from chestct.model.texture import occlusion_map
+from chestct.monitoring.signals import REFERENCE_FILE, decoded_greys, fit_reference
+from chestct.pointers import PointerError, lineage_tags, read_pointer
+from chestct.runner import StageFailed, run_main, stage_session
 from chestct.settings import STAGES, EvaluateParams
-from chestct.texture import occlusion_map
 from chestct.tracking import flatten
 
 log = logging.getLogger(__name__)
@@ -112,10 +117,12 @@ class Evaluation:
     images: np.ndarray  # the test images, (n, s, s, 1)
     features: np.ndarray  # their last feature maps, (n, h, w, c)
     cam_head: CamHead | None  # None for the texture family: its gallery shows occlusion maps
-    reference: dict[str, Any]  # the monitoring profile (chestct.monitoring)
+    reference: dict[str, Any]  # the monitoring profile (chestct.monitoring.signals)
     external: dict[str, Any]  # external.json: {"source": ""} when evaluate.external is off
     external_predictions: pd.DataFrame | None = None
-    attention: LungAttention | None = None  # CAM mass inside the lungs (chestct.attention)
+    attention: LungAttention | None = (
+        None  # CAM mass inside the lungs (chestct.evaluation.attention)
+    )
     family: str = "cnn"
     explainer: Any = None  # the texture model, for occlusion maps (families.explainer_of)
 
@@ -163,7 +170,7 @@ def run_evaluate(
         preprocessing: how resize prepared the images (for shifted and external images, and
             images not at the model's size).
         class_map: params `ingest.class_map`, for the external set's folder names.
-        near_copy_similarity: params `base.near_copy_similarity` (chestct.novelty).
+        near_copy_similarity: params `base.near_copy_similarity` (chestct.evaluation.novelty).
         seed: params `base.seed`, for the bootstrap.
     """
     missing = {"train", "valid", "test"} - set(splits)

@@ -13,7 +13,7 @@ A source may also be a CSV listing (a file ending in `.csv`): one row per image 
 optionally, `split` (train | valid | test, on every row or on none) and `group` (any id: slices
 sharing it are kept in one split). `relpath` and `class` are accepted for `path` and `label`.
 
-Who a slice belongs to is recorded per file as a salt-free sha256 prefix (chestct.grouping):
+Who a slice belongs to is recorded per file as a salt-free sha256 prefix (chestct.data.grouping):
 the DICOM `PatientID` and `StudyInstanceUID`, and the listing's `group`. Raw ids are never
 written.
 """
@@ -30,16 +30,11 @@ from pathlib import Path
 import pandas as pd
 from tqdm import tqdm
 
-from chestct.acquisition import acquisition_features
-from chestct.dedup import phash
-from chestct.fsutil import sha256_bytes
-from chestct.grouping import hash_id
-from chestct.imaging import ImageError, decode, encode_png, has_dicom_preamble, worker_pool
-from chestct.labels import CLASSES, label_for_folder
-from chestct.manifest import ACQUISITION_COLUMNS, INGEST_COLUMNS, SPLITS, write_manifest
-from chestct.runner import StageFailed, run_main, stage_session
-from chestct.settings import BaseParams, IngestParams
-from chestct.sources import (
+from chestct.data.acquisition import acquisition_features
+from chestct.data.dedup import phash
+from chestct.data.grouping import hash_id
+from chestct.data.manifest import ACQUISITION_COLUMNS, INGEST_COLUMNS, SPLITS, write_manifest
+from chestct.data.sources import (
     Source,
     SourceError,
     check_file,
@@ -48,7 +43,15 @@ from chestct.sources import (
     resolve,
     scan_source,
 )
-from chestct.synthetic import generate_synthetic
+from chestct.data.synthetic import generate_synthetic
+from chestct.fsutil import sha256_bytes
+from chestct.imaging.decoding import decode
+from chestct.imaging.encoding import encode_png
+from chestct.imaging.formats import ImageError, has_dicom_preamble
+from chestct.imaging.workers import worker_pool
+from chestct.labels import CLASSES, label_for_folder
+from chestct.runner import StageFailed, run_main, stage_session
+from chestct.settings import BaseParams, IngestParams
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +66,7 @@ class IngestSummary:
     skipped: list[dict[str, str]]
     counts: dict[str, dict[str, int]]  # split -> label -> files
     source: dict[str, str | None] = field(default_factory=dict)  # kind, origin, sha256
-    # ACQUISITION_COLUMNS, one row per distinct content (chestct.acquisition)
+    # ACQUISITION_COLUMNS, one row per distinct content (chestct.data.acquisition)
     acquisition: pd.DataFrame | None = field(default=None, repr=False)
 
 

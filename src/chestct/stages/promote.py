@@ -35,17 +35,26 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from chestct.export import PARITY_TOLERANCE, ExportError, LightModel, export_light, parity
-from chestct.families import OFFERS, TEXTURE_FILE, FamilyError, family_of, read_ensemble
+from chestct.data.manifest import DATASET_COLUMNS, read_manifest
+from chestct.evaluation.metrics import lower_is_better, metric_value, numeric_keys
+from chestct.evaluation.novelty import card_entry
+from chestct.evaluation.scoring import (
+    Preprocessing,
+    ScoringError,
+    load_images,
+    load_model,
+    model_outputs,
+    score,
+)
+from chestct.evaluation.uncertainty import PairedResult, paired_on_tables
 from chestct.fsutil import atomic_write_json, fsync_dir, sha256_file, swap_dir, sync_tree
-from chestct.gradcam import CAM_FILE, CamHead
-from chestct.imaging import Normalise
+from chestct.imaging.preparation import Normalise
 from chestct.labels import CLASSES, DISPLAY_NAMES
-from chestct.manifest import DATASET_COLUMNS, read_manifest
-from chestct.metrics import lower_is_better, metric_value, numeric_keys
+from chestct.model.export import PARITY_TOLERANCE, ExportError, LightModel, export_light, parity
+from chestct.model.families import OFFERS, TEXTURE_FILE, FamilyError, family_of, read_ensemble
+from chestct.model.gradcam import CAM_FILE, CamHead
 from chestct.modelcard import FILES_KEY, ModelCard
-from chestct.monitoring import REFERENCE_FILE
-from chestct.novelty import card_entry
+from chestct.monitoring.signals import REFERENCE_FILE
 from chestct.pointers import (
     PointerError,
     git_state,
@@ -55,16 +64,7 @@ from chestct.pointers import (
     run_id_of,
 )
 from chestct.runner import StageFailed, run_main, stage_session
-from chestct.scoring import (
-    Preprocessing,
-    ScoringError,
-    load_images,
-    load_model,
-    model_outputs,
-    score,
-)
 from chestct.settings import PromoteParams
-from chestct.uncertainty import PairedResult, paired_on_tables
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +232,8 @@ def decide(
     return Decision(ok, metric, score, best, champion_rescored, reason, rule)
 
 
-# The memorizer's metrics (chestct.novelty); another selection metric is held against its
+# The memorizer's metrics (chestct.evaluation.novelty); another selection metric is held against
+# its
 # macro-F1, the figure the memorizer and every candidate share.
 MEMORIZER_METRICS = ("accuracy", "balanced_accuracy", "macro_f1")
 
@@ -343,7 +344,7 @@ class Release:
 def release_for(
     model_path: Path, test: pd.DataFrame, root: Path, batch_size: int, work_dir: Path
 ) -> Release:
-    """The served files of any family (chestct.families): cnn the LiteRT model and its CAM
+    """The served files of any family (chestct.model.families): cnn the LiteRT model and its CAM
     head; texture the skops file itself (runtime skops, parity checked through a reload);
     ensemble both members, the CNN exported to LiteRT (its parity checked) and the CNN's
     temperature, which the served average needs."""
@@ -392,8 +393,8 @@ def texture_release(
     """The card's `inference` entry of a texture model: the skops file is served as it is;
     parity compares the probabilities of the file as serving loads it (texture.load) with the
     evaluated model's on the test split."""
-    from chestct.texture import TextureError
-    from chestct.texture import load as texture_load
+    from chestct.model.texture import TextureError
+    from chestct.model.texture import load as texture_load
 
     try:
         served = texture_load(model_path)
@@ -409,7 +410,7 @@ def texture_release(
     return {
         "file": TEXTURE_FILE,
         "runtime": "skops",
-        "format": "skops (types checked against chestct.texture.TRUSTED_TYPES at load)",
+        "format": "skops (types checked against chestct.model.texture.TRUSTED_TYPES at load)",
         "parity_max_abs_diff": diff,
         "parity_images": len(images),
     }
@@ -427,7 +428,7 @@ def export_release(
         ExportError: conversion failed or the light model differs from Keras by more than
             PARITY_TOLERANCE on some test image.
     """
-    from chestct.modeling import load_model
+    from chestct.model.modeling import load_model
 
     model = load_model(model_path)
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -523,8 +524,8 @@ def build_card(
             {
                 "monitoring": {
                     "file": REFERENCE_FILE,
-                    "method": "signals of the valid and test splits (chestct.monitoring); "
-                    "python -m chestct.monitor compares served requests with it",
+                    "method": "signals of the valid and test splits (chestct.monitoring.signals); "
+                    "python -m chestct.monitoring.monitor compares served requests with it",
                 }
             }
             if candidate.reference_path is not None
@@ -826,7 +827,7 @@ def mlflow_register(
     import mlflow
     from mlflow import MlflowClient
 
-    from chestct.modeling import load_model as load_keras
+    from chestct.model.modeling import load_model as load_keras
 
     client = MlflowClient()
     if family_of(model_path) == "cnn":

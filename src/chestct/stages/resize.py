@@ -27,9 +27,17 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from chestct.data.manifest import (
+    INDEX_COLUMNS,
+    INGEST_COLUMNS,
+    SPLITS,
+    read_manifest,
+    write_manifest,
+)
 from chestct.fsutil import atomic_write_json
-from chestct.imaging import ImageError, Normalise, prepare, worker_pool
-from chestct.manifest import INDEX_COLUMNS, INGEST_COLUMNS, SPLITS, read_manifest, write_manifest
+from chestct.imaging.formats import ImageError
+from chestct.imaging.preparation import Normalise, prepare
+from chestct.imaging.workers import worker_pool
 from chestct.pointers import read_pointer
 from chestct.runner import run_main, stage_session
 from chestct.settings import ResizeParams

@@ -2,7 +2,7 @@
 
 Files are first grouped: exact copies (same sha256), near-duplicates (perceptual hashes at
 most `split.near_duplicate_distance` bits apart) and slices of one patient (DICOM PatientID,
-else StudyInstanceUID, or the `group` column of a CSV listing; see chestct.grouping) form one
+else StudyInstanceUID, or the `group` column of a CSV listing; see chestct.data.grouping) form one
 group, transitively: the union of all these constraints.
 
 - `split.mode: keep` keeps the source's splits. A split the source lacks is carved out of the
@@ -33,14 +33,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from chestct.dedup import group_files
-from chestct.grouping import identity_leaks, join_series, split_groups
-from chestct.imaging import ImageError, decode
-from chestct.manifest import INGEST_COLUMNS, SPLITS, read_manifest, write_manifest
+from chestct.data.dedup import group_files
+from chestct.data.grouping import identity_leaks, join_series, split_groups
+from chestct.data.manifest import INGEST_COLUMNS, SPLITS, read_manifest, write_manifest
+from chestct.data.similarity import series_groups, thumbnails
+from chestct.imaging.decoding import decode
+from chestct.imaging.formats import ImageError
 from chestct.pointers import read_pointer
 from chestct.runner import StageFailed, run_main, stage_session
 from chestct.settings import SplitParams
-from chestct.similarity import series_groups, thumbnails
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ def run_split(
 ) -> tuple[dict[str, pd.DataFrame], SplitSummary]:
     """Split the ingest manifest; returns one frame per split (ingest columns) and a summary.
 
-    `thumbs` (chestct.similarity thumbnails, one per manifest row) adds series: rows linked
+    `thumbs` (chestct.data.similarity thumbnails, one per manifest row) adds series: rows linked
     at `split.series_similarity` or above move together, like one patient's slices.
     """
     frame = ingest_manifest.copy()

@@ -1,8 +1,8 @@
 """train: fit the base model on the validated train split, checkpointed on the valid split.
 
 The family base-model chose (family.json) decides what is fitted: cnn the network below,
-texture the chestct.texture classifier (iterations chosen and temperature fitted on valid),
-ensemble both, written with ensemble.json (chestct.families) that averages them.
+texture the chestct.model.texture classifier (iterations chosen and temperature fitted on valid),
+ensemble both, written with ensemble.json (chestct.model.families) that averages them.
 
 Phase 1 trains with the base model's freeze policy; an optional phase 2 unfreezes the top N
 layers of a keras-applications backbone and continues at a lower learning rate. The weights
@@ -27,12 +27,15 @@ import pandas as pd
 import tensorflow as tf
 from sklearn.utils.class_weight import compute_class_weight
 
-from chestct.distributed import WorkerRole, worker_role
-from chestct.families import ENSEMBLE_FILE, TEXTURE_FILE, write_ensemble
+from chestct.data.manifest import DATASET_COLUMNS, read_manifest, write_manifest
+from chestct.evaluation.metrics import classification_metrics
+from chestct.evaluation.plots import plot_history
+from chestct.evaluation.scoring import load_images, model_outputs
 from chestct.labels import CLASSES
-from chestct.manifest import DATASET_COLUMNS, read_manifest, write_manifest
-from chestct.metrics import classification_metrics, fit_temperature, nll, softmax
-from chestct.modeling import (
+from chestct.model.calibration import fit_temperature, nll, softmax
+from chestct.model.distributed import WorkerRole, worker_role
+from chestct.model.families import ENSEMBLE_FILE, TEXTURE_FILE, write_ensemble
+from chestct.model.modeling import (
     all_layers,
     augmenter,
     label_indices,
@@ -44,19 +47,17 @@ from chestct.modeling import (
     set_seed,
     with_dtype_policy,
 )
-from chestct.plots import plot_history
-from chestct.pointers import read_pointer
-from chestct.runner import StageFailed, run_main, stage_session
-from chestct.scoring import load_images, model_outputs
-from chestct.settings import TextureParams, TrainParams, load_settings
-from chestct.texture import (
+from chestct.model.texture import (
     ClassifierSpec,
     TextureError,
     TextureModel,
     feature_matrix,
     fit_texture_features,
 )
-from chestct.texture import save as save_texture
+from chestct.model.texture import save as save_texture
+from chestct.pointers import read_pointer
+from chestct.runner import StageFailed, run_main, stage_session
+from chestct.settings import TextureParams, TrainParams, load_settings
 
 log = logging.getLogger(__name__)
 
@@ -562,7 +563,7 @@ def run_train_texture(
     image_size: int,
     history: list[dict[str, float]] | None = None,
 ) -> tuple[TextureModel, dict[str, float]]:
-    """Fit the texture model on the resized train slices (chestct.texture.fit_texture):
+    """Fit the texture model on the resized train slices (chestct.model.texture.fit_texture):
     iterations and temperature chosen on valid. Returns it with its valid-split figures; with
     `history`, its training curve (a row per boosting iteration) is appended there."""
     train_images = load_images(train, root, image_size)

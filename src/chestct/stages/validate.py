@@ -1,6 +1,6 @@
 """validate: check the split dataset before any model sees it, and hand on clean manifests.
 
-The checks, their default severities and the report live in chestct.checks; this stage builds
+The checks, their default severities and the report live in chestct.data.checks; this stage builds
 the frame they run on (the split manifests with the resize index and ingest's acquisition cues),
 applies quarantine, writes the report and its pictures, and fails by `validate.fail_on`.
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from chestct.checks import (
+from chestct.data.checks import (
     QUARANTINE_COLUMNS,
     Checker,
     ChecksError,
@@ -29,10 +29,9 @@ from chestct.checks import (
     identity_checks,
     quarantine,
 )
-from chestct.content_checks import content_checks, novelty_frame, read_slices
-from chestct.dedup import group_files
-from chestct.fsutil import atomic_write_json, atomic_write_text
-from chestct.manifest import (
+from chestct.data.content_checks import content_checks, novelty_frame, read_slices
+from chestct.data.dedup import group_files
+from chestct.data.manifest import (
     ACQUISITION_COLUMNS,
     DATASET_COLUMNS,
     INDEX_COLUMNS,
@@ -41,11 +40,17 @@ from chestct.manifest import (
     read_manifest,
     write_manifest,
 )
-from chestct.plots import plot_cues_by_class, plot_examples, plot_novelty, plot_size_by_class
+from chestct.data.shortcuts import PIXEL_FEATURES
+from chestct.evaluation.plots import (
+    plot_cues_by_class,
+    plot_examples,
+    plot_novelty,
+    plot_size_by_class,
+)
+from chestct.fsutil import atomic_write_json, atomic_write_text
 from chestct.pointers import read_pointer
 from chestct.runner import StageFailed, run_main, stage_session
 from chestct.settings import ValidateParams
-from chestct.shortcuts import PIXEL_FEATURES
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +77,7 @@ def run_validate(
         acquisition: ingest's acquisition features (ACQUISITION_COLUMNS, by sha256); without
             them the acquisition_shortcut check is skipped.
         root: the project root the manifests' paths are relative to; without it the pixel
-            checks (chestct.content_checks) are skipped.
+            checks (chestct.data.content_checks) are skipped.
         near_copy_similarity: params `base.near_copy_similarity`.
     """
     frame = pd.concat([m.assign(split=s) for s, m in manifests.items()], ignore_index=True).merge(

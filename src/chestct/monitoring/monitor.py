@@ -1,0 +1,455 @@
+"""Compare served requests with the model's reference profile.
+
+    python -m chestct.monitoring.monitor               # the latest monitor.window_requests
+    python -m chestct.monitoring.monitor --last 1000
+    python -m chestct.monitoring.monitor --since 24h   # or 30m, 7d, or an ISO time (UTC)
+    python -m chestct.monitoring.monitor --db audit/predictions.sqlite --model-dir model \
+        --out monitoring
+
+Reads the audit log (serving.audit_db; the service must run with serving.audit_log: true),
+takes the predictions of the served model version in the window, and compares them with the
+reference profile evaluate fitted on the valid and test splits (model/reference.json, named in
+the card): PSI and a two-sample test per signal (Kolmogorov-Smirnov; chi-square for the
+predicted-class mix), abstain and OOD rates against evaluate's, the share of requests the input
+checks refused (422) with their reasons, and, for predictions labelled through POST /feedback,
+live accuracy, balanced accuracy and macro-F1 against the card's test figures. Writes
+report.json and report.html (pictures inline) to monitor.report_dir and prints a short verdict
+(chestct.monitoring.signals.rule_text states the rule; docs/monitoring.md).
+
+Exit status: 0 no drift, 1 drift beyond the thresholds in config/config.yaml `monitor:`, 2 the
+monitor could not run (missing audit log, model or reference; bad arguments), 3 too few
+requests to judge (INSUFFICIENT: fewer than monitor.min_requests). A CLI like a stage: no
+library module imports it. It reads the audit log through chestct.monitoring.audit, the same
+AuditLog the service writes with.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import json
+import re
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from chestct.fsutil import atomic_write_json, atomic_write_text, sha256_bytes
+from chestct.modelcard import CARD_NAME, ModelCard, read_card
+from chestct.monitoring.signals import (
+    BY_NAME,
+    CLASS_SIGNAL,
+    SIGNAL_NAMES,
+    Thresholds,
+    Window,
+    check_reference,
+    compare,
+)
+
+EXIT_OK, EXIT_DRIFT, EXIT_ERROR, EXIT_INSUFFICIENT = 0, 1, 2, 3
+EXIT_BY_VERDICT = {"no drift": EXIT_OK, "drift": EXIT_DRIFT, "insufficient": EXIT_INSUFFICIENT}
+DURATION = re.compile(r"^(\d+)([mhd])$")
+
+
+class MonitorError(RuntimeError):
+    """The monitor cannot run; the message says what is missing and how to fix it."""
+
+
+@dataclass(frozen=True)
+class Served:
+    """The served model: its card and its reference profile."""
+
+    card: ModelCard
+    reference: dict[str, Any]
+
+
+def load_served(model_dir: Path) -> Served:
+    """The card (read as the inference core reads it, chestct.modelcard) and the reference
+    profile in `model_dir`, checked against the card's sha256."""
+    card_path = model_dir / CARD_NAME
+    try:
+        card = read_card(model_dir)[0]
+    except FileNotFoundError:
+        raise MonitorError(f"{card_path} not found; promote a model first (`make run`)") from None
+    except ValueError as exc:
+        raise MonitorError(f"{model_dir}: {exc}") from None
+    entry = card.monitoring
+    if entry is None or not isinstance(entry.file, str):
+        raise MonitorError(
+            f"{card_path} has no `monitoring` entry: the model was promoted before reference "
+            "profiles existed; rerun `dvc repro evaluate promote` to write one"
+        )
+    ref_path = model_dir / Path(entry.file).name
+    if not ref_path.is_file():
+        raise MonitorError(f"{ref_path} (card monitoring.file) is missing; promote again")
+    data = ref_path.read_bytes()
+    if entry.sha256 and sha256_bytes(data) != entry.sha256:
+        raise MonitorError(f"{ref_path} does not match monitoring.sha256 in {card_path}")
+    try:
+        reference = check_reference(json.loads(data), str(ref_path))
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as exc:
+        raise MonitorError(str(exc)) from None
+    return Served(card, reference)
+
+
+def parse_since(text: str, now: datetime | None = None) -> str:
+    """`30m`, `24h`, `7d` or an ISO time -> the ISO UTC string the audit log is compared to."""
+    now = now or datetime.now(UTC)
+    match = DURATION.match(text.strip())
+    if match:
+        amount, unit = int(match.group(1)), match.group(2)
+        delta = {"m": timedelta(minutes=amount), "h": timedelta(hours=amount)}.get(
+            unit, timedelta(days=amount)
+        )
+        return (now - delta).isoformat(timespec="milliseconds")
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise MonitorError(
+            f"--since {text!r} is neither a duration (30m, 24h, 7d) nor an ISO time "
+            "(2026-11-29T08:00:00)"
+        ) from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return when.astimezone(UTC).isoformat(timespec="milliseconds")
+
+
+def read_window(
+    db: Path, last: int | None, since: str | None, version: str | None, classes: Sequence[str]
+) -> tuple[Window, list[dict[str, Any]]]:
+    """The window's predictions and refusals from the audit log, as a monitoring.Window: with
+    `last`, the latest `last` requests, answered or refused."""
+    from chestct.monitoring.audit import AuditLog
+
+    if not db.is_file():
+        raise MonitorError(
+            f"no audit log at {db}: run the service with serving.audit_log: true "
+            "(config/config.yaml) or point --db at the file"
+        )
+    log = AuditLog(db)
+    rows = log.window(last=last, since=since, model_version=version)
+    refusals = log.refusals(last=last, since=since, model_version=version)
+    if last is not None and len(rows) + len(refusals) > last:
+        # The latest `last` of both, by time (ISO strings of one format sort as times).
+        events = sorted(
+            [(r["time"], 1, r["id"], r) for r in rows]
+            + [(r["time"], 0, r["id"], r) for r in refusals],
+            key=lambda e: e[:3],
+        )[-last:]
+        rows = [e[3] for e in events if e[1] == 1]
+        refusals = [e[3] for e in events if e[1] == 0]
+    signals: dict[str, list[float]] = {name: [] for name in SIGNAL_NAMES}
+    for row in rows:
+        for name in SIGNAL_NAMES:
+            value = row["signals"].get(name)
+            if value is not None:
+                signals[name].append(float(value))
+    feedback = []
+    for row in rows:
+        if row.get("true_label"):
+            # Stored by class name (sorted keys): back into the model's output order.
+            probs = row["probabilities"]
+            feedback.append((row["true_label"], [float(probs.get(c, 0.0)) for c in classes]))
+    times = [r["time"] for r in rows] + [r["time"] for r in refusals]
+    window = Window(
+        refused=[r["reason"] for r in refusals],
+        labels=[row["label"] for row in rows],
+        signals=signals,
+        abstain=[None if row["abstain"] is None else bool(row["abstain"]) for row in rows],
+        ood=[
+            None if row["out_of_distribution"] is None else bool(row["out_of_distribution"])
+            for row in rows
+        ],
+        start=min(times) if times else None,
+        end=max(times) if times else None,
+        feedback=feedback,
+    )
+    return window, rows
+
+
+def run_monitor(
+    *,
+    db: Path,
+    model_dir: Path,
+    out_dir: Path,
+    thresholds: Thresholds,
+    last: int | None,
+    since: str | None,
+    all_versions: bool = False,
+) -> dict[str, Any]:
+    """Compare the window with the served model's reference; write report.json/.html."""
+    served = load_served(model_dir)
+    version = None if all_versions else served.card.version
+    classes = list(served.card.classes)
+    window, _ = read_window(db, last, since, version, classes)
+    metrics = None if served.card.metrics is None else dict(served.card.metrics)
+    report = compare(served.reference, window, thresholds, classes, metrics)
+    report["model"] = {
+        "name": served.card.name,
+        "version": served.card.version,
+        "versions_included": "all" if all_versions else version,
+    }
+    report["generated_at"] = datetime.now(UTC).isoformat(timespec="seconds")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out_dir / "report.json", report)
+    atomic_write_text(out_dir / "report.html", render_html(report))
+    return report
+
+
+# --------------------------------------------------------------------------- the report
+
+
+def verdict_lines(report: dict[str, Any]) -> list[str]:
+    """The short verdict printed on the terminal."""
+    w = report["window"]
+    lines = [
+        f"chestct monitor: {report['verdict'].upper()} — {w['n']} predictions "
+        f"({w['start'] or '-'} .. {w['end'] or '-'}) of model {report['model']['name']} "
+        f"v{report['model']['version']} vs {report['reference']['n']} reference images"
+    ]
+    if report["verdict"] == "insufficient":
+        lines.append(
+            f"  too few requests to judge: {w.get('requests', w['n'])} (answered and refused), "
+            f"monitor.min_requests = {report['thresholds']['min_requests']}; nothing is judged"
+        )
+        return lines
+    refused = report["rates"].get("refused", {})
+    if w.get("refused"):
+        reasons = ", ".join(f"{k} {v}" for k, v in refused.get("reasons", {}).items())
+        lines.append(f"  {w['refused']} of {w['requests']} requests refused (422): {reasons}")
+    for name, s in report["signals"].items():
+        if not s.get("judged"):
+            continue
+        mark = row_mark(s, report["thresholds"])
+        lines.append(f"  {name:18} PSI {s['psi']:7.3f}  {s['test']} p={s['p_value']:.2g}  {mark}")
+    for flag, r in report["rates"].items():
+        if r.get("judged"):
+            mark = "DRIFT" if r["drift"] else "ok"
+            lines.append(
+                f"  {flag + ' rate':18} {r['observed']:.3f} vs expected {r['expected']:.3f}  "
+                f"p={r['p_value']:.2g}  {mark}"
+            )
+    if report["window"]["n"] < report["thresholds"]["min_requests"]:
+        lines.append(
+            f"  signals not judged: only {report['window']['n']} answered predictions "
+            f"(monitor.min_requests = {report['thresholds']['min_requests']})"
+        )
+    perf = report["performance"]
+    if perf.get("live"):
+        live, test = perf["live"], perf["test"]
+        mark = "DEGRADED" if perf.get("degraded") else ("ok" if perf["judged"] else "not judged")
+        lines.append(
+            f"  live on {perf['labelled']} labelled: accuracy {live['accuracy']:.3f}, "
+            f"balanced accuracy {live['balanced_accuracy']:.3f}, macro-F1 "
+            f"{live['macro_f1']:.3f} (test {_fmt(test.get('macro_f1'))})  {mark}"
+        )
+    if report.get("not_in_reference"):
+        lines.append(
+            f"  not judged, absent from this model's reference.json (fitted by an older "
+            f"chestct): {', '.join(report['not_in_reference'])}; `dvc repro evaluate promote` "
+            "fits them"
+        )
+    if report["drifted"]:
+        lines.append(f"  drifted: {', '.join(report['drifted'])}")
+    return lines
+
+
+def row_mark(s: dict[str, Any], t: dict[str, Any]) -> str:
+    """DRIFT, ok, or why a large PSI is not drift (its test is not significant)."""
+    if s["drift"]:
+        return "DRIFT"
+    if s["psi"] >= t["psi"] and s["p_value"] >= t["p_value"]:
+        return f"not significant (PSI >= {t['psi']:g} but p >= {t['p_value']:g})"
+    return "ok"
+
+
+def _fmt(value: Any) -> str:
+    return "-" if value is None else f"{float(value):.3f}"
+
+
+def _png_b64(labels: Sequence[str], ref: Sequence[float], win: Sequence[float], title: str) -> str:
+    """Reference vs window fractions per bin (chestct.evaluation.plots), as base64 PNG for the
+    page."""
+    from chestct.evaluation.plots import shares_png
+
+    return base64.b64encode(shares_png(labels, ref, win, title)).decode("ascii")
+
+
+def _bin_labels(edges: Sequence[float]) -> list[str]:
+    labels, lower = [], None
+    for edge in edges:
+        labels.append(f"≤{edge:g}" if lower is None else f"{lower:g}–{edge:g}")
+        lower = edge
+    labels.append(f">{edges[-1]:g}")
+    return labels
+
+
+def render_html(report: dict[str, Any]) -> str:
+    """One self-contained HTML page: verdict, the rule, a table per kind and the pictures in a
+    grid; laid out for a 1280 px screen and narrower."""
+    esc = html.escape
+    t = report["thresholds"]
+    rows, figures = [], []
+    for name, s in report["signals"].items():
+        if not s.get("judged"):
+            shown = "" if "psi" not in s else f"PSI {s['psi']:.3f}, p {s['p_value']:.3g}; "
+            rows.append(
+                f"<tr><td>{esc(name)}</td><td colspan=5>not judged: {esc(shown + s['why'])}"
+                "</td></tr>"
+            )
+            continue
+        mark = row_mark(s, t)
+        rows.append(
+            f"<tr class='{'drift' if s['drift'] else ''}'><td>{esc(name)}</td>"
+            f"<td>{s['psi']:.3f}</td><td>{esc(s['test'])}</td><td>{s['p_value']:.3g}</td>"
+            f"<td>{s['n']}</td><td>{esc(mark)}</td></tr>"
+        )
+    for name, s in report["signals"].items():
+        if "reference_fractions" not in s:
+            continue
+        labels = s["categories"] if name == CLASS_SIGNAL else _bin_labels(BY_NAME[name].edges)
+        png = _png_b64(
+            labels, s["reference_fractions"], s["window_fractions"], f"{name}: {s['help']}"
+        )
+        figures.append(
+            f"<figure><img alt='{esc(name)}: reference vs window' "
+            f"src='data:image/png;base64,{png}'><figcaption>{esc(name)}: PSI {s['psi']:.3f}"
+            f"</figcaption></figure>"
+        )
+    rate_rows = []
+    for flag, r in report["rates"].items():
+        reasons = r.get("reasons")
+        why = "" if not reasons else "; ".join(f"{k}: {v}" for k, v in reasons.items())
+        if r.get("judged"):
+            rate_rows.append(
+                f"<tr class='{'drift' if r['drift'] else ''}'><td>{esc(flag)}</td>"
+                f"<td>{r['observed']:.3f} ({r['count']} of {r['n']})</td>"
+                f"<td>{r['expected']:.3f}</td><td>{r['p_value']:.3g}</td>"
+                f"<td>{'DRIFT' if r['drift'] else 'ok'}</td><td>{esc(why)}</td></tr>"
+            )
+        else:
+            rate_rows.append(
+                f"<tr><td>{esc(flag)}</td><td colspan=4>not judged ({r['n']} counted)</td>"
+                f"<td>{esc(why)}</td></tr>"
+            )
+    perf = report["performance"]
+    if perf.get("live"):
+        perf_html = "".join(
+            f"<tr><td>{k}</td><td>{perf['live'][k]:.3f}</td><td>{_fmt(perf['test'].get(k))}"
+            "</td></tr>"
+            for k in ("accuracy", "balanced_accuracy", "macro_f1")
+        )
+        perf_html = (
+            f"<p>{perf['labelled']} labelled predictions"
+            f"{'' if perf['judged'] else ' (too few to judge)'}"
+            f"{'; DEGRADED' if perf.get('degraded') else ''}.</p>"
+            f"<table><tr><th>metric</th><th>live</th><th>test (card)</th></tr>{perf_html}</table>"
+        )
+    else:
+        perf_html = "<p>No labelled predictions in the window (POST /feedback).</p>"
+    lines = "\n".join(esc(line) for line in verdict_lines(report))
+    if report["verdict"] == "insufficient":
+        judged = "<p>Too few requests: nothing is judged, and no row reads drift.</p>"
+    else:
+        judged = ""
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>chestct monitor: {esc(report["verdict"])}</title>
+<style>
+* {{ box-sizing: border-box; }}
+body {{ font-family: system-ui, sans-serif; max-width: 76rem; margin: 1.5rem auto;
+        padding: 0 1rem; }}
+table {{ border-collapse: collapse; margin: .5rem 0 1rem; max-width: 100%; }}
+td, th {{ border: 1px solid #ccc; padding: .2rem .6rem; text-align: left; }}
+tr.drift td {{ background: #f6d7a7; }}
+#figures {{ display: grid; grid-template-columns: repeat(auto-fill, minmax(22rem, 1fr));
+            gap: .75rem; }}
+figure {{ margin: 0; min-width: 0; }}
+figure img {{ width: 100%; height: auto; display: block; }}
+pre {{ background: #f4f4f4; padding: .6rem; white-space: pre-wrap;
+       overflow-wrap: anywhere; }}
+#rule {{ background: #eef3fb; padding: .6rem; }}
+</style></head><body>
+<h1>chestct monitor: {esc(report["verdict"])}</h1>
+<pre id="verdict">{lines}</pre>
+<p id="rule"><strong>Rule.</strong> {esc(report["rule"])}</p>
+{judged}
+<h2>Signals</h2>
+<table><tr><th>signal</th><th>PSI</th><th>test</th><th>p-value</th><th>n</th><th></th></tr>
+{"".join(rows)}</table>
+<h2>Refused, abstain and out-of-distribution rates</h2>
+<table><tr><th>flag</th><th>observed</th><th>expected</th><th>p-value</th><th></th>
+<th>reasons</th></tr>
+{"".join(rate_rows)}</table>
+<h2>Live performance (labelled through POST /feedback)</h2>
+{perf_html}
+<h2>Distributions: reference (valid + test) vs window</h2>
+<div id="figures">{"".join(figures)}</div>
+<p>Thresholds: {esc(json.dumps(t))}. Generated {esc(report["generated_at"])}.
+Research software; not a medical device.</p>
+</body></html>
+"""
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `python -m chestct.monitoring.monitor`; returns the exit status."""
+    parser = argparse.ArgumentParser(
+        prog="python -m chestct.monitoring.monitor",
+        description="Compare served predictions (audit log) with the model's reference profile.",
+    )
+    parser.add_argument("--last", type=int, help="the latest N predictions")
+    parser.add_argument("--since", help="predictions since a duration ago (30m, 24h, 7d) or ISO")
+    parser.add_argument("--db", type=Path, help="audit log (default: serving.audit_db)")
+    parser.add_argument("--model-dir", type=Path, help="served model folder (default: model/)")
+    parser.add_argument("--out", type=Path, help="report folder (default: monitor.report_dir)")
+    parser.add_argument(
+        "--all-versions",
+        action="store_true",
+        help="include predictions of earlier model versions (default: the served one only)",
+    )
+    args = parser.parse_args(argv)
+
+    from chestct.settings import SettingsError, load_settings
+
+    try:
+        if args.last is not None and args.last < 1:
+            raise MonitorError(f"--last must be at least 1, got {args.last}")
+        settings = load_settings()
+        cfg = settings.config.monitor
+        root = settings.paths.root
+        since = parse_since(args.since) if args.since else None
+        last = args.last if args.last is not None else (None if since else cfg.window_requests)
+        report = run_monitor(
+            db=args.db or settings.paths.audit_db or root / settings.config.serving.audit_db,
+            model_dir=args.model_dir or settings.paths.model,
+            out_dir=args.out or root / cfg.report_dir,
+            thresholds=Thresholds(
+                psi=cfg.psi_threshold,
+                p_value=cfg.p_value,
+                rate_margin=cfg.rate_margin,
+                min_requests=cfg.min_requests,
+                min_labelled=cfg.min_labelled,
+                performance_drop=cfg.performance_drop,
+            ),
+            last=last,
+            since=since,
+            all_versions=args.all_versions,
+        )
+    except (MonitorError, SettingsError) as exc:
+        print(f"chestct monitor: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    print("\n".join(verdict_lines(report)))
+    out = args.out or settings.paths.root / settings.config.monitor.report_dir
+    print(f"  report: {out / 'report.html'} and report.json")
+    return EXIT_BY_VERDICT[report["verdict"]]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

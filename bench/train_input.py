@@ -92,7 +92,7 @@ def main() -> None:
     import keras
 
     from chestct.model.modeling import augmenter, build_model, label_indices, make_dataset
-    from chestct.stages.train import _compile
+    from chestct.model.training import compile_model
 
     params = BaseModelParams(filters=[int(f) for f in args.filters.split(",")])
     train = TrainParams(batch_size=args.batch_size)
@@ -102,7 +102,7 @@ def main() -> None:
 
         def fresh() -> keras.Model:
             model = build_model(params, args.size, seed=0)
-            _compile(model, train, train.learning_rate)
+            compile_model(model, train, train.learning_rate)
             return model
 
         x = np.stack([cv2.imread(str(p), cv2.IMREAD_GRAYSCALE) for p in paths])

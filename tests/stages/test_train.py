@@ -17,7 +17,8 @@ import pandas as pd
 import pytest
 
 from chestct.labels import CLASSES
-from chestct.model.modeling import build_model, label_indices, make_dataset
+from chestct.model.inputs import make_dataset
+from chestct.model.modeling import build_model, label_indices
 from chestct.runner import StageFailed
 from chestct.settings import (
     AugmentParams,
@@ -270,7 +271,7 @@ def test_train_returns_history_and_model(trained, tiny_data) -> None:
 
 
 def test_train_returns_the_best_weights(trained, tiny_data) -> None:
-    from chestct.model.modeling import make_dataset
+    from chestct.model.inputs import make_dataset
 
     result = trained[0]
     root, data = tiny_data

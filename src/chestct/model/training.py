@@ -21,11 +21,10 @@ from sklearn.utils.class_weight import compute_class_weight
 
 from chestct.model.callbacks import BestWeights, EpochLogger, EpochSink, callbacks
 from chestct.model.fitting import TrainingError, distribution_strategy, fit, gpu_present
+from chestct.model.inputs import augmenter, make_dataset
 from chestct.model.modeling import (
-    augmenter,
     label_indices,
     load_model,
-    make_dataset,
     merge_members,
     reinitialised,
     set_seed,

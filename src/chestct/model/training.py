@@ -156,7 +156,23 @@ def train_members(
         strategy: the tf.distribute strategy, when the caller made it (multi-worker
             collectives must be set up before other TF work); else one for params.strategy.
     """
-    run = _prepare(base_model, train, valid, params, seed, root, on_epoch, strategy)
+    strategy, use_mixed = _prepare(params, seed, strategy)
+    valid_paths = [root / p for p in valid["path"]]
+    run = _Run(
+        base_model=base_model,
+        train=train,
+        root=root,
+        weights=class_weights(train["label"], params.class_weights),
+        recalibration=_recalibration_batches(train, params, seed, root),
+        valid_ds=make_dataset(valid_paths, list(valid["label"]), params.batch_size, one_hot=True),
+        params=params,
+        strategy=strategy,
+        use_mixed=use_mixed,
+        on_epoch=on_epoch,
+    )
+    if params.fine_tune.unfreeze_top > 0:
+        with strategy.scope():
+            backbone_of(load_model(base_model), params.fine_tune.unfreeze_top)  # refuse first
     rows: list[dict[str, float]] = []
     members: list[keras.Model] = []
     member_details: list[dict[str, Any]] = []
@@ -168,7 +184,21 @@ def train_members(
         member_details.append(detail)
 
     model = merge_members(members)
-    details = {
+    return TrainResult(
+        model=model,
+        history=pd.DataFrame(rows),
+        best_epoch=member_details[0]["best_epoch"],
+        best_value=float(np.mean([m["best_value"] for m in member_details])),
+        details=_details(run, model, member_details, opened),
+    )
+
+
+def _details(
+    run: _Run, model: keras.Model, member_details: list[dict[str, Any]], opened: int
+) -> dict[str, Any]:
+    """How the model was trained: strategy, precision, members, fine-tuning, size."""
+    params = run.params
+    return {
         "strategy": params.strategy,
         "replicas": int(run.strategy.num_replicas_in_sync),
         "mixed_precision": run.use_mixed,
@@ -179,27 +209,13 @@ def train_members(
         "fine_tune_layers": opened,
         "trainable_parameters": int(sum(np.prod(w.shape) for w in model.trainable_weights)),
     }
-    return TrainResult(
-        model=model,
-        history=pd.DataFrame(rows),
-        best_epoch=member_details[0]["best_epoch"],
-        best_value=float(np.mean([m["best_value"] for m in member_details])),
-        details=details,
-    )
 
 
 def _prepare(
-    base_model: Path,
-    train: pd.DataFrame,
-    valid: pd.DataFrame,
-    params: TrainParams,
-    seed: int,
-    root: Path,
-    on_epoch: EpochSink | None,
-    strategy: tf.distribute.Strategy | None,
-) -> _Run:
-    """Strategy, precision, class weights and the datasets every member shares; a fine-tuning
-    setting the base model cannot honour is refused before any training."""
+    params: TrainParams, seed: int, strategy: tf.distribute.Strategy | None
+) -> tuple[tf.distribute.Strategy, bool]:
+    """The distribution strategy and whether to train in mixed precision; determinism and
+    the seed set."""
     if strategy is None:
         strategy = distribution_strategy(params.strategy)
     if params.deterministic:
@@ -208,33 +224,20 @@ def _prepare(
     use_mixed = params.mixed_precision and gpu_present()
     if params.mixed_precision and not use_mixed:
         log.warning("train.mixed_precision: no GPU present, training in float32")
+    return strategy, use_mixed
 
-    weights = class_weights(train["label"], params.class_weights)
-    recalibration = None
-    if params.bn_recalibration > 0:
-        # A fixed, seeded sample that mixes the classes; read whole each time, so it caches.
-        sample = train.sample(frac=1.0, random_state=seed)
-        sample = sample.iloc[: params.bn_recalibration * params.batch_size]
-        recalibration = make_dataset(
-            [root / p for p in sample["path"]], list(sample["label"]), params.batch_size
-        )
-    valid_ds = make_dataset(
-        [root / p for p in valid["path"]], list(valid["label"]), params.batch_size, one_hot=True
-    )
-    if params.fine_tune.unfreeze_top > 0:
-        with strategy.scope():
-            backbone_of(load_model(base_model), params.fine_tune.unfreeze_top)  # refuse first
-    return _Run(
-        base_model=base_model,
-        train=train,
-        root=root,
-        params=params,
-        strategy=strategy,
-        use_mixed=use_mixed,
-        weights=weights,
-        recalibration=recalibration,
-        valid_ds=valid_ds,
-        on_epoch=on_epoch,
+
+def _recalibration_batches(
+    train: pd.DataFrame, params: TrainParams, seed: int, root: Path
+) -> tf.data.Dataset | None:
+    """The clean batches batch-norm statistics are re-estimated on (train.bn_recalibration)."""
+    if params.bn_recalibration <= 0:
+        return None
+    # A fixed, seeded sample that mixes the classes; read whole each time, so it caches.
+    sample = train.sample(frac=1.0, random_state=seed)
+    sample = sample.iloc[: params.bn_recalibration * params.batch_size]
+    return make_dataset(
+        [root / p for p in sample["path"]], list(sample["label"]), params.batch_size
     )
 
 

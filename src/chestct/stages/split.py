@@ -28,15 +28,13 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from chestct.data.manifest import INGEST_COLUMNS, read_manifest, write_manifest
 from chestct.data.similarity import thumbnails
 from chestct.data.splitting import SplitError, SplitSummary, grey_of, split_manifest
 from chestct.pointers import read_pointer
-from chestct.runner import StageFailed, run_main, stage_session
-from chestct.settings import SplitParams
+from chestct.runner import run_main, stage_session, stops_stage
 
 log = logging.getLogger(__name__)
 
@@ -44,19 +42,8 @@ _LISTED = 10  # files named per identity in the pointer
 DROPPED_COLUMNS: tuple[str, ...] = ("split", "label", "source_path", "sha256", "kept_in", "reason")
 
 
-def run_split(
-    ingest_manifest: pd.DataFrame,
-    params: SplitParams,
-    seed: int,
-    thumbs: np.ndarray | None = None,
-) -> tuple[dict[str, pd.DataFrame], SplitSummary]:
-    """Split the ingest manifest (chestct.data.splitting.split_manifest, whose arguments these
-    are); returns one frame per split (ingest columns) and a summary. A source that cannot be
-    split as asked stops the stage."""
-    try:
-        return split_manifest(ingest_manifest, params, seed, thumbs)
-    except SplitError as exc:
-        raise StageFailed(str(exc)) from None
+# The stage's work: chestct.data.splitting.split_manifest, a SplitError stopping the stage.
+run_split = stops_stage(SplitError)(split_manifest)
 
 
 def main() -> None:

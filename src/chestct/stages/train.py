@@ -23,7 +23,6 @@ from chestct.data.manifest import DATASET_COLUMNS, read_manifest, write_manifest
 from chestct.evaluation.plots import plot_history
 from chestct.evaluation.selection import cnn_temperature, fit_texture_on, texture_spec
 from chestct.labels import CLASSES
-from chestct.model.callbacks import EpochSink
 from chestct.model.distributed import WorkerRole, worker_role
 from chestct.model.families import ENSEMBLE_FILE, TEXTURE_FILE, write_ensemble
 from chestct.model.fitting import TrainingError, distribution_strategy
@@ -32,29 +31,15 @@ from chestct.model.texture import TextureError, TextureModel
 from chestct.model.texture import save as save_texture
 from chestct.model.training import TrainResult, train_members
 from chestct.pointers import Pointer, read_pointer
-from chestct.runner import StageFailed, StageSession, run_main, stage_session
-from chestct.settings import Paths, TrainParams, load_settings
+from chestct.runner import StageFailed, StageSession, run_main, stage_session, stops_stage
+from chestct.settings import Paths, load_settings
 
 log = logging.getLogger(__name__)
 
 
-def run_train(
-    base_model: Path,
-    train: pd.DataFrame,
-    valid: pd.DataFrame,
-    params: TrainParams,
-    seed: int,
-    root: Path,
-    on_epoch: EpochSink | None = None,
-    strategy: tf.distribute.Strategy | None = None,
-) -> TrainResult:
-    """Fit the base model (chestct.model.training.train_members, whose arguments these are);
-    returns it with the best validation weights restored. A setting training cannot honour
-    stops the stage with the message that names it."""
-    try:
-        return train_members(base_model, train, valid, params, seed, root, on_epoch, strategy)
-    except TrainingError as exc:
-        raise StageFailed(str(exc)) from None
+# The stage's work: chestct.model.training.train_members (the model with the best validation
+# weights, its history and details); a setting training cannot honour stops the stage.
+run_train = stops_stage(TrainingError)(train_members)
 
 
 def _inputs(paths: Paths) -> tuple[Pointer, Pointer, pd.DataFrame, pd.DataFrame]:

@@ -38,39 +38,14 @@ from chestct.evaluation.plots import (
 )
 from chestct.fsutil import atomic_write_json, atomic_write_text
 from chestct.pointers import read_pointer
-from chestct.runner import StageFailed, StageSession, run_main, stage_session
-from chestct.settings import ValidateParams
+from chestct.runner import StageFailed, StageSession, run_main, stage_session, stops_stage
 
 log = logging.getLogger(__name__)
 
 
-def run_validate(
-    manifests: dict[str, pd.DataFrame],
-    index: pd.DataFrame,
-    params: ValidateParams,
-    *,
-    seed: int = 0,
-    skipped: list[dict[str, str]] | None = None,
-    acquisition: pd.DataFrame | None = None,
-    root: Path | None = None,
-    near_copy_similarity: float = 0.9,
-) -> tuple[dict[str, pd.DataFrame], Report]:
-    """Run the checks (chestct.data.validation.validate_splits, whose arguments these are);
-    returns per-split datasets (decodable, not quarantined) and the report. Misconfigured
-    checks stop the stage."""
-    try:
-        return validate_splits(
-            manifests,
-            index,
-            params,
-            seed=seed,
-            skipped=skipped,
-            acquisition=acquisition,
-            root=root,
-            near_copy_similarity=near_copy_similarity,
-        )
-    except ChecksError as exc:
-        raise StageFailed(str(exc)) from None
+# The stage's work: chestct.data.validation.validate_splits (per-split datasets, decodable and
+# not quarantined, and the report); misconfigured checks (ChecksError) stop the stage.
+run_validate = stops_stage(ChecksError)(validate_splits)
 
 
 def write_pictures(report: Report, out_dir: Path, root: Path) -> dict[str, str]:

@@ -354,9 +354,9 @@ def _extract_zip(archive: Path, target: Path, limits: SourceLimits) -> None:
             try:
                 if info.is_dir():
                     dest.mkdir(parents=True, exist_ok=True)
-                    continue
-                with zf.open(info) as src:
-                    _write_member(src.read, dest, info.file_size, info.filename, archive)
+                else:
+                    with zf.open(info) as src:
+                        _write_member(src.read, dest, info.file_size, info.filename, archive)
             except (zipfile.BadZipFile, EOFError, zipfile.LargeZipFile, ValueError) as exc:
                 raise SourceError(f"{archive}: corrupt zip archive ({exc})") from None
             except OSError as exc:

@@ -117,6 +117,7 @@ class Report:
 
 
 def _finding_lines(f: Finding) -> list[str]:
+    """One finding: severity, check and message, the files it names and its picture."""
     note = ""
     if f.quarantined:
         note = f" ({f.quarantined} file(s) quarantined{'; resolved' if f.resolved else ''})"
@@ -131,6 +132,7 @@ def _finding_lines(f: Finding) -> list[str]:
 
 
 def _novelty_lines(novelty: dict[str, Any], pictures: dict[str, str]) -> list[str]:
+    """How close each split's slices come to train (chestct.data.content_checks)."""
     lines = [
         "",
         "## Near-copies of train",
@@ -147,12 +149,11 @@ def _novelty_lines(novelty: dict[str, Any], pictures: dict[str, str]) -> list[st
             for k, v in novelty.items()
         ),
     ]
-    if "novelty" in pictures:
-        lines += ["", f"![novelty]({pictures['novelty']})"]
-    return lines
+    return lines + _pictures(pictures, "novelty")
 
 
 def _shortcut_lines(s: dict[str, Any], pictures: dict[str, str]) -> list[str]:
+    """What the shortcut detector scored, in all and per family and feature."""
     lines = [
         "",
         "## Shortcut detector",
@@ -182,35 +183,13 @@ def _shortcut_lines(s: dict[str, Any], pictures: dict[str, str]) -> list[str]:
             "|---|---|",
             *(f"| `{k}` | {v:.2f} |" for k, v in s["by_feature"].items()),
         ]
-    if "shortcut" in pictures:
-        lines += ["", f"![shortcut]({pictures['shortcut']})"]
-    if "acquisition" in pictures:
-        lines += ["", f"![acquisition]({pictures['acquisition']})"]
+    return lines + _pictures(pictures, "shortcut", "acquisition")
+
+
+def _pictures(pictures: dict[str, str], *names: str) -> list[str]:
+    """The named pictures the report has, each after a blank line."""
+    lines: list[str] = []
+    for name in names:
+        if name in pictures:
+            lines += ["", f"![{name}]({pictures[name]})"]
     return lines
-
-
-def fails(report: Report, fail_on: str) -> bool:
-    """True when the report's worst unresolved severity reaches `fail_on` (never: False)."""
-    if fail_on == "never":
-        return False
-    return SEVERITY_RANK[report.worst] >= SEVERITY_RANK[fail_on]
-
-
-def quarantine(findings: list[Finding]) -> dict[Any, list[str]]:
-    """Frame row -> the checks that leave it out (`validate.quarantine: true`).
-
-    Only warnings and errors quarantine; a finding whose files all leave is marked resolved, so
-    that it no longer counts towards `validate.fail_on`.
-    """
-    rows: dict[Any, list[str]] = {}
-    for finding in findings:
-        if SEVERITY_RANK[finding.severity] < SEVERITY_RANK["warning"]:
-            continue
-        if finding.rows or finding.check == "undecodable":
-            for row in finding.rows:
-                rows.setdefault(row, []).append(finding.check)
-            finding.quarantined = len(
-                finding.files if finding.check == "undecodable" else set(finding.rows)
-            )
-            finding.resolved = True
-    return rows

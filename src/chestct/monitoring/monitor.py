@@ -196,21 +196,7 @@ def run_monitor(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `python -m chestct.monitoring.monitor`; returns the exit status."""
-    parser = argparse.ArgumentParser(
-        prog="python -m chestct.monitoring.monitor",
-        description="Compare served predictions (audit log) with the model's reference profile.",
-    )
-    parser.add_argument("--last", type=int, help="the latest N predictions")
-    parser.add_argument("--since", help="predictions since a duration ago (30m, 24h, 7d) or ISO")
-    parser.add_argument("--db", type=Path, help="audit log (default: serving.audit_db)")
-    parser.add_argument("--model-dir", type=Path, help="served model folder (default: model/)")
-    parser.add_argument("--out", type=Path, help="report folder (default: monitor.report_dir)")
-    parser.add_argument(
-        "--all-versions",
-        action="store_true",
-        help="include predictions of earlier model versions (default: the served one only)",
-    )
-    args = parser.parse_args(argv)
+    args = _arguments(argv)
 
     from chestct.settings import SettingsError, load_settings
 
@@ -245,6 +231,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = args.out or settings.paths.root / settings.config.monitor.report_dir
     print(f"  report: {out / 'report.html'} and report.json")
     return EXIT_BY_VERDICT[report["verdict"]]
+
+
+def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The command line, parsed."""
+    parser = argparse.ArgumentParser(
+        prog="python -m chestct.monitoring.monitor",
+        description="Compare served predictions (audit log) with the model's reference profile.",
+    )
+    parser.add_argument("--last", type=int, help="the latest N predictions")
+    parser.add_argument("--since", help="predictions since a duration ago (30m, 24h, 7d) or ISO")
+    parser.add_argument("--db", type=Path, help="audit log (default: serving.audit_db)")
+    parser.add_argument("--model-dir", type=Path, help="served model folder (default: model/)")
+    parser.add_argument("--out", type=Path, help="report folder (default: monitor.report_dir)")
+    parser.add_argument(
+        "--all-versions",
+        action="store_true",
+        help="include predictions of earlier model versions (default: the served one only)",
+    )
+    return parser.parse_args(argv)
 
 
 if __name__ == "__main__":

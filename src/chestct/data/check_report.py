@@ -193,3 +193,30 @@ def _pictures(pictures: dict[str, str], *names: str) -> list[str]:
         if name in pictures:
             lines += ["", f"![{name}]({pictures[name]})"]
     return lines
+
+
+def fails(report: Report, fail_on: str) -> bool:
+    """True when the report's worst unresolved severity reaches `fail_on` (never: False)."""
+    if fail_on == "never":
+        return False
+    return SEVERITY_RANK[report.worst] >= SEVERITY_RANK[fail_on]
+
+
+def quarantine(findings: list[Finding]) -> dict[Any, list[str]]:
+    """Frame row -> the checks that leave it out (`validate.quarantine: true`).
+
+    Only warnings and errors quarantine; a finding whose files all leave is marked resolved, so
+    that it no longer counts towards `validate.fail_on`.
+    """
+    rows: dict[Any, list[str]] = {}
+    for finding in findings:
+        if SEVERITY_RANK[finding.severity] < SEVERITY_RANK["warning"]:
+            continue
+        if finding.rows or finding.check == "undecodable":
+            for row in finding.rows:
+                rows.setdefault(row, []).append(finding.check)
+            finding.quarantined = len(
+                finding.files if finding.check == "undecodable" else set(finding.rows)
+            )
+            finding.resolved = True
+    return rows

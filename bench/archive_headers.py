@@ -27,7 +27,8 @@ MB = 1024 * 1024
 CHILD = """
 import resource, sys, time
 from pathlib import Path
-from chestct.data.sources import SourceError, safe_extract
+from chestct.data.archives import safe_extract
+from chestct.data.source_limits import SourceError
 start = time.perf_counter()
 try:
     safe_extract(Path(sys.argv[1]), Path(sys.argv[2]))

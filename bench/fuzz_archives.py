@@ -1,4 +1,4 @@
-"""Structured fuzzing of ingest's archive unpacking (chestct.data.sources.safe_extract).
+"""Structured fuzzing of ingest's archive unpacking (chestct.data.archives.safe_extract).
 
 Hypothesis draws tar and zip archives header by header rather than as random bytes: tar
 members of every type (file, folder, symbolic and hard link, character and block device, FIFO,
@@ -48,7 +48,8 @@ from hypothesis import strategies as st
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from chestct.data.sources import SourceError, SourceLimits, safe_extract  # noqa: E402
+from chestct.data.archives import safe_extract  # noqa: E402
+from chestct.data.source_limits import SourceError, SourceLimits  # noqa: E402
 
 MB = 1024 * 1024
 PEAK_LIMIT_MB = 16.0

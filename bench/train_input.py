@@ -10,7 +10,7 @@ the graph and fills the cache):
 
 - in-memory: model.fit() on decoded images held as one float32 array (the compute limit:
   nothing left to do but the training step);
-- pipeline: chestct.model.modeling.make_dataset as train uses it (decode, cache, shuffle, batch,
+- pipeline: chestct.model.inputs.make_dataset as train uses it (decode, cache, shuffle, batch,
   augmentation with the default train.augment, prefetch);
 - pipeline without augmentation: the same, with augmentation off, to show what it costs;
 - pipeline with shift augmentation: the default plus every acquisition-shift transform.
@@ -91,8 +91,9 @@ def main() -> None:
 
     import keras
 
-    from chestct.model.modeling import augmenter, build_model, label_indices, make_dataset
-    from chestct.stages.train import _compile
+    from chestct.model.inputs import augmenter, make_dataset
+    from chestct.model.modeling import build_model, label_indices
+    from chestct.model.training import compile_model
 
     params = BaseModelParams(filters=[int(f) for f in args.filters.split(",")])
     train = TrainParams(batch_size=args.batch_size)
@@ -102,7 +103,7 @@ def main() -> None:
 
         def fresh() -> keras.Model:
             model = build_model(params, args.size, seed=0)
-            _compile(model, train, train.learning_rate)
+            compile_model(model, train, train.learning_rate)
             return model
 
         x = np.stack([cv2.imread(str(p), cv2.IMREAD_GRAYSCALE) for p in paths])

@@ -5,15 +5,16 @@ knows none of this.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from chestct.data.manifest import ManifestError
 from chestct.fsutil import reset_dir, sha256_file
@@ -61,6 +62,33 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
 
 class StageFailed(RuntimeError):
     """A stage stopped for a reason the user can fix; the message says which and how."""
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def stops_stage(
+    *errors: type[Exception],
+) -> Callable[[Callable[_P, _R]], Callable[_P, _R]]:
+    """A library function as a stage's run_<stage>(): the library's own errors, which name
+    the problem and the fix, stop the stage as StageFailed with the same message.
+
+    A library room cannot raise StageFailed (it sits below the runner), so a stage wraps the
+    function that does its work: `run_split = stops_stage(SplitError)(split_manifest)`.
+    """
+
+    def wrap(function: Callable[_P, _R]) -> Callable[_P, _R]:
+        @functools.wraps(function)
+        def run(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+            try:
+                return function(*args, **kwargs)
+            except errors as exc:
+                raise StageFailed(str(exc)) from None
+
+        return run
+
+    return wrap
 
 
 def configure_logging(log_file: Path) -> None:

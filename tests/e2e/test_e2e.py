@@ -112,8 +112,8 @@ def test_monitor_agrees_with_evaluates_reference(project, tmp_path: Path) -> Non
 
     from chestct.data.synthetic import dataset_slice, render_slice
     from chestct.fsutil import sha256_file
+    from chestct.monitoring.drift import Thresholds
     from chestct.monitoring.monitor import run_monitor
-    from chestct.monitoring.signals import Thresholds
     from chestct.serving import create_app
 
     root, _ = project

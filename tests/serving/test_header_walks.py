@@ -78,7 +78,7 @@ def test_each_upload_is_parsed_once(monkeypatch: pytest.MonkeyPatch) -> None:
     from chestct.serving import inputs
 
     calls = {"jpeg": 0, "dicom": 0}
-    walk, read = headers.jpeg_info, dicom._read_dicom
+    walk, read = headers.jpeg_info, dicom.read_dicom
 
     def counted_walk(data):
         calls["jpeg"] += 1
@@ -89,7 +89,7 @@ def test_each_upload_is_parsed_once(monkeypatch: pytest.MonkeyPatch) -> None:
         return read(data, limits)
 
     monkeypatch.setattr(headers, "jpeg_info", counted_walk)
-    monkeypatch.setattr(dicom, "_read_dicom", counted_read)
+    monkeypatch.setattr(dicom, "read_dicom", counted_read)
     from model_folder import dicom_bytes
 
     for fmt, data in (("jpeg", real_jpeg()), ("dicom", dicom_bytes(1))):

@@ -524,8 +524,8 @@ def test_report_states_its_rule_and_marks_large_but_insignificant_shifts(
 ) -> None:
     """A PSI over the threshold whose test is not significant is not drift, and the row says
     why instead of "ok" (before: rows at PSI 0.80-0.84 read "ok"); the page states the rule."""
-    from chestct.monitoring.monitor import render_html, row_mark, verdict_lines
-    from chestct.monitoring.signals import Thresholds, rule_text
+    from chestct.monitoring.drift import Thresholds, rule_text
+    from chestct.monitoring.drift_report import render_html, row_mark, verdict_lines
 
     t = Thresholds()
     shift = {"psi": 0.82, "p_value": 0.2, "drift": False}
@@ -806,7 +806,8 @@ def test_an_older_reference_without_acquisition_signals_still_monitors(
 
 def test_not_in_reference_lists_only_signals_the_window_measured() -> None:
     """A model without an OOD head measures no ood_ratio: that is no older reference."""
-    from chestct.monitoring.signals import Thresholds, Window, compare, image_signals
+    from chestct.monitoring.drift import Thresholds, Window, compare
+    from chestct.monitoring.signals import image_signals
 
     rng = np.random.default_rng(1)
     greys = [ct_slice(60_000 + i, size=128) for i in range(60)]

@@ -32,7 +32,7 @@ def test_base_model_writes_the_family(tmp_path: Path) -> None:
 
 
 def test_texture_spec_from_family_json() -> None:
-    from chestct.stages.train import texture_spec
+    from chestct.evaluation.selection import texture_spec
 
     assert texture_spec({**TextureParams().__dict__, "max_iter": 5}).max_iter == 5
     assert texture_spec(TextureParams()) == texture.ClassifierSpec()
@@ -40,10 +40,10 @@ def test_texture_spec_from_family_json() -> None:
 
 @pytest.fixture(scope="module")
 def texture_model(tiny_data, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from chestct.stages.train import run_train_texture
+    from chestct.evaluation.selection import fit_texture_on
 
     root, data = tiny_data
-    model, figures = run_train_texture(data["train"], data["valid"], SPEC, 0, root, IMAGE_SIZE)
+    model, figures = fit_texture_on(data["train"], data["valid"], SPEC, 0, root, IMAGE_SIZE)
     assert 1 <= figures["iterations"] <= SPEC.max_iter
     assert model.temperature > 0
     return texture.save(model, tmp_path_factory.mktemp("texture-train") / families.TEXTURE_FILE)

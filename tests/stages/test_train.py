@@ -17,7 +17,8 @@ import pandas as pd
 import pytest
 
 from chestct.labels import CLASSES
-from chestct.model.modeling import build_model, label_indices, make_dataset
+from chestct.model.inputs import make_dataset
+from chestct.model.modeling import build_model, label_indices
 from chestct.runner import StageFailed
 from chestct.settings import (
     AugmentParams,
@@ -94,7 +95,7 @@ def test_best_checkpoint_by_validation_macro_f1_with_adamw_and_smoothing(
 def test_batch_norm_statistics_are_re_estimated_on_clean_batches() -> None:
     import tensorflow as tf
 
-    from chestct.stages.train import RecalibrateBatchNorm
+    from chestct.model.callbacks import RecalibrateBatchNorm
 
     inputs = keras.Input((2,))
     outputs = keras.layers.BatchNormalization(momentum=0.99, name="bn")(inputs)
@@ -163,7 +164,7 @@ def test_fine_tuning_opens_only_the_top_of_a_frozen_backbone(data, tmp_path: Pat
 
 
 def test_unfreeze_top_keeps_batch_norm_and_lower_layers_frozen() -> None:
-    from chestct.stages.train import unfreeze_top
+    from chestct.model.training import unfreeze_top
 
     model = build_model(BaseModelParams(architecture="mobilenet_v3_small"), SIZE, 0)
     backbone = model.get_layer("backbone")
@@ -270,7 +271,7 @@ def test_train_returns_history_and_model(trained, tiny_data) -> None:
 
 
 def test_train_returns_the_best_weights(trained, tiny_data) -> None:
-    from chestct.model.modeling import make_dataset
+    from chestct.model.inputs import make_dataset
 
     result = trained[0]
     root, data = tiny_data
@@ -289,7 +290,7 @@ def test_train_changes_the_weights(trained, base_model: Path) -> None:
 
 
 def test_class_weights() -> None:
-    from chestct.stages.train import class_weights
+    from chestct.model.training import class_weights
 
     labels = pd.Series(["normal"] * 6 + ["adenocarcinoma"] * 2)
     assert class_weights(labels, "none") is None

@@ -11,7 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from chestct.data.checks import CHECKS, Report, fails
+from chestct.data.check_report import Report, fails
+from chestct.data.checks import CHECKS
 from chestct.data.manifest import DATASET_COLUMNS, INDEX_COLUMNS, INGEST_COLUMNS, SPLITS
 from chestct.data.shortcuts import detect_shortcut
 from chestct.labels import CLASSES

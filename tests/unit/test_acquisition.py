@@ -191,7 +191,7 @@ def batch() -> np.ndarray:
 def test_each_shift_augmentation_changes_the_image_within_its_bounds(key: str) -> None:
     import tensorflow as tf
 
-    from chestct.model.modeling import augmenter
+    from chestct.model.inputs import augmenter
 
     x = batch()
     params = dataclasses.replace(OFF, **{key: SHIFT[key]})
@@ -230,7 +230,7 @@ def test_each_shift_augmentation_changes_the_image_within_its_bounds(key: str) -
 
 
 def test_all_augmentations_off_leave_no_layer() -> None:
-    from chestct.model.modeling import augmenter
+    from chestct.model.inputs import augmenter
 
     assert augmenter(OFF, 0).layers == []
 

@@ -53,14 +53,8 @@ def test_samples_monitor_clean_against_the_embedded_reference(tmp_path: Path) ->
     from chestct.data.synthetic import generate_synthetic
     from chestct.imaging.body import body_box
     from chestct.labels import CLASSES
-    from chestct.monitoring.signals import (
-        ACQUISITION_SIGNALS,
-        Thresholds,
-        Window,
-        compare,
-        fit_reference,
-        image_signals,
-    )
+    from chestct.monitoring.drift import Thresholds, Window, compare
+    from chestct.monitoring.signals import ACQUISITION_SIGNALS, fit_reference, image_signals
     from chestct.settings import load_settings
 
     params = load_settings().params

@@ -347,7 +347,7 @@ def test_private_and_loopback_hosts_are_refused_unless_allowed(
 def test_a_redirect_to_a_private_address_is_refused(tmp_path: Path) -> None:
     """The address check runs on every connection, so a redirect (or a name that resolves
     to loopback) cannot reach the local network either."""
-    from chestct.data.sources import _Guard
+    from chestct.data.downloads import _Guard
 
     guard = _Guard(SourceLimits(redirect_hosts=("localhost",)))
     with pytest.raises(SourceError, match=r"127\.0\.0\.1.*ingest\.allow_private_hosts"):
@@ -477,8 +477,7 @@ def test_a_file_swapped_for_a_fifo_after_the_scan_is_skipped_not_waited_on(
 
 
 def test_a_listing_row_naming_an_oversized_file_stops_ingest(tmp_path: Path) -> None:
-    from chestct.runner import StageFailed
-    from chestct.stages.ingest import scan_listing
+    from chestct.data.listing import scan_listing
 
     (tmp_path / "a.png").write_bytes(image_bytes(seed=1))
     listing = tmp_path / "slices.csv"
@@ -486,5 +485,5 @@ def test_a_listing_row_naming_an_oversized_file_stops_ingest(tmp_path: Path) -> 
     assert len(scan_listing(listing, {}, MB)) == 1
     (tmp_path / "big.png").write_bytes(b"\0" * (2 * MB))
     listing.write_text("path,label\na.png,normal\nbig.png,normal\n")
-    with pytest.raises(StageFailed, match=r"row 3: .*big\.png.*ingest\.max_file_mb"):
+    with pytest.raises(SourceError, match=r"row 3: .*big\.png.*ingest\.max_file_mb"):
         scan_listing(listing, {}, MB)

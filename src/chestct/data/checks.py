@@ -1,4 +1,4 @@
-"""The data checks validate runs, one function per family, and the report they make.
+"""The data checks validate runs, one function per family (their report: check_report).
 
 Every check has a default severity (`CHECKS`; `validate.severities` overrides it):
 
@@ -17,18 +17,18 @@ Every check has a default severity (`CHECKS`; `validate.severities` overrides it
   the class away on their own.
 
 Each family adds its findings to a `Checker` over one frame (all splits, one row per file, the
-resize index merged); the validate stage (chestct.stages.validate) builds that frame, applies
-quarantine and writes the report.
+resize index merged); chestct.data.validation builds that frame, runs the families and
+applies quarantine, and the validate stage writes the report.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pandas as pd
 
+from chestct.data.check_report import Finding
 from chestct.data.grouping import identity_keys, identity_leaks, join_series, split_groups
 from chestct.data.manifest import SPLITS
 from chestct.data.shortcuts import PIXEL_FEATURES, ShortcutResult, detect_shortcut
@@ -39,8 +39,6 @@ from chestct.settings import ValidateParams
 class ChecksError(ValueError):
     """The checks are misconfigured; the message names the key and the allowed values."""
 
-
-SEVERITY_RANK = {"info": 0, "warning": 1, "error": 2}
 
 # check -> (default severity, what it looks for)
 CHECKS: dict[str, tuple[str, str]] = {
@@ -79,7 +77,6 @@ CHECKS: dict[str, tuple[str, str]] = {
     "not_chest": ("warning", "slices without a lung field (abdomen, pelvis)"),
     "annotation_marks": ("warning", "burned-in marks drawn on the pixels (lines, boxes)"),
 }
-QUARANTINE_COLUMNS: tuple[str, ...] = ("split", "label", "source_path", "sha256", "checks")
 _EXTENSIONS = {
     ".png": "png",
     ".jpg": "jpeg",
@@ -89,160 +86,6 @@ _EXTENSIONS = {
     ".tiff": "tiff",
     ".dcm": "dicom",
 }
-_MAX_LISTED = 20
-
-
-def _fields(obj: Any, names: str) -> dict[str, Any]:
-    return {name: getattr(obj, name) for name in names.split()}
-
-
-@dataclass
-class Finding:
-    check: str
-    severity: str  # info | warning | error
-    message: str
-    files: list[str] = field(default_factory=list)
-    quarantined: int = 0
-    resolved: bool = False  # every file it names was quarantined
-    picture: str = ""  # example montage, relative to the report
-    # Not in the report: frame rows that offend (quarantine candidates) and example groups
-    # of (resized path, caption) for pictures.
-    rows: list[Any] = field(default_factory=list, repr=False)
-    examples: list[list[tuple[str, str]]] = field(default_factory=list, repr=False)
-
-    def to_dict(self) -> dict[str, Any]:
-        """What report.json holds of a finding (not the rows and example groups)."""
-        return _fields(self, "check severity message files quarantined resolved picture")
-
-
-@dataclass
-class Report:
-    findings: list[Finding]
-    counts: dict[str, dict[str, int]]
-    checks: dict[str, dict[str, str]] = field(default_factory=dict)
-    summary: dict[str, Any] = field(default_factory=dict)
-    quarantined: list[dict[str, str]] = field(default_factory=list)
-    shortcut: dict[str, Any] | None = None
-    pictures: dict[str, str] = field(default_factory=dict)
-    metadata: pd.DataFrame | None = field(default=None, repr=False)  # for the shortcut plot
-    # Nearest-train similarities per split (chestct.data.content_checks), for novelty.csv/png.
-    novelty_values: dict[str, Any] = field(default_factory=dict, repr=False)
-
-    @property
-    def worst(self) -> str:
-        """The highest severity among findings that quarantine did not resolve."""
-        ranks = [SEVERITY_RANK[f.severity] for f in self.findings if not f.resolved]
-        return {v: k for k, v in SEVERITY_RANK.items()}[max(ranks, default=0)]
-
-    def to_dict(self) -> dict[str, Any]:
-        """report.json: the status, then the report's fields (not the metadata frame)."""
-        return {
-            "status": self.worst,
-            **_fields(self, "counts summary checks"),
-            "findings": [f.to_dict() for f in self.findings],
-            **_fields(self, "quarantined shortcut pictures"),
-        }
-
-    def to_markdown(self) -> str:
-        lines = ["# chestct data validation report", "", f"Status: **{self.worst}**", ""]
-        if self.summary:
-            lines += [
-                ", ".join(
-                    f"{k.replace('_', ' ')}: {v}"
-                    for k, v in self.summary.items()
-                    if k != "novelty"
-                ),
-                "",
-            ]
-        lines += ["| split | " + " | ".join(CLASSES) + " |", "|---" * (len(CLASSES) + 1) + "|"]
-        for split, by_class in self.counts.items():
-            lines.append(
-                f"| {split} | " + " | ".join(str(by_class.get(c, 0)) for c in CLASSES) + " |"
-            )
-        if self.checks:
-            lines += ["", "## Checks", "", "| check | severity | result |", "|---|---|---|"]
-            for name, info in self.checks.items():
-                lines.append(f"| `{name}` | {info['severity']} | {info['result']} |")
-        lines += ["", "## Findings", ""]
-        if not self.findings:
-            lines.append("No problem found.")
-        for f in self.findings:
-            note = ""
-            if f.quarantined:
-                note = (
-                    f" ({f.quarantined} file(s) quarantined{'; resolved' if f.resolved else ''})"
-                )
-            lines.append(f"- **{f.severity}** `{f.check}`: {f.message}{note}")
-            for path in f.files[:_MAX_LISTED]:
-                lines.append(f"  - `{path}`")
-            if len(f.files) > _MAX_LISTED:
-                lines.append(f"  - … and {len(f.files) - _MAX_LISTED} more (see report.json)")
-            if f.picture:
-                lines += ["", f"  ![{f.check}]({f.picture})", ""]
-        novelty = self.summary.get("novelty") if self.summary else None
-        if novelty:
-            lines += [
-                "",
-                "## Near-copies of train",
-                "",
-                "Thumbnail correlation of each slice with its nearest train slice "
-                "(train: without itself).",
-                "",
-                "| set | images | near-copy share | q05 | q25 | median | q75 | q95 |",
-                "|---|---|---|---|---|---|---|---|",
-                *(
-                    f"| {k} | {v['images']} | {v['near_copy_share']:.2f} | "
-                    + " | ".join(str(v.get(q, "")) for q in ("q05", "q25", "q50", "q75", "q95"))
-                    + " |"
-                    for k, v in novelty.items()
-                ),
-            ]
-            if "novelty" in self.pictures:
-                lines += ["", f"![novelty]({self.pictures['novelty']})"]
-        if self.shortcut:
-            s = self.shortcut
-            lines += [
-                "",
-                "## Shortcut detector",
-                "",
-                f"Balanced accuracy of a random forest on file metadata and acquisition cues "
-                f"({s['folds']}-fold, grouped by copies and patients, {s['images']} images): "
-                f"**{s['score']:.2f}** (chance {s['chance']:.2f}).",
-                "",
-            ]
-            if s.get("pixels") is not None:
-                lines += [
-                    f"The pixels' acquisition cues alone ({', '.join(PIXEL_FEATURES)}): "
-                    f"**{s['pixels']:.2f}**.",
-                    "",
-                ]
-            if s["by_family"]:
-                lines += [
-                    "",
-                    "| features alone | balanced accuracy |",
-                    "|---|---|",
-                    *(f"| {k} | {v:.2f} |" for k, v in s["by_family"].items()),
-                ]
-            if s.get("by_feature"):
-                lines += [
-                    "",
-                    "| one feature alone | balanced accuracy |",
-                    "|---|---|",
-                    *(f"| `{k}` | {v:.2f} |" for k, v in s["by_feature"].items()),
-                ]
-            if "shortcut" in self.pictures:
-                lines += ["", f"![shortcut]({self.pictures['shortcut']})"]
-            if "acquisition" in self.pictures:
-                lines += ["", f"![acquisition]({self.pictures['acquisition']})"]
-        if self.quarantined:
-            lines += [
-                "",
-                "## Quarantined",
-                "",
-                f"{len(self.quarantined)} file(s), see "
-                "`quarantine.csv`; the source files are untouched.",
-            ]
-        return "\n".join(lines) + "\n"
 
 
 def severities(params: ValidateParams) -> dict[str, str]:
@@ -357,6 +200,13 @@ def copy_checks(checker: Checker) -> None:
     f = checker.frame[checker.frame["ok"].astype(bool)]
     order = f["split"].map({s: i for i, s in enumerate(SPLITS)})
     f = f.assign(_order=order).sort_values(["_order", "source_path"], kind="stable")
+    _within_split(checker, f)
+    _label_conflicts(checker, f)
+    _across_splits(checker, f)
+
+
+def _within_split(checker: Checker, f: pd.DataFrame) -> None:
+    """duplicate_within_split and near_duplicate, split by split."""
     for split, part in f.groupby("split", sort=False):
         dup = part[part.duplicated("sha256", keep=False)]
         if len(dup):
@@ -382,6 +232,9 @@ def copy_checks(checker: Checker) -> None:
                 examples=[_examples(g.drop_duplicates("sha256").head(4)) for g in groups[:6]],
             )
 
+
+def _label_conflicts(checker: Checker, f: pd.DataFrame) -> None:
+    """label_conflict (one content, two classes) and near_label_conflict."""
     labels_per_hash = f.groupby("sha256")["label"].nunique()
     conflict = f[f["sha256"].isin(labels_per_hash[labels_per_hash > 1].index)]
     if len(conflict):
@@ -409,6 +262,9 @@ def copy_checks(checker: Checker) -> None:
             examples=[_examples(g.head(4)) for g in groups[:6]],
         )
 
+
+def _across_splits(checker: Checker, f: pd.DataFrame) -> None:
+    """cross_split_duplicate and cross_split_near_duplicate: leakage, the later copy named."""
     splits_per_hash = f.groupby("sha256")["split"].nunique()
     leaked = f[f["sha256"].isin(splits_per_hash[splits_per_hash > 1].index)]
     first_split_of_hash = leaked.groupby("sha256")["_order"].transform("min")
@@ -573,33 +429,6 @@ def acquisition_check(checker: Checker, shortcut: ShortcutResult | None) -> None
         checker.results["acquisition_shortcut"] = (
             f"passed: balanced accuracy {shortcut.pixels:.2f} (chance {shortcut.chance:.2f})"
         )
-
-
-def fails(report: Report, fail_on: str) -> bool:
-    """True when the report's worst unresolved severity reaches `fail_on` (never: False)."""
-    if fail_on == "never":
-        return False
-    return SEVERITY_RANK[report.worst] >= SEVERITY_RANK[fail_on]
-
-
-def quarantine(findings: list[Finding]) -> dict[Any, list[str]]:
-    """Frame row -> the checks that leave it out (`validate.quarantine: true`).
-
-    Only warnings and errors quarantine; a finding whose files all leave is marked resolved, so
-    that it no longer counts towards `validate.fail_on`.
-    """
-    rows: dict[Any, list[str]] = {}
-    for finding in findings:
-        if SEVERITY_RANK[finding.severity] < SEVERITY_RANK["warning"]:
-            continue
-        if finding.rows or finding.check == "undecodable":
-            for row in finding.rows:
-                rows.setdefault(row, []).append(finding.check)
-            finding.quarantined = len(
-                finding.files if finding.check == "undecodable" else set(finding.rows)
-            )
-            finding.resolved = True
-    return rows
 
 
 def check_table(checker: Checker) -> dict[str, dict[str, str]]:

@@ -2,5 +2,6 @@
 
 Metrics and their intervals (`metrics`, `uncertainty`), scoring a model on a split and under
 acquisition shift (`scoring`, `external`), the memorizer baseline and the novel part
-(`novelty`), where the model looks (`attention`) and the pictures (`plots`, `plotpage`).
+(`novelty`), where the model looks (`attention`), the pictures (`plots`, `plotpage`) and what
+training chooses on the valid split (`selection`).
 """

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -248,25 +249,13 @@ class AuditLog:
     ) -> list[dict[str, Any]]:
         """Refused slices, oldest first, selected as `window` selects predictions."""
         where, limit, args = _selection("", last, since, model_version)
-        conn = self._connect()
-        try:
-            conn.row_factory = sqlite3.Row
-            have = conn.execute(
-                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'refusals'"
-            ).fetchone()
-            if have is None:  # a log written before refusals were recorded
-                return []
-            rows = conn.execute(
-                f"SELECT * FROM refusals {where} ORDER BY id DESC {limit}", args
-            ).fetchall()
-        finally:
-            conn.close()
-        entries = []
-        for row in reversed(rows):
-            entry = dict(row)
-            entry["signals"] = json.loads(entry["signals"]) if entry.get("signals") else {}
-            entries.append(entry)
-        return entries
+        have = self._query(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'refusals'"
+        )
+        if not have:  # a log written before refusals were recorded
+            return []
+        rows = self._query(f"SELECT * FROM refusals {where} ORDER BY id DESC {limit}", args)
+        return [_decoded(row, {}) for row in reversed(rows)]
 
     def record_feedback(self, prediction_id: str, label: str) -> bool:
         """Store the true label of a served prediction (a later one replaces it); False when
@@ -295,42 +284,40 @@ class AuditLog:
         """Predictions for the monitor, oldest first: the latest `last`, or those at or after
         the ISO time `since` (both: the latest `last` of those), with their true labels."""
         where, limit, args = _selection("p.", last, since, model_version)
-        conn = self._connect()
-        try:
-            conn.row_factory = sqlite3.Row
-            rows = conn.execute(
-                "SELECT p.*, f.label AS true_label FROM predictions p "
-                f"LEFT JOIN feedback f ON f.prediction_id = p.prediction_id {where} "
-                f"ORDER BY p.id DESC {limit}",
-                args,
-            ).fetchall()
-        finally:
-            conn.close()
-        entries = []
-        for row in reversed(rows):
-            entry = dict(row)
-            entry["probabilities"] = json.loads(entry["probabilities"])
-            entry["signals"] = json.loads(entry["signals"]) if entry.get("signals") else {}
-            entries.append(entry)
-        return entries
+        rows = self._query(
+            "SELECT p.*, f.label AS true_label FROM predictions p "
+            f"LEFT JOIN feedback f ON f.prediction_id = p.prediction_id {where} "
+            f"ORDER BY p.id DESC {limit}",
+            args,
+        )
+        return [_decoded(row, {}) for row in reversed(rows)]
 
     def latest(self, limit: int) -> list[dict[str, Any]]:
         """The newest `limit` rows, newest first."""
-        conn = self._connect()
-        try:
-            conn.row_factory = sqlite3.Row
-            rows = conn.execute(
-                "SELECT * FROM predictions ORDER BY id DESC LIMIT ?", (limit,)
-            ).fetchall()
-        finally:
-            conn.close()
+        rows = self._query("SELECT * FROM predictions ORDER BY id DESC LIMIT ?", (limit,))
         entries = []
         for row in rows:
-            entry = dict(row)
-            entry["probabilities"] = json.loads(entry["probabilities"])
-            entry["signals"] = json.loads(entry["signals"]) if entry.get("signals") else None
+            entry = _decoded(row, None)
             for key in ("abstain", "out_of_distribution"):
                 if entry[key] is not None:
                     entry[key] = bool(entry[key])
             entries.append(entry)
         return entries
+
+    def _query(self, sql: str, args: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        """The rows of one SELECT, on a connection of its own."""
+        conn = self._connect()
+        try:
+            conn.row_factory = sqlite3.Row
+            return conn.execute(sql, args).fetchall()
+        finally:
+            conn.close()
+
+
+def _decoded(row: sqlite3.Row, no_signals: Any) -> dict[str, Any]:
+    """A row as a dict with its JSON columns read (`no_signals` where none were stored)."""
+    entry = dict(row)
+    if "probabilities" in entry:
+        entry["probabilities"] = json.loads(entry["probabilities"])
+    entry["signals"] = json.loads(entry["signals"]) if entry.get("signals") else no_signals
+    return entry

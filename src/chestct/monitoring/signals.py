@@ -4,9 +4,8 @@ One implementation for every side: evaluate fits the reference profile on the va
 splits with `fit_reference`; the predictor computes each request's signals with
 `image_signals` / `request_signals` and bins them with `bin_index` for the rolling drift
 figures on /metrics; `python -m chestct.monitoring.monitor` compares a window of the audit log
-with the
-reference through `compare`. Only NumPy at import (the serving image has no SciPy); the
-two-sample tests import SciPy when they run.
+with the reference through chestct.monitoring.drift. Only NumPy at import (the serving image has
+no SciPy).
 
 Continuous signals have fixed bin edges (the same for Prometheus histogram buckets, the
 reference fractions and the population stability index), so a profile fitted once can be
@@ -17,7 +16,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -274,32 +273,12 @@ def fit_reference(
     if len(greys) != n:
         raise ValueError(f"the reference has {n} probabilities but {len(greys)} slices")
     entropy = normalised_entropy(proba)
-    from chestct.imaging.body import body_box
-
-    slices = [_grey_u8(g) for g in greys]
-    acquired = [image_signals(g, body_box(g, 0.0) if body_crop else None) for g in slices]
-    values: dict[str, np.ndarray] = {
-        "top_probability": proba.max(axis=1),
-        "entropy": entropy,
-        **{k: np.array([a[k] for a in acquired]) for k in acquired[0]},
+    values = _reference_values(proba, entropy, greys, body_crop, ood_distance, ood_threshold)
+    signals = {
+        sig.name: _continuous_profile(sig, np.sort(values[sig.name]), n)
+        for sig in SIGNALS
+        if sig.name in values
     }
-    if ood_distance is not None and ood_threshold:
-        values["ood_ratio"] = np.asarray(ood_distance, np.float64) / float(ood_threshold)
-    signals: dict[str, Any] = {}
-    for sig in SIGNALS:
-        if sig.name not in values:
-            continue
-        v = np.sort(values[sig.name])
-        counts = bin_counts(sig.edges, v)
-        signals[sig.name] = {
-            "kind": "continuous",
-            "help": sig.help,
-            "edges": list(sig.edges),
-            "counts": counts.tolist(),
-            "fractions": (counts / n).round(6).tolist(),
-            "mean": round(float(v.mean()), 6),
-            "values": [round(float(x), 6) for x in v],
-        }
     predicted = np.bincount(proba.argmax(axis=1), minlength=len(classes))
     signals[CLASS_SIGNAL] = {
         "kind": "categorical",
@@ -329,6 +308,43 @@ def fit_reference(
             c: round(k / n, 6) for c, k in zip(classes, actual, strict=True)
         }
     return profile
+
+
+def _reference_values(
+    proba: np.ndarray,
+    entropy: np.ndarray,
+    greys: Sequence[np.ndarray],
+    body_crop: bool,
+    ood_distance: np.ndarray | None,
+    ood_threshold: float | None,
+) -> dict[str, np.ndarray]:
+    """Every continuous signal's value per reference image."""
+    from chestct.imaging.body import body_box
+
+    slices = [_grey_u8(g) for g in greys]
+    acquired = [image_signals(g, body_box(g, 0.0) if body_crop else None) for g in slices]
+    values: dict[str, np.ndarray] = {
+        "top_probability": proba.max(axis=1),
+        "entropy": entropy,
+        **{k: np.array([a[k] for a in acquired]) for k in acquired[0]},
+    }
+    if ood_distance is not None and ood_threshold:
+        values["ood_ratio"] = np.asarray(ood_distance, np.float64) / float(ood_threshold)
+    return values
+
+
+def _continuous_profile(sig: Signal, v: np.ndarray, n: int) -> dict[str, Any]:
+    """One continuous signal of the profile from its sorted values."""
+    counts = bin_counts(sig.edges, v)
+    return {
+        "kind": "continuous",
+        "help": sig.help,
+        "edges": list(sig.edges),
+        "counts": counts.tolist(),
+        "fractions": (counts / n).round(6).tolist(),
+        "mean": round(float(v.mean()), 6),
+        "values": [round(float(x), 6) for x in v],
+    }
 
 
 def reference_rates(profile: Mapping[str, Any]) -> dict[str, float | None]:
@@ -377,259 +393,3 @@ def psi(expected: Sequence[float], observed_counts: Sequence[float]) -> float:
     e = e / e.sum()
     a = a / a.sum()
     return float(np.sum((a - e) * np.log(a / e)))
-
-
-def ks_test(reference: Sequence[float], window: Sequence[float]) -> tuple[float, float]:
-    """Two-sample Kolmogorov-Smirnov statistic and p-value."""
-    from scipy.stats import ks_2samp
-
-    res = ks_2samp(np.asarray(reference, np.float64), np.asarray(window, np.float64))
-    return float(res.statistic), float(res.pvalue)
-
-
-def chi_square_test(
-    reference_counts: Sequence[int], window_counts: Sequence[int]
-) -> tuple[float, float]:
-    """Chi-square test of homogeneity of two count vectors over the same categories."""
-    from scipy.stats import chi2_contingency
-
-    table = np.array([reference_counts, window_counts], dtype=np.float64)
-    table = table[:, table.sum(axis=0) > 0]
-    if table.shape[1] < 2 or (table.sum(axis=1) == 0).any():
-        return 0.0, 1.0
-    stat, p, _, _ = chi2_contingency(table)
-    return float(stat), float(p)
-
-
-def rate_test(count: int, n: int, expected: float) -> float:
-    """One-sided binomial p-value that the rate is above `expected`."""
-    from scipy.stats import binomtest
-
-    if n == 0:
-        return 1.0
-    expected = min(max(expected, 1e-6), 1 - 1e-6)
-    return float(binomtest(count, n, expected, alternative="greater").pvalue)
-
-
-@dataclass(frozen=True)
-class Thresholds:
-    """When a difference counts as drift (config/config.yaml `monitor:`)."""
-
-    psi: float = 0.25
-    p_value: float = 0.01
-    rate_margin: float = 0.10
-    min_requests: int = 50
-    min_labelled: int = 20
-    performance_drop: float = 0.10
-
-
-@dataclass
-class Window:
-    """Served predictions to compare with the reference (from the audit log)."""
-
-    labels: list[str]  # predicted class per request
-    signals: dict[str, list[float]]  # continuous signal values (missing ones left out)
-    abstain: list[bool | None]
-    ood: list[bool | None]
-    start: str | None = None
-    end: str | None = None
-    feedback: list[tuple[str, list[float]]] = field(default_factory=list)  # (true, probs)
-    refused: list[str] = field(default_factory=list)  # the reason of each refused request
-
-    @property
-    def n(self) -> int:
-        """Answered predictions."""
-        return len(self.labels)
-
-    @property
-    def requests(self) -> int:
-        """Answered and refused requests."""
-        return len(self.labels) + len(self.refused)
-
-
-def compare(
-    profile: Mapping[str, Any],
-    window: Window,
-    thresholds: Thresholds,
-    classes: Sequence[str],
-    card_metrics: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Compare a window with the reference: per signal PSI and a two-sample test, the class
-    mix, abstain and OOD rates, and live performance on the labelled requests.
-
-    `rule_text(thresholds)` states the rule. Nothing is judged below `min_requests` requests
-    (answered and refused): the verdict is then "insufficient" and nothing is listed as drifted.
-    Signals, the class mix and the abstain and ood rates are judged on the answered
-    predictions once there are `min_requests` of them; the refusal rate on all requests.
-    """
-    ref_signals = profile["signals"]
-    out_signals: dict[str, Any] = {}
-    for sig in SIGNALS:
-        ref = ref_signals.get(sig.name)
-        values = np.asarray(window.signals.get(sig.name, []), np.float64)
-        values = values[np.isfinite(values)]
-        if ref is None or len(values) == 0:
-            out_signals[sig.name] = {
-                "kind": "continuous",
-                "judged": False,
-                "why": "not in the reference" if ref is None else "not measured in the window",
-            }
-            continue
-        counts = bin_counts(sig.edges, values)
-        value = psi(ref["fractions"], counts)
-        stat, p = ks_test(ref["values"], values)
-        out_signals[sig.name] = {
-            "kind": "continuous",
-            "judged": True,
-            "help": sig.help,
-            "test": "ks",
-            "psi": round(value, 4),
-            "statistic": round(stat, 4),
-            "p_value": p,
-            "n": len(values),
-            "reference_mean": ref.get("mean"),
-            "window_mean": round(float(values.mean()), 6),
-            "edges": list(sig.edges),
-            "reference_fractions": ref["fractions"],
-            "window_fractions": (counts / counts.sum()).round(6).tolist(),
-            "drift": bool(value >= thresholds.psi and p < thresholds.p_value),
-        }
-    ref_cls = ref_signals[CLASS_SIGNAL]
-    categories = list(ref_cls["categories"])
-    counts = np.array([window.labels.count(c) for c in categories])
-    value = psi(ref_cls["fractions"], counts)
-    stat, p = chi_square_test(ref_cls["counts"], counts.tolist())
-    out_signals[CLASS_SIGNAL] = {
-        "kind": "categorical",
-        "judged": True,
-        "help": "predicted class mix",
-        "test": "chi_square",
-        "psi": round(value, 4),
-        "statistic": round(stat, 4),
-        "p_value": p,
-        "n": window.n,
-        "categories": categories,
-        "reference_fractions": ref_cls["fractions"],
-        "window_fractions": (counts / max(counts.sum(), 1)).round(6).tolist(),
-        "drift": bool(value >= thresholds.psi and p < thresholds.p_value),
-    }
-    answered_enough = window.n >= thresholds.min_requests
-    if not answered_enough:
-        for entry in out_signals.values():
-            if entry.get("judged"):
-                entry.update(
-                    judged=False,
-                    drift=False,
-                    why=f"only {window.n} answered predictions "
-                    f"(monitor.min_requests = {thresholds.min_requests})",
-                )
-    expected_rates = reference_rates(profile)
-    rates: dict[str, Any] = {}
-    refused = [True] * len(window.refused) + [False] * window.n
-    for flag, flags in (("abstain", window.abstain), ("ood", window.ood), (REFUSED, refused)):
-        known = [bool(f) for f in flags if f is not None]
-        expected = expected_rates.get(flag)
-        if expected is None or not known:
-            rates[flag] = {"judged": False, "expected": expected, "n": len(known)}
-            continue
-        hits = sum(known)
-        observed = hits / len(known)
-        p = rate_test(hits, len(known), float(expected))
-        rates[flag] = {
-            "judged": True,
-            "expected": expected,
-            "observed": round(observed, 6),
-            "count": hits,
-            "n": len(known),
-            "p_value": p,
-            "drift": bool(observed > expected + thresholds.rate_margin and p < thresholds.p_value),
-        }
-        if len(known) < thresholds.min_requests:
-            rates[flag].update(judged=False, drift=False)
-    reasons: dict[str, int] = {}
-    for reason in window.refused:
-        reasons[reason] = reasons.get(reason, 0) + 1
-    rates[REFUSED]["reasons"] = dict(sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0])))
-    performance = live_performance(window.feedback, classes, card_metrics or {}, thresholds)
-    enough = window.requests >= thresholds.min_requests
-    drifted = [name for name, s in out_signals.items() if s.get("drift")]
-    drifted += [f"{flag}_rate" for flag, r in rates.items() if r.get("drift")]
-    if performance.get("degraded"):
-        drifted.append("performance")
-    if not enough:
-        verdict = "insufficient"
-    elif drifted:
-        verdict = "drift"
-    else:
-        verdict = "no drift"
-    # Measured now but absent from the reference: a reference fitted before the signal existed,
-    # judged on what it has (a model without an OOD head measures no ood_ratio: not listed).
-    missing = [
-        n
-        for n, s in out_signals.items()
-        if s.get("why") == "not in the reference" and len(window.signals.get(n, []))
-    ]
-    return {
-        "verdict": verdict,
-        "drifted": drifted if enough else [],
-        "not_in_reference": missing,
-        "window": {
-            "n": window.n,
-            "requests": window.requests,
-            "refused": len(window.refused),
-            "start": window.start,
-            "end": window.end,
-        },
-        "reference": {"n": profile.get("n"), "source": profile.get("source")},
-        "thresholds": asdict(thresholds),
-        "rule": rule_text(thresholds),
-        "signals": out_signals,
-        "rates": rates,
-        "performance": performance,
-    }
-
-
-def rule_text(thresholds: Thresholds) -> str:
-    """The drift rule in words, as the monitor applies it (for the terminal and the report)."""
-    t = thresholds
-    return (
-        f"A signal or the class mix drifts when its PSI is at least {t.psi:g} AND its "
-        f"two-sample test (Kolmogorov-Smirnov; chi-square for the class mix) gives p < "
-        f"{t.p_value:g}: a large PSI on too few requests to be significant is not drift. The "
-        f"abstain and ood rates (of answered predictions) and the refused rate (of all "
-        f"requests) drift when they exceed the reference's rate by more than "
-        f"{t.rate_margin:g} with a one-sided binomial p < {t.p_value:g}. Live macro-F1 on "
-        f"labelled predictions (at least {t.min_labelled}) degrades when it falls more than "
-        f"{t.performance_drop:g} below the card's test figure. Below {t.min_requests} requests "
-        f"nothing is judged (INSUFFICIENT); signals need {t.min_requests} answered predictions."
-    )
-
-
-def live_performance(
-    feedback: Sequence[tuple[str, Sequence[float]]],
-    classes: Sequence[str],
-    card_metrics: Mapping[str, Any],
-    thresholds: Thresholds,
-) -> dict[str, Any]:
-    """Accuracy, balanced accuracy and macro-F1 of the labelled predictions, against the
-    card's test figures (chestct.evaluation.metrics.classification_metrics: the same formulas)."""
-    from chestct.evaluation.metrics import classification_metrics
-
-    usable = [(t, p) for t, p in feedback if t in classes]
-    result: dict[str, Any] = {"labelled": len(usable)}
-    test = {k: card_metrics.get(k) for k in ("accuracy", "balanced_accuracy", "macro_f1")}
-    result["test"] = test
-    if not usable:
-        result["judged"] = False
-        return result
-    y_true = np.array([list(classes).index(t) for t, _ in usable])
-    proba = np.array([p for _, p in usable], dtype=np.float64)
-    scored = classification_metrics(y_true, proba)
-    live = {k: round(float(scored[k]), 6) for k in ("accuracy", "balanced_accuracy", "macro_f1")}
-    result["live"] = live
-    result["judged"] = len(usable) >= thresholds.min_labelled and test["macro_f1"] is not None
-    if result["judged"]:
-        drop = float(test["macro_f1"]) - live["macro_f1"]
-        result["macro_f1_drop"] = round(drop, 6)
-        result["degraded"] = bool(drop > thresholds.performance_drop)
-    return result

@@ -77,7 +77,8 @@ def open_source(settings: Settings, source: str | None = None) -> Iterator[Path]
         source: as above; relative paths start at the project root; None means params.yaml's
             `ingest.source`.
     """
-    from chestct.data.sources import SourceError, limits_from, resolve
+    from chestct.data.source_limits import SourceError, limits_from
+    from chestct.data.sources import resolve
 
     params = settings.params.ingest
     source = source or params.source

@@ -2,16 +2,10 @@
 
 Sources (params `ingest.source`): `synthetic` (the embedded default, generated from base.seed), a
 local folder, a .zip/.tar.gz/.tgz archive, or an http(s) URL of an archive (with
-`ingest.sha256`). The files are laid out as the Kaggle "Chest CT-Scan images" set,
-`[train|valid|test/]<class folder>/<file>`; class folders may use the long Kaggle names and are
-normalised to the four canonical labels. Every file is decoded by content: PNG, JPEG, BMP, TIFF,
-and DICOM (windowed to 8-bit grey through `ingest.window`, stored as PNG). Files that cannot be
-decoded are reported by path and skipped.
-
-A source may also be a CSV listing (a file ending in `.csv`): one row per image with columns
-`path` (relative to the CSV's folder, or absolute), `label` (a class or class-folder name) and,
-optionally, `split` (train | valid | test, on every row or on none) and `group` (any id: slices
-sharing it are kept in one split). `relpath` and `class` are accepted for `path` and `label`.
+`ingest.sha256`), laid out as the Kaggle "Chest CT-Scan images" set (chestct.data.sources), or a
+CSV listing of files (chestct.data.listing). Every file is decoded by content and copied in
+(chestct.data.intake): PNG, JPEG, BMP, TIFF, and DICOM (windowed to 8-bit grey through
+`ingest.window`, stored as PNG). Files that cannot be decoded are reported by path and skipped.
 
 Who a slice belongs to is recorded per file as a salt-free sha256 prefix (chestct.data.grouping):
 the DICOM `PatientID` and `StudyInstanceUID`, and the listing's `group`. Raw ids are never
@@ -20,7 +14,6 @@ written.
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import shutil
@@ -28,36 +21,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
-from tqdm import tqdm
 
-from chestct.data.acquisition import acquisition_features
-from chestct.data.dedup import phash
 from chestct.data.grouping import hash_id
-from chestct.data.manifest import ACQUISITION_COLUMNS, INGEST_COLUMNS, SPLITS, write_manifest
-from chestct.data.sources import (
-    Source,
-    SourceError,
-    check_file,
-    limits_from,
-    read_file,
-    resolve,
-    scan_source,
-)
+from chestct.data.intake import IngestJob, ingest_files
+from chestct.data.listing import is_listing, scan_listing
+from chestct.data.manifest import ACQUISITION_COLUMNS, INGEST_COLUMNS, write_manifest
+from chestct.data.source_limits import SourceError, SourceLimits, limits_from
+from chestct.data.sources import Source, resolve, scan_source
 from chestct.data.synthetic import generate_synthetic
-from chestct.fsutil import sha256_bytes
-from chestct.imaging.decoding import decode
-from chestct.imaging.encoding import encode_png
-from chestct.imaging.formats import ImageError, has_dicom_preamble
-from chestct.imaging.workers import worker_pool
-from chestct.labels import CLASSES, label_for_folder
+from chestct.labels import CLASSES
 from chestct.runner import StageFailed, run_main, stage_session
 from chestct.settings import BaseParams, IngestParams
 
 log = logging.getLogger(__name__)
 
 SKIPPED_COLUMNS: tuple[str, ...] = ("path", "reason")
-# Below this many files the process pool costs more than it saves.
-_PARALLEL_FROM = 64
 
 
 @dataclass(frozen=True)
@@ -68,174 +46,6 @@ class IngestSummary:
     source: dict[str, str | None] = field(default_factory=dict)  # kind, origin, sha256
     # ACQUISITION_COLUMNS, one row per distinct content (chestct.data.acquisition)
     acquisition: pd.DataFrame | None = field(default=None, repr=False)
-
-
-@dataclass(frozen=True)
-class _Job:
-    split: str
-    label: str
-    path: Path
-    source_name: str
-    images_dir: Path
-    window: tuple[float, float]
-    group_hash: str = ""  # hashed `group` of a CSV listing
-    max_bytes: int = 512 * 1024 * 1024  # params ingest.max_file_mb
-
-
-# Accepted names of a CSV listing's columns (the first found is used).
-LISTING_COLUMNS: dict[str, tuple[str, ...]] = {
-    "path": ("path", "relpath"),
-    "label": ("label", "class"),
-    "split": ("split",),
-    "group": ("group",),
-}
-
-
-def is_listing(source: str) -> bool:
-    """True when `ingest.source` names a CSV listing rather than a folder or an archive."""
-    return source.lower().endswith(".csv")
-
-
-def scan_listing(
-    listing: Path, class_map: dict[str, str], max_file_bytes: int | None = None
-) -> list[tuple[str, str, Path, str]]:
-    """(split, label, file, group) for every row of a CSV listing (see the module docstring).
-
-    A listed file that is a FIFO, a device or larger than `max_file_bytes` is refused.
-    """
-    if not listing.is_file():
-        raise StageFailed(
-            f"ingest.source {str(listing)!r}: CSV listing not found; give the path of a CSV "
-            "with columns path,label[,split][,group] (relative paths are relative to the "
-            "project root)"
-        )
-    try:
-        table = pd.read_csv(listing, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise StageFailed(f"{listing}: not a readable CSV listing ({exc})") from None
-    table.columns = [str(c).strip().lower() for c in table.columns]
-    found = {
-        role: next((n for n in names if n in table.columns), None)
-        for role, names in LISTING_COLUMNS.items()
-    }
-    missing = [role for role in ("path", "label") if found[role] is None]
-    if missing:
-        raise StageFailed(
-            f"{listing}: CSV listing has no {' or '.join(missing)} column (columns: "
-            f"{', '.join(table.columns)}); it needs path,label and optionally split and group"
-        )
-    if table.empty:
-        raise StageFailed(f"{listing}: CSV listing has a header but no rows")
-    splits = table[found["split"]].str.strip() if found["split"] else pd.Series("", table.index)
-    bad_split = sorted(set(splits) - {"", *SPLITS})
-    if bad_split:
-        raise StageFailed(
-            f"{listing}: split column has {bad_split[0]!r}; use train, valid or test"
-        )
-    if splits.eq("").any() and splits.ne("").any():
-        raise StageFailed(
-            f"{listing}: row {int(splits.eq('').to_numpy().argmax()) + 2} has no split while "
-            "others do; give every row a split, or none (split then carves them)"
-        )
-    rows: list[tuple[str, str, Path, str]] = []
-    for number, (rel, name, split) in enumerate(
-        zip(table[found["path"]], table[found["label"]], splits, strict=True), start=2
-    ):
-        label = label_for_folder(name.strip(), class_map)
-        if label not in CLASSES:
-            raise StageFailed(
-                f"{listing}: row {number}: label {name!r} does not name a class "
-                f"({', '.join(CLASSES)}); fix it or map it under ingest.class_map"
-            )
-        path = Path(rel.strip()).expanduser()
-        path = path if path.is_absolute() else listing.parent / path
-        if not rel.strip() or not path.is_file():
-            raise StageFailed(
-                f"{listing}: row {number}: file {rel!r} not found (paths are relative to "
-                f"{listing.parent})"
-            )
-        if max_file_bytes is not None:
-            try:
-                check_file(path, max_file_bytes)
-            except SourceError as exc:
-                raise StageFailed(f"{listing}: row {number}: {exc}") from None
-        group = table.at[number - 2, found["group"]] if found["group"] else ""
-        rows.append((split, label, path, group))
-    return rows
-
-
-def dicom_identity(data: bytes) -> tuple[str, str]:
-    """(hashed PatientID, hashed StudyInstanceUID) of DICOM bytes; '' for an absent tag.
-
-    Only these two tags are read (no pixels); a file pydicom cannot parse gives ('', '').
-    """
-    import pydicom  # imported here: only DICOM sources pay for it
-
-    try:
-        ds = pydicom.dcmread(
-            io.BytesIO(data),
-            force=not has_dicom_preamble(data),
-            stop_before_pixels=True,
-            specific_tags=["PatientID", "StudyInstanceUID"],
-        )
-    except Exception:  # any parse failure means "no identity", never a crash
-        return "", ""
-    return hash_id(ds.get("PatientID", "")), hash_id(ds.get("StudyInstanceUID", ""))
-
-
-def _write_new(path: Path, data: bytes) -> None:
-    """Write beside and rename: two workers writing one name never interleave. The stage's
-    output is thrown away on failure, so a crash needs no fsync here."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
-
-
-def _ingest_one(job: _Job) -> dict[str, object]:
-    """Decode one file and store its copy; a dict with `reason` when it cannot be used."""
-    try:
-        data = read_file(job.path, job.max_bytes)  # a FIFO swapped in is refused, not waited on
-    except OSError as exc:
-        return {"path": job.source_name, "reason": f"cannot be read: {exc.strerror or exc}"}
-    except SourceError as exc:
-        return {"path": job.source_name, "reason": str(exc)}
-    try:
-        info = decode(data, job.window)
-    except ImageError as exc:
-        return {"path": job.source_name, "reason": str(exc)}
-    # DICOM is stored windowed, as PNG: every later stage and the model see 8-bit grey.
-    stored = encode_png(info.grey) if info.format == "dicom" else data
-    name = job.path.name if info.format != "dicom" else f"{job.path.stem or 'slice'}.png"
-    patient, study = dicom_identity(data) if info.format == "dicom" else ("", "")
-    digest = sha256_bytes(stored)
-    target = job.images_dir / (job.split or "all") / job.label / f"{digest[:12]}_{name}"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _write_new(target, stored)
-    return {
-        "split": job.split,
-        "label": job.label,
-        "path": target,
-        "source_path": job.source_name,
-        "sha256": digest,
-        "width": info.width,
-        "height": info.height,
-        "mode": info.mode,
-        "format": info.format,
-        "bytes": len(data),
-        "phash": phash(info.grey),
-        "patient_hash": patient,
-        "study_hash": study,
-        "group_hash": job.group_hash,
-        "acquisition": acquisition_features(info.grey),
-    }
-
-
-def _map(jobs: list[_Job], workers: int) -> list[dict[str, object]]:
-    bar = {"total": len(jobs), "desc": "ingest", "unit": "file", "leave": False}
-    if workers > 1 and len(jobs) >= _PARALLEL_FROM:
-        with worker_pool(workers) as pool:
-            return list(tqdm(pool.map(_ingest_one, jobs, chunksize=8), **bar))
-    return [_ingest_one(j) for j in tqdm(jobs, **bar)]
 
 
 def run_ingest(
@@ -266,51 +76,17 @@ def run_ingest(
     staging.mkdir(parents=True)
     limits = limits_from(params)
     try:
-        listed: list[tuple[str, str, Path, str]] | None = None
-        if params.source == "synthetic":
-            generate_synthetic(
-                staging / "synthetic",
-                base.seed,
-                params.synthetic_per_class,
-                params.synthetic_shortcut,
-                params.synthetic_series,
-            )
-            source = Source("synthetic", "synthetic", staging / "synthetic")
-        elif is_listing(params.source):
-            listing = Path(params.source).expanduser()
-            listing = (listing if listing.is_absolute() else root / listing).resolve()
-            listed = scan_listing(listing, params.class_map, limits.max_file_bytes)
-            source = Source("listing", str(listing), listing.parent)
-        else:
-            try:
-                source = resolve(
-                    params.source,
-                    root,
-                    staging,
-                    params.sha256.strip(),
-                    cache=download_cache,
-                    limits=limits,
-                )
-            except SourceError as exc:
-                raise StageFailed(str(exc)) from None
-        if listed is None:
-            try:
-                scanned = scan_source(source.folder, params.class_map, limits.max_file_bytes)
-            except SourceError as exc:
-                raise StageFailed(str(exc)) from None
-            listed = [(s, lbl, p, "") for s, lbl, p in scanned]
-        files = listed
+        try:
+            source, files = _source(base, params, root, staging, limits, download_cache)
+        except SourceError as exc:
+            raise StageFailed(str(exc)) from None
         window = (params.window.level, params.window.width)
         jobs = [
-            _Job(
+            IngestJob(
                 split,
                 label,
                 path,
-                path.relative_to(source.folder).as_posix()
-                if source.kind == "synthetic"
-                else str(path)
-                if source.kind == "listing"
-                else source.describe(path),
+                _source_name(source, path),
                 images_dir,
                 window,
                 hash_id(group),
@@ -318,9 +94,62 @@ def run_ingest(
             )
             for split, label, path, group in files
         ]
-        results = _map(jobs, workers or os.cpu_count() or 1)
+        results = ingest_files(jobs, workers or os.cpu_count() or 1)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    return _manifest(results, source, len(files), root)
+
+
+def _source(
+    base: BaseParams,
+    params: IngestParams,
+    root: Path,
+    staging: Path,
+    limits: SourceLimits,
+    download_cache: Path | None,
+) -> tuple[Source, list[tuple[str, str, Path, str]]]:
+    """The source made local and its files: (split, label, file, group) each."""
+    if params.source == "synthetic":
+        generate_synthetic(
+            staging / "synthetic",
+            base.seed,
+            params.synthetic_per_class,
+            params.synthetic_shortcut,
+            params.synthetic_series,
+        )
+        source = Source("synthetic", "synthetic", staging / "synthetic")
+    elif is_listing(params.source):
+        listing = Path(params.source).expanduser()
+        listing = (listing if listing.is_absolute() else root / listing).resolve()
+        listed = scan_listing(listing, params.class_map, limits.max_file_bytes)
+        return Source("listing", str(listing), listing.parent), listed
+    else:
+        source = resolve(
+            params.source,
+            root,
+            staging,
+            params.sha256.strip(),
+            cache=download_cache,
+            limits=limits,
+        )
+    scanned = scan_source(source.folder, params.class_map, limits.max_file_bytes)
+    return source, [(s, lbl, p, "") for s, lbl, p in scanned]
+
+
+def _source_name(source: Source, path: Path) -> str:
+    """How the manifest names a file of the source."""
+    if source.kind == "synthetic":
+        return path.relative_to(source.folder).as_posix()
+    if source.kind == "listing":
+        return str(path)
+    return source.describe(path)
+
+
+def _manifest(
+    results: list[dict[str, object]], source: Source, files: int, root: Path
+) -> tuple[pd.DataFrame, IngestSummary]:
+    """The manifest of the copied files and the summary; a source with no usable file, or
+    none for a class, stops the stage."""
     rows = [r for r in results if "reason" not in r]
     skipped = [
         {"path": str(r["path"]), "reason": str(r["reason"])} for r in results if "reason" in r
@@ -329,7 +158,7 @@ def run_ingest(
         log.warning("skipped %s: %s", item["path"], item["reason"])
     if not rows:
         raise StageFailed(
-            f"{source.origin}: none of {len(files)} files could be decoded (first: "
+            f"{source.origin}: none of {files} files could be decoded (first: "
             f"{skipped[0]['path']}: {skipped[0]['reason']})"
         )
     acquisition = (

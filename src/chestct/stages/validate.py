@@ -1,8 +1,9 @@
 """validate: check the split dataset before any model sees it, and hand on clean manifests.
 
-The checks, their default severities and the report live in chestct.data.checks; this stage builds
-the frame they run on (the split manifests with the resize index and ingest's acquisition cues),
-applies quarantine, writes the report and its pictures, and fails by `validate.fail_on`.
+The checks, their default severities and the report live in chestct.data.checks and
+chestct.data.check_report; chestct.data.validation builds the frame they run on (the split
+manifests with the resize index and ingest's acquisition cues) and applies quarantine; this stage
+reads the inputs, writes the report and its pictures, and fails by `validate.fail_on`.
 
 `validate.quarantine: true` leaves the files that a warning or error names out of the
 downstream manifests (the source is never touched; `quarantine.csv` lists them and why); a
@@ -16,24 +17,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from chestct.data.checks import (
-    QUARANTINE_COLUMNS,
-    Checker,
-    ChecksError,
-    Report,
-    check_table,
-    copy_checks,
-    dataset_checks,
-    fails,
-    file_checks,
-    identity_checks,
-    quarantine,
-)
-from chestct.data.content_checks import content_checks, novelty_frame, read_slices
-from chestct.data.dedup import group_files
+from chestct.data.check_report import QUARANTINE_COLUMNS, Report, fails
+from chestct.data.checks import ChecksError
+from chestct.data.content_checks import novelty_frame
 from chestct.data.manifest import (
     ACQUISITION_COLUMNS,
-    DATASET_COLUMNS,
     INDEX_COLUMNS,
     INGEST_COLUMNS,
     SPLITS,
@@ -41,6 +29,7 @@ from chestct.data.manifest import (
     write_manifest,
 )
 from chestct.data.shortcuts import PIXEL_FEATURES
+from chestct.data.validation import validate_splits
 from chestct.evaluation.plots import (
     plot_cues_by_class,
     plot_examples,
@@ -49,113 +38,14 @@ from chestct.evaluation.plots import (
 )
 from chestct.fsutil import atomic_write_json, atomic_write_text
 from chestct.pointers import read_pointer
-from chestct.runner import StageFailed, run_main, stage_session
-from chestct.settings import ValidateParams
+from chestct.runner import StageFailed, StageSession, run_main, stage_session, stops_stage
 
 log = logging.getLogger(__name__)
 
 
-def run_validate(
-    manifests: dict[str, pd.DataFrame],
-    index: pd.DataFrame,
-    params: ValidateParams,
-    *,
-    seed: int = 0,
-    skipped: list[dict[str, str]] | None = None,
-    acquisition: pd.DataFrame | None = None,
-    root: Path | None = None,
-    near_copy_similarity: float = 0.9,
-) -> tuple[dict[str, pd.DataFrame], Report]:
-    """Run the checks; returns per-split datasets (decodable, not quarantined) and the report.
-
-    Args:
-        manifests: split -> ingest-manifest rows of that split.
-        index: the resize index (one row per distinct content).
-        params: validate params.
-        seed: for the shortcut detector's folds.
-        skipped: files ingest could not decode ({path, reason}), reported as undecodable.
-        acquisition: ingest's acquisition features (ACQUISITION_COLUMNS, by sha256); without
-            them the acquisition_shortcut check is skipped.
-        root: the project root the manifests' paths are relative to; without it the pixel
-            checks (chestct.data.content_checks) are skipped.
-        near_copy_similarity: params `base.near_copy_similarity`.
-    """
-    frame = pd.concat([m.assign(split=s) for s, m in manifests.items()], ignore_index=True).merge(
-        index, on="sha256", how="left", validate="many_to_one"
-    )
-    if acquisition is not None:
-        pixels = acquisition[["sha256", "frame_mean", *PIXEL_FEATURES]].drop_duplicates("sha256")
-        frame = frame.merge(pixels, on="sha256", how="left", validate="many_to_one")
-    frame["ok"] = frame["ok"].fillna(False).astype(bool)
-    frame["resized"] = frame["resized"].fillna("").astype(str)
-    frame["group"] = group_files(frame, params.near_duplicate_distance)
-    try:
-        checker = Checker(frame, params)
-    except ChecksError as exc:
-        raise StageFailed(str(exc)) from None
-    file_checks(checker, skipped or [])
-    copy_checks(checker)
-    identity_checks(checker)
-    content: dict = {}
-    if root is not None:
-        content = content_checks(checker, read_slices(frame, root), near_copy_similarity)
-
-    quarantined_rows = quarantine(checker.findings) if params.quarantine else {}
-    good = frame[frame["ok"] & ~frame.index.isin(list(quarantined_rows))]
-    counts, shortcut = dataset_checks(checker, good, seed, content.get("series_of_row"))
-
-    decodable = frame[frame["ok"]]
-    summary = {
-        "files": len(frame) + len(skipped or []),
-        "decodable": len(decodable),
-        "distinct_contents": int(decodable["sha256"].nunique()),
-        "exact_redundant_copies": int(len(decodable) - decodable["sha256"].nunique()),
-        "exact_copy_groups": int((decodable.groupby("sha256").size() > 1).sum()),
-        "quarantined": len(quarantined_rows),
-        "handed_on": len(good),
-    }
-    quarantined = [
-        {
-            "split": str(frame.at[i, "split"]),
-            "label": str(frame.at[i, "label"]),
-            "source_path": str(frame.at[i, "source_path"]),
-            "sha256": str(frame.at[i, "sha256"]),
-            "checks": ",".join(sorted(set(c))),
-        }
-        for i, c in sorted(quarantined_rows.items())
-    ]
-    datasets = {
-        s: good[good["split"] == s]
-        .rename(columns={"path": "original", "resized": "path"})[list(DATASET_COLUMNS)]
-        .reset_index(drop=True)
-        for s in SPLITS
-    }
-    if content:
-        summary["series_per_class"] = content["series_per_class"]
-        summary["novelty"] = content["novelty"]
-    report = Report(
-        findings=checker.findings,
-        counts=counts,
-        checks=check_table(checker),
-        summary=summary,
-        quarantined=quarantined,
-        shortcut=None
-        if shortcut is None
-        else {
-            "score": shortcut.score,
-            "chance": shortcut.chance,
-            "folds": shortcut.folds,
-            "images": shortcut.images,
-            "by_family": shortcut.by_family,
-            "pixels": shortcut.pixels,
-            "by_feature": shortcut.by_feature,
-        },
-        metadata=good[
-            ["label", "width", "height", *[c for c in PIXEL_FEATURES if c in good.columns]]
-        ].copy(),
-    )
-    report.novelty_values = content.get("novelty_values", {})
-    return datasets, report
+# The stage's work: chestct.data.validation.validate_splits (per-split datasets, decodable and
+# not quarantined, and the report); misconfigured checks (ChecksError) stop the stage.
+run_validate = stops_stage(ChecksError)(validate_splits)
 
 
 def write_pictures(report: Report, out_dir: Path, root: Path) -> dict[str, str]:
@@ -213,40 +103,9 @@ def main() -> None:
             near_copy_similarity=s.params.base.near_copy_similarity,
         )
         out = session.out_dir
-        write_pictures(report, out, s.paths.root)
-        if report.novelty_values:
-            # After write_pictures, which sets the report's pictures afresh.
-            write_manifest(out / "novelty.csv", novelty_frame(report.novelty_values))
-            plot_novelty(
-                report.novelty_values, s.params.base.near_copy_similarity, out / "novelty.png"
-            )
-            report.pictures["novelty"] = "novelty.png"
-        atomic_write_json(out / "report.json", report.to_dict())
-        atomic_write_text(out / "report.md", report.to_markdown())
-        quarantine_path = out / "quarantine.csv"
-        write_manifest(
-            quarantine_path, pd.DataFrame(report.quarantined, columns=list(QUARANTINE_COLUMNS))
-        )
-        session.log_artifact(out / "report.md")
-        for picture in report.pictures.values():
-            session.log_artifact(out / picture, "examples")
-        for f in report.findings:
-            level = {"error": logging.ERROR, "warning": logging.WARNING}.get(
-                f.severity, logging.INFO
-            )
-            log.log(level, "%s %s: %s", f.severity, f.check, f.message)
+        quarantine_path = _write_report(session, report, s.params.base.near_copy_similarity)
         if fails(report, s.params.validate.fail_on):
-            worst = [f for f in report.findings if f.severity == report.worst and not f.resolved]
-            named = "; ".join(
-                f"{f.check}: {f.message}"
-                + (f" (e.g. {', '.join(f.files[:3])})" if f.files else "")
-                for f in worst
-            )
-            raise StageFailed(
-                f"data validation found {report.worst}s: {named}. See {out / 'report.md'}; "
-                "fix the data, set validate.quarantine: true to leave such files out, or set "
-                "validate.fail_on in params.yaml"
-            )
+            raise StageFailed(_failure(report, out))
         outputs: dict[str, Path] = {"report": out / "report.json", "quarantine": quarantine_path}
         for name, frame in datasets.items():
             outputs[name] = out / f"{name}.csv"
@@ -269,6 +128,45 @@ def main() -> None:
             },
             details={"checks": sorted({f.check for f in report.findings})},
         )
+
+
+def _write_report(session: StageSession, report: Report, near_copy_similarity: float) -> Path:
+    """report.json, report.md, its pictures and quarantine.csv, logged; the findings go to the
+    stage log at their severity. Returns quarantine.csv's path."""
+    out, root = session.out_dir, session.settings.paths.root
+    write_pictures(report, out, root)
+    if report.novelty_values:
+        # After write_pictures, which sets the report's pictures afresh.
+        write_manifest(out / "novelty.csv", novelty_frame(report.novelty_values))
+        plot_novelty(report.novelty_values, near_copy_similarity, out / "novelty.png")
+        report.pictures["novelty"] = "novelty.png"
+    atomic_write_json(out / "report.json", report.to_dict())
+    atomic_write_text(out / "report.md", report.to_markdown())
+    quarantine_path = out / "quarantine.csv"
+    write_manifest(
+        quarantine_path, pd.DataFrame(report.quarantined, columns=list(QUARANTINE_COLUMNS))
+    )
+    session.log_artifact(out / "report.md")
+    for picture in report.pictures.values():
+        session.log_artifact(out / picture, "examples")
+    for f in report.findings:
+        level = {"error": logging.ERROR, "warning": logging.WARNING}.get(f.severity, logging.INFO)
+        log.log(level, "%s %s: %s", f.severity, f.check, f.message)
+    return quarantine_path
+
+
+def _failure(report: Report, out: Path) -> str:
+    """Why validation stops the stage: the worst unresolved findings, and what to do."""
+    worst = [f for f in report.findings if f.severity == report.worst and not f.resolved]
+    named = "; ".join(
+        f"{f.check}: {f.message}" + (f" (e.g. {', '.join(f.files[:3])})" if f.files else "")
+        for f in worst
+    )
+    return (
+        f"data validation found {report.worst}s: {named}. See {out / 'report.md'}; "
+        "fix the data, set validate.quarantine: true to leave such files out, or set "
+        "validate.fail_on in params.yaml"
+    )
 
 
 if __name__ == "__main__":

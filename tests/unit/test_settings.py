@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from chestct.settings import STAGES, Params, SettingsError, load_settings
+from chestct.settings import STAGES, SettingsError, load_settings, validate_params
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -66,8 +66,23 @@ def test_repository_files_load_with_every_value_as_written(root: Path) -> None:
 
 
 def test_an_empty_params_file_gives_the_defaults(root: Path) -> None:
+    """The defaults live in the shipped params.yaml alone: a file without a key is refused
+    with the key's name, where it goes and where its shipped value is written."""
     (root / "params.yaml").write_text("", encoding="utf-8")
-    assert load_settings(root).params == Params()
+    with pytest.raises(SettingsError) as info:
+        load_settings(root)
+    assert str(info.value) == (
+        "params.yaml: top level: missing key 'base'; every key is set in the file, none has a "
+        "built-in default: add `base: <value>` (its shipped value and range are in "
+        "docs/params.md)"
+    )
+    shutil.copy(REPO / "params.yaml", root / "params.yaml")
+    assert load_settings(root).params == validate_params(
+        yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
+    )
+    message = params_error(root, lambda p: p["train"]["augment"].pop("blur"))
+    assert "train.augment: missing key 'blur'" in message
+    assert "add `blur: <value>` under `train.augment`" in message
 
 
 def test_settings_are_frozen(root: Path) -> None:

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from services import free_port, service
-from shipped import shipped
+from shipped import config_text, shipped
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "deploy" / "k8s"
@@ -127,7 +127,7 @@ def test_the_deployment_environment_and_probes_on_a_real_gunicorn(
     (root / "config").mkdir(parents=True)
     (root / "params.yaml").write_bytes((REPO / "params.yaml").read_bytes())
     config = {"model_dir": str(model_dir)}
-    (root / "config" / "config.yaml").write_text(json.dumps(config), encoding="utf-8")
+    (root / "config" / "config.yaml").write_text(config_text(config), encoding="utf-8")
     scratch = tmp_path / "tmp"
     scratch.mkdir()
     port = free_port()

@@ -67,13 +67,15 @@ class ServingConfig:
     )
     audit_db: str = key("the audit log's SQLite file, relative to the project root")
     history_token: str = key(
-        "bearer token for `GET /history`; `CHESTCT_HISTORY_TOKEN` overrides it"
+        'bearer token for `GET /history` (read; `""`: 403); `CHESTCT_HISTORY_TOKEN` overrides it'
     )
     feedback_token: str = key(
-        "bearer token for `POST /feedback`; `CHESTCT_FEEDBACK_TOKEN` overrides it"
+        'bearer token for `POST /feedback` (write labels; `""`: 403); '
+        "`CHESTCT_FEEDBACK_TOKEN` overrides it"
     )
     feedback_per_minute: int = key(
-        "`POST /feedback` answers per token per minute per worker; more: 429", ge=1
+        "`/feedback` answers per token per minute, per worker; more: 429 with `Retry-After`",
+        ge=1,
     )
     audit_max_rows: int = key(
         "predictions the audit log keeps (oldest deleted first); `0`: all", ge=0
@@ -89,30 +91,41 @@ class MonitorConfig:
     [Monitoring](monitoring.md)."""
 
     window_requests: int = key(
-        "`python -m chestct.monitoring.monitor` compares the latest N predictions when neither "
+        "predictions in the window of `python -m chestct.monitoring.monitor` when neither "
         "`--last` nor `--since` is given",
         ge=1,
     )
     min_requests: int = key(
-        "fewer predictions in a window: verdict `insufficient`, no drift judged", ge=1
+        "a smaller window (answered + refused requests) is not judged (verdict "
+        "`insufficient`, exit 3); `/metrics` exports no PSI below it",
+        ge=1,
     )
     psi_threshold: float = key(
-        "population stability index at which a signal drifts (when its test's p is also "
-        "below `p_value`)",
+        "a signal drifts at PSI ≥ this (the usual reading: < 0.1 stable, 0.1-0.25 moderate, "
+        "> 0.25 major)…",
         gt=0,
     )
     p_value: float = key(
-        "significance of the two-sample (KS / chi-square) and rate tests", gt=0, lt=1
+        "…and when its two-sample test's (KS / chi-square) p-value is below this (magnitude "
+        "and evidence, so small windows do not cry wolf)",
+        gt=0,
+        lt=1,
     )
     rate_margin: float = key(
-        "an abstain / OOD rate drifts when above evaluate's rate + this", ge=0, lt=1
+        "the abstain or OOD rate drifts above evaluate's rate + this (and binomial p < `p_value`)",
+        ge=0,
+        lt=1,
     )
-    min_labelled: int = key("`POST /feedback` labels needed before live metrics are judged", ge=1)
+    min_labelled: int = key(
+        "labelled predictions (`POST /feedback`) needed before live metrics are judged", ge=1
+    )
     performance_drop: float = key(
-        "live macro-F1 this far below the card's test macro-F1: alarm", ge=0, lt=1
+        "live macro-F1 this far below the card's test macro-F1 counts as drift (`performance`)",
+        ge=0,
+        lt=1,
     )
     live_window: int = key(
-        "latest predictions per worker behind the drift figures of /metrics", ge=1
+        "predictions each worker keeps in the rolling window behind `/metrics`", ge=1
     )
     report_dir: str = key("where the monitor writes report.json and report.html (not empty)")
 

@@ -66,3 +66,16 @@ def test_readme_experiment_table_keeps_the_metric_promotion_uses() -> None:
     assert re.fullmatch(keep, shipped(PromoteParams).metric), (keep, shipped(PromoteParams).metric)
     # `dvc exp run` leaves params.yaml and dvc.lock modified but not staged.
     assert "has the changed files staged" not in section
+
+
+def test_the_reference_shows_each_keys_value_choices_and_range() -> None:
+    """docs/generated/params.md is rendered from the settings declarations and params.yaml:
+    the value column is the shipped value, the allowed column the Literal or the range."""
+    reference = (REPO / "docs" / "generated" / "params.md").read_text(encoding="utf-8")
+    assert "| `split.mode` | `keep` | one of `keep`, `pool` |" in reference
+    assert "| `base.image_size` | `128` | int, at least 16 |" in reference
+    assert "| `split.series_similarity` | `0.9` | float, (0, 1], or -1 (off) |" in reference
+    assert "| `base_model.dropout` | `0.3` | float, [0, 1) |" in reference
+    assert '| `ingest.synthetic_shortcut` | `""` | one of `""`, `zoom`, `dark` |' in reference
+    shipped_values = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
+    assert f"| `train.epochs` | `{shipped_values['train']['epochs']}` |" in reference

@@ -59,8 +59,6 @@ def bounds_text(rule: Rule, tp: Any = float) -> str:
     """The range of `rule` as people read it: `>= 0`, `at least 1`, `0..1`, `(0, 1]`."""
     low = rule.ge if rule.ge is not None else rule.gt
     high = rule.le if rule.le is not None else rule.lt
-    if low is None and high is None:
-        return ""
     if low is not None and high is not None:
         if rule.ge is not None and rule.le is not None:
             text = f"{_number(low)}..{_number(high)}"
@@ -68,14 +66,14 @@ def bounds_text(rule: Rule, tp: Any = float) -> str:
             opening = "[" if rule.ge is not None else "("
             closing = "]" if rule.le is not None else ")"
             text = f"{opening}{_number(low)}, {_number(high)}{closing}"
-        return text + (f", or {_number(rule.off)} (off)" if rule.off is not None else "")
-    if low is not None:
-        if rule.ge is not None and tp is int and rule.ge >= 1:
-            text = f"at least {_number(low)}"
-        else:
-            text = f"{'>=' if rule.ge is not None else '>'} {_number(low)}"
-    else:
+    elif rule.ge is not None and tp is int and rule.ge >= 1:
+        text = f"at least {_number(rule.ge)}"
+    elif low is not None:
+        text = f"{'>=' if rule.ge is not None else '>'} {_number(low)}"
+    elif high is not None:
         text = f"{'<=' if rule.le is not None else '<'} {_number(high)}"
+    else:
+        return ""
     return text + (f", or {_number(rule.off)} (off)" if rule.off is not None else "")
 
 

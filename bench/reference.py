@@ -35,7 +35,8 @@ def shown(value: Any) -> str:
 
 def allowed(entry: Entry) -> str:
     if entry.choices:
-        return "one of " + ", ".join(f"`{shown(c)}`" for c in entry.choices)
+        outer = entry.type.split(" ")[0] + " to " if entry.type.startswith("mapping") else ""
+        return outer + "one of " + ", ".join(f"`{shown(c)}`" for c in entry.choices)
     return entry.type + (f", {entry.bounds}" if entry.bounds else "")
 
 
@@ -49,11 +50,11 @@ def value_at(data: dict[str, Any], dotted: str) -> Any:
 
 
 def group_docs(cls: type, prefix: str = "") -> dict[str, str]:
-    """{dotted group name: the first line of its class docstring} for every nested group."""
+    """{dotted group name: its class docstring on one line} for every nested group."""
     out = {}
     for name, tp in typing.get_type_hints(cls).items():
         if isinstance(tp, type) and hasattr(tp, "__dataclass_fields__"):
-            out[f"{prefix}{name}"] = (tp.__doc__ or "").strip().splitlines()[0]
+            out[f"{prefix}{name}"] = " ".join((tp.__doc__ or "").split())
             out |= group_docs(tp, f"{prefix}{name}.")
     return out
 

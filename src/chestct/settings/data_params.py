@@ -108,10 +108,10 @@ class SplitParams:
         "everything"
     )
     valid_fraction: float = key(
-        "share of the images being split that goes to valid (> 0; with test_fraction < 1)"
+        "share of the images being split that goes to valid (> 0; valid + test < 1)"
     )
     test_fraction: float = key(
-        "share of the images being split that goes to test (> 0; with valid_fraction < 1)"
+        "share of the images being split that goes to test (> 0; valid + test < 1)"
     )
     near_duplicate_distance: int = key(
         "perceptual-hash bits (of 256) within which files are grouped as near-duplicates; "

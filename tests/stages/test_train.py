@@ -229,11 +229,11 @@ MIRRORED = textwrap.dedent(
         cpu, [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()])
     from pathlib import Path
     import pandas as pd
-    from chestct.settings import AugmentParams, TrainParams
+    from chestct.settings import AugmentParams, TrainParams, defaults
     from chestct.stages.train import run_train
     root = Path(sys.argv[1])
-    params = shipped(TrainParams, epochs=2, batch_size=8, strategy="mirrored",
-                         augment=shipped(AugmentParams, rotation=0.0, zoom=0.0))
+    params = defaults(TrainParams, epochs=2, batch_size=8, strategy="mirrored",
+                      augment=defaults(AugmentParams, rotation=0.0, zoom=0.0))
     result = run_train(root / "base.keras", pd.read_csv(root / "train.csv"),
                        pd.read_csv(root / "valid.csv"), params, 0, root)
     print(json.dumps({"details": result.details,

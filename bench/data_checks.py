@@ -27,7 +27,7 @@ from chestct.data.similarity import nearest, series_groups, thumbnails
 from chestct.imaging.decoding import decode
 from chestct.imaging.lungs import lung_field
 from chestct.labels import label_for_folder
-from chestct.settings import SplitParams
+from chestct.settings import SplitParams, defaults
 from chestct.stages.split import run_split
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
@@ -116,7 +116,7 @@ def main() -> None:
     )
     index = {h: i for i, h in enumerate(manifest["sha256"])}
     for series in (-1.0, 0.95, 0.9):
-        params = SplitParams(mode="pool", series_similarity=series)
+        params = defaults(SplitParams, mode="pool", series_similarity=series)
         parts, summary = run_split(manifest, params, 42, None if series == -1 else t_thumbs)
         rows = {s: np.array([index[h] for h in parts[s]["sha256"]]) for s in ("train", "test")}
         sims = nearest(t_thumbs[rows["test"]], t_thumbs[rows["train"]]).similarity

@@ -1,4 +1,5 @@
-"""Render the measured figures of docs/results/*.json into docs/generated/*.md for the docs.
+"""Render the measured figures of docs/results/*.json, and the parameter reference of
+chestct.settings (bench/reference.py), into docs/generated/*.md for the docs.
 
     python bench/docsgen.py              # render every results file (make docs runs this)
     python bench/docsgen.py --check      # exit 1 when a generated table is missing or stale
@@ -18,6 +19,7 @@ import json
 import sys
 from pathlib import Path
 
+import reference
 from results import GENERATED, RESULTS, read_result, render, write_result
 
 # The shift-stress perturbations in the order evaluate reports them (chestct.imaging.perturb).
@@ -35,11 +37,11 @@ SHIFT_ORDER = (
 
 
 def expected(results: Path = RESULTS) -> dict[str, str]:
-    """{generated file name: its content} for every results file."""
+    """{generated file name: its content} for every results file and parameter reference."""
     return {
         f"{path.stem}.md": render(read_result(path), path.stem)
         for path in sorted(results.glob("*.json"))
-    }
+    } | reference.expected()
 
 
 def generate(results: Path = RESULTS, generated: Path = GENERATED) -> list[str]:

@@ -32,7 +32,7 @@ import pandas as pd
 
 from chestct.data.manifest import INGEST_COLUMNS
 from chestct.imaging.workers import single_threaded
-from chestct.settings import ResizeParams
+from chestct.settings import ResizeParams, defaults
 from chestct.stages.resize import run_resize
 
 SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
@@ -112,7 +112,7 @@ def main() -> None:
         jobs = [(p, args.size) for p in paths]
 
         def stage(out: Path, workers: int = args.workers) -> None:
-            run_resize({"train": manifest}, ResizeParams(), args.size, out, root, workers)
+            run_resize({"train": manifest}, defaults(ResizeParams), args.size, out, root, workers)
             shutil.rmtree(out)
 
         def timed(run) -> float:
@@ -136,11 +136,21 @@ def main() -> None:
                 rounds["bare_pool"].append(timed(lambda: pool.map(_bare, jobs, chunksize=16)))
                 rounds["stage"].append(timed(lambda i=i: stage(root / f"out{i}")))
         run_resize(
-            {"train": manifest}, ResizeParams(), args.size, root / "inc", root, args.workers
+            {"train": manifest},
+            defaults(ResizeParams),
+            args.size,
+            root / "inc",
+            root,
+            args.workers,
         )
         reused = timed(
             lambda: run_resize(
-                {"train": manifest}, ResizeParams(), args.size, root / "inc", root, args.workers
+                {"train": manifest},
+                defaults(ResizeParams),
+                args.size,
+                root / "inc",
+                root,
+                args.workers,
             )
         )
 

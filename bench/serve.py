@@ -43,6 +43,8 @@ import threading
 import time
 from pathlib import Path
 
+import yaml
+
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 
@@ -206,7 +208,9 @@ class Server:
         root = scratch / f"root-{model_dir.name}"
         (root / "config").mkdir(parents=True)
         shutil.copy(REPO / "params.yaml", root / "params.yaml")
-        (root / "config" / "config.yaml").write_text(json.dumps({"model_dir": str(model_dir)}))
+        config = yaml.safe_load((REPO / "config" / "config.yaml").read_text(encoding="utf-8"))
+        config["model_dir"] = str(model_dir)  # every other key as the repository sets it
+        (root / "config" / "config.yaml").write_text(json.dumps(config))
         self.port = free_port()
         env = {
             **os.environ,

@@ -31,13 +31,19 @@ import cv2
 import numpy as np
 
 from chestct.labels import CLASSES
-from chestct.settings import AugmentParams, BaseModelParams, TrainParams
+from chestct.settings import AugmentParams, BaseModelParams, TrainParams, defaults
 
-# Every acquisition-shift augmentation on (train.augment.zoom_out ... noise), on top of the
-# default flip/rotation/zoom/contrast, to show what they cost.
-SHIFT_AUGMENT = AugmentParams(
-    zoom_out=0.4, aspect=0.2, translation=0.1, gamma=0.4, window=0.1, blur=1.0, noise=4.0
-)
+# Every acquisition-shift augmentation on (train.augment.zoom_out ... noise), on top of
+# params.yaml's flip/rotation/zoom/contrast, to show what they cost.
+SHIFT_AUGMENT = {
+    "zoom_out": 0.4,
+    "aspect": 0.2,
+    "translation": 0.1,
+    "gamma": 0.4,
+    "window": 0.1,
+    "blur": 1.0,
+    "noise": 4.0,
+}
 
 
 def write_images(folder: Path, count: int, size: int) -> tuple[list[Path], list[str]]:
@@ -82,7 +88,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=4)
-    default = ",".join(map(str, BaseModelParams().filters))
+    default = ",".join(map(str, defaults(BaseModelParams).filters))
     parser.add_argument(
         "--filters", default=default, help=f"small_cnn filters (default {default})"
     )
@@ -95,8 +101,8 @@ def main() -> None:
     from chestct.model.modeling import build_model, label_indices
     from chestct.model.training import compile_model
 
-    params = BaseModelParams(filters=[int(f) for f in args.filters.split(",")])
-    train = TrainParams(batch_size=args.batch_size)
+    params = defaults(BaseModelParams, filters=[int(f) for f in args.filters.split(",")])
+    train = defaults(TrainParams, batch_size=args.batch_size)
     with tempfile.TemporaryDirectory(prefix="chestct-bench-") as tmp:
         print(f"writing {args.images} images of {args.size} px ...")
         paths, labels = write_images(Path(tmp), args.images, args.size)
@@ -124,8 +130,11 @@ def main() -> None:
         )
         for name, augment in (
             ("pipeline", train.augment),
-            ("pipeline, no augmentation", AugmentParams(False, 0, 0, 0)),
-            ("pipeline, + shift aug.", SHIFT_AUGMENT),
+            (
+                "pipeline, no augmentation",
+                defaults(AugmentParams, flip=False, rotation=0.0, zoom=0.0, contrast=0.0),
+            ),
+            ("pipeline, + shift aug.", defaults(AugmentParams, **SHIFT_AUGMENT)),
         ):
             ds = make_dataset(
                 paths,

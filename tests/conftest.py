@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from model_folder import add_reference, write_model_folder
+from shipped import shipped
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,7 +45,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from chestct.settings import BaseModelParams
 
     folder = tmp_path_factory.mktemp("model")
-    model = build_model(BaseModelParams(filters=[4, 8]), image_size=32, seed=0)
+    model = build_model(shipped(BaseModelParams, filters=[4, 8]), image_size=32, seed=0)
     model.save(folder / "model.keras")
     card = {
         "name": "chestct",

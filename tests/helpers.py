@@ -26,6 +26,7 @@ from chestct.settings import (
     TrainParams,
 )
 from chestct.stages.ingest import IngestSummary, run_ingest
+from shipped import shipped
 
 _CHANNELS = {"L": 1, "RGB": 3, "RGBA": 4}
 _EXTENSIONS = {"png": ".png", "jpeg": ".jpg", "bmp": ".bmp", "tiff": ".tiff"}
@@ -268,7 +269,7 @@ def zoom_out_file(path: Path, scale: float) -> None:
 IMAGE_SIZE = 32
 
 
-TINY_MODEL = BaseModelParams(filters=[4, 8])
+TINY_MODEL = shipped(BaseModelParams, filters=[4, 8])
 
 
 def ingest_folder(
@@ -276,8 +277,8 @@ def ingest_folder(
 ) -> tuple[pd.DataFrame, IngestSummary]:
     """run_ingest on root/<source> into root/artifacts/ingest."""
     return run_ingest(
-        BaseParams(seed=3, image_size=IMAGE_SIZE),
-        IngestParams(source=source, **params),
+        shipped(BaseParams, seed=3, image_size=IMAGE_SIZE),
+        shipped(IngestParams, source=source, **params),
         root / "artifacts" / "ingest",
         root,
     )

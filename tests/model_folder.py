@@ -22,6 +22,7 @@ import cv2
 import numpy as np
 
 from chestct.labels import CLASSES, DISPLAY_NAMES
+from shipped import shipped
 
 SIZE = 32
 TEMPERATURE = 1.5
@@ -56,7 +57,7 @@ def build_keras(seed: int, size: int = SIZE, filters: tuple[int, ...] = (4, 8)) 
     from chestct.model.modeling import build_model
     from chestct.settings import BaseModelParams
 
-    params = BaseModelParams(filters=list(filters), dropout=0.3)
+    params = shipped(BaseModelParams, filters=list(filters), dropout=0.3)
     return build_model(params, image_size=size, seed=seed)
 
 

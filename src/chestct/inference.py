@@ -61,11 +61,13 @@ from chestct.model.texture import (
 from chestct.model.texture import load as texture_load
 from chestct.modelcard import CARD_NAME, FileEntry, ListedFile, ModelCard
 from chestct.monitoring.signals import check_reference
-from chestct.settings import WindowParams
 
 log = logging.getLogger(__name__)
 
-DEFAULT_WINDOW: tuple[float, float] = (WindowParams().level, WindowParams().width)
+# The lung window (level, width) for a card that names none, when the caller (research code,
+# tests) passes no params ingest.window; promote writes the window into every card, and the
+# service passes the project's.
+DEFAULT_WINDOW: tuple[float, float] = (-600.0, 1500.0)
 _MAX_KERAS_CONFIG = 64 * 1024 * 1024  # a .keras config.json larger than this is not read
 PANEL_MIN_WIDTH = 240  # px: the feature-group bars under a texture explanation
 HEAD_TOLERANCE = 1e-3  # |softmax(head(gap)) - model probabilities| above this: wrong head file

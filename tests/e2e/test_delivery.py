@@ -175,7 +175,7 @@ def test_dockerignore_keeps_data_and_caches_out_and_what_images_copy_in() -> Non
     }
     inside = [
         "model/model.json",
-        "src/chestct/settings.py",
+        "src/chestct/settings/__init__.py",
         "src/chestct/serving/__init__.py",
         "config/config.yaml",
         ".dvc/config",

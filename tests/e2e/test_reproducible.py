@@ -16,6 +16,7 @@ import yaml
 
 from chestct.settings import STAGES
 from project_copy import BIN, pipeline_env, project_copy, run
+from shipped import shipped
 
 
 def test_saved_model_bytes_do_not_depend_on_the_time(tmp_path: Path, monkeypatch) -> None:
@@ -26,7 +27,7 @@ def test_saved_model_bytes_do_not_depend_on_the_time(tmp_path: Path, monkeypatch
     from chestct.model.modeling import build_model, load_model, save_model
     from chestct.settings import BaseModelParams
 
-    model = build_model(BaseModelParams(filters=[4]), image_size=16, seed=0)
+    model = build_model(shipped(BaseModelParams, filters=[4]), image_size=16, seed=0)
     first = save_model(model, tmp_path / "a" / "model.keras").read_bytes()
     real = time.time
     monkeypatch.setattr(time, "time", lambda: real() + 86_400 * 400)  # a year later

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from services import free_port, get, worker_pids
+from shipped import config_text
 
 REPO = Path(__file__).resolve().parents[2]
 TOKEN = "gunicorn-test-token"
@@ -33,7 +33,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, model_dir: Path):
         "model_dir": str(live),
         "serving": {"audit_log": True, "audit_db": str(tmp_path / "audit.sqlite")},
     }
-    (root / "config" / "config.yaml").write_text(json.dumps(config), encoding="utf-8")
+    (root / "config" / "config.yaml").write_text(config_text(config), encoding="utf-8")
     port = free_port()
     env = {
         **os.environ,

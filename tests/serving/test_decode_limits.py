@@ -22,6 +22,7 @@ from chestct.imaging.formats import DecodeLimits, ImageError, ImageTooLarge
 from chestct.serving import create_app
 from helpers import make_kaggle_folder
 from model_folder import multipart, slice_png
+from shipped import shipped
 
 REPO = Path(__file__).resolve().parents[2]
 LUNG = (-600.0, 1500.0)
@@ -111,8 +112,8 @@ def test_ingest_skips_and_reports_each_issue_file(
     for name, data in issue_files.items():
         (folder / f"{name}.bin").write_bytes(data)
     frame, summary = run_ingest(
-        BaseParams(seed=1, image_size=32),
-        IngestParams(source="kaggle"),
+        shipped(BaseParams, seed=1, image_size=32),
+        shipped(IngestParams, source="kaggle"),
         tmp_path / "artifacts" / "ingest",
         tmp_path,
         workers=1,

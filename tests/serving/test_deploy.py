@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from services import free_port, service
+from shipped import config_text, shipped
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "deploy" / "k8s"
@@ -126,7 +127,7 @@ def test_the_deployment_environment_and_probes_on_a_real_gunicorn(
     (root / "config").mkdir(parents=True)
     (root / "params.yaml").write_bytes((REPO / "params.yaml").read_bytes())
     config = {"model_dir": str(model_dir)}
-    (root / "config" / "config.yaml").write_text(json.dumps(config), encoding="utf-8")
+    (root / "config" / "config.yaml").write_text(config_text(config), encoding="utf-8")
     scratch = tmp_path / "tmp"
     scratch.mkdir()
     port = free_port()
@@ -303,7 +304,7 @@ def test_the_nginx_sidecar_and_compose_proxy_front_gunicorn() -> None:
     env = {e["name"]: e["value"] for e in sidecar["env"]}
     bind = {e["name"]: e["value"] for e in predictor(deployment)["env"]}["CHESTCT_BIND"]
     assert env["CHESTCT_UPSTREAM"].split(":")[-1] == bind.split(":")[-1]
-    assert env["CHESTCT_MAX_BODY"] == proxy.max_body(ServingConfig().max_upload_mb)
+    assert env["CHESTCT_MAX_BODY"] == proxy.max_body(shipped(ServingConfig).max_upload_mb)
     assert {p["name"]: p["containerPort"] for p in sidecar["ports"]} == {
         "proxy": int(env["CHESTCT_PROXY_LISTEN"])
     }

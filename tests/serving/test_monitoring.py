@@ -36,6 +36,7 @@ from chestct.monitoring.signals import (
 from chestct.serving import create_app
 from helpers import zoomed
 from model_folder import ct_slice, encode
+from shipped import config_text
 
 REPO = Path(__file__).resolve().parents[2]
 MONITORING = REPO / "config" / "monitoring"
@@ -634,7 +635,7 @@ def test_bad_monitor_settings_name_the_key(tmp_path: Path, monitor: dict, messag
     (tmp_path / "config").mkdir()
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
     (tmp_path / "config" / "config.yaml").write_text(
-        json.dumps({"monitor": monitor}), encoding="utf-8"
+        config_text({"monitor": monitor}), encoding="utf-8"
     )
     with pytest.raises(SettingsError, match=message):
         load_settings(tmp_path)
@@ -648,7 +649,7 @@ def test_metadata_and_settings_reach_the_monitoring(
     (tmp_path / "config").mkdir()
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
     config = {"model_dir": str(monitored_model), "monitor": {"live_window": 7}}
-    (tmp_path / "config" / "config.yaml").write_text(json.dumps(config), encoding="utf-8")
+    (tmp_path / "config" / "config.yaml").write_text(config_text(config), encoding="utf-8")
     monkeypatch.setenv("CHESTCT_ROOT", str(tmp_path))
     client = create_app().test_client()
     meta = client.get("/metadata").get_json()["monitoring"]

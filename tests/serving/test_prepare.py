@@ -17,6 +17,7 @@ from chestct.imaging.preparation import Normalise, prepare
 from chestct.settings import ResizeParams
 from helpers import NORMALISED, textured, zoomed_out
 from model_folder import SIZE
+from shipped import shipped
 
 
 def normalised_model(source: Path, folder: Path, spec: Normalise, mode: str = "stretch") -> Path:
@@ -36,7 +37,7 @@ def test_serving_prepares_like_the_resize_stage(
     from chestct.inference import load_folder
     from chestct.stages.resize import normalise_of, run_resize
 
-    params = ResizeParams(mode="pad", crop="body", intensity="percentile", workers=1)
+    params = shipped(ResizeParams, mode="pad", crop="body", intensity="percentile", workers=1)
     ok, buf = cv2.imencode(".png", zoomed_out(textured(3), 0.7, 0.2, 0.6))
     assert ok
     data = buf.tobytes()
@@ -100,7 +101,9 @@ def test_lung_crop_flows_from_resize_through_the_card_to_the_predictor(
     from chestct.serving import create_app
     from chestct.stages.resize import normalise_of, run_resize
 
-    params = ResizeParams(crop="lungs", crop_margin=0.05, intensity="percentile", workers=1)
+    params = shipped(
+        ResizeParams, crop="lungs", crop_margin=0.05, intensity="percentile", workers=1
+    )
     grey = zoomed_out(render_slice("adenocarcinoma", np.random.default_rng(4)), 0.8, 0.3, 0.4)
     assert lung_field(grey).found
     ok, buf = cv2.imencode(".png", grey)

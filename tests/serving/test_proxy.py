@@ -22,6 +22,7 @@ import pytest
 from chestct.serving import proxy
 from model_folder import slice_png
 from services import free_port, require_program, service
+from shipped import config_text
 
 REPO = Path(__file__).resolve().parents[2]
 SLOW_CLIENTS = 50
@@ -38,7 +39,7 @@ def proxied(tmp_path_factory: pytest.TempPathFactory, model_dir: Path):
     (root / "config").mkdir(parents=True)
     (root / "params.yaml").write_bytes((REPO / "params.yaml").read_bytes())
     config = {"model_dir": str(model_dir), "serving": {"max_upload_mb": 2}}
-    (root / "config" / "config.yaml").write_text(json.dumps(config), encoding="utf-8")
+    (root / "config" / "config.yaml").write_text(config_text(config), encoding="utf-8")
     upstream, port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
     env |= {"CHESTCT_ROOT": str(root), "CHESTCT_BIND": f"127.0.0.1:{upstream}"}
@@ -177,7 +178,7 @@ def test_serve_proxy_starts_and_stops_both(tmp_path: Path, model_dir: Path) -> N
     (root / "params.yaml").write_bytes((REPO / "params.yaml").read_bytes())
     (root / "deploy").symlink_to(REPO / "deploy")
     config = {"model_dir": str(model_dir)}
-    (root / "config" / "config.yaml").write_text(json.dumps(config), encoding="utf-8")
+    (root / "config" / "config.yaml").write_text(config_text(config), encoding="utf-8")
     (root / "config" / "gunicorn.conf.py").write_bytes(
         (REPO / "config" / "gunicorn.conf.py").read_bytes()
     )

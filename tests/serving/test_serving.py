@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import re
 import struct
 import zlib
@@ -29,6 +28,7 @@ from model_folder import (
     multipart,
     slice_png,
 )
+from shipped import config_text
 
 
 @pytest.fixture
@@ -439,7 +439,7 @@ def test_settings_reach_the_app(tmp_path: Path, model_dir: Path, monkeypatch) ->
     (tmp_path / "config").mkdir()
     shutil.copy(repo / "params.yaml", tmp_path / "params.yaml")
     (tmp_path / "config" / "config.yaml").write_text(
-        json.dumps(
+        config_text(
             {
                 "model_dir": str(model_dir),
                 "serving": {"max_upload_mb": 2, "max_batch_files": 3, "history_token": "x"},
@@ -476,7 +476,7 @@ def test_bad_serving_settings_name_the_key(tmp_path: Path, serving: dict, messag
     (tmp_path / "config").mkdir()
     shutil.copy(repo / "params.yaml", tmp_path / "params.yaml")
     (tmp_path / "config" / "config.yaml").write_text(
-        json.dumps({"serving": serving}), encoding="utf-8"
+        config_text({"serving": serving}), encoding="utf-8"
     )
     with pytest.raises(SettingsError, match=message):
         load_settings(tmp_path)

@@ -17,6 +17,7 @@ from helpers import (
     TINY_MODEL,
     tiny_split,
 )
+from shipped import shipped
 
 
 @pytest.fixture(scope="session")
@@ -43,8 +44,12 @@ def trained(base_model: Path, tiny_data, tmp_path_factory: pytest.TempPathFactor
 
     root, data = tiny_data
     epochs: list[tuple[int, dict[str, float]]] = []
-    params = TrainParams(
-        epochs=2, batch_size=4, patience=5, augment=AugmentParams(rotation=0.0, zoom=0.0)
+    params = shipped(
+        TrainParams,
+        epochs=2,
+        batch_size=4,
+        patience=5,
+        augment=shipped(AugmentParams, rotation=0.0, zoom=0.0),
     )
     result = run_train(
         base_model,

@@ -22,6 +22,7 @@ from chestct.stages.resize import run_resize
 from chestct.stages.split import run_split
 from chestct.stages.validate import run_validate, write_pictures
 from helpers import zoom_out_file
+from shipped import shipped
 
 # 40 slices per class: enough for the detector's five folds, quick to make.
 PER_CLASS = {"train": 30, "valid": 5, "test": 5}
@@ -79,21 +80,24 @@ def _pipeline(
 ) -> tuple[object, dict[str, pd.DataFrame], pd.DataFrame]:
     """ingest -> split -> resize -> validate, with the stages' default params."""
     frame, summary = run_ingest(
-        BaseParams(seed=42, image_size=32),
-        IngestParams(
-            source=source, synthetic_per_class=PER_CLASS, synthetic_shortcut=synthetic_shortcut
+        shipped(BaseParams, seed=42, image_size=32),
+        shipped(
+            IngestParams,
+            source=source,
+            synthetic_per_class=PER_CLASS,
+            synthetic_shortcut=synthetic_shortcut,
         ),
         root / "artifacts" / "ingest",
         root,
     )
     assert list(summary.acquisition.columns) == list(ACQUISITION_COLUMNS)
     assert len(summary.acquisition) == frame["sha256"].nunique()
-    parts, _ = run_split(frame, SplitParams(), seed=42)
-    index, _ = run_resize(parts, ResizeParams(), 32, root / "artifacts" / "resize", root)
+    parts, _ = run_split(frame, shipped(SplitParams), seed=42)
+    index, _ = run_resize(parts, shipped(ResizeParams), 32, root / "artifacts" / "resize", root)
     # With the project root, as the stage runs it: the pixel checks, and shortcut folds that
     # keep a synthetic patient's series together.
     datasets, report = run_validate(
-        parts, index, ValidateParams(), seed=42, acquisition=summary.acquisition, root=root
+        parts, index, shipped(ValidateParams), seed=42, acquisition=summary.acquisition, root=root
     )
     return report, datasets, summary.acquisition
 

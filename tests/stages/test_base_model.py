@@ -17,6 +17,7 @@ from helpers import (
     IMAGE_SIZE,
     TINY_MODEL,
 )
+from shipped import shipped
 
 
 def test_base_model_writes_a_loadable_model(base_model: Path) -> None:
@@ -55,6 +56,9 @@ def test_base_model_stage_turns_weights_errors_into_a_stage_failure(
     monkeypatch.setattr("chestct.model.modeling.host_reachable", lambda url: False)
     with pytest.raises(StageFailed, match="cannot be downloaded"):
         run_base_model(
-            BaseModelParams(architecture="resnet50", weights="imagenet"), SIZE, 0, tmp_path / "out"
+            shipped(BaseModelParams, architecture="resnet50", weights="imagenet"),
+            SIZE,
+            0,
+            tmp_path / "out",
         )
     assert not (tmp_path / "out" / "model.keras").exists()

@@ -19,6 +19,7 @@ from chestct.settings import (
     BaseModelParams,
     EvaluateParams,
 )
+from shipped import shipped
 
 SIZE = 32
 
@@ -59,7 +60,7 @@ def project(
         "valid": write_split(root, "valid", 3, 1000),
         "test": write_split(root, "test", 3, 2000),
     }
-    model = build_model(BaseModelParams(filters=[4, 8]), SIZE, seed=0)
+    model = build_model(shipped(BaseModelParams, filters=[4, 8]), SIZE, seed=0)
     model_path = root / "model.keras"
     model.save(model_path)
     return root, splits, model_path
@@ -70,7 +71,7 @@ def evaluation(project):
     from chestct.stages.evaluate import run_evaluate
 
     root, splits, model_path = project
-    return run_evaluate(model_path, splits, EvaluateParams(batch_size=5), root)
+    return run_evaluate(model_path, splits, shipped(EvaluateParams, batch_size=5), root)
 
 
 def test_run_evaluate_scores_the_test_split_and_calibrates_on_valid(evaluation, project) -> None:
@@ -147,7 +148,7 @@ def test_run_evaluate_adds_the_memorizer_novelty_and_intervals(evaluation, proje
 def test_write_outputs_writes_every_metric_table_and_picture(evaluation, tmp_path: Path) -> None:
     from chestct.stages.evaluate import PLOTS, write_outputs
 
-    files = write_outputs(evaluation, tmp_path, EvaluateParams(gallery_per_class=1))
+    files = write_outputs(evaluation, tmp_path, shipped(EvaluateParams, gallery_per_class=1))
     metrics = json.loads(files["metrics"].read_text(encoding="utf-8"))
     assert metrics["macro_f1"] == evaluation.metrics["macro_f1"]
     calibration = json.loads(files["calibration"].read_text(encoding="utf-8"))
@@ -253,10 +254,10 @@ def test_run_evaluate_refuses_an_empty_split(project) -> None:
     root, splits, model_path = project
     empty = {**splits, "valid": splits["valid"].iloc[:0]}
     with pytest.raises(StageFailed, match="empty"):
-        run_evaluate(model_path, empty, EvaluateParams(), root)
+        run_evaluate(model_path, empty, shipped(EvaluateParams), root)
     one_train_image = {**splits, "train": splits["train"].iloc[:1]}
     with pytest.raises(StageFailed, match="at least two"):
-        run_evaluate(model_path, one_train_image, EvaluateParams(), root)
+        run_evaluate(model_path, one_train_image, shipped(EvaluateParams), root)
 
 
 # --------------------------------------------------------------------------- light artifact
@@ -381,7 +382,9 @@ def test_evaluate_scores_every_test_image(trained, tiny_data) -> None:
 
     root, data = tiny_data
     test = data["test"]
-    metrics, predictions = score(trained[2], test, EvaluateParams(batch_size=3).batch_size, root)
+    metrics, predictions = score(
+        trained[2], test, shipped(EvaluateParams, batch_size=3).batch_size, root
+    )
 
     for name in ("accuracy", "balanced_accuracy", "macro_f1", "macro_f2", "ece"):
         assert 0.0 <= metrics[name] <= 1.0, name

@@ -21,6 +21,7 @@ from chestct.stages.ingest import run_ingest
 from chestct.stages.split import run_split
 from chestct.stages.validate import run_validate
 from helpers import ok_index, pixels, write_image
+from shipped import shipped
 
 
 def _dicom(seed: int, patient: str | None, study: str | None) -> bytes:
@@ -38,8 +39,8 @@ def _dicom(seed: int, patient: str | None, study: str | None) -> bytes:
 
 def _ingest(root: Path, source: str) -> pd.DataFrame:
     frame, _ = run_ingest(
-        BaseParams(seed=3, image_size=32),
-        IngestParams(source=source),
+        shipped(BaseParams, seed=3, image_size=32),
+        shipped(IngestParams, source=source),
         root / "artifacts" / "ingest",
         root,
         workers=1,
@@ -94,7 +95,7 @@ def test_pooled_split_keeps_each_patient_and_study_in_one_split(tmp_path: Path) 
     _dicom_tree(tmp_path, slices=5)
     frame = _ingest(tmp_path, "dicom")
     # 15 slices a class: a share of 5 slices takes one whole patient.
-    params = SplitParams(mode="pool", valid_fraction=0.34, test_fraction=0.34)
+    params = shipped(SplitParams, mode="pool", valid_fraction=0.34, test_fraction=0.34)
     parts, summary = run_split(frame, params, seed=1)
     keys, sources = identity_keys(pd.concat(parts.values(), ignore_index=True))
     assert set(sources) == {"DICOM PatientID", "DICOM StudyInstanceUID"}
@@ -125,7 +126,7 @@ def test_a_csv_listing_supplies_labels_splits_and_groups(tmp_path: Path) -> None
     assert len(frame) == 48 and set(frame["split"]) == {""}
     assert frame.loc[frame["source_path"].str.endswith("normal_3.png"), "group_hash"].item() == ""
     assert "case-" not in frame.to_csv()
-    params = SplitParams(mode="pool", valid_fraction=0.2, test_fraction=0.2)
+    params = shipped(SplitParams, mode="pool", valid_fraction=0.2, test_fraction=0.2)
     parts, summary = run_split(frame, params, seed=0)
     both = pd.concat([p.assign(split=s) for s, p in parts.items()], ignore_index=True)
     assert both.groupby("group_hash")["split"].nunique().drop("").max() == 1
@@ -196,12 +197,14 @@ def test_keep_mode_reports_a_patient_the_source_spreads_and_validate_warns(
     _dicom_tree(tmp_path, slices=2, splits=SPLITS)
     frame = _ingest(tmp_path, "dicom")
     # The source put the same three patients per class in train, valid and test.
-    parts, summary = run_split(frame, SplitParams(mode="keep"), seed=0)
+    parts, summary = run_split(frame, shipped(SplitParams, mode="keep"), seed=0)
     assert len(summary.cross_split_identities) == 12
     leak = summary.cross_split_identities[0]
     assert leak["splits"] == list(SPLITS) and leak["kind"] in {"patient", "study"}
     assert not summary.dropped  # slices of a patient are not copies: never dropped
-    _, report = run_validate(parts, ok_index(parts), ValidateParams(shortcut_min_images=10_000))
+    _, report = run_validate(
+        parts, ok_index(parts), shipped(ValidateParams, shortcut_min_images=10_000)
+    )
     finding = next(f for f in report.findings if f.check == "cross_split_identity")
     assert finding.severity == "warning"
     assert "12 id(s) have slices in more than one split (9 patient, 3 study)" in finding.message
@@ -209,7 +212,7 @@ def test_keep_mode_reports_a_patient_the_source_spreads_and_validate_warns(
     quarantined = run_validate(
         parts,
         ok_index(parts),
-        ValidateParams(shortcut_min_images=10_000, quarantine=True, fail_on="never"),
+        shipped(ValidateParams, shortcut_min_images=10_000, quarantine=True, fail_on="never"),
     )[0]
     assert len(quarantined["valid"]) == len(quarantined["test"]) == 0
 
@@ -236,4 +239,4 @@ def test_patients_too_big_for_the_fractions_stop_naming_the_groups(tmp_path: Pat
     frame = _ingest(tmp_path, "dicom")
     # 15 slices a class, a share of 2: no patient of 5 slices fits, so nothing is carved.
     with pytest.raises(StageFailed, match=r"12 groups of up to 5 that move as one"):
-        run_split(frame, SplitParams(mode="pool"), seed=0)
+        run_split(frame, shipped(SplitParams, mode="pool"), seed=0)

@@ -35,6 +35,7 @@ from helpers import (
     make_kaggle_folder,
     write_image,
 )
+from shipped import shipped
 
 LUNG = (-600.0, 1500.0)
 
@@ -78,8 +79,8 @@ def dicom_bytes(
 
 def ingest(root: Path, source: str, **params) -> tuple:
     return run_ingest(
-        BaseParams(seed=1, image_size=32),
-        IngestParams(source=source, **params),
+        shipped(BaseParams, seed=1, image_size=32),
+        shipped(IngestParams, source=source, **params),
         root / "artifacts" / "ingest",
         root,
         workers=1,
@@ -189,7 +190,9 @@ def test_ingest_a_dicom_tree_stores_windowed_pngs_and_skips_bad_files(tmp_path: 
         dicom_bytes(np.zeros((2, 2)), syntax=JPEGLSLossless)
     )
 
-    frame, summary = ingest(tmp_path, "dicom", window=WindowParams(level=-600, width=1500))
+    frame, summary = ingest(
+        tmp_path, "dicom", window=shipped(WindowParams, level=-600, width=1500)
+    )
 
     assert len(frame) == 8
     assert set(frame["format"]) == {"dicom"}
@@ -235,7 +238,11 @@ def test_ingest_manifest_has_a_perceptual_hash_and_runs_in_parallel(tmp_path: Pa
     make_kaggle_folder(tmp_path / "kaggle", {"train": 9, "valid": 4, "test": 4})
     serial, _ = ingest(tmp_path, "kaggle")
     parallel, _ = run_ingest(
-        BaseParams(seed=1), IngestParams(source="kaggle"), tmp_path / "par", tmp_path, workers=2
+        shipped(BaseParams, seed=1),
+        shipped(IngestParams, source="kaggle"),
+        tmp_path / "par",
+        tmp_path,
+        workers=2,
     )
     assert list(serial.columns) == list(INGEST_COLUMNS)
     assert serial["phash"].str.fullmatch(f"[0-9a-f]{{{HEX_DIGITS}}}").all()
@@ -424,8 +431,8 @@ def test_ingest_synthetic(tmp_path: Path) -> None:
     assert frame["sha256"].is_unique
 
     again, _ = run_ingest(
-        BaseParams(seed=3),
-        IngestParams(synthetic_per_class=per_class),
+        shipped(BaseParams, seed=3),
+        shipped(IngestParams, synthetic_per_class=per_class),
         tmp_path / "again",
         tmp_path,
     )

@@ -25,6 +25,7 @@ from helpers import (
     IMAGE_SIZE,
     tiny_split,
 )
+from shipped import shipped
 
 SIZE = 32
 PREPROCESSING = {"resize": "stretch", "interpolation": "area"}
@@ -61,7 +62,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     models = {}
     for seed in (0, 1):
         models[seed] = root / f"model{seed}.keras"
-        build_model(BaseModelParams(filters=[4, 8]), SIZE, seed=seed).save(models[seed])
+        build_model(shipped(BaseModelParams, filters=[4, 8]), SIZE, seed=seed).save(models[seed])
     ood = root / "ood.npz"
     np.savez(ood, mean=np.zeros(8), precision=np.eye(8))
     return {"root": root, "test": test, "models": models, "ood": ood}
@@ -92,7 +93,7 @@ def promote(world: dict[str, Any], cand, model_dir: Path, registry: Registry, **
     return run_promote(
         cand,
         world["test"],
-        PromoteParams(**{"minimum": 0.5, "metric": "macro_f1", **params}),
+        shipped(PromoteParams, **{"minimum": 0.5, "metric": "macro_f1", **params}),
         model_dir=model_dir,
         root=world["root"],
         batch_size=4,
@@ -306,7 +307,9 @@ def test_an_unknown_metric_is_a_clear_error(world, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("score", "promoted"), [(0.49, False), (0.5, True), (0.9, True)])
 def test_decide_first_model_needs_the_minimum(score: float, promoted: bool) -> None:
-    decision = decide(PromoteParams(metric="macro_f1", minimum=0.5), {"macro_f1": score}, None)
+    decision = decide(
+        shipped(PromoteParams, metric="macro_f1", minimum=0.5), {"macro_f1": score}, None
+    )
     assert decision.promote is promoted
     assert decision.champion is None
     assert decision.candidate == score
@@ -336,7 +339,7 @@ def test_decide_first_model_needs_the_minimum(score: float, promoted: bool) -> N
 def test_decide_against_a_champion(
     candidate: float, champion: float, margin: float, promoted: bool, rule: str
 ) -> None:
-    params = PromoteParams(metric="macro_f1", minimum=0.5, margin=margin)
+    params = shipped(PromoteParams, metric="macro_f1", minimum=0.5, margin=margin)
     decision = decide(params, {"macro_f1": candidate}, {"macro_f1": champion}, True)
     assert decision.promote is promoted
     assert (decision.candidate, decision.champion) == (candidate, champion)
@@ -348,7 +351,7 @@ def test_decide_against_a_champion(
 
 def test_decide_reason_names_the_minimum_not_the_champion() -> None:
     # The example: 0.375 beats a 0.1667 champion but is below promote.minimum.
-    params = PromoteParams(metric="macro_f1", minimum=0.5)
+    params = shipped(PromoteParams, metric="macro_f1", minimum=0.5)
     decision = decide(params, {"macro_f1": 0.375}, {"macro_f1": 0.1667})
     assert not decision.promote
     assert decision.reason == (
@@ -358,7 +361,7 @@ def test_decide_reason_names_the_minimum_not_the_champion() -> None:
 
 
 def test_decide_uses_the_configured_metric() -> None:
-    params = PromoteParams(metric="accuracy", minimum=0.0)
+    params = shipped(PromoteParams, metric="accuracy", minimum=0.0)
     candidate = {"accuracy": 0.9, "macro_f1": 0.1}
     decision = decide(params, candidate, {"accuracy": 0.8, "macro_f1": 0.9})
     assert decision.promote
@@ -448,7 +451,7 @@ def test_read_card_treats_a_non_object_card_as_no_champion(tmp_path: Path, conte
 
 def test_decide_refuses_a_candidate_below_the_memorizer() -> None:
     memorizer = {"baseline": {"nearest_neighbour": {"macro_f1": 0.8, "accuracy": 0.9}}}
-    params = PromoteParams(metric="robust_macro_f1", minimum=0.5)
+    params = shipped(PromoteParams, metric="robust_macro_f1", minimum=0.5)
     below = {"robust_macro_f1": 0.75, "macro_f1": 0.7, **memorizer}
     decision = decide(params, below, None)
     assert not decision.promote and decision.rule == "below the memorizer"
@@ -458,11 +461,13 @@ def test_decide_refuses_a_candidate_below_the_memorizer() -> None:
         "learning) on the test split; promote.beat_memorizer refuses it (no champion)"
     )
     # The selection metric itself when the memorizer has it.
-    by_accuracy = decide(PromoteParams(metric="accuracy"), {"accuracy": 0.85, **memorizer}, None)
+    by_accuracy = decide(
+        shipped(PromoteParams, metric="accuracy"), {"accuracy": 0.85, **memorizer}, None
+    )
     assert by_accuracy.rule == "below the memorizer" and "accuracy 0.8500 < 0.9000" in (
         by_accuracy.reason
     )
-    off = PromoteParams(metric="robust_macro_f1", minimum=0.5, beat_memorizer=False)
+    off = shipped(PromoteParams, metric="robust_macro_f1", minimum=0.5, beat_memorizer=False)
     assert decide(off, below, None).rule == "first model"
     above = {"robust_macro_f1": 0.75, "macro_f1": 0.8, **memorizer}  # equal is not below
     assert decide(params, above, None).promote
@@ -514,7 +519,7 @@ def test_a_win_that_is_noise_is_not_a_promotion(
     from chestct.stages.promote import Candidate, apply_paired, paired_test
 
     path, champion_table = _tables(tmp_path, 120, 0.6, gain, loss)
-    params = PromoteParams(metric="robust_macro_f1", minimum=0.1)
+    params = shipped(PromoteParams, metric="robust_macro_f1", minimum=0.1)
     candidate = Candidate(Path("m"), {}, {}, Path("o"), "d", predictions_path=path)
     paired = paired_test(params, candidate, lambda: champion_table)
     assert paired.groups == 60  # pairs of near-copies resampled together
@@ -540,7 +545,7 @@ def test_the_paired_test_says_why_it_did_not_run(tmp_path: Path) -> None:
     from chestct.stages.promote import Candidate, apply_paired, paired_test
 
     path, table = _tables(tmp_path, 20, 0.6, 1)
-    params = PromoteParams(metric="macro_f1", minimum=0.1)
+    params = shipped(PromoteParams, metric="macro_f1", minimum=0.1)
     margin_win = decide(params, {"macro_f1": 0.7}, {"macro_f1": 0.6})
     cases = [
         (replace_params(params, paired="none"), path, "promote.paired is none"),
@@ -618,7 +623,7 @@ def test_the_card_shows_how_far_the_model_is_above_the_memorizer(world) -> None:
     }
     cand = candidate(world, 0, 0.9)
     card = build_card(
-        params=PromoteParams(),
+        params=shipped(PromoteParams),
         image_size=SIZE,
         preprocessing=PREPROCESSING,
         candidate=type(cand)(**{**cand.__dict__, "metrics": metrics}),
@@ -635,7 +640,7 @@ def test_the_card_shows_how_far_the_model_is_above_the_memorizer(world) -> None:
     assert "no learning" in entry["method"]
     # A candidate evaluated before the memorizer existed gets no entry.
     assert "baseline" not in build_card(
-        params=PromoteParams(),
+        params=shipped(PromoteParams),
         image_size=SIZE,
         preprocessing=PREPROCESSING,
         candidate=cand,

@@ -30,6 +30,7 @@ from helpers import (
     make_kaggle_folder,
     write_image,
 )
+from shipped import shipped
 
 
 def test_stretch_pad_and_crop() -> None:
@@ -72,10 +73,20 @@ def _manifest(root: Path, count: int) -> pd.DataFrame:
 def test_parallel_resize_equals_serial(tmp_path: Path) -> None:
     frame = _manifest(tmp_path, 40)
     serial, _ = run_resize(
-        {"train": frame}, ResizeParams(mode="pad"), 16, tmp_path / "a", tmp_path, workers=1
+        {"train": frame},
+        shipped(ResizeParams, mode="pad"),
+        16,
+        tmp_path / "a",
+        tmp_path,
+        workers=1,
     )
     parallel, _ = run_resize(
-        {"train": frame}, ResizeParams(mode="pad"), 16, tmp_path / "b", tmp_path, workers=2
+        {"train": frame},
+        shipped(ResizeParams, mode="pad"),
+        16,
+        tmp_path / "b",
+        tmp_path,
+        workers=2,
     )
     pd.testing.assert_frame_equal(serial.drop(columns="resized"), parallel.drop(columns="resized"))
     for sha in frame["sha256"]:
@@ -86,7 +97,7 @@ def test_parallel_resize_equals_serial(tmp_path: Path) -> None:
 def test_resize_is_incremental(tmp_path: Path) -> None:
     frame = _manifest(tmp_path, 6)
     out = tmp_path / "out"
-    params = ResizeParams()
+    params = shipped(ResizeParams)
 
     def run(manifest: pd.DataFrame, p: ResizeParams = params, size: int = 16):
         return run_resize({"train": manifest}, p, size, out, tmp_path, workers=1)
@@ -113,9 +124,9 @@ def test_resize_is_incremental(tmp_path: Path) -> None:
     assert cv2.imread(str(half), cv2.IMREAD_GRAYSCALE).shape == (16, 16)
 
     # Another mode or size rebuilds everything.
-    _, summary = run(frame, ResizeParams(mode="crop"))
+    _, summary = run(frame, shipped(ResizeParams, mode="crop"))
     assert (summary.resized, summary.reused) == (6, 0)
-    _, summary = run(frame, ResizeParams(mode="crop"), size=24)
+    _, summary = run(frame, shipped(ResizeParams, mode="crop"), size=24)
     assert (summary.resized, summary.reused) == (6, 0)
     img = cv2.imread(str(out / "images" / f"{frame['sha256'][0]}.png"), cv2.IMREAD_GRAYSCALE)
     assert img.shape == (24, 24)
@@ -124,7 +135,9 @@ def test_resize_is_incremental(tmp_path: Path) -> None:
 def test_workers_param_and_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     frame = _manifest(tmp_path, 3)
     monkeypatch.setattr(os, "cpu_count", lambda: None)
-    index, _ = run_resize({"train": frame}, ResizeParams(workers=0), 16, tmp_path / "o", tmp_path)
+    index, _ = run_resize(
+        {"train": frame}, shipped(ResizeParams, workers=0), 16, tmp_path / "o", tmp_path
+    )
     assert index["ok"].all()
 
 
@@ -134,10 +147,10 @@ def test_resize_writes_one_png_per_content(tmp_path: Path) -> None:
     copy = next((source / "train" / "normal").iterdir())
     shutil.copy(copy, source / "test" / "normal" / "c.png")
     frame, _ = ingest_folder(tmp_path)
-    parts, _ = run_split(frame, SplitParams(), seed=0)
+    parts, _ = run_split(frame, shipped(SplitParams), seed=0)
     out = tmp_path / "artifacts" / "resize"
 
-    index, _ = run_resize(parts, ResizeParams(), IMAGE_SIZE, out, tmp_path, workers=1)
+    index, _ = run_resize(parts, shipped(ResizeParams), IMAGE_SIZE, out, tmp_path, workers=1)
 
     assert list(index.columns) == list(INDEX_COLUMNS)
     assert len(index) == frame["sha256"].nunique() == len(frame) - 1
@@ -152,7 +165,7 @@ def test_resize_writes_one_png_per_content(tmp_path: Path) -> None:
         expected = prepare(
             (tmp_path / originals[row.sha256]).read_bytes(),
             IMAGE_SIZE,
-            normalise=normalise_of(ResizeParams()),
+            normalise=normalise_of(shipped(ResizeParams)),
         )
         np.testing.assert_array_equal(img, expected)
         assert row.mean == pytest.approx(float(expected.mean()))
@@ -175,7 +188,12 @@ def test_resize_records_failures(tmp_path: Path) -> None:
     out = tmp_path / "artifacts" / "resize"
 
     index, _ = run_resize(
-        manifests, ResizeParams(interpolation="cubic"), IMAGE_SIZE, out, tmp_path, workers=1
+        manifests,
+        shipped(ResizeParams, interpolation="cubic"),
+        IMAGE_SIZE,
+        out,
+        tmp_path,
+        workers=1,
     )
     index = index.set_index("sha256")
 

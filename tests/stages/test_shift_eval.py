@@ -16,6 +16,7 @@ from chestct.imaging.perturb import SHIFT_NAMES, apply_shift
 from chestct.labels import CLASSES
 from chestct.settings import BaseModelParams, EvaluateParams, PromoteParams
 from helpers import synthetic_splits
+from shipped import shipped
 
 SIZE = 32
 
@@ -29,7 +30,7 @@ def project(
     root = tmp_path_factory.mktemp("shift")
     splits = synthetic_splits(root, SIZE, {"train": 2, "valid": 2, "test": 3})
     model_path = root / "model.keras"
-    build_model(BaseModelParams(filters=[4, 8]), SIZE, seed=0).save(model_path)
+    build_model(shipped(BaseModelParams, filters=[4, 8]), SIZE, seed=0).save(model_path)
     return root, splits, model_path
 
 
@@ -38,7 +39,7 @@ def evaluation(project):
     from chestct.stages.evaluate import run_evaluate
 
     root, splits, model_path = project
-    return run_evaluate(model_path, splits, EvaluateParams(batch_size=8), root)
+    return run_evaluate(model_path, splits, shipped(EvaluateParams, batch_size=8), root)
 
 
 def test_every_shift_is_scored_with_its_summary_and_the_robust_metric(evaluation) -> None:
@@ -98,7 +99,7 @@ def test_shift_table_picture_and_external_file_are_written(evaluation, tmp_path:
 
     from chestct.stages.evaluate import write_outputs
 
-    files = write_outputs(evaluation, tmp_path, EvaluateParams(gallery_per_class=0))
+    files = write_outputs(evaluation, tmp_path, shipped(EvaluateParams, gallery_per_class=0))
     table = pd.read_csv(files["shift"])
     assert list(table["perturbation"]) == ["clean", *SHIFT_NAMES]
     assert table["macro_f1"].iloc[0] == evaluation.metrics["macro_f1"]
@@ -142,7 +143,10 @@ def test_calibration_json_says_what_the_temperature_was_fitted_on(project, evalu
     assert evaluation.calibration["temperature_fit_on"] == "valid"
     root, splits, model_path = project
     shifted = run_evaluate(
-        model_path, splits, EvaluateParams(batch_size=8, calibrate_on="valid_and_shifted"), root
+        model_path,
+        splits,
+        shipped(EvaluateParams, batch_size=8, calibrate_on="valid_and_shifted"),
+        root,
     )
     assert shifted.calibration["temperature_fit_on"] == "valid_and_shifted"
     # The clean figures do not depend on the calibration data; the shift block is there too.
@@ -187,7 +191,9 @@ def test_external_folder_and_archive_are_scored_with_every_metric_and_kept_apart
     archive = Path(shutil.make_archive(str(tmp_path / "independent"), "zip", external_folder))
     results = {}
     for source in (str(external_folder), str(archive)):
-        ev = run_evaluate(model_path, splits, EvaluateParams(batch_size=8, external=source), root)
+        ev = run_evaluate(
+            model_path, splits, shipped(EvaluateParams, batch_size=8, external=source), root
+        )
         ext = ev.external
         assert ext["n"] == 2 * len(CLASSES) and ext["skipped"] == 0
         for key in ("accuracy", "balanced_accuracy", "macro_f1", "macro_f2", "ece"):
@@ -206,7 +212,7 @@ def test_external_folder_and_archive_are_scored_with_every_metric_and_kept_apart
         assert ev.metrics == evaluation.metrics
         results[source] = ext
         out = tmp_path / f"out-{len(results)}"
-        files = write_outputs(ev, out, EvaluateParams(gallery_per_class=0))
+        files = write_outputs(ev, out, shipped(EvaluateParams, gallery_per_class=0))
         written = json.loads(files["external"].read_text(encoding="utf-8"))
         assert written["macro_f1"] == ext["macro_f1"]
         assert len(pd.read_csv(files["external_predictions"])) == ext["n"]
@@ -222,7 +228,9 @@ def test_external_set_errors_name_the_problem(project, tmp_path: Path) -> None:
     root, splits, model_path = project
 
     def run(source: str) -> None:
-        run_evaluate(model_path, splits, EvaluateParams(batch_size=8, external=source), root)
+        run_evaluate(
+            model_path, splits, shipped(EvaluateParams, batch_size=8, external=source), root
+        )
 
     with pytest.raises(StageFailed, match=r"evaluate\.external.*nothing exists"):
         run(str(tmp_path / "missing"))
@@ -246,13 +254,13 @@ def test_any_dotted_metric_key_can_select_and_lower_is_better_turns_round() -> N
 
     cand = {"macro_f1": 0.9, "shift": {"blur": {"macro_f1": 0.4}, "worst_ece": 0.03}}
     champ = {"macro_f1": 0.8, "shift": {"blur": {"macro_f1": 0.6}, "worst_ece": 0.08}}
-    blur = decide(PromoteParams(metric="shift.blur.macro_f1", minimum=0.0), cand, champ)
+    blur = decide(shipped(PromoteParams, metric="shift.blur.macro_f1", minimum=0.0), cand, champ)
     assert not blur.promote and (blur.candidate, blur.champion) == (0.4, 0.6)
-    ece = decide(PromoteParams(metric="shift.worst_ece", minimum=0.1), cand, champ)
+    ece = decide(shipped(PromoteParams, metric="shift.worst_ece", minimum=0.1), cand, champ)
     assert ece.promote and "promoted" in ece.reason
-    worse = decide(PromoteParams(metric="shift.worst_ece", minimum=0.1), champ, cand)
+    worse = decide(shipped(PromoteParams, metric="shift.worst_ece", minimum=0.1), champ, cand)
     assert not worse.promote
-    first = decide(PromoteParams(metric="shift.worst_ece", minimum=0.05), champ, None)
+    first = decide(shipped(PromoteParams, metric="shift.worst_ece", minimum=0.05), champ, None)
     assert not first.promote and "maximum" in first.reason
 
 
@@ -266,19 +274,24 @@ def test_an_unknown_metric_lists_the_valid_dotted_keys() -> None:
         match=r"'shift\.zoom_60\.macro_f1'.*macro_f1, "
         r"shift\.blur\.macro_f1\)",
     ):
-        decide(PromoteParams(metric="shift.zoom_60.macro_f1"), cand, None)
+        decide(shipped(PromoteParams, metric="shift.zoom_60.macro_f1"), cand, None)
 
 
 def test_promote_refuses_the_external_set_as_selection_metric() -> None:
     from chestct.runner import StageFailed
-    from chestct.settings import SettingsError, _check_evaluate_and_promote
+    from chestct.settings import SettingsError
+    from chestct.settings.checks import check_promote
     from chestct.stages.promote import decide
 
     with pytest.raises(SettingsError, match="external test set is reported apart"):
-        _check_evaluate_and_promote(EvaluateParams(), PromoteParams(metric="external.macro_f1"))
+        check_promote(shipped(PromoteParams, metric="external.macro_f1"))
     with pytest.raises(StageFailed, match="external test set"):
-        decide(PromoteParams(metric="external.macro_f1"), {"external": {"macro_f1": 1.0}}, None)
+        decide(
+            shipped(PromoteParams, metric="external.macro_f1"),
+            {"external": {"macro_f1": 1.0}},
+            None,
+        )
 
 
 def test_the_default_selection_metric_is_the_robust_one() -> None:
-    assert PromoteParams().metric == "robust_macro_f1"
+    assert shipped(PromoteParams).metric == "robust_macro_f1"

@@ -19,6 +19,7 @@ import pytest
 
 from chestct.settings import BaseModelParams, EvaluateParams, PromoteParams, TrainParams
 from helpers import synthetic_splits
+from shipped import shipped
 
 pytestmark = pytest.mark.slow
 
@@ -35,15 +36,15 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("shortcut")
     with_shortcut = synthetic_splits(root, SIZE, COUNTS, shortcut="zoom")
     without = synthetic_splits(root, SIZE, COUNTS)
-    base = run_base_model(BaseModelParams(filters=[8, 16, 32]), SIZE, 0, root / "base")
-    params = TrainParams(epochs=12, batch_size=16, patience=12)
+    base = run_base_model(shipped(BaseModelParams, filters=[8, 16, 32]), SIZE, 0, root / "base")
+    params = shipped(TrainParams, epochs=12, batch_size=16, patience=12)
     out: dict[str, Any] = {"root": root, "splits": with_shortcut}
     for name, data in (("shortcut", with_shortcut), ("robust", without)):
         trained = run_train(base, data["train"], data["valid"], params, seed=0, root=root)
         path = root / f"{name}.keras"
         trained.model.save(path)
         # Both are evaluated as the pipeline would: on the data with the shortcut.
-        ev = run_evaluate(path, with_shortcut, EvaluateParams(batch_size=32), root)
+        ev = run_evaluate(path, with_shortcut, shipped(EvaluateParams, batch_size=32), root)
         ood = root / f"{name}-ood.npz"
         np.savez(ood, mean=ev.ood.mean, precision=ev.ood.precision)
         out[name] = {"path": path, "evaluation": ev, "ood": ood}
@@ -72,7 +73,7 @@ def promote(world: dict[str, Any], cand, model_dir: Path, metric: str):
         # Only the selection metric decides here: on 40 slices a class, 48 px, the shortcut
         # model is below the nearest-neighbour memorizer, a rule tests/stages/test_promote.py
         # covers.
-        PromoteParams(metric=metric, minimum=0.0, beat_memorizer=False),
+        shipped(PromoteParams, metric=metric, minimum=0.0, beat_memorizer=False),
         model_dir=model_dir,
         root=world["root"],
         batch_size=32,
@@ -102,7 +103,7 @@ def test_promote_picks_the_robust_model_under_the_default_metric_only(world, tmp
 
     # The test data changed since the champion's card was written: promote re-scores it,
     # shift stress included, and lands on the figure evaluate measured.
-    default = PromoteParams().metric
+    default = shipped(PromoteParams).metric
     robust = promote(world, candidate(world, "robust", "d2"), model_dir, default)
     assert robust.decision.champion_rescored
     assert robust.decision.champion == pytest.approx(

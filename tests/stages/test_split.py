@@ -23,6 +23,7 @@ from helpers import (
     ingest_row,
     make_kaggle_folder,
 )
+from shipped import shipped
 
 
 def slice_like(seed: int, width: int = 160, height: int = 120) -> np.ndarray:
@@ -87,7 +88,7 @@ def manifest(spec: dict[str, int], extra: list[dict] | None = None) -> pd.DataFr
 
 def test_keep_carves_only_the_missing_split_out_of_train() -> None:
     frame = manifest({"train": 20, "valid": 4})
-    parts, summary = run_split(frame, SplitParams(test_fraction=0.25), seed=0)
+    parts, summary = run_split(frame, shipped(SplitParams, test_fraction=0.25), seed=0)
     assert summary.mode == "keep"
     assert summary.carved == ["test"]
     pd.testing.assert_frame_equal(
@@ -103,8 +104,8 @@ def test_keep_carves_only_the_missing_split_out_of_train() -> None:
 def test_keep_without_a_train_folder_asks_for_pool() -> None:
     frame = manifest({"valid": 3, "test": 3})
     with pytest.raises(StageFailed, match=r"no train folder.*split\.mode: pool"):
-        run_split(frame, SplitParams(), seed=0)
-    parts, summary = run_split(frame, SplitParams(mode="pool"), seed=0)
+        run_split(frame, shipped(SplitParams), seed=0)
+    parts, summary = run_split(frame, shipped(SplitParams, mode="pool"), seed=0)
     assert summary.mode == "pool" and all(len(p) for p in parts.values())
 
 
@@ -118,7 +119,7 @@ def test_near_duplicates_move_together_when_pooling() -> None:
     ]
     frame = pd.concat([base, pd.DataFrame(copies)], ignore_index=True)
     for seed in range(6):
-        parts, summary = run_split(frame, SplitParams(mode="pool"), seed=seed)
+        parts, summary = run_split(frame, shipped(SplitParams, mode="pool"), seed=seed)
         sides = [s for s in SPLITS if parts[s]["source_path"].str.contains("near-").any()]
         assert len(sides) == 1, (seed, sides)
         assert summary.groups["near_duplicate_groups"] == 1
@@ -136,14 +137,14 @@ def test_keep_reports_and_drops_groups_the_source_spreads(tmp_path) -> None:
     )
     frame = manifest({"train": 6, "valid": 2, "test": 2}, [leak, leaked, near])
 
-    parts, summary = run_split(frame, SplitParams(), seed=0)
+    parts, summary = run_split(frame, shipped(SplitParams), seed=0)
     assert len(summary.cross_split) == 1
     assert summary.cross_split[0]["kind"] == "near"
     assert "valid: valid/normal/copy.png" in summary.cross_split[0]["files"]
     assert summary.dropped == []
     assert "valid/normal/copy.png" in set(parts["valid"]["source_path"])
 
-    parts, summary = run_split(frame, SplitParams(dedupe="drop"), seed=0)
+    parts, summary = run_split(frame, shipped(SplitParams, dedupe="drop"), seed=0)
     assert sorted(d["source_path"] for d in summary.dropped) == [
         "test/normal/near.png",
         "valid/normal/copy.png",
@@ -169,10 +170,10 @@ def test_drop_keeps_one_of_each_group_of_copies_inside_a_split() -> None:
         {"train": 6, "valid": 2, "test": 2},
         [shared, exact, near, other_label, in_valid, in_valid_again],
     )
-    parts, summary = run_split(frame, SplitParams(), seed=0)
+    parts, summary = run_split(frame, shipped(SplitParams), seed=0)
     assert summary.dropped == [] and len(parts["train"]) == 6 * 4 + 4
 
-    parts, summary = run_split(frame, SplitParams(dedupe="drop"), seed=0)
+    parts, summary = run_split(frame, shipped(SplitParams, dedupe="drop"), seed=0)
     dropped = {d["source_path"]: d["reason"] for d in summary.dropped}
     assert dropped == {
         "train/normal/a-again.png": "exact copy of another train file",
@@ -193,7 +194,7 @@ def test_group_files_tolerates_manifests_without_hashes() -> None:
 def test_split_keeps_the_source_splits(tmp_path: Path) -> None:
     make_kaggle_folder(tmp_path / "kaggle", {"train": 3, "valid": 2, "test": 2})
     frame, _ = ingest_folder(tmp_path)
-    parts, summary = run_split(frame, SplitParams(), seed=0)
+    parts, summary = run_split(frame, shipped(SplitParams), seed=0)
     assert summary.mode == "keep"
     for split in SPLITS:
         expected = frame[frame["split"] == split].reset_index(drop=True)
@@ -214,7 +215,7 @@ def pooled_source(tmp_path: Path) -> pd.DataFrame:
 
 
 def test_split_pools_when_a_split_is_missing(pooled_source: pd.DataFrame) -> None:
-    params = SplitParams(mode="pool", valid_fraction=0.2, test_fraction=0.2)
+    params = shipped(SplitParams, mode="pool", valid_fraction=0.2, test_fraction=0.2)
     parts, summary = run_split(pooled_source, params, seed=0)
 
     assert summary.mode == "pool"
@@ -236,7 +237,7 @@ def test_split_pools_when_a_split_is_missing(pooled_source: pd.DataFrame) -> Non
 
 
 def test_split_pool_is_deterministic_for_a_seed(pooled_source: pd.DataFrame) -> None:
-    params = SplitParams(mode="pool")
+    params = shipped(SplitParams, mode="pool")
 
     def assignment(seed: int) -> dict[str, str]:
         parts, _ = run_split(pooled_source, params, seed=seed)
@@ -251,7 +252,7 @@ def test_split_fails_when_a_split_would_be_empty(tmp_path: Path) -> None:
     frame, _ = ingest_folder(tmp_path)
     message = r"split '(train|valid)' is empty.*too few images \(4, in 4 groups"
     with pytest.raises(StageFailed, match=message):
-        run_split(frame, SplitParams(), seed=0)
+        run_split(frame, shipped(SplitParams), seed=0)
 
 
 # --------------------------------------------------------------------------- series
@@ -276,7 +277,8 @@ def test_series_grouping_keeps_a_series_on_one_side() -> None:
                 patient_of.append(f"{label}-{patient}")
     manifest = pd.DataFrame(rows, columns=list(INGEST_COLUMNS)).fillna("")
     thumbs = thumbnails(slices)
-    params = SplitParams(
+    params = shipped(
+        SplitParams,
         mode="pool",
         valid_fraction=0.2,
         test_fraction=0.2,

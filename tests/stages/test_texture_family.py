@@ -17,6 +17,7 @@ from chestct.model import families, texture
 from chestct.model.calibration import softmax
 from chestct.settings import BaseModelParams, EvaluateParams, PromoteParams, TextureParams
 from helpers import IMAGE_SIZE
+from shipped import shipped
 
 SPEC = texture.ClassifierSpec(max_iter=10)
 
@@ -25,7 +26,8 @@ def test_base_model_writes_the_family(tmp_path: Path) -> None:
     from chestct.stages.base_model import write_family
 
     path = write_family(
-        BaseModelParams(family="texture", texture=TextureParams(max_iter=7)), tmp_path
+        shipped(BaseModelParams, family="texture", texture=shipped(TextureParams, max_iter=7)),
+        tmp_path,
     )
     family = json.loads(path.read_text())
     assert family["family"] == "texture" and family["texture"]["max_iter"] == 7
@@ -34,8 +36,8 @@ def test_base_model_writes_the_family(tmp_path: Path) -> None:
 def test_texture_spec_from_family_json() -> None:
     from chestct.evaluation.selection import texture_spec
 
-    assert texture_spec({**TextureParams().__dict__, "max_iter": 5}).max_iter == 5
-    assert texture_spec(TextureParams()) == texture.ClassifierSpec()
+    assert texture_spec({**shipped(TextureParams).__dict__, "max_iter": 5}).max_iter == 5
+    assert texture_spec(shipped(TextureParams)) == texture.ClassifierSpec()
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +55,7 @@ def evaluate(model_path: Path, tiny_data) -> Any:
     from chestct.stages.evaluate import run_evaluate
 
     root, data = tiny_data
-    return run_evaluate(model_path, data, EvaluateParams(batch_size=4), root)
+    return run_evaluate(model_path, data, shipped(EvaluateParams, batch_size=4), root)
 
 
 def test_texture_evaluation_has_the_cnns_metric_keys(texture_model, trained, tiny_data) -> None:
@@ -69,7 +71,7 @@ def test_texture_evaluation_has_the_cnns_metric_keys(texture_model, trained, tin
 def test_texture_evaluation_writes_the_pictures(texture_model, tiny_data, tmp_path) -> None:
     from chestct.stages.evaluate import write_outputs
 
-    files = write_outputs(evaluate(texture_model, tiny_data), tmp_path, EvaluateParams())
+    files = write_outputs(evaluate(texture_model, tiny_data), tmp_path, shipped(EvaluateParams))
     assert (tmp_path / "gradcam.png").stat().st_size > 0
     assert json.loads(files["metrics"].read_text())["macro_f1"] >= 0
 
@@ -90,7 +92,7 @@ def promoted(model_path: Path, tiny_data, tmp_path: Path) -> tuple[Path, Any]:
     root, data = tiny_data
     ev = evaluate(model_path, tiny_data)
     out = tmp_path / "evaluate"
-    files = write_outputs(ev, out, EvaluateParams())
+    files = write_outputs(ev, out, shipped(EvaluateParams))
     candidate = Candidate(
         model_path=model_path,
         metrics=ev.metrics,
@@ -103,7 +105,7 @@ def promoted(model_path: Path, tiny_data, tmp_path: Path) -> tuple[Path, Any]:
     result = run_promote(
         candidate,
         data["test"],
-        PromoteParams(minimum=0.0, metric="macro_f1"),
+        shipped(PromoteParams, minimum=0.0, metric="macro_f1"),
         model_dir=model_dir,
         root=root,
         batch_size=4,

@@ -33,10 +33,11 @@ from helpers import (
     train,
     write_split,
 )
+from shipped import shipped
 
 SIZE = 32
 REPO = Path(__file__).resolve().parents[2]
-QUIET = AugmentParams(rotation=0.0, zoom=0.0)
+QUIET = shipped(AugmentParams, rotation=0.0, zoom=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +47,10 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, pd.DataFrame, 
 
 
 def test_two_deterministic_runs_give_identical_metrics_and_weights(data, tmp_path: Path) -> None:
-    base = base_file(tmp_path, BaseModelParams(filters=[4, 8]))
-    params = TrainParams(epochs=3, batch_size=4, augment=AugmentParams(), deterministic=True)
+    base = base_file(tmp_path, shipped(BaseModelParams, filters=[4, 8]))
+    params = shipped(
+        TrainParams, epochs=3, batch_size=4, augment=shipped(AugmentParams), deterministic=True
+    )
     first = train(data, base, params)
     second = train(data, base, params)
     pd.testing.assert_frame_equal(first.history, second.history, check_exact=True)
@@ -61,8 +64,9 @@ def test_best_checkpoint_by_validation_macro_f1_with_adamw_and_smoothing(
     data, tmp_path: Path
 ) -> None:
     root, _, valid = data
-    base = base_file(tmp_path, BaseModelParams(filters=[4, 8]))
-    params = TrainParams(
+    base = base_file(tmp_path, shipped(BaseModelParams, filters=[4, 8]))
+    params = shipped(
+        TrainParams,
         epochs=4,
         batch_size=4,
         optimizer="adamw",
@@ -123,16 +127,19 @@ def test_batch_norm_statistics_are_re_estimated_on_clean_batches() -> None:
 
 def test_fine_tuning_opens_only_the_top_of_a_frozen_backbone(data, tmp_path: Path) -> None:
     # vgg16: few layers, so tracing is quick; the "pretrained" weights are a saved random init.
-    scratch = build_model(BaseModelParams(architecture="vgg16"), SIZE, 0)
+    scratch = build_model(shipped(BaseModelParams, architecture="vgg16"), SIZE, 0)
     weights = tmp_path / "backbone.weights.h5"
     scratch.get_layer("backbone").save_weights(weights)
-    base = base_file(tmp_path, BaseModelParams(architecture="vgg16", weights=str(weights)))
-    params = TrainParams(
+    base = base_file(
+        tmp_path, shipped(BaseModelParams, architecture="vgg16", weights=str(weights))
+    )
+    params = shipped(
+        TrainParams,
         epochs=2,
         batch_size=6,
         patience=5,
         augment=QUIET,
-        fine_tune=FineTuneParams(unfreeze_top=3, epochs=2, learning_rate=1e-4),
+        fine_tune=shipped(FineTuneParams, unfreeze_top=3, epochs=2, learning_rate=1e-4),
     )
     result = train(data, base, params)
 
@@ -166,7 +173,7 @@ def test_fine_tuning_opens_only_the_top_of_a_frozen_backbone(data, tmp_path: Pat
 def test_unfreeze_top_keeps_batch_norm_and_lower_layers_frozen() -> None:
     from chestct.model.training import unfreeze_top
 
-    model = build_model(BaseModelParams(architecture="mobilenet_v3_small"), SIZE, 0)
+    model = build_model(shipped(BaseModelParams, architecture="mobilenet_v3_small"), SIZE, 0)
     backbone = model.get_layer("backbone")
     backbone.trainable = False
     opened = unfreeze_top(model, 12)
@@ -181,9 +188,13 @@ def test_unfreeze_top_keeps_batch_norm_and_lower_layers_frozen() -> None:
 
 
 def test_fine_tuning_a_model_without_backbone_is_refused(data, tmp_path: Path) -> None:
-    base = base_file(tmp_path, BaseModelParams(filters=[4]))
-    params = TrainParams(
-        epochs=1, batch_size=6, augment=QUIET, fine_tune=FineTuneParams(unfreeze_top=3, epochs=1)
+    base = base_file(tmp_path, shipped(BaseModelParams, filters=[4]))
+    params = shipped(
+        TrainParams,
+        epochs=1,
+        batch_size=6,
+        augment=QUIET,
+        fine_tune=shipped(FineTuneParams, unfreeze_top=3, epochs=1),
     )
     with pytest.raises(StageFailed, match=r"no backbone to unfreeze.*set it to 0"):
         train(data, base, params)
@@ -219,11 +230,11 @@ MIRRORED = textwrap.dedent(
         cpu, [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()])
     from pathlib import Path
     import pandas as pd
-    from chestct.settings import AugmentParams, TrainParams
+    from chestct.settings import AugmentParams, TrainParams, defaults
     from chestct.stages.train import run_train
     root = Path(sys.argv[1])
-    params = TrainParams(epochs=2, batch_size=8, strategy="mirrored",
-                         augment=AugmentParams(rotation=0.0, zoom=0.0))
+    params = defaults(TrainParams, epochs=2, batch_size=8, strategy="mirrored",
+                      augment=defaults(AugmentParams, rotation=0.0, zoom=0.0))
     result = run_train(root / "base.keras", pd.read_csv(root / "train.csv"),
                        pd.read_csv(root / "valid.csv"), params, 0, root)
     print(json.dumps({"details": result.details,
@@ -235,7 +246,7 @@ MIRRORED = textwrap.dedent(
 def test_training_under_mirrored_strategy_on_two_logical_cpus(data, tmp_path: Path) -> None:
     """Logical devices must be set before TensorFlow starts: a fresh process does it."""
     root, train_split, valid_split = data
-    base_file(root, BaseModelParams(filters=[4, 8]))
+    base_file(root, shipped(BaseModelParams, filters=[4, 8]))
     train_split.to_csv(root / "train.csv", index=False)
     valid_split.to_csv(root / "valid.csv", index=False)
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "TF_CPP_MIN_LOG_LEVEL": "2"}
@@ -306,9 +317,13 @@ def test_training_with_every_shift_augmentation_is_repeatable(tmp_path: Path) ->
 
     root = tmp_path / "data"
     data = (root, write_split(root, "train", 3, 0), write_split(root, "valid", 2, 500))
-    base = base_file(tmp_path, BaseModelParams(filters=[4, 8]))
-    params = TrainParams(
-        epochs=2, batch_size=4, augment=AugmentParams(**SHIFT), deterministic=True
+    base = base_file(tmp_path, shipped(BaseModelParams, filters=[4, 8]))
+    params = shipped(
+        TrainParams,
+        epochs=2,
+        batch_size=4,
+        augment=shipped(AugmentParams, **SHIFT),
+        deterministic=True,
     )
     first = train(data, base, params)
     second = train(data, base, params)
@@ -326,7 +341,7 @@ def test_merged_members_answer_the_mean_of_their_logits_through_keras_cam_and_li
 
     members = []
     for seed in range(3):
-        member = build_model(BaseModelParams(filters=[4, 8]), SIZE, seed)
+        member = build_model(shipped(BaseModelParams, filters=[4, 8]), SIZE, seed)
         kernel, bias = member.get_layer("logits").get_weights()
         member.get_layer("logits").set_weights([kernel, bias + seed])  # biases differ too
         members.append(member)
@@ -374,8 +389,8 @@ def test_ensemble_trains_seeded_members_and_hands_on_one_merged_model(
     data, tmp_path: Path
 ) -> None:
     root, _, valid = data
-    base = base_file(tmp_path, BaseModelParams(filters=[4, 8]))
-    params = TrainParams(epochs=2, batch_size=4, ensemble=3, patience=10, augment=QUIET)
+    base = base_file(tmp_path, shipped(BaseModelParams, filters=[4, 8]))
+    params = shipped(TrainParams, epochs=2, batch_size=4, ensemble=3, patience=10, augment=QUIET)
     logged: list[int] = []
     result = train(data, base, params, seed=5, sink=lambda m, e: logged.append(e))
 
@@ -410,8 +425,8 @@ def test_ensemble_trains_seeded_members_and_hands_on_one_merged_model(
 
 
 def test_one_member_is_plain_training(data, tmp_path: Path) -> None:
-    base = base_file(tmp_path, BaseModelParams(filters=[4, 8]))
-    result = train(data, base, TrainParams(epochs=2, batch_size=4, augment=QUIET))
+    base = base_file(tmp_path, shipped(BaseModelParams, filters=[4, 8]))
+    result = train(data, base, shipped(TrainParams, epochs=2, batch_size=4, augment=QUIET))
     assert set(result.history["member"]) == {0}
     assert result.details["ensemble"] == 1
     assert not any(layer.name.startswith("member") for layer in result.model.layers)

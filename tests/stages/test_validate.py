@@ -34,6 +34,7 @@ from helpers import (
     ok_index,
     split_manifests,
 )
+from shipped import shipped
 
 _RNG = np.random.default_rng(11)
 # Tests that are not about the shortcut detector skip it (its cross-validation costs seconds).
@@ -73,7 +74,7 @@ def found(report) -> dict[str, str]:
 
 def test_clean_data_passes_every_check() -> None:
     manifests = dataset()
-    datasets, report = run_validate(manifests, index_for(manifests), ValidateParams())
+    datasets, report = run_validate(manifests, index_for(manifests), shipped(ValidateParams))
     assert report.findings == []
     assert set(report.checks) == set(CHECKS)
     assert report.checks["shortcut"]["result"].startswith("skipped")  # 36 < 40 images
@@ -96,7 +97,7 @@ def test_per_file_checks() -> None:
     manifests = dataset(extra=extra)
     blank = extra[3]["sha256"]
     _, report = run_validate(
-        manifests, index_for(manifests, **{blank: {"std": 0.5}}), ValidateParams(**QUICK)
+        manifests, index_for(manifests, **{blank: {"std": 0.5}}), shipped(ValidateParams, **QUICK)
     )
     assert found(report) == {
         "small_file": "warning",
@@ -125,7 +126,7 @@ def test_undecodable_includes_files_ingest_skipped() -> None:
     bad = manifests["test"].iloc[0]["sha256"]
     index = index_for(manifests, **{bad: {"ok": False, "resized": "", "error": "broken"}})
     skipped = [{"path": "/data/x.dcm", "reason": "DICOM file has no pixel data"}]
-    datasets, report = run_validate(manifests, index, ValidateParams(), skipped=skipped)
+    datasets, report = run_validate(manifests, index, shipped(ValidateParams), skipped=skipped)
     (finding,) = report.findings
     assert finding.check == "undecodable" and finding.severity == "error"
     assert finding.files == [
@@ -154,7 +155,7 @@ def test_copies_conflicts_and_leaks() -> None:
         row("test", "normal", "k2", phash="e1" * 31 + "e0"),  # near leak
     ]
     manifests = dataset(extra=extra)
-    _, report = run_validate(manifests, index_for(manifests), ValidateParams(**QUICK))
+    _, report = run_validate(manifests, index_for(manifests), shipped(ValidateParams, **QUICK))
     assert found(report) == {
         "duplicate_within_split": "warning",
         "near_duplicate": "info",
@@ -183,7 +184,7 @@ def test_near_checks_can_be_turned_off() -> None:
     ]
     manifests = dataset(extra=extra)
     _, report = run_validate(
-        manifests, index_for(manifests), ValidateParams(near_duplicate_distance=-1)
+        manifests, index_for(manifests), shipped(ValidateParams, near_duplicate_distance=-1)
     )
     assert report.findings == []
     assert report.checks["cross_split_near_duplicate"]["result"].startswith("off")
@@ -199,7 +200,7 @@ def test_quarantine_leaves_offenders_out_and_resolves_their_findings() -> None:
         row("train", "normal", "jpeg", format="jpeg"),
     ]
     manifests = dataset(extra=extra)
-    params = ValidateParams(quarantine=True, **QUICK)
+    params = shipped(ValidateParams, quarantine=True, **QUICK)
     datasets, report = run_validate(manifests, index_for(manifests), params)
 
     assert found(report) == {
@@ -225,7 +226,9 @@ def test_quarantine_leaves_offenders_out_and_resolves_their_findings() -> None:
     assert report.summary["quarantined"] == 4
 
     # Without quarantine the same data fails and nothing is left out.
-    datasets, report = run_validate(manifests, index_for(manifests), ValidateParams(**QUICK))
+    datasets, report = run_validate(
+        manifests, index_for(manifests), shipped(ValidateParams, **QUICK)
+    )
     assert fails(report, "error")
     assert sum(len(d) for d in datasets.values()) == 36 + 6
 
@@ -237,7 +240,7 @@ def test_class_count_and_imbalance() -> None:
     manifests["train"] = pd.concat([train, extra], ignore_index=True)
     manifests["valid"] = manifests["valid"][manifests["valid"]["label"] != "normal"]
     _, report = run_validate(
-        manifests, index_for(manifests), ValidateParams(max_imbalance=5, **QUICK)
+        manifests, index_for(manifests), shipped(ValidateParams, max_imbalance=5, **QUICK)
     )
     assert found(report) == {"class_count": "error", "class_imbalance": "warning"}
     imbalance = next(f for f in report.findings if f.check == "class_imbalance")
@@ -247,11 +250,13 @@ def test_class_count_and_imbalance() -> None:
 def test_severities_override_and_unknown_checks_are_named() -> None:
     extra = [row("train", "normal", "jpeg", format="jpeg")]
     manifests = dataset(extra=extra)
-    params = ValidateParams(severities={"format_mismatch": "error"})
+    params = shipped(ValidateParams, severities={"format_mismatch": "error"})
     _, report = run_validate(manifests, index_for(manifests), params)
     assert found(report) == {"format_mismatch": "error"}
     with pytest.raises(StageFailed, match="unknown check 'typo'; checks are undecodable, "):
-        run_validate(manifests, index_for(manifests), ValidateParams(severities={"typo": "info"}))
+        run_validate(
+            manifests, index_for(manifests), shipped(ValidateParams, severities={"typo": "info"})
+        )
 
 
 def metadata_frame(leaky: bool, per_class: int = 20) -> pd.DataFrame:
@@ -313,7 +318,7 @@ def test_shortcut_is_a_finding_with_a_picture_in_the_report(tmp_path: Path) -> N
         cv2.imwrite(str(tmp_path / f"{sha}.png"), np.full((16, 16), 128, np.uint8))
     index["resized"] = [f"{sha}.png" for sha in index["sha256"]]
 
-    _, report = run_validate(manifests, index, ValidateParams(), seed=1)
+    _, report = run_validate(manifests, index, shipped(ValidateParams), seed=1)
     assert found(report) == {"duplicate_within_split": "warning", "shortcut": "warning"}
     shortcut = next(f for f in report.findings if f.check == "shortcut")
     assert "strongest alone: size" in shortcut.message
@@ -336,7 +341,7 @@ def checks(report: Report) -> dict[str, str]:
 def test_validate_clean_data_passes_and_hands_on_resized_paths() -> None:
     manifests = split_manifests(per_class=2)
     index = ok_index(manifests)
-    datasets, report = run_validate(manifests, index, ValidateParams(min_class_count=2))
+    datasets, report = run_validate(manifests, index, shipped(ValidateParams, min_class_count=2))
 
     assert report.findings == []
     assert report.worst == "info"
@@ -356,7 +361,7 @@ def test_validate_duplicate_within_a_split_is_a_warning() -> None:
     manifests["train"] = pd.concat(
         [train, train.iloc[[0]].assign(source_path="copy.png")], ignore_index=True
     )
-    _, report = run_validate(manifests, ok_index(manifests), ValidateParams())
+    _, report = run_validate(manifests, ok_index(manifests), shipped(ValidateParams))
 
     assert checks(report) == {"duplicate_within_split": "warning"}
     (finding,) = report.findings
@@ -372,7 +377,7 @@ def test_validate_same_content_in_two_splits_is_an_error() -> None:
     manifests = split_manifests(per_class=2)
     leaked = manifests["train"].iloc[[0]].assign(split="test", source_path="leak.png")
     manifests["test"] = pd.concat([manifests["test"], leaked], ignore_index=True)
-    _, report = run_validate(manifests, ok_index(manifests), ValidateParams())
+    _, report = run_validate(manifests, ok_index(manifests), shipped(ValidateParams))
 
     assert checks(report) == {"cross_split_duplicate": "error"}
     (finding,) = report.findings
@@ -389,7 +394,7 @@ def test_validate_label_conflict_is_an_error() -> None:
     conflict = valid.iloc[[0]].assign(label="normal", source_path="other.png")
     assert valid.iloc[0]["label"] != "normal"
     manifests["valid"] = pd.concat([valid, conflict], ignore_index=True)
-    _, report = run_validate(manifests, ok_index(manifests), ValidateParams())
+    _, report = run_validate(manifests, ok_index(manifests), shipped(ValidateParams))
 
     assert checks(report)["label_conflict"] == "error"
     finding = next(f for f in report.findings if f.check == "label_conflict")
@@ -401,14 +406,18 @@ def test_validate_low_class_count_is_an_error() -> None:
     manifests = split_manifests(per_class=2)
     valid = manifests["valid"]
     manifests["valid"] = valid[valid["label"] != "normal"].reset_index(drop=True)
-    _, report = run_validate(manifests, ok_index(manifests), ValidateParams(min_class_count=2))
+    _, report = run_validate(
+        manifests, ok_index(manifests), shipped(ValidateParams, min_class_count=2)
+    )
 
     assert checks(report) == {"class_count": "error"}
     (finding,) = report.findings
     assert finding.message == "valid: class(es) normal have fewer than 2 images"
     assert report.counts["valid"]["normal"] == 0
 
-    _, relaxed = run_validate(manifests, ok_index(manifests), ValidateParams(min_class_count=0))
+    _, relaxed = run_validate(
+        manifests, ok_index(manifests), shipped(ValidateParams, min_class_count=0)
+    )
     assert relaxed.findings == []
 
 
@@ -417,7 +426,7 @@ def test_validate_leaves_out_undecodable_files() -> None:
     index = ok_index(manifests)
     bad_sha = manifests["test"].iloc[0]["sha256"]
     index.loc[index["sha256"] == bad_sha, ["ok", "resized", "error"]] = [False, "", "broken"]
-    datasets, report = run_validate(manifests, index, ValidateParams())
+    datasets, report = run_validate(manifests, index, shipped(ValidateParams))
 
     assert checks(report) == {"undecodable": "error"}
     assert report.findings[0].files == [f"{manifests['test'].iloc[0]['source_path']}: broken"]
@@ -429,7 +438,7 @@ def test_validate_report_markdown_lists_counts_and_findings() -> None:
     manifests = split_manifests(per_class=2)
     train = manifests["train"]
     manifests["train"] = pd.concat([train, train.iloc[[0]]], ignore_index=True)
-    _, report = run_validate(manifests, ok_index(manifests), ValidateParams())
+    _, report = run_validate(manifests, ok_index(manifests), shipped(ValidateParams))
     text = report.to_markdown()
     assert "Status: **warning**" in text
     assert "| valid | 2 | 2 | 2 | 2 |" in text
@@ -443,11 +452,16 @@ def test_validate_on_resized_images(tmp_path: Path) -> None:
     leak = next((source / "train" / LONG_FOLDERS["adenocarcinoma"]).iterdir())
     shutil.copy(leak, source / "test" / "adenocarcinoma" / "leak.png")
     frame, _ = ingest_folder(tmp_path)
-    parts, _ = run_split(frame, SplitParams(), seed=0)
+    parts, _ = run_split(frame, shipped(SplitParams), seed=0)
     index, _ = run_resize(
-        parts, ResizeParams(), IMAGE_SIZE, tmp_path / "artifacts" / "resize", tmp_path, workers=1
+        parts,
+        shipped(ResizeParams),
+        IMAGE_SIZE,
+        tmp_path / "artifacts" / "resize",
+        tmp_path,
+        workers=1,
     )
-    datasets, report = run_validate(parts, index, ValidateParams())
+    datasets, report = run_validate(parts, index, shipped(ValidateParams))
 
     assert checks(report) == {"cross_split_duplicate": "error"}
     assert all((tmp_path / p).is_file() for d in datasets.values() for p in d["path"])
@@ -460,11 +474,16 @@ def test_validate_reads_the_pixels_near_copies_series_and_report(tmp_path: Path)
     frame, _ = ingest_folder(
         tmp_path, "synthetic", synthetic_per_class={"train": 6, "valid": 3, "test": 3}
     )
-    parts, _ = run_split(frame, SplitParams(), seed=0)
+    parts, _ = run_split(frame, shipped(SplitParams), seed=0)
     index, _ = run_resize(
-        parts, ResizeParams(), IMAGE_SIZE, tmp_path / "artifacts" / "resize", tmp_path, workers=1
+        parts,
+        shipped(ResizeParams),
+        IMAGE_SIZE,
+        tmp_path / "artifacts" / "resize",
+        tmp_path,
+        workers=1,
     )
-    params = ValidateParams(min_series_per_class=3, **QUICK)
+    params = shipped(ValidateParams, min_series_per_class=3, **QUICK)
     _, report = run_validate(parts, index, params, root=tmp_path, near_copy_similarity=0.9)
 
     novelty = report.summary["novelty"]

@@ -16,6 +16,7 @@ from chestct.imaging.body import BodyBox
 from chestct.imaging.preparation import Normalise, map_to_frame, prepare, prepare_slice
 from chestct.settings import AugmentParams, ResizeParams, SettingsError, build
 from helpers import NORMALISED, SHIFT, textured, zoomed_out
+from shipped import shipped
 
 
 def gap(a: np.ndarray, b: np.ndarray) -> float:
@@ -117,7 +118,7 @@ def test_card_round_trip_and_old_cards() -> None:
     # A card written before these keys existed: the model was trained without them.
     assert Normalise.from_spec({"resize": "stretch", "interpolation": "area"}) == Normalise()
     # params `resize` uses the same key names.
-    params = ResizeParams(crop="body", intensity="percentile", percentiles=[0.5, 99.0])
+    params = shipped(ResizeParams, crop="body", intensity="percentile", percentiles=[0.5, 99.0])
     assert Normalise.from_spec(dataclasses.asdict(params)) == Normalise(
         crop="body", intensity="percentile", percentiles=(0.5, 99.0)
     )
@@ -134,7 +135,7 @@ def test_card_round_trip_and_old_cards() -> None:
 )
 def test_bad_resize_params_name_the_key(group: dict, message: str) -> None:
     with pytest.raises(SettingsError, match=message):
-        build(ResizeParams, group, "resize")
+        build(ResizeParams, {**dataclasses.asdict(shipped(ResizeParams)), **group}, "resize")
 
 
 @pytest.mark.parametrize(
@@ -147,7 +148,9 @@ def test_bad_resize_params_name_the_key(group: dict, message: str) -> None:
 )
 def test_bad_augment_params_name_the_key(group: dict, message: str) -> None:
     with pytest.raises(SettingsError, match=message):
-        build(AugmentParams, group, "train.augment")
+        build(
+            AugmentParams, {**dataclasses.asdict(shipped(AugmentParams)), **group}, "train.augment"
+        )
 
 
 # --------------------------------------------------------------------------- serving
@@ -177,7 +180,7 @@ def test_map_to_frame_puts_each_input_pixel_back_where_it_came_from(mode: str) -
 # --------------------------------------------------------------------------- augmentation
 
 
-OFF = AugmentParams(flip=False, rotation=0.0, zoom=0.0, contrast=0.0)
+OFF = shipped(AugmentParams, flip=False, rotation=0.0, zoom=0.0, contrast=0.0)
 
 
 def batch() -> np.ndarray:

@@ -13,6 +13,7 @@ from chestct.data.content_checks import annotation_marks, content_checks, read_s
 from chestct.data.synthetic import PATIENT_FIELD, render_slice, series_jitter
 from chestct.labels import CLASSES
 from chestct.settings import ValidateParams
+from shipped import shipped
 
 
 def _patient(label: str, seed: int) -> np.ndarray:
@@ -39,7 +40,7 @@ def _frame(tmp_path: Path, slices: list[tuple[str, str, np.ndarray]]) -> pd.Data
 
 def _run(tmp_path: Path, slices: list, **params: object) -> tuple[Checker, dict]:
     frame = _frame(tmp_path, slices)
-    checker = Checker(frame, ValidateParams(**params))
+    checker = Checker(frame, shipped(ValidateParams, **params))
     numbers = content_checks(checker, read_slices(frame, tmp_path), 0.9)
     return checker, numbers
 

@@ -22,7 +22,9 @@ from chestct.model.modeling import (
     host_reachable,
     with_dtype_policy,
 )
-from chestct.settings import BaseModelParams, SettingsError, TrainParams, _check_model_and_training
+from chestct.settings import BaseModelParams, SettingsError
+from chestct.settings.checks import check_model
+from shipped import shipped
 
 SIZE = 32
 CONTRACT = ("features", "gap", "dropout", "logits", "probabilities")
@@ -36,7 +38,7 @@ def grey(n: int = 2, seed: int = 0) -> np.ndarray:
 def models() -> dict[str, keras.Model]:
     """Every architecture, randomly initialised, at 32 px (built once for the module)."""
     return {
-        a: build_model(BaseModelParams(architecture=a, filters=[4, 8]), SIZE, 0)
+        a: build_model(shipped(BaseModelParams, architecture=a, filters=[4, 8]), SIZE, 0)
         for a in ARCHITECTURES
     }
 
@@ -101,13 +103,13 @@ def test_backbone_gets_its_own_preprocessing_of_the_grey_input(
 
 
 def test_random_backbone_trains_whole_and_pretrained_one_is_frozen(tmp_path: Path) -> None:
-    scratch = build_model(BaseModelParams(architecture="mobilenet_v3_small"), SIZE, 0)
+    scratch = build_model(shipped(BaseModelParams, architecture="mobilenet_v3_small"), SIZE, 0)
     assert scratch.get_layer("backbone").trainable
     weights = tmp_path / "mobilenet.weights.h5"
     scratch.get_layer("backbone").save_weights(weights)
 
     loaded = build_model(
-        BaseModelParams(architecture="mobilenet_v3_small", weights=str(weights)), SIZE, 7
+        shipped(BaseModelParams, architecture="mobilenet_v3_small", weights=str(weights)), SIZE, 7
     )
     backbone = loaded.get_layer("backbone")
     assert not backbone.trainable
@@ -118,7 +120,9 @@ def test_random_backbone_trains_whole_and_pretrained_one_is_frozen(tmp_path: Pat
     assert {w.path.split("/")[0] for w in loaded.trainable_weights} == {"logits"}
 
     opened = build_model(
-        BaseModelParams(architecture="mobilenet_v3_small", weights=str(weights), freeze="none"),
+        shipped(
+            BaseModelParams, architecture="mobilenet_v3_small", weights=str(weights), freeze="none"
+        ),
         SIZE,
         7,
     )
@@ -126,28 +130,36 @@ def test_random_backbone_trains_whole_and_pretrained_one_is_frozen(tmp_path: Pat
 
 
 def test_weights_relative_to_the_root_and_from_a_keras_model(tmp_path: Path) -> None:
-    params = BaseModelParams(filters=[4, 8])
+    params = shipped(BaseModelParams, filters=[4, 8])
     source = build_model(params, SIZE, 1)
     source.save(tmp_path / "warm.keras")
     source.save_weights(tmp_path / "warm.weights.h5")
     for name in ("warm.keras", "warm.weights.h5"):
-        warm = build_model(BaseModelParams(filters=[4, 8], weights=name), SIZE, 2, root=tmp_path)
+        warm = build_model(
+            shipped(BaseModelParams, filters=[4, 8], weights=name), SIZE, 2, root=tmp_path
+        )
         for ours, theirs in zip(warm.get_weights(), source.get_weights(), strict=True):
             np.testing.assert_array_equal(ours, theirs)
 
 
 def test_weights_that_do_not_fit_are_refused(tmp_path: Path) -> None:
-    build_model(BaseModelParams(filters=[4, 8]), SIZE, 0).save(tmp_path / "other.keras")
+    build_model(shipped(BaseModelParams, filters=[4, 8]), SIZE, 0).save(tmp_path / "other.keras")
     with pytest.raises(WeightsError, match="does not match chestct_small_cnn"):
         build_model(
-            BaseModelParams(filters=[4, 16], weights="other.keras"), SIZE, 0, root=tmp_path
+            shipped(BaseModelParams, filters=[4, 16], weights="other.keras"),
+            SIZE,
+            0,
+            root=tmp_path,
         )
     with pytest.raises(WeightsError, match=r"missing\.weights\.h5 not found"):
-        build_model(BaseModelParams(weights="missing.weights.h5"), SIZE, 0, root=tmp_path)
+        build_model(shipped(BaseModelParams, weights="missing.weights.h5"), SIZE, 0, root=tmp_path)
     (tmp_path / "junk.h5").write_bytes(b"not hdf5")
     with pytest.raises(WeightsError, match="does not hold vgg16 backbone weights"):
         build_model(
-            BaseModelParams(architecture="vgg16", weights="junk.h5"), SIZE, 0, root=tmp_path
+            shipped(BaseModelParams, architecture="vgg16", weights="junk.h5"),
+            SIZE,
+            0,
+            root=tmp_path,
         )
 
 
@@ -158,7 +170,9 @@ def test_imagenet_offline_fails_fast_with_the_fix(
     monkeypatch.setattr("chestct.model.modeling.host_reachable", lambda url: False)
     started = time.monotonic()
     with pytest.raises(WeightsError) as info:
-        build_model(BaseModelParams(architecture="efficientnet_b0", weights="imagenet"), SIZE, 0)
+        build_model(
+            shipped(BaseModelParams, architecture="efficientnet_b0", weights="imagenet"), SIZE, 0
+        )
     assert time.monotonic() - started < 10
     message = str(info.value)
     assert "cannot be downloaded" in message
@@ -179,7 +193,7 @@ def test_imagenet_download_error_becomes_the_same_message(
     monkeypatch.setattr("chestct.model.modeling.host_reachable", lambda url: True)
     monkeypatch.setattr(file_utils, "get_file", refuse)
     with pytest.raises(WeightsError, match=r"cannot be downloaded .*403"):
-        build_model(BaseModelParams(architecture="vgg16", weights="imagenet"), SIZE, 0)
+        build_model(shipped(BaseModelParams, architecture="vgg16", weights="imagenet"), SIZE, 0)
 
 
 def test_host_probe_on_loopback() -> None:
@@ -195,18 +209,18 @@ def test_host_probe_on_loopback() -> None:
 @pytest.mark.parametrize(
     ("model", "message"),
     [
-        (BaseModelParams(weights="weights.txt"), "base_model.weights: 'weights.txt'"),
-        (BaseModelParams(weights="imagenet"), "small_cnn has no imagenet weights"),
-        (BaseModelParams(architecture="vgg16", freeze="backbone"), "base_model.freeze"),
+        (shipped(BaseModelParams, weights="weights.txt"), "base_model.weights: 'weights.txt'"),
+        (shipped(BaseModelParams, weights="imagenet"), "small_cnn has no imagenet weights"),
+        (shipped(BaseModelParams, architecture="vgg16", freeze="backbone"), "base_model.freeze"),
     ],
 )
 def test_settings_refuse_models_no_stage_can_build(model: BaseModelParams, message: str) -> None:
     with pytest.raises(SettingsError, match=message):
-        _check_model_and_training(model, TrainParams())
+        check_model(model)
 
 
 def test_mixed_precision_copy_computes_in_float16_and_answers_in_float32() -> None:
-    model = build_model(BaseModelParams(filters=[4, 8]), SIZE, 0)
+    model = build_model(shipped(BaseModelParams, filters=[4, 8]), SIZE, 0)
     mixed = with_dtype_policy(model, "mixed_float16")
     assert mixed.get_layer("conv0").dtype_policy.name == "mixed_float16"
     assert mixed.get_layer("probabilities").dtype_policy.name == "float32"

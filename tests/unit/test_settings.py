@@ -3,15 +3,29 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import re
 import shutil
-from collections.abc import Callable
+import typing
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from chestct.settings import STAGES, Params, SettingsError, load_settings
+from chestct.settings import (
+    STAGES,
+    Params,
+    ServingConfig,
+    SettingsError,
+    SplitParams,
+    defaults,
+    load_settings,
+    pick,
+    validate_params,
+)
+from chestct.settings.schema import Rule, bounds_text, rule_of
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -66,8 +80,23 @@ def test_repository_files_load_with_every_value_as_written(root: Path) -> None:
 
 
 def test_an_empty_params_file_gives_the_defaults(root: Path) -> None:
+    """The defaults live in the shipped params.yaml alone: a file without a key is refused
+    with the key's name, where it goes and where its shipped value is written."""
     (root / "params.yaml").write_text("", encoding="utf-8")
-    assert load_settings(root).params == Params()
+    with pytest.raises(SettingsError) as info:
+        load_settings(root)
+    assert str(info.value) == (
+        "params.yaml: top level: missing key 'base'; every key is set in the file, none has a "
+        "built-in default: add `base: <value>` (its shipped value and range are in "
+        "docs/params.md)"
+    )
+    shutil.copy(REPO / "params.yaml", root / "params.yaml")
+    assert load_settings(root).params == validate_params(
+        yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
+    )
+    message = params_error(root, lambda p: p["train"]["augment"].pop("blur"))
+    assert "train.augment: missing key 'blur'" in message
+    assert "add `blur: <value>` under `train.augment`" in message
 
 
 def test_settings_are_frozen(root: Path) -> None:
@@ -254,3 +283,61 @@ def test_pyproject_license_is_an_spdx_string() -> None:
     pyproject = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
     assert isinstance(pyproject["project"]["license"], str)
     assert "setuptools>=77" in pyproject["build-system"]["requires"]  # PEP 639 support
+
+
+def _ranged(cls: type, prefix: str = "") -> Iterator[tuple[str, Rule, bool]]:
+    """(dotted key, its rule, whether it holds integers) for every key declared with a range."""
+    hints = typing.get_type_hints(cls)
+    for item in dataclasses.fields(cls):
+        tp = hints[item.name]
+        if dataclasses.is_dataclass(tp):
+            yield from _ranged(tp, f"{prefix}{item.name}.")
+        elif (rule := rule_of(item)) is not None and bounds_text(rule):
+            yield f"{prefix}{item.name}", rule, int in (tp, *typing.get_args(tp))
+
+
+def _outside(rule: Rule, integer: bool) -> list[float]:
+    """A value just outside each bound of `rule`."""
+    step = 1 if integer else 0.001
+    below = [rule.ge - step] if rule.ge is not None else [rule.gt] if rule.gt is not None else []
+    above = [rule.le + step] if rule.le is not None else [rule.lt] if rule.lt is not None else []
+    return [v for v in below + above if v != rule.off]
+
+
+def test_every_declared_range_is_enforced_when_the_file_is_read() -> None:
+    """Ranges are declared once, on the fields; reading a file checks each of them, for a
+    number, each item of a list and each value of a mapping."""
+    checked = 0
+    for dotted, rule, integer in _ranged(Params):
+        for value in _outside(rule, integer):
+            data = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
+            *parents, leaf = dotted.split(".")
+            node = functools.reduce(lambda d, k: d[k], parents, data)
+            shipped_value = node[leaf]
+            if isinstance(shipped_value, list):
+                node[leaf] = [*shipped_value[:-1], value]
+            elif isinstance(shipped_value, dict):
+                node[leaf] = {"train": value}
+            else:
+                node[leaf] = value
+            with pytest.raises(SettingsError, match=re.escape(dotted) + ": must be"):
+                validate_params(data)
+            checked += 1
+    assert checked > 80, checked
+
+
+def test_a_config_file_without_a_key_is_refused_with_the_key(root: Path) -> None:
+    edit_yaml(root / "config" / "config.yaml", lambda c: c["serving"].pop("audit_db"))
+    with pytest.raises(SettingsError) as info:
+        load_settings(root)
+    assert "serving: missing key 'audit_db'" in str(info.value)
+    assert "add `audit_db: <value>` under `serving`" in str(info.value)
+
+
+def test_defaults_take_a_group_from_the_projects_files(root: Path) -> None:
+    edit_params(root, lambda p: p["split"].update(mode="pool", valid_fraction=0.3))
+    split = defaults(SplitParams, root=root, test_fraction=0.2)
+    assert (split.mode, split.valid_fraction, split.test_fraction) == ("pool", 0.3, 0.2)
+    assert defaults(ServingConfig, root=root) == load_settings(root).config.serving
+    with pytest.raises(TypeError, match="not a group of Params"):
+        pick(load_settings(root).params, ServingConfig)

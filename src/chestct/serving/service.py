@@ -26,7 +26,7 @@ from chestct.serving import inputs
 from chestct.serving.metrics import ServiceMetrics
 from chestct.serving.problems import MB, Problem
 from chestct.serving.tokens import FEEDBACK_TOKEN_ENV, HISTORY_TOKEN_ENV, RateLimiter
-from chestct.settings import MonitorConfig, ServingConfig, WindowParams
+from chestct.settings import MonitorConfig, ServingConfig, load_settings
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +72,8 @@ TEST_KEYS = frozenset(
 
 
 def service_settings(test_config: Mapping[str, Any] | None = None) -> ServiceSettings:
-    """The app's settings: config/config.yaml (serving.*, monitor.*) and params ingest.window,
-    or built-in defaults when `test_config` names MODEL_DIR; then `test_config`'s keys
+    """The app's settings: config/config.yaml (serving.*, monitor.*) and params ingest.window of
+    the project (with the model folder a `test_config` MODEL_DIR names); then `test_config`'s keys
     (TEST_KEYS) on top. CHESTCT_HISTORY_TOKEN and CHESTCT_FEEDBACK_TOKEN win over the file's
     tokens.
 
@@ -84,26 +84,18 @@ def service_settings(test_config: Mapping[str, Any] | None = None) -> ServiceSet
     unknown = sorted(set(test_config) - TEST_KEYS)
     if unknown:
         raise ValueError(f"unknown test config key(s) {unknown}; known: {sorted(TEST_KEYS)}")
-    if "MODEL_DIR" in test_config:  # a test names the model folder: no settings files read
-        window = WindowParams()
-        settings = ServiceSettings(
-            Path(test_config["MODEL_DIR"]),
-            ServingConfig(),
-            MonitorConfig(),
-            (window.level, window.width),
-            None,
-        )
-    else:
-        from chestct.settings import load_settings
-
-        s = load_settings()
-        window = s.params.ingest.window
-        settings = ServiceSettings(
-            s.paths.model,
-            s.config.serving,
-            s.config.monitor,
-            (window.level, window.width),
-            s.paths.audit_db,
+    s = load_settings()
+    window = s.params.ingest.window
+    settings = ServiceSettings(
+        s.paths.model,
+        s.config.serving,
+        s.config.monitor,
+        (window.level, window.width),
+        s.paths.audit_db,
+    )
+    if "MODEL_DIR" in test_config:  # a test names the model folder; no audit log unless asked
+        settings = dataclasses.replace(
+            settings, model_dir=Path(test_config["MODEL_DIR"]), audit_db=None
         )
     serving = settings.serving
     tokens = ((HISTORY_TOKEN_ENV, "history_token"), (FEEDBACK_TOKEN_ENV, "feedback_token"))

@@ -99,27 +99,19 @@ class SplitParams:
 
 @dataclass(frozen=True)
 class ResizeParams:
+    """How slices become the model's input. With base.image_size and ingest.window these make
+    one chestct.imaging.preparation.Preprocessing (`Preprocessing.from_params`), which checks
+    the ranges (here, and when a card is read back) and names the params key that is wrong."""
+
     interpolation: Literal["area", "linear", "cubic"] = "area"
     mode: Literal["stretch", "pad", "crop"] = "stretch"
     workers: int = 0  # processes; 0 = all cores
-    # Acquisition normalisation (imaging.Normalise; README "Acquisition shift").
+    # Acquisition normalisation (docs/preprocessing.md "Acquisition shift").
     crop: Literal["body", "lungs", "none"] = "body"
     crop_margin: float = 0.02
     intensity: Literal["percentile", "equalize", "clahe", "none"] = "percentile"
     percentiles: list[float] = field(default_factory=lambda: [1.0, 99.5])
     clahe_clip: float = 2.0
-
-    def __post_init__(self) -> None:
-        pair = self.percentiles
-        if len(pair) != 2 or not 0.0 <= pair[0] < pair[1] <= 100.0:
-            raise SettingsError(
-                f"resize.percentiles: expected [low, high] with 0 <= low < high <= 100, got "
-                f"{self.percentiles}"
-            )
-        if not 0.0 <= self.crop_margin <= 0.5:
-            raise SettingsError(f"resize.crop_margin: expected 0..0.5, got {self.crop_margin}")
-        if self.clahe_clip <= 0:
-            raise SettingsError(f"resize.clahe_clip: expected > 0, got {self.clahe_clip}")
 
 
 @dataclass(frozen=True)

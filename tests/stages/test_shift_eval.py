@@ -59,8 +59,8 @@ def test_every_shift_is_scored_with_its_summary_and_the_robust_metric(evaluation
 
 def test_shifts_are_applied_to_the_original_before_preprocessing(evaluation, project) -> None:
     from chestct.evaluation.metrics import classification_metrics
-    from chestct.evaluation.scoring import Preprocessing
     from chestct.imaging.decoding import decode
+    from chestct.imaging.preparation import Preprocessing, prepare_slice
     from chestct.model.modeling import label_indices, load_model
 
     root, splits, model_path = project
@@ -69,9 +69,10 @@ def test_shifts_are_applied_to_the_original_before_preprocessing(evaluation, pro
     for name in ("zoom_60", "noise_8"):
         images = np.stack(
             [
-                Preprocessing().prepare_grey(
-                    apply_shift(name, decode((root / o).read_bytes()).grey, key), SIZE
-                )
+                prepare_slice(
+                    apply_shift(name, decode((root / o).read_bytes()).grey, key),
+                    Preprocessing(SIZE),
+                ).image
                 for o, key in zip(test["original"], test["sha256"], strict=True)
             ]
         )[..., None].astype(np.float32)

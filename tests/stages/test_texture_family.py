@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from chestct.imaging.preparation import Preprocessing
 from chestct.labels import CLASSES
 from chestct.model import families, texture
 from chestct.model.calibration import softmax
@@ -107,8 +108,7 @@ def promoted(model_path: Path, tiny_data, tmp_path: Path) -> tuple[Path, Any]:
         model_dir=model_dir,
         root=root,
         batch_size=4,
-        image_size=IMAGE_SIZE,
-        preprocessing={"resize": "stretch", "interpolation": "area"},
+        preprocessing=Preprocessing(IMAGE_SIZE),
         work_dir=tmp_path / "work",
         register=Registry(),
     )

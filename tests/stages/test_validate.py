@@ -14,6 +14,7 @@ import pytest
 from chestct.data.checks import CHECKS, Report, fails
 from chestct.data.manifest import DATASET_COLUMNS, INDEX_COLUMNS, INGEST_COLUMNS, SPLITS
 from chestct.data.shortcuts import detect_shortcut
+from chestct.imaging.preparation import Preprocessing
 from chestct.labels import CLASSES
 from chestct.runner import StageFailed
 from chestct.settings import (
@@ -444,7 +445,11 @@ def test_validate_on_resized_images(tmp_path: Path) -> None:
     frame, _ = ingest_folder(tmp_path)
     parts, _ = run_split(frame, SplitParams(), seed=0)
     index, _ = run_resize(
-        parts, ResizeParams(), IMAGE_SIZE, tmp_path / "artifacts" / "resize", tmp_path, workers=1
+        parts,
+        Preprocessing.from_params(ResizeParams(), IMAGE_SIZE),
+        tmp_path / "artifacts" / "resize",
+        tmp_path,
+        workers=1,
     )
     datasets, report = run_validate(parts, index, ValidateParams())
 
@@ -461,7 +466,11 @@ def test_validate_reads_the_pixels_near_copies_series_and_report(tmp_path: Path)
     )
     parts, _ = run_split(frame, SplitParams(), seed=0)
     index, _ = run_resize(
-        parts, ResizeParams(), IMAGE_SIZE, tmp_path / "artifacts" / "resize", tmp_path, workers=1
+        parts,
+        Preprocessing.from_params(ResizeParams(), IMAGE_SIZE),
+        tmp_path / "artifacts" / "resize",
+        tmp_path,
+        workers=1,
     )
     params = ValidateParams(min_series_per_class=3, **QUICK)
     _, report = run_validate(parts, index, params, root=tmp_path, near_copy_similarity=0.9)

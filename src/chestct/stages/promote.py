@@ -1,7 +1,8 @@
 """promote: put the candidate in model/ only if it is better than the champion.
 
 The champion (model/, described by model/model.json) is re-scored on the current test split
-when the test data changed since it was promoted, so both are judged on the same images.
+when the test data or the shift-stress set changed since it was promoted (the card records the
+stress set's identity, `stress_set`), so both are judged on the same images and conditions.
 A candidate that wins is exported to the light LiteRT artifact, checked for parity against
 Keras on the test split, written with its card, OOD statistics and CAM head to a new folder
 and swapped in for model/ atomically, after its MLflow calls (registry, tags, card artifact)
@@ -25,8 +26,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import shutil
-import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -39,21 +38,23 @@ from chestct.data.manifest import DATASET_COLUMNS, read_manifest
 from chestct.evaluation.metrics import lower_is_better, metric_value, numeric_keys
 from chestct.evaluation.novelty import card_entry
 from chestct.evaluation.scoring import (
-    Preprocessing,
     ScoringError,
     load_images,
     load_model,
     model_outputs,
+    resize_preprocessing,
     score,
+    stress_set,
 )
 from chestct.evaluation.uncertainty import PairedResult, paired_on_tables
-from chestct.fsutil import atomic_write_json, fsync_dir, sha256_file, swap_dir, sync_tree
-from chestct.imaging.preparation import Normalise
+from chestct.fsutil import atomic_write_json, sha256_file
+from chestct.imaging.preparation import Preprocessing
 from chestct.labels import CLASSES, DISPLAY_NAMES
 from chestct.model.export import PARITY_TOLERANCE, ExportError, LightModel, export_light, parity
 from chestct.model.families import OFFERS, TEXTURE_FILE, FamilyError, family_of, read_ensemble
 from chestct.model.gradcam import CAM_FILE, CamHead
-from chestct.modelcard import FILES_KEY, ModelCard
+from chestct.modelcard import ModelCard
+from chestct.modelfolder import OOD_FILE, ModelFolderError, pin_digests, write_model_folder
 from chestct.monitoring.signals import REFERENCE_FILE
 from chestct.pointers import (
     PointerError,
@@ -71,7 +72,6 @@ log = logging.getLogger(__name__)
 CARD_NAME = "model.json"
 PROMOTION_NAME = "promotion.json"  # run-specific; listed in .dvcignore
 MODEL_FILE = "model.keras"
-OOD_FILE = "ood.npz"
 
 # register(model_path, alias) -> {"name", "version", "alias", "model_uri"}
 Register = Callable[[Path, str], dict[str, Any]]
@@ -98,6 +98,8 @@ class Candidate:
     calibration: dict[str, Any]  # evaluate's calibration.json
     ood_path: Path  # evaluate's ood.npz
     data_digest: str  # digest of the test split manifest
+    # The shift-stress set its robust score was measured on (scoring.stress_set); None: unknown.
+    stress_set: dict[str, Any] | None = None
     reference_path: Path | None = None  # evaluate's monitoring profile (reference.json)
     # evaluate's predictions.csv (per test image: actual, predicted, predicted_<shift>, group):
     # the candidate's side of the paired test; None: the paired test cannot run.
@@ -324,12 +326,33 @@ def rescore_champion_full(
             test,
             batch_size,
             root,
-            Preprocessing.from_spec(card.get("preprocessing")),
+            Preprocessing.from_card(card),
             temperature=float(card.get("temperature", 1.0)),
         )
-    except ScoringError as exc:
+    except (ScoringError, ValueError) as exc:
         raise StageFailed(f"re-scoring the champion in {model_dir}: {exc}") from None
     return metrics, table
+
+
+def uses_stress(metric: str) -> bool:
+    """Whether promote.metric is measured under the shift-stress set."""
+    return metric == "robust_macro_f1" or metric.split(".")[0] == "shift"
+
+
+def stale_champion(card: Mapping[str, Any], candidate: Candidate, metric: str) -> str | None:
+    """Why the champion's recorded score cannot be held against the candidate's (so it must
+    be re-scored on the candidate's test split and stress set), or None when it can."""
+    if card.get("data_digest") != candidate.data_digest:
+        return "the test data changed"
+    if metric_value(card.get("metrics") or {}, metric) is None:
+        return f"promote.metric {metric} is not among the champion's metrics"
+    if uses_stress(metric):
+        recorded = (card.get("stress_set") or {}).get("digest")
+        mine = (candidate.stress_set or {}).get("digest")
+        if recorded is None or recorded != mine:
+            # A robust score measured under other conditions or items is another figure.
+            return "the shift-stress set changed (or the champion's card does not name it)"
+    return None
 
 
 @dataclass(frozen=True)
@@ -471,8 +494,7 @@ def export_release(
 def build_card(
     *,
     params: PromoteParams,
-    image_size: int,
-    preprocessing: dict[str, Any],
+    preprocessing: Preprocessing,
     candidate: Candidate,
     inference: dict[str, Any],
     model_sha: str,
@@ -492,8 +514,7 @@ def build_card(
         "registered_model": params.registered_model,
         "classes": list(CLASSES),
         "display_names": DISPLAY_NAMES,
-        "image_size": image_size,
-        "preprocessing": preprocessing,
+        **preprocessing.to_card(),  # image_size and preprocessing
         "model_file": model_file,
         "model_sha256": model_sha,
         "temperature": float(cal["temperature"]),
@@ -535,6 +556,7 @@ def build_card(
         **({"baseline": entry} if (entry := card_entry(candidate.metrics)) else {}),
         "selection_metric": params.metric,
         "data_digest": candidate.data_digest,
+        **({"stress_set": candidate.stress_set} if candidate.stress_set else {}),
         "intended_use": "research and education only; not a medical device",
     }
     try:
@@ -563,82 +585,6 @@ def build_promotion(
     }
 
 
-def install_model(
-    model_path: Path,
-    card: dict[str, Any],
-    model_dir: Path,
-    extras: Mapping[str, Path] | None = None,
-    after_swap: Callable[[], None] | None = None,
-    promotion: dict[str, Any] | None = None,
-) -> None:
-    """Write the new model folder beside model/, then swap it in atomically.
-
-    Args:
-        model_path: the .keras file, copied as model.keras.
-        card: written as model.json.
-        model_dir: the folder to replace.
-        extras: further files by their name inside the new folder (light model, OOD, CAM).
-        after_swap: what records the swap (the pointer, MLflow); if it raises, the previous
-            model/ is swapped back (or removed when there was none) before the error goes on,
-            so model/ never holds a model its run did not record.
-        promotion: written as promotion.json (registry version, run ids, time).
-    """
-    staging = model_dir.with_name(f".{model_dir.name}.new-{uuid.uuid4().hex[:8]}")
-    staging.mkdir(parents=True)
-    previous: Path | None = None
-    try:
-        shutil.copy2(model_path, staging / str(card.get("model_file", MODEL_FILE)))
-        for name, source in (extras or {}).items():
-            shutil.copy2(source, staging / name)
-        atomic_write_json(staging / CARD_NAME, card)
-        if promotion is not None:
-            atomic_write_json(staging / PROMOTION_NAME, promotion)
-        for path in staging.iterdir():
-            # Atomic writes create private (0600) files; the predictor may run as another user.
-            path.chmod(0o644)
-        # Every file and the folder itself on disk before the swap, so that a crash right
-        # after it cannot leave model/ naming files whose data never reached the disk.
-        sync_tree(staging)
-        previous = swap_dir(staging, model_dir)
-        fsync_dir(model_dir.parent)
-        try:
-            if after_swap is not None:
-                after_swap()
-        except BaseException:
-            if previous is not None:
-                failed = swap_dir(previous, model_dir)
-                previous = failed  # removed below
-            else:
-                shutil.rmtree(model_dir)
-            fsync_dir(model_dir.parent)
-            log.error(
-                "recording the promotion failed after model/ was swapped; the previous "
-                "model/ is back in place"
-            )
-            raise
-    finally:
-        for leftover in (staging, previous):
-            if leftover is not None and leftover.exists():
-                shutil.rmtree(leftover)
-
-
-def file_digests(card: dict[str, Any], folder_files: Mapping[str, Path]) -> dict[str, Any]:
-    """The card with a sha256 on every file entry it names (inference, cam, ood, monitoring,
-    any entry object with a `file` key, and the names of the `files` map), from the files that
-    will be installed under those names; serving checks every one at every load
-    (chestct.modelcard.card_files lists them the same way)."""
-    out = json.loads(json.dumps(card))
-    for key, entry in out.items():
-        if key != FILES_KEY and isinstance(entry, dict) and entry.get("file") in folder_files:
-            entry["sha256"] = sha256_file(folder_files[entry["file"]])
-    extra = out.get(FILES_KEY)
-    if isinstance(extra, dict):
-        for name in extra:
-            if name in folder_files:
-                extra[name] = sha256_file(folder_files[name])
-    return out
-
-
 def run_promote(
     candidate: Candidate,
     test: pd.DataFrame,
@@ -647,8 +593,7 @@ def run_promote(
     model_dir: Path,
     root: Path,
     batch_size: int,
-    image_size: int,
-    preprocessing: dict[str, Any],
+    preprocessing: Preprocessing,
     work_dir: Path,
     register: Register,
     run_ids: Mapping[str, str | None] | None = None,
@@ -664,26 +609,24 @@ def run_promote(
         model_dir: the champion's folder (model/).
         root: the folder the manifests' paths are relative to.
         batch_size: prediction batch size.
-        image_size: the candidate's input size, for the card.
-        preprocessing: how serving must prepare an image, for the card.
+        preprocessing: how the candidate's images were prepared (its input size included),
+            for the card: serving prepares uploads with it.
         work_dir: scratch folder for the exported files (inside the stage's output folder).
         register: logs and registers the model under an alias (MLflow in main()).
         run_ids: MLflow run ids of the stages behind the candidate, for the card.
         before_swap: called with the result and the new model's card file (None when
             rejected) before model/ changes: the MLflow calls that may fail go here.
         after_swap: called once model/ holds the outcome (the pointer); if it raises after
-            a swap, the previous model/ is put back (see install_model).
+            a swap, the previous model/ is put back (chestct.modelfolder.write_model_folder).
     """
     card = read_card(model_dir)
     champion_metrics, rescored = None, False
     champion_table: list[pd.DataFrame] = []  # the champion's predictions, once scored
     if card is not None:
         champion_metrics = card.get("metrics") or {}
-        if (
-            card.get("data_digest") != candidate.data_digest
-            or metric_value(champion_metrics, params.metric) is None
-        ):
-            log.info("test data or metric changed since the champion was promoted: re-scoring")
+        stale = stale_champion(card, candidate, params.metric)
+        if stale:
+            log.info("%s since the champion was promoted: re-scoring it", stale)
             champion_metrics, table = rescore_champion_full(
                 model_dir, card, test, root, batch_size
             )
@@ -735,7 +678,6 @@ def run_promote(
         return rejected
     new_card = build_card(
         params=params,
-        image_size=image_size,
         preprocessing=preprocessing,
         candidate=candidate,
         inference=inference,
@@ -749,24 +691,27 @@ def run_promote(
         registered, git_state(root).sha, run_ids or {}, new_card["model_sha256"]
     )
     files = {
+        new_card["model_file"]: candidate.model_path,
         **release.files,
         OOD_FILE: candidate.ood_path,
         **({REFERENCE_FILE: candidate.reference_path} if candidate.reference_path else {}),
     }
-    new_card = file_digests(new_card, files)
+    new_card = pin_digests(new_card, files)
     result = PromoteResult(decision, registered, new_card, promotion)
     if before_swap is not None:
         card_file = work_dir / CARD_NAME
         atomic_write_json(card_file, new_card)
         before_swap(result, card_file)
-    install_model(
-        candidate.model_path,
-        new_card,
-        model_dir,
-        files,
-        after_swap=None if after_swap is None else lambda: after_swap(result),
-        promotion=promotion,
-    )
+    try:
+        write_model_folder(
+            model_dir,
+            new_card,
+            files,
+            promotion=promotion,
+            after_swap=None if after_swap is None else lambda: after_swap(result),
+        )
+    except ModelFolderError as exc:
+        raise StageFailed(f"the promoted model folder cannot be written: {exc}") from None
     log.info(
         "promoted %s version %s into %s",
         params.registered_model,
@@ -892,28 +837,6 @@ def _version(pkg: str) -> str:
     return metadata.version(pkg)
 
 
-def _preprocessing(settings: Any) -> dict[str, Any]:
-    """How serving must prepare an image: from the params the resize stage really ran with."""
-    resize = read_pointer(settings.paths, "resize", verify=False).params.get("resize", {})
-    spec: dict[str, Any] = {
-        "decode": "by content (PNG, JPEG, BMP, TIFF, DICOM); any mode to 8-bit grey; "
-        "transparent pixels over black",
-        "resize": resize.get("mode", "stretch"),
-        "interpolation": resize.get("interpolation", "area"),
-        "input": "float32 in [0, 255], shape (image_size, image_size, 1)",
-        # The body crop and intensity normalisation (serving reads them back with
-        # imaging.Normalise.from_spec; a resize run from before them recorded none).
-        **Normalise.from_spec(resize).card(),
-    }
-    try:
-        ingest = read_pointer(settings.paths, "ingest", verify=False).params.get("ingest", {})
-    except PointerError:  # the window only matters for DICOM uploads; serving has a default
-        ingest = {}
-    if "window" in ingest:
-        spec["window"] = ingest["window"]
-    return spec
-
-
 def main() -> None:
     with stage_session("promote") as session:
         s = session.settings
@@ -930,16 +853,21 @@ def main() -> None:
             raise StageFailed(
                 f"evaluate's outputs lack the calibration ({exc}); rerun `dvc repro evaluate`"
             ) from exc
+        test = read_manifest(validate.output_path("test", root), DATASET_COLUMNS)
+        try:
+            prep = resize_preprocessing(s.paths, s.params.base.image_size)
+        except ScoringError as exc:
+            raise StageFailed(str(exc)) from None
         candidate = Candidate(
             model_path=train.output_path("model", root),
             metrics=evaluate.metrics,
             calibration=calibration,
             ood_path=ood_path,
             data_digest=validate.outputs["test"].digest,
+            stress_set=stress_set(test),
             reference_path=evaluate.output_path("reference", root),
             predictions_path=evaluate.output_path("predictions", root),
         )
-        test = read_manifest(validate.output_path("test", root), DATASET_COLUMNS)
 
         import mlflow
 
@@ -1007,8 +935,7 @@ def main() -> None:
             model_dir=s.paths.model,
             root=root,
             batch_size=s.params.evaluate.batch_size,
-            image_size=s.params.base.image_size,
-            preprocessing=_preprocessing(s),
+            preprocessing=prep,
             work_dir=release,
             register=lambda path, alias: mlflow_register(
                 path, params.registered_model, alias, *version_facts(s.paths, evaluate.metrics)

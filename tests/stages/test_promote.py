@@ -303,21 +303,22 @@ def test_the_same_stress_set_uses_the_champions_card(champion, world, tmp_path: 
 
 
 def test_stale_champion_names_why_the_card_cannot_be_used(world) -> None:
-    from chestct.stages.promote import stale_champion
+    from chestct.evaluation.selection import stale_champion
 
     cand = robust_candidate(world, "a")
+    here = (cand.data_digest, cand.stress_set)
     metrics = {"macro_f1": 0.8, "robust_macro_f1": 0.8, "shift": {"zoom_80": {"macro_f1": 0.6}}}
     card = {"data_digest": "d1", "metrics": metrics}
     with_set = {**card, "stress_set": {"digest": "a"}}
-    assert stale_champion(with_set, cand, "robust_macro_f1") is None
+    assert stale_champion(with_set, *here, "robust_macro_f1") is None
     assert "stress set" in stale_champion(
-        {**card, "stress_set": {"digest": "b"}}, cand, "robust_macro_f1"
+        {**card, "stress_set": {"digest": "b"}}, *here, "robust_macro_f1"
     )
-    assert "stress set" in stale_champion(card, cand, "shift.zoom_80.macro_f1")
+    assert "stress set" in stale_champion(card, *here, "shift.zoom_80.macro_f1")
     # A clean metric does not read the stress set: an old card is compared as it stands.
-    assert stale_champion(card, cand, "macro_f1") is None
-    assert "test data" in stale_champion({**with_set, "data_digest": "d0"}, cand, "macro_f1")
-    assert "balanced_accuracy is not among" in stale_champion(with_set, cand, "balanced_accuracy")
+    assert stale_champion(card, *here, "macro_f1") is None
+    assert "test data" in stale_champion({**with_set, "data_digest": "d0"}, *here, "macro_f1")
+    assert "balanced_accuracy is not among" in stale_champion(with_set, *here, "balanced_accuracy")
 
 
 def test_a_tie_keeps_the_champion_and_registers_nothing(champion, world, tmp_path: Path) -> None:
@@ -343,12 +344,12 @@ def test_parity_failure_rejects_and_leaves_the_champion(
 ) -> None:
     import shutil
 
-    from chestct.stages import promote as promote_module
+    from chestct.evaluation import release
 
     model_dir = tmp_path / "model"
     shutil.copytree(champion[0], model_dir)
     before = snapshot(model_dir)
-    monkeypatch.setattr(promote_module, "parity", lambda a, b: 0.25)
+    monkeypatch.setattr(release, "parity", lambda a, b: 0.25)
     registry = Registry()
     result = promote(world, candidate(world, 1, 0.95), model_dir, registry)
     assert not result.decision.promote

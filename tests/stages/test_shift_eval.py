@@ -243,7 +243,7 @@ def test_external_set_errors_name_the_problem(project, tmp_path: Path) -> None:
 
 
 def test_any_dotted_metric_key_can_select_and_lower_is_better_turns_round() -> None:
-    from chestct.stages.promote import decide
+    from chestct.evaluation.selection import decide
 
     cand = {"macro_f1": 0.9, "shift": {"blur": {"macro_f1": 0.4}, "worst_ece": 0.03}}
     champ = {"macro_f1": 0.8, "shift": {"blur": {"macro_f1": 0.6}, "worst_ece": 0.08}}
@@ -258,12 +258,11 @@ def test_any_dotted_metric_key_can_select_and_lower_is_better_turns_round() -> N
 
 
 def test_an_unknown_metric_lists_the_valid_dotted_keys() -> None:
-    from chestct.runner import StageFailed
-    from chestct.stages.promote import decide
+    from chestct.evaluation.selection import SelectionError, decide
 
     cand = {"macro_f1": 0.9, "worst": "blur", "shift": {"blur": {"macro_f1": 0.4}}}
     with pytest.raises(
-        StageFailed,
+        SelectionError,
         match=r"'shift\.zoom_60\.macro_f1'.*macro_f1, "
         r"shift\.blur\.macro_f1\)",
     ):
@@ -271,13 +270,12 @@ def test_an_unknown_metric_lists_the_valid_dotted_keys() -> None:
 
 
 def test_promote_refuses_the_external_set_as_selection_metric() -> None:
-    from chestct.runner import StageFailed
+    from chestct.evaluation.selection import SelectionError, decide
     from chestct.settings import SettingsError, _check_evaluate_and_promote
-    from chestct.stages.promote import decide
 
     with pytest.raises(SettingsError, match="external test set is reported apart"):
         _check_evaluate_and_promote(EvaluateParams(), PromoteParams(metric="external.macro_f1"))
-    with pytest.raises(StageFailed, match="external test set"):
+    with pytest.raises(SelectionError, match="external test set"):
         decide(PromoteParams(metric="external.macro_f1"), {"external": {"macro_f1": 1.0}}, None)
 
 

@@ -56,11 +56,15 @@ def ood_bytes(stats: Mahalanobis) -> bytes:
 
 
 def pin_digests(card: Mapping[str, Any], files: Mapping[str, Path]) -> dict[str, Any]:
-    """The card with a sha256 on every file entry it names (inference, cam, ood, monitoring,
-    any entry object with a `file` key, and the names of the `files` map), from the files that
-    will be installed under those names (chestct.modelcard.card_files lists them the same way).
+    """The card with a sha256 on every file it names (`model_sha256` for `model_file`, every
+    entry object with a `file` key: inference, cam, ood, monitoring, ...; the names of the
+    `files` map), from the files that will be installed under those names
+    (chestct.modelcard.card_files lists them the same way).
     """
     out = json.loads(json.dumps(card))
+    model_file = out.get("model_file", "model.keras")
+    if model_file in files:
+        out["model_sha256"] = sha256_file(files[model_file])
     for key, entry in out.items():
         if key != FILES_KEY and isinstance(entry, dict) and entry.get("file") in files:
             entry["sha256"] = sha256_file(files[entry["file"]])

@@ -58,6 +58,7 @@ def test_the_writer_pins_every_file_and_the_card_reads_back(tmp_path: Path) -> N
     ]
     assert written == json.loads((folder / "model.json").read_text(encoding="utf-8"))
     assert written["ood"]["sha256"] == sha256_file(folder / OOD_FILE)
+    assert written["model_sha256"] == sha256_file(folder / "model.keras")
     typed, _ = read_card(folder)
     assert typed.version == "3"
     assert typed.preprocessing == Preprocessing(32, crop="body", window=(-600.0, 1500.0))

@@ -22,14 +22,15 @@ import cv2
 import numpy as np
 
 from chestct.imaging.decoding import decode
-from chestct.imaging.preparation import Normalise, prepare_slice
+from chestct.imaging.preparation import Preprocessing, prepare_slice
 
-SETTINGS: dict[str, Normalise] = {
-    "none / none": Normalise(),
-    "none / percentile": Normalise(intensity="percentile"),
-    "body / none": Normalise(crop="body"),
-    "body / percentile": Normalise(crop="body", intensity="percentile"),
-    "body / clahe": Normalise(crop="body", intensity="clahe"),
+# At a placeholder size: --size sets the one measured (Preprocessing.with_size).
+SETTINGS: dict[str, Preprocessing] = {
+    "none / none": Preprocessing(128),
+    "none / percentile": Preprocessing(128, intensity="percentile"),
+    "body / none": Preprocessing(128, crop="body"),
+    "body / percentile": Preprocessing(128, crop="body", intensity="percentile"),
+    "body / clahe": Preprocessing(128, crop="body", intensity="clahe"),
 }
 
 
@@ -104,11 +105,12 @@ def main() -> None:
     rows: list[list[str]] = []
     for change, apply in CHANGES.items():
         row = []
-        for name, spec in SETTINGS.items():
+        for name, setting in SETTINGS.items():
+            spec = setting.with_size(args.size)
             gaps = []
             for grey in greys:
-                a = prepare_slice(grey, args.size, normalise=spec).image.astype(np.float32)
-                b = prepare_slice(apply(grey), args.size, normalise=spec).image.astype(np.float32)
+                a = prepare_slice(grey, spec).image.astype(np.float32)
+                b = prepare_slice(apply(grey), spec).image.astype(np.float32)
                 gaps.append(float(np.abs(a - b).mean() / max(a.std(), 1.0)))
             value = 100 * statistics.mean(gaps)
             totals[name].append(value)

@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 
 from chestct.data.manifest import INGEST_COLUMNS
+from chestct.imaging.preparation import Preprocessing
 from chestct.imaging.workers import single_threaded
 from chestct.settings import ResizeParams, defaults
 from chestct.stages.resize import run_resize
@@ -112,7 +113,13 @@ def main() -> None:
         jobs = [(p, args.size) for p in paths]
 
         def stage(out: Path, workers: int = args.workers) -> None:
-            run_resize({"train": manifest}, defaults(ResizeParams), args.size, out, root, workers)
+            run_resize(
+                {"train": manifest},
+                Preprocessing.from_params(defaults(ResizeParams), args.size),
+                out,
+                root,
+                workers,
+            )
             shutil.rmtree(out)
 
         def timed(run) -> float:
@@ -137,8 +144,7 @@ def main() -> None:
                 rounds["stage"].append(timed(lambda i=i: stage(root / f"out{i}")))
         run_resize(
             {"train": manifest},
-            defaults(ResizeParams),
-            args.size,
+            Preprocessing.from_params(defaults(ResizeParams), args.size),
             root / "inc",
             root,
             args.workers,
@@ -146,8 +152,7 @@ def main() -> None:
         reused = timed(
             lambda: run_resize(
                 {"train": manifest},
-                defaults(ResizeParams),
-                args.size,
+                Preprocessing.from_params(defaults(ResizeParams), args.size),
                 root / "inc",
                 root,
                 args.workers,

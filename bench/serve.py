@@ -49,48 +49,46 @@ REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 
 BUILD = r"""
-import dataclasses, json, sys
+import sys
 from pathlib import Path
 import numpy as np
+from chestct.model.calibration import Mahalanobis
 from chestct.model.export import LightModel, export_light, light_outputs
 from chestct.model.gradcam import CamHead
 from chestct.imaging.encoding import encode_png
-from chestct.imaging.preparation import Normalise, prepare
+from chestct.imaging.preparation import Preprocessing, prepare
 from chestct.labels import CLASSES, DISPLAY_NAMES
 from chestct.model.modeling import build_model
+from chestct.modelfolder import OOD_FILE, ood_bytes, write_model_folder
 from chestct.settings import load_settings
 from chestct.data.synthetic import render_slice
 
-folder = Path(sys.argv[1]); folder.mkdir(parents=True)
+folder = Path(sys.argv[1])
 s = load_settings()
-size = s.params.base.image_size
 # The preprocessing params.yaml asks for (body crop, intensity), recorded as promote does.
-resize = dataclasses.asdict(s.params.resize)
-normalise = Normalise.from_spec(resize)
-spec = {"resize": resize["mode"], "interpolation": resize["interpolation"], **normalise.card()}
-model = build_model(s.params.base_model, size, s.params.base.seed)
-model.save(folder / "model.keras")
-inference = export_light(model, folder / "model.tflite")
+prep = Preprocessing.from_params(s.params.resize, s.params.base.image_size, s.params.ingest.window)
+model = build_model(s.params.base_model, prep.size, s.params.base.seed)
+parts = folder.with_name(folder.name + ".parts")  # inside the bench's scratch folder
+parts.mkdir(parents=True)
+model.save(parts / "model.keras")
+inference = export_light(model, parts / "model.tflite")
 rng = np.random.default_rng(0)
-images = np.stack([prepare(encode_png(render_slice(CLASSES[i % 4], rng, 256)), size,
-                           resize["interpolation"], mode=resize["mode"], normalise=normalise)
+images = np.stack([prepare(encode_png(render_slice(CLASSES[i % 4], rng, 256)), prep)
                    for i in range(64)]).astype(np.float32)[..., None]
-gap = light_outputs(LightModel.load(folder / "model.tflite"), images)["features"].mean(axis=(1, 2))
-gap = gap.astype(np.float64)
-precision = np.linalg.inv(np.cov(gap, rowvar=False) + 1e-3 * np.eye(gap.shape[1]))
-d = np.sqrt(np.einsum("ni,ij,nj->n", gap - gap.mean(0), precision, gap - gap.mean(0)))
-CamHead.from_model(model).save(folder / "cam_head.npz")
-np.savez(folder / "ood.npz", mean=gap.mean(0), precision=precision)
+gap = light_outputs(LightModel.load(parts / "model.tflite"), images)["features"].mean(axis=(1, 2))
+ood = Mahalanobis.fit(gap)  # the product's fit, as evaluate makes ood.npz
+CamHead.from_model(model).save(parts / "cam_head.npz")
 card = {
     "name": "chestct-bench", "version": "1", "classes": list(CLASSES),
-    "display_names": DISPLAY_NAMES, "image_size": size,
-    "preprocessing": spec,
+    "display_names": DISPLAY_NAMES, **prep.to_card(),
     "model_file": "model.keras", "mlflow_run_ids": {"train": None},
     "inference": inference, "temperature": 1.0, "thresholds": {"abstain_entropy": 0.9},
     "cam": {"file": "cam_head.npz"},
-    "ood": {"method": "mahalanobis_gap", "file": "ood.npz", "threshold": float(d.max())},
+    "ood": {"method": "mahalanobis_gap", "file": OOD_FILE,
+            "threshold": float(ood.distance(gap).max())},
 }
-(folder / "model.json").write_text(json.dumps(card))
+files = {name: parts / name for name in ("model.keras", "model.tflite", "cam_head.npz")}
+write_model_folder(folder, card, {**files, OOD_FILE: ood_bytes(ood)})
 """
 
 BARE = r"""
@@ -103,15 +101,14 @@ cv2.setNumThreads(1)
 from pathlib import Path
 import numpy as np
 from chestct.model.export import LightModel
-from chestct.imaging.preparation import Normalise, prepare
+from chestct.imaging.preparation import Preprocessing, prepare
 folder, image, n = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
 card = json.loads((folder / "model.json").read_text())
 light = LightModel.load(folder / card["inference"]["file"], threads=1)
 data = image.read_bytes()
-size, spec = card["image_size"], card["preprocessing"]
-interp, mode, normalise = spec["interpolation"], spec["resize"], Normalise.from_spec(spec)
+prep = Preprocessing.from_card(card)
 def once():
-    grey = prepare(data, size, interp, mode=mode, normalise=normalise)
+    grey = prepare(data, prep)
     light.run(grey.astype(np.float32)[None, :, :, None])
 for _ in range(20):
     once()

@@ -19,7 +19,6 @@ With --record, the table is also written as a results file for the docs (bench/r
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
@@ -31,14 +30,16 @@ def main(root: Path, record: Path | None = None) -> None:
     from chestct.data.manifest import DATASET_COLUMNS, read_manifest
     from chestct.evaluation.metrics import expected_calibration_error
     from chestct.evaluation.scoring import (
-        Preprocessing,
         load_images,
         original_slices,
         output_heads,
+        resize_preprocessing,
     )
     from chestct.imaging.perturb import SHIFT_NAMES, apply_shift
+    from chestct.imaging.preparation import prepare_slice
     from chestct.model.calibration import Mahalanobis, fit_temperature, nll, softmax
     from chestct.model.modeling import label_indices, load_model
+    from chestct.settings import load_settings
 
     splits = {
         s: read_manifest(root / f"artifacts/validate/{s}.csv", DATASET_COLUMNS)
@@ -49,8 +50,7 @@ def main(root: Path, record: Path | None = None) -> None:
     heads = output_heads(model, ["logits", "gap"])
     # Prepare shifted slices as the resize stage prepared the training images (its pointer's
     # params: body crop and intensity window on the default), as evaluate does.
-    resize_pointer = json.loads((root / "artifacts/resize/pointer.json").read_text())
-    prep = Preprocessing.from_spec(resize_pointer["params"].get("resize", {}))
+    prep = resize_preprocessing(load_settings(root).paths, size).with_size(size)
 
     def run(images: np.ndarray) -> dict[str, np.ndarray]:
         logits, gap = heads.predict(images, batch_size=64, verbose=0)
@@ -62,7 +62,7 @@ def main(root: Path, record: Path | None = None) -> None:
         for name in SHIFT_NAMES:
             images = np.stack(
                 [
-                    prep.prepare_grey(apply_shift(name, g, k), size)
+                    prepare_slice(apply_shift(name, g, k), prep).image
                     for g, k in zip(slices, frame["sha256"], strict=True)
                 ]
             )[..., None].astype(np.float32)

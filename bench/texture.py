@@ -52,9 +52,7 @@ def built_folder(folder: Path, size: int, iterations: int) -> Path:
 
 def prepared(model: Loaded, grey: np.ndarray) -> np.ndarray:
     """What Loaded.prepare makes of a decoded slice (imaging.prepare_slice, card settings)."""
-    return preparation.prepare_slice(
-        grey, model.image_size, model.interpolation, model.resize_mode, model.normalise
-    ).image
+    return preparation.prepare_slice(grey, model.preprocessing).image
 
 
 def main() -> None:

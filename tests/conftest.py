@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -42,11 +41,12 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """model/ as promote writes it, with an untrained 32x32 model (enough to test serving)."""
     from chestct.labels import CLASSES, DISPLAY_NAMES
     from chestct.model.modeling import build_model
+    from chestct.modelfolder import write_model_folder
     from chestct.settings import BaseModelParams
 
-    folder = tmp_path_factory.mktemp("model")
+    parts = tmp_path_factory.mktemp("tiny-model")
     model = build_model(shipped(BaseModelParams, filters=[4, 8]), image_size=32, seed=0)
-    model.save(folder / "model.keras")
+    model.save(parts / "model.keras")
     card = {
         "name": "chestct",
         "version": "1",
@@ -58,7 +58,9 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "metrics": {"macro_f1": 0.5},
         "mlflow_run_ids": {"train": "0" * 32},
     }
-    (folder / "model.json").write_text(json.dumps(card), encoding="utf-8")
+    # A card from before the digests and the full preprocessing entry, as some folders are.
+    folder = parts / "model"
+    write_model_folder(folder, card, {"model.keras": parts / "model.keras"}, pin=False)
     return folder
 
 

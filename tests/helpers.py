@@ -17,7 +17,7 @@ from chestct.data.manifest import DATASET_COLUMNS, INDEX_COLUMNS, INGEST_COLUMNS
 # short in test (the synthetic default uses the same).
 from chestct.data.synthetic import LONG_FOLDERS, SHORT_FOLDERS
 from chestct.fsutil import sha256_file
-from chestct.imaging.preparation import Normalise
+from chestct.imaging.preparation import Preprocessing
 from chestct.labels import CLASSES
 from chestct.settings import (
     BaseModelParams,
@@ -165,7 +165,7 @@ def synthetic_splits(
     image prepared at `size` and whose `original` is the generated file (relative to root)."""
     from chestct.data.manifest import DATASET_COLUMNS
     from chestct.data.synthetic import generate_synthetic
-    from chestct.evaluation.scoring import Preprocessing
+    from chestct.imaging.preparation import prepare
     from chestct.labels import label_for_folder
 
     folder = root / f"synthetic-{seed}-{shortcut or 'none'}"
@@ -175,7 +175,7 @@ def synthetic_splits(
         data = f.read_bytes()
         resized = folder / "resized" / split / f.name
         resized.parent.mkdir(parents=True, exist_ok=True)
-        assert cv2.imwrite(str(resized), Preprocessing().prepare(data, size))
+        assert cv2.imwrite(str(resized), prepare(data, Preprocessing(size)))
         rows.setdefault(split, []).append(
             {
                 "path": resized.relative_to(root).as_posix(),
@@ -309,7 +309,8 @@ def tiny_split(root: Path, split: str, per_class: int, seed: int) -> pd.DataFram
     return pd.DataFrame(rows, columns=list(DATASET_COLUMNS))
 
 
-NORMALISED = Normalise(crop="body", intensity="percentile")
+# The body crop and percentile window at 64 px (`.with_size` for another size).
+NORMALISED = Preprocessing(64, crop="body", intensity="percentile")
 
 
 def textured(seed: int = 0) -> np.ndarray:

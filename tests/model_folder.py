@@ -1,5 +1,6 @@
 """Builders for the serving tests: a model folder with the full promote contract, made from a
-tiny untrained Keras model and converted with chestct.model.export (as promote does), plus slices.
+tiny untrained Keras model, converted with chestct.model.export and written with
+chestct.modelfolder.write_model_folder (as promote does), plus slices.
 
 Model folders are built in a child process, so that TensorFlow never enters the pytest process
 through these fixtures (a process that holds TensorFlow hangs when later tests fork workers).
@@ -15,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -108,36 +110,71 @@ def build_model_folder(
     temperature: float = TEMPERATURE,
     size: int = SIZE,
     train_epochs: int = 0,
+    pinned: bool = False,
 ) -> Path:
     """model/ as promote writes it: card, model.keras, model.tflite, cam_head.npz, ood.npz.
 
     `light=False` leaves out the light artifact; `extras=False` leaves out temperature,
     thresholds, cam and ood (an older card); `train_epochs` trains the model (filters 8, 16)
-    on synthetic slices at `size` first.
+    on synthetic slices at `size` first; `pinned` gives every file's sha256 in the card, as
+    promote does (without it the card is one from before the digests).
     """
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:
+        _build_model_folder(
+            folder,
+            Path(tmp),
+            version,
+            seed,
+            light,
+            extras,
+            temperature,
+            size,
+            train_epochs,
+            pinned,
+        )
+    return folder
+
+
+def _build_model_folder(
+    folder: Path,
+    parts: Path,
+    version: str,
+    seed: int,
+    light: bool,
+    extras: bool,
+    temperature: float,
+    size: int,
+    train_epochs: int,
+    pinned: bool,
+) -> None:
+    """`build_model_folder`, its files made in `parts` first."""
+    from chestct.imaging.preparation import Preprocessing
+    from chestct.model.calibration import Mahalanobis
     from chestct.model.export import export_light, light_outputs
     from chestct.model.gradcam import CamHead
+    from chestct.modelfolder import OOD_FILE, ood_bytes, write_model_folder
 
-    folder.mkdir(parents=True, exist_ok=True)
     if train_epochs:
         model = build_keras(seed, size, (8, 16))
         train_keras(model, size, train_epochs)
     else:
         model = build_keras(seed, size)
-    model.save(folder / "model.keras")
+    model.save(parts / "model.keras")
+    files: dict[str, Path | bytes] = {"model.keras": parts / "model.keras"}
     card: dict[str, Any] = {
         "name": "chestct",
         "version": version,
         "classes": list(CLASSES),
         "display_names": DISPLAY_NAMES,
-        "image_size": size,
-        "preprocessing": {"resize": "stretch", "interpolation": "area"},
+        **Preprocessing(size).to_card(),
         "model_file": "model.keras",
         "metrics": {"macro_f1": 0.5},
         "mlflow_run_ids": {"train": f"{seed:032d}"},
     }
     if light:
-        card["inference"] = export_light(model, folder / "model.tflite")
+        card["inference"] = export_light(model, parts / "model.tflite")
+        files["model.tflite"] = parts / "model.tflite"
     if extras:
         images = np.stack(
             [cv2.resize(ct_slice(s), (size, size), interpolation=cv2.INTER_AREA) for s in range(8)]
@@ -145,19 +182,18 @@ def build_model_folder(
         if light:
             from chestct.model.export import LightModel
 
-            feats = light_outputs(LightModel.load(folder / "model.tflite"), images)["features"]
+            feats = light_outputs(LightModel.load(parts / "model.tflite"), images)["features"]
         else:
             import keras
 
             probe = keras.Model(model.inputs, model.get_layer("features").output)
             feats = np.asarray(probe(images, training=False))
-        gap = feats.astype(np.float64).mean(axis=(1, 2))
-        mean = gap.mean(axis=0)
-        cov = np.cov(gap, rowvar=False) + 1e-3 * np.eye(gap.shape[1])
-        precision = np.linalg.inv(cov)
-        distance = np.sqrt(np.einsum("ni,ij,nj->n", gap - mean, precision, gap - mean))
-        CamHead.from_model(model).save(folder / "cam_head.npz")
-        np.savez(folder / "ood.npz", mean=mean, precision=precision)
+        # The product's fit (Ledoit-Wolf), as evaluate makes ood.npz.
+        ood = Mahalanobis.fit(feats.astype(np.float64).mean(axis=(1, 2)))
+        distance = ood.distance(feats.astype(np.float64).mean(axis=(1, 2)))
+        CamHead.from_model(model).save(parts / "cam_head.npz")
+        files["cam_head.npz"] = parts / "cam_head.npz"
+        files[OOD_FILE] = ood_bytes(ood)
         card["temperature"] = temperature
         # Keras's own answers on a few slices, for the parity test (outside the model folder).
         reference = images[:4]
@@ -170,11 +206,26 @@ def build_model_folder(
         card["cam"] = {"file": "cam_head.npz", "layer": "features"}
         card["ood"] = {
             "method": "mahalanobis_gap",
-            "file": "ood.npz",
+            "file": OOD_FILE,
             "threshold": float(distance.max() * 1.5),
         }
-    (folder / "model.json").write_text(json.dumps(card, indent=2), encoding="utf-8")
-    return folder
+    write_model_folder(folder, card, files, pin=pinned)
+
+
+def install_model(
+    model_path: Path,
+    card: dict[str, Any],
+    folder: Path,
+    extras: dict[str, Path] | None = None,
+    after_swap: Any = None,
+) -> None:
+    """`chestct.modelfolder.write_model_folder` of a model file (named by the card's
+    `model_file`) and `extras`, the card written as given (no digests, not checked): for the
+    tests of the swap itself."""
+    from chestct.modelfolder import write_model_folder
+
+    files = {str(card.get("model_file", "model.keras")): model_path, **(extras or {})}
+    write_model_folder(folder, card, files, pin=False, check=False, after_swap=after_swap)
 
 
 def multipart(data: bytes, name: str = "slice.png", field: str = "file") -> dict[str, Any]:
@@ -209,7 +260,7 @@ def add_reference(folder: Path, n: int = 200, seed0: int = 50_000) -> dict[str, 
         greys=images,
         labels=labels,
         source="synthetic in-distribution slices",
-        body_crop=model.normalise.crop == "body",
+        body_crop=model.preprocessing.crop == "body",
     )
     (folder / REFERENCE_FILE).write_text(json.dumps(profile), encoding="utf-8")
     card = json.loads((folder / "model.json").read_text(encoding="utf-8"))

@@ -4,17 +4,17 @@ holds no tests."""
 
 from __future__ import annotations
 
-import json
+import shutil
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
 
-from chestct.fsutil import sha256_file
 from chestct.labels import CLASSES, DISPLAY_NAMES
 from chestct.model import texture
 from chestct.model.calibration import Mahalanobis
+from chestct.modelfolder import OOD_FILE, ood_bytes, write_model_folder
 from model_folder import ct_slice
 
 SIZE = 64
@@ -37,13 +37,13 @@ def fitted(size: int = SIZE, n: int = 48, max_iter: int = 15) -> texture.Texture
 
 def build_texture_folder(folder: Path, version: str = "1") -> Path:
     """model/ of the texture family: every file pinned by its sha256 in the card."""
-    folder.mkdir(parents=True, exist_ok=True)
+    parts = folder.with_name(folder.name + ".parts")
+    parts.mkdir(parents=True, exist_ok=True)
     model = fitted()
-    texture.save(model, folder / "texture.skops")
+    texture.save(model, parts / "texture.skops")
     x, _ = slices(24, 9000)
     gap = model.standardised(texture.feature_matrix(x))
     ood = Mahalanobis.fit(gap)
-    np.savez(folder / "ood.npz", mean=ood.mean, precision=ood.precision)
     distances = ood.distance(gap)
     card: dict[str, Any] = {
         "name": "chestct",
@@ -54,22 +54,22 @@ def build_texture_folder(folder: Path, version: str = "1") -> Path:
         "image_size": SIZE,
         "preprocessing": {"resize": "stretch", "interpolation": "area"},
         "model_file": "texture.skops",
-        "model_sha256": sha256_file(folder / "texture.skops"),
         "temperature": 1.0,
         "thresholds": {"abstain_entropy": 0.9},
         "inference": {
             "file": "texture.skops",
             "runtime": "skops",
-            "sha256": sha256_file(folder / "texture.skops"),
         },
         "ood": {
             "method": "mahalanobis_gap",
-            "file": "ood.npz",
+            "file": OOD_FILE,
             "threshold": float(distances.max() * 1.5),
-            "sha256": sha256_file(folder / "ood.npz"),
         },
         "metrics": {"macro_f1": 0.5},
         "mlflow_run_ids": {"train": "0" * 32},
     }
-    (folder / "model.json").write_text(json.dumps(card, indent=2), encoding="utf-8")
+    # The one writer: every file pinned by its sha256, as promote writes a folder.
+    files = {"texture.skops": parts / "texture.skops", OOD_FILE: ood_bytes(ood)}
+    write_model_folder(folder, card, files)
+    shutil.rmtree(parts)
     return folder

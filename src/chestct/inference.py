@@ -29,6 +29,7 @@ GAP -> dense head is the class activation map with the head's weights.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import logging
@@ -104,11 +105,8 @@ class Loaded:
     card: ModelCard
     card_sha: str
     classes: list[str]
-    image_size: int
-    interpolation: str
-    resize_mode: str
-    normalise: preparation.Normalise
-    window: tuple[float, float]
+    # The card's preprocessing, with params ingest.window when the card names no DICOM window.
+    preprocessing: preparation.Preprocessing
     backend: str
     temperature: float
     abstain_threshold: float | None
@@ -136,15 +134,22 @@ class Loaded:
     def display_name(self, cls: str) -> str:
         return self.card.display_name(cls)
 
+    @property
+    def image_size(self) -> int:
+        return self.preprocessing.size
+
+    @property
+    def window(self) -> tuple[float, float] | None:
+        """The DICOM window uploads are decoded with."""
+        return self.preprocessing.window
+
     def prepare(self, decoded: formats.Decoded) -> np.ndarray:
         """The model input (uint8 size x size), exactly as imaging.prepare makes it."""
         return self.prepare_with_box(decoded).image
 
     def prepare_with_box(self, decoded: formats.Decoded) -> preparation.Prepared:
         """The model input and the region of the upload it was made from."""
-        return preparation.prepare_slice(
-            decoded.grey, self.image_size, self.interpolation, self.resize_mode, self.normalise
-        )
+        return preparation.prepare_slice(decoded.grey, self.preprocessing)
 
     def run(self, images: np.ndarray) -> Outputs:
         """Run the model on uint8 or float images shaped (n, s, s); interpreters are not
@@ -308,7 +313,7 @@ def overlay_png(
         x0, y0 = round(box.x * scale), round(box.y * scale)
         x1, y1 = round((box.x + box.w) * scale), round((box.y + box.h) * scale)
         box = body.BodyBox(x0, y0, max(1, x1 - x0), max(1, y1 - y0), box.reason)
-    heat = preparation.map_to_frame(cam, box, base.shape, model.resize_mode)
+    heat = preparation.map_to_frame(cam, box, base.shape, model.preprocessing.resize)
     heat8 = np.clip(heat * 255.0, 0, 255).astype(np.uint8)
     colour = cv2.applyColorMap(heat8, cv2.COLORMAP_JET)
     grey_bgr = cv2.cvtColor(base, cv2.COLOR_GRAY2BGR)
@@ -571,26 +576,10 @@ def load_folder(
             raise ModelNotReady(
                 f"{model_dir / CARD_NAME} not found; run `make run` to promote a model"
             ) from None
-        prep = card.preprocessing
-        interpolation = prep.get("interpolation", "area")
-        resize_mode = prep.get("resize", "stretch")
-        try:
-            normalise = preparation.Normalise.from_spec(prep)
-        except (TypeError, ValueError) as exc:
-            raise ModelRefused(f"{CARD_NAME} is not a valid model card ({exc!r})") from None
-        if (
-            interpolation not in preparation.INTERPOLATIONS
-            or resize_mode not in preparation.RESIZE_MODES
-        ):
-            raise ModelRefused(
-                f"card preprocessing {dict(prep)!r} is not one chestct.imaging can reproduce"
-            )
+        prep = card.preprocessing  # checked when the card was read (Preprocessing.from_card)
         notes: list[str] = []
-        window_card = prep.get("window")
-        if isinstance(window_card, dict):
-            window = (float(window_card["level"]), float(window_card["width"]))
-        else:
-            window = default_window
+        if prep.window is None:
+            prep = dataclasses.replace(prep, window=default_window)
             notes.append("card has no preprocessing.window: DICOM uses params ingest.window")
 
         # Every file the card lists is hashed now, before any is read; each read goes through
@@ -676,11 +665,7 @@ def load_folder(
             card=card,
             card_sha=sha256_bytes(identity_bytes),
             classes=list(card.classes),
-            image_size=card.image_size,
-            interpolation=interpolation,
-            resize_mode=resize_mode,
-            normalise=normalise,
-            window=window,
+            preprocessing=prep,
             backend=backend,
             temperature=temperature,
             abstain_threshold=threshold,

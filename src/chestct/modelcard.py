@@ -7,7 +7,9 @@ DVC). A folder pulled from a DVC remote has no promotion.json, and one whose pro
 belongs to another model (its `model_sha256` differs, e.g. after `dvc checkout`) is read without
 it; the version is then the model's content digest, so that every replica and report names it
 alike. `ModelCard` is the card as one typed record: promote checks what it writes through it
-and the inference core (chestct.inference) reads folders with it.
+and the inference core (chestct.inference) reads folders with it. Its `preprocessing` is the
+one chestct.imaging.preparation.Preprocessing value (card keys `image_size` and
+`preprocessing`), which is why the card stands above imaging (docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from chestct.imaging.preparation import Preprocessing
 
 CARD_NAME = "model.json"
 PROMOTION_NAME = "promotion.json"
@@ -114,8 +118,7 @@ class ModelCard:
     version: str
     classes: tuple[str, ...]
     display_names: Mapping[str, str]
-    image_size: int
-    preprocessing: Mapping[str, Any]
+    preprocessing: Preprocessing  # the card's image_size and preprocessing entries
     model_file: str
     model_sha256: str | None
     temperature: float | None
@@ -152,11 +155,9 @@ class ModelCard:
             raise ValueError(f"card classes / image_size are not valid ({exc})") from None
         if not classes or size < 1:
             raise ValueError("card needs at least one class and an image_size >= 1")
-        prep = card.get("preprocessing", {})
         names = card.get("display_names", {})
         thresholds = card.get("thresholds", {})
         for key, value in (
-            ("preprocessing", prep),
             ("display_names", names),
             ("thresholds", thresholds),
         ):
@@ -169,8 +170,7 @@ class ModelCard:
             version=card_version(dict(card)),
             classes=classes,
             display_names=names,
-            image_size=size,
-            preprocessing=prep,
+            preprocessing=Preprocessing.from_card(card),
             model_file=str(card.get("model_file", "model.keras")),
             model_sha256=card.get("model_sha256"),
             temperature=_number(card.get("temperature"), "temperature"),
@@ -197,6 +197,10 @@ class ModelCard:
 
     def display_name(self, cls: str) -> str:
         return str(self.display_names.get(cls, cls))
+
+    @property
+    def image_size(self) -> int:
+        return self.preprocessing.size
 
     @property
     def train_run_id(self) -> str | None:

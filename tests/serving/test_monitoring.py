@@ -689,7 +689,7 @@ def test_serving_reuses_the_body_box_of_the_crop() -> None:
     around it; a reference fitted for such a model reads the same box, so both agree. Without
     the crop the box is looked for on the sample grid, by serving and the reference alike."""
     from chestct.imaging.body import body_box
-    from chestct.imaging.preparation import Normalise, prepare_slice
+    from chestct.imaging.preparation import Preprocessing, prepare_slice
     from chestct.monitoring.signals import image_signals, request_signals
 
     greys = [ct_slice(seed, CLASSES[seed % 4], size=300) for seed in range(6)]
@@ -697,7 +697,7 @@ def test_serving_reuses_the_body_box_of_the_crop() -> None:
     for crop in ("body", "none"):
         served = []
         for grey in greys:
-            prepared = prepare_slice(grey, 64, normalise=Normalise(crop=crop))
+            prepared = prepare_slice(grey, Preprocessing(64, crop=crop))
             if crop == "body":
                 assert prepared.body == body_box(grey, 0.0) and prepared.body.found
             else:

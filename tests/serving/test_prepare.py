@@ -13,19 +13,19 @@ import pandas as pd
 
 from chestct.imaging import decoding, preparation
 from chestct.imaging.body import body_box
-from chestct.imaging.preparation import Normalise, prepare
+from chestct.imaging.preparation import Preprocessing, prepare
 from chestct.settings import ResizeParams
 from helpers import NORMALISED, textured, zoomed_out
 from model_folder import SIZE
 from shipped import shipped
 
 
-def normalised_model(source: Path, folder: Path, spec: Normalise, mode: str = "stretch") -> Path:
-    """A copy of a served model folder whose card asks for `spec`."""
+def normalised_model(source: Path, folder: Path, spec: Preprocessing) -> Path:
+    """A copy of a served model folder whose card asks for `spec` (at the card's size)."""
     shutil.copytree(source, folder)
     card_path = folder / "model.json"
     card = json.loads(card_path.read_text(encoding="utf-8"))
-    card["preprocessing"].update(spec.card(), resize=mode)
+    card.update(spec.with_size(card["image_size"]).to_card())
     card_path.write_text(json.dumps(card), encoding="utf-8")
     return folder
 
@@ -35,7 +35,7 @@ def test_serving_prepares_like_the_resize_stage(
     model_dir: Path,
 ) -> None:
     from chestct.inference import load_folder
-    from chestct.stages.resize import normalise_of, run_resize
+    from chestct.stages.resize import run_resize
 
     params = shipped(ResizeParams, mode="pad", crop="body", intensity="percentile", workers=1)
     ok, buf = cv2.imencode(".png", zoomed_out(textured(3), 0.7, 0.2, 0.6))
@@ -45,15 +45,18 @@ def test_serving_prepares_like_the_resize_stage(
     manifest = pd.DataFrame(
         [{"path": "slice.png", "label": "normal", "sha256": "a" * 64, "source_path": "s"}]
     )
-    index, _ = run_resize({"train": manifest}, params, SIZE, tmp_path / "out", tmp_path)
+    index, _ = run_resize(
+        {"train": manifest}, Preprocessing.from_params(params, SIZE), tmp_path / "out", tmp_path
+    )
     made = cv2.imread(str(tmp_path / index["resized"][0]), cv2.IMREAD_GRAYSCALE)
 
     model = load_folder(
-        normalised_model(model_dir, tmp_path / "model", normalise_of(params), mode="pad")
+        normalised_model(model_dir, tmp_path / "model", Preprocessing.from_params(params, SIZE))
     )
     served = model.prepare(decoding.decode(data))
     np.testing.assert_array_equal(served, made)
-    assert not np.array_equal(served, prepare(data, SIZE, mode="pad"))  # the crop did work
+    plain = prepare(data, Preprocessing(SIZE, resize="pad"))
+    assert not np.array_equal(served, plain)  # the crop did work
 
 
 def test_explain_heatmap_lies_over_the_body_in_the_upload(
@@ -99,7 +102,7 @@ def test_lung_crop_flows_from_resize_through_the_card_to_the_predictor(
     from chestct.imaging.lungs import lung_field
     from chestct.inference import load_folder
     from chestct.serving import create_app
-    from chestct.stages.resize import normalise_of, run_resize
+    from chestct.stages.resize import run_resize
 
     params = shipped(
         ResizeParams, crop="lungs", crop_margin=0.05, intensity="percentile", workers=1
@@ -113,17 +116,19 @@ def test_lung_crop_flows_from_resize_through_the_card_to_the_predictor(
     manifest = pd.DataFrame(
         [{"path": "slice.png", "label": "normal", "sha256": "b" * 64, "source_path": "s"}]
     )
-    index, _ = run_resize({"train": manifest}, params, SIZE, tmp_path / "out", tmp_path)
+    index, _ = run_resize(
+        {"train": manifest}, Preprocessing.from_params(params, SIZE), tmp_path / "out", tmp_path
+    )
     made = cv2.imread(str(tmp_path / index["resized"][0]), cv2.IMREAD_GRAYSCALE)
 
-    folder = normalised_model(model_dir, tmp_path / "model", normalise_of(params))
+    folder = normalised_model(
+        model_dir, tmp_path / "model", Preprocessing.from_params(params, SIZE)
+    )
     card = json.loads((folder / "model.json").read_text(encoding="utf-8"))
     assert card["preprocessing"]["crop"] == "lungs"
     served = load_folder(folder).prepare(decoding.decode(data))
     np.testing.assert_array_equal(served, made)
-    body = preparation.prepare_slice(
-        grey, SIZE, normalise=Normalise(crop="body", crop_margin=0.05)
-    )
+    body = preparation.prepare_slice(grey, Preprocessing(SIZE, crop="body", crop_margin=0.05))
     assert not np.array_equal(served, body.image)  # the lung box, not the body box
 
     client = create_app({"MODEL_DIR": str(folder)}).test_client()

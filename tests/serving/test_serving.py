@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from chestct.imaging import decoding, preparation
+from chestct.imaging.preparation import Preprocessing
 from chestct.inference import load_folder, softmax
 from chestct.labels import CLASSES
 from chestct.serving import create_app
@@ -120,7 +121,7 @@ def test_predict_dicom_goes_through_the_ingest_window(client) -> None:
     assert_prediction(body)
     assert body["input"]["format"] == "dicom"
     # Same pixels as the pipeline sees them: imaging.prepare with the ingest window.
-    expected = preparation.prepare(data, SIZE, window=(-600.0, 1500.0))
+    expected = preparation.prepare(data, Preprocessing(SIZE, window=(-600.0, 1500.0)))
     png = client.post("/predict", data=encode(expected), content_type="image/png").get_json()
     for cls in CLASSES:
         assert body["probabilities"][cls] == pytest.approx(png["probabilities"][cls], abs=1e-5)
@@ -148,7 +149,8 @@ def test_light_model_matches_keras_and_calibration(model_dir: Path) -> None:
 def test_served_input_is_imaging_prepare(model_dir: Path) -> None:
     model = load_folder(model_dir)
     data = slice_png(5, size=120)
-    assert np.array_equal(model.prepare(decoding.decode(data)), preparation.prepare(data, SIZE))
+    served = model.prepare(decoding.decode(data))
+    assert np.array_equal(served, preparation.prepare(data, Preprocessing(SIZE)))
 
 
 def test_same_image_same_answer(client) -> None:

@@ -15,6 +15,7 @@ from chestct.data.acquisition import FEATURES, acquisition_features
 from chestct.data.manifest import ACQUISITION_COLUMNS
 from chestct.data.shortcuts import PIXEL_FEATURES
 from chestct.data.synthetic import generate_synthetic
+from chestct.imaging.preparation import Preprocessing
 from chestct.labels import CLASSES
 from chestct.settings import BaseParams, IngestParams, ResizeParams, SplitParams, ValidateParams
 from chestct.stages.ingest import run_ingest
@@ -93,7 +94,12 @@ def _pipeline(
     assert list(summary.acquisition.columns) == list(ACQUISITION_COLUMNS)
     assert len(summary.acquisition) == frame["sha256"].nunique()
     parts, _ = run_split(frame, shipped(SplitParams), seed=42)
-    index, _ = run_resize(parts, shipped(ResizeParams), 32, root / "artifacts" / "resize", root)
+    index, _ = run_resize(
+        parts,
+        Preprocessing.from_params(shipped(ResizeParams), 32),
+        root / "artifacts" / "resize",
+        root,
+    )
     # With the project root, as the stage runs it: the pixel checks, and shortcut folds that
     # keep a synthetic patient's series together.
     datasets, report = run_validate(

@@ -22,7 +22,7 @@ from chestct.fsutil import sha256_file
 from chestct.imaging.decoding import decode
 from chestct.imaging.dicom import apply_window, decode_dicom
 from chestct.imaging.formats import ImageError, sniff_format
-from chestct.imaging.preparation import prepare
+from chestct.imaging.preparation import Preprocessing, prepare
 from chestct.labels import CLASSES
 from chestct.runner import StageFailed
 from chestct.settings import BaseParams, IngestParams, WindowParams
@@ -168,7 +168,7 @@ def test_dicom_without_a_window_is_refused_and_prepare_passes_it_on() -> None:
     data = dicom_bytes(np.full((10, 20), 424))
     with pytest.raises(ImageError, match=r"format by content: dicom.*needs a window"):
         decode(data)
-    out = prepare(data, 8, mode="pad", window=LUNG)
+    out = prepare(data, Preprocessing(8, resize="pad", window=LUNG))
     assert out.shape == (8, 8)
     assert (out[2:6] == 128).all() and (out[0] == 0).all()  # the slice, then black bands
 

@@ -15,20 +15,22 @@ import pytest
 
 from chestct.data.manifest import DATASET_COLUMNS
 from chestct.fsutil import sha256_file
+from chestct.imaging.preparation import Preprocessing
 from chestct.labels import CLASSES
 from chestct.settings import (
     BaseModelParams,
     PromoteParams,
 )
-from chestct.stages.promote import decide, install_model, read_card
+from chestct.stages.promote import decide, read_card
 from helpers import (
     IMAGE_SIZE,
     tiny_split,
 )
+from model_folder import install_model
 from shipped import shipped
 
 SIZE = 32
-PREPROCESSING = {"resize": "stretch", "interpolation": "area"}
+PREPROCESSING = Preprocessing(SIZE, window=(-600.0, 1500.0))
 
 
 class Registry:
@@ -97,7 +99,6 @@ def promote(world: dict[str, Any], cand, model_dir: Path, registry: Registry, **
         model_dir=model_dir,
         root=world["root"],
         batch_size=4,
-        image_size=SIZE,
         preprocessing=PREPROCESSING,
         work_dir=model_dir.parent / "work",
         register=registry,
@@ -136,7 +137,9 @@ def test_first_candidate_is_promoted_with_the_serving_contract(champion, world) 
     card = json.loads((model_dir / "model.json").read_text(encoding="utf-8"))
     assert card == result.card
     assert card["classes"] == list(CLASSES)
-    assert card["image_size"] == SIZE and card["preprocessing"] == PREPROCESSING
+    assert Preprocessing.from_card(card) == PREPROCESSING
+    assert card["image_size"] == SIZE
+    assert card["preprocessing"]["window"] == {"level": -600.0, "width": 1500.0}
     assert card["temperature"] == 1.5
     assert card["thresholds"]["abstain_entropy"] == 0.8
     assert card["ood"] == {
@@ -248,6 +251,77 @@ def test_same_test_data_uses_the_champions_card(champion, world, tmp_path: Path)
     assert result.decision.champion == 0.8
 
 
+def robust_world(champion, world, tmp_path: Path, champion_set: str | None):
+    """A copy of the champion whose card says robust_macro_f1 0.8 measured on the stress set
+    `champion_set` (None: a card from before the stress-set identity)."""
+    import shutil
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(champion[0], model_dir)
+    card_path = model_dir / "model.json"
+    card = json.loads(card_path.read_text(encoding="utf-8"))
+    card["metrics"]["robust_macro_f1"] = 0.8
+    card.pop("stress_set", None)
+    if champion_set is not None:
+        card["stress_set"] = {"digest": champion_set, "shifts": ["zoom_80"], "items": 8}
+    card_path.write_text(json.dumps(card), encoding="utf-8")
+    return model_dir
+
+
+def robust_candidate(world, stress: str):
+    import dataclasses
+
+    cand = candidate(world, 1, 0.7)
+    metrics = {**cand.metrics, "robust_macro_f1": 0.7}
+    return dataclasses.replace(cand, metrics=metrics, stress_set={"digest": stress, "items": 8})
+
+
+@pytest.mark.parametrize("champion_set", ["old", None])
+def test_a_changed_stress_set_rescores_the_champion(
+    champion, world, tmp_path: Path, champion_set: str | None
+) -> None:
+    # Same test data, but the champion's robust score was measured on another stress set (or
+    # its card does not say on which): it is scored again on the candidate's, not compared
+    # as it stands (0.8 on the card against the candidate's 0.7 would keep it).
+    model_dir = robust_world(champion, world, tmp_path, champion_set)
+    result = promote(
+        world, robust_candidate(world, "new"), model_dir, Registry(), metric="robust_macro_f1"
+    )
+    decision = result.decision
+    assert decision.champion_rescored
+    assert decision.champion is not None and decision.champion < 0.7
+    assert decision.promote
+    assert result.card["stress_set"] == {"digest": "new", "items": 8}
+
+
+def test_the_same_stress_set_uses_the_champions_card(champion, world, tmp_path: Path) -> None:
+    model_dir = robust_world(champion, world, tmp_path, "same")
+    result = promote(
+        world, robust_candidate(world, "same"), model_dir, Registry(), metric="robust_macro_f1"
+    )
+    assert not result.decision.champion_rescored
+    assert result.decision.champion == 0.8 and not result.decision.promote
+
+
+def test_stale_champion_names_why_the_card_cannot_be_used(world) -> None:
+    from chestct.evaluation.selection import stale_champion
+
+    cand = robust_candidate(world, "a")
+    here = (cand.data_digest, cand.stress_set)
+    metrics = {"macro_f1": 0.8, "robust_macro_f1": 0.8, "shift": {"zoom_80": {"macro_f1": 0.6}}}
+    card = {"data_digest": "d1", "metrics": metrics}
+    with_set = {**card, "stress_set": {"digest": "a"}}
+    assert stale_champion(with_set, *here, "robust_macro_f1") is None
+    assert "stress set" in stale_champion(
+        {**card, "stress_set": {"digest": "b"}}, *here, "robust_macro_f1"
+    )
+    assert "stress set" in stale_champion(card, *here, "shift.zoom_80.macro_f1")
+    # A clean metric does not read the stress set: an old card is compared as it stands.
+    assert stale_champion(card, *here, "macro_f1") is None
+    assert "test data" in stale_champion({**with_set, "data_digest": "d0"}, *here, "macro_f1")
+    assert "balanced_accuracy is not among" in stale_champion(with_set, *here, "balanced_accuracy")
+
+
 def test_a_tie_keeps_the_champion_and_registers_nothing(champion, world, tmp_path: Path) -> None:
     import shutil
 
@@ -271,12 +345,12 @@ def test_parity_failure_rejects_and_leaves_the_champion(
 ) -> None:
     import shutil
 
-    from chestct.stages import promote as promote_module
+    from chestct.evaluation import release
 
     model_dir = tmp_path / "model"
     shutil.copytree(champion[0], model_dir)
     before = snapshot(model_dir)
-    monkeypatch.setattr(promote_module, "parity", lambda a, b: 0.25)
+    monkeypatch.setattr(release, "parity", lambda a, b: 0.25)
     registry = Registry()
     result = promote(world, candidate(world, 1, 0.95), model_dir, registry)
     assert not result.decision.promote
@@ -624,7 +698,6 @@ def test_the_card_shows_how_far_the_model_is_above_the_memorizer(world) -> None:
     cand = candidate(world, 0, 0.9)
     card = build_card(
         params=shipped(PromoteParams),
-        image_size=SIZE,
         preprocessing=PREPROCESSING,
         candidate=type(cand)(**{**cand.__dict__, "metrics": metrics}),
         inference={"file": "model.tflite"},
@@ -641,7 +714,6 @@ def test_the_card_shows_how_far_the_model_is_above_the_memorizer(world) -> None:
     # A candidate evaluated before the memorizer existed gets no entry.
     assert "baseline" not in build_card(
         params=shipped(PromoteParams),
-        image_size=SIZE,
         preprocessing=PREPROCESSING,
         candidate=cand,
         inference={"file": "model.tflite"},

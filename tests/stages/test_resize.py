@@ -15,12 +15,12 @@ import pytest
 
 from chestct.data.manifest import INDEX_COLUMNS, INGEST_COLUMNS
 from chestct.fsutil import sha256_file
-from chestct.imaging.preparation import prepare, resize
+from chestct.imaging.preparation import Preprocessing, prepare, resize
 from chestct.settings import (
     ResizeParams,
     SplitParams,
 )
-from chestct.stages.resize import normalise_of, run_resize
+from chestct.stages.resize import run_resize
 from chestct.stages.split import run_split
 from helpers import (
     IMAGE_SIZE,
@@ -53,10 +53,10 @@ def test_stretch_pad_and_crop() -> None:
 
 def test_prepare_takes_the_mode_as_a_keyword() -> None:
     data = encode(np.full((10, 40), 90, dtype=np.uint8))
-    assert (prepare(data, 8) == 90).all()
-    assert (prepare(data, 8, "area", mode="pad")[0] == 0).all()
+    assert (prepare(data, Preprocessing(8)) == 90).all()
+    assert (prepare(data, Preprocessing(8, "area", resize="pad"))[0] == 0).all()
     with pytest.raises(ValueError, match="not one of stretch, pad, crop"):
-        prepare(data, 8, mode="fit")
+        Preprocessing(8, resize="fit")
 
 
 def _manifest(root: Path, count: int) -> pd.DataFrame:
@@ -74,16 +74,14 @@ def test_parallel_resize_equals_serial(tmp_path: Path) -> None:
     frame = _manifest(tmp_path, 40)
     serial, _ = run_resize(
         {"train": frame},
-        shipped(ResizeParams, mode="pad"),
-        16,
+        Preprocessing.from_params(shipped(ResizeParams, mode="pad"), 16),
         tmp_path / "a",
         tmp_path,
         workers=1,
     )
     parallel, _ = run_resize(
         {"train": frame},
-        shipped(ResizeParams, mode="pad"),
-        16,
+        Preprocessing.from_params(shipped(ResizeParams, mode="pad"), 16),
         tmp_path / "b",
         tmp_path,
         workers=2,
@@ -100,7 +98,9 @@ def test_resize_is_incremental(tmp_path: Path) -> None:
     params = shipped(ResizeParams)
 
     def run(manifest: pd.DataFrame, p: ResizeParams = params, size: int = 16):
-        return run_resize({"train": manifest}, p, size, out, tmp_path, workers=1)
+        return run_resize(
+            {"train": manifest}, Preprocessing.from_params(p, size), out, tmp_path, workers=1
+        )
 
     first, summary = run(frame)
     assert (summary.resized, summary.reused) == (6, 0)
@@ -136,7 +136,10 @@ def test_workers_param_and_default(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     frame = _manifest(tmp_path, 3)
     monkeypatch.setattr(os, "cpu_count", lambda: None)
     index, _ = run_resize(
-        {"train": frame}, shipped(ResizeParams, workers=0), 16, tmp_path / "o", tmp_path
+        {"train": frame},
+        Preprocessing.from_params(shipped(ResizeParams, workers=0), 16),
+        tmp_path / "o",
+        tmp_path,
     )
     assert index["ok"].all()
 
@@ -150,7 +153,13 @@ def test_resize_writes_one_png_per_content(tmp_path: Path) -> None:
     parts, _ = run_split(frame, shipped(SplitParams), seed=0)
     out = tmp_path / "artifacts" / "resize"
 
-    index, _ = run_resize(parts, shipped(ResizeParams), IMAGE_SIZE, out, tmp_path, workers=1)
+    index, _ = run_resize(
+        parts,
+        Preprocessing.from_params(shipped(ResizeParams), IMAGE_SIZE),
+        out,
+        tmp_path,
+        workers=1,
+    )
 
     assert list(index.columns) == list(INDEX_COLUMNS)
     assert len(index) == frame["sha256"].nunique() == len(frame) - 1
@@ -164,8 +173,7 @@ def test_resize_writes_one_png_per_content(tmp_path: Path) -> None:
         assert img.dtype == np.uint8
         expected = prepare(
             (tmp_path / originals[row.sha256]).read_bytes(),
-            IMAGE_SIZE,
-            normalise=normalise_of(shipped(ResizeParams)),
+            Preprocessing.from_params(shipped(ResizeParams), IMAGE_SIZE),
         )
         np.testing.assert_array_equal(img, expected)
         assert row.mean == pytest.approx(float(expected.mean()))
@@ -189,8 +197,7 @@ def test_resize_records_failures(tmp_path: Path) -> None:
 
     index, _ = run_resize(
         manifests,
-        shipped(ResizeParams, interpolation="cubic"),
-        IMAGE_SIZE,
+        Preprocessing.from_params(shipped(ResizeParams, interpolation="cubic"), IMAGE_SIZE),
         out,
         tmp_path,
         workers=1,

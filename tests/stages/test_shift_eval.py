@@ -60,8 +60,8 @@ def test_every_shift_is_scored_with_its_summary_and_the_robust_metric(evaluation
 
 def test_shifts_are_applied_to_the_original_before_preprocessing(evaluation, project) -> None:
     from chestct.evaluation.metrics import classification_metrics
-    from chestct.evaluation.scoring import Preprocessing
     from chestct.imaging.decoding import decode
+    from chestct.imaging.preparation import Preprocessing, prepare_slice
     from chestct.model.modeling import label_indices, load_model
 
     root, splits, model_path = project
@@ -70,9 +70,10 @@ def test_shifts_are_applied_to_the_original_before_preprocessing(evaluation, pro
     for name in ("zoom_60", "noise_8"):
         images = np.stack(
             [
-                Preprocessing().prepare_grey(
-                    apply_shift(name, decode((root / o).read_bytes()).grey, key), SIZE
-                )
+                prepare_slice(
+                    apply_shift(name, decode((root / o).read_bytes()).grey, key),
+                    Preprocessing(SIZE),
+                ).image
                 for o, key in zip(test["original"], test["sha256"], strict=True)
             ]
         )[..., None].astype(np.float32)
@@ -250,7 +251,7 @@ def test_external_set_errors_name_the_problem(project, tmp_path: Path) -> None:
 
 
 def test_any_dotted_metric_key_can_select_and_lower_is_better_turns_round() -> None:
-    from chestct.stages.promote import decide
+    from chestct.evaluation.selection import decide
 
     cand = {"macro_f1": 0.9, "shift": {"blur": {"macro_f1": 0.4}, "worst_ece": 0.03}}
     champ = {"macro_f1": 0.8, "shift": {"blur": {"macro_f1": 0.6}, "worst_ece": 0.08}}
@@ -265,12 +266,11 @@ def test_any_dotted_metric_key_can_select_and_lower_is_better_turns_round() -> N
 
 
 def test_an_unknown_metric_lists_the_valid_dotted_keys() -> None:
-    from chestct.runner import StageFailed
-    from chestct.stages.promote import decide
+    from chestct.evaluation.selection import SelectionError, decide
 
     cand = {"macro_f1": 0.9, "worst": "blur", "shift": {"blur": {"macro_f1": 0.4}}}
     with pytest.raises(
-        StageFailed,
+        SelectionError,
         match=r"'shift\.zoom_60\.macro_f1'.*macro_f1, "
         r"shift\.blur\.macro_f1\)",
     ):
@@ -278,14 +278,13 @@ def test_an_unknown_metric_lists_the_valid_dotted_keys() -> None:
 
 
 def test_promote_refuses_the_external_set_as_selection_metric() -> None:
-    from chestct.runner import StageFailed
+    from chestct.evaluation.selection import SelectionError, decide
     from chestct.settings import SettingsError
     from chestct.settings.checks import check_promote
-    from chestct.stages.promote import decide
 
     with pytest.raises(SettingsError, match="external test set is reported apart"):
         check_promote(shipped(PromoteParams, metric="external.macro_f1"))
-    with pytest.raises(StageFailed, match="external test set"):
+    with pytest.raises(SelectionError, match="external test set"):
         decide(
             shipped(PromoteParams, metric="external.macro_f1"),
             {"external": {"macro_f1": 1.0}},

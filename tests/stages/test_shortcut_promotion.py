@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from chestct.imaging.preparation import Preprocessing
 from chestct.settings import BaseModelParams, EvaluateParams, PromoteParams, TrainParams
 from helpers import synthetic_splits
 from shipped import shipped
@@ -77,8 +78,7 @@ def promote(world: dict[str, Any], cand, model_dir: Path, metric: str):
         model_dir=model_dir,
         root=world["root"],
         batch_size=32,
-        image_size=SIZE,
-        preprocessing={"resize": "stretch", "interpolation": "area"},
+        preprocessing=Preprocessing(SIZE),
         work_dir=model_dir.parent / "work",
         register=lambda path, alias: {"name": "chestct", "version": path.stem, "alias": alias},
     )

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from chestct.imaging.preparation import Preprocessing
 from chestct.labels import CLASSES
 from chestct.model import families, texture
 from chestct.model.calibration import softmax
@@ -34,7 +35,7 @@ def test_base_model_writes_the_family(tmp_path: Path) -> None:
 
 
 def test_texture_spec_from_family_json() -> None:
-    from chestct.evaluation.selection import texture_spec
+    from chestct.evaluation.tuning import texture_spec
 
     assert texture_spec({**shipped(TextureParams).__dict__, "max_iter": 5}).max_iter == 5
     assert texture_spec(shipped(TextureParams)) == texture.ClassifierSpec()
@@ -42,7 +43,7 @@ def test_texture_spec_from_family_json() -> None:
 
 @pytest.fixture(scope="module")
 def texture_model(tiny_data, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from chestct.evaluation.selection import fit_texture_on
+    from chestct.evaluation.tuning import fit_texture_on
 
     root, data = tiny_data
     model, figures = fit_texture_on(data["train"], data["valid"], SPEC, 0, root, IMAGE_SIZE)
@@ -109,8 +110,7 @@ def promoted(model_path: Path, tiny_data, tmp_path: Path) -> tuple[Path, Any]:
         model_dir=model_dir,
         root=root,
         batch_size=4,
-        image_size=IMAGE_SIZE,
-        preprocessing={"resize": "stretch", "interpolation": "area"},
+        preprocessing=Preprocessing(IMAGE_SIZE),
         work_dir=tmp_path / "work",
         register=Registry(),
     )

@@ -15,6 +15,7 @@ from chestct.data.check_report import Report, fails
 from chestct.data.checks import CHECKS
 from chestct.data.manifest import DATASET_COLUMNS, INDEX_COLUMNS, INGEST_COLUMNS, SPLITS
 from chestct.data.shortcuts import detect_shortcut
+from chestct.imaging.preparation import Preprocessing
 from chestct.labels import CLASSES
 from chestct.runner import StageFailed
 from chestct.settings import (
@@ -455,8 +456,7 @@ def test_validate_on_resized_images(tmp_path: Path) -> None:
     parts, _ = run_split(frame, shipped(SplitParams), seed=0)
     index, _ = run_resize(
         parts,
-        shipped(ResizeParams),
-        IMAGE_SIZE,
+        Preprocessing.from_params(shipped(ResizeParams), IMAGE_SIZE),
         tmp_path / "artifacts" / "resize",
         tmp_path,
         workers=1,
@@ -477,8 +477,7 @@ def test_validate_reads_the_pixels_near_copies_series_and_report(tmp_path: Path)
     parts, _ = run_split(frame, shipped(SplitParams), seed=0)
     index, _ = run_resize(
         parts,
-        shipped(ResizeParams),
-        IMAGE_SIZE,
+        Preprocessing.from_params(shipped(ResizeParams), IMAGE_SIZE),
         tmp_path / "artifacts" / "resize",
         tmp_path,
         workers=1,

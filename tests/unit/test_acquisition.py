@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import cv2
 import numpy as np
@@ -13,7 +14,7 @@ import pytest
 
 from chestct.imaging import preparation
 from chestct.imaging.body import BodyBox
-from chestct.imaging.preparation import Normalise, map_to_frame, prepare, prepare_slice
+from chestct.imaging.preparation import Preprocessing, map_to_frame, prepare, prepare_slice
 from chestct.settings import AugmentParams, ResizeParams, SettingsError, build
 from helpers import NORMALISED, SHIFT, textured, zoomed_out
 from shipped import shipped
@@ -33,10 +34,12 @@ def test_a_wider_field_gives_nearly_the_same_prepared_slice(
 ) -> None:
     grey = textured()
     wide = zoomed_out(grey, share, left, top)
-    plain = gap(prepare_slice(grey, 64).image, prepare_slice(wide, 64).image)
+    plain = gap(
+        prepare_slice(grey, Preprocessing(64)).image, prepare_slice(wide, Preprocessing(64)).image
+    )
     normalised = gap(
-        prepare_slice(grey, 64, normalise=NORMALISED).image,
-        prepare_slice(wide, 64, normalise=NORMALISED).image,
+        prepare_slice(grey, NORMALISED).image,
+        prepare_slice(wide, NORMALISED).image,
     )
     assert normalised < 6.0, normalised
     assert normalised < plain / 4, (normalised, plain)
@@ -46,10 +49,13 @@ def test_another_contrast_and_brightness_gives_the_same_prepared_slice() -> None
     grey = textured()
     # Another linear grey scale for the whole slice (an export with another window).
     dimmer = np.clip(grey.astype(np.float32) * 0.6 + 20, 0, 255).astype(np.uint8)
-    plain = gap(prepare_slice(grey, 64).image, prepare_slice(dimmer, 64).image)
+    plain = gap(
+        prepare_slice(grey, Preprocessing(64)).image,
+        prepare_slice(dimmer, Preprocessing(64)).image,
+    )
     normalised = gap(
-        prepare_slice(grey, 64, normalise=NORMALISED).image,
-        prepare_slice(dimmer, 64, normalise=NORMALISED).image,
+        prepare_slice(grey, NORMALISED).image,
+        prepare_slice(dimmer, NORMALISED).image,
     )
     assert normalised < 3.0, normalised
     assert normalised < plain / 5, (normalised, plain)
@@ -60,11 +66,13 @@ def test_another_contrast_and_brightness_gives_the_same_prepared_slice() -> None
 def test_another_gamma_stays_close_after_normalisation(gamma: float, intensity: str) -> None:
     grey = textured()
     other = (255.0 * (grey / 255.0) ** gamma).astype(np.uint8)
-    spec = Normalise(crop="body", intensity=intensity)
-    plain = gap(prepare_slice(grey, 64).image, prepare_slice(other, 64).image)
+    spec = Preprocessing(64, crop="body", intensity=intensity)
+    plain = gap(
+        prepare_slice(grey, Preprocessing(64)).image, prepare_slice(other, Preprocessing(64)).image
+    )
     normalised = gap(
-        prepare_slice(grey, 64, normalise=spec).image,
-        prepare_slice(other, 64, normalise=spec).image,
+        prepare_slice(grey, spec).image,
+        prepare_slice(other, spec).image,
     )
     # Neither a percentile window (linear) nor CLAHE undoes a gamma, and stretching the range
     # scales the difference up with it (measured: about 2x the un-normalised gap): the prepared
@@ -82,7 +90,7 @@ def test_percentile_window_spans_the_full_range() -> None:
     # so validate's near-blank check still sees it.
     noisy = (90 + np.random.default_rng(0).integers(-3, 4, (64, 64))).astype(np.uint8)
     np.testing.assert_array_equal(preparation.percentile_window(noisy, 1.0, 99.5), noisy)
-    out = prepare_slice(noisy, 32, normalise=NORMALISED).image
+    out = prepare_slice(noisy, NORMALISED.with_size(32)).image
     assert out.std() < 2.0
 
 
@@ -90,38 +98,92 @@ def test_no_normalisation_is_the_old_preprocessing() -> None:
     grey = textured()
     ok, buf = cv2.imencode(".png", grey)
     assert ok
-    np.testing.assert_array_equal(prepare(buf.tobytes(), 48), preparation.resize(grey, 48))
+    np.testing.assert_array_equal(
+        prepare(buf.tobytes(), Preprocessing(48)), preparation.resize(grey, 48)
+    )
 
 
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
-        ({"crop": "ribs"}, "crop 'ribs'"),
-        ({"intensity": "hist"}, "intensity 'hist'"),
-        ({"percentiles": [99.0, 1.0]}, "percentiles"),
+        ({"crop": "ribs"}, "card preprocessing.crop 'ribs'"),
+        ({"intensity": "hist"}, "card preprocessing.intensity 'hist'"),
+        ({"percentiles": [99.0, 1.0]}, "card preprocessing.percentiles"),
         ({"percentiles": [1.0]}, "pair"),
-        ({"crop_margin": 0.9}, "crop_margin"),
+        ({"crop_margin": 0.9}, "card preprocessing.crop_margin"),
+        ({"crop_margin": "wide"}, "card preprocessing.crop_margin: a number"),
+        ({"resize": "fit"}, "card preprocessing.resize 'fit'"),
+        ({"interpolation": "nearest"}, "card preprocessing.interpolation 'nearest'"),
+        ({"window": [-600, 1500]}, "card preprocessing.window"),
+        ({"window": {"level": -600, "width": 0}}, "card preprocessing.window: width"),
+        ({"lung_mask": True}, "card preprocessing.lung_mask is not a setting"),
     ],
 )
 def test_a_bad_normalisation_spec_names_the_key(spec: dict, message: str) -> None:
-    with pytest.raises(ValueError, match=message):
-        Normalise.from_spec(spec)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        Preprocessing.from_card({"image_size": 64, "preprocessing": spec})
+
+
+def test_a_bad_card_size_or_entry_is_refused() -> None:
+    for card, message in (
+        ({"image_size": "64"}, "card image_size: a whole number"),
+        ({"image_size": 0}, "card size: whole pixels >= 1"),
+        ({"image_size": 64, "preprocessing": ["area"]}, "card preprocessing must be an object"),
+    ):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            Preprocessing.from_card(card)
 
 
 # --------------------------------------------------------------------------- params and card
 
 
 def test_card_round_trip_and_old_cards() -> None:
-    spec = Normalise(crop="body", crop_margin=0.05, intensity="clahe", percentiles=(2.0, 98.0))
-    card = json.loads(json.dumps(spec.card()))
-    assert Normalise.from_spec(card) == spec
-    # A card written before these keys existed: the model was trained without them.
-    assert Normalise.from_spec({"resize": "stretch", "interpolation": "area"}) == Normalise()
-    # params `resize` uses the same key names.
-    params = shipped(ResizeParams, crop="body", intensity="percentile", percentiles=[0.5, 99.0])
-    assert Normalise.from_spec(dataclasses.asdict(params)) == Normalise(
-        crop="body", intensity="percentile", percentiles=(0.5, 99.0)
+    spec = Preprocessing(
+        64,
+        "cubic",
+        "pad",
+        crop="body",
+        crop_margin=0.05,
+        intensity="clahe",
+        percentiles=(2.0, 98.0),
+        clahe_clip=3.0,
+        window=(-500.0, 1200.0),
     )
+    card = json.loads(json.dumps(spec.to_card()))
+    assert Preprocessing.from_card(card) == spec
+    # A card written before these keys existed: the model was trained without them.
+    old = {"image_size": 64, "preprocessing": {"resize": "stretch", "interpolation": "area"}}
+    assert Preprocessing.from_card(old) == Preprocessing(64)
+    assert Preprocessing.from_card({"image_size": 64}) == Preprocessing(64)
+    # params `resize` + base.image_size + ingest.window make the same value.
+    params = shipped(ResizeParams, crop="body", intensity="percentile", percentiles=[0.5, 99.0])
+    assert Preprocessing.from_params(params, 64) == Preprocessing(
+        64, crop="body", intensity="percentile", percentiles=(0.5, 99.0)
+    )
+
+
+def test_a_card_promoted_before_the_preprocessing_value_reads_as_it_was_served() -> None:
+    """The `preprocessing` entry promote wrote before Preprocessing existed (its own keys, the
+    window from ingest's params) reads back to the same settings and is written again alike."""
+    before = {
+        "image_size": 128,
+        "preprocessing": {
+            "decode": "by content (PNG, JPEG, BMP, TIFF, DICOM); any mode to 8-bit grey; "
+            "transparent pixels over black",
+            "resize": "stretch",
+            "interpolation": "area",
+            "input": "float32 in [0, 255], shape (image_size, image_size, 1)",
+            "crop": "body",
+            "crop_margin": 0.02,
+            "intensity": "percentile",
+            "percentiles": [1.0, 99.5],
+            "clahe_clip": 2.0,
+            "window": {"level": -600.0, "width": 1500.0},
+        },
+    }
+    prep = Preprocessing.from_card(before)
+    assert prep == Preprocessing(128, crop="body", intensity="percentile", window=(-600.0, 1500.0))
+    assert prep.to_card() == before
 
 
 @pytest.mark.parametrize(
@@ -134,8 +196,13 @@ def test_card_round_trip_and_old_cards() -> None:
     ],
 )
 def test_bad_resize_params_name_the_key(group: dict, message: str) -> None:
+    # A key's type is checked as params.yaml is read; its range where the params become the one
+    # Preprocessing value (the resize stage, evaluate, promote).
     with pytest.raises(SettingsError, match=message):
-        build(ResizeParams, {**dataclasses.asdict(shipped(ResizeParams)), **group}, "resize")
+        params = build(
+            ResizeParams, {**dataclasses.asdict(shipped(ResizeParams)), **group}, "resize"
+        )
+        Preprocessing.from_params(params, 128)
 
 
 @pytest.mark.parametrize(
@@ -244,10 +311,10 @@ def test_equalize_undoes_a_gamma_the_percentile_window_does_not(gamma: float) ->
     other = (255.0 * (grey / 255.0) ** gamma).astype(np.uint8)
     gaps = {}
     for intensity in ("percentile", "equalize"):
-        spec = Normalise(crop="body", intensity=intensity)
+        spec = Preprocessing(64, crop="body", intensity=intensity)
         gaps[intensity] = gap(
-            prepare_slice(grey, 64, normalise=spec).image,
-            prepare_slice(other, 64, normalise=spec).image,
+            prepare_slice(grey, spec).image,
+            prepare_slice(other, spec).image,
         )
     # Ranks survive any increasing grey-level map; what is left comes from levels that the
     # gamma merged or split in uint8.
@@ -258,4 +325,4 @@ def test_equalize_undoes_a_gamma_the_percentile_window_does_not(gamma: float) ->
 def test_equalize_leaves_a_near_blank_slice_as_it_is() -> None:
     noisy = (90 + np.random.default_rng(0).integers(-3, 4, (64, 64))).astype(np.uint8)
     np.testing.assert_array_equal(preparation.equalize(noisy), noisy)
-    assert prepare_slice(noisy, 32, normalise=Normalise(intensity="equalize")).image.std() < 2.0
+    assert prepare_slice(noisy, Preprocessing(32, intensity="equalize")).image.std() < 2.0

@@ -64,13 +64,13 @@ def _stage_of(module: str, package: str) -> str | None:
 # The floors of the house (docs/architecture.md): a room imports only rooms below it.
 FLOORS: dict[str, int] = {
     # ground: the vocabulary every room shares
-    "labels": 0, "fsutil": 0, "cpu": 0, "settings": 0, "modelcard": 0,
+    "labels": 0, "fsutil": 0, "cpu": 0, "settings": 0,
     # pixels, pointers and the tracking store
     "imaging": 1, "pointers": 1, "tracking": 1,
-    # what the data is, and what a model is
-    "data": 2, "model": 2,
-    # how good a model is; the stage runner
-    "evaluation": 3, "runner": 3,
+    # what the data is, and what a model is; the model card (it holds imaging's Preprocessing)
+    "data": 2, "model": 2, "modelcard": 2,
+    # how good a model is; the stage runner; the one writer of a model folder
+    "evaluation": 3, "runner": 3, "modelfolder": 3,
     "monitoring": 4,
     "inference": 5,
     # the leaves: commands, notebooks' helpers, the web service, the pipeline stages

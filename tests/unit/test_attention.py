@@ -8,13 +8,13 @@ import pytest
 from chestct.data.synthetic import PATIENT_FIELD, render_slice
 from chestct.evaluation.attention import lung_attention, outline
 from chestct.imaging.lungs import lung_field
-from chestct.imaging.preparation import Normalise, prepare_slice
+from chestct.imaging.preparation import Preprocessing, prepare_slice
 
 
 def test_lung_share_of_maps_inside_and_outside_the_lungs() -> None:
     grey = render_slice("normal", np.random.default_rng(2), size=128)
     mask = lung_field(grey).mask
-    whole = prepare_slice(grey, 128).box  # no crop: the model input is the frame
+    whole = prepare_slice(grey, Preprocessing(128)).box  # no crop: the model input is the frame
     inside, outside = mask.astype(np.float32), (~mask).astype(np.float32)
     flat = np.zeros((128, 128), np.uint8)  # no lungs: counted apart
     found = lung_attention([grey, grey, flat], [whole] * 3, [inside, outside, inside])
@@ -40,7 +40,7 @@ def test_lung_share_puts_the_map_back_through_the_crop() -> None:
     grey = render_slice("normal", np.random.default_rng(3), 192, patient_field=PATIENT_FIELD)
     framed = np.zeros((256, 320), np.uint8)
     framed[40:232, 100:292] = grey  # the body off-centre in a wider frame
-    box = prepare_slice(framed, 64, normalise=Normalise(crop="body")).box
+    box = prepare_slice(framed, Preprocessing(64, crop="body")).box
     uniform = np.ones((4, 4), np.float32)
     share = lung_attention([framed], [box], [uniform]).shares[0]
     mask = lung_field(framed).mask

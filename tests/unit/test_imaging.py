@@ -14,7 +14,7 @@ from chestct.imaging.decoding import decode
 from chestct.imaging.encoding import encode_png
 from chestct.imaging.formats import ImageError, sniff_format
 from chestct.imaging.headers import jpeg_frame
-from chestct.imaging.preparation import prepare, resize
+from chestct.imaging.preparation import Preprocessing, prepare, resize
 from helpers import encode, image_bytes, pixels, write_image
 
 
@@ -125,26 +125,26 @@ def test_image_error_is_a_value_error() -> None:
 @pytest.mark.parametrize("mode", ["L", "RGB", "RGBA"])
 @pytest.mark.parametrize("interpolation", ["area", "linear", "cubic"])
 def test_prepare_returns_square_uint8(mode: str, interpolation: str) -> None:
-    out = prepare(image_bytes(45, 23, mode=mode), 32, interpolation)
+    out = prepare(image_bytes(45, 23, mode=mode), Preprocessing(32, interpolation))
     assert out.shape == (32, 32)
     assert out.dtype == np.uint8
 
 
 def test_prepare_keeps_a_flat_image_flat() -> None:
     flat = np.full((20, 50), 77, dtype=np.uint8)
-    np.testing.assert_array_equal(prepare(encode(flat), 16), np.full((16, 16), 77))
+    np.testing.assert_array_equal(prepare(encode(flat), Preprocessing(16)), np.full((16, 16), 77))
 
 
 def test_prepare_equals_decode_then_resize() -> None:
     data = image_bytes(33, 21, mode="RGB", seed=9)
     np.testing.assert_array_equal(
-        prepare(data, 16, "linear"), resize(decode(data).grey, 16, "linear")
+        prepare(data, Preprocessing(16, "linear")), resize(decode(data).grey, 16, "linear")
     )
 
 
 def test_prepare_refuses_undecodable_bytes() -> None:
     with pytest.raises(ImageError):
-        prepare(b"not an image at all", 32)
+        prepare(b"not an image at all", Preprocessing(32))
 
 
 def test_encode_png_round_trips() -> None:

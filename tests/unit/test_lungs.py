@@ -56,14 +56,15 @@ def test_mask_share() -> None:
 
 def test_prepare_slice_crops_to_the_lungs_and_falls_back_to_the_body() -> None:
     grey = render_slice("adenocarcinoma", np.random.default_rng(1))
-    spec = preparation.Normalise(crop="lungs", crop_margin=0.05)
-    prepared = preparation.prepare_slice(grey, 64, normalise=spec)
-    body = preparation.prepare_slice(grey, 64, normalise=preparation.Normalise(crop="body"))
+    spec = preparation.Preprocessing(64, crop="lungs", crop_margin=0.05)
+    prepared = preparation.prepare_slice(grey, spec)
+    body = preparation.prepare_slice(grey, preparation.Preprocessing(64, crop="body"))
     assert prepared.image.shape == (64, 64)
     assert prepared.box.w * prepared.box.h < body.box.w * body.box.h
     field = lungs.lung_field(grey)
     assert prepared.box.x <= field.x and prepared.box.x + prepared.box.w >= field.x + field.w
-    fallback = preparation.prepare_slice(_abdomen(), 64, normalise=spec)
+    fallback = preparation.prepare_slice(_abdomen(), spec)
     assert "body box used" in fallback.box.reason
     assert fallback.box.w < 256  # the body, not the whole frame
-    assert preparation.Normalise.from_spec({"crop": "lungs"}).crop == "lungs"
+    card = {"image_size": 64, "preprocessing": {"crop": "lungs"}}
+    assert preparation.Preprocessing.from_card(card).crop == "lungs"

@@ -2,6 +2,7 @@
 
 Metrics and their intervals (`metrics`, `uncertainty`), scoring a model on a split and under
 acquisition shift (`scoring`, `external`), the memorizer baseline and the novel part
-(`novelty`), where the model looks (`attention`), the pictures (`plots`, `plotpage`) and what
-training chooses on the valid split (`selection`).
+(`novelty`), where the model looks (`attention`), the pictures (`plots`, `plotpage`), what
+training chooses on the valid split (`tuning`), promote's rules (`selection`) and a winner's
+served files with their parity (`release`).
 """

@@ -19,7 +19,6 @@ import pandas as pd
 
 from chestct.data.sources import SPLIT_NAMES, SourceError, archive_kind, is_url, resolve
 from chestct.evaluation.scoring import (
-    Preprocessing,
     ScoringError,
     full_metrics,
     label_indices,
@@ -27,6 +26,7 @@ from chestct.evaluation.scoring import (
     prediction_table,
 )
 from chestct.imaging.formats import ImageError
+from chestct.imaging.preparation import Preprocessing, prepare
 from chestct.labels import CLASSES, label_for_folder
 from chestct.model.calibration import softmax
 
@@ -104,11 +104,11 @@ def score_external(
     """Every metric (full_metrics, without the shift block) of the model on the external set,
     and one prediction row per file. Files that do not decode are counted and named, not
     scored."""
-    size = int(model.input_shape[1])
+    prep = preprocessing.with_size(int(model.input_shape[1]))
     images, labels, names, skipped = [], [], [], []
     for label, f in external.files:
         try:
-            images.append(preprocessing.prepare(f.read_bytes(), size))
+            images.append(prepare(f.read_bytes(), prep))
         except ImageError as exc:
             skipped.append({"path": f.name, "reason": str(exc)})
             continue

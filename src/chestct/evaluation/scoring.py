@@ -7,14 +7,16 @@ with the very same code and produce the same metric keys; stages never import ea
 
 Shift stress (perturb.SHIFTS): every image of a split is taken back to its ingested original,
 perturbed there (before any preprocessing, as another scanner or export would have made it),
-and prepared again through `imaging.prepare`, exactly as resize and serving prepare an upload.
+and prepared again through `imaging.prepare`, exactly as resize and serving prepare an upload,
+with the model's own `imaging.preparation.Preprocessing` (params for the candidate, the card for
+the champion).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +29,16 @@ from chestct.evaluation.metrics import (
     expected_calibration_error,
     robust_macro_f1,
 )
+from chestct.fsutil import sha256_bytes
 from chestct.imaging.decoding import decode
-from chestct.imaging.perturb import SHIFT_NAMES, apply_shift
-from chestct.imaging.preparation import Normalise, prepare, prepare_slice, resize
+from chestct.imaging.perturb import SHIFT_NAMES, SHIFTS, STRESS_SEED, apply_shift
+from chestct.imaging.preparation import Preprocessing, prepare, prepare_slice, resize
 from chestct.labels import CLASSES
 from chestct.model.calibration import nll, softmax
 from chestct.model.families import FamilyError, batched_outputs, is_family_model, load_any
 from chestct.model.texture import TextureError
+from chestct.pointers import PointerError, read_pointer
+from chestct.settings import ResizeParams, SettingsError, WindowParams, build
 
 log = logging.getLogger(__name__)
 
@@ -42,49 +47,30 @@ class ScoringError(RuntimeError):
     """Images or a model that cannot be scored; the message names the file and the fix."""
 
 
-@dataclass(frozen=True)
-class Preprocessing:
-    """How a slice becomes the model's input: params `resize` (+ `ingest.window` for DICOM).
+def resize_preprocessing(paths: Any, image_size: int) -> Preprocessing:
+    """The Preprocessing the resize stage really ran with (its pointer's params, ingest's
+    window), so that shifted, external and champion-scored images are prepared exactly like the
+    training images; `image_size` (params base.image_size) when the pointer records none.
 
-    Built from what the resize stage really ran with (evaluate) or from a model card's
-    `preprocessing` entry (promote's champion), so that re-prepared images match the ones the
-    model was trained on.
+    Raises:
+        ScoringError: the recorded params are not valid (the message names the key).
     """
-
-    interpolation: str = "area"
-    mode: str = "stretch"
-    window: tuple[float, float] | None = None
-    normalise: Normalise = field(default_factory=Normalise)  # crop, intensity (card: none)
-
-    @classmethod
-    def from_spec(cls, spec: Mapping[str, Any] | None) -> Preprocessing:
-        """From a card's `preprocessing` entry ({"resize": mode, "interpolation", "window"})
-        or the resize params ({"mode", "interpolation"})."""
-        spec = spec or {}
-        window = spec.get("window")
-        if isinstance(window, Mapping):
-            window = (float(window["level"]), float(window["width"]))
-        return cls(
-            interpolation=str(spec.get("interpolation", "area")),
-            mode=str(spec.get("resize", spec.get("mode", "stretch"))),
-            window=tuple(window) if window else None,
-            normalise=Normalise.from_spec(spec),
+    ran = read_pointer(paths, "resize", verify=False).params
+    try:
+        ingest = read_pointer(paths, "ingest", verify=False).params.get("ingest", {})
+    except PointerError:  # the window only matters for DICOM files of the external set
+        ingest = {}
+    # A resize run from before the crop and intensity settings made neither.
+    resize = {"crop": "none", "intensity": "none", **ran.get("resize", {})}
+    window = ingest.get("window")
+    try:
+        return Preprocessing.from_params(
+            build(ResizeParams, resize, "resize"),
+            int(ran.get("base", {}).get("image_size", image_size)),
+            None if window is None else build(WindowParams, window, "ingest.window"),
         )
-
-    def prepare(self, data: bytes, size: int) -> np.ndarray:
-        """File bytes -> uint8 (size, size), through imaging.prepare."""
-        return prepare(
-            data,
-            size,
-            self.interpolation,
-            mode=self.mode,
-            window=self.window,
-            normalise=self.normalise,
-        )
-
-    def prepare_grey(self, grey: np.ndarray, size: int) -> np.ndarray:
-        """A decoded (perturbed) slice -> uint8 (size, size), through imaging.prepare_slice."""
-        return prepare_slice(grey, size, self.interpolation, self.mode, self.normalise).image
+    except SettingsError as exc:
+        raise ScoringError(f"the resize pointer's params: {exc}; rerun `dvc repro`") from None
 
 
 # --------------------------------------------------------------------------- images and outputs
@@ -99,7 +85,7 @@ def load_images(
     base.image_size) are prepared again from the ingested original when the manifest names it,
     else stretched from the resized copy.
     """
-    prep = preprocessing or Preprocessing()
+    prep = (preprocessing or Preprocessing(size)).with_size(size)
     out = np.empty((len(frame), size, size, 1), np.float32)
     originals = frame["original"] if "original" in frame else pd.Series([None] * len(frame))
     for i, (rel, original) in enumerate(zip(frame["path"], originals, strict=True)):
@@ -108,7 +94,7 @@ def load_images(
             raise ScoringError(f"{root / rel}: cannot be read as an image; rerun `dvc repro`")
         if grey.shape != (size, size):
             if isinstance(original, str) and original and (root / original).is_file():
-                grey = prep.prepare((root / original).read_bytes(), size)
+                grey = prepare((root / original).read_bytes(), prep)
             else:
                 grey = resize(grey, size, prep.interpolation)
         out[i, :, :, 0] = grey
@@ -201,6 +187,21 @@ def prediction_table(test: pd.DataFrame, proba: np.ndarray) -> pd.DataFrame:
 # --------------------------------------------------------------------------- shift stress
 
 
+def stress_set(frame: pd.DataFrame) -> dict[str, Any]:
+    """Which shift-stress set a robust score is measured on: the conditions (each shift's name
+    and description, which states its figures, and the stress seed) and the items scored (the
+    sha256 of every image of `frame`), as one digest; the card records it, so that promote
+    compares a candidate with a champion scored on the same set."""
+    conditions = [[shift.name, shift.description] for shift in SHIFTS]
+    items = sorted(str(k) for k in frame["sha256"])
+    payload = {"conditions": conditions, "seed": STRESS_SEED, "items": items}
+    return {
+        "digest": sha256_bytes(json.dumps(payload, sort_keys=True).encode()),
+        "shifts": list(SHIFT_NAMES),
+        "items": len(items),
+    }
+
+
 def shift_predictions(shifted: Mapping[str, np.ndarray]) -> dict[str, list[str]]:
     """The predicted class per image under each shift, as `predicted_<shift>` columns of a
     prediction table: promote's paired test recomputes shift metrics from them."""
@@ -219,7 +220,8 @@ def shift_logits(
     shifts: Sequence[str] = SHIFT_NAMES,
 ) -> dict[str, np.ndarray]:
     """The model's logits on every image of `frame` under each shift, keyed by shift name."""
-    size = int(model.input_shape[1])
+    prep = preprocessing.with_size(int(model.input_shape[1]))
+    size = prep.size
     slices, missing = original_slices(frame, root)
     if missing:
         log.warning(
@@ -234,7 +236,7 @@ def shift_logits(
     for name in shifts:
         images = np.empty((len(slices), size, size, 1), np.float32)
         for i, (grey, key) in enumerate(zip(slices, keys, strict=True)):
-            images[i, :, :, 0] = preprocessing.prepare_grey(apply_shift(name, grey, key), size)
+            images[i, :, :, 0] = prepare_slice(apply_shift(name, grey, key), prep).image
         out[name] = model_outputs(model, images, batch_size, ["logits"], heads)["logits"]
     return out
 
@@ -311,9 +313,10 @@ def score(
     """Metrics (full_metrics) and predictions (with `predicted_<shift>` columns) of a saved
     model on a split; promote re-scores the champion with this, with the champion's own
     preprocessing and temperature."""
-    prep = preprocessing or Preprocessing()
     model = load_model(model_path)
-    images = load_images(test, root, int(model.input_shape[1]), prep)
+    size = int(model.input_shape[1])
+    prep = preprocessing or Preprocessing(size)
+    images = load_images(test, root, size, prep)
     logits = model_outputs(model, images, batch_size, ["logits"])["logits"]
     shifted = shift_logits(model, test, root, batch_size, prep) if shifts else None
     y_true = label_indices(list(test["label"]))

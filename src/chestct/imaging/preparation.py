@@ -1,8 +1,9 @@
 """Decoded grey slice -> the model's input: crop, resize to a square, normalise intensity.
 
 `prepare` (bytes) and `prepare_slice` (grey) are the one preprocessing of training and serving,
-so a slice is seen the same way in both; `Normalise` carries params `resize.crop`,
-`resize.intensity` and their knobs.
+so a slice is seen the same way in both. `Preprocessing` is the one value of their settings:
+built from params (resize stage, evaluate), written into the model card and read back from it
+(promote's champion, serving).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import cv2
 import numpy as np
@@ -17,6 +19,7 @@ import numpy as np
 from chestct.imaging.body import BodyBox, body_box
 from chestct.imaging.decoding import decode
 from chestct.imaging.lungs import lung_field
+from chestct.settings import ResizeParams, SettingsError, WindowParams
 
 INTERPOLATIONS = {"area": cv2.INTER_AREA, "linear": cv2.INTER_LINEAR, "cubic": cv2.INTER_CUBIC}
 
@@ -66,63 +69,204 @@ CLAHE_TILES = 8  # tiles per side of the prepared image
 # A slice whose percentile window spans fewer grey levels is near-blank and left as it is.
 PERCENTILE_MIN_SPREAD = 32
 
+# What a card's `preprocessing` entry says in words beside the settings (not read back).
+CARD_NOTES: dict[str, str] = {
+    "decode": "by content (PNG, JPEG, BMP, TIFF, DICOM); any mode to 8-bit grey; "
+    "transparent pixels over black",
+    "input": "float32 in [0, 255], shape (image_size, image_size, 1)",
+}
+_CARD_KEYS = (
+    "resize",
+    "interpolation",
+    "crop",
+    "crop_margin",
+    "intensity",
+    "percentiles",
+    "clahe_clip",
+    "window",
+)
+
+
+class PreprocessingError(ValueError):
+    """Preprocessing settings that chestct.imaging cannot reproduce; the message starts with
+    the setting's name (`key`), which params and cards name in their own way."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
+
 
 @dataclass(frozen=True)
-class Normalise:
-    """What makes slices from different acquisitions alike before the model sees them.
+class Preprocessing:
+    """Everything that turns a decoded slice into the model's input, as one value.
 
-    The defaults here do nothing (the behaviour of models made before these settings existed);
-    params `resize` and the model card choose what a pipeline and a served model use.
+    params `resize` (+ `base.image_size`, `ingest.window`) become one (`from_params`); the resize
+    stage prepares with it, the card records it (`to_card`) and evaluate, promote and serving
+    read it back (`from_card`). The defaults beside `size` do nothing (the behaviour of models
+    made before the crop and intensity settings existed).
     """
 
-    crop: str = "none"  # body: cut to `body_box` first; lungs: to chestct.imaging.lungs' box; none
-    crop_margin: float = 0.02  # share of the body box's side added on every side
+    size: int  # side of the square model input: base.image_size, the card's image_size
+    interpolation: str = "area"  # area | linear | cubic
+    resize: str = "stretch"  # how a slice that is not square becomes square (RESIZE_MODES)
+    crop: str = "none"  # body: cut to `body_box` first; lungs: to chestct.imaging.lungs' box
+    crop_margin: float = 0.02  # share of the crop box's side added on every side
     intensity: str = "none"  # percentile | equalize | clahe | none
     percentiles: tuple[float, float] = (1.0, 99.5)  # percentile: this window -> 0..255
     clahe_clip: float = 2.0  # clahe: contrast limit
+    # DICOM (level, width) in Hounsfield units: params ingest.window; None refuses DICOM bytes.
+    window: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
-        if self.crop not in CROPS:
-            raise ValueError(f"crop {self.crop!r} is not one of {', '.join(CROPS)}")
-        if self.intensity not in INTENSITIES:
-            raise ValueError(
-                f"intensity {self.intensity!r} is not one of {', '.join(INTENSITIES)}"
-            )
+        # The one place these ranges are checked: params, cards and code all build this value.
+        _one_of("interpolation", self.interpolation, tuple(INTERPOLATIONS))
+        _one_of("resize", self.resize, RESIZE_MODES)
+        _one_of("crop", self.crop, CROPS)
+        _one_of("intensity", self.intensity, INTENSITIES)
+        if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 1:
+            raise PreprocessingError("size", f"size: whole pixels >= 1, got {self.size!r}")
         low, high = self.percentiles
         if not 0.0 <= low < high <= 100.0:
-            raise ValueError(
-                f"percentiles {list(self.percentiles)} must be 0 <= low < high <= 100"
+            raise PreprocessingError(
+                "percentiles",
+                f"percentiles: [low, high] with 0 <= low < high <= 100, got {[low, high]}",
             )
         if not 0.0 <= self.crop_margin <= 0.5:
-            raise ValueError(f"crop_margin {self.crop_margin} must be within 0..0.5")
-        if self.clahe_clip <= 0:
-            raise ValueError(f"clahe_clip {self.clahe_clip} must be > 0")
+            raise PreprocessingError(
+                "crop_margin", f"crop_margin: within 0..0.5, got {self.crop_margin}"
+            )
+        if not self.clahe_clip > 0:
+            raise PreprocessingError("clahe_clip", f"clahe_clip: > 0, got {self.clahe_clip}")
+        if self.window is not None and not self.window[1] > 0:
+            raise PreprocessingError(
+                "window", f"window: width must be > 0 Hounsfield units, got {self.window[1]}"
+            )
 
-    def card(self) -> dict[str, object]:
-        """The settings as the model card records them."""
-        return {
+    @classmethod
+    def from_params(
+        cls, resize: ResizeParams, image_size: int, window: WindowParams | None = None
+    ) -> Preprocessing:
+        """From params.yaml: the `resize` group, `base.image_size` and `ingest.window` (None:
+        no DICOM window, enough for slices ingest already stored as PNG).
+
+        Raises:
+            SettingsError: a value out of range, named by its params key.
+        """
+        try:
+            return cls(
+                size=image_size,
+                interpolation=resize.interpolation,
+                resize=resize.mode,
+                crop=resize.crop,
+                crop_margin=float(resize.crop_margin),
+                intensity=resize.intensity,
+                percentiles=_pair(resize.percentiles, "percentiles"),
+                clahe_clip=float(resize.clahe_clip),
+                window=None if window is None else (float(window.level), float(window.width)),
+            )
+        except PreprocessingError as exc:
+            where = {"size": "base.image_size", "window": "ingest.window", "resize": "resize.mode"}
+            name = where.get(exc.key, f"resize.{exc.key}")
+            raise SettingsError(f"{name}{str(exc)[len(exc.key) :]}") from None
+
+    def to_card(self) -> dict[str, Any]:
+        """The card's `image_size` and `preprocessing` entries (merged into model.json)."""
+        spec: dict[str, Any] = {
+            "decode": CARD_NOTES["decode"],
+            "resize": self.resize,
+            "interpolation": self.interpolation,
+            "input": CARD_NOTES["input"],
             "crop": self.crop,
             "crop_margin": self.crop_margin,
             "intensity": self.intensity,
             "percentiles": list(self.percentiles),
             "clahe_clip": self.clahe_clip,
         }
+        if self.window is not None:
+            spec["window"] = {"level": self.window[0], "width": self.window[1]}
+        return {"image_size": self.size, "preprocessing": spec}
 
     @classmethod
-    def from_spec(cls, spec: Mapping[str, object]) -> Normalise:
-        """From a card's `preprocessing` or params `resize` (same key names). A card without
-        these keys gets no normalisation, which is how its model was trained."""
-        pair = spec.get("percentiles", (1.0, 99.5))
-        if not isinstance(pair, list | tuple) or len(pair) != 2:
-            raise ValueError(f"percentiles {pair!r} must be a pair [low, high]")
-        low, high = pair
-        return cls(
-            crop=str(spec.get("crop", "none")),
-            crop_margin=float(spec.get("crop_margin", cls.crop_margin)),  # type: ignore[arg-type]
-            intensity=str(spec.get("intensity", "none")),
-            percentiles=(float(low), float(high)),
-            clahe_clip=float(spec.get("clahe_clip", cls.clahe_clip)),  # type: ignore[arg-type]
-        )
+    def from_card(cls, card: Mapping[str, Any]) -> Preprocessing:
+        """From a model card (its `image_size` and `preprocessing`).
+
+        Cards promoted before a setting existed read as the model was trained: without `crop`
+        and `intensity` no normalisation, without `window` no DICOM window (serving then uses
+        params ingest.window), without `preprocessing` a plain stretched resize.
+
+        Raises:
+            PreprocessingError: a key this version cannot reproduce or a value of the wrong
+                type or range, named as `preprocessing.<key>`.
+        """
+        spec = card.get("preprocessing") or {}
+        if not isinstance(spec, Mapping):
+            raise PreprocessingError(
+                "preprocessing", f"card preprocessing must be an object, got {spec!r}"
+            )
+        unknown = sorted(set(spec) - set(_CARD_KEYS) - set(CARD_NOTES))
+        if unknown:
+            raise PreprocessingError(
+                unknown[0],
+                f"card preprocessing.{unknown[0]} is not a setting this version of chestct can "
+                "reproduce; serve the model with the version that promoted it, or promote it "
+                "again",
+            )
+        try:
+            return cls(
+                size=_whole(card.get("image_size"), "image_size"),
+                interpolation=_text(spec.get("interpolation", "area"), "interpolation"),
+                resize=_text(spec.get("resize", "stretch"), "resize"),
+                crop=_text(spec.get("crop", "none"), "crop"),
+                crop_margin=_number(spec.get("crop_margin", 0.02), "crop_margin"),
+                intensity=_text(spec.get("intensity", "none"), "intensity"),
+                percentiles=_pair(spec.get("percentiles", (1.0, 99.5)), "percentiles"),
+                clahe_clip=_number(spec.get("clahe_clip", 2.0), "clahe_clip"),
+                window=_window(spec.get("window")),
+            )
+        except PreprocessingError as exc:
+            where = "card " if exc.key in ("image_size", "size") else "card preprocessing."
+            raise PreprocessingError(exc.key, f"{where}{exc}") from None
+
+    def with_size(self, size: int) -> Preprocessing:
+        """The same settings at another input size (a model trained at another image_size)."""
+        return dataclasses.replace(self, size=size)
+
+
+def _one_of(key: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise PreprocessingError(key, f"{key} {value!r} is not one of {', '.join(allowed)}")
+
+
+def _text(value: object, key: str) -> str:
+    if not isinstance(value, str):
+        raise PreprocessingError(key, f"{key}: a string, got {value!r}")
+    return value
+
+
+def _number(value: object, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise PreprocessingError(key, f"{key}: a number, got {value!r}")
+    return float(value)
+
+
+def _whole(value: object, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise PreprocessingError(key, f"{key}: a whole number, got {value!r}")
+    return value
+
+
+def _pair(value: object, key: str) -> tuple[float, float]:
+    if not isinstance(value, list | tuple) or len(value) != 2:
+        raise PreprocessingError(key, f"{key}: a pair [low, high], got {value!r}")
+    return (_number(value[0], key), _number(value[1], key))
+
+
+def _window(value: object) -> tuple[float, float] | None:
+    if value is None:
+        return None
+    if not isinstance(value, Mapping) or set(value) != {"level", "width"}:
+        raise PreprocessingError("window", f"window: an object {{level, width}}, got {value!r}")
+    return (_number(value["level"], "window"), _number(value["width"], "window"))
 
 
 @dataclass(frozen=True)
@@ -167,45 +311,39 @@ def equalize(grey: np.ndarray) -> np.ndarray:
     return cv2.equalizeHist(grey)
 
 
-def normalise_intensity(grey: np.ndarray, normalise: Normalise) -> np.ndarray:
-    """The grey-level normalisation of `normalise.intensity` on a prepared slice."""
-    if normalise.intensity == "percentile":
-        return percentile_window(grey, *normalise.percentiles)
-    if normalise.intensity == "equalize":
+def normalise_intensity(grey: np.ndarray, prep: Preprocessing) -> np.ndarray:
+    """The grey-level normalisation of `prep.intensity` on a prepared slice."""
+    if prep.intensity == "percentile":
+        return percentile_window(grey, *prep.percentiles)
+    if prep.intensity == "equalize":
         return equalize(grey)
-    if normalise.intensity == "clahe":
+    if prep.intensity == "clahe":
         tiles = max(1, min(CLAHE_TILES, min(grey.shape) // 8))
-        clahe = cv2.createCLAHE(clipLimit=normalise.clahe_clip, tileGridSize=(tiles, tiles))
+        clahe = cv2.createCLAHE(clipLimit=prep.clahe_clip, tileGridSize=(tiles, tiles))
         return clahe.apply(grey)
     return grey
 
 
-def prepare_slice(
-    grey: np.ndarray,
-    size: int,
-    interpolation: str = "area",
-    mode: str = "stretch",
-    normalise: Normalise = Normalise(),
-) -> Prepared:
+def prepare_slice(grey: np.ndarray, prep: Preprocessing) -> Prepared:
     """A decoded grey slice -> the model input: body crop, resize, intensity normalisation.
 
     The intensity is normalised after resizing: the percentiles of the small image are those of
     the crop within a grey level, at a fraction of the cost.
     """
-    if normalise.crop == "body":
+    if prep.crop == "body":
         # The margin goes past the frame's edge, so a body that touches the edge is
         # framed like the same body seen with a wider field (measured on the real slices: the
         # prepared image of a 80 % zoom-out moved 31 % of its spread with the margin clipped
         # at the edge, 8 % this way).
         body: BodyBox | None = body_box(grey, 0.0)
-        box = body.grown(normalise.crop_margin) if body.found else body
-    elif normalise.crop == "lungs":
-        body, box = None, lung_box(grey, normalise.crop_margin)
+        box = body.grown(prep.crop_margin) if body.found else body
+    elif prep.crop == "lungs":
+        body, box = None, lung_box(grey, prep.crop_margin)
     else:
         body = None
         box = BodyBox(0, 0, grey.shape[1], grey.shape[0], reason="crop: none")
-    image = resize(box.crop(grey), size, interpolation, mode)
-    return Prepared(normalise_intensity(image, normalise), box, body)
+    image = resize(box.crop(grey), prep.size, prep.interpolation, prep.resize)
+    return Prepared(normalise_intensity(image, prep), box, body)
 
 
 def lung_box(grey: np.ndarray, margin: float) -> BodyBox:
@@ -252,18 +390,9 @@ def map_to_frame(
     return np.ascontiguousarray(out[top_pad : top_pad + height, left_pad : left_pad + width])
 
 
-def prepare(
-    data: bytes,
-    size: int,
-    interpolation: str = "area",
-    *,
-    mode: str = "stretch",
-    window: tuple[float, float] | None = None,
-    normalise: Normalise = Normalise(),
-) -> np.ndarray:
+def prepare(data: bytes, prep: Preprocessing) -> np.ndarray:
     """Raw bytes -> uint8 (size, size) grey: the one preprocessing of training and serving.
 
-    `mode` is params `resize.mode`, `normalise` params `resize.crop`/`intensity`/...; `window`
-    is params `ingest.window` (level, width), used only for DICOM bytes.
+    DICOM bytes are windowed with `prep.window` (params `ingest.window`) and refused without one.
     """
-    return prepare_slice(decode(data, window).grey, size, interpolation, mode, normalise).image
+    return prepare_slice(decode(data, prep.window).grey, prep).image

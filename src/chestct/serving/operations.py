@@ -118,7 +118,7 @@ def metadata() -> Response:
         classes=model.classes,
         display_names={c: model.display_name(c) for c in model.classes},
         image_size=model.image_size,
-        preprocessing=card.preprocessing,
+        preprocessing=model.preprocessing.to_card()["preprocessing"],
         backend=model.backend,
         inference={
             "runtime": model.backend,

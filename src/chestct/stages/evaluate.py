@@ -53,7 +53,6 @@ from chestct.evaluation.plots import (
     plot_shift,
 )
 from chestct.evaluation.scoring import (
-    Preprocessing,
     ScoringError,
     full_metrics,
     label_indices,
@@ -62,12 +61,13 @@ from chestct.evaluation.scoring import (
     model_outputs,
     original_slices,
     prediction_table,
+    resize_preprocessing,
     shift_logits,
     shift_predictions,
 )
 from chestct.fsutil import atomic_write_json, staged_file
 from chestct.imaging.perturb import SHIFTS
-from chestct.imaging.preparation import prepare_slice
+from chestct.imaging.preparation import Preprocessing, prepare_slice
 from chestct.labels import CLASSES
 from chestct.model.calibration import (
     Mahalanobis,
@@ -178,9 +178,9 @@ def run_evaluate(
         raise StageFailed(f"evaluate needs the splits train, valid and test; missing {missing}")
     if splits["test"].empty or splits["valid"].empty:
         raise StageFailed("the test or valid split is empty; check the split stage's output")
-    prep = preprocessing or Preprocessing()
     model = load_model(model_path)
     size = int(model.input_shape[1])
+    prep = (preprocessing or Preprocessing(size)).with_size(size)
     names = ["logits", "probabilities", "gap", "features"]
     test_images = load_images(splits["test"], root, size, prep)
     test = model_outputs(model, test_images, params.batch_size, names)
@@ -234,7 +234,7 @@ def run_evaluate(
         abstain_threshold=abstain,
         greys=decoded_greys(originals, root, np.concatenate([valid_images, test_images])),
         labels=[*splits["valid"]["label"], *splits["test"]["label"]],
-        body_crop=prep.normalise.crop == "body",  # serving reuses its crop's box: so does this
+        body_crop=prep.crop == "body",  # serving reuses its crop's box: so does this
     )
 
     metrics = full_metrics(y_test, test["logits"], t, shifted_test)
@@ -306,12 +306,8 @@ def run_evaluate(
     # The lungs are looked for on the slices as acquired, the map put back over them through
     # the crop the preprocessing made (as /explain does).
     greys, _ = original_slices(splits["test"], root)
-    size = int(test_images.shape[1])
     attention = lung_attention(
-        greys,
-        [prepare_slice(g, size, prep.interpolation, prep.mode, prep.normalise).box for g in greys],
-        heats,
-        prep.mode,
+        greys, [prepare_slice(g, prep).box for g in greys], heats, prep.resize
     )
     metrics["attention"] = attention.summary(list(splits["test"]["label"]))
     return Evaluation(
@@ -596,17 +592,6 @@ def upstream_params(paths: Any, upto: str, own: Sequence[str]) -> dict[str, str]
     }
 
 
-def resize_preprocessing(paths: Any) -> Preprocessing:
-    """The preprocessing the resize stage really ran with (its pointer's params), so that
-    shifted and external images are prepared exactly like the training images."""
-    resize_params = read_pointer(paths, "resize", verify=False).params.get("resize", {})
-    try:
-        ingest = read_pointer(paths, "ingest", verify=False).params.get("ingest", {})
-    except PointerError:  # the window only matters for DICOM files of the external set
-        ingest = {}
-    return Preprocessing.from_spec({**resize_params, "window": ingest.get("window")})
-
-
 def ingested_class_map(paths: Any) -> dict[str, str]:
     """params `ingest.class_map` as ingest ran, for the external set's folder names."""
     try:
@@ -633,7 +618,7 @@ def main() -> None:
             splits,
             s.params.evaluate,
             root,
-            resize_preprocessing(s.paths),
+            resize_preprocessing(s.paths, s.params.base.image_size),
             ingested_class_map(s.paths),
             s.params.base.near_copy_similarity,
             s.params.base.seed,

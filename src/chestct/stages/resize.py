@@ -6,7 +6,8 @@ a file present in two splits (a leak that validate reports) is resized once.
 
 The stage is incremental: `images/` survives between runs (dvc.yaml marks the output
 `persist: true`, and the stage session keeps it), and `images.json` records the settings that
-made it (image size, interpolation, mode, crop and intensity settings, preprocessing version).
+made it (the Preprocessing's size, interpolation, mode, crop and intensity settings and the
+preprocessing version).
 While those are unchanged, an image whose source digest already has a complete PNG is not
 redone; when they change, the folder is rebuilt. Images no longer in any split are pruned so
 the folder holds exactly what the index lists.
@@ -14,7 +15,6 @@ the folder holds exactly what the index lists.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -36,11 +36,10 @@ from chestct.data.manifest import (
 )
 from chestct.fsutil import atomic_write_json
 from chestct.imaging.formats import ImageError
-from chestct.imaging.preparation import Normalise, prepare
+from chestct.imaging.preparation import Preprocessing, prepare
 from chestct.imaging.workers import worker_pool
 from chestct.pointers import read_pointer
 from chestct.runner import run_main, stage_session
-from chestct.settings import ResizeParams
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +54,7 @@ _PARALLEL_FROM = 32
 class _Job:
     source: Path
     target: Path
-    size: int
-    interpolation: str
-    mode: str
-    normalise: Normalise
+    prep: Preprocessing
     reuse: bool  # the target is a complete PNG made with the same settings
 
 
@@ -96,16 +92,10 @@ _Result = tuple[bool, str, float, float, bool]
 def _resize_one(job: _Job) -> _Result:
     if job.reuse:
         grey = cv2.imread(str(job.target), cv2.IMREAD_GRAYSCALE)
-        if grey is not None and grey.shape == (job.size, job.size):
+        if grey is not None and grey.shape == (job.prep.size, job.prep.size):
             return (True, "", *_stats(grey), True)
     try:
-        grey = prepare(
-            job.source.read_bytes(),
-            job.size,
-            job.interpolation,
-            mode=job.mode,
-            normalise=job.normalise,
-        )
+        grey = prepare(job.source.read_bytes(), job.prep)
     except (ImageError, OSError) as exc:
         return (False, str(exc), float("nan"), float("nan"), False)
     # OpenCV encodes and writes in one call (no copy through Python); the temporary name
@@ -118,41 +108,41 @@ def _resize_one(job: _Job) -> _Result:
     return (True, "", *_stats(grey), False)
 
 
-def normalise_of(params: ResizeParams) -> Normalise:
-    """The acquisition normalisation that params `resize` ask for."""
-    return Normalise.from_spec(dataclasses.asdict(params))
-
-
-def _fingerprint(params: ResizeParams, image_size: int) -> dict[str, object]:
+def _fingerprint(prep: Preprocessing) -> dict[str, object]:
+    """What made the images (images.json and the pointer's details; DICOM never reaches resize,
+    ingest stored it windowed, so the window is not part of it)."""
     return {
-        "image_size": image_size,
-        "interpolation": params.interpolation,
-        "mode": params.mode,
-        **normalise_of(params).card(),
+        "image_size": prep.size,
+        "interpolation": prep.interpolation,
+        "mode": prep.resize,
+        "crop": prep.crop,
+        "crop_margin": prep.crop_margin,
+        "intensity": prep.intensity,
+        "percentiles": list(prep.percentiles),
+        "clahe_clip": prep.clahe_clip,
         "preprocessing_version": PREPROCESSING_VERSION,
     }
 
 
 def run_resize(
     manifests: dict[str, pd.DataFrame],
-    params: ResizeParams,
-    image_size: int,
+    prep: Preprocessing,
     out_dir: Path,
     root: Path,
-    workers: int | None = None,
+    workers: int = 0,
 ) -> tuple[pd.DataFrame, ResizeSummary]:
-    """Resize the union of the split manifests into `out_dir/images`.
+    """Prepare the union of the split manifests with `prep` into `out_dir/images`.
 
     Returns one index row per distinct content (INDEX_COLUMNS) and what was made, reused,
     failed and pruned.
 
     Args:
-        workers: processes; None uses `resize.workers` (0 there means all cores).
+        workers: processes; 0 means all cores (params `resize.workers`).
     """
     rows = pd.concat(manifests.values()).drop_duplicates("sha256")
     images = out_dir / "images"
     stamp = out_dir / "images.json"
-    fingerprint = _fingerprint(params, image_size)
+    fingerprint = _fingerprint(prep)
     previous = json.loads(stamp.read_text(encoding="utf-8")) if stamp.is_file() else None
     if previous != fingerprint and images.exists():
         log.info(
@@ -164,7 +154,6 @@ def run_resize(
     # settings, which the next run may reuse.
     atomic_write_json(stamp, fingerprint)
 
-    normalise = normalise_of(params)
     wanted = {f"{sha}.png" for sha in rows["sha256"]}
     pruned = 0
     for path in images.iterdir():
@@ -172,18 +161,10 @@ def run_resize(
             path.unlink()
             pruned += 1
     jobs = [
-        _Job(
-            root / p,
-            images / f"{sha}.png",
-            image_size,
-            params.interpolation,
-            params.mode,
-            normalise,
-            reuse=_complete_png(images / f"{sha}.png"),
-        )
+        _Job(root / p, images / f"{sha}.png", prep, reuse=_complete_png(images / f"{sha}.png"))
         for sha, p in zip(rows["sha256"], rows["path"], strict=True)
     ]
-    workers = workers or params.workers or os.cpu_count() or 1
+    workers = workers or os.cpu_count() or 1
     bar = {"total": len(jobs), "desc": "resize", "unit": "img", "leave": False}
     todo = sum(not j.reuse for j in jobs)
     if workers > 1 and todo >= _PARALLEL_FROM:
@@ -220,8 +201,11 @@ def main() -> None:
             name: read_manifest(split.output_path(name, s.paths.root), INGEST_COLUMNS)
             for name in SPLITS
         }
+        prep = Preprocessing.from_params(
+            s.params.resize, s.params.base.image_size, s.params.ingest.window
+        )
         index, summary = run_resize(
-            manifests, s.params.resize, s.params.base.image_size, session.out_dir, s.paths.root
+            manifests, prep, session.out_dir, s.paths.root, s.params.resize.workers
         )
         index_path = session.out_dir / "index.csv"
         write_manifest(index_path, index)
@@ -241,7 +225,7 @@ def main() -> None:
             inputs=["split"],
             outputs={"index": index_path, "images": session.out_dir / "images"},
             metrics={"resized": summary.resized + summary.reused, "failed": summary.failed},
-            details={"settings": _fingerprint(s.params.resize, s.params.base.image_size)},
+            details={"settings": _fingerprint(prep)},
         )
 
 

@@ -3,7 +3,7 @@
 The family base-model chose (family.json) decides what is fitted: cnn the network
 (chestct.model.training: a phase with the base model's freeze policy, an optional fine-tuning
 phase, the best validation weights kept), texture the chestct.model.texture classifier
-(chestct.evaluation.selection), ensemble both, written with an ensemble.json that averages them.
+(chestct.evaluation.tuning), ensemble both, written with an ensemble.json that averages them.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import tensorflow as tf
 
 from chestct.data.manifest import DATASET_COLUMNS, read_manifest, write_manifest
 from chestct.evaluation.plots import plot_history
-from chestct.evaluation.selection import cnn_temperature, fit_texture_on, texture_spec
+from chestct.evaluation.tuning import cnn_temperature, fit_texture_on, texture_spec
 from chestct.labels import CLASSES
 from chestct.model.distributed import WorkerRole, worker_role
 from chestct.model.families import ENSEMBLE_FILE, TEXTURE_FILE, write_ensemble

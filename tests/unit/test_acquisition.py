@@ -326,3 +326,15 @@ def test_equalize_leaves_a_near_blank_slice_as_it_is() -> None:
     noisy = (90 + np.random.default_rng(0).integers(-3, 4, (64, 64))).astype(np.uint8)
     np.testing.assert_array_equal(preparation.equalize(noisy), noisy)
     assert prepare_slice(noisy, Preprocessing(32, intensity="equalize")).image.std() < 2.0
+
+
+def test_preprocessing_choices_and_ranges_are_the_declared_params_ones() -> None:
+    """One declaration (params `resize` in chestct.settings) for params and cards alike."""
+    import typing
+
+    hints = typing.get_type_hints(ResizeParams)
+    assert set(preparation.INTERPOLATIONS) == set(typing.get_args(hints["interpolation"]))
+    assert typing.get_args(hints["crop"]) == preparation.CROPS
+    for field, bad in (("crop_margin", 0.51), ("clahe_clip", 0.0), ("percentiles", (-1.0, 50.0))):
+        with pytest.raises(preparation.PreprocessingError, match=field):
+            Preprocessing(64, **{field: bad})

@@ -9,6 +9,7 @@ built from params (resize stage, evaluate), written into the model card and read
 from __future__ import annotations
 
 import dataclasses
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -20,11 +21,17 @@ from chestct.imaging.body import BodyBox, body_box
 from chestct.imaging.decoding import decode
 from chestct.imaging.lungs import lung_field
 from chestct.settings import ResizeParams, SettingsError, WindowParams
+from chestct.settings.data_params import percentile_pair_problem
+from chestct.settings.schema import check_bounds, rule_of
 
 INTERPOLATIONS = {"area": cv2.INTER_AREA, "linear": cv2.INTER_LINEAR, "cubic": cv2.INTER_CUBIC}
 
 # How a slice that is not square becomes square (params `resize.mode`).
-RESIZE_MODES: tuple[str, ...] = ("stretch", "pad", "crop")
+# The choices and ranges of these settings are declared once, on params `resize`
+# (chestct.settings): params, cards and code are all held against them.
+_RESIZE_TYPES = typing.get_type_hints(ResizeParams)
+_RESIZE_RULES = {item.name: rule_of(item) for item in dataclasses.fields(ResizeParams)}
+RESIZE_MODES: tuple[str, ...] = typing.get_args(_RESIZE_TYPES["mode"])
 
 
 def resize(
@@ -63,8 +70,8 @@ def resize(
 
 
 # Params `resize.crop` and `resize.intensity`.
-CROPS: tuple[str, ...] = ("body", "lungs", "none")
-INTENSITIES: tuple[str, ...] = ("percentile", "equalize", "clahe", "none")
+CROPS: tuple[str, ...] = typing.get_args(_RESIZE_TYPES["crop"])
+INTENSITIES: tuple[str, ...] = typing.get_args(_RESIZE_TYPES["intensity"])
 CLAHE_TILES = 8  # tiles per side of the prepared image
 # A slice whose percentile window spans fewer grey levels is near-blank and left as it is.
 PERCENTILE_MIN_SPREAD = 32
@@ -125,18 +132,11 @@ class Preprocessing:
         _one_of("intensity", self.intensity, INTENSITIES)
         if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 1:
             raise PreprocessingError("size", f"size: whole pixels >= 1, got {self.size!r}")
-        low, high = self.percentiles
-        if not 0.0 <= low < high <= 100.0:
-            raise PreprocessingError(
-                "percentiles",
-                f"percentiles: [low, high] with 0 <= low < high <= 100, got {[low, high]}",
-            )
-        if not 0.0 <= self.crop_margin <= 0.5:
-            raise PreprocessingError(
-                "crop_margin", f"crop_margin: within 0..0.5, got {self.crop_margin}"
-            )
-        if not self.clahe_clip > 0:
-            raise PreprocessingError("clahe_clip", f"clahe_clip: > 0, got {self.clahe_clip}")
+        problem = percentile_pair_problem(list(self.percentiles))
+        if problem:
+            raise PreprocessingError("percentiles", f"percentiles: {problem}")
+        for name in ("percentiles", "crop_margin", "clahe_clip"):
+            _declared_range(name, getattr(self, name))
         if self.window is not None and not self.window[1] > 0:
             raise PreprocessingError(
                 "window", f"window: width must be > 0 Hounsfield units, got {self.window[1]}"
@@ -230,6 +230,15 @@ class Preprocessing:
     def with_size(self, size: int) -> Preprocessing:
         """The same settings at another input size (a model trained at another image_size)."""
         return dataclasses.replace(self, size=size)
+
+
+def _declared_range(key: str, value: Any) -> None:
+    """Hold a value against the range params `resize.<key>` declares (chestct.settings)."""
+    try:
+        check_bounds(list(value) if isinstance(value, tuple) else value,
+                     _RESIZE_RULES[key], float, key)  # fmt: skip
+    except SettingsError as exc:
+        raise PreprocessingError(key, str(exc)) from None
 
 
 def _one_of(key: str, value: object, allowed: tuple[str, ...]) -> None:

@@ -167,12 +167,17 @@ class ResizeParams:
     clahe_clip: float = key("`clahe` only: contrast limit (8 × 8 tiles)", gt=0)
 
     def __post_init__(self) -> None:
-        pair = self.percentiles
-        if len(pair) != 2 or not pair[0] < pair[1]:  # each in 0..100: the field's range
-            raise SettingsError(
-                f"resize.percentiles: expected [low, high] with 0 <= low < high <= 100, got "
-                f"{self.percentiles}"
-            )
+        problem = percentile_pair_problem(self.percentiles)
+        if problem:
+            raise SettingsError(f"resize.percentiles: {problem}")
+
+
+def percentile_pair_problem(pair: object) -> str | None:
+    """What is wrong with a percentile window [low, high] beyond each value's range (params
+    resize.percentiles, a card's preprocessing.percentiles), or None."""
+    if not isinstance(pair, list | tuple) or len(pair) != 2 or not pair[0] < pair[1]:
+        return f"expected [low, high] with 0 <= low < high <= 100, got {pair}"
+    return None
 
 
 @dataclass(frozen=True)

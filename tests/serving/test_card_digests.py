@@ -16,8 +16,8 @@ from chestct.fsutil import replace_dir, sha256_file
 from chestct.inference import ModelFiles, ModelRefused, Predictor, load_folder
 from chestct.modelcard import ModelCard
 from chestct.modelfolder import pin_digests as file_digests
+from chestct.promotion import read_card
 from chestct.serving import create_app
-from chestct.stages.promote import read_card
 from model_folder import install_model, multipart, slice_png
 
 PINNED = ("inference", "cam", "ood")

@@ -14,14 +14,15 @@ import pandas as pd
 import pytest
 
 from chestct.data.manifest import DATASET_COLUMNS
+from chestct.evaluation.selection import decide
 from chestct.fsutil import sha256_file
 from chestct.imaging.preparation import Preprocessing
 from chestct.labels import CLASSES
+from chestct.promotion import read_card
 from chestct.settings import (
     BaseModelParams,
     PromoteParams,
 )
-from chestct.stages.promote import decide, read_card
 from helpers import (
     IMAGE_SIZE,
     tiny_split,
@@ -71,7 +72,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 
 def candidate(world: dict[str, Any], seed: int, macro_f1: float, digest: str = "d1"):
-    from chestct.stages.promote import Candidate
+    from chestct.promotion import Candidate
 
     return Candidate(
         model_path=world["models"][seed],
@@ -443,7 +444,7 @@ def test_decide_uses_the_configured_metric() -> None:
 
 
 def test_rescore_champion_after_image_size_changed(tmp_path: Path, base_model: Path) -> None:
-    from chestct.stages.promote import rescore_champion
+    from chestct.promotion import rescore_champion
 
     model_dir = tmp_path / "model"
     install_model(base_model, {"image_size": IMAGE_SIZE, "model_file": "model.keras"}, model_dir)
@@ -590,7 +591,8 @@ def test_a_win_that_is_noise_is_not_a_promotion(
 ) -> None:
     """Two models that disagree on 21 of 120 images, 12 to 9 for the candidate: a margin win
     that a paired test calls noise. 40 more right answers is a real improvement."""
-    from chestct.stages.promote import Candidate, apply_paired, paired_test
+    from chestct.evaluation.selection import apply_paired
+    from chestct.promotion import Candidate, paired_test
 
     path, champion_table = _tables(tmp_path, 120, 0.6, gain, loss)
     params = shipped(PromoteParams, metric="robust_macro_f1", minimum=0.1)
@@ -616,7 +618,8 @@ def test_a_win_that_is_noise_is_not_a_promotion(
 
 
 def test_the_paired_test_says_why_it_did_not_run(tmp_path: Path) -> None:
-    from chestct.stages.promote import Candidate, apply_paired, paired_test
+    from chestct.evaluation.selection import apply_paired
+    from chestct.promotion import Candidate, paired_test
 
     path, table = _tables(tmp_path, 20, 0.6, 1)
     params = shipped(PromoteParams, metric="macro_f1", minimum=0.1)
@@ -650,7 +653,7 @@ def test_run_promote_rescores_the_champion_and_refuses_a_noisy_win(
     differs from the champion on one of 8 test images: the paired bootstrap calls that noise."""
     import shutil
 
-    from chestct.stages.promote import Candidate, rescore_champion_full
+    from chestct.promotion import Candidate, rescore_champion_full
 
     model_dir = tmp_path / "model"
     shutil.copytree(champion[0], model_dir)
@@ -673,7 +676,7 @@ def test_run_promote_rescores_the_champion_and_refuses_a_noisy_win(
 
 
 def test_the_card_shows_how_far_the_model_is_above_the_memorizer(world) -> None:
-    from chestct.stages.promote import build_card
+    from chestct.promotion import build_card
 
     metrics = {
         "macro_f1": 0.9,

@@ -53,7 +53,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 
 def candidate(world: dict[str, Any], name: str, digest: str):
-    from chestct.stages.promote import Candidate
+    from chestct.promotion import Candidate
 
     ev = world[name]["evaluation"]
     return Candidate(

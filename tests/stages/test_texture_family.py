@@ -87,8 +87,9 @@ class Registry:
 
 
 def promoted(model_path: Path, tiny_data, tmp_path: Path) -> tuple[Path, Any]:
+    from chestct.promotion import Candidate
     from chestct.stages.evaluate import write_outputs
-    from chestct.stages.promote import Candidate, run_promote
+    from chestct.stages.promote import run_promote
 
     root, data = tiny_data
     ev = evaluate(model_path, tiny_data)

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from chestct.labels import CLASSES
-from chestct.settings import STAGES
+from chestct.settings import STAGES, MonitorConfig
 from project_copy import BIN, run
+from shipped import shipped
 
 pytestmark = pytest.mark.e2e
 
@@ -152,7 +153,7 @@ def test_monitor_agrees_with_evaluates_reference(project, tmp_path: Path) -> Non
             db=db,
             model_dir=model,
             out_dir=tmp_path / name,
-            thresholds=Thresholds(),
+            thresholds=Thresholds.from_config(shipped(MonitorConfig)),
             last=None,
             since=None,
         )

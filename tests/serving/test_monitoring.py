@@ -34,9 +34,10 @@ from chestct.monitoring.signals import (
     psi,
 )
 from chestct.serving import create_app
+from chestct.settings import MonitorConfig
 from helpers import zoomed
 from model_folder import ct_slice, encode
-from shipped import config_text
+from shipped import config_text, shipped
 
 REPO = Path(__file__).resolve().parents[2]
 MONITORING = REPO / "config" / "monitoring"
@@ -528,7 +529,7 @@ def test_report_states_its_rule_and_marks_large_but_insignificant_shifts(
     from chestct.monitoring.drift import Thresholds, rule_text
     from chestct.monitoring.drift_report import render_html, row_mark, verdict_lines
 
-    t = Thresholds()
+    t = Thresholds.from_config(shipped(MonitorConfig))
     shift = {"psi": 0.82, "p_value": 0.2, "drift": False}
     assert row_mark(shift, vars(t)) == "not significant (PSI >= 0.25 but p >= 0.01)"
     assert row_mark({**shift, "psi": 0.05}, vars(t)) == "ok"
@@ -827,8 +828,10 @@ def test_not_in_reference_lists_only_signals_the_window_measured() -> None:
         abstain=[None] * 60,
         ood=[None] * 60,
     )
-    report = compare(profile, window, Thresholds(), CLASSES)
+    report = compare(profile, window, Thresholds.from_config(shipped(MonitorConfig)), CLASSES)
     assert report["not_in_reference"] == []
     assert report["signals"]["ood_ratio"]["judged"] is False
     del profile["signals"]["body_share"]
-    assert compare(profile, window, Thresholds(), CLASSES)["not_in_reference"] == ["body_share"]
+    assert compare(profile, window, Thresholds.from_config(shipped(MonitorConfig)), CLASSES)[
+        "not_in_reference"
+    ] == ["body_share"]

@@ -10,6 +10,8 @@ import pytest
 from chestct.cli.samples import main, write_samples
 from chestct.imaging.decoding import decode
 from chestct.imaging.dicom import decode_dicom
+from chestct.settings import MonitorConfig
+from shipped import shipped
 
 
 def test_png_and_dicom_hold_the_same_slice(tmp_path: Path) -> None:
@@ -90,7 +92,7 @@ def test_samples_monitor_clean_against_the_embedded_reference(tmp_path: Path) ->
             signals[name].append(measured[name])
         names.append(label)
     window = Window(labels=names, signals=signals, abstain=[None] * 80, ood=[None] * 80)
-    report = compare(profile, window, Thresholds(), CLASSES)
+    report = compare(profile, window, Thresholds.from_config(shipped(MonitorConfig)), CLASSES)
     judged = {n: s for n, s in report["signals"].items() if s.get("judged")}
     assert set(signals) <= set(judged)
     assert report["verdict"] == "no drift", {

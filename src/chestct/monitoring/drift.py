@@ -24,6 +24,7 @@ from chestct.monitoring.signals import (
     psi,
     reference_rates,
 )
+from chestct.settings import MonitorConfig
 
 
 def ks_test(reference: Sequence[float], window: Sequence[float]) -> tuple[float, float]:
@@ -60,14 +61,26 @@ def rate_test(count: int, n: int, expected: float) -> float:
 
 @dataclass(frozen=True)
 class Thresholds:
-    """When a difference counts as drift (config/config.yaml `monitor:`)."""
+    """When a difference counts as drift: config/config.yaml `monitor:` holds the values
+    (`from_config`), so there is no second default here."""
 
-    psi: float = 0.25
-    p_value: float = 0.01
-    rate_margin: float = 0.10
-    min_requests: int = 50
-    min_labelled: int = 20
-    performance_drop: float = 0.10
+    psi: float
+    p_value: float
+    rate_margin: float
+    min_requests: int
+    min_labelled: int
+    performance_drop: float
+
+    @classmethod
+    def from_config(cls, monitor: MonitorConfig) -> Thresholds:
+        return cls(
+            psi=monitor.psi_threshold,
+            p_value=monitor.p_value,
+            rate_margin=monitor.rate_margin,
+            min_requests=monitor.min_requests,
+            min_labelled=monitor.min_labelled,
+            performance_drop=monitor.performance_drop,
+        )
 
 
 @dataclass

@@ -21,9 +21,11 @@ trained one), exported with chestct.model.export and completed as promote does (
 the preprocessing of params.yaml's `resize` group in its card: the default crops to the body).
 
     python bench/serve.py [--model-dir model] [--requests 300] [--seconds 10] [--rounds 3]
-                          [--keras]
+                          [--keras] [--record docs/results/<name>.json]
 
 --keras also measures a worker serving the Keras fallback (TensorFlow in the worker).
+--record also writes the table and the 1-client step breakdown as a results file for the docs
+(bench/results.py; `python bench/docsgen.py` renders it).
 """
 
 from __future__ import annotations
@@ -425,6 +427,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=10.0, help="each 4-client run")
     ap.add_argument("--rounds", type=int, default=3, help="alternating bare/served rounds")
     ap.add_argument("--keras", action="store_true", help="also measure a TensorFlow worker")
+    ap.add_argument("--record", type=Path, help="also write the figures as a docs results file")
     args = ap.parse_args()
 
     scratch = Path(tempfile.mkdtemp(prefix="chestct-bench-serve-"))
@@ -573,6 +576,50 @@ def main() -> None:
     )
     if keras is not None:
         print(f"{'RSS per Keras/TF worker (MB)':32} {' / '.join(f'{r:.0f}' for r in keras):>12}")
+    if args.record is not None:
+        record(args.record, rows, served, bare, work, load)
+
+
+def record(
+    path: Path, rows: list[tuple], served: dict, bare: dict, work: float, load: str
+) -> None:
+    """The printed table, the CPU per request and the 1-client steps as a docs results file."""
+    from results import write_result
+
+    table = [
+        [name, value, ref, f"{ratio:.2f}", target, "yes" if ok else "no"]
+        for name, value, ref, ratio, target, ok in rows
+    ]
+    table.append(
+        [
+            "CPU per request, 4 clients (ms)",
+            f"{served['cpu_ms']:.2f}",
+            f"bare {bare['cpu_ms']:.2f}",
+            f"{served['cpu_ms'] / bare['cpu_ms']:.2f}",
+            "<= 1.2",
+            "yes" if served["cpu_ms"] <= 1.2 * bare["cpu_ms"] else "no",
+        ]
+    )
+    table.append(
+        [
+            "decode + prepare + infer in the app, 1 client (ms)",
+            f"{work:.2f}",
+            f"bare {bare['cpu_ms']:.2f}",
+            f"{work / bare['cpu_ms']:.2f}",
+            "",
+            "",
+        ]
+    )
+    for name, ms in served["steps"].items():
+        table.append([f"step `{name}`, 1 client (ms)", f"{ms:.2f}", "", "", "", ""])
+    write_result(
+        path,
+        "Serving speed: POST /predict under gunicorn against bare decode + LiteRT",
+        ["measure", "served", "reference", "ratio", "target", "met"],
+        table,
+        note=f"load average during the run (1, 5, 15 min): {load}",
+    )
+    print(f"recorded {path}")
 
 
 if __name__ == "__main__":

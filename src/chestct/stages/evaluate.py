@@ -52,6 +52,7 @@ from chestct.evaluation.plots import (
     plot_roc,
     plot_shift,
 )
+from chestct.evaluation.release import release_for
 from chestct.evaluation.scoring import (
     Preprocessing,
     ScoringError,
@@ -68,6 +69,7 @@ from chestct.evaluation.scoring import (
 from chestct.fsutil import atomic_write_json, staged_file
 from chestct.imaging.perturb import SHIFTS
 from chestct.imaging.preparation import prepare_slice
+from chestct.inference import Artefact, open_artefact
 from chestct.labels import CLASSES
 from chestct.model.calibration import (
     Mahalanobis,
@@ -79,7 +81,8 @@ from chestct.model.calibration import (
     out_of_distribution,
     softmax,
 )
-from chestct.model.families import cam_head_of, explainer_of, family_of
+from chestct.model.export import ExportError
+from chestct.model.families import FamilyError, family_of
 from chestct.model.gradcam import CamHead, overlay
 from chestct.model.texture import occlusion_map
 from chestct.monitoring.signals import REFERENCE_FILE, decoded_greys, fit_reference
@@ -149,6 +152,21 @@ def fit_calibration(
     return fit, f"the validation split and its {len(shifted_valid)} shifted copies"
 
 
+def served_artefact(
+    model_path: Path, test: pd.DataFrame, root: Path, batch_size: int, work_dir: Path
+) -> Artefact:
+    """The candidate exported as promote exports it (chestct.evaluation.release) and opened as
+    the service opens it (chestct.inference.open_artefact): what evaluate scores."""
+    try:
+        size = int(load_model(model_path).input_shape[1])
+        release = release_for(model_path, test, root, batch_size, work_dir)
+    except (ExportError, FamilyError, ScoringError) as exc:
+        raise StageFailed(
+            f"{model_path.name} cannot be exported as it would be served: {exc}"
+        ) from None
+    return open_artefact(release.inference, release.files, release.card, size)
+
+
 def run_evaluate(
     model_path: Path,
     splits: dict[str, pd.DataFrame],
@@ -159,11 +177,12 @@ def run_evaluate(
     near_copy_similarity: float = 0.9,
     seed: int = 0,
 ) -> Evaluation:
-    """Score the test split, clean and under the shift-stress set; fit temperature, abstention
-    and OOD thresholds on valid/train; score the external set when params name one.
+    """Export the trained model as it would be served, then score the exported artefact on the
+    test split, clean and under the shift-stress set; fit temperature, abstention and OOD
+    thresholds on valid/train; score the external set when params name one.
 
     Args:
-        model_path: the trained .keras model.
+        model_path: the trained model (model.keras, texture.skops or ensemble.json).
         splits: DATASET_COLUMNS frames for "train", "valid" and "test".
         params: the evaluate params.
         root: the folder the manifests' paths are relative to.
@@ -179,26 +198,34 @@ def run_evaluate(
     if splits["test"].empty or splits["valid"].empty:
         raise StageFailed("the test or valid split is empty; check the split stage's output")
     prep = preprocessing or Preprocessing()
-    model = load_model(model_path)
-    size = int(model.input_shape[1])
-    names = ["logits", "probabilities", "gap", "features"]
-    test_images = load_images(splits["test"], root, size, prep)
-    test = model_outputs(model, test_images, params.batch_size, names)
-    valid_images = load_images(splits["valid"], root, size, prep)
-    valid = model_outputs(model, valid_images, params.batch_size, ["logits", "gap"])
-    train_gap = model_outputs(
-        model, load_images(splits["train"], root, size, prep), params.batch_size, ["gap"]
-    )["gap"]
-    shifted_test = shift_logits(model, splits["test"], root, params.batch_size, prep)
-    shifted_valid = (
-        shift_logits(model, splits["valid"], root, params.batch_size, prep)
-        if params.calibrate_on == "valid_and_shifted"
-        else {}
-    )
+    # The exported files live as long as the artefact runs: the interpreter maps its file.
+    with tempfile.TemporaryDirectory(prefix="chestct-evaluate-") as work:
+        model = served_artefact(model_path, splits["test"], root, params.batch_size, Path(work))
+        return evaluate_artefact(
+            model, family_of(model_path), splits, params, root, prep, class_map,
+            near_copy_similarity, seed,
+        )  # fmt: skip
 
+
+def evaluate_artefact(
+    model: Artefact,
+    family: str,
+    splits: dict[str, pd.DataFrame],
+    params: EvaluateParams,
+    root: Path,
+    prep: Preprocessing,
+    class_map: dict[str, str] | None,
+    near_copy_similarity: float,
+    seed: int,
+) -> Evaluation:
+    """run_evaluate's work on the opened artefact (its arguments, `family` the model's)."""
+    scored = score_splits(model, splits, params, root, prep)
+    test, valid = scored.test, scored.valid
     y_test = label_indices(list(splits["test"]["label"]))
     y_valid = label_indices(list(splits["valid"]["label"]))
-    fit, fitted_on = fit_calibration(y_valid, valid["logits"], shifted_valid, params.calibrate_on)
+    fit, fitted_on = fit_calibration(
+        y_valid, valid["logits"], scored.shifted_valid, params.calibrate_on
+    )
     if fit.fitted:
         log.info(
             "temperature %.4f fitted on %s (NLL %.4f -> %.4f)",
@@ -213,31 +240,14 @@ def run_evaluate(
     calibrated_test = softmax(test["logits"], t)
     calibrated_valid = softmax(valid["logits"], t)
     abstain = abstain_threshold(y_valid, calibrated_valid, params.abstain_quantile)
-
-    if len(train_gap) < 2:
-        raise StageFailed(
-            f"the train split has {len(train_gap)} image(s); the out-of-distribution statistics "
-            "need at least two: check the split stage's output"
-        )
-    ood = Mahalanobis.fit(train_gap)
+    ood = Mahalanobis.fit(scored.train_gap)
     ood_threshold = float(np.quantile(ood.distance(valid["gap"]), params.ood_quantile))
     test_distance = ood.distance(test["gap"])
-    frames = (splits["valid"], splits["test"])
-    originals = [
-        o for f in frames for o in (f["original"] if "original" in f else [None] * len(f))
-    ]
-    reference = fit_reference(
-        classes=CLASSES,
-        probabilities=np.concatenate([calibrated_valid, calibrated_test]),
-        ood_distance=np.concatenate([ood.distance(valid["gap"]), test_distance]),
-        ood_threshold=ood_threshold,
-        abstain_threshold=abstain,
-        greys=decoded_greys(originals, root, np.concatenate([valid_images, test_images])),
-        labels=[*splits["valid"]["label"], *splits["test"]["label"]],
-        body_crop=prep.normalise.crop == "body",  # serving reuses its crop's box: so does this
-    )
-
-    metrics = full_metrics(y_test, test["logits"], t, shifted_test)
+    reference = monitoring_reference(
+        splits, root, prep, scored, np.concatenate([calibrated_valid, calibrated_test]), ood,
+        ood_threshold, abstain,
+    )  # fmt: skip
+    metrics = full_metrics(y_test, test["logits"], t, scored.shifted_test)
     metrics.update(
         {
             "temperature": t,
@@ -245,31 +255,11 @@ def run_evaluate(
             "ood_rate": float(np.mean(out_of_distribution(test_distance, ood_threshold))),
         }
     )
-    calibration = {
-        "temperature": t,
-        "temperature_fitted": fit.fitted,
-        "temperature_reason": fit.reason
-        if not fit.fitted
-        else f"fitted on {fitted_on} (evaluate.calibrate_on: {params.calibrate_on})",
-        "temperature_fit_on": params.calibrate_on,
-        "valid_nll_before": fit.nll_before,
-        "valid_nll_after": fit.nll_after,
-        "abstain_entropy": abstain,
-        "abstain_rule": (
-            f"the {params.abstain_quantile:g} quantile of normalised predictive entropy "
-            "(calibrated) over correctly classified validation images"
-        ),
-        "family": family_of(model_path),
-        "ood_threshold": ood_threshold,
-        "ood_rule": (
-            f"the {params.ood_quantile:g} quantile of Mahalanobis distances of validation GAP "
-            "features to the train split's mean, with Ledoit-Wolf precision"
-        ),
-    }
+    calibration = calibration_record(fit, fitted_on, params, abstain, ood_threshold, family)
     predictions = prediction_table(splits["test"], softmax(test["logits"]))
     predictions["entropy_calibrated"] = normalised_entropy(calibrated_test)
     predictions["ood_distance"] = test_distance
-    for column, values in shift_predictions(shifted_test).items():
+    for column, values in shift_predictions(scored.shifted_test).items():
         predictions[column] = values
     reference_set = TrainReference.from_frame(splits["train"], root, near_copy_similarity)
     test_thumbs = frame_thumbnails(splits["test"], root)
@@ -291,28 +281,8 @@ def run_evaluate(
     external, external_predictions = run_external(
         model, params, root, prep, t, class_map, reference_set, seed
     )
-    head = cam_head_of(model)
-    explainer = explainer_of(model)
-    predicted = np.argmax(test["logits"], axis=1)
-    # Where the model looks: the CAM of the CNN (the ensemble's CNN member), the occlusion map
-    # of the texture model (what /explain draws for each family).
-    if head is not None:
-        heats = [head.cam(f, int(k)) for f, k in zip(test["features"], predicted, strict=True)]
-    else:
-        heats = [
-            occlusion_map(explainer, x, int(k))
-            for x, k in zip(test_images, predicted, strict=True)
-        ]
-    # The lungs are looked for on the slices as acquired, the map put back over them through
-    # the crop the preprocessing made (as /explain does).
-    greys, _ = original_slices(splits["test"], root)
-    size = int(test_images.shape[1])
-    attention = lung_attention(
-        greys,
-        [prepare_slice(g, size, prep.interpolation, prep.mode, prep.normalise).box for g in greys],
-        heats,
-        prep.mode,
-    )
+    explainer = model.texture if model.family == "texture" else None
+    attention = where_it_looks(model, explainer, splits["test"], root, prep, scored)
     metrics["attention"] = attention.summary(list(splits["test"]["label"]))
     return Evaluation(
         metrics=metrics,
@@ -321,15 +291,159 @@ def run_evaluate(
         ood=ood,
         reliability_before=reliability(y_test, softmax(test["logits"])),
         reliability_after=reliability(y_test, calibrated_test),
-        images=test_images,
+        images=scored.test_images,
         features=test["features"],
-        cam_head=head,
+        cam_head=model.head if explainer is None else None,
         reference=reference,
         external=external,
         external_predictions=external_predictions,
         attention=attention,
-        family=family_of(model_path),
-        explainer=explainer_of(model),
+        family=family,
+        explainer=explainer,
+    )
+
+
+@dataclass(frozen=True)
+class Scored:
+    """The served artefact's outputs on the splits (chestct.inference.served_logits)."""
+
+    test: dict[str, np.ndarray]  # logits, probabilities, gap, features
+    valid: dict[str, np.ndarray]  # logits, gap
+    train_gap: np.ndarray
+    shifted_test: dict[str, np.ndarray]  # logits per shift
+    shifted_valid: dict[str, np.ndarray]  # logits per shift (evaluate.calibrate_on)
+    test_images: np.ndarray
+    valid_images: np.ndarray
+
+
+def score_splits(
+    model: Artefact,
+    splits: dict[str, pd.DataFrame],
+    params: EvaluateParams,
+    root: Path,
+    prep: Preprocessing,
+) -> Scored:
+    """Run the artefact on the test, valid and train splits and on the shifted test (and,
+    for `valid_and_shifted` calibration, valid) images."""
+    size = model.image_size
+    names = ["logits", "probabilities", "gap", "features"]
+    test_images = load_images(splits["test"], root, size, prep)
+    valid_images = load_images(splits["valid"], root, size, prep)
+    train_images = load_images(splits["train"], root, size, prep)
+    if len(train_images) < 2:
+        raise StageFailed(
+            f"the train split has {len(train_images)} image(s); the out-of-distribution "
+            "statistics need at least two: check the split stage's output"
+        )
+    batch = params.batch_size
+    return Scored(
+        test=model_outputs(model, test_images, batch, names),
+        valid=model_outputs(model, valid_images, batch, ["logits", "gap"]),
+        train_gap=model_outputs(model, train_images, batch, ["gap"])["gap"],
+        shifted_test=shift_logits(model, splits["test"], root, batch, prep),
+        shifted_valid=(
+            shift_logits(model, splits["valid"], root, batch, prep)
+            if params.calibrate_on == "valid_and_shifted"
+            else {}
+        ),
+        test_images=test_images,
+        valid_images=valid_images,
+    )
+
+
+def monitoring_reference(
+    splits: dict[str, pd.DataFrame],
+    root: Path,
+    prep: Preprocessing,
+    scored: Scored,
+    calibrated: np.ndarray,
+    ood: Mahalanobis,
+    ood_threshold: float,
+    abstain: float,
+) -> dict[str, Any]:
+    """The monitoring profile of the valid and test splits (chestct.monitoring.signals), with
+    the calibrated probabilities and OOD distances the service would have answered."""
+    frames = (splits["valid"], splits["test"])
+    originals = [
+        o for f in frames for o in (f["original"] if "original" in f else [None] * len(f))
+    ]
+    images = np.concatenate([scored.valid_images, scored.test_images])
+    return fit_reference(
+        classes=CLASSES,
+        probabilities=calibrated,
+        ood_distance=np.concatenate(
+            [ood.distance(scored.valid["gap"]), ood.distance(scored.test["gap"])]
+        ),
+        ood_threshold=ood_threshold,
+        abstain_threshold=abstain,
+        greys=decoded_greys(originals, root, images),
+        labels=[*splits["valid"]["label"], *splits["test"]["label"]],
+        body_crop=prep.normalise.crop == "body",  # serving reuses its crop's box: so does this
+    )
+
+
+def calibration_record(
+    fit: TemperatureFit,
+    fitted_on: str,
+    params: EvaluateParams,
+    abstain: float,
+    ood_threshold: float,
+    family: str,
+) -> dict[str, Any]:
+    """calibration.json: the temperature, abstention and OOD thresholds and their rules, which
+    promote copies into the model card."""
+    return {
+        "temperature": fit.temperature,
+        "temperature_fitted": fit.fitted,
+        "temperature_reason": fit.reason
+        if not fit.fitted
+        else f"fitted on {fitted_on} (evaluate.calibrate_on: {params.calibrate_on})",
+        "temperature_fit_on": params.calibrate_on,
+        "valid_nll_before": fit.nll_before,
+        "valid_nll_after": fit.nll_after,
+        "abstain_entropy": abstain,
+        "abstain_rule": (
+            f"the {params.abstain_quantile:g} quantile of normalised predictive entropy "
+            "(calibrated) over correctly classified validation images"
+        ),
+        "family": family,
+        "ood_threshold": ood_threshold,
+        "ood_rule": (
+            f"the {params.ood_quantile:g} quantile of Mahalanobis distances of validation GAP "
+            "features to the train split's mean, with Ledoit-Wolf precision"
+        ),
+    }
+
+
+def where_it_looks(
+    model: Artefact,
+    explainer: Any,
+    test: pd.DataFrame,
+    root: Path,
+    prep: Preprocessing,
+    scored: Scored,
+) -> LungAttention:
+    """The share of each test image's explanation inside the lungs: the CAM of the CNN (the
+    ensemble's CNN member), the occlusion map of the texture model (what /explain draws)."""
+    predicted = np.argmax(scored.test["logits"], axis=1)
+    if explainer is None:
+        head = model.head
+        features = scored.test["features"]
+        heats = [head.cam(f, int(k)) for f, k in zip(features, predicted, strict=True)]
+    else:
+        heats = [
+            occlusion_map(explainer, x, int(k))
+            for x, k in zip(scored.test_images, predicted, strict=True)
+        ]
+    # The lungs are looked for on the slices as acquired, the map put back over them through
+    # the crop the preprocessing made (as /explain does).
+    greys, _ = original_slices(test, root)
+    size = int(scored.test_images.shape[1])
+    return lung_attention(
+        greys,
+        [prepare_slice(g, size, prep.interpolation, prep.mode, prep.normalise).box for g in greys],
+        heats,
+        prep.mode,
     )
 
 

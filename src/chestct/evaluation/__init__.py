@@ -1,6 +1,7 @@
 """Evaluation: how good a model is, how sure that figure is, and what it is measured against.
 
 Metrics and their intervals (`metrics`, `uncertainty`), scoring a model on a split and under
-acquisition shift (`scoring`, `external`), the memorizer baseline and the novel part
+acquisition shift (`scoring`, `external`), the files a model is served from, exported and
+checked (`release`), the memorizer baseline and the novel part
 (`novelty`), where the model looks (`attention`) and the pictures (`plots`, `plotpage`).
 """

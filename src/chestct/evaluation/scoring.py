@@ -307,12 +307,14 @@ def score(
     *,
     temperature: float = 1.0,
     shifts: bool = True,
+    model: Any = None,
 ) -> tuple[dict[str, Any], pd.DataFrame]:
     """Metrics (full_metrics) and predictions (with `predicted_<shift>` columns) of a saved
     model on a split; promote re-scores the champion with this, with the champion's own
-    preprocessing and temperature."""
+    preprocessing and temperature, through its served artefact (`model`: an opened
+    chestct.inference.Artefact; without one, the file at `model_path` is loaded)."""
     prep = preprocessing or Preprocessing()
-    model = load_model(model_path)
+    model = model if model is not None else load_model(model_path)
     images = load_images(test, root, int(model.input_shape[1]), prep)
     logits = model_outputs(model, images, batch_size, ["logits"])["logits"]
     shifted = shift_logits(model, test, root, batch_size, prep) if shifts else None

@@ -145,11 +145,23 @@ def fit_calibration(
     shifted images, where the model is wrong more often at the same confidence).
     """
     if calibrate_on == "valid":
-        return fit_temperature(y_valid, valid_logits), "the validation split"
-    logits = np.concatenate([valid_logits, *shifted_valid.values()])
-    y = np.concatenate([y_valid] * (1 + len(shifted_valid)))
-    fit = fit_temperature(y, logits)
-    return fit, f"the validation split and its {len(shifted_valid)} shifted copies"
+        fit, fitted_on = fit_temperature(y_valid, valid_logits), "the validation split"
+    else:
+        logits = np.concatenate([valid_logits, *shifted_valid.values()])
+        y = np.concatenate([y_valid] * (1 + len(shifted_valid)))
+        fit = fit_temperature(y, logits)
+        fitted_on = f"the validation split and its {len(shifted_valid)} shifted copies"
+    if fit.fitted:
+        log.info(
+            "temperature %.4f fitted on %s (NLL %.4f -> %.4f)",
+            fit.temperature,
+            fitted_on,
+            fit.nll_before,
+            fit.nll_after,
+        )
+    else:
+        log.warning("temperature left at 1.0: %s", fit.reason)
+    return fit, fitted_on
 
 
 def served_artefact(
@@ -226,16 +238,6 @@ def evaluate_artefact(
     fit, fitted_on = fit_calibration(
         y_valid, valid["logits"], scored.shifted_valid, params.calibrate_on
     )
-    if fit.fitted:
-        log.info(
-            "temperature %.4f fitted on %s (NLL %.4f -> %.4f)",
-            fit.temperature,
-            fitted_on,
-            fit.nll_before,
-            fit.nll_after,
-        )
-    else:
-        log.warning("temperature left at 1.0: %s", fit.reason)
     t = fit.temperature
     calibrated_test = softmax(test["logits"], t)
     calibrated_valid = softmax(valid["logits"], t)
@@ -262,22 +264,13 @@ def evaluate_artefact(
     for column, values in shift_predictions(scored.shifted_test).items():
         predictions[column] = values
     reference_set = TrainReference.from_frame(splits["train"], root, near_copy_similarity)
-    test_thumbs = frame_thumbnails(splits["test"], root)
-    novelty = assess(
-        reference_set,
-        test_thumbs,
-        y_test,
-        softmax(test["logits"]),
-        calibrated_test,
-        item_groups(splits["test"], test_thumbs, near_copy_similarity),
-        resamples=params.bootstrap_resamples,
-        confidence=params.confidence,
-        seed=seed,
-    )
+    novelty = test_novelty(
+        reference_set, splits["test"], root, y_test, test["logits"], t, params,
+        near_copy_similarity, seed,
+    )  # fmt: skip
     metrics.update(novelty.metrics)
     for column, values in novelty.columns.items():
         predictions[column] = values
-    log.info("test: %s", describe(novelty.metrics))
     external, external_predictions = run_external(
         model, params, root, prep, t, class_map, reference_set, seed
     )
@@ -301,6 +294,35 @@ def evaluate_artefact(
         family=family,
         explainer=explainer,
     )
+
+
+def test_novelty(
+    reference: TrainReference,
+    test: pd.DataFrame,
+    root: Path,
+    y_test: np.ndarray,
+    logits: np.ndarray,
+    temperature: float,
+    params: EvaluateParams,
+    near_copy_similarity: float,
+    seed: int,
+) -> Any:
+    """The memorizer, the near-copy and novel parts and the group bootstrap of the test split
+    (chestct.evaluation.novelty.assess)."""
+    thumbs = frame_thumbnails(test, root)
+    novelty = assess(
+        reference,
+        thumbs,
+        y_test,
+        softmax(logits),
+        softmax(logits, temperature),
+        item_groups(test, thumbs, near_copy_similarity),
+        resamples=params.bootstrap_resamples,
+        confidence=params.confidence,
+        seed=seed,
+    )
+    log.info("test: %s", describe(novelty.metrics))
+    return novelty
 
 
 @dataclass(frozen=True)

@@ -333,6 +333,8 @@ def served_champion(model_dir: Path, card: dict[str, Any]) -> Artefact | None:
     """The champion's served files, each checked against its sha256 in the card, opened as
     evaluate opens the candidate's (chestct.inference.open_artefact); None for a card without
     an `inference` entry."""
+    if not isinstance(card.get("inference"), dict):
+        return None
     try:
         listed = ModelCard.from_dict(card)
     except ValueError as exc:

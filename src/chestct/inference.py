@@ -383,7 +383,7 @@ def open_artefact(
     image_size: int,
     *,
     threads: int = 1,
-    reference: bool = True,
+    reference: bool = False,
 ) -> Artefact:
     """The served files of a model (chestct.evaluation.release.Release) opened as
     `load_folder` opens a promoted folder's.
@@ -393,10 +393,10 @@ def open_artefact(
         files: file name -> path, for every file the entries name.
         entries: the family's card entries (family, cam, texture, ensemble).
         image_size: the model's input side.
-        threads: LiteRT interpreter threads.
-        reference: LiteRT's reference kernels, which compute alike on every machine (evaluate's
-            outputs are DVC outputs); XNNPACK, which the service runs, differs from them by
-            less than chestct.model.export.PARITY_TOLERANCE (checked at export).
+        threads: LiteRT interpreter threads (a worker runs one).
+        reference: LiteRT's reference kernels instead of XNNPACK, which the service runs.
+            They compute alike on every machine but take about 30 times as long (0.5 s an
+            image for the default CNN here), too slow to score a split with.
     """
     family = str(entries.get("family", "cnn"))
     path = files[inference["file"]]

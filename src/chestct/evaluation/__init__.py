@@ -2,6 +2,6 @@
 
 Metrics and their intervals (`metrics`, `uncertainty`), scoring a model on a split and under
 acquisition shift (`scoring`, `external`), the files a model is served from, exported and
-checked (`release`), the memorizer baseline and the novel part
+checked (`release`), what evaluate writes (`outputs`), the memorizer baseline and the novel part
 (`novelty`), where the model looks (`attention`) and the pictures (`plots`, `plotpage`).
 """

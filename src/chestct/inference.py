@@ -37,7 +37,7 @@ import os
 import threading
 import time
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -179,18 +179,32 @@ def analyse(model: Loaded, image: np.ndarray, mc_samples: int, seed: int) -> Ana
     return analyse_outputs(model, model.run(image[None]), mc_samples, seed)
 
 
+def served_logits(
+    out: Outputs, head: CamHead | None, family: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """The logits the service calibrates and the pooled features its OOD distance is taken on,
+    both float64 (n, k) and (n, f): the one formula of `analyse` and of evaluate's scores.
+
+    A CNN's logits are its dense head over the pooled features (the head Grad-CAM explains);
+    the texture model and the ensemble give theirs (the ensemble: the log of its average).
+    """
+    n, h, w, c = out.features.shape
+    # Pooled in float64 through one reduction (np.mean would add several Python-level steps).
+    gap = np.add.reduce(out.features.reshape(n, h * w, c), axis=1, dtype=np.float64) / (h * w)
+    if head is not None and family == "cnn":
+        logits = gap @ head.kernel + head.bias
+    elif out.logits is not None:
+        logits = out.logits.astype(np.float64)
+    else:
+        logits = np.log(np.clip(out.probabilities.astype(np.float64), 1e-12, 1.0))
+    return logits, gap
+
+
 def analyse_outputs(model: Loaded, out: Outputs, mc_samples: int, seed: int) -> Analysis:
     """`analyse` from the model's outputs for one image (a batch of one)."""
     features = out.features[0]
-    h, w, c = features.shape
-    # Pooled in float64 through one reduction (np.mean would add several Python-level steps).
-    gap = np.add.reduce(features.reshape(h * w, c), axis=0, dtype=np.float64) / (h * w)
-    if model.head is not None and model.family == "cnn":
-        logits = gap @ model.head.kernel + model.head.bias
-    elif out.logits is not None:
-        logits = out.logits[0].astype(np.float64)
-    else:
-        logits = np.log(np.clip(out.probabilities[0].astype(np.float64), 1e-12, 1.0))
+    pooled_logits, pooled = served_logits(out, model.head, model.family)
+    logits, gap = pooled_logits[0], pooled[0]
     probs = softmax(logits, model.temperature)
     ent = float(entropy(probs))
     abstain = (
@@ -333,6 +347,80 @@ def overlay_png(
     return buf.tobytes()
 
 
+# --------------------------------------------------------------------------- the artefact
+
+
+@dataclass
+class Artefact:
+    """An exported model run as the service runs it, without a card: what evaluate scores.
+
+    It answers the model contract chestct.evaluation.scoring reads (`family_outputs`: logits,
+    probabilities, gap, features), its logits and pooled features made by `served_logits`, the
+    very formula of `analyse`, so that evaluate's metrics are those of the served artefact.
+    """
+
+    family: str
+    image_size: int
+    runner: Callable[[np.ndarray], Outputs]
+    head: CamHead | None  # the CNN's (the ensemble's CNN member's) dense head; None: texture
+    texture: TextureModel | None  # texture and ensemble: their texture model
+
+    @property
+    def input_shape(self) -> tuple[None, int, int, int]:
+        return (None, self.image_size, self.image_size, 1)
+
+    def family_outputs(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """The contract's outputs for prepared images (n, s, s[, 1]) in [0, 255]."""
+        batch = np.asarray(images, np.float32)
+        batch = batch if batch.ndim == 4 else batch[..., None]
+        out = self.runner(batch)
+        logits, gap = served_logits(out, self.head, self.family)
+        return {
+            "logits": logits,
+            "probabilities": softmax(logits),
+            "gap": gap,
+            "features": out.features,
+        }
+
+
+def open_artefact(
+    inference: Mapping[str, Any],
+    files: Mapping[str, Path],
+    entries: Mapping[str, Any],
+    image_size: int,
+    *,
+    threads: int = 1,
+    reference: bool = False,
+) -> Artefact:
+    """The served files of a model (chestct.evaluation.release.Release) opened as
+    `load_folder` opens a promoted folder's.
+
+    Args:
+        inference: the card's `inference` entry (file, runtime, outputs).
+        files: file name -> path, for every file the entries name.
+        entries: the family's card entries (family, cam, texture, ensemble).
+        image_size: the model's input side.
+        threads: LiteRT interpreter threads (a worker runs one).
+        reference: LiteRT's reference kernels instead of XNNPACK, which the service runs.
+            They compute alike on every machine but take about 30 times as long (0.5 s an
+            image for the default CNN here), too slow to score a split with.
+    """
+    family = str(entries.get("family", "cnn"))
+    path = files[inference["file"]]
+    if family == "texture":
+        tex = _texture(path)
+        return Artefact(family, image_size, _texture_runner(tex), None, tex)
+    runner = _litert_runner(path, inference, threads, reference)
+    cam = entries.get("cam")
+    head = CamHead.load(files[cam["file"]]) if isinstance(cam, Mapping) else None
+    tex = None
+    if family == "ensemble":
+        tex = _texture(files[entries["texture"]["file"]])
+        temperature = float(entries["ensemble"]["cnn_temperature"])
+        runner = _ensemble_runner(runner, tex, temperature)
+    return Artefact(family, image_size, runner, head, tex)
+
+
 # --------------------------------------------------------------------------- loading
 
 
@@ -455,11 +543,13 @@ def _dropout_rate(keras_file: Path) -> float:
     return 0.0
 
 
-def _litert_runner(path: Path, spec: dict[str, Any], threads: int) -> Callable:
+def _litert_runner(
+    path: Path, spec: Mapping[str, Any], threads: int, reference: bool = False
+) -> Callable:
     from chestct.model.export import ExportError, LightModel
 
     try:
-        light = LightModel.load(path, threads=threads)
+        light = LightModel.load(path, threads=threads, reference=reference)
     except (ExportError, ValueError, RuntimeError) as exc:
         raise ModelRefused(f"{path.name} is not a loadable LiteRT model ({exc})") from None
     names = spec.get("outputs") or {}

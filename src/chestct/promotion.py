@@ -43,6 +43,7 @@ from chestct.evaluation.selection import (
 from chestct.evaluation.uncertainty import PairedResult, paired_on_tables
 from chestct.fsutil import atomic_write_json, sha256_file
 from chestct.imaging.preparation import Preprocessing
+from chestct.inference import Artefact, ModelFiles, ModelRefused, open_artefact
 from chestct.labels import CLASSES, DISPLAY_NAMES
 from chestct.model.export import ExportError
 from chestct.model.families import FamilyError
@@ -147,7 +148,9 @@ def rescore_champion(
 def rescore_champion_full(
     model_dir: Path, card: dict[str, Any], test: pd.DataFrame, root: Path, batch_size: int
 ) -> tuple[dict[str, Any], pd.DataFrame]:
-    """rescore_champion's metrics and the per-image predictions (with `predicted_<shift>`)."""
+    """rescore_champion's metrics and the per-image predictions (with `predicted_<shift>`),
+    scored through the champion's served artefact as evaluate scores the candidate's (a card
+    without an `inference` entry: through its Keras model)."""
     try:
         metrics, table = score(
             model_dir / str(card.get("model_file", MODEL_FILE)),
@@ -156,10 +159,28 @@ def rescore_champion_full(
             root,
             Preprocessing.from_card(card),
             temperature=float(card.get("temperature", 1.0)),
+            model=served_champion(model_dir, card),
         )
-    except (ScoringError, ValueError) as exc:
+    except (ScoringError, ModelRefused, ValueError) as exc:
         raise PromotionError(f"re-scoring the champion in {model_dir}: {exc}") from None
     return metrics, table
+
+
+def served_champion(model_dir: Path, card: dict[str, Any]) -> Artefact | None:
+    """The champion's served files, each checked against its sha256 in the card, opened as
+    evaluate opens the candidate's (chestct.inference.open_artefact); None for a card without
+    an `inference` entry."""
+    if not isinstance(card.get("inference"), dict):
+        return None
+    try:
+        listed = ModelCard.from_dict(card)
+    except ValueError as exc:
+        raise ModelRefused(f"the champion's card is not valid: {exc}") from None
+    if listed.inference is None:
+        return None
+    ModelFiles(model_dir, listed).check(optional=(listed.model_file,))
+    files = {name: model_dir / name for name in listed.files}
+    return open_artefact(card["inference"], files, card, listed.image_size)
 
 
 def build_card(

@@ -180,7 +180,7 @@ def test_write_outputs_writes_every_metric_table_and_picture(evaluation, tmp_pat
 
 
 def test_gradcam_gallery_picks_top_and_worst_per_class(evaluation) -> None:
-    from chestct.stages.evaluate import gradcam_tiles, misclassified_tiles
+    from chestct.evaluation.outputs import gradcam_tiles, misclassified_tiles
 
     tiles = gradcam_tiles(evaluation, per_class=1)
     p = evaluation.predictions

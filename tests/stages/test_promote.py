@@ -351,6 +351,7 @@ def test_parity_failure_rejects_and_leaves_the_champion(
     model_dir = tmp_path / "model"
     shutil.copytree(champion[0], model_dir)
     before = snapshot(model_dir)
+    # The export promote installs is chestct.evaluation.release's (evaluate scores the same).
     monkeypatch.setattr(release, "parity", lambda a, b: 0.25)
     registry = Registry()
     result = promote(world, candidate(world, 1, 0.95), model_dir, registry)

@@ -72,9 +72,9 @@ FLOORS: dict[str, int] = {
     # how good a model is; the stage runner; the one writer of a model folder
     "evaluation": 3, "runner": 3, "modelfolder": 3,
     "monitoring": 4,
-    "inference": 5, "promotion": 5,
+    "inference": 5,
     # the leaves: commands, notebooks' helpers, the web service, the pipeline stages
-    "cli": 6, "research": 6,
+    "cli": 6, "research": 6, "promotion": 6,
     "serving": 7, "stages": 7,
 }  # fmt: skip
 

@@ -1,9 +1,14 @@
-"""What a promoted model serves, by family: the light artifact and its CAM head exported from a
-CNN (its parity with Keras checked on the test split), a texture model's skops file as it is
-(parity checked through the reload serving does), or both members of an ensemble.
+"""The served files of a trained model, by family: what promote installs in model/ and what
+evaluate scores (chestct.inference.open_artefact), so that the metrics are of the artefact that
+is served.
 
-promote calls `release_for` for a winner; a failed export or parity check is an `ExportError`,
-which rejects the candidate with that reason.
+- cnn: the LiteRT export of the Keras model (chestct.model.export) and its CAM head;
+- texture: the skops file itself (runtime skops);
+- ensemble: both members, the CNN exported to LiteRT, and the CNN's temperature.
+
+Promote checks each export against the model it came from on the test split (max |dp| within
+chestct.model.export.PARITY_TOLERANCE, XNNPACK and LiteRT's reference kernels alike) and rejects
+a candidate that fails; evaluate, which scores the exported files themselves, skips the check.
 """
 
 from __future__ import annotations
@@ -34,12 +39,15 @@ class Release:
 
 
 def release_for(
-    model_path: Path, test: pd.DataFrame, root: Path, batch_size: int, work_dir: Path
+    model_path: Path, test: pd.DataFrame | None, root: Path, batch_size: int, work_dir: Path
 ) -> Release:
     """The served files of any family (chestct.model.families): cnn the LiteRT model and its CAM
     head; texture the skops file itself (runtime skops, parity checked through a reload);
     ensemble both members, the CNN exported to LiteRT (its parity checked) and the CNN's
-    temperature, which the served average needs."""
+    temperature, which the served average needs.
+
+    `test` None: no parity check (evaluate, which scores the exported files themselves; promote
+    checks, and rejects a candidate whose export answers otherwise than the trained model)."""
     family = family_of(model_path)
     cam = {
         "cam": {
@@ -80,7 +88,7 @@ def release_for(
 
 
 def texture_release(
-    model_path: Path, test: pd.DataFrame, root: Path, batch_size: int
+    model_path: Path, test: pd.DataFrame | None, root: Path, batch_size: int
 ) -> dict[str, Any]:
     """The card's `inference` entry of a texture model: the skops file is served as it is;
     parity compares the probabilities of the file as serving loads it (texture.load) with the
@@ -92,6 +100,13 @@ def texture_release(
         served = texture_load(model_path)
     except TextureError as exc:
         raise ExportError(str(exc)) from None
+    entry = {
+        "file": TEXTURE_FILE,
+        "runtime": "skops",
+        "format": "skops (types checked against chestct.model.texture.TRUSTED_TYPES at load)",
+    }
+    if test is None:
+        return entry
     evaluated = load_model(model_path)
     images = load_images(test, root, int(evaluated.input_shape[1]))
     p_eval = model_outputs(evaluated, images, batch_size, ["probabilities"])["probabilities"]
@@ -99,33 +114,30 @@ def texture_release(
     diff = parity(p_served, p_eval)
     if not diff <= PARITY_TOLERANCE:
         raise ExportError(f"texture model parity failed: max |dp| = {diff:.3g}")
-    return {
-        "file": TEXTURE_FILE,
-        "runtime": "skops",
-        "format": "skops (types checked against chestct.model.texture.TRUSTED_TYPES at load)",
-        "parity_max_abs_diff": diff,
-        "parity_images": len(images),
-    }
+    return {**entry, "parity_max_abs_diff": diff, "parity_images": len(images)}
 
 
 def export_release(
-    model_path: Path, test: pd.DataFrame, root: Path, batch_size: int, work_dir: Path
+    model_path: Path, test: pd.DataFrame | None, root: Path, batch_size: int, work_dir: Path
 ) -> dict[str, Any]:
-    """Export the light artifact and the CAM head into `work_dir`; check parity on `test`.
+    """Export the light artifact and the CAM head into `work_dir`; check parity on `test`
+    (None: no check).
 
     Returns:
-        The card's `inference` entry, with parity_max_abs_diff and parity_images.
+        The card's `inference` entry, with parity_max_abs_diff and parity_images when checked.
 
     Raises:
         ExportError: conversion failed or the light model differs from Keras by more than
             PARITY_TOLERANCE on some test image.
     """
-    from chestct.model.modeling import load_model
+    from chestct.model.modeling import load_model as load_keras
 
-    model = load_model(model_path)
+    model = load_keras(model_path)
     work_dir.mkdir(parents=True, exist_ok=True)
     inference = export_light(model, work_dir / "model.tflite")
     CamHead.from_model(model).save(work_dir / CAM_FILE)
+    if test is None:
+        return inference
     images = load_images(test, root, int(model.input_shape[1]))
     p_keras = model_outputs(model, images, batch_size, ["probabilities"])["probabilities"]
     # The served kernels (XNNPACK) are checked; the card records the reference kernels' figure,

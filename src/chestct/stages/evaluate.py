@@ -33,10 +33,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from chestct.data.manifest import DATASET_COLUMNS, read_manifest, write_manifest
-from chestct.evaluation.attention import LungAttention, lung_attention, outline
+from chestct.data.manifest import DATASET_COLUMNS, read_manifest
+from chestct.evaluation.attention import LungAttention, lung_attention
 from chestct.evaluation.external import external_set, score_external
-from chestct.evaluation.metrics import ReliabilityBin, confusion, reliability, roc_curves
+from chestct.evaluation.metrics import reliability
 from chestct.evaluation.novelty import (
     TrainReference,
     assess,
@@ -45,13 +45,8 @@ from chestct.evaluation.novelty import (
     frame_thumbnails,
     item_groups,
 )
-from chestct.evaluation.plots import (
-    plot_confusion,
-    plot_gallery,
-    plot_reliability,
-    plot_roc,
-    plot_shift,
-)
+from chestct.evaluation.outputs import PLOTS, Evaluation, write_files
+from chestct.evaluation.release import release_for
 from chestct.evaluation.scoring import (
     ScoringError,
     full_metrics,
@@ -65,9 +60,9 @@ from chestct.evaluation.scoring import (
     shift_logits,
     shift_predictions,
 )
-from chestct.fsutil import atomic_write_json, staged_file
-from chestct.imaging.perturb import SHIFTS
+from chestct.fsutil import atomic_write_json
 from chestct.imaging.preparation import Preprocessing, prepare_slice
+from chestct.inference import Artefact, open_artefact
 from chestct.labels import CLASSES
 from chestct.model.calibration import (
     Mahalanobis,
@@ -79,8 +74,8 @@ from chestct.model.calibration import (
     out_of_distribution,
     softmax,
 )
-from chestct.model.families import cam_head_of, explainer_of, family_of
-from chestct.model.gradcam import CamHead, overlay
+from chestct.model.export import ExportError
+from chestct.model.families import FamilyError, family_of
 from chestct.model.texture import occlusion_map
 from chestct.monitoring.signals import REFERENCE_FILE, decoded_greys, fit_reference
 from chestct.pointers import PointerError, lineage_tags, read_pointer
@@ -90,41 +85,7 @@ from chestct.tracking import flatten
 
 log = logging.getLogger(__name__)
 
-PLOTS = (
-    "confusion.png",
-    "roc.png",
-    "reliability.png",
-    "shift.png",
-    "misclassified.png",
-    "gradcam.png",
-    "attention.png",
-)
-
-
 # --------------------------------------------------------------------------- the stage's work
-
-
-@dataclass(frozen=True)
-class Evaluation:
-    """Everything evaluate measured: what it writes and what its pictures are drawn from."""
-
-    metrics: dict[str, Any]
-    predictions: pd.DataFrame
-    calibration: dict[str, Any]
-    ood: Mahalanobis
-    reliability_before: list[ReliabilityBin]
-    reliability_after: list[ReliabilityBin]
-    images: np.ndarray  # the test images, (n, s, s, 1)
-    features: np.ndarray  # their last feature maps, (n, h, w, c)
-    cam_head: CamHead | None  # None for the texture family: its gallery shows occlusion maps
-    reference: dict[str, Any]  # the monitoring profile (chestct.monitoring.signals)
-    external: dict[str, Any]  # external.json: {"source": ""} when evaluate.external is off
-    external_predictions: pd.DataFrame | None = None
-    attention: LungAttention | None = (
-        None  # CAM mass inside the lungs (chestct.evaluation.attention)
-    )
-    family: str = "cnn"
-    explainer: Any = None  # the texture model, for occlusion maps (families.explainer_of)
 
 
 def fit_calibration(
@@ -142,11 +103,38 @@ def fit_calibration(
     shifted images, where the model is wrong more often at the same confidence).
     """
     if calibrate_on == "valid":
-        return fit_temperature(y_valid, valid_logits), "the validation split"
-    logits = np.concatenate([valid_logits, *shifted_valid.values()])
-    y = np.concatenate([y_valid] * (1 + len(shifted_valid)))
-    fit = fit_temperature(y, logits)
-    return fit, f"the validation split and its {len(shifted_valid)} shifted copies"
+        fit, fitted_on = fit_temperature(y_valid, valid_logits), "the validation split"
+    else:
+        logits = np.concatenate([valid_logits, *shifted_valid.values()])
+        y = np.concatenate([y_valid] * (1 + len(shifted_valid)))
+        fit = fit_temperature(y, logits)
+        fitted_on = f"the validation split and its {len(shifted_valid)} shifted copies"
+    if fit.fitted:
+        log.info(
+            "temperature %.4f fitted on %s (NLL %.4f -> %.4f)",
+            fit.temperature,
+            fitted_on,
+            fit.nll_before,
+            fit.nll_after,
+        )
+    else:
+        log.warning("temperature left at 1.0: %s", fit.reason)
+    return fit, fitted_on
+
+
+def served_artefact(model_path: Path, root: Path, batch_size: int, work_dir: Path) -> Artefact:
+    """The candidate exported as promote exports it (chestct.evaluation.release) and opened as
+    the service opens it (chestct.inference.open_artefact): what evaluate scores. Parity with
+    the trained model is not checked here: the metrics are the exported files' own, and promote
+    rejects an export that answers otherwise than the trained model."""
+    try:
+        size = int(load_model(model_path).input_shape[1])
+        release = release_for(model_path, None, root, batch_size, work_dir)
+    except (ExportError, FamilyError, ScoringError) as exc:
+        raise StageFailed(
+            f"{model_path.name} cannot be exported as it would be served: {exc}"
+        ) from None
+    return open_artefact(release.inference, release.files, release.card, size)
 
 
 def run_evaluate(
@@ -159,11 +147,12 @@ def run_evaluate(
     near_copy_similarity: float = 0.9,
     seed: int = 0,
 ) -> Evaluation:
-    """Score the test split, clean and under the shift-stress set; fit temperature, abstention
-    and OOD thresholds on valid/train; score the external set when params name one.
+    """Export the trained model as it would be served, then score the exported artefact on the
+    test split, clean and under the shift-stress set; fit temperature, abstention and OOD
+    thresholds on valid/train; score the external set when params name one.
 
     Args:
-        model_path: the trained .keras model.
+        model_path: the trained model (model.keras, texture.skops or ensemble.json).
         splits: DATASET_COLUMNS frames for "train", "valid" and "test".
         params: the evaluate params.
         root: the folder the manifests' paths are relative to.
@@ -178,66 +167,48 @@ def run_evaluate(
         raise StageFailed(f"evaluate needs the splits train, valid and test; missing {missing}")
     if splits["test"].empty or splits["valid"].empty:
         raise StageFailed("the test or valid split is empty; check the split stage's output")
-    model = load_model(model_path)
-    size = int(model.input_shape[1])
-    prep = (preprocessing or Preprocessing(size)).with_size(size)
-    names = ["logits", "probabilities", "gap", "features"]
-    test_images = load_images(splits["test"], root, size, prep)
-    test = model_outputs(model, test_images, params.batch_size, names)
-    valid_images = load_images(splits["valid"], root, size, prep)
-    valid = model_outputs(model, valid_images, params.batch_size, ["logits", "gap"])
-    train_gap = model_outputs(
-        model, load_images(splits["train"], root, size, prep), params.batch_size, ["gap"]
-    )["gap"]
-    shifted_test = shift_logits(model, splits["test"], root, params.batch_size, prep)
-    shifted_valid = (
-        shift_logits(model, splits["valid"], root, params.batch_size, prep)
-        if params.calibrate_on == "valid_and_shifted"
-        else {}
-    )
+    # The exported files live as long as the artefact runs: the interpreter maps its file.
+    with tempfile.TemporaryDirectory(prefix="chestct-evaluate-") as work:
+        model = served_artefact(model_path, root, params.batch_size, Path(work))
+        size = int(model.input_shape[1])
+        prep = (preprocessing or Preprocessing(size)).with_size(size)
+        return evaluate_artefact(
+            model, family_of(model_path), splits, params, root, prep, class_map,
+            near_copy_similarity, seed,
+        )  # fmt: skip
 
+
+def evaluate_artefact(
+    model: Artefact,
+    family: str,
+    splits: dict[str, pd.DataFrame],
+    params: EvaluateParams,
+    root: Path,
+    prep: Preprocessing,
+    class_map: dict[str, str] | None,
+    near_copy_similarity: float,
+    seed: int,
+) -> Evaluation:
+    """run_evaluate's work on the opened artefact (its arguments, `family` the model's)."""
+    scored = score_splits(model, splits, params, root, prep)
+    test, valid = scored.test, scored.valid
     y_test = label_indices(list(splits["test"]["label"]))
     y_valid = label_indices(list(splits["valid"]["label"]))
-    fit, fitted_on = fit_calibration(y_valid, valid["logits"], shifted_valid, params.calibrate_on)
-    if fit.fitted:
-        log.info(
-            "temperature %.4f fitted on %s (NLL %.4f -> %.4f)",
-            fit.temperature,
-            fitted_on,
-            fit.nll_before,
-            fit.nll_after,
-        )
-    else:
-        log.warning("temperature left at 1.0: %s", fit.reason)
+    fit, fitted_on = fit_calibration(
+        y_valid, valid["logits"], scored.shifted_valid, params.calibrate_on
+    )
     t = fit.temperature
     calibrated_test = softmax(test["logits"], t)
     calibrated_valid = softmax(valid["logits"], t)
     abstain = abstain_threshold(y_valid, calibrated_valid, params.abstain_quantile)
-
-    if len(train_gap) < 2:
-        raise StageFailed(
-            f"the train split has {len(train_gap)} image(s); the out-of-distribution statistics "
-            "need at least two: check the split stage's output"
-        )
-    ood = Mahalanobis.fit(train_gap)
+    ood = Mahalanobis.fit(scored.train_gap)
     ood_threshold = float(np.quantile(ood.distance(valid["gap"]), params.ood_quantile))
     test_distance = ood.distance(test["gap"])
-    frames = (splits["valid"], splits["test"])
-    originals = [
-        o for f in frames for o in (f["original"] if "original" in f else [None] * len(f))
-    ]
-    reference = fit_reference(
-        classes=CLASSES,
-        probabilities=np.concatenate([calibrated_valid, calibrated_test]),
-        ood_distance=np.concatenate([ood.distance(valid["gap"]), test_distance]),
-        ood_threshold=ood_threshold,
-        abstain_threshold=abstain,
-        greys=decoded_greys(originals, root, np.concatenate([valid_images, test_images])),
-        labels=[*splits["valid"]["label"], *splits["test"]["label"]],
-        body_crop=prep.crop == "body",  # serving reuses its crop's box: so does this
-    )
-
-    metrics = full_metrics(y_test, test["logits"], t, shifted_test)
+    reference = monitoring_reference(
+        splits, root, prep, scored, np.concatenate([calibrated_valid, calibrated_test]), ood,
+        ood_threshold, abstain,
+    )  # fmt: skip
+    metrics = full_metrics(y_test, test["logits"], t, scored.shifted_test)
     metrics.update(
         {
             "temperature": t,
@@ -245,8 +216,165 @@ def run_evaluate(
             "ood_rate": float(np.mean(out_of_distribution(test_distance, ood_threshold))),
         }
     )
-    calibration = {
-        "temperature": t,
+    calibration = calibration_record(fit, fitted_on, params, abstain, ood_threshold, family)
+    predictions = prediction_table(splits["test"], softmax(test["logits"]))
+    predictions["entropy_calibrated"] = normalised_entropy(calibrated_test)
+    predictions["ood_distance"] = test_distance
+    for column, values in shift_predictions(scored.shifted_test).items():
+        predictions[column] = values
+    reference_set = TrainReference.from_frame(splits["train"], root, near_copy_similarity)
+    novelty = test_novelty(
+        reference_set, splits["test"], root, y_test, test["logits"], t, params,
+        near_copy_similarity, seed,
+    )  # fmt: skip
+    metrics.update(novelty.metrics)
+    for column, values in novelty.columns.items():
+        predictions[column] = values
+    external, external_predictions = run_external(
+        model, params, root, prep, t, class_map, reference_set, seed
+    )
+    explainer = model.texture if model.family == "texture" else None
+    attention = where_it_looks(model, explainer, splits["test"], root, prep, scored)
+    metrics["attention"] = attention.summary(list(splits["test"]["label"]))
+    return Evaluation(
+        metrics=metrics,
+        predictions=predictions,
+        calibration=calibration,
+        ood=ood,
+        reliability_before=reliability(y_test, softmax(test["logits"])),
+        reliability_after=reliability(y_test, calibrated_test),
+        images=scored.test_images,
+        features=test["features"],
+        cam_head=model.head if explainer is None else None,
+        reference=reference,
+        external=external,
+        external_predictions=external_predictions,
+        attention=attention,
+        family=family,
+        explainer=explainer,
+    )
+
+
+def test_novelty(
+    reference: TrainReference,
+    test: pd.DataFrame,
+    root: Path,
+    y_test: np.ndarray,
+    logits: np.ndarray,
+    temperature: float,
+    params: EvaluateParams,
+    near_copy_similarity: float,
+    seed: int,
+) -> Any:
+    """The memorizer, the near-copy and novel parts and the group bootstrap of the test split
+    (chestct.evaluation.novelty.assess)."""
+    thumbs = frame_thumbnails(test, root)
+    novelty = assess(
+        reference,
+        thumbs,
+        y_test,
+        softmax(logits),
+        softmax(logits, temperature),
+        item_groups(test, thumbs, near_copy_similarity),
+        resamples=params.bootstrap_resamples,
+        confidence=params.confidence,
+        seed=seed,
+    )
+    log.info("test: %s", describe(novelty.metrics))
+    return novelty
+
+
+@dataclass(frozen=True)
+class Scored:
+    """The served artefact's outputs on the splits (chestct.inference.served_logits)."""
+
+    test: dict[str, np.ndarray]  # logits, probabilities, gap, features
+    valid: dict[str, np.ndarray]  # logits, gap
+    train_gap: np.ndarray
+    shifted_test: dict[str, np.ndarray]  # logits per shift
+    shifted_valid: dict[str, np.ndarray]  # logits per shift (evaluate.calibrate_on)
+    test_images: np.ndarray
+    valid_images: np.ndarray
+
+
+def score_splits(
+    model: Artefact,
+    splits: dict[str, pd.DataFrame],
+    params: EvaluateParams,
+    root: Path,
+    prep: Preprocessing,
+) -> Scored:
+    """Run the artefact on the test, valid and train splits and on the shifted test (and,
+    for `valid_and_shifted` calibration, valid) images."""
+    size = model.image_size
+    names = ["logits", "probabilities", "gap", "features"]
+    test_images = load_images(splits["test"], root, size, prep)
+    valid_images = load_images(splits["valid"], root, size, prep)
+    train_images = load_images(splits["train"], root, size, prep)
+    if len(train_images) < 2:
+        raise StageFailed(
+            f"the train split has {len(train_images)} image(s); the out-of-distribution "
+            "statistics need at least two: check the split stage's output"
+        )
+    batch = params.batch_size
+    return Scored(
+        test=model_outputs(model, test_images, batch, names),
+        valid=model_outputs(model, valid_images, batch, ["logits", "gap"]),
+        train_gap=model_outputs(model, train_images, batch, ["gap"])["gap"],
+        shifted_test=shift_logits(model, splits["test"], root, batch, prep),
+        shifted_valid=(
+            shift_logits(model, splits["valid"], root, batch, prep)
+            if params.calibrate_on == "valid_and_shifted"
+            else {}
+        ),
+        test_images=test_images,
+        valid_images=valid_images,
+    )
+
+
+def monitoring_reference(
+    splits: dict[str, pd.DataFrame],
+    root: Path,
+    prep: Preprocessing,
+    scored: Scored,
+    calibrated: np.ndarray,
+    ood: Mahalanobis,
+    ood_threshold: float,
+    abstain: float,
+) -> dict[str, Any]:
+    """The monitoring profile of the valid and test splits (chestct.monitoring.signals), with
+    the calibrated probabilities and OOD distances the service would have answered."""
+    frames = (splits["valid"], splits["test"])
+    originals = [
+        o for f in frames for o in (f["original"] if "original" in f else [None] * len(f))
+    ]
+    images = np.concatenate([scored.valid_images, scored.test_images])
+    return fit_reference(
+        classes=CLASSES,
+        probabilities=calibrated,
+        ood_distance=np.concatenate(
+            [ood.distance(scored.valid["gap"]), ood.distance(scored.test["gap"])]
+        ),
+        ood_threshold=ood_threshold,
+        abstain_threshold=abstain,
+        greys=decoded_greys(originals, root, images),
+        labels=[*splits["valid"]["label"], *splits["test"]["label"]],
+        body_crop=prep.crop == "body",  # serving reuses its crop's box: so does this
+    )
+
+
+def calibration_record(
+    fit: TemperatureFit,
+    fitted_on: str,
+    params: EvaluateParams,
+    abstain: float,
+    ood_threshold: float,
+    family: str,
+) -> dict[str, Any]:
+    """calibration.json: the temperature, abstention and OOD thresholds and their rules, which
+    promote copies into the model card."""
+    return {
+        "temperature": fit.temperature,
         "temperature_fitted": fit.fitted,
         "temperature_reason": fit.reason
         if not fit.fitted
@@ -259,73 +387,43 @@ def run_evaluate(
             f"the {params.abstain_quantile:g} quantile of normalised predictive entropy "
             "(calibrated) over correctly classified validation images"
         ),
-        "family": family_of(model_path),
+        "family": family,
         "ood_threshold": ood_threshold,
         "ood_rule": (
             f"the {params.ood_quantile:g} quantile of Mahalanobis distances of validation GAP "
             "features to the train split's mean, with Ledoit-Wolf precision"
         ),
     }
-    predictions = prediction_table(splits["test"], softmax(test["logits"]))
-    predictions["entropy_calibrated"] = normalised_entropy(calibrated_test)
-    predictions["ood_distance"] = test_distance
-    for column, values in shift_predictions(shifted_test).items():
-        predictions[column] = values
-    reference_set = TrainReference.from_frame(splits["train"], root, near_copy_similarity)
-    test_thumbs = frame_thumbnails(splits["test"], root)
-    novelty = assess(
-        reference_set,
-        test_thumbs,
-        y_test,
-        softmax(test["logits"]),
-        calibrated_test,
-        item_groups(splits["test"], test_thumbs, near_copy_similarity),
-        resamples=params.bootstrap_resamples,
-        confidence=params.confidence,
-        seed=seed,
-    )
-    metrics.update(novelty.metrics)
-    for column, values in novelty.columns.items():
-        predictions[column] = values
-    log.info("test: %s", describe(novelty.metrics))
-    external, external_predictions = run_external(
-        model, params, root, prep, t, class_map, reference_set, seed
-    )
-    head = cam_head_of(model)
-    explainer = explainer_of(model)
-    predicted = np.argmax(test["logits"], axis=1)
-    # Where the model looks: the CAM of the CNN (the ensemble's CNN member), the occlusion map
-    # of the texture model (what /explain draws for each family).
-    if head is not None:
-        heats = [head.cam(f, int(k)) for f, k in zip(test["features"], predicted, strict=True)]
+
+
+def where_it_looks(
+    model: Artefact,
+    explainer: Any,
+    test: pd.DataFrame,
+    root: Path,
+    prep: Preprocessing,
+    scored: Scored,
+) -> LungAttention:
+    """The share of each test image's explanation inside the lungs: the CAM of the CNN (the
+    ensemble's CNN member), the occlusion map of the texture model (what /explain draws)."""
+    predicted = np.argmax(scored.test["logits"], axis=1)
+    if explainer is None:
+        head = model.head
+        features = scored.test["features"]
+        heats = [head.cam(f, int(k)) for f, k in zip(features, predicted, strict=True)]
     else:
         heats = [
             occlusion_map(explainer, x, int(k))
-            for x, k in zip(test_images, predicted, strict=True)
+            for x, k in zip(scored.test_images, predicted, strict=True)
         ]
     # The lungs are looked for on the slices as acquired, the map put back over them through
     # the crop the preprocessing made (as /explain does).
-    greys, _ = original_slices(splits["test"], root)
-    attention = lung_attention(
-        greys, [prepare_slice(g, prep).box for g in greys], heats, prep.resize
-    )
-    metrics["attention"] = attention.summary(list(splits["test"]["label"]))
-    return Evaluation(
-        metrics=metrics,
-        predictions=predictions,
-        calibration=calibration,
-        ood=ood,
-        reliability_before=reliability(y_test, softmax(test["logits"])),
-        reliability_after=reliability(y_test, calibrated_test),
-        images=test_images,
-        features=test["features"],
-        cam_head=head,
-        reference=reference,
-        external=external,
-        external_predictions=external_predictions,
-        attention=attention,
-        family=family_of(model_path),
-        explainer=explainer_of(model),
+    greys, _ = original_slices(test, root)
+    return lung_attention(
+        greys,
+        [prepare_slice(g, prep).box for g in greys],
+        heats,
+        prep.resize,
     )
 
 
@@ -382,183 +480,15 @@ def run_external(
     return {"source": found.origin, "digest": found.digest, **metrics}, predictions
 
 
-# --------------------------------------------------------------------------- plot data
-
-
-def roc_table(predictions: pd.DataFrame) -> pd.DataFrame:
-    """True-positive rate per class on a shared false-positive-rate grid (for dvc plots)."""
-    proba = predictions[[f"p_{c}" for c in CLASSES]].to_numpy()
-    fpr, curves = roc_curves(label_indices(list(predictions["actual"])), proba)
-    return pd.DataFrame({"fpr": fpr, **curves})
-
-
-def reliability_table(before: list[ReliabilityBin], after: list[ReliabilityBin]) -> pd.DataFrame:
-    """One row per confidence bin, before and after temperature scaling."""
-    rows = []
-    for b, a in zip(before, after, strict=True):
-        rows.append(
-            {
-                "bin_mid": round((b.lower + b.upper) / 2, 6),
-                "count": b.count,
-                "confidence": b.confidence,
-                "accuracy": b.accuracy,
-                "count_calibrated": a.count,
-                "confidence_calibrated": a.confidence,
-                "accuracy_calibrated": a.accuracy,
-            }
-        )
-    return pd.DataFrame(rows)
-
-
-def shift_table(metrics: dict[str, Any]) -> pd.DataFrame:
-    """One row per condition, the clean test split first, then each shift of perturb.SHIFTS."""
-    rows = [
-        {
-            "perturbation": "clean",
-            "macro_f1": metrics["macro_f1"],
-            "balanced_accuracy": metrics["balanced_accuracy"],
-            "ece_calibrated": metrics["ece_calibrated"],
-        }
-    ]
-    for shift in SHIFTS:
-        m = metrics["shift"][shift.name]
-        rows.append(
-            {
-                "perturbation": shift.name,
-                "macro_f1": m["macro_f1"],
-                "balanced_accuracy": m["balanced_accuracy"],
-                "ece_calibrated": m["ece_calibrated"],
-            }
-        )
-    return pd.DataFrame(rows)
-
-
-# --------------------------------------------------------------------------- pictures
-
-
-def misclassified_tiles(ev: Evaluation, limit: int = 16) -> list[tuple[np.ndarray, str]]:
-    """The most confident mistakes first."""
-    p = ev.predictions
-    wrong = p.index[p["actual"] != p["predicted"]]
-    order = p.loc[wrong].sort_values("confidence", ascending=False).index[:limit]
-    return [
-        (
-            ev.images[i].astype(np.uint8),
-            f"{p.at[i, 'actual']}\n→ {p.at[i, 'predicted']} ({p.at[i, 'confidence']:.2f})",
-        )
-        for i in order
-    ]
-
-
-def gradcam_tiles(ev: Evaluation, per_class: int) -> list[tuple[np.ndarray, str]]:
-    """Per class: the `per_class` most confident correct images and the `per_class` worst
-    (lowest probability for their true class), each with the CAM of the predicted class."""
-    p = ev.predictions
-    tiles = []
-    for name in CLASSES:
-        mine = p[p["actual"] == name]
-        top = mine[mine["predicted"] == name].sort_values(f"p_{name}", ascending=False)
-        worst = mine.sort_values(f"p_{name}", ascending=True)
-        picks = [(i, "top") for i in top.index[:per_class]]
-        picks += [(i, "worst") for i in worst.index[:per_class] if i not in top.index[:per_class]]
-        for i, kind in picks:
-            predicted = CLASSES.index(p.at[i, "predicted"])
-            if ev.cam_head is not None:
-                heat, what = ev.cam_head.cam(ev.features[i], predicted), "CAM"
-            else:
-                heat = occlusion_map(ev.explainer, ev.images[i][..., 0], predicted)
-                what = "occlusion"
-            probability = p.at[i, f"p_{name}"]
-            caption = f"{kind} {name}\np={probability:.2f}, {what} of {CLASSES[predicted]}"
-            tiles.append((overlay(ev.images[i], heat), caption))
-    return tiles
-
-
-def attention_tiles(ev: Evaluation, limit: int = 8) -> list[tuple[np.ndarray, str]]:
-    """The test images whose predicted-class CAM has the least mass inside the lungs, with the
-    lung field outlined."""
-    if ev.attention is None:
-        return []
-    p = ev.predictions
-    tiles = []
-    a = ev.attention
-    for i in a.worst(limit):
-        heat = a.heats[i] / max(float(a.heats[i].max()), 1e-6)
-        tiles.append(
-            (
-                outline(overlay(a.greys[i], heat), a.masks[i]),
-                f"{p.at[i, 'actual']} → {p.at[i, 'predicted']}\nlung share {a.shares[i]:.2f}",
-            )
-        )
-    return tiles
-
-
 def write_outputs(
     ev: Evaluation, out: Path, params: EvaluateParams, reports: Path | None = None
 ) -> dict[str, Path]:
-    """Write OOD statistics, predictions and pictures into `out`, metrics and plot tables into
-    `reports` (default `out`; the stage passes reports/evaluate/, which git tracks); returns
-    the files by name."""
-    reports = out if reports is None else reports
-    reports.mkdir(parents=True, exist_ok=True)
-    files = {
-        "metrics": reports / "metrics.json",
-        "predictions": out / "predictions.csv",
-        "calibration": out / "calibration.json",
-        "ood": out / "ood.npz",
-        "reference": out / REFERENCE_FILE,
-        "confusion": reports / "confusion.csv",
-        # Four curves in one table: drawn by a top-level plot of dvc.yaml only, so it stays a
-        # cached output (a stage-level plot takes one y column).
-        "roc": out / "roc.csv",
-        "reliability": reports / "reliability.csv",
-        "shift": reports / "shift.csv",
-        "external": reports / "external.json",
-    }
-    atomic_write_json(files["metrics"], ev.metrics)
-    atomic_write_json(files["external"], ev.external)
-    if ev.external_predictions is not None:
-        files["external_predictions"] = out / "external_predictions.csv"
-        write_manifest(files["external_predictions"], ev.external_predictions)
-    write_manifest(files["predictions"], ev.predictions)
-    atomic_write_json(files["calibration"], ev.calibration)
+    """Write OOD statistics, predictions, the monitoring reference and pictures into `out`,
+    metrics and plot tables into `reports` (default `out`; the stage passes reports/evaluate/,
+    which git tracks); returns the files by name (chestct.evaluation.outputs.write_files)."""
+    files = write_files(ev, out, params, reports)
+    files["reference"] = out / REFERENCE_FILE
     atomic_write_json(files["reference"], ev.reference)
-    with staged_file(files["ood"]) as tmp, tmp.open("wb") as fh:
-        np.savez(fh, mean=ev.ood.mean, precision=ev.ood.precision)
-    # dvc plots' confusion template reads one row per image with these two columns.
-    write_manifest(files["confusion"], ev.predictions[["actual", "predicted"]])
-    roc = roc_table(ev.predictions)
-    write_manifest(files["roc"], roc)
-    table = reliability_table(ev.reliability_before, ev.reliability_after)
-    write_manifest(files["reliability"], table)
-    shifts = shift_table(ev.metrics)
-    write_manifest(files["shift"], shifts)
-    plot_shift(shifts, out / "shift.png")
-
-    actual, predicted = (label_indices(list(ev.predictions[c])) for c in ("actual", "predicted"))
-    plot_confusion(confusion(actual, predicted), out / "confusion.png")
-    plot_roc(roc, ev.metrics["roc_auc_per_class"], out / "roc.png")
-    plot_reliability(
-        table, (ev.metrics["ece"], ev.metrics["ece_calibrated"]), out / "reliability.png"
-    )
-    plot_gallery(
-        misclassified_tiles(ev),
-        out / "misclassified.png",
-        "Misclassified test images, most confident first",
-    )
-    plot_gallery(
-        gradcam_tiles(ev, params.gallery_per_class),
-        out / "gradcam.png",
-        "Grad-CAM: top-confidence and worst cases per class"
-        if ev.cam_head is not None
-        else "Occlusion of body tiles (texture model): top-confidence and worst cases per class",
-    )
-    plot_gallery(
-        attention_tiles(ev),
-        out / "attention.png",
-        ("Grad-CAM" if ev.cam_head is not None else "Occlusion-map")
-        + " mass outside the lungs (outlined): the worst test images",
-    )
     return files
 
 

@@ -26,7 +26,9 @@ import cv2
 import numpy as np
 
 from chestct.imaging import preparation
-from chestct.inference import Loaded, analyse_outputs, load_folder
+from chestct.inference.analysis import analyse_outputs
+from chestct.inference.folder import load_folder
+from chestct.inference.loaded import Loaded
 from chestct.labels import CLASSES
 from chestct.model import texture
 from slices import decoded_slices

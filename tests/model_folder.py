@@ -236,7 +236,8 @@ def add_reference(folder: Path, n: int = 200, seed0: int = 50_000) -> dict[str, 
     """Fit the reference profile on in-distribution slices through the served model itself
     (the function evaluate calls), write it and name it in the card as promote does."""
     from chestct.fsutil import sha256_file
-    from chestct.inference import analyse, load_folder
+    from chestct.inference.analysis import analyse
+    from chestct.inference.folder import load_folder
     from chestct.monitoring.signals import REFERENCE_FILE, fit_reference
     from chestct.serving import inputs
 

@@ -35,6 +35,7 @@ from chestct.fsutil import (
 )
 from chestct.model.calibration import Mahalanobis
 from chestct.modelcard import CARD_NAME, FILES_KEY, PROMOTION_NAME, ModelCard
+from chestct.pointers import now_utc
 
 log = logging.getLogger(__name__)
 
@@ -171,3 +172,23 @@ def _record(folder: Path, previous: Path | None, after_swap: Callable[[], None] 
             folder.name,
         )
         raise
+
+
+def build_promotion(
+    registered: dict[str, Any],
+    git_sha: str | None,
+    run_ids: Mapping[str, str | None],
+    model_sha: str,
+) -> dict[str, Any]:
+    """promotion.json: which registry version this is and which runs made it, and when.
+
+    `model_sha256` ties the record to the card it was written with: after `dvc checkout`
+    brings back another model/, the left-over record no longer matches and is ignored."""
+    return {
+        "model_sha256": model_sha,
+        "version": registered.get("version"),
+        "registered": registered,
+        "git_sha": git_sha,
+        "mlflow_run_ids": dict(run_ids),
+        "promoted_at": now_utc(),
+    }

@@ -43,24 +43,29 @@ from chestct.evaluation.selection import (
 from chestct.evaluation.uncertainty import PairedResult, paired_on_tables
 from chestct.fsutil import atomic_write_json, sha256_file
 from chestct.imaging.preparation import Preprocessing
-from chestct.inference import Artefact, ModelFiles, ModelRefused, open_artefact
+from chestct.inference.artefact import Artefact, open_artefact
+from chestct.inference.folder import ModelFiles
+from chestct.inference.loaded import ModelRefused
 from chestct.labels import CLASSES, DISPLAY_NAMES
 from chestct.model.export import ExportError
 from chestct.model.families import FamilyError
 from chestct.model.gradcam import CAM_FILE
-from chestct.modelcard import ModelCard
-from chestct.modelfolder import OOD_FILE, ModelFolderError, pin_digests, write_model_folder
+from chestct.modelcard import CARD_NAME, ModelCard
+from chestct.modelfolder import (
+    OOD_FILE,
+    ModelFolderError,
+    build_promotion,
+    pin_digests,
+    write_model_folder,
+)
 from chestct.monitoring.signals import REFERENCE_FILE
 from chestct.pointers import (
     git_state,
-    now_utc,
 )
 from chestct.settings import PromoteParams
 
 log = logging.getLogger(__name__)
 
-CARD_NAME = "model.json"
-PROMOTION_NAME = "promotion.json"  # run-specific; listed in .dvcignore
 MODEL_FILE = "model.keras"
 
 # register(model_path, alias) -> {"name", "version", "alias", "model_uri"}
@@ -168,7 +173,8 @@ def rescore_champion_full(
 
 def served_champion(model_dir: Path, card: dict[str, Any]) -> Artefact | None:
     """The champion's served files, each checked against its sha256 in the card, opened as
-    evaluate opens the candidate's (chestct.inference.open_artefact); None for a card without
+    evaluate opens the candidate's (chestct.inference.artefact.open_artefact); None for a card
+    without
     an `inference` entry."""
     if not isinstance(card.get("inference"), dict):
         return None
@@ -196,7 +202,8 @@ def build_card(
     """The model card: what serving needs to reproduce, calibrate and explain predictions.
 
     Only what the candidate and params determine: no registry version, run id or time (those
-    are in build_promotion()), so that the same inputs give the same card. It goes through
+    are in chestct.modelfolder.build_promotion()), so that the same inputs give the same card. It
+    goes through
     chestct.modelcard.ModelCard, the type the inference core reads it as, so that a card the
     service would refuse is never written.
     """
@@ -257,33 +264,18 @@ def build_card(
         raise PromotionError(f"the model card promote built is not valid: {exc}") from None
 
 
-def build_promotion(
-    registered: dict[str, Any],
-    git_sha: str | None,
-    run_ids: Mapping[str, str | None],
-    model_sha: str,
-) -> dict[str, Any]:
-    """promotion.json: which registry version this is and which runs made it, and when.
+@dataclass(frozen=True)
+class TestSplit:
+    """The current test split and how its images are read: what candidate and champion are
+    judged on, and a winner's export is checked on."""
 
-    `model_sha256` ties the record to the card it was written with: after `dvc checkout`
-    brings back another model/, the left-over record no longer matches and is ignored."""
-    return {
-        "model_sha256": model_sha,
-        "version": registered.get("version"),
-        "registered": registered,
-        "git_sha": git_sha,
-        "mlflow_run_ids": dict(run_ids),
-        "promoted_at": now_utc(),
-    }
+    frame: pd.DataFrame
+    root: Path  # the folder the manifest's paths are relative to
+    batch_size: int
 
 
 def judge(
-    candidate: Candidate,
-    test: pd.DataFrame,
-    params: PromoteParams,
-    model_dir: Path,
-    root: Path,
-    batch_size: int,
+    candidate: Candidate, split: TestSplit, params: PromoteParams, model_dir: Path
 ) -> Decision:
     """The decision against the champion in `model_dir` (chestct.evaluation.selection), the
     champion re-scored first when its card's figures cannot be compared (`stale_champion`)
@@ -297,7 +289,7 @@ def judge(
         if stale:
             log.info("%s since the champion was promoted: re-scoring it", stale)
             champion_metrics, table = rescore_champion_full(
-                model_dir, card, test, root, batch_size
+                model_dir, card, split.frame, split.root, split.batch_size
             )
             champion_table.append(table)
             rescored = True
@@ -312,7 +304,9 @@ def judge(
         if not champion_table:
             log.info("scoring the champion image by image for the paired test")
             champion_table.append(
-                rescore_champion_full(model_dir, card, test, root, batch_size)[1]
+                rescore_champion_full(model_dir, card, split.frame, split.root, split.batch_size)[
+                    1
+                ]
             )
         return champion_table[0]
 
@@ -320,19 +314,16 @@ def judge(
 
 
 def export_winner(
-    decision: Decision,
-    candidate: Candidate,
-    test: pd.DataFrame,
-    root: Path,
-    batch_size: int,
-    work_dir: Path,
+    decision: Decision, candidate: Candidate, split: TestSplit, work_dir: Path
 ) -> tuple[Decision, Release | None]:
     """A winner's served files (chestct.evaluation.release); a failed export or parity check
     turns the win into a rejection naming it."""
     if not decision.promote:
         return decision, None
     try:
-        return decision, release_for(candidate.model_path, test, root, batch_size, work_dir)
+        return decision, release_for(
+            candidate.model_path, split.frame, split.root, split.batch_size, work_dir
+        )
     except (ExportError, FamilyError) as exc:
         log.error("%s", exc)
         return replace(
@@ -410,8 +401,9 @@ def promote_candidate(
         after_swap: called once model/ holds the outcome (the pointer); if it raises after
             a swap, the previous model/ is put back (chestct.modelfolder.write_model_folder).
     """
-    decision = judge(candidate, test, params, model_dir, root, batch_size)
-    decision, release = export_winner(decision, candidate, test, root, batch_size, work_dir)
+    split = TestSplit(test, root, batch_size)
+    decision = judge(candidate, split, params, model_dir)
+    decision, release = export_winner(decision, candidate, split, work_dir)
     log.info("decision: %s", decision.reason)
     registered: dict[str, Any] = {}
     if decision.rule != RULE_TIE:  # a tie is the champion again: no new registry version

@@ -30,7 +30,7 @@ def texture_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_texture_pipeline_promotes_a_served_texture_model(texture_project: Path) -> None:
     from chestct.fsutil import sha256_file
-    from chestct.inference import load_folder
+    from chestct.inference.folder import load_folder
     from chestct.pointers import read_pointer
     from chestct.settings import load_settings
 

@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 
 from chestct.fsutil import replace_dir, sha256_file
-from chestct.inference import ModelFiles, ModelRefused, Predictor, load_folder
+from chestct.inference.folder import ModelFiles, load_folder
+from chestct.inference.loaded import ModelRefused
+from chestct.inference.predictor import Predictor
 from chestct.modelcard import ModelCard
 from chestct.modelfolder import pin_digests as file_digests
 from chestct.promotion import read_card

@@ -420,7 +420,8 @@ def test_card_reference_is_checked_against_its_sha256(
     monitored_model: Path,
     tmp_path: Path,
 ) -> None:
-    from chestct.inference import ModelRefused, load_folder
+    from chestct.inference.folder import load_folder
+    from chestct.inference.loaded import ModelRefused
 
     folder = tmp_path / "model"
     shutil.copytree(monitored_model, folder)

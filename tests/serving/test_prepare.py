@@ -34,7 +34,7 @@ def test_serving_prepares_like_the_resize_stage(
     tmp_path: Path,
     model_dir: Path,
 ) -> None:
-    from chestct.inference import load_folder
+    from chestct.inference.folder import load_folder
     from chestct.stages.resize import run_resize
 
     params = shipped(ResizeParams, mode="pad", crop="body", intensity="percentile", workers=1)
@@ -100,7 +100,7 @@ def test_lung_crop_flows_from_resize_through_the_card_to_the_predictor(
     as the resize stage did, and /predict answers on it."""
     from chestct.data.synthetic import render_slice
     from chestct.imaging.lungs import lung_field
-    from chestct.inference import load_folder
+    from chestct.inference.folder import load_folder
     from chestct.serving import create_app
     from chestct.stages.resize import run_resize
 

@@ -15,8 +15,9 @@ import pytest
 
 from chestct.imaging import decoding, preparation
 from chestct.imaging.preparation import Preprocessing
-from chestct.inference import load_folder, softmax
+from chestct.inference.folder import load_folder
 from chestct.labels import CLASSES
+from chestct.model.calibration import softmax
 from chestct.serving import create_app
 from model_folder import (
     ABSTAIN,

@@ -12,7 +12,9 @@ import cv2
 import numpy as np
 import pytest
 
-from chestct.inference import ModelRefused, analyse, load_folder
+from chestct.inference.analysis import analyse
+from chestct.inference.folder import load_folder
+from chestct.inference.loaded import ModelRefused
 from chestct.labels import CLASSES
 from chestct.model import texture
 from chestct.serving import create_app

@@ -156,14 +156,14 @@ def test_calibration_json_says_what_the_temperature_was_fitted_on(project, evalu
 
 
 def test_serving_applies_the_calibration_formulas_evaluate_fits_with() -> None:
-    from chestct import inference
+    from chestct.inference import analysis, folder
     from chestct.model import calibration
 
-    assert inference.softmax is calibration.softmax
-    assert inference.entropy is calibration.normalised_entropy
-    assert inference.abstains is calibration.abstains
-    assert inference.out_of_distribution is calibration.out_of_distribution
-    assert inference.Mahalanobis is calibration.Mahalanobis
+    assert analysis.softmax is calibration.softmax
+    assert analysis.entropy is calibration.normalised_entropy
+    assert analysis.abstains is calibration.abstains
+    assert analysis.out_of_distribution is calibration.out_of_distribution
+    assert folder.Mahalanobis is calibration.Mahalanobis
     logits = np.array([2.0, 0.5, -1.0, 0.0])
     np.testing.assert_allclose(
         calibration.softmax(logits, 1.7), calibration.softmax(logits[None], 1.7)[0], rtol=1e-12

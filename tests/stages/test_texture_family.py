@@ -122,7 +122,7 @@ def promoted(model_path: Path, tiny_data, tmp_path: Path) -> tuple[Path, Any]:
 def assert_served_as_evaluated(served: Any, ev: Any, atol: float) -> None:
     """Every test image: the promoted folder's answer is what evaluate measured (evaluate scores
     the served artefact), the same class and the calibrated probabilities within `atol`."""
-    from chestct.inference import analyse
+    from chestct.inference.analysis import analyse
 
     raw = ev.predictions.filter(like="p_").to_numpy()
     for image, p, predicted in zip(ev.images, raw, ev.predictions["predicted"], strict=True):
@@ -133,7 +133,8 @@ def assert_served_as_evaluated(served: Any, ev: Any, atol: float) -> None:
 
 def test_texture_candidate_is_promoted_and_served(texture_model, tiny_data, tmp_path) -> None:
     from chestct.fsutil import sha256_file
-    from chestct.inference import ModelRefused, load_folder
+    from chestct.inference.folder import load_folder
+    from chestct.inference.loaded import ModelRefused
 
     model_dir, ev = promoted(texture_model, tiny_data, tmp_path)
     card = json.loads((model_dir / "model.json").read_text())
@@ -183,7 +184,9 @@ def test_ensemble_member_swapped_is_refused(ensemble_model, tmp_path) -> None:
 
 
 def test_ensemble_candidate_is_promoted_and_served(ensemble_model, tiny_data, tmp_path) -> None:
-    from chestct.inference import analyse, explain, load_folder
+    from chestct.inference.analysis import analyse
+    from chestct.inference.explain import explain
+    from chestct.inference.folder import load_folder
 
     model_dir, ev = promoted(ensemble_model, tiny_data, tmp_path)
     card = json.loads((model_dir / "model.json").read_text())

@@ -202,8 +202,8 @@ def test_predict_split_prepares_each_slice_once(tmp_path: Path, monkeypatch) -> 
 
     import cv2
 
-    import chestct.inference as inference
     from chestct.imaging.encoding import encode_png
+    from chestct.inference import analysis
     from chestct.research.error_analysis import Promoted, predict_split
 
     size = 32
@@ -242,7 +242,7 @@ def test_predict_split_prepares_each_slice_once(tmp_path: Path, monkeypatch) -> 
             probabilities=proba,
         )
 
-    monkeypatch.setattr(inference, "analyse", analyse)
+    monkeypatch.setattr(analysis, "analyse", analyse)
     pred = predict_split(Promoted({}, served, tmp_path), pd.DataFrame(rows), tmp_path)
     assert len(pred) == 3
     for i, image in enumerate(seen):

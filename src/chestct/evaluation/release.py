@@ -1,5 +1,6 @@
 """The served files of a trained model, by family: what promote installs in model/ and what
-evaluate scores (chestct.inference.open_artefact), so that the metrics are of the artefact that
+evaluate scores (chestct.inference.artefact.open_artefact), so that the metrics are of the
+artefact that
 is served.
 
 - cnn: the LiteRT export of the Keras model (chestct.model.export) and its CAM head;

@@ -314,7 +314,7 @@ def score(
     """Metrics (full_metrics) and predictions (with `predicted_<shift>` columns) of a saved
     model on a split; promote re-scores the champion with this, with the champion's own
     preprocessing and temperature, through its served artefact (`model`: an opened
-    chestct.inference.Artefact; without one, the file at `model_path` is loaded)."""
+    chestct.inference.artefact.Artefact; without one, the file at `model_path` is loaded)."""
     model = model if model is not None else load_model(model_path)
     size = int(model.input_shape[1])
     prep = preprocessing or Preprocessing(size)

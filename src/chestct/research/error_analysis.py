@@ -25,7 +25,7 @@ from chestct.pointers import read_pointer
 from chestct.settings import Settings
 
 if TYPE_CHECKING:
-    from chestct.inference import Loaded
+    from chestct.inference.loaded import Loaded
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def load_promoted(settings: Settings) -> Promoted:
             f"{folder / 'model.json'} not found: no model has been promoted; run `dvc repro` "
             "(or `make run`)"
         )
-    from chestct.inference import load_folder
+    from chestct.inference.folder import load_folder
 
     served = load_folder(folder)
     return Promoted(card=served.card.to_dict(), served=served, folder=folder)
@@ -93,7 +93,7 @@ def predict_split(promoted: Promoted, split: pd.DataFrame, root: Path) -> pd.Dat
         probability), correct, entropy (normalised), abstain and out_of_distribution (None when
         the card has no threshold for them), ood_score, and p_<class> for every class.
     """
-    from chestct.inference import analyse
+    from chestct.inference.analysis import analyse
 
     served = promoted.served
     names = [f"p_{c}" for c in served.classes]

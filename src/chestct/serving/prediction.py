@@ -19,16 +19,11 @@ from flask import Blueprint, Response, g, jsonify, request
 from chestct.fsutil import sha256_bytes
 from chestct.imaging import formats, workers
 from chestct.imaging.body import BodyBox
-from chestct.inference import (
-    Loaded,
-    analyse,
-    analyse_outputs,
-    overlay_png,
-    seed_of,
-)
-from chestct.inference import (
-    explain as explain_image,
-)
+from chestct.inference.analysis import analyse, analyse_outputs
+from chestct.inference.explain import explain as explain_image
+from chestct.inference.explain import overlay_png
+from chestct.inference.loaded import Loaded
+from chestct.inference.predictor import seed_of
 from chestct.model.families import OFFERS
 from chestct.monitoring.signals import image_signals, request_signals
 from chestct.serving import inputs

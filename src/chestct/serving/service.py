@@ -20,7 +20,8 @@ from typing import Any
 from flask import current_app
 
 from chestct.imaging import formats
-from chestct.inference import Loaded, ModelNotReady, ModelRefused, Predictor
+from chestct.inference.loaded import Loaded, ModelNotReady, ModelRefused
+from chestct.inference.predictor import Predictor
 from chestct.monitoring.audit import AuditLog
 from chestct.serving import inputs
 from chestct.serving.metrics import ServiceMetrics

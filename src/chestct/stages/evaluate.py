@@ -62,7 +62,7 @@ from chestct.evaluation.scoring import (
 )
 from chestct.fsutil import atomic_write_json
 from chestct.imaging.preparation import Preprocessing, prepare_slice
-from chestct.inference import Artefact, open_artefact
+from chestct.inference.artefact import Artefact, open_artefact
 from chestct.labels import CLASSES
 from chestct.model.calibration import (
     Mahalanobis,
@@ -124,7 +124,8 @@ def fit_calibration(
 
 def served_artefact(model_path: Path, root: Path, batch_size: int, work_dir: Path) -> Artefact:
     """The candidate exported as promote exports it (chestct.evaluation.release) and opened as
-    the service opens it (chestct.inference.open_artefact): what evaluate scores. Parity with
+    the service opens it (chestct.inference.artefact.open_artefact): what evaluate scores. Parity
+    with
     the trained model is not checked here: the metrics are the exported files' own, and promote
     rejects an export that answers otherwise than the trained model."""
     try:
@@ -286,7 +287,7 @@ def test_novelty(
 
 @dataclass(frozen=True)
 class Scored:
-    """The served artefact's outputs on the splits (chestct.inference.served_logits)."""
+    """The served artefact's outputs on the splits (chestct.inference.analysis.served_logits)."""
 
     test: dict[str, np.ndarray]  # logits, probabilities, gap, features
     valid: dict[str, np.ndarray]  # logits, gap

@@ -116,9 +116,9 @@ def test_shift_table_picture_and_external_file_are_written(evaluation, tmp_path:
 
 
 def test_temperature_fitted_on_shifted_copies_covers_their_overconfidence() -> None:
+    from chestct.assessment import fit_calibration
     from chestct.evaluation.metrics import expected_calibration_error
     from chestct.model.calibration import softmax
-    from chestct.stages.evaluate import fit_calibration
 
     rng = np.random.default_rng(0)
     y = np.repeat(np.arange(4), 50)

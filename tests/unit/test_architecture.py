@@ -74,7 +74,7 @@ FLOORS: dict[str, int] = {
     "monitoring": 4,
     "inference": 5,
     # the leaves: commands, notebooks' helpers, the web service, the pipeline stages
-    "cli": 6, "research": 6, "promotion": 6,
+    "cli": 6, "research": 6, "promotion": 6, "assessment": 6,
     "serving": 7, "stages": 7,
 }  # fmt: skip
 

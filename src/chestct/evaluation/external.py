@@ -9,6 +9,8 @@ champion with scoring, does not depend on how sources are read.
 from __future__ import annotations
 
 import hashlib
+import logging
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from chestct.data.sources import SPLIT_NAMES, SourceError, archive_kind, is_url, resolve
+from chestct.evaluation.novelty import TrainReference, assess_files, describe
 from chestct.evaluation.scoring import (
     ScoringError,
     full_metrics,
@@ -29,6 +32,9 @@ from chestct.imaging.formats import ImageError
 from chestct.imaging.preparation import Preprocessing, prepare
 from chestct.labels import CLASSES, label_for_folder
 from chestct.model.calibration import softmax
+from chestct.settings import EvaluateParams
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -126,3 +132,53 @@ def score_external(
     metrics["skipped"] = len(skipped)
     frame = pd.DataFrame({"path": names, "source_path": names, "label": labels})
     return metrics, prediction_table(frame, softmax(logits))
+
+
+def run_external(
+    model: Any,
+    params: EvaluateParams,
+    root: Path,
+    preprocessing: Preprocessing,
+    temperature: float,
+    class_map: dict[str, str] | None = None,
+    reference: TrainReference | None = None,
+    seed: int = 0,
+) -> tuple[dict[str, Any], pd.DataFrame | None]:
+    """external.json's content and the predictions on params `evaluate.external`.
+
+    Reported apart from metrics.json and never used for selection, calibration or thresholds:
+    it is scored with the temperature fitted on valid, after everything else is decided. With
+    the training slices (`reference`) it also gets the memorizer, the novelty split and the
+    intervals, its groups being the series its slices form by similarity.
+    """
+    if not params.external:
+        return {"source": "", "n": 0}, None
+    with tempfile.TemporaryDirectory(prefix="chestct-external-") as staging:
+        found = external_set(params.external, root, Path(staging), class_map)
+        metrics, predictions = score_external(
+            model, found, preprocessing, params.batch_size, temperature, root
+        )
+        if reference is not None:
+            novelty = assess_files(
+                reference,
+                [f for _, f in found.files],
+                predictions,
+                temperature,
+                preprocessing.window,
+                resamples=params.bootstrap_resamples,
+                confidence=params.confidence,
+                seed=seed,
+            )
+            metrics.update(novelty.metrics)
+            for column, values in novelty.columns.items():
+                predictions[column] = values
+            log.info("external: %s", describe(metrics))
+    log.info(
+        "external set %s: %d images, macro-F1 %.4f, balanced accuracy %.4f, ECE %.4f",
+        found.origin,
+        metrics["n"],
+        metrics["macro_f1"],
+        metrics["balanced_accuracy"],
+        metrics["ece_calibrated"],
+    )
+    return {"source": found.origin, "digest": found.digest, **metrics}, predictions

@@ -155,6 +155,8 @@ class TextureParams:
     l2_regularization: float = 0.0
     class_weight: Literal["balanced", "none"] = "balanced"
     threads: int = 1  # OpenMP threads of the trees (their default, every core, crawls here)
+    bag: int = 1  # boosters with seeds base.seed, +1, ...: their probabilities averaged
+    refit: bool = False  # once valid chose iterations and temperature: fit on train + valid
 
 
 @dataclass(frozen=True)
@@ -728,6 +730,10 @@ def _check_model_and_training(model: BaseModelParams, train: TrainParams) -> Non
         )
     if texture.l2_regularization < 0:
         raise SettingsError("base_model.texture.l2_regularization: must be >= 0")
+    if not 1 <= texture.bag <= 20:
+        raise SettingsError(
+            f"base_model.texture.bag: the number of boosters must be 1..20, got {texture.bag}"
+        )
     weights = model.weights
     if weights not in ("none", "imagenet") and not weights.endswith((".h5", ".keras")):
         raise SettingsError(

@@ -220,6 +220,26 @@ def cam_head_of(model: Any) -> Any:
     return CamHead.from_model(model.cnn if isinstance(model, EnsembleFamily) else model)
 
 
+def kept_calibration(model: Any) -> str:
+    """Why evaluate must not fit its temperature on the valid split for `model`, or "" when it
+    may: a texture model (or an ensemble's texture member) refit on train + valid has seen
+    valid, so a temperature fitted there would only sharpen it."""
+    texture = (
+        model.model
+        if isinstance(model, TextureFamily)
+        else model.texture
+        if isinstance(model, EnsembleFamily)
+        else None
+    )
+    if texture is None or not texture.details.get("refit_on"):
+        return ""
+    return (
+        "kept at 1.0: the texture model was refit on train + valid (base_model.texture.refit), "
+        "so valid is no longer held out; the temperature train fitted on valid before the "
+        f"refit ({float(texture.temperature):.4f}) is inside the model"
+    )
+
+
 def explainer_of(model: Any) -> TextureModel | None:
     """The texture model whose occlusion maps explain `model` (texture family only)."""
     return model.model if isinstance(model, TextureFamily) else None

@@ -79,7 +79,7 @@ from chestct.model.calibration import (
     out_of_distribution,
     softmax,
 )
-from chestct.model.families import cam_head_of, explainer_of, family_of
+from chestct.model.families import cam_head_of, explainer_of, family_of, kept_calibration
 from chestct.model.gradcam import CamHead, overlay
 from chestct.model.texture import occlusion_map
 from chestct.monitoring.signals import REFERENCE_FILE, decoded_greys, fit_reference
@@ -198,7 +198,12 @@ def run_evaluate(
 
     y_test = label_indices(list(splits["test"]["label"]))
     y_valid = label_indices(list(splits["valid"]["label"]))
-    fit, fitted_on = fit_calibration(y_valid, valid["logits"], shifted_valid, params.calibrate_on)
+    kept = kept_calibration(model)  # a texture model refit on train + valid has seen valid
+    fit, fitted_on = (
+        (TemperatureFit(1.0, False, kept, None, None), "")
+        if kept
+        else fit_calibration(y_valid, valid["logits"], shifted_valid, params.calibrate_on)
+    )
     if fit.fitted:
         log.info(
             "temperature %.4f fitted on %s (NLL %.4f -> %.4f)",

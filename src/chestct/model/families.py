@@ -234,9 +234,9 @@ def kept_calibration(model: Any) -> str:
     if texture is None or not texture.details.get("refit_on"):
         return ""
     return (
-        "kept at 1.0: the texture model was refit on train + valid (base_model.texture.refit), "
-        "so valid is no longer held out; the temperature train fitted on valid before the "
-        f"refit ({float(texture.temperature):.4f}) is inside the model"
+        "the texture model was refit on train + valid (base_model.texture.refit), so valid is "
+        "no longer held out; the temperature train fitted on valid before the refit "
+        f"({float(texture.temperature):.4f}) is inside the model"
     )
 
 

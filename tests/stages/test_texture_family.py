@@ -83,7 +83,12 @@ def test_a_refit_texture_model_keeps_trains_temperature(tiny_data, tmp_path: Pat
 
     root, data = tiny_data
     model, _ = run_train_texture(
-        data["train"], data["valid"], replace(SPEC, refit=True), 0, root, IMAGE_SIZE
+        data["train"],
+        data["valid"],
+        replace(SPEC, refit=True),
+        0,
+        root,
+        IMAGE_SIZE,
     )
     assert model.details["train_slices"] == len(data["train"]) + len(data["valid"])
     reason = families.kept_calibration(families.TextureFamily(model))
@@ -92,6 +97,15 @@ def test_a_refit_texture_model_keeps_trains_temperature(tiny_data, tmp_path: Pat
     ev = evaluate(path, tiny_data)
     assert ev.calibration["temperature"] == 1.0 and not ev.calibration["temperature_fitted"]
     assert ev.calibration["temperature_reason"] == reason
+    # The abstain threshold comes from valid as the model saw it before the refit (held out),
+    # not from the refit model's in-sample entropies.
+    from chestct.evaluation.scoring import label_indices
+    from chestct.model.calibration import abstain_threshold
+
+    held_out = families.held_out_valid_logits(families.TextureFamily(model), len(data["valid"]))
+    y_valid = label_indices(list(data["valid"]["label"]))
+    expected = abstain_threshold(y_valid, softmax(held_out), EvaluateParams().abstain_quantile)
+    assert ev.calibration["abstain_entropy"] == pytest.approx(expected)
 
 
 class Registry:

@@ -85,6 +85,11 @@ def test_refit_uses_train_and_valid_and_leaves_test_untouched(
     assert not np.allclose(refitted.full_probabilities(x), chosen.full_probabilities(x))
     assert families.kept_calibration(families.TextureFamily(refitted))
     assert families.kept_calibration(families.TextureFamily(chosen)) == ""
+    # What evaluate sets the abstain threshold on: valid as the model saw it before the refit.
+    held_out = families.held_out_valid_logits(families.TextureFamily(refitted), len(yv))
+    np.testing.assert_allclose(held_out, chosen.logits(xv), atol=1e-5)
+    assert families.held_out_valid_logits(families.TextureFamily(chosen), len(yv)) is None
+    assert families.held_out_valid_logits(families.TextureFamily(refitted), len(yv) + 1) is None
 
 
 def test_a_one_booster_file_of_format_1_still_loads(features: dict, tmp_path: Path) -> None:

@@ -240,6 +240,17 @@ def kept_calibration(model: Any) -> str:
     )
 
 
+def held_out_valid_logits(model: Any, n_valid: int) -> np.ndarray | None:
+    """The valid split's calibrated logits from before a texture model's refit (None for any
+    other model, or when the valid split no longer has `n_valid` rows): the refit model has
+    seen valid, so an abstain threshold set on its own valid entropies would be in-sample."""
+    texture = model.model if isinstance(model, TextureFamily) else None
+    stored = texture.details.get("held_out_valid_logits") if texture is not None else None
+    if not stored or len(stored) != n_valid:
+        return None
+    return np.asarray(stored, np.float64)
+
+
 def explainer_of(model: Any) -> TextureModel | None:
     """The texture model whose occlusion maps explain `model` (texture family only)."""
     return model.model if isinstance(model, TextureFamily) else None

@@ -115,6 +115,9 @@ def fit_texture_features(
     )
     fit = fit_temperature(y_valid, log_probabilities(texture.full_probabilities(x_valid)))
     texture.temperature = float(fit.temperature)
+    # The valid split's calibrated logits while it is still held out: after a refit they are
+    # what evaluate sets the abstain threshold on (families.held_out_valid_logits).
+    held_out = texture.logits(x_valid)
     if spec.refit:
         texture.classifiers = refit(x_train, y_train, x_valid, y_valid, spec, seed, boosters)
         texture.__dict__.pop("_trees", None)
@@ -126,6 +129,7 @@ def fit_texture_features(
         "temperature": texture.temperature,
         "temperature_fitted": fit.fitted,
         "refit_on": "train+valid" if spec.refit else "",
+        "held_out_valid_logits": np.round(held_out, 6).tolist() if spec.refit else [],
         "train_slices": len(x_train) + (len(x_valid) if spec.refit else 0),
         "spec": asdict(spec),
         "features": feature_count(),

@@ -79,7 +79,13 @@ from chestct.model.calibration import (
     out_of_distribution,
     softmax,
 )
-from chestct.model.families import cam_head_of, explainer_of, family_of, kept_calibration
+from chestct.model.families import (
+    cam_head_of,
+    explainer_of,
+    family_of,
+    held_out_valid_logits,
+    kept_calibration,
+)
 from chestct.model.gradcam import CamHead, overlay
 from chestct.model.texture import occlusion_map
 from chestct.monitoring.signals import REFERENCE_FILE, decoded_greys, fit_reference
@@ -216,7 +222,8 @@ def run_evaluate(
         log.warning("temperature left at 1.0: %s", fit.reason)
     t = fit.temperature
     calibrated_test = softmax(test["logits"], t)
-    calibrated_valid = softmax(valid["logits"], t)
+    held_out = held_out_valid_logits(model, len(y_valid))  # a refit texture model's, pre-refit
+    calibrated_valid = softmax(valid["logits"] if held_out is None else held_out, t)
     abstain = abstain_threshold(y_valid, calibrated_valid, params.abstain_quantile)
 
     if len(train_gap) < 2:

@@ -82,14 +82,13 @@ def test_a_refit_texture_model_keeps_trains_temperature(tiny_data, tmp_path: Pat
     from chestct.stages.train import run_train_texture
 
     root, data = tiny_data
-    model, _ = run_train_texture(
-        data["train"],
-        data["valid"],
-        replace(SPEC, refit=True),
-        0,
-        root,
-        IMAGE_SIZE,
+    model, figures = run_train_texture(
+        data["train"], data["valid"], replace(SPEC, refit=True), 0, root, IMAGE_SIZE
     )
+    _, plain = run_train_texture(data["train"], data["valid"], SPEC, 0, root, IMAGE_SIZE)
+    # train's valid figures are the held-out ones (before the refit), not in-sample ones.
+    assert figures["val_accuracy"] == plain["val_accuracy"]
+    assert figures["val_loss"] == pytest.approx(plain["val_loss"], abs=1e-5)
     assert model.details["train_slices"] == len(data["train"]) + len(data["valid"])
     reason = families.kept_calibration(families.TextureFamily(model))
     assert "refit on train + valid" in reason

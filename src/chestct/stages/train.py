@@ -580,7 +580,9 @@ def run_train_texture(
         )
     except TextureError as exc:
         raise StageFailed(str(exc)) from None
-    proba = softmax(model.logits(x_valid))
+    # A refit model has seen valid: its figures are those of the boosters before the refit.
+    held_out = model.details.get("held_out_valid_logits")
+    proba = softmax(np.asarray(held_out) if held_out else model.logits(x_valid))
     m = classification_metrics(y_valid, proba)
     figures = {
         "val_loss": nll(y_valid, proba),

@@ -88,7 +88,7 @@ def main() -> None:
             prep_ms.append((t1 - t0) * 1000)
             feat_ms.append((t2 - t1) * 1000)
             tree_ms.append((t3 - t2) * 1000)
-        iterations = model.texture.classifier.n_iter_
+        iterations = sum(c.n_iter_ for c in model.texture.classifiers)
         print(
             f"texture family, {model.image_size} px, {iterations} iterations x "
             f"{len(CLASSES)} classes, {texture.feature_count()} features, one core "

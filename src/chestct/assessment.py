@@ -58,7 +58,7 @@ from chestct.model.calibration import (
     softmax,
 )
 from chestct.model.export import ExportError
-from chestct.model.families import FamilyError, family_of
+from chestct.model.families import FamilyError, family_of, held_out_valid_logits, kept_calibration
 from chestct.model.texture import occlusion_map
 from chestct.monitoring.signals import decoded_greys, fit_reference
 from chestct.settings import EvaluateParams
@@ -179,12 +179,16 @@ def evaluate_artefact(
     test, valid = scored.test, scored.valid
     y_test = label_indices(list(splits["test"]["label"]))
     y_valid = label_indices(list(splits["valid"]["label"]))
-    fit, fitted_on = fit_calibration(
-        y_valid, valid["logits"], scored.shifted_valid, params.calibrate_on
+    kept = kept_calibration(model)  # a texture model refit on train + valid has seen valid
+    fit, fitted_on = (
+        (TemperatureFit(1.0, False, kept, None, None), "")
+        if kept
+        else fit_calibration(y_valid, valid["logits"], scored.shifted_valid, params.calibrate_on)
     )
     t = fit.temperature
     calibrated_test = softmax(test["logits"], t)
-    calibrated_valid = softmax(valid["logits"], t)
+    held_out = held_out_valid_logits(model, len(y_valid))  # a refit texture model's, pre-refit
+    calibrated_valid = softmax(valid["logits"] if held_out is None else held_out, t)
     abstain = abstain_threshold(y_valid, calibrated_valid, params.abstain_quantile)
     ood = Mahalanobis.fit(scored.train_gap)
     ood_threshold = float(np.quantile(ood.distance(valid["gap"]), params.ood_quantile))

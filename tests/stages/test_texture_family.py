@@ -77,6 +77,39 @@ def test_texture_evaluation_writes_the_pictures(texture_model, tiny_data, tmp_pa
     assert json.loads(files["metrics"].read_text())["macro_f1"] >= 0
 
 
+def test_a_refit_texture_model_keeps_trains_temperature(tiny_data, tmp_path: Path) -> None:
+    """base_model.texture.refit: train fits on train + valid (never test), and evaluate, whose
+    valid split the model has now seen, leaves the temperature train fitted before the refit."""
+    from dataclasses import replace
+
+    from chestct.stages.train import run_train_texture
+
+    root, data = tiny_data
+    model, figures = run_train_texture(
+        data["train"], data["valid"], replace(SPEC, refit=True), 0, root, IMAGE_SIZE
+    )
+    _, plain = run_train_texture(data["train"], data["valid"], SPEC, 0, root, IMAGE_SIZE)
+    # train's valid figures are the held-out ones (before the refit), not in-sample ones.
+    assert figures["val_accuracy"] == plain["val_accuracy"]
+    assert figures["val_loss"] == pytest.approx(plain["val_loss"], abs=1e-5)
+    assert model.details["train_slices"] == len(data["train"]) + len(data["valid"])
+    reason = families.kept_calibration(families.TextureFamily(model))
+    assert "refit on train + valid" in reason
+    path = texture.save(model, tmp_path / families.TEXTURE_FILE)
+    ev = evaluate(path, tiny_data)
+    assert ev.calibration["temperature"] == 1.0 and not ev.calibration["temperature_fitted"]
+    assert ev.calibration["temperature_reason"] == reason
+    # The abstain threshold comes from valid as the model saw it before the refit (held out),
+    # not from the refit model's in-sample entropies.
+    from chestct.evaluation.scoring import label_indices
+    from chestct.model.calibration import abstain_threshold
+
+    held_out = families.held_out_valid_logits(families.TextureFamily(model), len(data["valid"]))
+    y_valid = label_indices(list(data["valid"]["label"]))
+    expected = abstain_threshold(y_valid, softmax(held_out), EvaluateParams().abstain_quantile)
+    assert ev.calibration["abstain_entropy"] == pytest.approx(expected)
+
+
 class Registry:
     def __init__(self) -> None:
         self.calls: list[tuple[Path, str]] = []

@@ -11,6 +11,7 @@ import pytest
 
 from chestct.model import texture
 from chestct.model.calibration import softmax
+from chestct.model.texture_fit import _classifier
 
 
 def slices(n: int, seed: int, size: int = 48) -> tuple[np.ndarray, np.ndarray]:
@@ -52,7 +53,7 @@ def test_truncation_is_the_staged_model() -> None:
     features = texture.feature_matrix(x)
     spec = texture.ClassifierSpec(max_iter=12)
     with texture.limited_threads(1):
-        clf = texture._classifier(spec, 0, 12).fit(features, y)
+        clf = _classifier(spec, 0, 12).fit(features, y)
         staged = list(clf.staged_predict_proba(features))
         texture.truncate(clf, 5)
         np.testing.assert_allclose(clf.predict_proba(features), staged[4])
@@ -65,7 +66,7 @@ def test_fit_chooses_iterations_and_temperature_on_valid(tmp_path: Path) -> None
     xv, yv = slices(16, 3)
     model = texture.fit_texture(x, y, xv, yv, texture.ClassifierSpec(max_iter=30), seed=0)
     assert 1 <= model.details["iterations"] <= 30
-    assert model.classifier.n_iter_ == model.details["iterations"]
+    assert [c.n_iter_ for c in model.classifiers] == [model.details["iterations"]]
     assert model.temperature > 0
     out = model.outputs(xv)
     np.testing.assert_allclose(out["probabilities"], softmax(out["logits"]), atol=1e-6)
@@ -94,7 +95,7 @@ def test_flat_trees_are_scikit_learns_predictions(classes: int) -> None:
     keep = y < classes
     features, y = texture.feature_matrix(x[keep]), y[keep]
     with texture.limited_threads(1):
-        clf = texture._classifier(texture.ClassifierSpec(max_iter=25), 0, 25).fit(features, y)
+        clf = _classifier(texture.ClassifierSpec(max_iter=25), 0, 25).fit(features, y)
         expected = clf.predict_proba(features)
     flat = texture.FlatTrees.of(clf)
     np.testing.assert_allclose(flat.probabilities(features), expected, atol=1e-9)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import keras
+import numpy as np
 import pandas as pd
 
 from chestct.evaluation.metrics import classification_metrics
@@ -59,7 +60,9 @@ def fit_texture_on(
     x_valid = feature_matrix(valid_images)
     curve: list[dict[str, float]] = []
     model = fit_texture_features(x_train, y_train, x_valid, y_valid, spec, seed, image_size, curve)
-    proba = softmax(model.logits(x_valid))
+    # A refit model has seen valid: its figures are those of the boosters before the refit.
+    held_out = model.details.get("held_out_valid_logits")
+    proba = softmax(np.asarray(held_out) if held_out else model.logits(x_valid))
     m = classification_metrics(y_valid, proba)
     figures = {
         "val_loss": nll(y_valid, proba),

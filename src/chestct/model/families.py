@@ -220,6 +220,49 @@ def cam_head_of(model: Any) -> Any:
     return CamHead.from_model(model.cnn if isinstance(model, EnsembleFamily) else model)
 
 
+def _texture_member(model: Any) -> TextureModel | None:
+    """The texture model of a texture or ensemble model: a trained family here, or a served
+    artefact (chestct.inference.artefact.Artefact, which carries it as `texture`)."""
+    if isinstance(model, TextureFamily):
+        return model.model
+    if isinstance(model, EnsembleFamily):
+        return model.texture
+    return getattr(model, "texture", None)
+
+
+def _family_name(model: Any) -> str:
+    if isinstance(model, TextureFamily):
+        return "texture"
+    if isinstance(model, EnsembleFamily):
+        return "ensemble"
+    return str(getattr(model, "family", "cnn"))
+
+
+def kept_calibration(model: Any) -> str:
+    """Why evaluate must not fit its temperature on the valid split for `model`, or "" when it
+    may: a texture model (or an ensemble's texture member) refit on train + valid has seen
+    valid, so a temperature fitted there would only sharpen it."""
+    texture = _texture_member(model)
+    if texture is None or not texture.details.get("refit_on"):
+        return ""
+    return (
+        "the texture model was refit on train + valid (base_model.texture.refit), so valid is "
+        "no longer held out; the temperature train fitted on valid before the refit "
+        f"({float(texture.temperature):.4f}) is inside the model"
+    )
+
+
+def held_out_valid_logits(model: Any, n_valid: int) -> np.ndarray | None:
+    """The valid split's calibrated logits from before a texture model's refit (None for any
+    other model, or when the valid split no longer has `n_valid` rows): the refit model has
+    seen valid, so an abstain threshold set on its own valid entropies would be in-sample."""
+    texture = _texture_member(model) if _family_name(model) == "texture" else None
+    stored = texture.details.get("held_out_valid_logits") if texture is not None else None
+    if not stored or len(stored) != n_valid:
+        return None
+    return np.asarray(stored, np.float64)
+
+
 def explainer_of(model: Any) -> TextureModel | None:
     """The texture model whose occlusion maps explain `model` (texture family only)."""
     return model.model if isinstance(model, TextureFamily) else None

@@ -33,6 +33,18 @@ class TextureParams:
         "core, which crawls here)",
         ge=1,
     )
+    bag: int = key(
+        "texture/ensemble: boosters with seeds `base.seed`, +1, ...; their probabilities are "
+        "averaged",
+        ge=1,
+        le=20,
+    )
+    refit: bool = key(
+        "texture/ensemble: `true` fits the boosters again on train + valid once valid has "
+        "chosen the iterations and the temperature (the test split stays untouched; evaluate "
+        "then keeps train's temperature and sets the abstain threshold on valid's held-out "
+        "logits)"
+    )
 
 
 @dataclass(frozen=True)

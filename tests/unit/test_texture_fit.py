@@ -26,7 +26,8 @@ def features() -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 def fit(features: dict, spec: texture.ClassifierSpec) -> texture.TextureModel:
     (xt, yt), (xv, yv) = features["train"], features["valid"]
-    return texture.fit_texture_features(xt, yt, xv, yv, spec, seed=3, image_size=64)
+    data = texture_fit.FeatureSplits(xt, yt, xv, yv)
+    return texture.fit_texture_features(data, spec, seed=3, image_size=64)
 
 
 def test_bag_averages_its_boosters(features: dict) -> None:

@@ -27,6 +27,7 @@ from chestct.model.texture import (
     feature_matrix,
     fit_texture_features,
 )
+from chestct.model.texture_fit import FeatureSplits
 from chestct.settings import TextureParams
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,8 @@ def fit_texture_on(
     x_train = feature_matrix(train_images)
     x_valid = feature_matrix(valid_images)
     curve: list[dict[str, float]] = []
-    model = fit_texture_features(x_train, y_train, x_valid, y_valid, spec, seed, image_size, curve)
+    data = FeatureSplits(x_train, y_train, x_valid, y_valid)
+    model = fit_texture_features(data, spec, seed, image_size, curve)
     # A refit model has seen valid: its figures are those of the boosters before the refit.
     held_out = model.details.get("held_out_valid_logits")
     proba = softmax(np.asarray(held_out) if held_out else model.logits(x_valid))

@@ -77,16 +77,23 @@ def fit_texture(
     """Fit on the train split, iterations chosen and temperature fitted on valid (the module
     docstring says how; `fit_texture_features` on the slices' features)."""
     x_train, x_valid = feature_matrix(train_images), feature_matrix(valid_images)
-    return fit_texture_features(
-        x_train, y_train, x_valid, y_valid, spec, seed, int(train_images.shape[1])
-    )
+    data = FeatureSplits(x_train, y_train, x_valid, y_valid)
+    return fit_texture_features(data, spec, seed, int(train_images.shape[1]))
+
+
+@dataclass(frozen=True)
+class FeatureSplits:
+    """The train and valid splits as feature matrices with their labels: what the boosters
+    learn from, are cut on and (with refit) learn from again. The test split is not here."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_valid: np.ndarray
+    y_valid: np.ndarray
 
 
 def fit_texture_features(
-    x_train: np.ndarray,
-    y_train: np.ndarray,
-    x_valid: np.ndarray,
-    y_valid: np.ndarray,
+    data: FeatureSplits,
     spec: ClassifierSpec,
     seed: int,
     image_size: int,
@@ -95,6 +102,7 @@ def fit_texture_features(
     """`fit_texture` on precomputed feature matrices. With `curve`, one row per boosting
     iteration of the first booster is appended to it (epoch, loss, val_loss, val_accuracy,
     val_macro_f1), the texture family's training curve."""
+    x_train, y_train, x_valid, y_valid = data.x_train, data.y_train, data.x_valid, data.y_valid
     if len(np.unique(y_train)) < 2:
         raise TextureError("the texture model needs at least two classes in the train split")
     if spec.bag < 1:
@@ -102,9 +110,7 @@ def fit_texture_features(
     boosters, chosen = [], []
     with limited_threads(spec.threads):
         for member in range(spec.bag):
-            booster, losses = _fit_chosen(
-                x_train, y_train, x_valid, y_valid, spec, seed + member, curve, member == 0
-            )
+            booster, losses = _fit_chosen(data, spec, seed + member, curve, member == 0)
             boosters.append(booster)
             chosen.append((booster.n_iter_, losses[booster.n_iter_ - 1]))
     mean = x_train.mean(axis=0).astype(np.float64)
@@ -119,7 +125,7 @@ def fit_texture_features(
     # what evaluate sets the abstain threshold on (families.held_out_valid_logits).
     held_out = texture.logits(x_valid)
     if spec.refit:
-        texture.classifiers = refit(x_train, y_train, x_valid, y_valid, spec, seed, boosters)
+        texture.classifiers = refit(data, spec, seed, boosters)
         texture.__dict__.pop("_trees", None)
     texture.details = {
         "iterations": round(float(np.mean([n for n, _ in chosen]))),
@@ -138,10 +144,7 @@ def fit_texture_features(
 
 
 def _fit_chosen(
-    x_train: np.ndarray,
-    y_train: np.ndarray,
-    x_valid: np.ndarray,
-    y_valid: np.ndarray,
+    data: FeatureSplits,
     spec: ClassifierSpec,
     seed: int,
     curve: list[dict[str, float]] | None,
@@ -149,6 +152,7 @@ def _fit_chosen(
 ) -> tuple[Any, list[float]]:
     """One booster fitted on train and cut at the iteration with the lowest valid log-loss;
     with `record`, its curve appended to `curve`. Returns it and the valid losses."""
+    x_train, y_train, x_valid, y_valid = data.x_train, data.y_train, data.x_valid, data.y_valid
     booster = _classifier(spec, seed, spec.max_iter).fit(x_train, y_train)
     losses = [
         _log_loss(y_valid, proba, booster.classes_)
@@ -169,19 +173,11 @@ def _fit_chosen(
     return booster, losses
 
 
-def refit(
-    x_train: np.ndarray,
-    y_train: np.ndarray,
-    x_valid: np.ndarray,
-    y_valid: np.ndarray,
-    spec: ClassifierSpec,
-    seed: int,
-    chosen: list[Any],
-) -> list[Any]:
+def refit(data: FeatureSplits, spec: ClassifierSpec, seed: int, chosen: list[Any]) -> list[Any]:
     """Each chosen booster fitted again, with its seed and number of iterations, on the train
     and valid slices together (the test split is not an argument: it stays unseen)."""
-    x = np.concatenate([x_train, x_valid])
-    y = np.concatenate([y_train, y_valid])
+    x = np.concatenate([data.x_train, data.x_valid])
+    y = np.concatenate([data.y_train, data.y_valid])
     with limited_threads(spec.threads):
         return [
             _classifier(spec, seed + member, booster.n_iter_).fit(x, y)

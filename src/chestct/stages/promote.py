@@ -46,6 +46,7 @@ from chestct.evaluation.selection import (
 from chestct.fsutil import atomic_write_json
 from chestct.imaging.preparation import Preprocessing
 from chestct.model.registry import register_model, version_facts
+from chestct.modelcard import CARD_NAME, PROMOTION_NAME
 from chestct.pointers import (
     PointerError,
     lineage_tags,
@@ -53,8 +54,6 @@ from chestct.pointers import (
     run_id_of,
 )
 from chestct.promotion import (
-    CARD_NAME,
-    PROMOTION_NAME,
     Candidate,
     PromoteResult,
     PromotionError,

@@ -82,13 +82,13 @@ def test_a_refit_texture_model_keeps_trains_temperature(tiny_data, tmp_path: Pat
     valid split the model has now seen, leaves the temperature train fitted before the refit."""
     from dataclasses import replace
 
-    from chestct.stages.train import run_train_texture
+    from chestct.evaluation.tuning import fit_texture_on
 
     root, data = tiny_data
-    model, figures = run_train_texture(
+    model, figures = fit_texture_on(
         data["train"], data["valid"], replace(SPEC, refit=True), 0, root, IMAGE_SIZE
     )
-    _, plain = run_train_texture(data["train"], data["valid"], SPEC, 0, root, IMAGE_SIZE)
+    _, plain = fit_texture_on(data["train"], data["valid"], SPEC, 0, root, IMAGE_SIZE)
     # train's valid figures are the held-out ones (before the refit), not in-sample ones.
     assert figures["val_accuracy"] == plain["val_accuracy"]
     assert figures["val_loss"] == pytest.approx(plain["val_loss"], abs=1e-5)
@@ -106,7 +106,8 @@ def test_a_refit_texture_model_keeps_trains_temperature(tiny_data, tmp_path: Pat
 
     held_out = families.held_out_valid_logits(families.TextureFamily(model), len(data["valid"]))
     y_valid = label_indices(list(data["valid"]["label"]))
-    expected = abstain_threshold(y_valid, softmax(held_out), EvaluateParams().abstain_quantile)
+    quantile = shipped(EvaluateParams).abstain_quantile
+    expected = abstain_threshold(y_valid, softmax(held_out), quantile)
     assert ev.calibration["abstain_entropy"] == pytest.approx(expected)
 
 

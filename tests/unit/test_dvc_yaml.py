@@ -45,8 +45,16 @@ def chestct_closure(module: str) -> set[str]:
             continue
         seen.add(path)
         todo.extend(_imports(path))
-    # Package __init__ files that hold no code are not worth a rerun.
-    return {p.relative_to(REPO).as_posix() for p in seen if p.stat().st_size > 0}
+    # Package __init__ files that hold no code (empty, or a docstring alone) are not worth a rerun.
+    return {p.relative_to(REPO).as_posix() for p in seen if _holds_code(p)}
+
+
+def _holds_code(path: Path) -> bool:
+    body = ast.parse(path.read_text(encoding="utf-8")).body
+    docstring = (
+        body[:1] and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+    )
+    return len(body) > (1 if docstring else 0)
 
 
 def _dvc() -> dict:

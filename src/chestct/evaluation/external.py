@@ -20,14 +20,9 @@ import numpy as np
 import pandas as pd
 
 from chestct.data.sources import SPLIT_NAMES, SourceError, archive_kind, is_url, resolve
+from chestct.evaluation import scoring
 from chestct.evaluation.novelty import TrainReference, assess_files, describe
-from chestct.evaluation.scoring import (
-    ScoringError,
-    full_metrics,
-    label_indices,
-    model_outputs,
-    prediction_table,
-)
+from chestct.evaluation.scoring import ScoringError
 from chestct.imaging.formats import ImageError
 from chestct.imaging.preparation import Preprocessing, prepare
 from chestct.labels import CLASSES, label_for_folder
@@ -126,12 +121,12 @@ def score_external(
             f"be decoded (first: {skipped[0]['path']}: {skipped[0]['reason']})"
         )
     batch = np.stack(images)[..., None].astype(np.float32)
-    logits = model_outputs(model, batch, batch_size, ["logits"])["logits"]
-    y_true = label_indices(labels)
-    metrics = full_metrics(y_true, logits, temperature, None)
+    logits = scoring.model_outputs(model, batch, batch_size, ["logits"])["logits"]
+    y_true = scoring.label_indices(labels)
+    metrics = scoring.full_metrics(y_true, logits, temperature, None)
     metrics["skipped"] = len(skipped)
     frame = pd.DataFrame({"path": names, "source_path": names, "label": labels})
-    return metrics, prediction_table(frame, softmax(logits))
+    return metrics, scoring.prediction_table(frame, softmax(logits))
 
 
 def run_external(

@@ -56,6 +56,9 @@ def test_portability_note_names_what_breaks_portability(monkeypatch: pytest.Monk
     monkeypatch.delenv("CHESTCT_CPU", raising=False)
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
     assert "capped at AVX2" in portability_note(AVX512, "x86_64")
+    # XNNPACK (evaluate's scoring) has no cap: the note names the kernels it will pick.
+    assert "XNNPACK's AVX-512 kernels" in portability_note(AVX512, "x86_64")
+    assert "XNNPACK's AVX2 kernels" in portability_note({"avx2", "fma"}, "x86_64")
     assert "lacks avx2" in portability_note({"avx", "fma"}, "x86_64")
     assert "not x86-64" in portability_note(AVX512, "aarch64")
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX")

@@ -53,9 +53,7 @@ class ServingConfig:
         "more: 413",
         ge=1,
     )
-    mc_dropout_samples: int = key(
-        "MC-dropout passes through the dense head; `0` turns it off", ge=0
-    )
+    mc_dropout_samples: int = key("MC-dropout passes through the dense head; `0`: off", ge=0)
     reload_check_s: float = key(
         "seconds between checks for a newly promoted model/ (hot reload)", ge=0
     )
@@ -116,13 +114,13 @@ class MonitorConfig:
         ge=0,
         lt=1,
     )
-    min_labelled: int = key(
-        "labelled predictions (`POST /feedback`) needed before live metrics are judged", ge=1
-    )
     performance_drop: float = key(
         "live macro-F1 this far below the card's test macro-F1 counts as drift (`performance`)",
         ge=0,
         lt=1,
+    )
+    min_labelled: int = key(
+        "labelled predictions (`POST /feedback`) needed before live metrics are judged", ge=1
     )
     live_window: int = key(
         "predictions each worker keeps in the rolling window behind `/metrics`", ge=1

@@ -68,12 +68,12 @@ class BaseModelParams:
         "`auto`: backbone frozen when weights are pretrained, trained when random; phase 1 of "
         "training uses it (`backbone` needs pretrained weights)"
     )
+    dropout: float = key("dropout before the dense head", ge=0, lt=1)
     filters: list[int] = key(
         "`small_cnn` only: filters of each convolution block (five blocks: 8×8 feature map at "
         "128 px); not empty",
         ge=1,
     )
-    dropout: float = key("dropout before the dense head", ge=0, lt=1)
 
 
 @dataclass(frozen=True)

@@ -150,22 +150,27 @@ def test_every_room_has_a_floor_and_imports_go_down() -> None:
     assert room_violations(PACKAGE, FLOORS) == []
 
 
-def test_the_room_rule_catches_an_import_upward_or_sideways(tmp_path: Path) -> None:
+def fake_package(tmp_path: Path, files: dict[str, str]) -> Path:
+    """A package `chestct` under tmp_path with `files` (path: source) and its __init__.py."""
     pkg = tmp_path / "chestct"
-    files = {
-        "__init__.py": "",
-        "labels.py": "",
-        "imaging/__init__.py": "",
-        "imaging/decode.py": "from chestct import labels\nfrom chestct.imaging import prepare\n",
-        "imaging/prepare.py": "from chestct.model import texture\n",
-        "model/__init__.py": "",
-        "model/texture.py": "from chestct.imaging.decode import x\nfrom chestct.data import s\n",
-        "data/__init__.py": "",
-        "data/s.py": "",
-    }
-    for name, text in files.items():
+    for name, text in {"__init__.py": "", **files}.items():
         (pkg / name).parent.mkdir(parents=True, exist_ok=True)
         (pkg / name).write_text(text)
+    return pkg
+
+
+def test_the_room_rule_catches_an_import_upward_or_sideways(tmp_path: Path) -> None:
+    imports = {
+        "labels.py": [],
+        "imaging/__init__.py": [],
+        "imaging/decode.py": ["from chestct import labels", "from chestct.imaging import prepare"],
+        "imaging/prepare.py": ["from chestct.model import texture"],
+        "model/__init__.py": [],
+        "model/texture.py": ["from chestct.imaging.decode import x", "from chestct.data import s"],
+        "data/__init__.py": [],
+        "data/s.py": [],
+    }
+    pkg = fake_package(tmp_path, {name: "\n".join(lines) for name, lines in imports.items()})
     floors = {"labels": 0, "imaging": 1, "model": 2, "data": 2}
     assert room_violations(pkg, floors) == [
         "chestct.imaging.prepare imports chestct.model: imaging (floor 1) may import only rooms "
@@ -180,28 +185,26 @@ def test_the_room_rule_catches_an_import_upward_or_sideways(tmp_path: Path) -> N
 
 
 def test_the_rules_catch_each_kind_of_wrong_import(tmp_path: Path) -> None:
-    pkg = tmp_path / "chestct"
-    files = {
-        "__init__.py": "",
-        "library.py": "import numpy\nfrom chestct import fsutil\n",
-        "fsutil.py": "",
-        "runner.py": "",
-        "leaky.py": "def f():\n    from chestct.stages.train import run_train\n",
-        "webby.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import flask\n",
-        "served.py": "from chestct.serving import inputs\n",
-        "stages/__init__.py": "",
-        "stages/train.py": "from chestct.runner import run_main\nfrom . import evaluate\n",
-        "stages/evaluate.py": "from chestct import library\n",
-        "serving/__init__.py": "import flask\nfrom chestct import library\n",
-        "serving/inputs.py": "from werkzeug.datastructures import FileStorage\n",
-        "research/__init__.py": "",
-        "research/eda.py": (
-            "from chestct.runner import StageFailed\nfrom chestct.stages import ingest\n"
-        ),
-    }
-    for name, text in files.items():
-        (pkg / name).parent.mkdir(parents=True, exist_ok=True)
-        (pkg / name).write_text(text)
+    pkg = fake_package(
+        tmp_path,
+        {
+            "library.py": "import numpy\nfrom chestct import fsutil\n",
+            "fsutil.py": "",
+            "runner.py": "",
+            "leaky.py": "def f():\n    from chestct.stages.train import run_train\n",
+            "webby.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import flask\n",
+            "served.py": "from chestct.serving import inputs\n",
+            "stages/__init__.py": "",
+            "stages/train.py": "from chestct.runner import run_main\nfrom . import evaluate\n",
+            "stages/evaluate.py": "from chestct import library\n",
+            "serving/__init__.py": "import flask\nfrom chestct import library\n",
+            "serving/inputs.py": "from werkzeug.datastructures import FileStorage\n",
+            "research/__init__.py": "",
+            "research/eda.py": (
+                "from chestct.runner import StageFailed\nfrom chestct.stages import ingest\n"
+            ),
+        },
+    )
     found = violations(pkg)
     assert found == [
         "chestct.leaky imports chestct.stages.train: only dvc.yaml runs stages; move what is "

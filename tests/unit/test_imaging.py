@@ -13,7 +13,7 @@ import pytest
 from chestct.imaging.decoding import decode
 from chestct.imaging.encoding import encode_png
 from chestct.imaging.formats import ImageError, sniff_format
-from chestct.imaging.headers import jpeg_frame
+from chestct.imaging.jpeg import jpeg_frame
 from chestct.imaging.preparation import Preprocessing, prepare, resize
 from helpers import encode, image_bytes, pixels, write_image
 

@@ -19,6 +19,8 @@ from typing import Any
 import cv2
 import numpy as np
 
+from chestct.imaging.jpeg import NOT_MARKER, next_marker
+
 RLE_LOSSLESS = "1.2.840.10008.1.2.5"
 # Start-of-frame markers of JPEG (SOF0-SOF15 without DHT, JPG, DAC) and JPEG-LS (SOF55).
 _JPEG_FRAMES = (frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}) | {0xF7}
@@ -120,8 +122,6 @@ def _jpeg_frame_size(frame: bytes) -> tuple[int, int, int, int]:
     segments up to the first scan. Bytes between segments are refused (beyond a few fill
     FFs): Pillow, which pydicom may decode with, reads them one Python call per byte (9 MB of
     them cost 1.9 s of CPU)."""
-    from chestct.imaging.headers import NOT_MARKER, next_marker
-
     pos, size = 2, None
     while True:
         code = next_marker(frame, pos, NOT_MARKER)  # vectorised: no loop per stuffed byte

@@ -9,14 +9,12 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
-import sys
 import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
 from flask import Blueprint, Response, g, jsonify, request
-from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge
 
 from chestct.fsutil import sha256_bytes
 from chestct.imaging import formats, workers
@@ -158,7 +156,7 @@ def single_upload() -> Upload:
             ) from None
         return Upload(data, "image")
     if mimetype in inputs.RAW_TYPES:
-        return Upload(raw_body(), "body")
+        return Upload(request.get_data(cache=False), "body")
     raise Problem(
         415,
         "Unsupported media type",
@@ -166,44 +164,6 @@ def single_upload() -> Upload:
         "with a 'file' field, a raw body typed image/png, image/jpeg or "
         'application/dicom, or application/json {"image": "<base64>"}',
     )
-
-
-def raw_body() -> bytes:
-    """The request body, in one piece.
-
-    Under gunicorn, `wsgi.input` (gunicorn.http.body.Body) hands a body on 1 kB per step, each
-    step copying what is left of the socket's last 8 kB: a 75 kB slice took 0.25 ms to read
-    that way, against 0.05 ms from the length reader behind it (bench/serve.py, session 7).
-    A body of declared length that nothing has read yet is taken from that reader, within
-    the same MAX_CONTENT_LENGTH (413) and with the same 400 for a client that sends less;
-    anything else (a chunked body, another server, Flask's test client) is read by Werkzeug.
-
-    Raises:
-        RequestEntityTooLarge: the declared length is over MAX_CONTENT_LENGTH.
-        ClientDisconnected: the connection ended before the declared length arrived.
-    """
-    length = request.content_length
-    body = sys.modules.get("gunicorn.http.body")  # loaded only when gunicorn serves the app
-    stream = request.environ.get("wsgi.input")
-    if (
-        body is None
-        or length is None
-        or type(stream) is not body.Body
-        or type(stream.reader) is not body.LengthReader
-        or stream.buf.tell() != 0
-        or stream.reader.length != length
-    ):
-        return request.get_data(cache=False)
-    limit = request.max_content_length
-    if limit is not None and length > limit:
-        raise RequestEntityTooLarge()
-    try:
-        data = stream.reader.read(length) if length else b""
-    except OSError:
-        raise ClientDisconnected() from None
-    if len(data) != length:
-        raise ClientDisconnected()
-    return data
 
 
 def _by_class(model: Loaded, values: Any) -> dict[str, float]:

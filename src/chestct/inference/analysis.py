@@ -78,8 +78,11 @@ def analyse_outputs(model: Loaded, out: Outputs, mc_samples: int, seed: int) -> 
         sampled = softmax(
             masks @ (gap[:, None] * model.head.kernel) / keep + model.head.bias, model.temperature
         )
-        mc_mean = sampled.mean(axis=0)
-        mc_std = sampled.std(axis=0)
+        # np.mean and np.std's own steps (sum, divide; squared deviations, sum, divide, root),
+        # the mean taken once: the same bits for a third of the NumPy calls.
+        mc_mean = sampled.sum(axis=0) / mc_samples
+        deviation = sampled - mc_mean
+        mc_std = np.sqrt((deviation * deviation).sum(axis=0) / mc_samples)
         # Mutual information = total - expected entropy: the part of the uncertainty that comes
         # from the model (epistemic), not from an ambiguous image.
         mutual = float(max(entropy(mc_mean) - entropy(sampled).mean(), 0.0))

@@ -137,7 +137,8 @@ def image_signals(grey: np.ndarray, body: BodyBox | None = None) -> dict[str, fl
 
     grey = _grey_u8(grey)
     step = max(1, max(grey.shape) // SAMPLE_SIDE)
-    sample = grey[::step, ::step]
+    # One copy of the grid: NumPy's reductions below run on contiguous memory (the same pixels).
+    sample = np.ascontiguousarray(grey[::step, ::step])
     box = body_box(sample, 0.0) if body is None else _on_grid(body, step, sample.shape)
     features = body_features(sample, box)
     return {

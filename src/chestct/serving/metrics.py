@@ -108,6 +108,18 @@ class ServiceMetrics:
         }
         self.window = LiveWindow(r, window)
         self._served: tuple[str, str, str] | None = None
+        # The labelled children every request counts into, looked up once (labels() takes a
+        # lock and checks its arguments on each call).
+        self._answered: dict[tuple[str, int], tuple[Any, Any]] = {}
+
+    def answered(self, endpoint: str, status: int, seconds: float) -> None:
+        """Count one answered request and its latency."""
+        children = self._answered.get((endpoint, status))
+        if children is None:
+            children = (self.requests.labels(endpoint, str(status)), self.latency.labels(endpoint))
+            self._answered[(endpoint, status)] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def set_model(self, name: str, version: str, backend: str) -> None:
         """Point chestct_model_info at the version now served (0 for the one before)."""

@@ -58,9 +58,8 @@ def start_timer() -> None:
 def count(resp: Response) -> Response:
     metrics = current_service().metrics
     endpoint = request.url_rule.rule if request.url_rule is not None else "unmatched"
-    metrics.requests.labels(endpoint, str(resp.status_code)).inc()
     elapsed = time.perf_counter() - g.get("started", time.perf_counter())
-    metrics.latency.labels(endpoint).observe(elapsed)
+    metrics.answered(endpoint, resp.status_code, elapsed)
     watch = g.get("watch")
     if watch is not None and watch.steps:
         resp.headers["Server-Timing"] = watch.header()

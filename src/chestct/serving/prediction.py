@@ -167,7 +167,8 @@ def single_upload() -> Upload:
 
 
 def _by_class(model: Loaded, values: Any) -> dict[str, float]:
-    return {c: round(float(v), 6) for c, v in zip(model.classes, values, strict=True)}
+    # tolist: Python floats in one call, not one np.float64 conversion per class.
+    return {c: round(v, 6) for c, v in zip(model.classes, values.tolist(), strict=True)}
 
 
 def predict_one(service: Service, model: Loaded, upload: Upload, endpoint: str) -> dict[str, Any]:

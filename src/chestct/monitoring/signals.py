@@ -26,17 +26,6 @@ if TYPE_CHECKING:
 
     from chestct.imaging.body import BodyBox
 
-REFERENCE_FILE = "reference.json"
-PROFILE_VERSION = 1
-# Grey level (0..255, decoded slice) above which a pixel counts as body rather than air/lung:
-# the share of such pixels grows when a scanner zooms in on the chest.
-FOREGROUND_GREY = 48
-# The acquisition signals read a grid of about this many pixels a side of the decoded slice:
-# means and shares need no more, and a 512 x 512 slice then costs a few microseconds.
-SAMPLE_SIDE = 128
-# Smoothing of empty bins in the PSI: a fraction of 0 would make ln(a / e) infinite.
-PSI_FLOOR = 1e-4
-
 
 @dataclass(frozen=True)
 class Signal:
@@ -49,6 +38,17 @@ class Signal:
     def bins(self) -> int:
         return len(self.edges) + 1
 
+
+REFERENCE_FILE = "reference.json"
+PROFILE_VERSION = 1
+# Grey level (0..255, decoded slice) above which a pixel counts as body rather than air/lung:
+# the share of such pixels grows when a scanner zooms in on the chest.
+FOREGROUND_GREY = 48
+# The acquisition signals read a grid of about this many pixels a side of the decoded slice:
+# means and shares need no more, and a 512 x 512 slice then costs a few microseconds.
+SAMPLE_SIDE = 128
+# Smoothing of empty bins in the PSI: a fraction of 0 would make ln(a / e) infinite.
+PSI_FLOOR = 1e-4
 
 SIGNALS: tuple[Signal, ...] = (
     Signal(

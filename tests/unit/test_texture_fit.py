@@ -193,6 +193,9 @@ def test_crossfit_calibration_sets_the_temperature_and_held_out_logits(features:
     )
     held_out = families.held_out_valid_logits(families.TextureFamily(model), len(yv))
     np.testing.assert_allclose(held_out, oof[len(yt) :] / model.temperature, atol=1e-5)
+    # evaluate's calibration.json says where the kept temperature came from.
+    assert "3-fold cross-fitting" in families.kept_calibration(families.TextureFamily(model))
+    assert "on valid before the refit" in families.kept_calibration(families.TextureFamily(plain))
 
 
 @pytest.mark.parametrize(

@@ -122,3 +122,89 @@ def test_a_one_booster_file_of_format_1_still_loads(features: dict, tmp_path: Pa
 def test_a_bag_below_one_is_refused(features: dict) -> None:
     with pytest.raises(texture.TextureError, match="bag must be >= 1"):
         fit(features, texture.ClassifierSpec(**{**SPEC.__dict__, "bag": 0}))
+
+
+CROSSFIT = texture.ClassifierSpec(**{**SPEC.__dict__, "refit": True, "calibration_folds": 3})
+
+
+def _series(n: int) -> np.ndarray:
+    return np.arange(n) // 4  # four slices to a series
+
+
+def test_crossfit_scores_each_series_with_boosters_that_never_saw_it(
+    features: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (xt, yt), (xv, yv) = features["train"], features["valid"]
+    groups = _series(len(yt) + len(yv))
+    data = texture_fit.FeatureSplits(xt, yt, xv, yv, groups)
+    rows = {np.asarray(r).tobytes(): i for i, r in enumerate(np.concatenate([xt, xv]))}
+    fitted: list[set[int]] = []
+    scored: list[set[int]] = []
+    original = texture_fit._classifier
+
+    def recording(spec: texture.ClassifierSpec, seed: int, max_iter: int) -> object:
+        model = original(spec, seed, max_iter)
+        fit_rows, predict = model.fit, model.predict_proba
+
+        def fit_and_note(x: np.ndarray, y: np.ndarray) -> object:
+            fitted.append({rows[r.tobytes()] for r in x})
+            return fit_rows(x, y)
+
+        def predict_and_note(x: np.ndarray) -> np.ndarray:
+            scored.append({rows[r.tobytes()] for r in x})
+            return predict(x)
+
+        model.fit, model.predict_proba = fit_and_note, predict_and_note
+        return model
+
+    monkeypatch.setattr(texture_fit, "_classifier", recording)
+    oof = texture_fit.crossfit_logits(data, CROSSFIT, seed=3, iterations=[5, 7])
+    monkeypatch.undo()
+    assert len(fitted) == len(scored) == 3 * 2  # three folds, two boosters each
+    # The folds cover every train + valid row once, and each booster never saw what it scored,
+    # not even another slice of the same series.
+    assert sorted(i for s in scored[::2] for i in s) == list(range(len(groups)))
+    for seen, held in zip(fitted, scored, strict=True):
+        assert not seen & held
+        assert not {int(groups[i]) for i in seen} & {int(groups[i]) for i in held}
+    assert oof.shape == (len(groups), 4)
+    np.testing.assert_allclose(np.exp(oof).sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_crossfit_calibration_sets_the_temperature_and_held_out_logits(features: dict) -> None:
+    (xt, yt), (xv, yv) = features["train"], features["valid"]
+    groups = _series(len(yt) + len(yv))
+    data = texture_fit.FeatureSplits(xt, yt, xv, yv, groups)
+    model = texture.fit_texture_features(data, CROSSFIT, seed=3, image_size=64)
+    plain = fit(features, texture.ClassifierSpec(**{**SPEC.__dict__, "refit": True}))
+    iterations = model.details["iterations_per_booster"]
+    oof = texture_fit.crossfit_logits(data, CROSSFIT, 3, iterations)
+    from chestct.model.calibration import fit_temperature
+
+    expected = fit_temperature(np.concatenate([yt, yv]), oof)
+    assert model.temperature == pytest.approx(expected.temperature)
+    assert model.temperature != pytest.approx(plain.temperature)
+    assert "cross-fitting" in model.details["temperature_fitted_on"]
+    assert plain.details["temperature_fitted_on"] == "valid"
+    # The boosters are the refit ones: cross-fitting changes the temperature, not the trees.
+    x = features["test"][0]
+    np.testing.assert_allclose(
+        model.full_probabilities(x), plain.full_probabilities(x), atol=1e-12
+    )
+    held_out = families.held_out_valid_logits(families.TextureFamily(model), len(yv))
+    np.testing.assert_allclose(held_out, oof[len(yt) :] / model.temperature, atol=1e-5)
+    # evaluate's calibration.json says where the kept temperature came from.
+    assert "3-fold cross-fitting" in families.kept_calibration(families.TextureFamily(model))
+    assert "on valid before the refit" in families.kept_calibration(families.TextureFamily(plain))
+
+
+@pytest.mark.parametrize(
+    ("refit", "folds", "message"),
+    [(False, 3, "needs refit: true"), (True, 1, "must be 0 or >= 2")],
+)
+def test_bad_calibration_folds_are_refused(
+    features: dict, refit: bool, folds: int, message: str
+) -> None:
+    spec = texture.ClassifierSpec(**{**SPEC.__dict__, "refit": refit, "calibration_folds": folds})
+    with pytest.raises(texture.TextureError, match=message):
+        fit(features, spec)

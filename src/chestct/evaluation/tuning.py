@@ -17,6 +17,7 @@ import keras
 import numpy as np
 import pandas as pd
 
+from chestct.data.similarity import series_groups, thumbnails
 from chestct.evaluation.metrics import classification_metrics
 from chestct.evaluation.scoring import load_images, model_outputs
 from chestct.model.calibration import fit_temperature, nll, softmax
@@ -47,11 +48,14 @@ def fit_texture_on(
     root: Path,
     image_size: int,
     history: list[dict[str, float]] | None = None,
+    series_similarity: float = 0.9,
 ) -> tuple[TextureModel, dict[str, float]]:
     """Fit the texture model on the resized train slices (chestct.model.texture.fit_texture):
     iterations and temperature chosen on valid. Returns it with its valid-split figures; with
-    `history`, its training curve (a row per boosting iteration) is appended there. Raises
-    TextureError on a split it cannot be fitted on."""
+    `history`, its training curve (a row per boosting iteration) is appended there. With
+    `spec.calibration_folds`, the cross-fitting folds keep whole series: slices whose
+    thumbnails correlate at `series_similarity` or more (base.near_copy_similarity) are
+    linked. Raises TextureError on a split it cannot be fitted on."""
     train_images = load_images(train, root, image_size)
     valid_images = load_images(valid, root, image_size)
     y_train = label_indices(list(train["label"]))
@@ -60,7 +64,11 @@ def fit_texture_on(
     x_train = feature_matrix(train_images)
     x_valid = feature_matrix(valid_images)
     curve: list[dict[str, float]] = []
-    data = FeatureSplits(x_train, y_train, x_valid, y_valid)
+    groups = None
+    if spec.refit and spec.calibration_folds:
+        both = np.concatenate([train_images, valid_images])[..., 0].astype(np.uint8)
+        groups = np.asarray(series_groups(thumbnails(both), series_similarity))
+    data = FeatureSplits(x_train, y_train, x_valid, y_valid, groups)
     model = fit_texture_features(data, spec, seed, image_size, curve)
     # A refit model has seen valid: its figures are those of the boosters before the refit.
     held_out = model.details.get("held_out_valid_logits")

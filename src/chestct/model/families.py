@@ -245,17 +245,20 @@ def kept_calibration(model: Any) -> str:
     texture = _texture_member(model)
     if texture is None or not texture.details.get("refit_on"):
         return ""
+    source = str(texture.details.get("temperature_fitted_on") or "valid")
+    where = "on valid before the refit" if source == "valid" else f"by {source}"
     return (
         "the texture model was refit on train + valid (base_model.texture.refit), so valid is "
-        "no longer held out; the temperature train fitted on valid before the refit "
+        f"no longer held out; the temperature train fitted {where} "
         f"({float(texture.temperature):.4f}) is inside the model"
     )
 
 
 def held_out_valid_logits(model: Any, n_valid: int) -> np.ndarray | None:
-    """The valid split's calibrated logits from before a texture model's refit (None for any
-    other model, or when the valid split no longer has `n_valid` rows): the refit model has
-    seen valid, so an abstain threshold set on its own valid entropies would be in-sample."""
+    """The valid split's calibrated logits from before a texture model's refit, or its
+    cross-fitted ones (base_model.texture.calibration_folds); None for any other model, or
+    when the valid split no longer has `n_valid` rows: the refit model has seen valid, so an
+    abstain threshold set on its own valid entropies would be in-sample."""
     texture = _texture_member(model) if _family_name(model) == "texture" else None
     stored = texture.details.get("held_out_valid_logits") if texture is not None else None
     if not stored or len(stored) != n_valid:

@@ -8,8 +8,12 @@ features (chestct.model.texture_features), chosen and calibrated on the valid sp
 - One temperature on the log-probabilities of that average is fitted on valid with
   `chestct.model.calibration.fit_temperature`, the function that calibrates the CNN.
 - With `refit`, each booster is then fitted again on train + valid with the number of
-  iterations valid chose for it, and keeps the temperature valid fitted: more slices for the
-  trees once nothing is left to choose. The test split is never touched.
+  iterations valid chose for it: more slices for the trees once nothing is left to choose.
+  It keeps the temperature valid fitted before the refit, or, with `calibration_folds` K,
+  one fitted on cross-fitted logits: train + valid cut into K folds by series (`groups`:
+  near-copies share a fold), each fold scored by boosters of the same seeds and iterations
+  fitted on the other folds (`crossfit_logits`). No slice is then scored by a booster that
+  saw it. The test split is never touched.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from chestct.labels import CLASSES
 from chestct.model.calibration import fit_temperature
 from chestct.model.texture_features import feature_count, feature_matrix
 from chestct.model.texture_model import TextureError, TextureModel, log_probabilities
@@ -39,6 +44,7 @@ class ClassifierSpec:
     threads: int = 1
     bag: int = 1  # boosters with seeds seed, seed + 1, ...: probabilities averaged
     refit: bool = False  # fit again on train + valid once valid has chosen and calibrated
+    calibration_folds: int = 0  # with refit, K >= 2: the temperature from K-fold cross-fitting
 
 
 @contextlib.contextmanager
@@ -90,6 +96,9 @@ class FeatureSplits:
     y_train: np.ndarray
     x_valid: np.ndarray
     y_valid: np.ndarray
+    # A series id per train + valid row (train's first) for the cross-fitting folds; None:
+    # every slice is its own series.
+    groups: np.ndarray | None = None
 
 
 def fit_texture_features(
@@ -107,6 +116,7 @@ def fit_texture_features(
         raise TextureError("the texture model needs at least two classes in the train split")
     if spec.bag < 1:
         raise TextureError(f"base_model.texture.bag must be >= 1, got {spec.bag}")
+    _check_folds(spec)
     boosters, chosen = [], []
     with limited_threads(spec.threads):
         for member in range(spec.bag):
@@ -124,9 +134,17 @@ def fit_texture_features(
     # The valid split's calibrated logits while it is still held out: after a refit they are
     # what evaluate sets the abstain threshold on (families.held_out_valid_logits).
     held_out = texture.logits(x_valid)
+    calibrated_on = "valid"
     if spec.refit:
         texture.classifiers = refit(data, spec, seed, boosters)
         texture.__dict__.pop("_trees", None)
+    if spec.refit and spec.calibration_folds:
+        with limited_threads(spec.threads):
+            oof = crossfit_logits(data, spec, seed, [b.n_iter_ for b in boosters])
+        fit = fit_temperature(np.concatenate([y_train, y_valid]), oof)
+        texture.temperature = float(fit.temperature)
+        held_out = oof[len(x_train) :] / texture.temperature
+        calibrated_on = f"{spec.calibration_folds}-fold cross-fitting on train+valid"
     texture.details = {
         "iterations": round(float(np.mean([n for n, _ in chosen]))),
         "iterations_per_booster": [int(n) for n, _ in chosen],
@@ -134,6 +152,7 @@ def fit_texture_features(
         "threads": spec.threads,
         "temperature": texture.temperature,
         "temperature_fitted": fit.fitted,
+        "temperature_fitted_on": calibrated_on,
         "refit_on": "train+valid" if spec.refit else "",
         "held_out_valid_logits": np.round(held_out, 6).tolist() if spec.refit else [],
         "train_slices": len(x_train) + (len(x_valid) if spec.refit else 0),
@@ -183,6 +202,51 @@ def refit(data: FeatureSplits, spec: ClassifierSpec, seed: int, chosen: list[Any
             _classifier(spec, seed + member, booster.n_iter_).fit(x, y)
             for member, booster in enumerate(chosen)
         ]
+
+
+def _check_folds(spec: ClassifierSpec) -> None:
+    """calibration_folds is 0 (off) or at least 2, and only means something with refit."""
+    folds = spec.calibration_folds
+    if folds == 0:
+        return
+    if folds < 2:
+        raise TextureError(f"base_model.texture.calibration_folds must be 0 or >= 2, got {folds}")
+    if not spec.refit:
+        raise TextureError(
+            "base_model.texture.calibration_folds needs refit: true (without a refit the valid "
+            "split is still held out and calibrates); set calibration_folds: 0 or refit: true"
+        )
+
+
+def crossfit_logits(
+    data: FeatureSplits, spec: ClassifierSpec, seed: int, iterations: list[int]
+) -> np.ndarray:
+    """Out-of-fold log-probabilities (uncalibrated) of every train + valid row (train's first):
+    `spec.calibration_folds` folds stratified by class with whole series (`data.groups`) in
+    one fold; each fold scored by the bag's boosters (seeds seed + member, `iterations[member]`
+    iterations) fitted on the other folds, their probabilities averaged."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    x = np.concatenate([data.x_train, data.x_valid])
+    y = np.concatenate([data.y_train, data.y_valid])
+    groups = np.arange(len(y)) if data.groups is None else np.asarray(data.groups)
+    if len(groups) != len(y):
+        raise TextureError(f"{len(groups)} series ids for {len(y)} train + valid slices")
+    folds = min(spec.calibration_folds, len(np.unique(groups)))
+    if folds < 2:
+        raise TextureError("cross-fitting needs at least two series in train + valid")
+    n_classes = len(CLASSES)  # the columns of TextureModel.full_probabilities
+    out = np.zeros((len(y), n_classes))
+    cutter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    for fit_rows, scored in cutter.split(x, y, groups):
+        members = []
+        for member, n in enumerate(iterations):
+            booster = _classifier(spec, seed + member, n).fit(x[fit_rows], y[fit_rows])
+            proba = np.zeros((len(scored), n_classes))
+            proba[:, booster.classes_.astype(int)] = booster.predict_proba(x[scored])
+            members.append(proba)
+        out[scored] = log_probabilities(np.mean(members, axis=0))
+    return out
 
 
 def _log_loss(y: np.ndarray, proba: np.ndarray, classes: np.ndarray) -> float:

@@ -45,6 +45,14 @@ class TextureParams:
         "then keeps train's temperature and sets the abstain threshold on valid's held-out "
         "logits)"
     )
+    calibration_folds: int = key(
+        "texture/ensemble, with `refit: true`: `0` keeps the temperature valid fitted before "
+        "the refit; K ≥ 2 fits it on cross-fitted logits of train + valid (K folds of whole "
+        "series, `base.near_copy_similarity`; K more fits of each booster), and the abstain "
+        "threshold on valid's cross-fitted logits",
+        ge=0,
+        le=20,
+    )
 
 
 @dataclass(frozen=True)

@@ -145,8 +145,9 @@ def _fit_texture(
     base = s.params.base
     try:
         model, figures = fit_texture_on(
-            train, valid, spec, base.seed, s.paths.root, base.image_size, curve
-        )
+            train, valid, spec, base.seed, s.paths.root, base.image_size, curve,
+            base.near_copy_similarity,
+        )  # fmt: skip
     except TextureError as exc:
         raise StageFailed(str(exc)) from None
     return _Texture(model, save_texture(model, session.out_dir / TEXTURE_FILE), figures, curve)

@@ -431,24 +431,33 @@ def _p99(times: list[float]) -> float:
     return sorted(times)[min(len(times) - 1, int(0.99 * len(times)))]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_run_arguments(ap: argparse.ArgumentParser, seconds: float, rounds: int) -> None:
+    """The options bench/serve.py and bench/serve_ab.py share (model, series sizes, rounds)."""
     ap.add_argument("--model-dir", type=Path, help="a promoted model folder (default: build one)")
     ap.add_argument("--requests", type=int, default=300, help="sequential requests per series")
-    ap.add_argument("--seconds", type=float, default=10.0, help="each 4-client run")
-    ap.add_argument("--rounds", type=int, default=3, help="alternating bare/served rounds")
+    ap.add_argument("--seconds", type=float, default=seconds, help="each 4-client run")
+    ap.add_argument("--rounds", type=int, default=rounds, help="alternating rounds with bare")
+
+
+def model_folder(model_dir: Path | None, scratch: Path) -> Path:
+    """`model_dir`, or the default untrained model built under `scratch` when it is None."""
+    if model_dir is None:
+        model_dir = scratch / "model"
+        print("building the default untrained model (TensorFlow, ~20 s) ...", flush=True)
+        subprocess.run([PYTHON, "-c", BUILD, str(model_dir)], check=True, cwd=REPO)
+    return model_dir.resolve()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_run_arguments(ap, seconds=10.0, rounds=3)
     ap.add_argument("--keras", action="store_true", help="also measure a TensorFlow worker")
     ap.add_argument("--record", type=Path, help="also write the figures as a docs results file")
     args = ap.parse_args()
 
     scratch = Path(tempfile.mkdtemp(prefix="chestct-bench-serve-"))
     try:
-        model_dir = args.model_dir
-        if model_dir is None:
-            model_dir = scratch / "model"
-            print("building the default untrained model (TensorFlow, ~20 s) ...", flush=True)
-            subprocess.run([PYTHON, "-c", BUILD, str(model_dir)], check=True, cwd=REPO)
-        model_dir = model_dir.resolve()
+        model_dir = model_folder(args.model_dir, scratch)
         image = scratch / "slice.png"
         make_image(image)
         body = image.read_bytes()

@@ -118,22 +118,13 @@ def table(old: dict, new: dict, bare: dict) -> list[list[str]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("rev", help="the git revision to compare the working tree with")
-    ap.add_argument("--model-dir", type=Path, help="a promoted model folder (default: build one)")
-    ap.add_argument("--requests", type=int, default=300, help="sequential requests per series")
-    ap.add_argument("--seconds", type=float, default=5.0, help="each 4-client run")
-    ap.add_argument("--rounds", type=int, default=4, help="alternating rounds")
+    serve.add_run_arguments(ap, seconds=5.0, rounds=4)
     ap.add_argument("--record", type=Path, help="also write the table as a docs results file")
     args = ap.parse_args()
 
     scratch = Path(tempfile.mkdtemp(prefix="chestct-bench-ab-"))
     try:
-        model_dir = args.model_dir
-        if model_dir is None:
-            model_dir = scratch / "model"
-            subprocess.run(
-                [serve.PYTHON, "-c", serve.BUILD, str(model_dir)], check=True, cwd=serve.REPO
-            )
-        model_dir = model_dir.resolve()
+        model_dir = serve.model_folder(args.model_dir, scratch)
         image = scratch / "slice.png"
         serve.make_image(image)
         body = image.read_bytes()

@@ -16,11 +16,18 @@ from chestct.imaging.preparation import Preprocessing
 from chestct.labels import CLASSES
 from chestct.model import families, texture
 from chestct.model.calibration import softmax
-from chestct.settings import BaseModelParams, EvaluateParams, PromoteParams, TextureParams
+from chestct.settings import (
+    BaseModelParams,
+    BaseParams,
+    EvaluateParams,
+    PromoteParams,
+    TextureParams,
+)
 from helpers import IMAGE_SIZE
 from shipped import shipped
 
 SPEC = texture.ClassifierSpec(max_iter=10)
+SIMILARITY = shipped(BaseParams).near_copy_similarity  # series rule of the cross-fitting folds
 
 
 def test_base_model_writes_the_family(tmp_path: Path) -> None:
@@ -46,7 +53,9 @@ def texture_model(tiny_data, tmp_path_factory: pytest.TempPathFactory) -> Path:
     from chestct.evaluation.tuning import fit_texture_on
 
     root, data = tiny_data
-    model, figures = fit_texture_on(data["train"], data["valid"], SPEC, 0, root, IMAGE_SIZE)
+    model, figures = fit_texture_on(
+        data["train"], data["valid"], SPEC, 0, root, IMAGE_SIZE, SIMILARITY
+    )
     assert 1 <= figures["iterations"] <= SPEC.max_iter
     assert model.temperature > 0
     return texture.save(model, tmp_path_factory.mktemp("texture-train") / families.TEXTURE_FILE)
@@ -86,9 +95,9 @@ def test_a_refit_texture_model_keeps_trains_temperature(tiny_data, tmp_path: Pat
 
     root, data = tiny_data
     model, figures = fit_texture_on(
-        data["train"], data["valid"], replace(SPEC, refit=True), 0, root, IMAGE_SIZE
+        data["train"], data["valid"], replace(SPEC, refit=True), 0, root, IMAGE_SIZE, SIMILARITY
     )
-    _, plain = fit_texture_on(data["train"], data["valid"], SPEC, 0, root, IMAGE_SIZE)
+    _, plain = fit_texture_on(data["train"], data["valid"], SPEC, 0, root, IMAGE_SIZE, SIMILARITY)
     # train's valid figures are the held-out ones (before the refit), not in-sample ones.
     assert figures["val_accuracy"] == plain["val_accuracy"]
     assert figures["val_loss"] == pytest.approx(plain["val_loss"], abs=1e-5)

@@ -47,8 +47,8 @@ def fit_texture_on(
     seed: int,
     root: Path,
     image_size: int,
+    series_similarity: float,
     history: list[dict[str, float]] | None = None,
-    series_similarity: float = 0.9,
 ) -> tuple[TextureModel, dict[str, float]]:
     """Fit the texture model on the resized train slices (chestct.model.texture.fit_texture):
     iterations and temperature chosen on valid. Returns it with its valid-split figures; with

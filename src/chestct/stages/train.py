@@ -144,10 +144,10 @@ def _fit_texture(
     spec = texture_spec(family["texture"])
     base = s.params.base
     try:
+        similarity = base.near_copy_similarity  # cross-fitting folds keep series whole
         model, figures = fit_texture_on(
-            train, valid, spec, base.seed, s.paths.root, base.image_size, curve,
-            base.near_copy_similarity,
-        )  # fmt: skip
+            train, valid, spec, base.seed, s.paths.root, base.image_size, similarity, curve
+        )
     except TextureError as exc:
         raise StageFailed(str(exc)) from None
     return _Texture(model, save_texture(model, session.out_dir / TEXTURE_FILE), figures, curve)

@@ -12,8 +12,10 @@ still records upstream stages restored from the run cache (chestct.runner).
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 from chestct.pointers import git_state
 from chestct.runner import record_missing_runs
@@ -27,11 +29,31 @@ from chestct.tracking import (
 )
 
 
+class ReproError(RuntimeError):
+    """dvc cannot be found in this Python's environment nor on PATH."""
+
+
+def dvc_path() -> tuple[str, str]:
+    """The dvc executable and a PATH that starts with this interpreter's bin/:
+    `.venv/bin/python -m chestct.cli.repro` works without an activated venv, and the stages'
+    `python -m chestct.stages.*` (dvc.yaml) run in the same environment as this command."""
+    bin_dir = str(Path(sys.executable).parent)
+    path = os.pathsep.join([bin_dir, os.environ.get("PATH", "")])
+    dvc = shutil.which("dvc", path=path)
+    if dvc is None:
+        raise ReproError(
+            f"dvc is not installed next to {sys.executable} nor on PATH; run `make venv` (or "
+            "`pip install -r requirements.txt` in this environment), then try again"
+        )
+    return dvc, path
+
+
 def repro(args: list[str]) -> int:
     """Run `dvc repro *args` under a parent MLflow run; returns dvc's exit code."""
     quiet_environment()
     settings = load_settings()
     check_store(settings.tracking_uri, settings.config.tracking.connect_timeout_s)
+    dvc, path = dvc_path()  # before a parent run is opened for nothing
 
     import mlflow
 
@@ -46,7 +68,8 @@ def repro(args: list[str]) -> int:
     with mlflow.start_run(run_name=name, tags=tags) as parent:
         os.environ[PARENT_ENV] = parent.info.run_id
         try:
-            code = subprocess.run(["dvc", "repro", *args]).returncode
+            ran = subprocess.run([dvc, "repro", *args], env={**os.environ, "PATH": path})
+            code = ran.returncode
             recorded = record_missing_runs(settings, STAGES)
         finally:
             del os.environ[PARENT_ENV]
@@ -64,7 +87,7 @@ def repro(args: list[str]) -> int:
 def main() -> None:
     try:
         code = repro(sys.argv[1:])
-    except (SettingsError, TrackingError) as exc:
+    except (SettingsError, TrackingError, ReproError) as exc:
         print(f"chestct repro: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
     raise SystemExit(code)

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from chestct.data.archives import archive_kind
 from chestct.data.sources import SourceError, SourceLimits, resolve, safe_extract, scan_source
 from chestct.settings import SettingsError, load_settings, secret_in_url
 from helpers import image_bytes
@@ -172,6 +173,24 @@ def test_archive_layouts_that_cannot_be_unpacked_are_refused_by_name(
         warnings.simplefilter("ignore")  # zipfile warns about a duplicate name it writes
         archive = write(tmp_path / f"bad{suffix}", entries)
     with pytest.raises(SourceError, match=message):
+        safe_extract(archive, tmp_path / "out", SourceLimits())
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_malformed_pax_record_is_a_source_error(tmp_path: Path) -> None:
+    """tarfile raises ValueError on an empty GNU.sparse.map (found by bench/fuzz_archives.py):
+    it is a corrupt archive, refused by name like any other."""
+    body = io.BytesIO()
+    with tarfile.open(fileobj=body, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        info = tarfile.TarInfo("train/normal/a.png")
+        data = image_bytes(seed=1)
+        info.size = len(data)
+        info.pax_headers = {"GNU.sparse.map": ""}
+        tf.addfile(info, io.BytesIO(data))
+    archive = tmp_path / "sparse.tar"
+    archive.write_bytes(body.getvalue())
+    assert archive_kind(archive) == "tar"
+    with pytest.raises(SourceError, match="corrupt or truncated tar archive"):
         safe_extract(archive, tmp_path / "out", SourceLimits())
     assert not (tmp_path / "out").exists()
 

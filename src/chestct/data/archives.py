@@ -42,8 +42,8 @@ def archive_kind(path: Path) -> str | None:
     try:
         with _open_tar(path, SourceLimits()):
             return "tar"
-    except SourceError:
-        return "tar"  # a tar whose header is refused: unpacking says why
+    except (SourceError, ValueError):
+        return "tar"  # a tar whose header is refused or malformed: unpacking says why
     except (OSError, EOFError, tarfile.TarError, zlib.error, lzma.LZMAError):
         return None
 
@@ -408,7 +408,8 @@ def _extract_tar(archive: Path, target: Path, limits: SourceLimits) -> None:
                     raise  # the archive's data, reported below
                 except OSError as exc:
                     raise _unpack_error(archive, member.name, exc) from None
-    except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError) as exc:
+    # ValueError: tarfile's own parsing of a malformed PAX record (an empty GNU.sparse.map).
+    except (tarfile.TarError, EOFError, OSError, ValueError, zlib.error, lzma.LZMAError) as exc:
         raise SourceError(f"{archive}: corrupt or truncated tar archive ({exc})") from None
 
 

@@ -13,8 +13,12 @@ import sys
 import warnings
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, seed, settings
+from hypothesis.strategies import just
+from werkzeug.test import EnvironBuilder, TestResponse
 
 from chestct.serving import create_app
 from model_folder import multipart, slice_png
@@ -72,6 +76,12 @@ def test_fuzzed_requests_never_get_a_5xx(model_dir: Path) -> None:
 # 5xx, every refusal a problem+json, and this process's peak RSS never grows by more than
 # GROWTH_LIMIT_MB over a request (the strategies declare images of up to 2^31 px a side with
 # real data behind the smaller ones, so a decoder that allocates before checking breaks it).
+# The test client encodes the multipart body before the window opens, so only the app's work
+# is measured; a request over the limit is measured once more and fails only if it is over
+# again: a decoder that allocates before checking does so every time, while a one-off in this
+# shared process (a lazy import, a new malloc arena, another test's leftovers) does not. A CI
+# run of the whole suite once saw 32 MB over a 3.9 MB DICOM, where this file alone and 1,500
+# more structured DICOMs of other seeds never went past 12 MB.
 
 LIMITS = {"MAX_IMAGE_PIXELS": 1_000_000, "MAX_DECODED_MB": 4}
 GROWTH_LIMIT_MB = 32.0
@@ -85,16 +95,29 @@ def _rss_kb(field: str) -> int:
 
 
 def run_format_fuzz(
-    model_dir: Path, examples: int, seed_value: int | None, strategy=None
+    model_dir: Path, examples: int, seed_value: int | None, strategy=None, limits=LIMITS
 ) -> fuzz.Tally:
     app = create_app(
         {"MODEL_DIR": str(model_dir), "MC_DROPOUT_SAMPLES": 0, "MAX_CONTENT_LENGTH": 4 << 20}
-        | LIMITS
+        | limits
     )
     client = app.test_client()
     tally = fuzz.Tally(fuzz.Counter(), [])
     worst = [0.0]
     clear_refs = Path("/proc/self/clear_refs")
+
+    def measured(fmt: str, data: bytes) -> tuple[TestResponse, float]:
+        """The app's answer to an upload of `data`, and the growth of peak RSS (MB) over it."""
+        built = EnvironBuilder(
+            path="/predict",
+            method="POST",
+            data={"file": (io.BytesIO(data), f"f.{fmt}")},
+            content_type="multipart/form-data",
+        ).get_request()
+        clear_refs.write_text("5")  # peak RSS := current RSS
+        before = _rss_kb("VmRSS")
+        resp = client.open(built)
+        return resp, (_rss_kb("VmHWM") - before) / 1024
 
     @settings(
         max_examples=examples,
@@ -106,19 +129,14 @@ def run_format_fuzz(
     @given(strategy if strategy is not None else fuzz.format_files(SEEDS))
     def check(drawn: tuple[str, bytes]) -> None:
         fmt, data = drawn
-        clear_refs.write_text("5")  # peak RSS := current RSS
-        before = _rss_kb("VmRSS")
-        resp = client.post(
-            "/predict",
-            data={"file": (io.BytesIO(data), f"f.{fmt}")},
-            content_type="multipart/form-data",
-        )
-        growth = (_rss_kb("VmHWM") - before) / 1024
+        resp, growth = measured(fmt, data)
+        if growth > GROWTH_LIMIT_MB:
+            growth = min(growth, measured(fmt, data)[1])
         worst[0] = max(worst[0], growth)
         request = fuzz.Request("POST", "/predict", fmt, data)
         tally.record(request, resp.status_code, resp.mimetype == "application/problem+json")
         if growth > GROWTH_LIMIT_MB:
-            tally.failures.append(f"peak RSS grew {growth:.0f} MB <- {request.describe()}")
+            tally.failures.append(f"peak RSS grew {growth:.0f} MB twice <- {request.describe()}")
 
     if seed_value is not None:
         check = seed(seed_value)(check)
@@ -134,6 +152,17 @@ def test_structured_files_never_get_a_5xx_or_exceed_the_budget(model_dir: Path) 
     assert tally.failures == []
     assert sum(tally.statuses.values()) >= 150
     assert {200, 400, 413} <= set(tally.statuses) | {200}  # refusals of both kinds are reached
+
+
+def test_the_budget_fails_a_request_that_allocates_every_time(model_dir: Path) -> None:
+    """The second measurement forgives one-offs, not a decode that allocates each time: with
+    limits that let a 6000 x 6000 PNG (36 MB of pixels, a 0.1 MB upload) through, every
+    decode of it grows peak RSS past GROWTH_LIMIT_MB, and the run reports it."""
+    png = cv2.imencode(".png", np.zeros((6000, 6000), np.uint8))[1].tobytes()
+    assert len(png) < 1 << 20
+    big = {"MAX_IMAGE_PIXELS": 40_000_000, "MAX_DECODED_MB": 200}
+    tally = run_format_fuzz(model_dir, 1, None, just(("png", png)), big)
+    assert len(tally.failures) == 1 and "twice" in tally.failures[0]
 
 
 @pytest.mark.slow

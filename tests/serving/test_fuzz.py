@@ -81,7 +81,7 @@ def test_fuzzed_requests_never_get_a_5xx(model_dir: Path) -> None:
 # again: a decoder that allocates before checking does so every time, while a one-off in this
 # shared process (a lazy import, a new malloc arena, another test's leftovers) does not. A CI
 # run of the whole suite once saw 32 MB over a 3.9 MB DICOM, where this file alone and 1,500
-# more structured DICOMs of other seeds never went past 12 MB.
+# more structured DICOMs of another seed never went past 12 MB.
 
 LIMITS = {"MAX_IMAGE_PIXELS": 1_000_000, "MAX_DECODED_MB": 4}
 GROWTH_LIMIT_MB = 32.0
@@ -156,7 +156,7 @@ def test_structured_files_never_get_a_5xx_or_exceed_the_budget(model_dir: Path) 
 
 def test_the_budget_fails_a_request_that_allocates_every_time(model_dir: Path) -> None:
     """The second measurement forgives one-offs, not a decode that allocates each time: with
-    limits that let a 6000 x 6000 PNG (36 MB of pixels, a 0.1 MB upload) through, every
+    limits that let a 6000 x 6000 PNG (36 MB of pixels, a 45 kB upload) through, every
     decode of it grows peak RSS past GROWTH_LIMIT_MB, and the run reports it."""
     png = cv2.imencode(".png", np.zeros((6000, 6000), np.uint8))[1].tobytes()
     assert len(png) < 1 << 20
